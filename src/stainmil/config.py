@@ -1,0 +1,366 @@
+"""Typed configuration: dataclasses, YAML in/out, ``--set section.key=value`` overrides.
+
+Every field has a default equal to the team's previous pipeline where one existed
+(``per_slice_cap: 500``, ``max_slices_per_stain: 5``, Adam, ReduceLROnPlateau factor 0.3,
+``early_stopping_patience: 8``, embed dim 512, attention hidden dim 128). Each field carries a
+one-line ``help`` that the README's config reference is generated from
+(:func:`config_reference_markdown`), so the documentation cannot drift.
+
+Relative paths in a YAML file are resolved against the current working directory when the
+config is loaded; the copy dumped into every output folder holds absolute paths, so a run
+folder can be re-evaluated from anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from stainmil.errors import ConfigError
+from stainmil.io import atomic_write_text
+
+STAINS = ("he", "melan", "sox10")
+LEVELS = ("patch", "slice", "stain")
+
+DEFAULT_FILENAME_PATTERN = (
+    r"case(?P<case>[^_/]+)_(?P<stain>[^_/]+)_slice(?P<slice>[^_/]+)_patch(?P<patch>\d+)"
+    r"_x(?P<x>\d+)_y(?P<y>\d+)\.(?:png|jpe?g|tiff?)$"
+)
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    """A dataclass field with a one-line help text (used for the config reference)."""
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class DataConfig:
+    patches_dir: str = _help("Folder of patch images, walked recursively.", default="")
+    labels_csv: str = _help("CSV with one row per case (case id + label word).", default="")
+    filename_pattern: str = _help(
+        "Regex with named groups case, stain, slice, patch and optional x, y; searched in each "
+        "file's name (or relative path, see match_on).",
+        default=DEFAULT_FILENAME_PATTERN,
+    )
+    match_on: Literal["name", "relpath"] = _help(
+        "Apply filename_pattern to the file name or to its path relative to patches_dir.", default="name"
+    )
+    stain_aliases: dict[str, str] = _help(
+        "Spelling -> canonical stain (he, melan, sox10); matched case-insensitively.",
+        default_factory=lambda: {
+            "he": "he", "h&e": "he", "hne": "he", "h_e": "he",
+            "melan": "melan", "melana": "melan", "melan-a": "melan", "mart1": "melan",
+            "sox10": "sox10", "sox-10": "sox10",
+        },
+    )
+    stains: list[str] = _help("Canonical stains, in model order.", default_factory=lambda: list(STAINS))
+    case_column: str = _help("Column of labels_csv holding the case id.", default="case_id")
+    label_column: str = _help("Column of labels_csv holding the label word.", default="label")
+    label_values: dict[str, int] = _help(
+        "Label word -> class index (0 = benign, 1 = high-grade); matched case-insensitively.",
+        default_factory=lambda: {"benign": 0, "high_grade": 1, "high grade": 1, "high-grade": 1},
+    )
+    class_names: list[str] = _help("Display name of each class index.",
+                                   default_factory=lambda: ["benign", "high_grade"])
+    exclude_cases: list[str] = _help("Case ids left out everywhere (the old pipeline removed 91).",
+                                     default_factory=list)
+    expected_patch_size: int = _help("Patch side in pixels; 0 = the most common size in the folder.",
+                                     default=0)
+    per_slice_cap: int = _help("Training: random patches per slice drawn fresh each epoch (0 = all).",
+                               default=500)
+    max_slices_per_stain: int = _help("Training: slices per stain, chosen once per run (0 = all).",
+                                      default=5)
+    index_workers: int = _help("Processes decoding images during indexing (0 = one per core).", default=0)
+
+
+@dataclass
+class FeaturesConfig:
+    backbone: str = _help("Registered backbone name (see `stainmil backbones`).", default="densenet121")
+    weights: str = _help("imagenet | random | path to a .pth state dict.", default="imagenet")
+    image_size: int = _help("Patches are resized to this side before the backbone.", default=224)
+    mean: list[float] = _help("Normalisation mean (RGB).", default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = _help("Normalisation std (RGB).", default_factory=lambda: [0.229, 0.224, 0.225])
+    batch_size: int = _help("Patches per backbone forward pass.", default=32)
+    num_workers: int = _help("DataLoader workers decoding PNGs (0 = in the main process).", default=2)
+    dtype: Literal["float16", "float32"] = _help("Storage dtype of features.", default="float16")
+    store_dir: str = _help("Feature store folder; empty = <output_dir>/features/<backbone>-<weights>.",
+                           default="")
+    device: str = _help("auto | cpu | cuda | cuda:N.", default="auto")
+    seed: int = _help("Seed for `random` weights.", default=0)
+
+
+@dataclass
+class ModelConfig:
+    embed_dim: int = _help("Patch projector output size.", default=512)
+    attention_hidden_dim: int = _help("Hidden size of each attention pool.", default=128)
+    attention: str = _help("Attention pool type at every level (tanh | gated).", default="tanh")
+    dropout: float = _help("Dropout in the projector and attention pools.", default=0.25)
+    n_classes: int = _help("Number of classes.", default=2)
+    standardize_features: bool = _help(
+        "Standardise features with training-split statistics (saved in the checkpoint).", default=True)
+
+
+@dataclass
+class TrainConfig:
+    optimizer: Literal["adam", "adamw"] = _help("Optimizer.", default="adam")
+    lr: float = _help("Learning rate.", default=1e-4)
+    weight_decay: float = _help("L2 weight decay.", default=1e-4)
+    class_weights: Union[str, list[float]] = _help(
+        "'auto' (inverse class frequency of the training split), 'none', or one weight per class.",
+        default="auto")
+    max_epochs: int = _help("Upper bound on epochs.", default=50)
+    cases_per_batch: int = _help("Cases per optimisation step.", default=1)
+    scheduler_factor: float = _help("ReduceLROnPlateau factor on val loss.", default=0.3)
+    scheduler_patience: int = _help("ReduceLROnPlateau patience (epochs).", default=3)
+    early_stopping_patience: int = _help("Stop after this many epochs without val-loss improvement.",
+                                         default=8)
+    seed: int = _help("Seed for initialisation, shuffling and patch sampling.", default=42)
+    device: str = _help("auto | cpu | cuda | cuda:N.", default="auto")
+    runs_dir: str = _help("Parent folder of run folders; empty = <output_dir>/runs.", default="")
+    split_file: str = _help("data_splits.npz to train on; empty = <output_dir>/splits/data_splits.npz.",
+                            default="")
+
+
+@dataclass
+class SplitConfig:
+    method: Literal["holdout", "kfold", "repeated_kfold"] = _help(
+        "holdout = the old stratified 60/20/20; kfold / repeated_kfold write one file per fold.",
+        default="holdout")
+    val_fraction: float = _help("Share of all cases for validation (holdout) or of the training "
+                                "part of a fold (k-fold).", default=0.2)
+    test_fraction: float = _help("Share of cases for test (holdout only).", default=0.2)
+    folds: int = _help("Number of folds (k-fold).", default=5)
+    repeats: int = _help("Repeats (repeated_kfold).", default=3)
+    seed: int = _help("Seed of the split.", default=42)
+
+
+@dataclass
+class EvalConfig:
+    threshold: Union[float, str] = _help(
+        "Decision threshold on P(high-grade): a number, 'youden', or 'benign_recall=0.8' — chosen on "
+        "the validation split only.", default=0.5)
+    bootstrap: int = _help("Case-level bootstrap resamples for 95% CIs.", default=1000)
+    ci: float = _help("Confidence level of the intervals.", default=0.95)
+
+
+@dataclass
+class Config:
+    output_dir: str = _help("Where index, features, splits and runs go by default.", default="stainmil_out")
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    # ---- derived locations -------------------------------------------------------------
+    @property
+    def index_dir(self) -> Path:
+        return Path(self.output_dir) / "index"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.index_dir / "manifest.parquet"
+
+    @property
+    def store_dir(self) -> Path:
+        if self.features.store_dir:
+            return Path(self.features.store_dir)
+        weights = Path(self.features.weights).stem if self.features.weights not in ("imagenet", "random") \
+            else self.features.weights
+        return Path(self.output_dir) / "features" / f"{self.features.backbone}-{weights}-{self.features.image_size}px"
+
+    @property
+    def splits_dir(self) -> Path:
+        return Path(self.output_dir) / "splits"
+
+    @property
+    def split_file(self) -> Path:
+        return Path(self.train.split_file) if self.train.split_file else self.splits_dir / "data_splits.npz"
+
+    @property
+    def runs_dir(self) -> Path:
+        return Path(self.train.runs_dir) if self.train.runs_dir else Path(self.output_dir) / "runs"
+
+
+PATH_FIELDS = {
+    ("output_dir",), ("data", "patches_dir"), ("data", "labels_csv"), ("features", "store_dir"),
+    ("train", "runs_dir"), ("train", "split_file"),
+}
+
+
+# ---- conversion ----------------------------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted (int -> float allowed)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping of settings, got {value!r}.")
+        return _from_dict(tp, value, key + ".")
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in args:
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"config key '{key}' must be {' or '.join(_type_name(a) for a in args)}, "
+                          f"got {value!r}.")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config key '{key}' must be one of {list(args)}, got {value!r}.")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}.")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}.")
+        return {_coerce(k, args[0], f"{key} key"): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}.")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}.")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}.")
+        return value
+    if tp is str:
+        if isinstance(value, bool) or value is None:
+            raise ConfigError(f"config key '{key}' must be text, got {value!r}.")
+        if isinstance(value, (int, float)):
+            return str(value)  # case ids such as 91 written without quotes
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be text, got {value!r}.")
+        return value
+    raise ConfigError(f"config key '{key}' has an unsupported type {tp!r}.")  # pragma: no cover
+
+
+def _from_dict(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'; valid keys here are: {', '.join(sorted(names))}.")
+    kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in values.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict | None) -> Config:
+    """Build a :class:`Config` from a nested dict, naming any unknown key or wrong type."""
+    return _from_dict(Config, values or {})
+
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def _resolve_paths(config: Config) -> Config:
+    for path in PATH_FIELDS:
+        obj = config
+        for part in path[:-1]:
+            obj = getattr(obj, part)
+        value = getattr(obj, path[-1])
+        if value:
+            setattr(obj, path[-1], str(Path(value).expanduser().resolve()))
+    return config
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=1e-3"`` -> (["train", "lr"], 0.001). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value (e.g. train.lr=0.001).")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and _looks_numeric(value):
+        value = float(value)  # YAML 1.1 reads "1e-3" as text
+    return [part for part in key.strip().split(".") if part], value
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` overrides to a nested dict (validated later by the dataclasses)."""
+    values = dict(values)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = values
+        for part in keys[:-1]:
+            child = node.get(part)
+            node[part] = dict(child) if isinstance(child, dict) else {}
+            node = node[part]
+        node[keys[-1]] = value
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults), apply overrides, validate, resolve paths."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config.")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML ({exc}); fix the syntax.") from exc
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(values).__name__}.")
+    values = apply_overrides(values, overrides or [])
+    return _resolve_paths(config_from_dict(values))
+
+
+def dump_config(config: Config, path: str | Path) -> Path:
+    """Write ``config`` as YAML atomically and return the path."""
+    text = yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True)
+    return atomic_write_text(Path(path), text)
+
+
+def config_reference_markdown() -> str:
+    """The README's config reference: one table row per key, from the dataclasses."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+
+    def walk(cls: type, prefix: str) -> None:
+        instance = cls()
+        for f in dataclasses.fields(cls):
+            value = getattr(instance, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(type(value), f"{prefix}{f.name}.")
+                continue
+            shown = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+            shown = shown.removesuffix("...").strip().replace("|", "\\|")
+            if len(shown) > 60:
+                shown = shown[:57] + "..."
+            lines.append(f"| `{prefix}{f.name}` | `{shown}` | {f.metadata.get('help', '')} |")
+
+    walk(Config, "")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,346 @@
+"""Index a patch folder into a manifest and a validation report; nothing is dropped silently.
+
+Every file under ``data.patches_dir`` ends up either as one manifest row (``used``) or in the
+report's ``skipped`` list with a reason. Images are decode-checked in parallel.
+
+Manifest columns (one row per usable patch)::
+
+    path        absolute path of the image
+    case        case id (text; numeric ids without leading zeros)
+    stain       canonical stain (he | melan | sox10)
+    slice       slice id within (case, stain), text
+    patch       patch id within the slice, text
+    patch_index integer order of the patch within its slice (numeric id when it is one)
+    x, y        top-left pixel of the patch in the slice (-1 when the name has none)
+    label       class index, or -1 for unlabelled (prediction) cohorts
+    width, height, mode   as decoded; mode is the original Pillow mode (RGB after conversion)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image
+
+from stainmil.config import Config, dump_config
+from stainmil.data.labels import Labels, normalize_case_id, read_labels
+from stainmil.errors import ConfigError, DataError
+from stainmil.io import atomic_write, atomic_write_json, atomic_write_text
+from stainmil.progress import progress_bar
+
+# reasons a file is not used (keys of the report)
+NO_MATCH = "name does not match data.filename_pattern"
+UNKNOWN_STAIN = "stain not in data.stain_aliases"
+UNREADABLE = "not a readable image (corrupt, truncated or not an image)"
+EMPTY = "zero bytes"
+NO_LABEL = "case has no label in the labels CSV"
+UNKNOWN_WORD = "case label word not in data.label_values"
+CONFLICT = "case has conflicting labels in the labels CSV"
+EXCLUDED = "case listed in data.exclude_cases"
+BLANK_CASE = "blank case id in the file name"
+REQUIRED_GROUPS = ("case", "stain", "slice", "patch")
+
+
+@dataclass
+class IndexResult:
+    manifest: pd.DataFrame
+    report: dict
+    files_total: int
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _compile_pattern(pattern: str) -> re.Pattern:
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"data.filename_pattern is not a valid regex ({exc}); fix it in your config.") from exc
+    missing = [g for g in REQUIRED_GROUPS if g not in compiled.groupindex]
+    if missing:
+        raise ConfigError(f"data.filename_pattern lacks the named group(s) {missing}; it needs "
+                          "(?P<case>…), (?P<stain>…), (?P<slice>…) and (?P<patch>…).")
+    return compiled
+
+
+def check_image(path: str) -> tuple[str, int, int, str]:
+    """Decode one image fully. Returns (status, width, height, mode); status 'ok' | 'empty' | 'unreadable'."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty", 0, 0, ""
+        with Image.open(path) as image:
+            image.load()  # a truncated file raises here
+            return "ok", image.width, image.height, image.mode
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return "unreadable", 0, 0, ""
+
+
+def _walk(root: Path) -> list[Path]:
+    files = []
+    for directory, subdirs, names in os.walk(root):
+        subdirs.sort()
+        files.extend(Path(directory) / name for name in sorted(names) if not name.startswith("."))
+    return files
+
+
+def _decode_all(paths: list[str], workers: int) -> list[tuple[str, int, int, str]]:
+    results: list[tuple[str, int, int, str]] = []
+    with progress_bar("index: decode-checking images", total=len(paths)) as advance:
+        if workers <= 1 or len(paths) < 64:
+            for p in paths:
+                results.append(check_image(p))
+                advance()
+        else:
+            with ProcessPoolExecutor(workers) as pool:
+                for result in pool.map(check_image, paths, chunksize=64):
+                    results.append(result)
+                    advance()
+    return results
+
+
+def build_index(config: Config, require_labels: bool = True) -> IndexResult:
+    """Walk ``config.data.patches_dir``, parse, decode-check and label every file.
+
+    ``require_labels=False`` indexes an unlabelled cohort (for ``stainmil predict``): every case
+    gets label -1 and the labels CSV is not read.
+    """
+    data = config.data
+    root = Path(data.patches_dir)
+    if not data.patches_dir or not root.is_dir():
+        raise DataError(f"patch folder '{data.patches_dir}' does not exist; set data.patches_dir to the folder "
+                        "holding your patch images.")
+    pattern = _compile_pattern(data.filename_pattern)
+    aliases = {k.strip().lower(): v for k, v in data.stain_aliases.items()}
+    unknown_canonical = sorted(set(aliases.values()) - set(data.stains))
+    if unknown_canonical:
+        raise ConfigError(f"data.stain_aliases maps to {unknown_canonical}, which are not in data.stains "
+                          f"{data.stains}; add them there or fix the aliases.")
+    labels = read_labels(data) if require_labels else Labels(by_case={})
+    excluded = {normalize_case_id(c) for c in data.exclude_cases}
+
+    files = _walk(root)
+    skipped: dict[str, list[str]] = defaultdict(list)
+    candidates = []
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        match = pattern.search(path.name if data.match_on == "name" else rel)
+        if not match:
+            skipped[NO_MATCH].append(rel)
+            continue
+        groups = match.groupdict()
+        case = normalize_case_id(groups["case"] or "")
+        if not case:
+            skipped[BLANK_CASE].append(rel)
+            continue
+        stain = aliases.get((groups["stain"] or "").strip().lower())
+        if stain is None:
+            skipped[UNKNOWN_STAIN + f" ('{groups['stain']}')"].append(rel)
+            continue
+        if case in excluded:
+            skipped[EXCLUDED].append(rel)
+            continue
+        if require_labels:
+            reason = (CONFLICT if case in labels.conflicting else UNKNOWN_WORD if case in labels.unknown_words
+                      else NO_LABEL if case not in labels.by_case else None)
+            if reason:
+                skipped[reason].append(rel)
+                continue
+        candidates.append((path, rel, case, stain, groups))
+
+    workers = data.index_workers or min(8, len(os.sched_getaffinity(0)))
+    decoded = _decode_all([str(c[0]) for c in candidates], workers)
+    rows = []
+    slice_files: Counter = Counter()
+    for (path, rel, case, stain, groups), (status, width, height, mode) in zip(candidates, decoded):
+        slice_key = (case, stain, str(groups["slice"]))
+        slice_files[slice_key] += 1
+        if status != "ok":
+            skipped[EMPTY if status == "empty" else UNREADABLE].append(rel)
+            continue
+        rows.append({
+            "path": str(path), "case": case, "stain": stain, "slice": str(groups["slice"]),
+            "patch": str(groups["patch"]), "x": _int_or(groups.get("x"), -1), "y": _int_or(groups.get("y"), -1),
+            "label": labels.by_case.get(case, -1), "width": width, "height": height, "mode": mode,
+        })
+    manifest = _finish_manifest(pd.DataFrame(rows, columns=[
+        "path", "case", "stain", "slice", "patch", "x", "y", "label", "width", "height", "mode"]))
+    report = _make_report(config, manifest, labels, dict(skipped), slice_files, len(files), require_labels)
+    if manifest.empty:
+        raise DataError(f"no usable patch in {root}: {len(files)} files, "
+                        f"{_reason_summary(skipped)}; check data.filename_pattern and data.labels_csv.")
+    return IndexResult(manifest=manifest, report=report, files_total=len(files), skipped=dict(skipped))
+
+
+def _int_or(value: str | None, default: int) -> int:
+    return int(value) if value is not None and str(value).isdigit() else default
+
+
+def _finish_manifest(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Sort by case/stain/slice/patch (natural order) and add ``patch_index``."""
+    if manifest.empty:
+        manifest["patch_index"] = pd.Series(dtype="int64")
+        return manifest
+    numeric = manifest["patch"].str.fullmatch(r"\d+")
+    manifest["patch_index"] = -1
+    manifest.loc[numeric, "patch_index"] = manifest.loc[numeric, "patch"].astype(int)
+    manifest = manifest.sort_values(["case", "stain", "slice", "patch_index", "patch"],
+                                    key=_natural_key).reset_index(drop=True)
+    # non-numeric patch ids get their order within the slice
+    order = manifest.groupby(["case", "stain", "slice"]).cumcount()
+    manifest.loc[manifest["patch_index"] < 0, "patch_index"] = order[manifest["patch_index"] < 0]
+    return manifest
+
+
+def _natural_key(column: pd.Series) -> pd.Series:
+    if column.dtype == object or str(column.dtype).startswith("str"):
+        return column.map(lambda v: (0, int(v), "") if str(v).isdigit() else (1, 0, str(v)))
+    return column
+
+
+def _reason_summary(skipped: dict[str, list[str]]) -> str:
+    if not skipped:
+        return "none skipped"
+    return "; ".join(f"{len(v)} {k}" for k, v in sorted(skipped.items(), key=lambda kv: -len(kv[1])))
+
+
+def _make_report(config: Config, manifest: pd.DataFrame, labels: Labels, skipped: dict[str, list[str]],
+                 slice_files: Counter, files_total: int, require_labels: bool) -> dict:
+    data = config.data
+    warnings: list[str] = []
+    modes = Counter(manifest["mode"]) if not manifest.empty else Counter()
+    converted = {mode: n for mode, n in modes.items() if mode != "RGB"}
+    if converted:
+        warnings.append("images converted to RGB when read: "
+                        + ", ".join(f"{n} {mode}" for mode, n in sorted(converted.items())))
+    sizes = Counter(zip(manifest["width"], manifest["height"])) if not manifest.empty else Counter()
+    expected = (data.expected_patch_size,) * 2 if data.expected_patch_size else \
+        (sizes.most_common(1)[0][0] if sizes else None)
+    odd_size = manifest[(manifest["width"] != (expected or (0, 0))[0]) |
+                        (manifest["height"] != (expected or (0, 0))[1])] if expected else manifest.iloc[:0]
+    if len(odd_size):
+        warnings.append(f"{len(odd_size)} patches are not {expected[0]}x{expected[1]} px (used, resized when "
+                        f"features are extracted), e.g. {_examples(odd_size['path'])}")
+    used_cases = sorted(manifest["case"].unique(), key=_case_sort) if not manifest.empty else []
+    cases_with_files = {c for c in manifest["case"]} if not manifest.empty else set()
+    if require_labels:
+        no_patches = sorted(set(labels.by_case) - cases_with_files
+                            - {normalize_case_id(c) for c in data.exclude_cases}, key=_case_sort)
+        if no_patches:
+            warnings.append(f"{len(no_patches)} labelled case(s) have no usable patches: {no_patches[:20]}")
+        if labels.blank_case_rows:
+            warnings.append(f"{len(labels.blank_case_rows)} labels CSV row(s) have a blank case id "
+                            f"(data rows {labels.blank_case_rows[:10]})")
+        for case, words in sorted(labels.conflicting.items()):
+            warnings.append(f"case {case} has conflicting labels {words}; its patches are skipped")
+        for case, word in sorted(labels.unknown_words.items()):
+            warnings.append(f"case {case} has label word '{word}' not in data.label_values "
+                            f"{sorted(data.label_values)}; its patches are skipped")
+    else:
+        no_patches = []
+    missing_stain = {}
+    per_case = []
+    for case in used_cases:
+        rows = manifest[manifest["case"] == case]
+        stains = sorted(rows["stain"].unique(), key=data.stains.index)
+        missing = [s for s in data.stains if s not in stains]
+        if missing:
+            missing_stain[case] = missing
+        per_case.append({"case": case, "label": int(rows["label"].iloc[0]), "patches": int(len(rows)),
+                         "slices": int(rows.groupby(["stain", "slice"]).ngroups),
+                         "stains": stains, "missing_stains": missing})
+    if missing_stain:
+        warnings.append(f"{len(missing_stain)} case(s) lack a stain (used; attention runs over the stains "
+                        f"present): " + ", ".join(f"{c}: {m}" for c, m in list(missing_stain.items())[:10]))
+    used_slices = set(zip(manifest["case"], manifest["stain"], manifest["slice"])) if not manifest.empty else set()
+    empty_slices = sorted(k for k in slice_files if k not in used_slices)
+    if empty_slices:
+        warnings.append(f"{len(empty_slices)} slice(s) have files but zero usable patches: "
+                        + ", ".join(f"case {c} {s} slice {sl}" for c, s, sl in empty_slices[:10]))
+    class_counts = Counter(int(r["label"]) for r in per_case)
+    return {
+        "patches_dir": data.patches_dir,
+        "labels_csv": data.labels_csv if require_labels else None,
+        "files_total": files_total,
+        "files_used": int(len(manifest)),
+        "files_skipped": int(sum(len(v) for v in skipped.values())),
+        "skipped": {reason: {"count": len(paths), "files": paths} for reason, paths in sorted(skipped.items())},
+        "converted_to_rgb": converted,
+        "patch_size_expected": list(expected) if expected else None,
+        "unexpected_size": {"count": int(len(odd_size)),
+                            "files": [str(Path(p).relative_to(data.patches_dir)) for p in odd_size["path"]]},
+        "cases_used": len(used_cases),
+        "cases_per_class": {data.class_names[k] if 0 <= k < len(data.class_names) else str(k): v
+                            for k, v in sorted(class_counts.items())},
+        "labelled_cases_without_patches": no_patches,
+        "cases_missing_stains": missing_stain,
+        "slices_without_usable_patches": [list(k) for k in empty_slices],
+        "blank_case_rows": labels.blank_case_rows,
+        "conflicting_labels": labels.conflicting,
+        "unknown_label_words": labels.unknown_words,
+        "warnings": warnings,
+        "cases": per_case,
+    }
+
+
+def _case_sort(case: str) -> tuple:
+    return (0, int(case), "") if case.isdigit() else (1, 0, case)
+
+
+def _examples(paths: pd.Series, n: int = 3) -> str:
+    return ", ".join(Path(p).name for p in list(paths)[:n])
+
+
+def report_text(report: dict) -> str:
+    """Human-readable index report (``index_report.txt``)."""
+    lines = [
+        "stainmil index report",
+        f"patch folder : {report['patches_dir']}",
+        f"labels CSV   : {report['labels_csv']}",
+        "",
+        f"files found  : {report['files_total']}",
+        f"used         : {report['files_used']}",
+        f"skipped      : {report['files_skipped']}",
+    ]
+    for reason, entry in report["skipped"].items():
+        lines.append(f"  {entry['count']:>7}  {reason}")
+        for name in entry["files"][:5]:
+            lines.append(f"             e.g. {name}")
+        if entry["count"] > 5:
+            lines.append(f"             … and {entry['count'] - 5} more (all listed in index_report.json)")
+    lines += ["", f"cases used   : {report['cases_used']}  "
+              + "  ".join(f"{k}: {v}" for k, v in report["cases_per_class"].items())]
+    if report["warnings"]:
+        lines += ["", "warnings:"] + [f"  - {w}" for w in report["warnings"]]
+    lines += ["", "per case (case, label, stains, slices, patches):"]
+    for case in report["cases"]:
+        missing = f"  missing {case['missing_stains']}" if case["missing_stains"] else ""
+        lines.append(f"  {case['case']:>8}  {case['label']:>2}  {','.join(case['stains']):<16} "
+                     f"{case['slices']:>3} {case['patches']:>6}{missing}")
+    return "\n".join(lines) + "\n"
+
+
+def write_index(result: IndexResult, config: Config, out_dir: str | Path | None = None) -> Path:
+    """Write manifest.parquet, index_report.txt/.json and config.yaml; return the folder."""
+    out = Path(out_dir) if out_dir else config.index_dir
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "manifest.parquet", lambda tmp: result.manifest.to_parquet(tmp, index=False))
+    atomic_write_json(out / "index_report.json", result.report)
+    atomic_write_text(out / "index_report.txt", report_text(result.report))
+    dump_config(config, out / "config.yaml")
+    return out
+
+
+def load_manifest(config: Config) -> pd.DataFrame:
+    path = config.manifest_path
+    if not path.is_file():
+        raise DataError(f"no manifest at {path}; run `stainmil index --config …` first.")
+    return pd.read_parquet(path)
+
+
+def case_labels(manifest: pd.DataFrame) -> pd.Series:
+    """Case id -> label (one entry per case, cases in manifest order)."""
+    return manifest.drop_duplicates("case").set_index("case")["label"]

@@ -1,0 +1,62 @@
+"""Case labels from a CSV: configurable columns and label words, every problem counted and named."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from stainmil.config import DataConfig
+from stainmil.errors import DataError
+
+
+def normalize_case_id(value: object) -> str:
+    """Case ids are text; purely numeric ids lose leading zeros so ``007`` in a file name meets ``7``."""
+    text = str(value).strip()
+    if text.endswith(".0") and text[:-2].isdigit():  # 42.0 from a spreadsheet
+        text = text[:-2]
+    return str(int(text)) if text.isdigit() else text
+
+
+@dataclass
+class Labels:
+    """Case id -> class index, plus the problems met while reading the CSV."""
+
+    by_case: dict[str, int]
+    blank_case_rows: list[int] = field(default_factory=list)        # 1-based CSV data rows
+    unknown_words: dict[str, str] = field(default_factory=dict)     # case -> word
+    conflicting: dict[str, list[str]] = field(default_factory=dict)  # case -> words
+
+
+def read_labels(config: DataConfig) -> Labels:
+    """Read ``config.labels_csv``; a missing file or column is fatal, row problems are recorded."""
+    path = Path(config.labels_csv)
+    if not config.labels_csv or not path.is_file():
+        raise DataError(f"labels CSV '{config.labels_csv}' does not exist; set data.labels_csv to the file "
+                        "with one row per case.")
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    for key, column in (("data.case_column", config.case_column), ("data.label_column", config.label_column)):
+        if column not in table.columns:
+            raise DataError(f"labels CSV {path} has no column '{column}' ({key}); its columns are "
+                            f"{list(table.columns)}.")
+    words = {word.strip().lower(): index for word, index in config.label_values.items()}
+    labels = Labels(by_case={})
+    seen: dict[str, list[str]] = {}
+    for row_number, (raw_case, raw_word) in enumerate(zip(table[config.case_column], table[config.label_column]),
+                                                      start=1):
+        if not str(raw_case).strip():
+            labels.blank_case_rows.append(row_number)
+            continue
+        case = normalize_case_id(raw_case)
+        word = str(raw_word).strip()
+        seen.setdefault(case, []).append(word)
+    for case, case_words in seen.items():
+        indices = {words.get(w.lower()) for w in case_words}
+        if len(indices) > 1:
+            labels.conflicting[case] = case_words
+        elif None in indices:
+            labels.unknown_words[case] = case_words[0]
+        else:
+            labels.by_case[case] = indices.pop()
+    return labels

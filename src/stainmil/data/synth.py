@@ -1,0 +1,345 @@
+"""Synthetic multi-stain melanocytic-lesion cohort, rendered through Beer–Lambert optics.
+
+Each slice is built as stain *concentration* maps (optical density per stain) and turned into
+RGB with the standard Ruifrok–Johnston stain vectors (``skimage.color.rgb_from_hed``)::
+
+    I_rgb = 255 * exp(-(c_H * v_H + c_E * v_E + c_DAB * v_DAB) * ln 10)
+
+* H&E: hematoxylin nuclei on eosin stroma.
+* Melan-A (IHC): pale hematoxylin counterstain; **cytoplasmic** DAB around melanocytes.
+* SOX10 (IHC): pale hematoxylin counterstain; **nuclear** DAB in melanocytes.
+
+Every case, benign or high-grade, has melanocytic lesion regions. Benign lesions are a few small,
+orderly nests of small uniform nuclei; high-grade lesions are larger, confluent, with big,
+pleomorphic, hyperchromatic nuclei and more positive cells. ``signal`` (0..1) interpolates the
+high-grade parameters between benign (0: classes indistinguishable) and fully high-grade (1).
+
+On-disk layout written by :func:`write_cohort`::
+
+    OUT/labels.csv                                     case_id,label (benign | high_grade)
+    OUT/cohort.yaml                                    a ready stainmil config for this folder
+    OUT/patch_truth.csv                                per patch: lesion fraction (ground truth)
+    OUT/slices/case7/he/slice0.png                     slice image
+    OUT/slices/case7/he/slice0_tissue.png              tissue mask (0/255)
+    OUT/slices/case7/he/slice0_lesion.png              lesion mask (0/255)
+    OUT/patches/case7/he/slice0/case7_he_slice0_patch12_x64_y128.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from PIL import Image
+from scipy import ndimage
+from skimage.color import rgb_from_hed
+from skimage.draw import ellipse
+
+from stainmil.config import STAINS
+from stainmil.errors import ConfigError
+from stainmil.io import atomic_write, atomic_write_text
+from stainmil.progress import progress_bar
+
+STAIN_VECTORS = {"H": rgb_from_hed[0], "E": rgb_from_hed[1], "DAB": rgb_from_hed[2]}
+CLASS_WORDS = ("benign", "high_grade")
+
+
+@dataclass
+class SynthConfig:
+    """Knobs of the synthetic cohort (``stainmil synth --help`` lists them)."""
+
+    cases: int = 40
+    benign_fraction: float = 1 / 3
+    slices_per_stain: tuple[int, int] = (1, 2)
+    slice_size: int = 384
+    patch_size: int = 48
+    min_tissue: float = 0.5
+    signal: float = 1.0
+    missing_stain_prob: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        lo, hi = self.slices_per_stain
+        if self.cases < 2:
+            raise ConfigError(f"synth: --cases must be at least 2 (one per class), got {self.cases}.")
+        if not 0 < self.benign_fraction < 1:
+            raise ConfigError(f"synth: benign fraction must be in (0, 1), got {self.benign_fraction}.")
+        if not 1 <= lo <= hi:
+            raise ConfigError(f"synth: slices per stain must be 1 <= min <= max, got {lo}..{hi}.")
+        if self.slice_size < 2 * self.patch_size:
+            raise ConfigError(f"synth: slice size {self.slice_size} must be at least twice the patch size "
+                              f"{self.patch_size}.")
+        if not 0 <= self.signal <= 1:
+            raise ConfigError(f"synth: signal must be in [0, 1], got {self.signal}.")
+
+
+PRESETS: dict[str, SynthConfig] = {
+    # ~40 cases x ~5 slices x ~35 patches: extraction + training in a few minutes on 2 CPU cores.
+    "demo": SynthConfig(),
+    # tiny: for tests.
+    "tiny": SynthConfig(cases=8, slices_per_stain=(1, 1), slice_size=160, patch_size=32, missing_stain_prob=0.0),
+    # the real cohort's shape: ~86 cases, 1/3 benign, 1-15 slices per stain, ~100-1,600 patches/case.
+    "real-shape": SynthConfig(cases=86, slices_per_stain=(1, 15), slice_size=448, patch_size=32,
+                              missing_stain_prob=0.05),
+}
+
+
+@dataclass
+class LesionStyle:
+    nests: tuple[int, int]          # number of lesion blobs
+    nest_radius: tuple[float, float]  # blob radius as a fraction of the slice side
+    cell_density: float             # melanocytes per px^2 inside the lesion
+    nucleus_radius: tuple[float, float]
+    pleomorphism: float             # std of radius multipliers / eccentricity
+    hyperchromasia: float           # hematoxylin concentration of melanocyte nuclei
+    positive_fraction: float        # share of melanocytes that are DAB-positive
+
+
+BENIGN = LesionStyle(nests=(2, 4), nest_radius=(0.035, 0.055), cell_density=0.018,
+                     nucleus_radius=(1.6, 2.0), pleomorphism=0.05, hyperchromasia=0.55, positive_fraction=0.55)
+HIGH_GRADE = LesionStyle(nests=(3, 6), nest_radius=(0.07, 0.12), cell_density=0.02,
+                         nucleus_radius=(2.4, 3.6), pleomorphism=0.35, hyperchromasia=1.05, positive_fraction=0.95)
+
+
+def _style(label: int, signal: float) -> LesionStyle:
+    if label == 0:
+        return BENIGN
+    mix = {}
+    for f in dataclasses.fields(LesionStyle):
+        b, h = getattr(BENIGN, f.name), getattr(HIGH_GRADE, f.name)
+        if isinstance(b, tuple):
+            mix[f.name] = tuple(type(x)(x + signal * (y - x)) for x, y in zip(b, h))
+        else:
+            mix[f.name] = b + signal * (h - b)
+    return LesionStyle(**mix)
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
+    field = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma)
+    return (field - field.mean()) / (field.std() + 1e-8)
+
+
+def tissue_mask(rng: np.random.Generator, size: int) -> np.ndarray:
+    """An organic blob of tissue: a noisy ellipse, (size, size) bool."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    cy, cx = rng.uniform(0.4, 0.6, 2)
+    ry, rx = rng.uniform(0.3, 0.45, 2)
+    angle = rng.uniform(0, np.pi)
+    dy, dx = yy - cy, xx - cx
+    u = (dx * np.cos(angle) + dy * np.sin(angle)) / rx
+    v = (-dx * np.sin(angle) + dy * np.cos(angle)) / ry
+    radial = 1 - np.sqrt(u**2 + v**2)
+    mask = radial + 0.18 * _smooth_noise(rng, size, size / 14) > 0
+    labels, n = ndimage.label(mask)
+    if n > 1:  # keep the largest piece
+        sizes = ndimage.sum(mask, labels, range(1, n + 1))
+        mask = labels == (1 + int(np.argmax(sizes)))
+    return ndimage.binary_fill_holes(mask)
+
+
+def lesion_mask(rng: np.random.Generator, tissue: np.ndarray, style: LesionStyle) -> np.ndarray:
+    """Union of nests inside the tissue (size, size) bool."""
+    size = tissue.shape[0]
+    yy, xx = np.mgrid[0:size, 0:size]
+    inner = ndimage.binary_erosion(tissue, iterations=max(2, size // 20))
+    candidates = np.argwhere(inner if inner.any() else tissue)
+    mask = np.zeros_like(tissue)
+    n_nests = rng.integers(style.nests[0], style.nests[1] + 1)
+    anchor = candidates[rng.integers(len(candidates))]
+    for _ in range(n_nests):
+        # high-grade nests crowd around one anchor (confluent); benign ones are scattered
+        if style.nest_radius[1] > 0.07:
+            centre = np.clip(anchor + rng.normal(0, size * style.nest_radius[1] * 0.8, 2), 0.2 * size, 0.8 * size)
+        else:
+            centre = candidates[rng.integers(len(candidates))]
+        radius = rng.uniform(*style.nest_radius) * size
+        mask |= (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 < radius**2
+    edge_noise = _smooth_noise(rng, size, 3) * 0.3
+    mask = ndimage.binary_opening(ndimage.gaussian_filter(mask.astype(float), 2) + edge_noise * 0.2 > 0.5)
+    return mask & tissue
+
+
+def _draw_nuclei(canvas: np.ndarray, rng: np.random.Generator, points: np.ndarray, radius: tuple[float, float],
+                 pleomorphism: float, value: np.ndarray | float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Draw ellipses at ``points`` (N, 2) into ``canvas`` (max blend); return their pixel indices."""
+    size = canvas.shape[0]
+    values = np.broadcast_to(np.asarray(value, dtype=float), (len(points),))
+    drawn = []
+    for (y, x), v in zip(points, values):
+        r = rng.uniform(*radius) * max(0.5, 1 + rng.normal(0, pleomorphism))
+        ecc = 1 + abs(rng.normal(0, 0.15 + pleomorphism))
+        rr, cc = ellipse(y, x, r, r * ecc, shape=(size, size), rotation=rng.uniform(0, np.pi))
+        canvas[rr, cc] = np.maximum(canvas[rr, cc], v)
+        drawn.append((rr, cc))
+    return drawn
+
+
+def _sample_points(rng: np.random.Generator, region: np.ndarray, density: float) -> np.ndarray:
+    coords = np.argwhere(region)
+    if len(coords) == 0:
+        return np.zeros((0, 2))
+    n = rng.poisson(density * len(coords))
+    return coords[rng.integers(len(coords), size=n)] + rng.uniform(-0.5, 0.5, (n, 2))
+
+
+def render_slice(rng: np.random.Generator, stain: str, size: int, style: LesionStyle
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Render one slice. Returns (rgb uint8 (size, size, 3), tissue bool, lesion bool)."""
+    tissue = tissue_mask(rng, size)
+    lesion = lesion_mask(rng, tissue, style)
+    stroma = ndimage.gaussian_filter(rng.standard_normal((size, size)), (1, 4))  # fibrous texture
+    stroma = (stroma - stroma.min()) / (np.ptp(stroma) + 1e-8)
+
+    hema = np.zeros((size, size))
+    eosin = np.zeros((size, size))
+    dab = np.zeros((size, size))
+    ihc = stain != "he"
+    counter = 0.45 if ihc else 1.0  # IHC counterstain is paler
+
+    # background cells of the stroma: small, elongated, evenly stained nuclei
+    background = _sample_points(rng, tissue & ~lesion, 0.006)
+    _draw_nuclei(hema, rng, background, (1.0, 1.6), 0.25, 0.7 * counter)
+    # melanocytes in the lesion
+    cells = _sample_points(rng, lesion, style.cell_density)
+    intensity = style.hyperchromasia * rng.uniform(0.85, 1.15, len(cells))
+    nucleus_map = np.zeros((size, size))
+    drawn = _draw_nuclei(nucleus_map, rng, cells, style.nucleus_radius, style.pleomorphism, intensity)
+    positive = rng.random(len(cells)) < style.positive_fraction
+
+    if stain == "he":
+        hema = np.maximum(hema, nucleus_map)
+        eosin = tissue * (0.12 + 0.22 * stroma)
+        eosin = np.where(lesion, eosin * 0.6 + 0.08, eosin)  # pale cytoplasm of nests
+        hema += tissue * 0.05
+    elif stain == "sox10":  # nuclear DAB in positive melanocytes, counterstain in the rest
+        for (rr, cc), pos in zip(drawn, positive):
+            target = dab if pos else hema
+            target[rr, cc] = np.maximum(target[rr, cc], nucleus_map[rr, cc] * (0.9 if pos else counter))
+        hema += tissue * (0.04 + 0.03 * stroma)
+    elif stain == "melan":  # cytoplasmic DAB around positive melanocytes; nuclei stay blue
+        hema = np.maximum(hema, nucleus_map * counter)
+        cyto = np.zeros((size, size))
+        for (rr, cc), pos in zip(drawn, positive):
+            if pos:
+                cyto[rr, cc] = 1.0
+        cyto = ndimage.grey_dilation(cyto, size=(5, 5))
+        cyto = ndimage.gaussian_filter(cyto, 1.2) * lesion
+        dab = np.maximum(dab, 0.55 * cyto * rng.uniform(0.8, 1.2))
+        hema += tissue * (0.04 + 0.03 * stroma)
+    else:  # pragma: no cover - guarded by the caller
+        raise ConfigError(f"synth: unknown stain {stain!r}.")
+
+    batch = rng.uniform(0.85, 1.15, 3)  # slide-to-slide staining variation
+    od = np.stack([hema * batch[0], eosin * batch[1], dab * batch[2]], axis=-1)  # (size, size, 3) OD per stain
+    od = ndimage.gaussian_filter(od, (0.6, 0.6, 0))
+    od += np.abs(rng.normal(0, 0.012, od.shape)) * tissue[..., None]
+    matrix = np.stack([STAIN_VECTORS["H"], STAIN_VECTORS["E"], STAIN_VECTORS["DAB"]])  # (3 stains, 3 RGB)
+    rgb = np.exp(-(od @ matrix) * np.log(10))  # Beer–Lambert, OD in log10 units
+    rgb = np.clip(rgb * 245 + rng.normal(0, 1.5, rgb.shape), 0, 255).astype(np.uint8)
+    return rgb, tissue, lesion
+
+
+def grid_patches(tissue: np.ndarray, patch_size: int, min_tissue: float) -> list[tuple[int, int]]:
+    """Top-left (x, y) of grid patches whose tissue fraction is at least ``min_tissue``."""
+    size_y, size_x = tissue.shape
+    keep = []
+    for y in range(0, size_y - patch_size + 1, patch_size):
+        for x in range(0, size_x - patch_size + 1, patch_size):
+            if tissue[y:y + patch_size, x:x + patch_size].mean() >= min_tissue:
+                keep.append((x, y))
+    return keep
+
+
+def _save_png(path: Path, array: np.ndarray) -> None:
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"), suffix=".png")
+
+
+def _case_plan(config: SynthConfig) -> list[tuple[str, int]]:
+    rng = np.random.default_rng([config.seed, 0])
+    n_benign = int(round(config.cases * config.benign_fraction))
+    n_benign = min(max(n_benign, 1), config.cases - 1)
+    labels = np.array([0] * n_benign + [1] * (config.cases - n_benign))
+    rng.shuffle(labels)
+    return [(str(i + 1), int(label)) for i, label in enumerate(labels)]
+
+
+def _n_slices(rng: np.random.Generator, lo: int, hi: int) -> int:
+    """Slices per stain, skewed towards few (most real cases have 1-3, some up to 15)."""
+    return int(lo + np.floor((hi - lo + 1) * rng.random() ** 2.5))
+
+
+def render_case(config: SynthConfig, out: Path, case: str, label: int) -> list[dict]:
+    """Render every slice and patch of one case; return its per-patch truth rows."""
+    rng = np.random.default_rng([config.seed, 1, int(case)])
+    style = _style(label, config.signal)
+    stains = list(STAINS)
+    if rng.random() < config.missing_stain_prob:
+        stains.remove(stains[rng.integers(len(stains))])
+    rows = []
+    for stain in stains:
+        for slice_id in range(_n_slices(rng, *config.slices_per_stain)):
+            rgb, tissue, lesion = render_slice(rng, stain, config.slice_size, style)
+            slice_dir = out / "slices" / f"case{case}" / stain
+            _save_png(slice_dir / f"slice{slice_id}.png", rgb)
+            _save_png(slice_dir / f"slice{slice_id}_tissue.png", (tissue * 255).astype(np.uint8))
+            _save_png(slice_dir / f"slice{slice_id}_lesion.png", (lesion * 255).astype(np.uint8))
+            patch_dir = out / "patches" / f"case{case}" / stain / f"slice{slice_id}"
+            p = config.patch_size
+            for index, (x, y) in enumerate(grid_patches(tissue, p, config.min_tissue)):
+                name = f"case{case}_{stain}_slice{slice_id}_patch{index}_x{x}_y{y}.png"
+                _save_png(patch_dir / name, rgb[y:y + p, x:x + p])
+                rows.append({"case": case, "stain": stain, "slice": str(slice_id), "patch": str(index),
+                             "x": x, "y": y, "lesion_fraction": float(lesion[y:y + p, x:x + p].mean()),
+                             "file": name})
+    return rows
+
+
+def _render_case_job(args: tuple) -> list[dict]:
+    return render_case(*args)
+
+
+def write_cohort(out: str | Path, config: SynthConfig | None = None, workers: int = 0) -> Path:
+    """Write a synthetic cohort under ``out`` (layout in the module docstring); return ``out``.
+
+    Deterministic for ``config.seed``: the same seed gives byte-identical files.
+    """
+    config = config or SynthConfig()
+    out = Path(out).resolve()
+    plan = _case_plan(config)
+    jobs = [(config, out, case, label) for case, label in plan]
+    rows: list[dict] = []
+    workers = workers or min(len(jobs), _cpu_count())
+    with progress_bar("synth: rendering cases", total=len(jobs)) as advance:
+        if workers <= 1:
+            for job in jobs:
+                rows.extend(_render_case_job(job))
+                advance()
+        else:
+            with ProcessPoolExecutor(workers) as pool:
+                for case_rows in pool.map(_render_case_job, jobs):
+                    rows.extend(case_rows)
+                    advance()
+    labels = pd.DataFrame({"case_id": [c for c, _ in plan], "label": [CLASS_WORDS[y] for _, y in plan]})
+    atomic_write_text(out / "labels.csv", labels.to_csv(index=False))
+    atomic_write_text(out / "patch_truth.csv", pd.DataFrame(rows).to_csv(index=False))
+    cohort_yaml = {
+        "output_dir": str(out.parent / f"{out.name}_work"),
+        "data": {"patches_dir": str(out / "patches"), "labels_csv": str(out / "labels.csv")},
+        "features": {"image_size": config.patch_size},
+    }
+    atomic_write_text(out / "cohort.yaml", "# stainmil config for this synthetic cohort\n"
+                      + yaml.safe_dump(cohort_yaml, sort_keys=False))
+    atomic_write_text(out / "synth.yaml", yaml.safe_dump(
+        {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}, sort_keys=False))
+    return out
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
