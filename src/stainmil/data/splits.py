@@ -98,7 +98,12 @@ def validate_split(split: Split, cohort_cases: set[str] | None, source: str = "s
 
 def save_split(split: Split, path: str | Path) -> Path:
     arrays = {name: np.array(split.subset(name), dtype=str) for name in SUBSETS}
-    return atomic_write(path, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:  # a handle: np.savez would append ".npz" to a path
+            np.savez(handle, **arrays)
+
+    return atomic_write(path, write)
 
 
 def load_split(path: str | Path, cohort_cases: set[str] | None = None) -> Split:

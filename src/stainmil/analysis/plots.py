@@ -1,0 +1,66 @@
+"""Figures of a run: training curves, confusion matrix, ROC curve (matplotlib, Agg, atomic writes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+from stainmil.io import save_figure  # noqa: E402
+
+
+def plot_history(history: pd.DataFrame, path: str | Path) -> Path:
+    """Loss and validation metrics per epoch (``curves.png``)."""
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax_loss.plot(history["epoch"], history["train_loss"], label="train loss")
+    ax_loss.plot(history["epoch"], history["val_loss"], label="val loss")
+    best = history.loc[history["val_loss"].idxmin()]
+    ax_loss.axvline(best["epoch"], color="grey", ls=":", label=f"best epoch {int(best['epoch'])}")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend()
+    for column in ("val_auc", "val_balanced_accuracy"):
+        if column in history:
+            ax_metric.plot(history["epoch"], history[column], label=column.replace("_", " "))
+    ax_metric.set_ylim(0, 1.02)
+    ax_metric.set_xlabel("epoch")
+    ax_metric.legend()
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_confusion(matrix: np.ndarray, class_names: list[str], path: str | Path, title: str = "") -> Path:
+    """Confusion matrix with counts and row-normalised recall."""
+    fig, ax = plt.subplots(figsize=(4, 3.6))
+    rows = matrix.sum(1, keepdims=True).clip(min=1)
+    ax.imshow(matrix / rows, cmap="Blues", vmin=0, vmax=1)
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            ax.text(j, i, f"{matrix[i, j]}\n({matrix[i, j] / rows[i, 0]:.0%})", ha="center", va="center",
+                    color="white" if matrix[i, j] / rows[i, 0] > 0.5 else "black")
+    ax.set_xticks(range(len(class_names)), class_names)
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_roc(labels: np.ndarray, probabilities: np.ndarray, path: str | Path, title: str = "") -> Path:
+    fig, ax = plt.subplots(figsize=(4, 4))
+    if len(np.unique(labels)) == 2:
+        fpr, tpr, _ = roc_curve(labels, probabilities)
+        ax.plot(fpr, tpr, lw=2)
+    ax.plot([0, 1], [0, 1], color="grey", ls=":")
+    ax.set_xlabel("1 - benign recall (false positive rate)")
+    ax.set_ylabel("high-grade recall (true positive rate)")
+    ax.set_title(title)
+    fig.tight_layout()
+    return save_figure(fig, path)

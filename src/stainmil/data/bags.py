@@ -1,0 +1,134 @@
+"""Nested bags: the cohort's features in memory plus the patch -> slice -> stain -> case structure.
+
+A :class:`CaseBatch` holds several cases as one flat feature matrix and three index vectors::
+
+    features     (P, D)  patch features of every case in the batch
+    patch_slice  (P,)    slice of each patch           in [0, S)
+    slice_group  (S,)    stain group of each slice      in [0, G)   (a stain group = one stain of one case)
+    group_case   (G,)    case of each stain group       in [0, B)
+    group_stain  (G,)    canonical stain index of each group (he=0, melan=1, sox10=2 by default)
+
+A missing stain or slice is simply absent; softmaxes run over what exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from stainmil.errors import DataError
+
+
+@dataclass
+class CaseBatch:
+    features: torch.Tensor     # (P, D) float32
+    patch_slice: torch.Tensor  # (P,) long
+    slice_group: torch.Tensor  # (S,) long
+    group_case: torch.Tensor   # (G,) long
+    group_stain: torch.Tensor  # (G,) long
+    labels: torch.Tensor       # (B,) long; -1 when unlabelled
+    case_ids: list[str]
+    patch_rows: np.ndarray     # (P,) manifest row of each patch
+    slice_rows: np.ndarray     # (S,) cohort slice index of each slice
+
+    @property
+    def n_cases(self) -> int:
+        return len(self.case_ids)
+
+    def to(self, device: torch.device) -> CaseBatch:
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
+        return CaseBatch(**moved)
+
+
+class CohortBags:
+    """All patches of a cohort (manifest order) with their hierarchy, held in memory once.
+
+    ``features``: (N, D) array (float16 from the store is kept as is; batches are cast to float32).
+    """
+
+    def __init__(self, manifest: pd.DataFrame, features: np.ndarray, stains: list[str]) -> None:
+        if len(manifest) != len(features):
+            raise DataError(f"manifest has {len(manifest)} rows but the features {len(features)}; re-run extract.")
+        manifest = manifest.reset_index(drop=True)
+        self.manifest = manifest
+        self.features = torch.from_numpy(np.ascontiguousarray(features))
+        self.stains = list(stains)
+        slice_keys = manifest[["case", "stain", "slice"]].apply(tuple, axis=1)
+        codes, uniques = pd.factorize(slice_keys)
+        self.patch_slice = codes                                       # (N,) cohort slice index
+        self.slice_case = np.array([k[0] for k in uniques], dtype=object)
+        self.slice_stain = np.array([self.stains.index(k[1]) for k in uniques])
+        self.case_ids = list(pd.unique(manifest["case"]))
+        self.case_index = {case: i for i, case in enumerate(self.case_ids)}
+        labels = manifest.drop_duplicates("case").set_index("case")["label"]
+        self.labels = np.array([int(labels[c]) for c in self.case_ids])
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(len(uniques) + 1))
+        self.slice_patches = [order[bounds[i]:bounds[i + 1]] for i in range(len(uniques))]  # rows per slice
+        self.case_slices: dict[str, list[int]] = {c: [] for c in self.case_ids}
+        for s, case in enumerate(self.slice_case):
+            self.case_slices[case].append(s)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.features.shape[1])
+
+    def case_label(self, case: str) -> int:
+        return int(self.labels[self.case_index[case]])
+
+    def choose_slices(self, cases: list[str], max_per_stain: int, rng: np.random.Generator) -> dict[str, list[int]]:
+        """Per case, at most ``max_per_stain`` random slices per stain (0 = all); chosen once per run."""
+        chosen = {}
+        for case in cases:
+            slices = np.array(self.case_slices[case])
+            keep = []
+            for stain in sorted(set(self.slice_stain[slices])):
+                of_stain = slices[self.slice_stain[slices] == stain]
+                if max_per_stain and len(of_stain) > max_per_stain:
+                    of_stain = np.sort(rng.choice(of_stain, max_per_stain, replace=False))
+                keep.extend(int(s) for s in of_stain)
+            chosen[case] = keep
+        return chosen
+
+    def batch(self, cases: list[str], slices: dict[str, list[int]] | None = None, per_slice_cap: int = 0,
+              rng: np.random.Generator | None = None) -> CaseBatch:
+        """Build one batch of ``cases``: all slices (or ``slices[case]``), all patches or a random cap per slice."""
+        patch_rows, patch_slice, slice_group, slice_rows, group_case, group_stain = [], [], [], [], [], []
+        for b, case in enumerate(cases):
+            case_slices = slices[case] if slices is not None else self.case_slices[case]
+            if not case_slices:
+                raise DataError(f"case {case} has no slices left after filtering; check data.max_slices_per_stain "
+                                "and the index report.")
+            stain_groups: dict[int, int] = {}
+            for s in sorted(case_slices, key=lambda s: (self.slice_stain[s], s)):
+                stain = int(self.slice_stain[s])
+                if stain not in stain_groups:
+                    stain_groups[stain] = len(group_case)
+                    group_case.append(b)
+                    group_stain.append(stain)
+                rows = self.slice_patches[s]
+                if per_slice_cap and len(rows) > per_slice_cap:
+                    rows = np.sort(rng.choice(rows, per_slice_cap, replace=False))
+                patch_slice.append(np.full(len(rows), len(slice_rows)))
+                patch_rows.append(rows)
+                slice_group.append(stain_groups[stain])
+                slice_rows.append(s)
+        rows = np.concatenate(patch_rows)
+        return CaseBatch(
+            features=self.features[torch.from_numpy(rows)].float(),
+            patch_slice=torch.from_numpy(np.concatenate(patch_slice)).long(),
+            slice_group=torch.tensor(slice_group, dtype=torch.long),
+            group_case=torch.tensor(group_case, dtype=torch.long),
+            group_stain=torch.tensor(group_stain, dtype=torch.long),
+            labels=torch.tensor([self.case_label(c) for c in cases], dtype=torch.long),
+            case_ids=list(cases), patch_rows=rows, slice_rows=np.array(slice_rows),
+        )
+
+    def feature_statistics(self, cases: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-dimension mean and std (D,) over every patch of ``cases`` (float64 accumulation)."""
+        rows = np.concatenate([self.slice_patches[s] for c in cases for s in self.case_slices[c]])
+        x = self.features[torch.from_numpy(rows)].double()
+        return x.mean(0).float(), x.std(0).clamp_min(1e-6).float()

@@ -1,0 +1,158 @@
+"""Predictions and evaluation of a run folder; predictions for unlabelled cases.
+
+``evaluate_run`` reloads ``checkpoints/best.pth``, predicts every case of the run's split, picks
+the decision threshold on the validation split only, and writes ``predictions.csv``,
+``metrics.json``, ``results.txt``, ``confusion_matrix.png`` and ``roc_curve.png``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from stainmil.analysis.plots import plot_confusion, plot_roc
+from stainmil.config import Config
+from stainmil.data.bags import CohortBags
+from stainmil.data.splits import SUBSETS, load_split
+from stainmil.errors import TrainingError
+from stainmil.evaluate.metrics import binary_metrics, bootstrap_intervals, choose_threshold
+from stainmil.features.extract import resolve_device
+from stainmil.io import atomic_write, atomic_write_json, atomic_write_text
+from stainmil.model.hierarchical import HierarchicalMIL
+from stainmil.train.checkpoint import load_checkpoint, model_from_checkpoint
+
+
+def predict_cases(model: HierarchicalMIL, bags: CohortBags, cases: list[str], device: torch.device,
+                  batch_cases: int = 8) -> pd.DataFrame:
+    """One row per case: case, label, prob_<class>… (every patch of every slice used)."""
+    model.eval().to(device)
+    rows = []
+    with torch.inference_mode():
+        for i in range(0, len(cases), batch_cases):
+            batch = bags.batch(cases[i:i + batch_cases]).to(device)
+            probs = model(batch).probabilities.cpu().numpy()  # (B, C)
+            for case, label, p in zip(batch.case_ids, batch.labels.cpu().tolist(), probs):
+                rows.append({"case": case, "label": label, **{f"prob_{k}": float(v) for k, v in enumerate(p)}})
+    return pd.DataFrame(rows)
+
+
+@dataclass
+class Evaluation:
+    predictions: pd.DataFrame
+    metrics: dict
+    threshold: float
+
+
+def evaluate_run(run_dir: str | Path, split_name: str = "test", bags: CohortBags | None = None) -> Evaluation:
+    """Evaluate a trained run on ``split_name`` (metrics for every split are written too)."""
+    from stainmil.train.trainer import load_cohort
+
+    run_dir = Path(run_dir)
+    best = run_dir / "checkpoints" / "best.pth"
+    if not best.is_file():
+        raise TrainingError(f"{run_dir} has no checkpoints/best.pth; train it first (`stainmil train`) or resume "
+                            "it (`stainmil train --resume`).")
+    state = load_checkpoint(best)
+    model, config = model_from_checkpoint(state)
+    split = load_split(run_dir / "data_splits.npz")
+    if bags is None:
+        bags, split = load_cohort(config, split)
+    device = resolve_device(config.train.device)
+    frames = []
+    for name in SUBSETS:
+        if split.subset(name):
+            frame = predict_cases(model, bags, split.subset(name), device)
+            frame["split"] = name
+            frames.append(frame)
+    predictions = pd.concat(frames, ignore_index=True)
+    val = predictions[predictions["split"] == "val"]
+    threshold, how = choose_threshold(config.eval.threshold, val["label"].to_numpy(), val["prob_1"].to_numpy())
+    predictions["pred"] = (predictions["prob_1"] >= threshold).astype(int)
+    predictions["abs_error"] = (predictions["prob_1"] - predictions["label"]).abs()
+    metrics = {"threshold": threshold, "threshold_rule": how, "best_epoch": int(state["early_stopping"]["best_epoch"]),
+               "epochs_run": int(state["epoch"]), "weights": config.features.weights, "splits": {}}
+    for name in SUBSETS:
+        part = predictions[predictions["split"] == name]
+        if part.empty:
+            continue
+        y, p = part["label"].to_numpy(), part["prob_1"].to_numpy()
+        metrics["splits"][name] = {**binary_metrics(y, p, threshold),
+                                   "ci95": bootstrap_intervals(y, p, threshold, config.eval.bootstrap,
+                                                               config.eval.ci, seed=config.train.seed)}
+    if split_name not in metrics["splits"]:
+        raise TrainingError(f"split '{split_name}' of {run_dir} is empty; evaluate another split (--split val).")
+    metrics["evaluated_split"] = split_name
+    _write_outputs(run_dir, config, predictions, metrics, split_name)
+    return Evaluation(predictions, metrics, threshold)
+
+
+def _write_outputs(run_dir: Path, config: Config, predictions: pd.DataFrame, metrics: dict, split_name: str) -> None:
+    names = config.data.class_names
+    columns = ["case", "split", "label", "pred"] + [c for c in predictions if c.startswith("prob_")] + ["abs_error"]
+    atomic_write(run_dir / "predictions.csv", lambda tmp: predictions[columns].to_csv(tmp, index=False))
+    part = predictions[predictions["split"] == split_name]
+    result = metrics["splits"][split_name]
+    plot_confusion(np.array(result["confusion_matrix"]), names, run_dir / "confusion_matrix.png",
+                   title=f"{split_name} (threshold {metrics['threshold']:.3f})")
+    plot_roc(part["label"].to_numpy(), part["prob_1"].to_numpy(), run_dir / "roc_curve.png",
+             title=f"{split_name} ROC, AUC {result['auc']:.3f}")
+    atomic_write_text(run_dir / "results.txt", results_text(metrics, split_name))
+    atomic_write_json(run_dir / "metrics.json", metrics)
+
+
+def results_text(metrics: dict, split_name: str) -> str:
+    lines = [f"stainmil results — split '{split_name}'",
+             f"threshold: {metrics['threshold']:.4f} ({metrics['threshold_rule']})",
+             f"best epoch: {metrics['best_epoch']} of {metrics['epochs_run']}", ""]
+    if str(metrics.get("weights")) == "random":
+        lines.insert(1, "WARNING: backbone weights were RANDOM (no ImageNet weights available): a smoke test only.")
+    for name, m in metrics["splits"].items():
+        lines.append(f"[{name}] {m['n_cases']} cases (benign {m['n_per_class'][0]}, high-grade {m['n_per_class'][1]})")
+        for key in ("benign_recall", "high_grade_recall", "balanced_accuracy", "auc", "f1"):
+            lo, hi = m["ci95"][key]
+            lines.append(f"  {key:<18} {m[key]:.3f}   95% CI [{lo:.3f}, {hi:.3f}]")
+        lines.append(f"  confusion (rows true benign/high-grade): {m['confusion_matrix']}")
+    return "\n".join(lines) + "\n"
+
+
+def predict_unlabelled(checkpoint: str | Path, config: Config, out_dir: str | Path | None = None,
+                       threshold: float | None = None) -> Path:
+    """Index + extract (if needed) + predict every case of ``config``'s patch folder; no labels needed.
+
+    The threshold is ``threshold`` if given, else the one in the run's metrics.json next to the
+    checkpoint, else 0.5. Writes ``predictions.csv`` into ``out_dir`` (default <output_dir>/predictions).
+    """
+    import json
+
+    from stainmil.data.cohort import build_index, write_index
+    from stainmil.features.extract import extract_features
+    from stainmil.features.store import check_store, load_features
+
+    state = load_checkpoint(checkpoint)
+    model, trained_config = model_from_checkpoint(state)
+    config.features = trained_config.features  # the model only understands features made like its own
+    result = build_index(config, require_labels=False)
+    write_index(result, config)
+    extract_features(config, result.manifest)
+    check_store(config.store_dir, config)
+    bags = CohortBags(result.manifest, load_features(config.store_dir, result.manifest), trained_config.data.stains)
+    predictions = predict_cases(model, bags, bags.case_ids, resolve_device(config.train.device))
+    rule = "given"
+    if threshold is None:
+        metrics_file = Path(checkpoint).resolve().parent.parent / "metrics.json"
+        if metrics_file.is_file():
+            threshold, rule = float(json.loads(metrics_file.read_text())["threshold"]), f"from {metrics_file}"
+        else:
+            threshold, rule = 0.5, "default 0.5 (no metrics.json next to the checkpoint)"
+    predictions["pred"] = (predictions["prob_1"] >= threshold).astype(int)
+    predictions["pred_label"] = [trained_config.data.class_names[k] for k in predictions["pred"]]
+    predictions["threshold"] = threshold
+    predictions = predictions.drop(columns=["label"])
+    out = Path(out_dir) if out_dir else Path(config.output_dir) / "predictions"
+    atomic_write(out / "predictions.csv", lambda tmp: predictions.to_csv(tmp, index=False))
+    atomic_write_text(out / "threshold.txt", f"{threshold}\n{rule}\n")
+    return out / "predictions.csv"

@@ -1,0 +1,215 @@
+"""The one training loop: seeded, checkpointed every epoch, resumable, early-stopped on val loss.
+
+Per epoch: the training cases are shuffled, grouped into batches of ``train.cases_per_batch``;
+each slice contributes a fresh random ``data.per_slice_cap`` patches; ``data.max_slices_per_stain``
+slices per stain are chosen once per run. Validation uses every patch of every slice.
+
+Run folder (``runs/run_YYYYMMDD_HHMMSS/``)::
+
+    config.yaml  data_splits.npz  status.json  history.csv  curves.png
+    checkpoints/best.pth  checkpoints/last.pth
+    (after evaluation) predictions.csv  metrics.json  results.txt  confusion_matrix.png  roc_curve.png
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from stainmil.analysis.plots import plot_history
+from stainmil.config import Config, dump_config, load_config
+from stainmil.data.bags import CohortBags
+from stainmil.data.cohort import load_manifest
+from stainmil.data.splits import Split, load_split, save_split
+from stainmil.errors import DataError, TrainingError
+from stainmil.evaluate.metrics import binary_metrics
+from stainmil.features.extract import resolve_device
+from stainmil.features.store import check_store, load_features
+from stainmil.io import atomic_write, atomic_write_json
+from stainmil.model.hierarchical import HierarchicalMIL
+from stainmil.progress import progress_bar
+from stainmil.train.checkpoint import load_checkpoint, save_checkpoint
+from stainmil.train.losses import build_loss, class_weights, weighted_mean
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_epoch: int
+    epochs_run: int
+    best_val_loss: float
+    stopped_early: bool
+
+
+def new_run_dir(runs_dir: Path) -> Path:
+    """``runs/run_YYYYMMDD_HHMMSS`` (with a suffix if that second is taken)."""
+    stamp = datetime.now().strftime("run_%Y%m%d_%H%M%S")
+    path, n = runs_dir / stamp, 1
+    while path.exists():
+        n += 1
+        path = runs_dir / f"{stamp}_{n}"
+    path.mkdir(parents=True)
+    return path
+
+
+def load_cohort(config: Config, split: Split | None = None) -> tuple[CohortBags, Split]:
+    """Manifest + split + feature store of ``config``, validated against each other."""
+    manifest = load_manifest(config)
+    cases = set(manifest["case"])
+    split = split or load_split(config.split_file, cases)
+    for name in ("train", "val"):
+        if not split.subset(name):
+            raise DataError(f"the {name} split of {config.split_file} is empty; re-split with more cases.")
+    check_store(config.store_dir, config)
+    features = load_features(config.store_dir, manifest)
+    return CohortBags(manifest, features, config.data.stains), split
+
+
+def _set_status(run_dir: Path, state: str, **extra: object) -> None:
+    atomic_write_json(run_dir / "status.json", {"state": state, "updated": datetime.now().isoformat(), **extra})
+
+
+def _rng_state(rng: np.random.Generator) -> str:
+    return json.dumps(rng.bit_generator.state)
+
+
+def evaluate_loss(model: HierarchicalMIL, bags: CohortBags, cases: list[str], loss_fn, weights, device,
+                  batch_cases: int = 8) -> tuple[float, np.ndarray, np.ndarray]:
+    """Mean loss over ``cases`` (every patch), their labels and P(class 1)."""
+    model.eval()
+    losses, labels, probs = [], [], []
+    with torch.inference_mode():
+        for i in range(0, len(cases), batch_cases):
+            batch = bags.batch(cases[i:i + batch_cases]).to(device)
+            out = model(batch)
+            losses.append(loss_fn(out, batch.labels, weights).cpu())
+            labels.append(batch.labels.cpu())
+            probs.append(out.probabilities[:, 1].cpu())
+    all_labels = torch.cat(labels)
+    loss = weighted_mean(torch.cat(losses), all_labels, weights.cpu() if weights is not None else None)
+    return float(loss), all_labels.numpy(), torch.cat(probs).numpy()
+
+
+def train(config: Config, resume_dir: str | Path | None = None, split: Split | None = None,
+          run_dir: str | Path | None = None) -> TrainResult:
+    """Train one run; ``resume_dir`` continues a killed run from its ``last.pth``."""
+    if resume_dir is not None:
+        run_dir = Path(resume_dir)
+        if not (run_dir / "config.yaml").is_file():
+            raise TrainingError(f"{run_dir} is not a run folder (no config.yaml); pass runs/run_…/ to --resume.")
+        config = load_config(run_dir / "config.yaml")
+        split = load_split(run_dir / "data_splits.npz")
+    bags, split = load_cohort(config, split)
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config.runs_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume_dir is None:
+        dump_config(config, run_dir / "config.yaml")
+        save_split(split, run_dir / "data_splits.npz")
+
+    t = config.train
+    device = resolve_device(t.device)
+    torch.manual_seed(t.seed)
+    model = HierarchicalMIL(bags.feature_dim, config.model)
+    if config.model.standardize_features:
+        model.set_feature_statistics(*bags.feature_statistics(split.train))
+    model.to(device)
+    optimizer_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    optimizer = optimizer_cls(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=t.scheduler_factor,
+                                                           patience=t.scheduler_patience)
+    train_labels = np.array([bags.case_label(c) for c in split.train])
+    weights = class_weights(t, train_labels, config.model.n_classes)
+    weights = weights.to(device) if weights is not None else None
+    loss_fn = build_loss("ce")
+    rng = np.random.default_rng(t.seed)
+    slices = bags.choose_slices(split.train, config.data.max_slices_per_stain, np.random.default_rng([t.seed, 1]))
+    history: list[dict] = []
+    stopping = {"best_val_loss": math.inf, "best_epoch": 0, "bad_epochs": 0}
+    start_epoch = 1
+
+    last = run_dir / "checkpoints" / "last.pth"
+    if resume_dir is not None and last.is_file():
+        state = load_checkpoint(last)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        stopping = dict(state["early_stopping"])
+        history = [dict(row) for row in state["history"]]
+        rng.bit_generator.state = json.loads(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        start_epoch = int(state["epoch"]) + 1
+        if state.get("finished"):
+            start_epoch = t.max_epochs + 1
+
+    _set_status(run_dir, "training", epoch=start_epoch - 1)
+    stopped_early = bool(history) and stopping["bad_epochs"] >= t.early_stopping_patience
+    for epoch in range(start_epoch, t.max_epochs + 1):
+        if stopped_early:
+            break
+        started = time.perf_counter()
+        model.train()
+        order = [split.train[i] for i in rng.permutation(len(split.train))]
+        batches = [order[i:i + t.cases_per_batch] for i in range(0, len(order), t.cases_per_batch)]
+        train_loss, n_seen = 0.0, 0
+        with progress_bar(f"epoch {epoch}", total=len(batches)) as advance:
+            for cases in batches:
+                batch = bags.batch(cases, slices, config.data.per_slice_cap, rng).to(device)
+                out = model(batch)
+                loss = weighted_mean(loss_fn(out, batch.labels, weights), batch.labels, weights)
+                if not torch.isfinite(loss):
+                    _set_status(run_dir, "failed", epoch=epoch, reason="non-finite loss")
+                    raise TrainingError(f"loss became {loss.item()} at epoch {epoch} on case(s) {cases}; lower "
+                                        "train.lr or check the features of these cases.")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                train_loss += loss.item() * len(cases)
+                n_seen += len(cases)
+                advance()
+        val_loss, val_labels, val_probs = evaluate_loss(model, bags, split.val, loss_fn, weights, device)
+        if not math.isfinite(val_loss):
+            _set_status(run_dir, "failed", epoch=epoch, reason="non-finite validation loss")
+            raise TrainingError(f"validation loss became {val_loss} at epoch {epoch}; lower train.lr.")
+        scheduler.step(val_loss)
+        metrics = binary_metrics(val_labels, val_probs, 0.5)
+        improved = val_loss < stopping["best_val_loss"] - 1e-6
+        if improved:
+            stopping.update(best_val_loss=val_loss, best_epoch=epoch, bad_epochs=0)
+        else:
+            stopping["bad_epochs"] += 1
+        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss / n_seen,
+               "val_loss": val_loss, "val_auc": metrics["auc"], "val_balanced_accuracy": metrics["balanced_accuracy"],
+               "val_benign_recall": metrics["benign_recall"], "val_high_grade_recall": metrics["high_grade_recall"],
+               "seconds": time.perf_counter() - started}
+        history.append({k: float(v) if k != "epoch" else int(v) for k, v in row.items()})  # plain types for the checkpoint
+        stopped_early = stopping["bad_epochs"] >= t.early_stopping_patience
+        state = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "early_stopping": stopping, "epoch": epoch, "history": history,
+            "rng": {"numpy": _rng_state(rng), "torch": torch.get_rng_state()},
+            "config": _config_dict(config), "in_dim": bags.feature_dim,
+            "finished": stopped_early or epoch == t.max_epochs,
+        }
+        if improved:
+            save_checkpoint(run_dir / "checkpoints" / "best.pth", state)
+        save_checkpoint(last, state)
+        frame = pd.DataFrame(history)
+        atomic_write(run_dir / "history.csv", lambda tmp: frame.to_csv(tmp, index=False))
+        plot_history(frame, run_dir / "curves.png")
+        _set_status(run_dir, "training", epoch=epoch)
+    _set_status(run_dir, "trained", epoch=len(history), best_epoch=stopping["best_epoch"])
+    return TrainResult(run_dir, stopping["best_epoch"], len(history), stopping["best_val_loss"], stopped_early)
+
+
+def _config_dict(config: Config) -> dict:
+    from stainmil.config import config_to_dict
+
+    return config_to_dict(config)
