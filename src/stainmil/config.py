@@ -111,7 +111,7 @@ class TrainConfig:
     optimizer: Literal["adam", "adamw"] = _help("Optimizer.", default="adam")
     lr: float = _help("Learning rate.", default=1e-4)
     weight_decay: float = _help("L2 weight decay.", default=1e-4)
-    class_weights: Union[str, list[float]] = _help(
+    class_weights: str | list[float] = _help(
         "'auto' (inverse class frequency of the training split), 'none', or one weight per class.",
         default="auto")
     max_epochs: int = _help("Upper bound on epochs.", default=50)
@@ -142,7 +142,7 @@ class SplitConfig:
 
 @dataclass
 class EvalConfig:
-    threshold: Union[float, str] = _help(
+    threshold: float | str = _help(
         "Decision threshold on P(high-grade): a number, 'youden', or 'benign_recall=0.8' — chosen on "
         "the validation split only.", default=0.5)
     bootstrap: int = _help("Case-level bootstrap resamples for 95% CIs.", default=1000)

@@ -17,7 +17,9 @@ from torch import nn
 
 IMAGENET_URL = "https://download.pytorch.org/models/densenet121-a639ec97.pth"
 FEATURE_DIM = 1024
-_LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_LEGACY_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
+)
 
 
 class DenseLayer(nn.Module):
@@ -103,7 +105,7 @@ def remap_legacy_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
     renamed = {}
     for key, value in state_dict.items():
         match = _LEGACY_KEY.match(key)
-        renamed[match.group(1) + match.group(2).replace(".", "", 1) if match else key] = value
+        renamed[match.group(1) + match.group(2) if match else key] = value  # norm + 1.weight
     return renamed
 
 

@@ -20,7 +20,13 @@ from torch.utils.data import DataLoader, Dataset
 from stainmil.config import Config, dump_config
 from stainmil.features.backbones import Backbone, build_backbone
 from stainmil.features.store import (
-    STORE_META, StoreMeta, check_store, slice_file, slice_groups, weights_label, write_slice,
+    STORE_META,
+    StoreMeta,
+    check_store,
+    slice_file,
+    slice_groups,
+    weights_label,
+    write_slice,
 )
 from stainmil.progress import progress_bar
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -99,8 +100,12 @@ def evaluate_loss(model: HierarchicalMIL, bags: CohortBags, cases: list[str], lo
 
 
 def train(config: Config, resume_dir: str | Path | None = None, split: Split | None = None,
-          run_dir: str | Path | None = None) -> TrainResult:
-    """Train one run; ``resume_dir`` continues a killed run from its ``last.pth``."""
+          run_dir: str | Path | None = None, on_epoch_end: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Train one run; ``resume_dir`` continues a killed run from its ``last.pth``.
+
+    ``on_epoch_end(epoch, history_row)`` is called after each epoch's checkpoint is written (e.g. to
+    report to an Optuna pruner, which may raise to stop the run).
+    """
     if resume_dir is not None:
         run_dir = Path(resume_dir)
         if not (run_dir / "config.yaml").is_file():
@@ -189,7 +194,8 @@ def train(config: Config, resume_dir: str | Path | None = None, split: Split | N
                "val_loss": val_loss, "val_auc": metrics["auc"], "val_balanced_accuracy": metrics["balanced_accuracy"],
                "val_benign_recall": metrics["benign_recall"], "val_high_grade_recall": metrics["high_grade_recall"],
                "seconds": time.perf_counter() - started}
-        history.append({k: float(v) if k != "epoch" else int(v) for k, v in row.items()})  # plain types for the checkpoint
+        # plain Python types, so the checkpoint loads with weights_only=True
+        history.append({k: float(v) if k != "epoch" else int(v) for k, v in row.items()})
         stopped_early = stopping["bad_epochs"] >= t.early_stopping_patience
         state = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -202,9 +208,11 @@ def train(config: Config, resume_dir: str | Path | None = None, split: Split | N
             save_checkpoint(run_dir / "checkpoints" / "best.pth", state)
         save_checkpoint(last, state)
         frame = pd.DataFrame(history)
-        atomic_write(run_dir / "history.csv", lambda tmp: frame.to_csv(tmp, index=False))
+        atomic_write(run_dir / "history.csv", lambda tmp, frame=frame: frame.to_csv(tmp, index=False))
         plot_history(frame, run_dir / "curves.png")
         _set_status(run_dir, "training", epoch=epoch)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, history[-1])
     _set_status(run_dir, "trained", epoch=len(history), best_epoch=stopping["best_epoch"])
     return TrainResult(run_dir, stopping["best_epoch"], len(history), stopping["best_val_loss"], stopped_early)
 

@@ -1,0 +1,3 @@
+from stainmil.cli import app
+
+app(prog_name="stainmil")

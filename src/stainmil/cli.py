@@ -1,0 +1,215 @@
+"""Command line: parse -> call one library function -> print. Errors are one sentence, exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from stainmil.config import load_config
+from stainmil.errors import StainmilError
+
+app = typer.Typer(help="stainmil: hierarchical multiple-instance learning on multi-stain pathology patches.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+console = Console(soft_wrap=True)  # never break paths across lines
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override: section.key=value (repeatable).")]
+
+
+def friendly(fn):
+    """Turn a StainmilError into one red sentence and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except StainmilError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command()
+@friendly
+def synth(out: Annotated[Path, typer.Argument(help="Output folder.")],
+          preset: Annotated[str, typer.Option(help="demo | tiny | real-shape")] = "demo",
+          cases: Annotated[int | None, typer.Option(help="Number of cases.")] = None,
+          benign_fraction: Annotated[float | None, typer.Option(help="Share of benign cases.")] = None,
+          slices: Annotated[str | None, typer.Option(help="Slices per stain, 'min-max' (e.g. 1-15).")] = None,
+          patch_size: Annotated[int | None, typer.Option(help="Patch side in pixels.")] = None,
+          slice_size: Annotated[int | None, typer.Option(help="Slice image side in pixels.")] = None,
+          signal: Annotated[float | None, typer.Option(help="Lesion signal strength 0..1 (difficulty).")] = None,
+          missing_stain_prob: Annotated[float | None, typer.Option(help="Chance a case lacks one stain.")] = None,
+          seed: Annotated[int | None, typer.Option(help="Random seed (deterministic output).")] = None) -> None:
+    """Render a synthetic multi-stain cohort (slices, masks, patches, labels.csv, cohort.yaml)."""
+    import dataclasses
+
+    from stainmil.data.synth import PRESETS, write_cohort
+    from stainmil.errors import ConfigError
+
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset '{preset}'; choose one of {sorted(PRESETS)}.")
+    changes = {k: v for k, v in dict(cases=cases, benign_fraction=benign_fraction, patch_size=patch_size,
+                                       slice_size=slice_size, signal=signal, missing_stain_prob=missing_stain_prob,
+                                       seed=seed).items() if v is not None}
+    if slices:
+        try:
+            lo, hi = (int(v) for v in slices.split("-"))
+        except ValueError as exc:
+            raise ConfigError(f"--slices '{slices}' must look like 1-15.") from exc
+        changes["slices_per_stain"] = (lo, hi)
+    config = dataclasses.replace(PRESETS[preset], **changes)
+    path = write_cohort(out, config)
+    console.print(f"synthetic cohort written to [bold]{path}[/]; next: stainmil index --config {path / 'cohort.yaml'}")
+
+
+@app.command()
+@friendly
+def index(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Index and validate a patch folder -> manifest.parquet + index_report.txt/.json."""
+    from stainmil.data.cohort import report_text
+    from stainmil.pipeline import index_cohort
+
+    cfg = load_config(config, set_)
+    out, report = index_cohort(cfg)
+    console.print(report_text(report), highlight=False)
+    console.print(f"manifest and report in [bold]{out}[/]")
+
+
+@app.command()
+@friendly
+def split(config: ConfigOpt = None, set_: SetOpt = None,
+          out: Annotated[Path | None, typer.Option(help="Folder for data_splits*.npz.")] = None) -> None:
+    """Case-level stratified splits (holdout 60/20/20, kfold, repeated_kfold) -> data_splits*.npz."""
+    from stainmil.data.cohort import case_labels, load_manifest
+    from stainmil.data.splits import load_split, split_table
+    from stainmil.pipeline import split_cohort
+
+    cfg = load_config(config, set_)
+    paths = split_cohort(cfg, out)
+    labels = case_labels(load_manifest(cfg))
+    for path in paths:
+        console.print(f"[bold]{path}[/]")
+        console.print(split_table(load_split(path), labels, cfg.data.class_names).to_string(index=False))
+
+
+@app.command()
+@friendly
+def extract(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Extract backbone features once per patch into the feature store (resumes where it stopped)."""
+    from stainmil.data.cohort import load_manifest
+    from stainmil.features.extract import extract_features
+
+    cfg = load_config(config, set_)
+    summary = extract_features(cfg, load_manifest(cfg))
+    console.print(f"{summary.slices_written} slices written ({summary.slices_done_before} already done), "
+                  f"{summary.patches_written} patches in {summary.seconds:.1f} s "
+                  f"({summary.patches_per_second:.0f} patches/s); store: [bold]{summary.store_dir}[/]")
+
+
+@app.command("train")
+@friendly
+def train_cmd(config: ConfigOpt = None, set_: SetOpt = None,
+              resume: Annotated[Path | None, typer.Option(help="Run folder to continue.")] = None,
+              evaluate: Annotated[bool, typer.Option(help="Evaluate on the test split afterwards.")] = True) -> None:
+    """Train one run on one split -> runs/run_YYYYMMDD_HHMMSS/ (or continue one with --resume)."""
+    from stainmil.evaluate.predict import evaluate_run
+    from stainmil.train.trainer import train
+
+    cfg = load_config(config, set_)
+    result = train(cfg, resume_dir=resume)
+    console.print(f"trained {result.epochs_run} epochs (best {result.best_epoch}, val loss "
+                  f"{result.best_val_loss:.4f}); run folder: [bold]{result.run_dir}[/]")
+    if evaluate:
+        _print_evaluation(evaluate_run(result.run_dir), result.run_dir)
+
+
+def _print_evaluation(evaluation, run_dir: Path) -> None:
+    metrics = evaluation.metrics
+    split_name = metrics["evaluated_split"]
+    m = metrics["splits"][split_name]
+    table = Table(title=f"{split_name}: {m['n_cases']} cases, threshold {metrics['threshold']:.3f} "
+                        f"({metrics['threshold_rule']})")
+    for column in ("metric", "value", "95% CI"):
+        table.add_column(column)
+    for key in ("benign_recall", "high_grade_recall", "balanced_accuracy", "auc", "f1"):
+        lo, hi = m["ci95"][key]
+        table.add_row(key, f"{m[key]:.3f}", f"[{lo:.3f}, {hi:.3f}]")
+    console.print(table)
+    console.print(f"predictions, metrics and figures in [bold]{run_dir}[/]")
+
+
+@app.command("evaluate")
+@friendly
+def evaluate_cmd(run: Annotated[Path, typer.Argument(help="Run folder.")],
+                 split_name: Annotated[str, typer.Option("--split", help="train | val | test")] = "test") -> None:
+    """Re-evaluate a finished run (best checkpoint; threshold chosen on val)."""
+    from stainmil.evaluate.predict import evaluate_run
+
+    _print_evaluation(evaluate_run(run, split_name), run)
+
+
+@app.command()
+@friendly
+def predict(checkpoint: Annotated[Path, typer.Option(help="A run's checkpoints/best.pth.")],
+            config: ConfigOpt = None, set_: SetOpt = None,
+            out: Annotated[Path | None, typer.Option(help="Output folder.")] = None,
+            threshold: Annotated[float | None, typer.Option(help="Override the run's threshold.")] = None) -> None:
+    """Predict unlabelled cases of a patch folder with a trained checkpoint."""
+    from stainmil.evaluate.predict import predict_unlabelled
+
+    path = predict_unlabelled(checkpoint, load_config(config, set_), out, threshold)
+    console.print(f"predictions: [bold]{path}[/]")
+
+
+@app.command()
+@friendly
+def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo_out"),
+         set_: SetOpt = None,
+         weights: Annotated[str, typer.Option(help="auto (ImageNet, else random with a warning) | imagenet | random "
+                                                   "| path")] = "auto",
+         preset: Annotated[str, typer.Option(help="Synthetic cohort preset: demo | tiny | real-shape.")] = "demo"
+         ) -> None:
+    """synth -> index -> split -> extract -> train -> evaluate on the built-in synthetic cohort."""
+    from stainmil.pipeline import run_demo
+
+    result = run_demo(out, set_, weights, log=lambda msg: console.print(msg, highlight=False), preset=preset)
+    _print_evaluation(result.evaluation, result.training.run_dir)
+    if result.weights_note:
+        console.print(f"[bold yellow]{result.weights_note}[/]")
+
+
+@app.command("config")
+@friendly
+def config_cmd(config: ConfigOpt = None, set_: SetOpt = None,
+               reference: Annotated[bool, typer.Option(help="Print the config reference table.")] = False) -> None:
+    """Print the effective config as YAML (defaults + file + overrides), or the reference table."""
+    import yaml
+
+    from stainmil.config import config_reference_markdown, config_to_dict
+
+    if reference:
+        typer.echo(config_reference_markdown())
+        return
+    typer.echo(yaml.safe_dump(config_to_dict(load_config(config, set_)), sort_keys=False, allow_unicode=True))
+
+
+@app.command()
+def backbones() -> None:
+    """List registered backbones."""
+    from stainmil.features.backbones import BACKBONES
+
+    for name in sorted(BACKBONES):
+        console.print(name)
+
+
+def main() -> None:  # pragma: no cover
+    app(sys.argv[1:])

@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny synthetic cohort, indexed, split and extracted once per test process."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("STAINMIL_PROGRESS", "0")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+from stainmil.config import Config, load_config  # noqa: E402
+from stainmil.data.synth import PRESETS, write_cohort  # noqa: E402
+
+
+def tiny_config(cohort: Path, work: Path, *overrides: str) -> Config:
+    return load_config(None, [
+        f"output_dir={work}", f"data.patches_dir={cohort / 'patches'}", f"data.labels_csv={cohort / 'labels.csv'}",
+        "features.weights=random", "features.image_size=32", "features.num_workers=0", "features.batch_size=64",
+        "model.embed_dim=64", "model.attention_hidden_dim=32", "train.max_epochs=6", "train.cases_per_batch=2",
+        "train.early_stopping_patience=50", "data.per_slice_cap=8", "eval.bootstrap=100", *overrides,
+    ])
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory) -> Path:
+    """8 cases, 1 slice per stain, 32 px patches (about 300 patches)."""
+    return write_cohort(tmp_path_factory.mktemp("cohort") / "tiny", PRESETS["tiny"], workers=1)
+
+
+@pytest.fixture(scope="session")
+def prepared(tiny_cohort, tmp_path_factory) -> Config:
+    """The tiny cohort indexed, split (holdout) and extracted with random DenseNet121 weights."""
+    from stainmil.data.cohort import load_manifest
+    from stainmil.features.extract import extract_features
+    from stainmil.pipeline import index_cohort, split_cohort
+
+    config = tiny_config(tiny_cohort, tmp_path_factory.mktemp("work"))
+    index_cohort(config)
+    split_cohort(config)
+    extract_features(config, load_manifest(config))
+    return config

@@ -1,0 +1,81 @@
+import h5py
+import numpy as np
+import pytest
+
+from stainmil.data.cohort import load_manifest
+from stainmil.errors import StoreError
+from stainmil.features.extract import extract_features
+from stainmil.features.store import check_store, load_features, read_slice, slice_file
+from stainmil.train.trainer import load_cohort
+
+
+def test_store_has_one_file_per_slice_with_clam_names(prepared):
+    manifest = load_manifest(prepared)
+    keys = manifest.groupby(["case", "stain", "slice"]).size()
+    for (case, stain, slice_id), n in keys.items():
+        path = slice_file(prepared.store_dir, case, stain, slice_id)
+        with h5py.File(path) as h5:
+            assert h5["features"].shape == (n, 1024) and h5["features"].dtype == np.float16
+            assert h5["coords"].shape == (n, 2)
+            assert h5.attrs["backbone"] == "densenet121"
+        features, coords, ids = read_slice(path)
+        rows = manifest[(manifest.case == case) & (manifest.stain == stain) & (manifest.slice == slice_id)]
+        assert ids == list(rows["patch"])
+        assert np.array_equal(coords, rows[["x", "y"]].to_numpy())
+    assert not list(prepared.store_dir.rglob("*.tmp"))
+
+
+def test_rerun_skips_finished_slices_and_redoes_deleted_ones(prepared):
+    manifest = load_manifest(prepared)
+    before = load_features(prepared.store_dir, manifest)
+    summary = extract_features(prepared, manifest)
+    assert summary.slices_written == 0 and summary.slices_done_before == summary.slices_total
+    key = next(iter(manifest.groupby(["case", "stain", "slice"]).groups))
+    slice_file(prepared.store_dir, *key).unlink()
+    summary = extract_features(prepared, manifest)
+    assert summary.slices_written == 1
+    # the same up to float16 rounding (the slice is now forwarded in a batch of another size)
+    assert np.allclose(load_features(prepared.store_dir, manifest).astype(np.float32), before, rtol=1e-2, atol=1e-3)
+
+
+def test_features_match_a_direct_forward_pass(prepared):
+    import torch
+
+    from stainmil.features.backbones import build_backbone
+    from stainmil.features.extract import PatchImages
+
+    manifest = load_manifest(prepared).iloc[:4]
+    f = prepared.features
+    images = torch.stack([PatchImages(list(manifest["path"]), f.image_size, f.mean, f.std)[i] for i in range(4)])
+    with torch.inference_mode():
+        direct = build_backbone(f).module(images).numpy()
+    stored = load_features(prepared.store_dir, load_manifest(prepared))[:4].astype(np.float32)
+    assert np.allclose(stored, direct, rtol=1e-2, atol=1e-3)
+
+
+def test_store_made_with_other_settings_is_refused(prepared):
+    import copy
+
+    other = copy.deepcopy(prepared)
+    other.features.image_size = 64
+    with pytest.raises(StoreError, match="image_size=32"):
+        check_store(prepared.store_dir, other)
+    other = copy.deepcopy(prepared)
+    other.features.weights = "imagenet"
+    other.features.store_dir = str(prepared.store_dir)
+    with pytest.raises(StoreError, match="weights"):
+        load_cohort(other)
+
+
+def test_missing_slice_file_is_named(prepared, tmp_path):
+    import copy
+    import shutil
+
+    config = copy.deepcopy(prepared)
+    config.features.store_dir = str(tmp_path / "store")
+    shutil.copytree(prepared.store_dir, config.store_dir)
+    manifest = load_manifest(config)
+    case, stain, slice_id = manifest.iloc[0][["case", "stain", "slice"]]
+    slice_file(config.store_dir, case, stain, slice_id).unlink()
+    with pytest.raises(StoreError, match=f"case {case} {stain} slice {slice_id}"):
+        load_features(config.store_dir, manifest)

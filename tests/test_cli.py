@@ -1,0 +1,75 @@
+"""The commands as a user types them (typer's runner, in process)."""
+
+import json
+
+import pandas as pd
+import yaml
+from typer.testing import CliRunner
+
+from stainmil.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+def test_full_cli_pipeline_on_a_user_yaml(tiny_cohort, tmp_path):
+    config = tmp_path / "my.yaml"
+    config.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "work"),
+        "data": {"patches_dir": str(tiny_cohort / "patches"), "labels_csv": str(tiny_cohort / "labels.csv")},
+        "features": {"weights": "random", "image_size": 32, "num_workers": 0},
+        "model": {"embed_dim": 32, "attention_hidden_dim": 16},
+        "train": {"max_epochs": 3},
+        "eval": {"bootstrap": 50},
+    }))
+    r = invoke("index", "--config", config)
+    assert r.exit_code == 0, r.output
+    assert "files found" in r.output
+    r = invoke("split", "--config", config)
+    assert r.exit_code == 0 and "data_splits.npz" in r.output, r.output
+    r = invoke("extract", "--config", config)
+    assert r.exit_code == 0 and "patches/s" in r.output, r.output
+    r = invoke("train", "--config", config, "--set", "train.lr=0.001", "--set", "model.attention=gated")
+    assert r.exit_code == 0 and "benign_recall" in r.output, r.output
+    (run,) = (tmp_path / "work" / "runs").glob("run_*")
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["train"]["lr"] == 0.001 and saved["model"]["attention"] == "gated"
+    r = invoke("evaluate", run, "--split", "val")
+    assert r.exit_code == 0 and "val:" in r.output, r.output
+    assert json.loads((run / "metrics.json").read_text())["evaluated_split"] == "val"
+    r = invoke("predict", "--checkpoint", run / "checkpoints" / "best.pth", "--config", config,
+               "--set", f"output_dir={tmp_path / 'new'}", "--set", "data.labels_csv=")
+    assert r.exit_code == 0, r.output
+    predictions = pd.read_csv(tmp_path / "new" / "predictions" / "predictions.csv")
+    assert len(predictions) == 8 and {"prob_1", "pred", "pred_label", "threshold"} <= set(predictions.columns)
+
+
+def test_errors_are_one_sentence_and_exit_2(tmp_path):
+    r = invoke("index", "--set", f"data.patches_dir={tmp_path / 'nowhere'}")
+    assert r.exit_code == 2
+    assert "does not exist" in r.output and "Traceback" not in r.output
+    r = invoke("index", "--set", "train.lrr=1")
+    assert r.exit_code == 2 and "train.lrr" in r.output
+    r = invoke("train", "--resume", tmp_path)
+    assert r.exit_code == 2 and "not a run folder" in r.output
+    r = invoke("evaluate", tmp_path)
+    assert r.exit_code == 2 and "best.pth" in r.output
+
+
+def test_config_reference_and_effective_config():
+    r = invoke("config", "--reference")
+    assert r.exit_code == 0 and "`data.per_slice_cap`" in r.output
+    r = invoke("config", "--set", "train.lr=0.5")
+    assert r.exit_code == 0 and yaml.safe_load(r.output)["train"]["lr"] == 0.5
+
+
+def test_synth_command(tmp_path):
+    r = invoke("synth", tmp_path / "c", "--preset", "tiny", "--cases", "4", "--slices", "1-2", "--seed", "3")
+    assert r.exit_code == 0, r.output
+    assert len(pd.read_csv(tmp_path / "c" / "labels.csv")) == 4
+    r = invoke("synth", tmp_path / "d", "--slices", "two")
+    assert r.exit_code == 2 and "1-15" in r.output

@@ -1,0 +1,101 @@
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stainmil.config import (
+    Config,
+    config_from_dict,
+    config_reference_markdown,
+    config_to_dict,
+    dump_config,
+    load_config,
+    parse_override,
+)
+from stainmil.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_match_the_old_pipeline():
+    c = Config()
+    assert (c.data.per_slice_cap, c.data.max_slices_per_stain) == (500, 5)
+    assert c.train.optimizer == "adam" and c.train.class_weights == "auto"
+    assert c.train.scheduler_factor == 0.3 and c.train.early_stopping_patience == 8
+    assert (c.model.embed_dim, c.model.attention_hidden_dim) == (512, 128)
+
+
+def test_yaml_round_trip(tmp_path):
+    config = load_config(None, ["train.lr=0.003", "data.exclude_cases=[91]", "model.attention=gated"])
+    dump_config(config, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert config_to_dict(again) == config_to_dict(config)
+    assert again.data.exclude_cases == ["91"]
+
+
+def test_set_overrides_parse_types(tmp_path):
+    path = tmp_path / "my.yaml"
+    path.write_text("train:\n  lr: 0.01\n  max_epochs: 3\n")
+    config = load_config(path, ["train.lr=1e-3", "train.class_weights=[1.0, 2]", "eval.threshold=youden",
+                                "model.standardize_features=false"])
+    assert config.train.lr == pytest.approx(1e-3)
+    assert config.train.max_epochs == 3
+    assert config.train.class_weights == [1.0, 2.0]
+    assert config.eval.threshold == "youden"
+    assert config.model.standardize_features is False
+
+
+@pytest.mark.parametrize("values, key", [
+    ({"train": {"lrr": 0.1}}, "train.lrr"),
+    ({"trian": {}}, "trian"),
+    ({"train": {"max_epochs": "ten"}}, "train.max_epochs"),
+    ({"train": {"max_epochs": 2.5}}, "train.max_epochs"),
+    ({"model": {"standardize_features": "yes"}}, "model.standardize_features"),
+    ({"split": {"method": "random"}}, "split.method"),
+    ({"data": {"label_values": {"benign": "zero"}}}, "data.label_values.benign"),
+])
+def test_unknown_keys_and_wrong_types_name_the_key(values, key):
+    with pytest.raises(ConfigError, match=re.escape(f"'{key}'")):
+        config_from_dict(values)
+
+
+def test_override_without_equals_is_refused():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("train.lr")
+
+
+def test_missing_config_file_is_one_sentence(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_relative_paths_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None, ["data.patches_dir=patches", "output_dir=out"])
+    assert config.data.patches_dir == str(tmp_path / "patches")
+    assert Path(config.output_dir).is_absolute()
+
+
+def test_readme_config_reference_is_current():
+    readme = (ROOT / "README.md").read_text()
+    start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
+    assert start in readme and end in readme, "README lacks the generated config reference markers"
+    block = readme.split(start, 1)[1].split(end, 1)[0]
+    assert block == config_reference_markdown(), "README config reference is stale: run `stainmil config --reference`"
+
+
+def test_reference_lists_every_key():
+    table = config_reference_markdown()
+    flat = []
+
+    def walk(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict) and k not in ("stain_aliases", "label_values"):
+                walk(v, prefix + k + ".")
+            else:
+                flat.append(prefix + k)
+
+    walk(yaml.safe_load(yaml.safe_dump(config_to_dict(Config()))))
+    for key in flat:
+        assert f"`{key}`" in table

@@ -1,0 +1,22 @@
+import json
+
+import pytest
+
+from stainmil.pipeline import run_demo
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_on_the_tiny_preset(tmp_path):
+    logs = []
+    result = run_demo(tmp_path / "demo", ["train.max_epochs=5", "features.image_size=32", "eval.bootstrap=50"],
+                      weights="random", log=logs.append, preset="tiny")
+    run = result.training.run_dir
+    for name in ("config.yaml", "history.csv", "predictions.csv", "metrics.json", "results.txt",
+                 "confusion_matrix.png", "curves.png", "checkpoints/best.pth"):
+        assert (run / name).is_file(), name
+    assert json.loads((run / "metrics.json").read_text())["weights"] == "random"
+    assert "RANDOM" in (run / "results.txt").read_text()
+    assert any("[6/6]" in line for line in logs)
+    again = run_demo(tmp_path / "demo", ["train.max_epochs=1", "features.image_size=32", "eval.bootstrap=10"],
+                     weights="random", log=logs.append, preset="tiny")
+    assert again.extract.slices_written == 0  # the store is reused

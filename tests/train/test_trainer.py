@@ -1,0 +1,128 @@
+import copy
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from stainmil.config import dump_config
+from stainmil.data.splits import Split, load_split
+from stainmil.errors import DataError, TrainingError
+from stainmil.evaluate.predict import evaluate_run
+from stainmil.train.checkpoint import load_checkpoint, model_from_checkpoint
+from stainmil.train.trainer import train
+
+RUN_FILES = ("config.yaml", "data_splits.npz", "history.csv", "curves.png", "checkpoints/best.pth",
+             "checkpoints/last.pth", "status.json")
+EVAL_FILES = ("predictions.csv", "metrics.json", "results.txt", "confusion_matrix.png", "roc_curve.png")
+
+
+def _history(run_dir):
+    return pd.read_csv(run_dir / "history.csv").drop(columns=["seconds"])
+
+
+def test_run_folder_and_evaluation(prepared, tmp_path):
+    config = copy.deepcopy(prepared)
+    config.train.runs_dir = str(tmp_path)
+    result = train(config)
+    assert result.run_dir.name.startswith("run_") and result.epochs_run == 6
+    for name in RUN_FILES:
+        assert (result.run_dir / name).is_file(), name
+    evaluation = evaluate_run(result.run_dir)
+    for name in EVAL_FILES:
+        assert (result.run_dir / name).is_file(), name
+    predictions = pd.read_csv(result.run_dir / "predictions.csv", dtype={"case": str})
+    split = load_split(result.run_dir / "data_splits.npz")
+    assert sorted(predictions["case"]) == sorted(split.train + split.val + split.test)
+    assert {"case", "split", "label", "pred", "prob_0", "prob_1"} <= set(predictions.columns)
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert set(metrics["splits"]) == {"train", "val", "test"}
+    assert metrics["threshold"] == evaluation.threshold == 0.5
+    assert "benign_recall" in metrics["splits"]["test"]["ci95"]
+    history = pd.read_csv(result.run_dir / "history.csv")
+    assert list(history.columns[:5]) == ["epoch", "lr", "train_loss", "val_loss", "val_auc"]
+
+
+def test_same_seed_same_history(prepared, tmp_path):
+    config = copy.deepcopy(prepared)
+    config.train.runs_dir = str(tmp_path)
+    config.train.max_epochs = 3
+    a, b = train(config).run_dir, train(config).run_dir
+    assert _history(a).equals(_history(b))
+    config.train.seed = 7
+    c = train(config).run_dir
+    assert not _history(a).equals(_history(c))
+
+
+def test_checkpoint_alone_rebuilds_the_model(prepared, tmp_path):
+    config = copy.deepcopy(prepared)
+    config.train.runs_dir = str(tmp_path)
+    config.train.max_epochs = 2
+    run = train(config).run_dir
+    state = load_checkpoint(run / "checkpoints" / "last.pth")
+    model, rebuilt_config = model_from_checkpoint(state)
+    assert rebuilt_config.model == config.model
+    assert torch.equal(model.feature_std, state["model"]["feature_std"])
+
+
+@pytest.mark.slow
+def test_resume_after_kill_matches_an_uninterrupted_run(prepared, tmp_path):
+    """Kill a real `stainmil train` process after epoch 2 (SIGKILL), resume, compare with a full run."""
+    config = copy.deepcopy(prepared)
+    config.train.max_epochs = 8
+    config.train.runs_dir = str(tmp_path / "full")
+    full = train(config).run_dir
+
+    config.train.runs_dir = str(tmp_path / "killed")
+    dump_config(config, tmp_path / "killed.yaml")
+    script = ("import time, sys\nfrom stainmil.config import load_config\nfrom stainmil.train.trainer import train\n"
+              "train(load_config(sys.argv[1]), on_epoch_end=lambda epoch, row: time.sleep(0.4))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "killed.yaml")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    history = None
+    while time.time() < deadline:
+        runs = list((tmp_path / "killed").glob("run_*/history.csv"))
+        if runs and len(pd.read_csv(runs[0])) >= 2:
+            history = runs[0]
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"training exited early: {proc.stderr.read().decode()[-500:]}")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert history is not None, "the training process never finished epoch 2"
+    run = history.parent
+    killed_at = len(pd.read_csv(history))
+    assert killed_at < 8, "the process finished before it could be killed"
+    assert json.loads((run / "status.json").read_text())["state"] == "training"  # does not look finished
+
+    result = train(config, resume_dir=run)
+    assert result.epochs_run == 8
+    assert _history(run).equals(_history(full))
+    resumed = load_checkpoint(run / "checkpoints" / "last.pth")["model"]
+    uninterrupted = load_checkpoint(full / "checkpoints" / "last.pth")["model"]
+    for key in uninterrupted:
+        assert torch.equal(resumed[key], uninterrupted[key]), key
+    assert evaluate_run(run).metrics["splits"]["test"] == evaluate_run(full).metrics["splits"]["test"]
+
+
+def test_nan_loss_stops_with_one_sentence(prepared, tmp_path):
+    config = copy.deepcopy(prepared)
+    config.train.runs_dir = str(tmp_path)
+    config.train.lr = float("inf")
+    with pytest.raises(TrainingError, match="lower train.lr"):
+        train(config)
+    (run,) = tmp_path.glob("run_*")
+    assert json.loads((run / "status.json").read_text())["state"] == "failed"
+    assert not (run / "metrics.json").exists()
+
+
+def test_empty_split_is_refused(prepared, tmp_path):
+    split = load_split(prepared.split_file)
+    with pytest.raises(DataError, match="val split"):
+        train(prepared, split=Split(split.train + split.val, [], split.test))
