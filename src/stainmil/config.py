@@ -150,6 +150,19 @@ class EvalConfig:
 
 
 @dataclass
+class AnalysisConfig:
+    top_k: int = _help("Top-k patches per case counted by stain and (stain, slice).", default=20)
+    top_slices: int = _help("Slices (highest stain x slice attention) plotted and mapped per run.", default=10)
+    grid_patches: int = _help("Top and bottom patches shown per case.", default=8)
+    slice_images: str = _help(
+        "Template of slice image paths, e.g. /data/slices/case{case}/{stain}/slice{slice}.png; empty = rebuild "
+        "each slice from its patches and their x, y.", default="")
+    thumbnail_px: int = _help("Longest side of heatmap thumbnails.", default=640)
+    deletion_k: int = _help("Patches removed in the deletion check (top-k vs random-k).", default=10)
+    max_cases_in_report: int = _help("Per-case sections in report.html (misclassified first).", default=40)
+
+
+@dataclass
 class Config:
     output_dir: str = _help("Where index, features, splits and runs go by default.", default="stainmil_out")
     data: DataConfig = field(default_factory=DataConfig)
@@ -158,6 +171,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
     # ---- derived locations -------------------------------------------------------------
     @property

@@ -42,7 +42,8 @@ class DemoResult:
 
 def demo_config(out_dir: Path, cohort_dir: Path, overrides: list[str]) -> Config:
     base = [f"output_dir={out_dir / 'work'}", f"data.patches_dir={cohort_dir / 'patches'}",
-            f"data.labels_csv={cohort_dir / 'labels.csv'}", "features.num_workers=1", "train.max_epochs=40"]
+            f"data.labels_csv={cohort_dir / 'labels.csv'}", "features.num_workers=1", "train.max_epochs=40",
+            f"analysis.slice_images={cohort_dir / 'slices' / 'case{case}' / '{stain}' / 'slice{slice}.png'}"]
     return load_config(None, base + list(overrides))
 
 

@@ -331,6 +331,7 @@ def write_cohort(out: str | Path, config: SynthConfig | None = None, workers: in
         "output_dir": str(out.parent / f"{out.name}_work"),
         "data": {"patches_dir": str(out / "patches"), "labels_csv": str(out / "labels.csv")},
         "features": {"image_size": config.patch_size},
+        "analysis": {"slice_images": str(out / "slices" / "case{case}" / "{stain}" / "slice{slice}.png")},
     }
     atomic_write_text(out / "cohort.yaml", "# stainmil config for this synthetic cohort\n"
                       + yaml.safe_dump(cohort_yaml, sort_keys=False))

@@ -1,0 +1,125 @@
+"""``stainmil analyze``: every attention table and figure of a run, under ``<run>/attention/``::
+
+    patches.csv  slices.csv  cases.csv  summary.json  summary.txt
+    effective_attention_distribution.png  concentration_vs_error.png  slice_attention_misclassified.png
+    attention_along_slices.png
+    patches/case<id>.jpg                         top and bottom patches per case
+    heatmaps/case<id>_<stain>_slice<id>_attention.jpg / _patchprob.jpg
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from stainmil.analysis import figures
+from stainmil.analysis.attention import AttentionTables, analyze_tables
+from stainmil.analysis.heatmaps import draw_heatmap
+from stainmil.config import Config
+from stainmil.io import atomic_write, atomic_write_json, atomic_write_text
+from stainmil.progress import progress_bar
+
+_UNSAFE = re.compile(r"[^\w.\-]+", re.UNICODE)
+
+
+def safe(text: object) -> str:
+    return _UNSAFE.sub("_", str(text))
+
+
+@dataclass
+class AnalysisResult:
+    out_dir: Path
+    tables: AttentionTables
+    heatmaps: dict[tuple[str, str, str], dict[str, Path]]  # (case, stain, slice) -> {attention, patchprob}
+    grids: dict[str, Path]
+    figures: dict[str, Path]
+
+
+def report_cases(cases: pd.DataFrame, limit: int) -> list[str]:
+    """Cases that get their own section: misclassified first, then by |p - y| descending."""
+    wrong = (cases["label"] >= 0) & (cases["pred"] != cases["label"])
+    ordered = cases.assign(_wrong=wrong).sort_values(["_wrong", "abs_error"], ascending=[False, False])
+    return list(ordered["case"].head(limit))
+
+
+def summary_text(summary: dict) -> str:
+    lines = [f"stainmil attention analysis — split '{summary['split']}', {summary['n_cases']} cases",
+             f"normalisation: {summary['normalisation']}",
+             f"mean normalised attention entropy: patch {summary['patch_entropy_normalised_mean']:.3f}, "
+             f"slice {summary['slice_entropy_normalised_mean']:.3f}, stain {summary['stain_entropy_normalised_mean']:.3f}"
+             " (1 = uniform, 0 = all on one)",
+             f"mean share of effective attention in the top 5% of patches: {summary['top5pct_share_mean']:.3f}"]
+    if "attention_lesion_auc_mean" in summary:
+        lines.append(f"attention vs lesion (ground truth) ROC AUC, mean over {summary['attention_lesion_auc_cases']} "
+                     f"cases: {summary['attention_lesion_auc_mean']:.3f}")
+    if "deletion_k" in summary:
+        lines.append(f"deletion check (k={summary['deletion_k']}): mean |dP| removing the top-k attended patches "
+                     f"{summary['deletion_delta_top_k_mean']:.3f} vs k random patches "
+                     f"{summary['deletion_delta_random_k_mean']:.3f}")
+    return "\n".join(lines) + "\n"
+
+
+def write_analysis(run_dir: str | Path, split_name: str = "test", top_k: int | None = None,
+                   bags=None) -> AnalysisResult:
+    run_dir = Path(run_dir)
+    tables, config, _ = analyze_tables(run_dir, split_name, top_k, bags=bags)
+    out = run_dir / "attention"
+    for name, frame in (("patches", tables.patches), ("slices", tables.slices), ("cases", tables.cases)):
+        atomic_write(out / f"{name}.csv", lambda tmp, frame=frame: frame.to_csv(tmp, index=False))
+    atomic_write_json(out / "summary.json", tables.summary)
+    atomic_write_text(out / "summary.txt", summary_text(tables.summary))
+    made = {
+        "distribution": figures.effective_attention_distribution(
+            tables.patches, tables.cases, out / "effective_attention_distribution.png"),
+        "concentration": figures.concentration_vs_error(tables.cases, out / "concentration_vs_error.png"),
+        "along_slices": figures.attention_along_slices(
+            tables.patches, figures.top_slices(tables.slices, config.analysis.top_slices),
+            out / "attention_along_slices.png"),
+    }
+    misclassified = figures.slice_attention_misclassified(tables.slices, tables.cases,
+                                                          out / "slice_attention_misclassified.png")
+    if misclassified:
+        made["slices_misclassified"] = misclassified
+    heatmaps, grids = _case_images(tables, config, out)
+    return AnalysisResult(out, tables, heatmaps, grids, made)
+
+
+def _case_images(tables: AttentionTables, config: Config, out: Path):
+    a = config.analysis
+    chosen_cases = report_cases(tables.cases, a.max_cases_in_report)
+    wrong = set(tables.cases.loc[(tables.cases["label"] >= 0) & (tables.cases["pred"] != tables.cases["label"]),
+                                 "case"])
+    top = figures.top_slices(tables.slices, a.top_slices)
+    keys = {tuple(k) for k in top[["case", "stain", "slice"]].to_numpy()}
+    for case in chosen_cases:  # the most attended slice of every stain of a reported case
+        part = tables.slices[tables.slices["case"] == case]
+        for _, best in part.sort_values("slice_weight", ascending=False).drop_duplicates("stain").iterrows():
+            keys.add((best["case"], best["stain"], best["slice"]))
+    keys |= {tuple(k) for k in tables.slices.loc[tables.slices["case"].isin(wrong), ["case", "stain", "slice"]]
+             .to_numpy()}
+    heatmaps: dict = {}
+    grouped = dict(tuple(tables.patches.groupby(["case", "stain", "slice"], sort=False)))
+    with progress_bar("analyze: heatmaps", total=len(keys) + len(chosen_cases)) as advance:
+        for key in sorted(keys, key=lambda k: tuple(map(str, k))):
+            part = grouped[key]
+            case, stain, slice_id = key
+            stem = f"case{safe(case)}_{safe(stain)}_slice{safe(slice_id)}"
+            heatmaps[key] = {
+                value: draw_heatmap(part, a.slice_images, out / "heatmaps" / f"{stem}_{suffix}.jpg", value=value,
+                                    title=f"case {case} · {stain} · slice {slice_id} · {what}",
+                                    thumbnail_px=a.thumbnail_px)
+                for value, suffix, what in (("relative_attention", "attention", "effective attention"),
+                                            ("patch_prob", "patchprob", "patch-alone prediction"))
+            }
+            advance()
+        grids = {}
+        for case in chosen_cases:
+            part = tables.patches[tables.patches["case"] == case]
+            row = tables.cases[tables.cases["case"] == case].iloc[0]
+            grids[case] = figures.patch_grid(part, a.grid_patches, out / "patches" / f"case{safe(case)}.jpg",
+                                             f"case {case}: true {row['label']}, p(high-grade) {row['prob']:.2f}")
+            advance()
+    return heatmaps, grids

@@ -1,0 +1,234 @@
+"""Attention tables of a trained run: per patch, per slice, per case — plus faithfulness checks.
+
+Effective attention is normalised for display and comparison as ``effective_attention x n_patches
+of the case`` (column ``relative_attention``): 1.0 means "as much as a uniform share", 4.0 four
+times that. Unlike per-image min-max scaling this is comparable across slices and cases.
+
+Patch-level predictions (``patch_prob``): P(high-grade) the model gives when the whole case is that
+one patch (all attention on it), i.e. the classifier applied to the patch's embedding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import roc_auc_score
+
+from stainmil.config import Config
+from stainmil.data.bags import CohortBags
+from stainmil.data.splits import load_split
+from stainmil.errors import TrainingError
+from stainmil.features.extract import resolve_device
+from stainmil.model.hierarchical import HierarchicalMIL
+from stainmil.train.checkpoint import load_checkpoint, model_from_checkpoint
+
+TOP_SHARE = 0.05
+
+
+@dataclass
+class AttentionTables:
+    patches: pd.DataFrame
+    slices: pd.DataFrame
+    cases: pd.DataFrame
+    summary: dict = field(default_factory=dict)
+
+
+def _entropy(weights: np.ndarray) -> float:
+    w = weights[weights > 0]
+    return float(-(w * np.log(w)).sum())
+
+
+def _normalised(entropy: float, n: int) -> float:
+    return entropy / math.log(n) if n > 1 else float("nan")
+
+
+def patch_table(model: HierarchicalMIL, bags: CohortBags, cases: list[str], device: torch.device) -> pd.DataFrame:
+    """One row per patch of ``cases`` with every attention weight and the patch-alone prediction."""
+    frames = []
+    model.eval().to(device)
+    with torch.inference_mode():
+        for case in cases:
+            batch = bags.batch([case]).to(device)
+            out = model(batch)
+            group = batch.slice_group[batch.patch_slice]                       # (P,) stain group per patch
+            patch_probs = torch.softmax(model.patch_alone_logits(out.patch_embeddings), -1)[:, 1]
+            rows = bags.manifest.iloc[batch.patch_rows]
+            frame = pd.DataFrame({
+                "case": case, "stain": rows["stain"].to_numpy(), "slice": rows["slice"].to_numpy(),
+                "patch": rows["patch"].to_numpy(), "patch_index": rows["patch_index"].to_numpy(),
+                "x": rows["x"].to_numpy(), "y": rows["y"].to_numpy(), "path": rows["path"].to_numpy(),
+                "patch_weight": out.patch_weights.cpu().numpy(),
+                "slice_weight": out.slice_weights[batch.patch_slice].cpu().numpy(),
+                "stain_weight": out.stain_weights[group].cpu().numpy(),
+                "effective_attention": out.effective_attention.cpu().numpy(),
+                "patch_prob": patch_probs.cpu().numpy(),
+                "case_prob": float(out.probabilities[0, 1]),
+            })
+            frame["relative_attention"] = frame["effective_attention"] * len(frame)
+            frame["rank_in_case"] = frame["effective_attention"].rank(ascending=False, method="first").astype(int)
+            frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def slice_table(patches: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for (case, stain, slice_id), part in patches.groupby(["case", "stain", "slice"], sort=False):
+        entropy = _entropy(part["patch_weight"].to_numpy())
+        rows.append({"case": case, "stain": stain, "slice": slice_id,
+                     "slice_weight": float(part["slice_weight"].iloc[0]),
+                     "stain_weight": float(part["stain_weight"].iloc[0]),
+                     "slice_effective": float(part["effective_attention"].sum()),
+                     "n_patches": len(part), "patch_entropy": entropy,
+                     "patch_entropy_normalised": _normalised(entropy, len(part))})
+    return pd.DataFrame(rows)
+
+
+def case_table(patches: pd.DataFrame, slices: pd.DataFrame, predictions: pd.DataFrame, top_k: int) -> pd.DataFrame:
+    rows = []
+    preds = predictions.set_index("case")
+    for case, part in patches.groupby("case", sort=False):
+        case_slices = slices[slices["case"] == case]
+        n = len(part)
+        ordered = part.sort_values("effective_attention", ascending=False)
+        n_top = max(1, math.ceil(TOP_SHARE * n))
+        top = ordered.head(top_k)
+        stains = case_slices.drop_duplicates("stain")
+        stain_entropy = _entropy(stains["stain_weight"].to_numpy())
+        slice_entropies = [_entropy(g["slice_weight"].to_numpy()) for _, g in case_slices.groupby("stain")]
+        slice_norm = [_normalised(_entropy(g["slice_weight"].to_numpy()), len(g)) for _, g in case_slices.groupby("stain")]
+        pred = preds.loc[case]
+        rows.append({
+            "case": case, "label": int(pred["label"]), "pred": int(pred["pred"]), "prob": float(pred["prob_1"]),
+            "abs_error": float(abs(pred["prob_1"] - pred["label"])) if pred["label"] >= 0 else float("nan"),
+            "split": pred.get("split", ""), "n_patches": n, "n_slices": len(case_slices), "n_stains": len(stains),
+            "patch_entropy": float(case_slices["patch_entropy"].mean()),
+            "patch_entropy_normalised": float(np.nanmean(case_slices["patch_entropy_normalised"]))
+            if case_slices["patch_entropy_normalised"].notna().any() else float("nan"),
+            "slice_entropy": float(np.mean(slice_entropies)),
+            "slice_entropy_normalised": float(np.nanmean(slice_norm)) if not all(map(math.isnan, slice_norm))
+            else float("nan"),
+            "stain_entropy": stain_entropy, "stain_entropy_normalised": _normalised(stain_entropy, len(stains)),
+            "effective_entropy_normalised": _normalised(_entropy(part["effective_attention"].to_numpy()), n),
+            "top5pct_n_patches": n_top,
+            "top5pct_share": float(ordered["effective_attention"].head(n_top).sum()),
+            "topk_by_stain": "; ".join(f"{s}: {c}" for s, c in top["stain"].value_counts().items()),
+            "topk_by_stain_slice": "; ".join(f"({s}, slice {sl}): {c}" for (s, sl), c in
+                                             top.groupby(["stain", "slice"]).size().items()),
+            **{f"stain_weight_{s}": float(w) for s, w in zip(stains["stain"], stains["stain_weight"])},
+        })
+    return pd.DataFrame(rows)
+
+
+def find_truth(config: Config) -> Path | None:
+    """The synthetic cohort's ``patch_truth.csv`` (next to the patch folder), if any."""
+    path = Path(config.data.patches_dir).parent / "patch_truth.csv"
+    return path if path.is_file() else None
+
+
+def attention_vs_lesion(patches: pd.DataFrame, truth: pd.DataFrame) -> tuple[pd.DataFrame, float]:
+    """Per case: ROC AUC of effective attention for 'patch overlaps a lesion'; and the mean over cases."""
+    truth = truth.astype({"case": str, "slice": str, "patch": str})
+    merged = patches.merge(truth[["case", "stain", "slice", "patch", "lesion_fraction"]],
+                           on=["case", "stain", "slice", "patch"], how="left")
+    rows = []
+    for case, part in merged.groupby("case", sort=False):
+        lesion = part["lesion_fraction"].fillna(0) > 0
+        auc = roc_auc_score(lesion, part["effective_attention"]) if 0 < lesion.sum() < len(lesion) else float("nan")
+        rows.append({"case": case, "lesion_patches": int(lesion.sum()), "attention_lesion_auc": auc})
+    frame = pd.DataFrame(rows)
+    return frame, float(frame["attention_lesion_auc"].mean())
+
+
+def deletion_check(model: HierarchicalMIL, bags: CohortBags, cases: list[str], patches: pd.DataFrame, k: int,
+                   device: torch.device, seed: int = 0) -> pd.DataFrame:
+    """Change in P(high-grade) when the top-k attended patches are removed vs k random patches.
+
+    A faithful attention map moves the prediction more when its top patches go than when random ones do.
+    """
+    rng = np.random.default_rng(seed)
+    rows = []
+    model.eval().to(device)
+    with torch.inference_mode():
+        for case in cases:
+            part = patches[patches["case"] == case]
+            if len(part) <= k:
+                continue
+            base = bags.batch([case])
+            full_prob = float(model(base.to(device)).probabilities[0, 1])
+            n = len(part)  # rows of ``part`` are in the batch's patch order
+            top = np.argsort(part["rank_in_case"].to_numpy())[:k]
+            random = rng.choice(n, k, replace=False)
+            probs = []
+            for removed in (top, random):
+                keep = np.ones(n, dtype=bool)
+                keep[removed] = False
+                probs.append(float(model(_subset(base, keep).to(device)).probabilities[0, 1]))
+            rows.append({"case": case, "prob": full_prob, "prob_without_top_k": probs[0],
+                         "prob_without_random_k": probs[1], "delta_top_k": abs(probs[0] - full_prob),
+                         "delta_random_k": abs(probs[1] - full_prob)})
+    return pd.DataFrame(rows)
+
+
+def _subset(batch, keep: np.ndarray):
+    """The batch with only the patches where ``keep`` (P,) is true; emptied slices and stains are dropped."""
+    from stainmil.data.bags import CaseBatch
+
+    keep_t = torch.from_numpy(keep)
+    patch_slice = batch.patch_slice[keep_t]
+    used_slices, new_slice = torch.unique(patch_slice, return_inverse=True)
+    slice_group = batch.slice_group[used_slices]
+    used_groups, new_group = torch.unique(slice_group, return_inverse=True)
+    return CaseBatch(features=batch.features[keep_t], patch_slice=new_slice, slice_group=new_group,
+                     group_case=batch.group_case[used_groups], group_stain=batch.group_stain[used_groups],
+                     labels=batch.labels, case_ids=batch.case_ids, patch_rows=batch.patch_rows[keep],
+                     slice_rows=batch.slice_rows[used_slices.numpy()])
+
+
+def analyze_tables(run_dir: str | Path, split_name: str = "test", top_k: int | None = None,
+                   bags: CohortBags | None = None) -> tuple[AttentionTables, Config, CohortBags]:
+    """Load the run's best model and compute every table for the cases of ``split_name`` (or ``all``)."""
+    from stainmil.train.trainer import load_cohort
+
+    run_dir = Path(run_dir)
+    predictions_file = run_dir / "predictions.csv"
+    if not predictions_file.is_file():
+        raise TrainingError(f"{run_dir} has no predictions.csv; run `stainmil evaluate {run_dir}` first.")
+    state = load_checkpoint(run_dir / "checkpoints" / "best.pth")
+    model, config = model_from_checkpoint(state)
+    split = load_split(run_dir / "data_splits.npz")
+    if bags is None:
+        bags, split = load_cohort(config, split)
+    cases = split.train + split.val + split.test if split_name == "all" else split.subset(split_name)
+    if not cases:
+        raise TrainingError(f"split '{split_name}' of {run_dir} is empty; analyse another (--split val).")
+    device = resolve_device(config.train.device)
+    predictions = pd.read_csv(predictions_file, dtype={"case": str})
+    patches = patch_table(model, bags, cases, device)
+    slices = slice_table(patches)
+    k = top_k or config.analysis.top_k
+    case_frame = case_table(patches, slices, predictions, k)
+    summary: dict = {"split": split_name, "n_cases": len(cases), "top_k": k,
+                     "normalisation": "relative_attention = effective_attention x n_patches of the case "
+                                      "(1 = uniform share)"}
+    truth_path = find_truth(config)
+    if truth_path is not None:
+        per_case, mean_auc = attention_vs_lesion(patches, pd.read_csv(truth_path))
+        case_frame = case_frame.merge(per_case, on="case", how="left")
+        summary["attention_lesion_auc_mean"] = mean_auc
+        summary["attention_lesion_auc_cases"] = int(per_case["attention_lesion_auc"].notna().sum())
+        summary["truth_file"] = str(truth_path)
+    deletion = deletion_check(model, bags, cases, patches, config.analysis.deletion_k, device, config.train.seed)
+    if not deletion.empty:
+        case_frame = case_frame.merge(deletion[["case", "delta_top_k", "delta_random_k"]], on="case", how="left")
+        summary["deletion_k"] = config.analysis.deletion_k
+        summary["deletion_delta_top_k_mean"] = float(deletion["delta_top_k"].mean())
+        summary["deletion_delta_random_k_mean"] = float(deletion["delta_random_k"].mean())
+    for level in ("patch", "slice", "stain"):
+        summary[f"{level}_entropy_normalised_mean"] = float(case_frame[f"{level}_entropy_normalised"].mean())
+    summary["top5pct_share_mean"] = float(case_frame["top5pct_share"].mean())
+    return AttentionTables(patches, slices, case_frame, summary), config, bags

@@ -1,0 +1,91 @@
+"""Heatmaps on the slices: each patch's square shaded by its relative effective attention
+(effective attention x patches in the case; 1 = uniform share, fixed log colour scale 1/8..8 for every
+slice and case) or by its patch-alone P(high-grade) (0..1).
+
+The slice image comes from ``analysis.slice_images`` (a path template with {case}, {stain}, {slice});
+when there is none, the slice is rebuilt from its patch files and their x, y.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib import colors  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from stainmil.io import save_figure  # noqa: E402
+
+ATTENTION_NORM = colors.LogNorm(vmin=1 / 8, vmax=8)
+PROB_NORM = colors.Normalize(vmin=0, vmax=1)
+
+
+def patch_side(path: str) -> int:
+    with Image.open(path) as image:
+        return max(image.size)
+
+
+def patch_positions(part: pd.DataFrame, side: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """Top-left (x, y) of each patch; patches without coordinates are laid out in index order."""
+    xs, ys = part["x"].to_numpy(), part["y"].to_numpy()
+    if (xs >= 0).all() and (ys >= 0).all():
+        return xs, ys, "rebuilt from patches"
+    columns = int(np.ceil(np.sqrt(len(part))))
+    order = np.argsort(part["patch_index"].to_numpy())
+    xs, ys = np.empty(len(part), int), np.empty(len(part), int)
+    xs[order] = (np.arange(len(part)) % columns) * side
+    ys[order] = (np.arange(len(part)) // columns) * side
+    return xs, ys, "patches in index order (no x, y in the file names)"
+
+
+def slice_canvas(part: pd.DataFrame, template: str) -> tuple[np.ndarray, int, str]:
+    """(RGB image of the slice, patch side in slice pixels, source description) for one slice's patches."""
+    side = patch_side(part["path"].iloc[0])
+    if template:
+        first = part.iloc[0]
+        path = Path(template.format(case=first["case"], stain=first["stain"], slice=first["slice"]))
+        if path.is_file():
+            with Image.open(path) as image:
+                return np.asarray(image.convert("RGB")), side, f"slice image {path.name}"
+    xs, ys, source = patch_positions(part, side)
+    canvas = np.full((ys.max() + side, xs.max() + side, 3), 255, dtype=np.uint8)
+    for path, x, y in zip(part["path"], xs, ys):
+        with Image.open(path) as image:
+            tile = np.asarray(image.convert("RGB").resize((side, side)))
+        canvas[y:y + side, x:x + side] = tile
+    return canvas, side, source
+
+
+def draw_heatmap(part: pd.DataFrame, template: str, path: str | Path, value: str = "relative_attention",
+                 title: str = "", thumbnail_px: int = 640) -> Path:
+    """Save a heatmap of ``value`` over one slice (``part``: that slice's rows of the patch table)."""
+    image, side, source = slice_canvas(part, template)
+    scale = min(1.0, thumbnail_px / max(image.shape[:2]))
+    if scale < 1:
+        image = np.asarray(Image.fromarray(image).resize((int(image.shape[1] * scale), int(image.shape[0] * scale)),
+                                                         Image.BILINEAR))
+    norm, cmap, label = ((ATTENTION_NORM, "inferno", "relative attention (x uniform share, log scale)")
+                         if value == "relative_attention" else (PROB_NORM, "coolwarm", "patch-alone P(high-grade)"))
+    rgba = plt.get_cmap(cmap)(norm(np.clip(part[value].to_numpy(), 1e-6, None)))
+    overlay = np.zeros((*image.shape[:2], 4))
+    xs, ys, _ = patch_positions(part, side)
+    for (x, y), colour in zip(zip(xs, ys), rgba):
+        x0, y0, s = int(x * scale), int(y * scale), max(1, int(round(side * scale)))
+        overlay[y0:y0 + s, x0:x0 + s] = (*colour[:3], 0.5)
+    aspect = image.shape[0] / image.shape[1]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 5 * aspect + 0.6))
+    left.imshow(image)
+    left.set_title("slice", fontsize=9)
+    right.imshow(image)
+    right.imshow(overlay)
+    right.set_title(label, fontsize=9)
+    for ax in (left, right):
+        ax.set_axis_off()
+    fig.suptitle(title + f"  ({source})", fontsize=10)
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=right, fraction=0.04, pad=0.02)
+    return save_figure(fig, path, dpi=100)
