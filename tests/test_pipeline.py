@@ -16,7 +16,8 @@ def test_demo_end_to_end_on_the_tiny_preset(tmp_path):
         assert (run / name).is_file(), name
     assert json.loads((run / "metrics.json").read_text())["weights"] == "random"
     assert "RANDOM" in (run / "results.txt").read_text()
-    assert any("[6/6]" in line for line in logs)
+    assert any("[7/7]" in line for line in logs)
+    assert result.report.is_file() and (run / "attention" / "cases.csv").is_file()
     again = run_demo(tmp_path / "demo", ["train.max_epochs=1", "features.image_size=32", "eval.bootstrap=10"],
                      weights="random", log=logs.append, preset="tiny")
     assert again.extract.slices_written == 0  # the store is reused

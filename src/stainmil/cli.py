@@ -183,8 +183,44 @@ def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo_
 
     result = run_demo(out, set_, weights, log=lambda msg: console.print(msg, highlight=False), preset=preset)
     _print_evaluation(result.evaluation, result.training.run_dir)
+    console.print(result.analysis_summary, highlight=False)
+    console.print(f"report: [bold]{result.report}[/]  (open it in a browser)")
     if result.weights_note:
         console.print(f"[bold yellow]{result.weights_note}[/]")
+
+
+@app.command()
+@friendly
+def analyze(run: Annotated[Path, typer.Argument(help="Run folder.")],
+            split_name: Annotated[str, typer.Option("--split", help="train | val | test | all")] = "test",
+            top_k: Annotated[int | None, typer.Option(help="Top-k patches counted per case.")] = None) -> None:
+    """Attention tables, figures and heatmaps of a run -> <run>/attention/."""
+    from stainmil.analysis.analyze import summary_text, write_analysis
+
+    result = write_analysis(run, split_name, top_k)
+    console.print(summary_text(result.tables.summary), highlight=False)
+    console.print(f"{len(result.heatmaps)} slices mapped; tables and figures in [bold]{result.out_dir}[/]")
+
+
+@app.command()
+@friendly
+def report(run: Annotated[Path, typer.Argument(help="Run folder.")]) -> None:
+    """Write <run>/report.html: one self-contained page (runs `analyze` first)."""
+    from stainmil.analysis.report import build_report
+
+    console.print(f"report: [bold]{build_report(run)}[/]")
+
+
+@app.command()
+@friendly
+def tile(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Slice images -> tissue mask -> grid patches with x, y in their names (ready for `stainmil index`)."""
+    from stainmil.data.tiling import tile_folder
+
+    cfg = load_config(config, set_)
+    out, table, skipped = tile_folder(cfg.tile)
+    console.print(f"{table.groupby(['case', 'stain', 'slice']).ngroups if len(table) else 0} slices -> {len(table)} "
+                  f"patches in [bold]{out}[/]" + "".join(f"; skipped {len(v)} ({k})" for k, v in skipped.items()))
 
 
 @app.command("config")

@@ -163,6 +163,21 @@ class AnalysisConfig:
 
 
 @dataclass
+class TileConfig:
+    slices_dir: str = _help("Folder of slice images (PNG/JPEG/TIFF; .svs/.ndpi via OpenSlide or tiffslide), walked "
+                            "recursively.", default="")
+    out_dir: str = _help("Where patches go (then set data.patches_dir to it).", default="")
+    filename_pattern: str = _help(
+        "Regex with named groups case, stain, slice, searched in each slice image's path relative to slices_dir.",
+        default=r"case(?P<case>[^/_]+)/(?P<stain>[^/_]+)/slice(?P<slice>[^/_.]+)\.(?:png|jpe?g|tiff?|svs|ndpi)$")
+    patch_size: int = _help("Patch side in pixels (at the read level).", default=224)
+    stride: int = _help("Grid step in pixels; 0 = patch_size (no overlap).", default=0)
+    min_tissue: float = _help("Keep patches whose tissue fraction is at least this.", default=0.5)
+    level: int = _help("Pyramid level of whole-slide files (0 = full resolution).", default=0)
+    mask_downsample: int = _help("Tissue detection runs on the image shrunk by this factor.", default=4)
+
+
+@dataclass
 class Config:
     output_dir: str = _help("Where index, features, splits and runs go by default.", default="stainmil_out")
     data: DataConfig = field(default_factory=DataConfig)
@@ -172,6 +187,7 @@ class Config:
     split: SplitConfig = field(default_factory=SplitConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    tile: TileConfig = field(default_factory=TileConfig)
 
     # ---- derived locations -------------------------------------------------------------
     @property
@@ -205,7 +221,7 @@ class Config:
 
 PATH_FIELDS = {
     ("output_dir",), ("data", "patches_dir"), ("data", "labels_csv"), ("features", "store_dir"),
-    ("train", "runs_dir"), ("train", "split_file"),
+    ("train", "runs_dir"), ("train", "split_file"), ("tile", "slices_dir"), ("tile", "out_dir"),
 }
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from stainmil.analysis.analyze import summary_text, write_analysis
+from stainmil.analysis.report import build_report
 from stainmil.config import Config, dump_config, load_config
 from stainmil.data.cohort import build_index, case_labels, load_manifest, write_index
 from stainmil.data.splits import make_splits, write_splits
@@ -37,7 +39,8 @@ class DemoResult:
     extract: ExtractSummary
     training: TrainResult
     evaluation: Evaluation
-    steps: list[str] = field(default_factory=list)
+    report: Path
+    analysis_summary: str
 
 
 def demo_config(out_dir: Path, cohort_dir: Path, overrides: list[str]) -> Config:
@@ -49,7 +52,7 @@ def demo_config(out_dir: Path, cohort_dir: Path, overrides: list[str]) -> Config
 
 def run_demo(out_dir: str | Path = "demo_out", overrides: list[str] | None = None, weights: str = "auto",
              log=print, preset: str = "demo") -> DemoResult:
-    """synth -> index -> split -> extract -> train -> evaluate on the built-in synthetic cohort.
+    """synth -> index -> split -> extract -> train -> evaluate -> analyze + report on the synthetic cohort.
 
     ``weights='auto'`` tries ImageNet weights and, when they cannot be had offline, falls back to
     random weights *and says so* in the output and in results.txt.
@@ -57,9 +60,9 @@ def run_demo(out_dir: str | Path = "demo_out", overrides: list[str] | None = Non
     out_dir = Path(out_dir).resolve()
     cohort_dir = out_dir / "cohort"
     if (cohort_dir / "labels.csv").is_file():
-        log(f"[1/6] synthetic cohort already in {cohort_dir} (delete it to regenerate)")
+        log(f"[1/7] synthetic cohort already in {cohort_dir} (delete it to regenerate)")
     else:
-        log(f"[1/6] rendering the synthetic cohort into {cohort_dir}")
+        log(f"[1/7] rendering the synthetic cohort into {cohort_dir}")
         write_cohort(cohort_dir, PRESETS[preset])
     config = demo_config(out_dir, cohort_dir, [f"features.image_size={PRESETS[preset].patch_size}",
                                                 *(overrides or [])])
@@ -81,19 +84,23 @@ def run_demo(out_dir: str | Path = "demo_out", overrides: list[str] | None = Non
 
         config.features.weights = weights
         backbone = build_backbone(config.features)
-    log("[2/6] indexing and validating the patch folder")
+    log("[2/7] indexing and validating the patch folder")
     index_dir, report = index_cohort(config)
     log(f"      {report['files_used']} patches of {report['cases_used']} cases; "
         f"report: {index_dir / 'index_report.txt'}")
-    log("[3/6] case-level stratified split (60/20/20)")
+    log("[3/7] case-level stratified split (60/20/20)")
     split_cohort(config)
-    log(f"[4/6] extracting {config.features.backbone} features once into {config.store_dir}")
+    log(f"[4/7] extracting {config.features.backbone} features once into {config.store_dir}")
     summary = extract_features(config, load_manifest(config), backbone=backbone)
     log(f"      {summary.patches_written} patches in {summary.seconds:.1f} s "
         f"({summary.slices_done_before} slices were already done)")
-    log("[5/6] training the hierarchical attention model")
+    log("[5/7] training the hierarchical attention model")
     trained = train(config)
     log(f"      {trained.epochs_run} epochs, best epoch {trained.best_epoch}; run folder {trained.run_dir}")
-    log("[6/6] evaluating on the held-out test cases")
+    log("[6/7] evaluating on the held-out test cases")
     evaluation = evaluate_run(trained.run_dir)
-    return DemoResult(out_dir, cohort_dir, config, note, summary, trained, evaluation)
+    log("[7/7] attention analysis and report")
+    analysis = write_analysis(trained.run_dir, "test")
+    report = build_report(trained.run_dir, analysis)
+    return DemoResult(out_dir, cohort_dir, config, note, summary, trained, evaluation, report,
+                      summary_text(analysis.tables.summary))

@@ -49,7 +49,8 @@ def summary_text(summary: dict) -> str:
     lines = [f"stainmil attention analysis — split '{summary['split']}', {summary['n_cases']} cases",
              f"normalisation: {summary['normalisation']}",
              f"mean normalised attention entropy: patch {summary['patch_entropy_normalised_mean']:.3f}, "
-             f"slice {summary['slice_entropy_normalised_mean']:.3f}, stain {summary['stain_entropy_normalised_mean']:.3f}"
+             f"slice {summary['slice_entropy_normalised_mean']:.3f}, "
+             f"stain {summary['stain_entropy_normalised_mean']:.3f}"
              " (1 = uniform, 0 = all on one)",
              f"mean share of effective attention in the top 5% of patches: {summary['top5pct_share_mean']:.3f}"]
     if "attention_lesion_auc_mean" in summary:

@@ -99,8 +99,9 @@ def case_table(patches: pd.DataFrame, slices: pd.DataFrame, predictions: pd.Data
         top = ordered.head(top_k)
         stains = case_slices.drop_duplicates("stain")
         stain_entropy = _entropy(stains["stain_weight"].to_numpy())
-        slice_entropies = [_entropy(g["slice_weight"].to_numpy()) for _, g in case_slices.groupby("stain")]
-        slice_norm = [_normalised(_entropy(g["slice_weight"].to_numpy()), len(g)) for _, g in case_slices.groupby("stain")]
+        per_stain = [g["slice_weight"].to_numpy() for _, g in case_slices.groupby("stain")]
+        slice_entropies = [_entropy(w) for w in per_stain]
+        slice_norm = [_normalised(_entropy(w), len(w)) for w in per_stain]
         pred = preds.loc[case]
         rows.append({
             "case": case, "label": int(pred["label"]), "pred": int(pred["pred"]), "prob": float(pred["prob_1"]),

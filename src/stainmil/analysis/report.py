@@ -104,8 +104,8 @@ def _case_section(case: str, tables, analysis: AnalysisResult, names: list[str])
     for key, files in analysis.heatmaps.items():
         if key[0] == case:
             for value, path in files.items():
-                heatmaps.append({"src": data_uri(path), "title": f"{key[1]} slice {key[2]} — "
-                                 + ("effective attention" if value == "relative_attention" else "patch-alone prediction")})
+                what = "effective attention" if value == "relative_attention" else "patch-alone prediction"
+                heatmaps.append({"src": data_uri(path), "title": f"{key[1]} slice {key[2]} — {what}"})
     lesion = row.get("attention_lesion_auc") if "attention_lesion_auc" in row else None
     return {
         "case": case, "anchor": safe(case), "prob": float(row["prob"]), "n_patches": int(row["n_patches"]),
@@ -114,8 +114,8 @@ def _case_section(case: str, tables, analysis: AnalysisResult, names: list[str])
         "pred_name": names[int(row["pred"])],
         "lesion_auc": None if lesion is None or pd.isna(lesion) else float(lesion),
         "stains": [{"name": s, "weight": float(w)} for s, w in zip(stains["stain"], stains["stain_weight"])],
-        "slices": [{"stain": s["stain"], "slice": s["slice"], "weight": float(s["slice_weight"]), "n": int(s["n_patches"])}
-                   for _, s in slices.iterrows()],
+        "slices": [{"stain": s["stain"], "slice": s["slice"], "weight": float(s["slice_weight"]),
+                    "n": int(s["n_patches"])} for _, s in slices.iterrows()],
         "heatmaps": heatmaps,
         "grid": data_uri(analysis.grids[case]) if case in analysis.grids else None,
     }
