@@ -9,13 +9,14 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from stainmil.analysis.analyze import AnalysisResult, report_cases, safe, summary_text, write_analysis
+from stainmil.analysis.analyze import AnalysisResult, report_cases, summary_text, write_analysis
 from stainmil.config import load_config
 from stainmil.errors import TrainingError
 from stainmil.io import atomic_write_text
@@ -28,6 +29,11 @@ CASE_COLUMNS = [("case", "case"), ("split", "split"), ("label", "true"), ("pred"
                 ("slice_entropy_normalised", "slice H/log n"), ("stain_entropy_normalised", "stain H/log n"),
                 ("attention_lesion_auc", "attn–lesion AUC"), ("delta_top_k", "ΔP top-k"),
                 ("delta_random_k", "ΔP random-k")]
+
+
+def anchors(cases: list[str]) -> dict[str, str]:
+    """HTML ids for case sections: unique (row number) and CSS-safe, with the readable case id after."""
+    return {case: f"{i}-{re.sub(r'[^A-Za-z0-9_-]', '_', case)}" for i, case in enumerate(cases)}
 
 
 def data_uri(path: str | Path) -> str:
@@ -68,14 +74,15 @@ def build_report(run_dir: str | Path, analysis: AnalysisResult | None = None, sp
         warnings.append("The backbone had RANDOM weights (ImageNet weights were not available): features are not "
                         "ImageNet features, and this run is a pipeline check, not a result.")
     sections = set(report_cases(cases, config.analysis.max_cases_in_report))
+    anchor = anchors(list(cases["case"]))
     case_rows = []
     for _, row in cases.iterrows():
         values = {c: (row[c] if c in row and not (isinstance(row[c], float) and math.isnan(row[c])) else None)
                   for c, _ in CASE_COLUMNS}
-        case_rows.append({"case": row["case"], "anchor": safe(row["case"]), "split": row["split"], "values": values,
+        case_rows.append({"case": row["case"], "anchor": anchor[row["case"]], "split": row["split"], "cells": values,
                           "wrong": row["label"] >= 0 and row["pred"] != row["label"],
                           "has_section": row["case"] in sections})
-    case_sections = [_case_section(case, tables, analysis, names) for case in report_cases(
+    case_sections = [_case_section(case, anchor[case], tables, analysis, names) for case in report_cases(
         cases, config.analysis.max_cases_in_report)]
     run_figures = [(title, data_uri(run_dir / name)) for title, name in (
         ("training curves", "curves.png"), ("confusion matrix", "confusion_matrix.png"), ("ROC curve", "roc_curve.png"))
@@ -96,7 +103,7 @@ def build_report(run_dir: str | Path, analysis: AnalysisResult | None = None, sp
     return atomic_write_text(run_dir / "report.html", html)
 
 
-def _case_section(case: str, tables, analysis: AnalysisResult, names: list[str]) -> dict:
+def _case_section(case: str, anchor: str, tables, analysis: AnalysisResult, names: list[str]) -> dict:
     row = tables.cases[tables.cases["case"] == case].iloc[0]
     slices = tables.slices[tables.slices["case"] == case]
     stains = slices.drop_duplicates("stain")
@@ -108,7 +115,7 @@ def _case_section(case: str, tables, analysis: AnalysisResult, names: list[str])
                 heatmaps.append({"src": data_uri(path), "title": f"{key[1]} slice {key[2]} — {what}"})
     lesion = row.get("attention_lesion_auc") if "attention_lesion_auc" in row else None
     return {
-        "case": case, "anchor": safe(case), "prob": float(row["prob"]), "n_patches": int(row["n_patches"]),
+        "case": case, "anchor": anchor, "prob": float(row["prob"]), "n_patches": int(row["n_patches"]),
         "n_slices": int(row["n_slices"]), "top5": float(row["top5pct_share"]),
         "true_name": names[int(row["label"])] if row["label"] >= 0 else "unknown",
         "pred_name": names[int(row["pred"])],

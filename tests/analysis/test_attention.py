@@ -1,0 +1,76 @@
+import copy
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from stainmil.analysis.analyze import write_analysis
+from stainmil.analysis.attention import _subset, attention_vs_lesion
+from stainmil.evaluate.predict import evaluate_run
+from stainmil.train.trainer import train
+
+
+@pytest.fixture(scope="module")
+def analysed_run(prepared, tmp_path_factory):
+    config = copy.deepcopy(prepared)
+    config.train.runs_dir = str(tmp_path_factory.mktemp("runs"))
+    config.train.max_epochs = 8
+    config.analysis.top_slices = 3
+    config.analysis.deletion_k = 3
+    run = train(config).run_dir
+    evaluate_run(run)
+    return run, write_analysis(run, "all")
+
+
+def test_tables_have_every_id_and_consistent_weights(analysed_run):
+    run, result = analysed_run
+    patches, slices, cases = result.tables.patches, result.tables.slices, result.tables.cases
+    for column in ("case", "stain", "slice", "patch", "x", "y", "patch_weight", "slice_weight", "stain_weight",
+                   "effective_attention", "rank_in_case", "patch_prob"):
+        assert column in patches.columns
+    assert np.allclose(patches.groupby("case")["effective_attention"].sum(), 1, atol=1e-5)
+    assert np.allclose(patches["effective_attention"],
+                       patches["patch_weight"] * patches["slice_weight"] * patches["stain_weight"], atol=1e-6)
+    assert np.allclose(patches.groupby("case")["relative_attention"].mean(), 1, atol=1e-5)
+    assert (patches.groupby("case")["rank_in_case"].min() == 1).all()
+    assert patches["patch_prob"].between(0, 1).all()
+    assert (slices.groupby(["case", "stain"])["slice_weight"].sum().round(5) == 1).all()
+    assert (slices["patch_entropy_normalised"].dropna().between(0, 1 + 1e-9)).all()
+    for column in ("label", "pred", "prob", "abs_error", "n_patches", "n_slices", "top5pct_share",
+                   "top5pct_n_patches", "topk_by_stain", "topk_by_stain_slice", "stain_entropy_normalised",
+                   "attention_lesion_auc", "delta_top_k", "delta_random_k"):
+        assert column in cases.columns, column
+    assert len(cases) == 8
+    for name in ("patches.csv", "slices.csv", "cases.csv", "summary.json", "summary.txt",
+                 "effective_attention_distribution.png", "concentration_vs_error.png", "attention_along_slices.png"):
+        assert (result.out_dir / name).is_file(), name
+    assert result.heatmaps and all(p.is_file() for files in result.heatmaps.values() for p in files.values())
+    assert result.grids and all(p.is_file() for p in result.grids.values())
+    summary = result.tables.summary
+    assert 0 <= summary["attention_lesion_auc_mean"] <= 1
+    assert "deletion_delta_top_k_mean" in summary
+
+
+def test_attention_vs_lesion_auc_by_hand():
+    patches = pd.DataFrame({"case": ["1"] * 4, "stain": ["he"] * 4, "slice": ["0"] * 4, "patch": list("0123"),
+                            "effective_attention": [0.4, 0.3, 0.2, 0.1]})
+    truth = pd.DataFrame({"case": [1] * 4, "stain": ["he"] * 4, "slice": [0] * 4, "patch": [0, 1, 2, 3],
+                          "lesion_fraction": [0.5, 0.0, 0.3, 0.0]})
+    per_case, mean = attention_vs_lesion(patches, truth)
+    assert mean == pytest.approx(0.75)  # lesion patches 0.4, 0.2 vs others 0.3, 0.1: 3 of 4 pairs ordered
+    assert per_case["lesion_patches"].tolist() == [2]
+
+
+def test_subset_drops_emptied_slices_and_keeps_structure():
+    from tests.model.test_hierarchical import model_for, random_bags
+
+    bags = random_bags()
+    batch = bags.batch(["1"])
+    keep = np.zeros(len(batch.features), bool)
+    keep[batch.patch_slice.numpy() == 0] = True  # only the first slice survives
+    small = _subset(batch, keep)
+    assert len(small.slice_group) == 1 and len(small.group_case) == 1
+    with torch.no_grad():
+        out = model_for(bags).eval()(small)
+    assert float(out.effective_attention.sum()) == pytest.approx(1, abs=1e-5)
