@@ -39,16 +39,16 @@ WSI_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".bif"}
 MIN_OD = 0.02  # floor of the threshold on summed optical density: glass never counts as tissue
 
 
-def optical_density(rgb: np.ndarray) -> np.ndarray:
-    """Summed optical density (H, W) of an RGB uint8 image, relative to its bright background."""
-    rgb = rgb.astype(np.float64)
+def optical_density(rgb: np.ndarray, smooth: float = 2.0) -> np.ndarray:
+    """Summed optical density (H, W) of an RGB uint8 image (smoothed), relative to its bright background."""
+    rgb = ndimage.gaussian_filter(rgb.astype(np.float64), (smooth, smooth, 0))  # denoise before the background
     background = np.percentile(rgb.reshape(-1, 3), 99, axis=0).clip(200, 255)  # the glass
     return -np.log10(np.clip(rgb / background, 1e-3, 1.0)).sum(-1)
 
 
 def tissue_mask(rgb: np.ndarray, min_object_fraction: float = 0.001) -> np.ndarray:
     """Tissue (True) vs background for H&E and IHC alike. rgb: (H, W, 3) uint8 -> (H, W) bool."""
-    od = ndimage.gaussian_filter(optical_density(rgb), 2)
+    od = optical_density(rgb)
     log_od = np.log(od + 1e-3)
     if np.ptp(log_od) < 1e-6:  # a constant image
         return np.zeros(od.shape, bool)
