@@ -76,6 +76,9 @@ class DataConfig:
                                default=500)
     max_slices_per_stain: int = _help("Training: slices per stain, chosen once per run (0 = all).",
                                       default=5)
+    subcases: int = _help("Split each *training* case into this many sub-cases (same label; 1 = off).", default=1)
+    subcase_mode: Literal["index", "random"] = _help(
+        "Sub-case partition: contiguous patch-index ranges within each slice, or random.", default="index")
     index_workers: int = _help("Processes decoding images during indexing (0 = one per core).", default=0)
 
 
@@ -95,22 +98,70 @@ class FeaturesConfig:
     seed: int = _help("Seed for `random` weights.", default=0)
 
 
+PerLevelFloat = float | list[float]
+
+
+@dataclass
+class ElasticNetConfig:
+    l1: PerLevelFloat = _help("L1 on attention logits: one value or [patch, slice, stain].", default=0.0)
+    l2: PerLevelFloat = _help("L2 on attention logits: one value or [patch, slice, stain].", default=0.0)
+
+
+@dataclass
+class EntropyConfig:
+    weight: PerLevelFloat = _help("lambda of -lambda * H(attention): one value or [patch, slice, stain].",
+                                  default=0.0)
+    normalize: bool = _help("Divide H by log(group size) so big and small groups weigh alike.", default=True)
+    schedule: Literal["constant", "linear", "cosine"] = _help("Decay of lambda over the epochs.",
+                                                              default="constant")
+
+
+@dataclass
+class RegConfig:
+    elastic: ElasticNetConfig = field(default_factory=ElasticNetConfig)
+    entropy: EntropyConfig = field(default_factory=EntropyConfig)
+
+
 @dataclass
 class ModelConfig:
     embed_dim: int = _help("Patch projector output size.", default=512)
     attention_hidden_dim: int = _help("Hidden size of each attention pool.", default=128)
-    attention: str = _help("Attention pool type at every level (tanh | gated).", default="tanh")
+    attention: str | list[str] = _help(
+        "Attention pool per level, one name or [patch, slice, stain]: tanh | gated | multihead | transformer.",
+        default="tanh")
+    attention_heads: int = _help("Heads of the multihead and transformer pools.", default=4)
+    transformer_max_group: int = _help("transformer: self-attention runs within chunks of at most this many rows "
+                                       "(memory cap for big slices).", default=256)
     dropout: float = _help("Dropout in the projector and attention pools.", default=0.25)
     n_classes: int = _help("Number of classes.", default=2)
     standardize_features: bool = _help(
         "Standardise features with training-split statistics (saved in the checkpoint).", default=True)
+    reg: RegConfig = field(default_factory=RegConfig)
 
 
 @dataclass
 class TrainConfig:
-    optimizer: Literal["adam", "adamw"] = _help("Optimizer.", default="adam")
+    optimizer: Literal["adam", "adamw", "sgd"] = _help("Optimizer.", default="adam")
     lr: float = _help("Learning rate.", default=1e-4)
-    weight_decay: float = _help("L2 weight decay.", default=1e-4)
+    weight_decay: float = _help("Weight decay (lambda0 of the adaptive mode).", default=1e-4)
+    weight_decay_mode: Literal["constant", "adaptive"] = _help(
+        "constant, or adaptive (AdaDecay, Nakamura & Hong 2019: per-weight decay from layer-normalised |grad|).",
+        default="constant")
+    adaptive_decay_alpha: float = _help("Steepness alpha of the adaptive decay's sigmoid.", default=1.0)
+    decoupled_weight_decay: bool = _help("Adaptive decay applied to the weights after the step (AdamW-style) "
+                                         "instead of added to the gradient.", default=False)
+    loss: Literal["ce", "focal", "label_smoothing_ce"] = _help("Case loss (class weights apply to all).",
+                                                                 default="ce")
+    focal_gamma: float = _help("Focal loss gamma.", default=2.0)
+    label_smoothing: float = _help("Label smoothing epsilon.", default=0.1)
+    sampler: Literal["sequential", "balanced"] = _help(
+        "Order of training cases: each once per epoch (shuffled), or class-balanced draws with replacement.",
+        default="sequential")
+    patch_dropout: float = _help("Share of each slice's patches dropped at random per step (0 = off).",
+                                 default=0.0)
+    topk_mask_k: int = _help("Stochastic top-k masking (ACMIL): mask among each slice's k highest-attention "
+                             "patches before the softmax (0 = off).", default=0)
+    topk_mask_ratio: float = _help("Share of those top-k patches masked per step.", default=0.5)
     class_weights: str | list[float] = _help(
         "'auto' (inverse class frequency of the training split), 'none', or one weight per class.",
         default="auto")

@@ -94,8 +94,11 @@ class CohortBags:
         return chosen
 
     def batch(self, cases: list[str], slices: dict[str, list[int]] | None = None, per_slice_cap: int = 0,
-              rng: np.random.Generator | None = None) -> CaseBatch:
-        """Build one batch of ``cases``: all slices (or ``slices[case]``), all patches or a random cap per slice."""
+              rng: np.random.Generator | None = None, patch_dropout: float = 0.0) -> CaseBatch:
+        """Build one batch of ``cases``: all slices (or ``slices[case]``), all patches or a random cap per slice.
+
+        ``patch_dropout`` then drops that share of each slice's patches at random (keeping at least one).
+        """
         patch_rows, patch_slice, slice_group, slice_rows, group_case, group_stain = [], [], [], [], [], []
         for b, case in enumerate(cases):
             case_slices = slices[case] if slices is not None else self.case_slices[case]
@@ -110,8 +113,11 @@ class CohortBags:
                     group_case.append(b)
                     group_stain.append(stain)
                 rows = self.slice_patches[s]
-                if per_slice_cap and len(rows) > per_slice_cap:
-                    rows = np.sort(rng.choice(rows, per_slice_cap, replace=False))
+                keep = min(len(rows), per_slice_cap) if per_slice_cap else len(rows)
+                if patch_dropout:
+                    keep = max(1, int(round(keep * (1 - patch_dropout))))
+                if keep < len(rows):
+                    rows = np.sort(rng.choice(rows, keep, replace=False))
                 patch_slice.append(np.full(len(rows), len(slice_rows)))
                 patch_rows.append(rows)
                 slice_group.append(stain_groups[stain])

@@ -20,6 +20,7 @@ from torch import nn
 from stainmil.config import LEVELS, ModelConfig
 from stainmil.data.bags import CaseBatch
 from stainmil.model.attention import build_attention
+from stainmil.model.segment import group_sizes
 
 
 @dataclass
@@ -52,7 +53,16 @@ class HierarchicalMIL(nn.Module):
         self.register_buffer("feature_mean", torch.zeros(in_dim))
         self.register_buffer("feature_std", torch.ones(in_dim))
         self.projector = nn.Sequential(nn.Linear(in_dim, e), nn.ReLU(), nn.Dropout(p))
-        self.pools = nn.ModuleDict({level: build_attention(config.attention, e, h, p) for level in LEVELS})
+        names = config.attention if isinstance(config.attention, list) else [config.attention] * len(LEVELS)
+        if len(names) != len(LEVELS):
+            from stainmil.errors import ConfigError
+
+            raise ConfigError(f"model.attention must be one name or {len(LEVELS)} names [patch, slice, stain], "
+                              f"got {config.attention}.")
+        self.pools = nn.ModuleDict({
+            level: build_attention(name, e, h, p, heads=config.attention_heads,
+                                   max_group=config.transformer_max_group)
+            for level, name in zip(LEVELS, names)})
         self.classifier = nn.Linear(e, config.n_classes)
 
     def set_feature_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
@@ -63,10 +73,16 @@ class HierarchicalMIL(nn.Module):
         """(P, D) raw features -> (P, E) patch embeddings."""
         return self.projector((features - self.feature_mean) / self.feature_std)
 
-    def forward(self, batch: CaseBatch) -> HierarchicalOutput:
+    def forward(self, batch: CaseBatch, topk_mask: tuple[int, float] | None = None) -> HierarchicalOutput:
+        """``topk_mask=(k, ratio)`` (training only): mask that share of each slice's k top patches (ACMIL)."""
         n_slices, n_groups = len(batch.slice_group), len(batch.group_case)
         h = self.embed(batch.features)                                              # (P, E)
-        patch = self.pools["patch"](h, batch.patch_slice, n_slices)                 # pooled (S, E)
+        drop = None
+        if topk_mask is not None and topk_mask[0] > 0:
+            with torch.no_grad():
+                logits = self.pools["patch"].row_logits(h, batch.patch_slice, n_slices)
+            drop = topk_drop(logits, batch.patch_slice, n_slices, *topk_mask)
+        patch = self.pools["patch"](h, batch.patch_slice, n_slices, drop)           # pooled (S, E)
         slice_ = self.pools["slice"](patch.pooled, batch.slice_group, n_groups)     # pooled (G, E)
         stain = self.pools["stain"](slice_.pooled, batch.group_case, batch.n_cases)  # pooled (B, E)
         logits = self.classifier(stain.pooled)                                      # (B, C)
@@ -83,3 +99,22 @@ class HierarchicalMIL(nn.Module):
     def patch_alone_logits(self, patch_embeddings: torch.Tensor) -> torch.Tensor:
         """(P, E) -> (P, C): the case logits if the whole case were this one patch (all attention on it)."""
         return self.classifier(patch_embeddings)
+
+
+def topk_drop(logits: torch.Tensor, groups: torch.Tensor, n_groups: int, k: int, ratio: float) -> torch.Tensor:
+    """Stochastic top-k masking (ACMIL, ECCV 2024): (N,) bool, True for rows masked out of the softmax.
+
+    Among the k highest-logit rows of each group, each is masked with probability ``ratio``; the
+    group's lowest-ranked row is never eligible, so every group keeps at least one row.
+    """
+    order = torch.argsort(logits, descending=True, stable=True)
+    order = order[torch.argsort(groups[order], stable=True)]             # group-major, logit-descending
+    sorted_groups = groups[order]
+    starts = torch.searchsorted(sorted_groups, torch.arange(n_groups, device=logits.device))
+    rank = torch.arange(len(logits), device=logits.device) - starts[sorted_groups]
+    sizes = group_sizes(groups, n_groups)[sorted_groups]
+    eligible = (rank < k) & (rank < sizes - 1)
+    drop_sorted = eligible & (torch.rand(len(logits), device=logits.device) < ratio)
+    drop = torch.zeros_like(drop_sorted)
+    drop[order] = drop_sorted
+    return drop

@@ -47,10 +47,31 @@ def weighted_mean(per_case: torch.Tensor, labels: torch.Tensor, weights: torch.T
     return per_case.sum() / weights[labels].sum()
 
 
-LOSSES: dict[str, LossFn] = {"ce": cross_entropy}
+def focal(gamma: float) -> LossFn:
+    """Focal loss (Lin et al. 2017): (1 - p_y)^gamma * CE, times the class weight, per case."""
+
+    def loss(output: HierarchicalOutput, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        ce = F.cross_entropy(output.logits, labels, reduction="none")
+        p_true = torch.exp(-ce)
+        scaled = (1 - p_true) ** gamma * ce
+        return scaled * weights[labels] if weights is not None else scaled
+
+    return loss
 
 
-def build_loss(name: str) -> LossFn:
-    if name not in LOSSES:
-        raise ConfigError(f"train.loss '{name}' is not registered; choose one of {sorted(LOSSES)}.")
-    return LOSSES[name]
+def label_smoothing_ce(epsilon: float) -> LossFn:
+    def loss(output: HierarchicalOutput, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        return F.cross_entropy(output.logits, labels, weight=weights, label_smoothing=epsilon, reduction="none")
+
+    return loss
+
+
+def build_loss(config: TrainConfig) -> LossFn:
+    """``train.loss``: ce | focal (``train.focal_gamma``) | label_smoothing_ce (``train.label_smoothing``)."""
+    if config.loss == "ce":
+        return cross_entropy
+    if config.loss == "focal":
+        return focal(config.focal_gamma)
+    if config.loss == "label_smoothing_ce":
+        return label_smoothing_ce(config.label_smoothing)
+    raise ConfigError(f"train.loss '{config.loss}' is unknown; choose ce, focal or label_smoothing_ce.")

@@ -30,15 +30,18 @@ from stainmil.config import Config, dump_config, load_config
 from stainmil.data.bags import CohortBags
 from stainmil.data.cohort import load_manifest
 from stainmil.data.splits import Split, load_split, save_split
+from stainmil.data.subcases import expand_subcases
 from stainmil.errors import DataError, TrainingError
 from stainmil.evaluate.metrics import binary_metrics
 from stainmil.features.extract import resolve_device
 from stainmil.features.store import check_store, load_features
 from stainmil.io import atomic_write, atomic_write_json
 from stainmil.model.hierarchical import HierarchicalMIL
+from stainmil.model.regularizers import AttentionRegularizer
 from stainmil.progress import progress_bar
 from stainmil.train.checkpoint import load_checkpoint, save_checkpoint
 from stainmil.train.losses import build_loss, class_weights, weighted_mean
+from stainmil.train.optim import build_optimizer
 
 
 @dataclass
@@ -126,16 +129,24 @@ def train(config: Config, resume_dir: str | Path | None = None, split: Split | N
     if config.model.standardize_features:
         model.set_feature_statistics(*bags.feature_statistics(split.train))
     model.to(device)
-    optimizer_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
-    optimizer = optimizer_cls(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=t.scheduler_factor,
-                                                           patience=t.scheduler_patience)
+    optimizer = build_optimizer(model, t)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(getattr(optimizer, "optimizer", optimizer), mode="min",
+                                                           factor=t.scheduler_factor, patience=t.scheduler_patience)
     train_labels = np.array([bags.case_label(c) for c in split.train])
     weights = class_weights(t, train_labels, config.model.n_classes)
     weights = weights.to(device) if weights is not None else None
-    loss_fn = build_loss("ce")
+    loss_fn = build_loss(t)
+    regularizer = AttentionRegularizer(config.model, t.max_epochs)
     rng = np.random.default_rng(t.seed)
-    slices = bags.choose_slices(split.train, config.data.max_slices_per_stain, np.random.default_rng([t.seed, 1]))
+    # sub-cases: training cases only, relabelled rows over the same in-memory features
+    train_bags, train_cases = bags, list(split.train)
+    if config.data.subcases > 1:
+        manifest, train_cases = expand_subcases(bags.manifest, split.train, config.data.subcases,
+                                                config.data.subcase_mode, np.random.default_rng([t.seed, 2]))
+        train_bags = CohortBags(manifest, bags.features.numpy(), config.data.stains)
+    slices = train_bags.choose_slices(train_cases, config.data.max_slices_per_stain,
+                                      np.random.default_rng([t.seed, 1]))
+    step = TrainingStep(model, optimizer, loss_fn, regularizer, weights, config)
     history: list[dict] = []
     stopping = {"best_val_loss": math.inf, "best_epoch": 0, "bad_epochs": 0}
     start_epoch = 1
@@ -161,23 +172,18 @@ def train(config: Config, resume_dir: str | Path | None = None, split: Split | N
             break
         started = time.perf_counter()
         model.train()
-        order = [split.train[i] for i in rng.permutation(len(split.train))]
+        order = epoch_order(train_cases, train_bags, t.sampler, rng)
         batches = [order[i:i + t.cases_per_batch] for i in range(0, len(order), t.cases_per_batch)]
-        train_loss, n_seen = 0.0, 0
+        terms: dict[str, float] = {}
         with progress_bar(f"epoch {epoch}", total=len(batches)) as advance:
             for cases in batches:
-                batch = bags.batch(cases, slices, config.data.per_slice_cap, rng).to(device)
-                out = model(batch)
-                loss = weighted_mean(loss_fn(out, batch.labels, weights), batch.labels, weights)
-                if not torch.isfinite(loss):
+                batch = train_bags.batch(cases, slices, config.data.per_slice_cap, rng, t.patch_dropout).to(device)
+                try:
+                    for name, value in step(batch, epoch).items():
+                        terms[name] = terms.get(name, 0.0) + value * len(cases)
+                except TrainingError:
                     _set_status(run_dir, "failed", epoch=epoch, reason="non-finite loss")
-                    raise TrainingError(f"loss became {loss.item()} at epoch {epoch} on case(s) {cases}; lower "
-                                        "train.lr or check the features of these cases.")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                train_loss += loss.item() * len(cases)
-                n_seen += len(cases)
+                    raise
                 advance()
         val_loss, val_labels, val_probs = evaluate_loss(model, bags, split.val, loss_fn, weights, device)
         if not math.isfinite(val_loss):
@@ -190,9 +196,10 @@ def train(config: Config, resume_dir: str | Path | None = None, split: Split | N
             stopping.update(best_val_loss=val_loss, best_epoch=epoch, bad_epochs=0)
         else:
             stopping["bad_epochs"] += 1
-        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss / n_seen,
+        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": terms.pop("total") / len(order),
                "val_loss": val_loss, "val_auc": metrics["auc"], "val_balanced_accuracy": metrics["balanced_accuracy"],
                "val_benign_recall": metrics["benign_recall"], "val_high_grade_recall": metrics["high_grade_recall"],
+               **{f"train_{name}": value / len(order) for name, value in terms.items()},
                "seconds": time.perf_counter() - started}
         # plain Python types, so the checkpoint loads with weights_only=True
         history.append({k: float(v) if k != "epoch" else int(v) for k, v in row.items()})
@@ -215,6 +222,43 @@ def train(config: Config, resume_dir: str | Path | None = None, split: Split | N
             on_epoch_end(epoch, history[-1])
     _set_status(run_dir, "trained", epoch=len(history), best_epoch=stopping["best_epoch"])
     return TrainResult(run_dir, stopping["best_epoch"], len(history), stopping["best_val_loss"], stopped_early)
+
+
+class TrainingStep:
+    """One optimisation step: forward (with top-k masking if configured), loss + regularisers, backward, step."""
+
+    def __init__(self, model: HierarchicalMIL, optimizer, loss_fn, regularizer: AttentionRegularizer,
+                 weights: torch.Tensor | None, config: Config) -> None:
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.regularizer, self.weights = regularizer, weights
+        t = config.train
+        self.topk = (t.topk_mask_k, t.topk_mask_ratio) if t.topk_mask_k > 0 else None
+
+    def __call__(self, batch, epoch: int) -> dict[str, float]:
+        """Returns the loss terms of this step (``total``, the case loss under its name, each regulariser)."""
+        out = self.model(batch, topk_mask=self.topk)
+        case_loss = weighted_mean(self.loss_fn(out, batch.labels, self.weights), batch.labels, self.weights)
+        terms = {"case_loss": case_loss}
+        if self.regularizer.active:
+            terms.update(self.regularizer(out, batch, epoch))
+        total = sum(terms.values())
+        if not torch.isfinite(total):
+            raise TrainingError(f"loss became {total.item()} at epoch {epoch} on case(s) {batch.case_ids}; lower "
+                                "train.lr or check the features of these cases.")
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        return {"total": total.item(), **{name: value.item() for name, value in terms.items()}}
+
+
+def epoch_order(cases: list[str], bags: CohortBags, sampler: str, rng: np.random.Generator) -> list[str]:
+    """Training cases of one epoch: shuffled once each, or class-balanced draws with replacement."""
+    if sampler == "balanced":
+        labels = np.array([bags.case_label(c) for c in cases])
+        counts = np.bincount(labels)
+        p = 1.0 / counts[labels]
+        return [cases[i] for i in rng.choice(len(cases), len(cases), replace=True, p=p / p.sum())]
+    return [cases[i] for i in rng.permutation(len(cases))]
 
 
 def _config_dict(config: Config) -> dict:
