@@ -101,18 +101,23 @@ def split(config: ConfigOpt = None, set_: SetOpt = None,
         console.print(split_table(load_split(path), labels, cfg.data.class_names).to_string(index=False))
 
 
+LauncherOpt = Annotated[str, typer.Option(help="local | slurm (through submitit, settings in slurm.*)")]
+
+
 @app.command()
 @friendly
-def extract(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+def extract(config: ConfigOpt = None, set_: SetOpt = None, launcher: LauncherOpt = "local",
+            shards: Annotated[int, typer.Option(help="Split the slices into this many array tasks.")] = 1,
+            shard: Annotated[int | None, typer.Option(help="Run only this shard (0-based) of --shards.")] = None
+            ) -> None:
     """Extract backbone features once per patch into the feature store (resumes where it stopped)."""
-    from stainmil.data.cohort import load_manifest
-    from stainmil.features.extract import extract_features
+    from stainmil.features.extract import extract_sharded
 
     cfg = load_config(config, set_)
-    summary = extract_features(cfg, load_manifest(cfg))
-    console.print(f"{summary.slices_written} slices written ({summary.slices_done_before} already done), "
-                  f"{summary.patches_written} patches in {summary.seconds:.1f} s "
-                  f"({summary.patches_per_second:.0f} patches/s); store: [bold]{summary.store_dir}[/]")
+    for summary in extract_sharded(cfg, shards, launcher, shard, log=console.print):
+        console.print(f"{summary.slices_written} slices written ({summary.slices_done_before} already done), "
+                      f"{summary.patches_written} patches in {summary.seconds:.1f} s "
+                      f"({summary.patches_per_second:.0f} patches/s); store: [bold]{summary.store_dir}[/]")
 
 
 @app.command("train")
@@ -221,6 +226,64 @@ def tile(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     out, table, skipped = tile_folder(cfg.tile)
     console.print(f"{table.groupby(['case', 'stain', 'slice']).ngroups if len(table) else 0} slices -> {len(table)} "
                   f"patches in [bold]{out}[/]" + "".join(f"; skipped {len(v)} ({k})" for k, v in skipped.items()))
+
+
+@app.command()
+@friendly
+def cv(config: ConfigOpt = None, set_: SetOpt = None,
+       folds: Annotated[int, typer.Option(help="Stratified folds by case.")] = 5,
+       repeats: Annotated[int, typer.Option(help="Repeats of the k-fold (reshuffled).")] = 1,
+       splits_dir: Annotated[Path | None, typer.Option(help="Use these data_splits_*.npz instead.")] = None,
+       launcher: LauncherOpt = "local",
+       resume: Annotated[Path | None, typer.Option(help="Experiment folder to continue (finished folds are "
+                                                        "skipped).")] = None,
+       fold: Annotated[int | None, typer.Option(help="Run only this fold (1-based) of --resume's experiment.")] = None
+       ) -> None:
+    """Cross-validation by case -> cv_summary.csv, cv_report.txt, pooled out-of-fold metrics with CIs."""
+    from stainmil.experiments.cv import run_cv
+
+    cfg = load_config(config, set_)
+    result = run_cv(cfg, folds, repeats, splits_dir, launcher, resume, fold, log=console.print)
+    if result is not None:
+        console.print((result.out_dir / "cv_report.txt").read_text(), highlight=False, markup=False)
+        console.print(f"experiment folder: [bold]{result.out_dir}[/]")
+
+
+@app.command()
+@friendly
+def tune(config: ConfigOpt = None, set_: SetOpt = None,
+         trials: Annotated[int | None, typer.Option(help="Trials to add (default tune.trials).")] = None,
+         storage: Annotated[str | None, typer.Option(help="Journal file or Optuna URL (default "
+                                                          "<output_dir>/tune/study.journal).")] = None,
+         workers: Annotated[int, typer.Option(help="Parallel workers on the same study.")] = 1,
+         launcher: LauncherOpt = "local") -> None:
+    """Optuna search (TPE + median pruning) -> trials.csv, best_config.yaml, plots; re-run to continue."""
+    from stainmil.experiments.tune import run_tune
+
+    cfg = load_config(config, set_)
+    if storage:
+        cfg.tune.storage = storage
+    result = run_tune(cfg, trials, workers, launcher, log=console.print)
+    console.print(f"{result.n_trials} trials in the study; best {cfg.tune.metric} {result.best_value:.4f} with "
+                  f"{result.best_params}; outputs in [bold]{result.out_dir}[/] (best_config.yaml is ready to train)")
+
+
+@app.command("slurm-script")
+@friendly
+def slurm_script(task: Annotated[str, typer.Argument(help="extract | cv | tune")],
+                 config: ConfigOpt = None, set_: SetOpt = None,
+                 out: Annotated[Path, typer.Option(help="Where to write the script.")] = Path("stainmil.sbatch"),
+                 shards: Annotated[int, typer.Option(help="extract: array size.")] = 8,
+                 folds: Annotated[int, typer.Option(help="cv: number of folds (array size).")] = 5,
+                 workers: Annotated[int, typer.Option(help="tune: number of workers (array size).")] = 4,
+                 experiment: Annotated[Path | None, typer.Option(help="cv: experiment folder made by `stainmil cv "
+                                                                      "--launcher local` or prepared before.")] = None
+                 ) -> None:
+    """Write the equivalent sbatch script, for users who prefer to submit by hand."""
+    from stainmil.experiments.scripts import write_sbatch
+
+    path = write_sbatch(task, load_config(config, set_), config, out, shards, folds, workers, experiment)
+    console.print(f"sbatch script: [bold]{path}[/]  (submit with: sbatch {path})")
 
 
 @app.command("config")

@@ -229,6 +229,37 @@ class TileConfig:
 
 
 @dataclass
+class SlurmConfig:
+    partition: str = _help("SLURM partition (empty = the cluster default).", default="")
+    time: int = _help("Time limit per job in minutes; jobs that hit it are requeued and resume.", default=120)
+    gpus: int = _help("GPUs per job.", default=0)
+    mem: int = _help("Memory per job in GB.", default=16)
+    cpus: int = _help("CPUs per job.", default=4)
+    account: str = _help("SLURM account (empty = none).", default="")
+    array_parallelism: int = _help("Array tasks running at once.", default=8)
+    extra: list[str] = _help("Extra #SBATCH options, e.g. ['--qos=short'].", default_factory=list)
+    setup: list[str] = _help("Shell lines run before each job, e.g. ['source .venv/bin/activate'].",
+                             default_factory=list)
+    max_requeues: int = _help("Requeues allowed after time limits / preemption.", default=3)
+
+
+@dataclass
+class TuneConfig:
+    trials: int = _help("Trials to add to the study.", default=50)
+    study_name: str = _help("Optuna study name.", default="stainmil")
+    storage: str = _help("Optuna storage: a journal file path or a URL (sqlite:///…, postgresql://…); empty = "
+                         "<output_dir>/tune/study.journal.", default="")
+    metric: Literal["val_loss", "auc", "balanced_accuracy"] = _help("Objective: mean over inner folds.",
+                                                                     default="val_loss")
+    inner_folds: int = _help("Inner stratified folds on the non-test cases.", default=3)
+    seed: int = _help("Sampler seed (TPE).", default=0)
+    space: dict[str, dict] = _help(
+        "Search space: config key -> {type: float|int|categorical, low, high, log, choices}; empty = the "
+        "default space (lr, weight_decay, dropout, attention, entropy weight, per_slice_cap).",
+        default_factory=dict)
+
+
+@dataclass
 class Config:
     output_dir: str = _help("Where index, features, splits and runs go by default.", default="stainmil_out")
     data: DataConfig = field(default_factory=DataConfig)
@@ -239,6 +270,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     tile: TileConfig = field(default_factory=TileConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     # ---- derived locations -------------------------------------------------------------
     @property
@@ -313,6 +346,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}.")
         return {_coerce(k, args[0], f"{key} key"): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}.")
+        return value
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"config key '{key}' must be true or false, got {value!r}.")

@@ -167,3 +167,44 @@ def extract_features(config: Config, manifest: pd.DataFrame, backbone: Backbone 
         future.result()  # re-raise a failed write
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+class ExtractShardJob:
+    """Extract one shard of slices; picklable, and requeued by submitit near a time limit (it resumes)."""
+
+    def __call__(self, config_values: dict, shard: int, shards: int) -> ExtractSummary:
+        from stainmil.config import config_from_dict
+        from stainmil.data.cohort import load_manifest
+
+        config = config_from_dict(config_values)
+        return extract_features(config, load_manifest(config), shard=(shard, shards))
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(ExtractShardJob(), *args, **kwargs)
+
+
+def extract_sharded(config: Config, shards: int = 1, launcher: str = "local", shard: int | None = None,
+                    log=print) -> list[ExtractSummary]:
+    """Extract the whole store, in ``shards`` jobs (local or a SLURM array), or only shard ``shard``.
+
+    The store's settings file is written here first, so parallel shards never race on it; each slice
+    file is written atomically, so two workers on the same slice cannot corrupt it.
+    """
+    from stainmil.config import config_to_dict
+    from stainmil.data.cohort import load_manifest
+    from stainmil.errors import ConfigError
+    from stainmil.experiments.launch import run_jobs
+
+    if shards < 1 or (shard is not None and not 0 <= shard < shards):
+        raise ConfigError(f"--shard {shard} must be in 0..{shards - 1} (--shards {shards}).")
+    manifest = load_manifest(config)
+    if shard is not None:
+        return [extract_features(config, manifest, shard=(shard, shards))]
+    if shards == 1 and launcher == "local":
+        return [extract_features(config, manifest)]
+    _prepare_store(config, build_backbone(config.features), config.store_dir)
+    values = config_to_dict(config)
+    return run_jobs(ExtractShardJob(), [(values, i, shards) for i in range(shards)], launcher, config.store_dir,
+                    config.slurm, name="stainmil-extract", log=log)

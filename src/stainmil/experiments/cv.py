@@ -1,0 +1,162 @@
+"""Cross-validation by case: every fold a normal run folder, one summary for the experiment.
+
+Experiment folder (``<runs_dir>/cv_YYYYMMDD_HHMMSS/``)::
+
+    config.yaml             the config every fold trains with
+    splits/fold_01.npz …    train/val/test cases of each fold (val comes from the fold's training part)
+    folds/fold_01/ …        a normal run folder per fold (checkpoints, history, predictions, metrics)
+    cv_summary.csv          one row per fold: benign/high-grade recall, balanced accuracy, AUC, threshold, epochs
+    oof_predictions.csv     every fold's test predictions (out-of-fold)
+    metrics.json, cv_report.txt   mean ± SD over folds, and pooled out-of-fold metrics with case-level 95% CIs
+
+A killed or timed-out CV resumes by running it again on the same folder (``--resume``): finished
+folds (metrics.json present) are skipped and an interrupted fold continues from its last.pth.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stainmil.config import Config, config_from_dict, config_to_dict, dump_config, load_config
+from stainmil.data.cohort import case_labels, load_manifest
+from stainmil.data.splits import Split, load_split, make_splits, save_split
+from stainmil.errors import DataError
+from stainmil.evaluate.metrics import POINT_METRICS, binary_metrics, bootstrap_intervals
+from stainmil.experiments.launch import run_jobs
+from stainmil.io import atomic_write, atomic_write_json, atomic_write_text
+
+SUMMARY_METRICS = ("benign_recall", "high_grade_recall", "balanced_accuracy", "auc")
+
+
+class FoldJob:
+    """Train (or resume) and evaluate one fold; picklable, and requeue-able on SLURM via :meth:`checkpoint`."""
+
+    def __init__(self, on_epoch_end: Callable[[int, dict], None] | None = None) -> None:
+        self.on_epoch_end = on_epoch_end
+
+    def __call__(self, config_values: dict, split_path: str, fold_dir: str) -> dict:
+        from stainmil.evaluate.predict import evaluate_run
+        from stainmil.train.trainer import train
+
+        fold = Path(fold_dir)
+        if (fold / "metrics.json").is_file():
+            return json.loads((fold / "metrics.json").read_text())
+        config = config_from_dict(config_values)
+        split = load_split(split_path)
+        if (fold / "checkpoints" / "last.pth").is_file():
+            train(config, resume_dir=fold, on_epoch_end=self.on_epoch_end)
+        else:
+            train(config, split=split, run_dir=fold, on_epoch_end=self.on_epoch_end)
+        return evaluate_run(fold).metrics
+
+    def checkpoint(self, *args, **kwargs):
+        """Called by submitit before a time limit or preemption: requeue the same fold (it resumes)."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(FoldJob(self.on_epoch_end), *args, **kwargs)
+
+
+@dataclass
+class CVResult:
+    out_dir: Path
+    summary: pd.DataFrame
+    metrics: dict
+
+
+def cv_splits(config: Config, folds: int, repeats: int, splits_dir: str | Path | None) -> list[Split]:
+    manifest = load_manifest(config)
+    cases = set(manifest["case"])
+    if splits_dir:
+        files = sorted(Path(splits_dir).glob("data_splits*.npz"))
+        if not files:
+            raise DataError(f"no data_splits*.npz files in {splits_dir}; pass the folder holding the split files.")
+        return [load_split(f, cases) for f in files]
+    config.split.method = "repeated_kfold" if repeats > 1 else "kfold"
+    config.split.folds, config.split.repeats = folds, repeats
+    return make_splits(case_labels(manifest), config.split)
+
+
+def prepare_experiment(config: Config, folds: int = 5, repeats: int = 1, splits_dir: str | Path | None = None,
+                       out_dir: str | Path | None = None) -> tuple[Path, list[tuple[dict, str, str]]]:
+    """Create (or reopen) the experiment folder; return it and the per-fold job arguments."""
+    if out_dir is not None and (Path(out_dir) / "config.yaml").is_file():  # resume
+        out = Path(out_dir)
+        config = load_config(out / "config.yaml")
+        split_files = sorted((out / "splits").glob("fold_*.npz"))
+    else:
+        out = Path(out_dir) if out_dir else config.runs_dir / datetime.now().strftime("cv_%Y%m%d_%H%M%S")
+        out.mkdir(parents=True, exist_ok=True)
+        splits = cv_splits(config, folds, repeats, splits_dir)
+        split_files = [save_split(s, out / "splits" / f"fold_{i:02d}.npz") for i, s in enumerate(splits, start=1)]
+        dump_config(config, out / "config.yaml")
+    values = config_to_dict(config)
+    return out, [(values, str(f), str(out / "folds" / f.stem)) for f in split_files]
+
+
+def run_cv(config: Config, folds: int = 5, repeats: int = 1, splits_dir: str | Path | None = None,
+           launcher: str = "local", out_dir: str | Path | None = None, only_fold: int | None = None,
+           job: FoldJob | None = None, log=print) -> CVResult | None:
+    """Run every fold (skipping finished ones) and write the summaries; ``only_fold`` runs one fold (1-based)."""
+    out, jobs = prepare_experiment(config, folds, repeats, splits_dir, out_dir)
+    config = load_config(out / "config.yaml")
+    if only_fold is not None:
+        if not 1 <= only_fold <= len(jobs):
+            raise DataError(f"--fold {only_fold} is out of range: the experiment has folds 1..{len(jobs)}.")
+        (job or FoldJob())(*jobs[only_fold - 1])
+        return None
+    pending = [args for args in jobs if not (Path(args[2]) / "metrics.json").is_file()]
+    log(f"cross-validation in {out}: {len(jobs)} folds, {len(jobs) - len(pending)} already finished")
+    run_jobs(job or FoldJob(), pending, launcher, out, config.slurm, name="stainmil-cv", log=log)
+    return summarise_cv(out, config)
+
+
+def summarise_cv(out: Path, config: Config) -> CVResult:
+    rows, oof = [], []
+    for fold_dir in sorted((out / "folds").glob("fold_*")):
+        metrics = json.loads((fold_dir / "metrics.json").read_text())
+        test = metrics["splits"]["test"]
+        rows.append({"fold": fold_dir.name, **{m: test[m] for m in SUMMARY_METRICS},
+                     "threshold": metrics["threshold"], "epochs": metrics["epochs_run"],
+                     "best_epoch": metrics["best_epoch"], "n_test": test["n_cases"]})
+        predictions = pd.read_csv(fold_dir / "predictions.csv", dtype={"case": str})
+        oof.append(predictions[predictions["split"] == "test"].assign(fold=fold_dir.name))
+    summary = pd.DataFrame(rows)
+    oof_frame = pd.concat(oof, ignore_index=True)
+    atomic_write(out / "cv_summary.csv", lambda tmp: summary.to_csv(tmp, index=False))
+    atomic_write(out / "oof_predictions.csv", lambda tmp: oof_frame.to_csv(tmp, index=False))
+    # pooled out-of-fold: one row per case (its mean probability over repeats), median fold threshold
+    per_case = oof_frame.groupby("case").agg(label=("label", "first"), prob_1=("prob_1", "mean"))
+    threshold = float(summary["threshold"].median())
+    y, p = per_case["label"].to_numpy(), per_case["prob_1"].to_numpy()
+    pooled = {**binary_metrics(y, p, threshold),
+              "ci95": bootstrap_intervals(y, p, threshold, config.eval.bootstrap, config.eval.ci, config.train.seed),
+              "threshold": threshold}
+    over_folds = {m: {"mean": float(np.nanmean(summary[m])), "sd": float(np.nanstd(summary[m], ddof=1))
+                      if len(summary) > 1 else 0.0} for m in SUMMARY_METRICS}
+    metrics = {"folds": len(summary), "over_folds": over_folds, "pooled_out_of_fold": pooled}
+    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_text(out / "cv_report.txt", cv_report_text(summary, metrics))
+    return CVResult(out, summary, metrics)
+
+
+def cv_report_text(summary: pd.DataFrame, metrics: dict) -> str:
+    lines = [f"stainmil cross-validation — {metrics['folds']} folds", "", summary.round(3).to_string(index=False), "",
+             "mean ± SD over folds:"]
+    for m, v in metrics["over_folds"].items():
+        lines.append(f"  {m:<18} {v['mean']:.3f} ± {v['sd']:.3f}")
+    pooled = metrics["pooled_out_of_fold"]
+    lines += ["", f"pooled out-of-fold ({pooled['n_cases']} cases; per-case mean probability, threshold "
+                  f"{pooled['threshold']:.3f} = median of the folds'):"]
+    for m in POINT_METRICS:
+        if m in ("accuracy",):
+            continue
+        lo, hi = pooled["ci95"][m]
+        lines.append(f"  {m:<18} {pooled[m]:.3f}   95% CI [{lo:.3f}, {hi:.3f}]")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,88 @@
+"""Run many jobs locally or on SLURM through submitit (no hand-rolled sbatch polling).
+
+A job is a picklable callable plus its arguments. ``local`` runs them one after another in this
+process (simple, debuggable); ``slurm`` submits them as one array job with the ``slurm.*`` settings.
+Callables that define ``checkpoint(*args)`` are requeued by submitit when SLURM preempts them or
+their time limit is near, and resume from their own checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from stainmil.config import SlurmConfig
+from stainmil.errors import ConfigError
+
+
+def slurm_parameters(slurm: SlurmConfig, name: str) -> dict[str, Any]:
+    """submitit ``update_parameters`` for ``slurm`` (pure function)."""
+    params: dict[str, Any] = {
+        "name": name, "timeout_min": slurm.time, "mem_gb": slurm.mem, "cpus_per_task": slurm.cpus,
+        "slurm_array_parallelism": slurm.array_parallelism, "slurm_max_num_timeout": slurm.max_requeues,
+    }
+    if slurm.partition:
+        params["slurm_partition"] = slurm.partition
+    if slurm.gpus:
+        params["gpus_per_node"] = slurm.gpus
+    if slurm.account:
+        params["slurm_account"] = slurm.account
+    if slurm.setup:
+        params["slurm_setup"] = list(slurm.setup)
+    extra = {}
+    for line in slurm.extra:
+        key, _, value = line.lstrip("-").partition("=")
+        extra[key] = value or None
+    if extra:
+        params["slurm_additional_parameters"] = extra
+    return params
+
+
+def run_jobs(fn: Callable, arg_lists: Sequence[Sequence[Any]], launcher: str, folder: Path, slurm: SlurmConfig,
+             name: str = "stainmil", log=print) -> list[Any]:
+    """Run ``fn(*args)`` for every entry of ``arg_lists``; return the results in order."""
+    if launcher == "local":
+        return [fn(*args) for args in arg_lists]
+    if launcher != "slurm":
+        raise ConfigError(f"--launcher must be local or slurm, got '{launcher}'.")
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=Path(folder) / "slurm_logs" / "%j")
+    if executor.cluster != "slurm":
+        raise ConfigError("--launcher slurm but no SLURM cluster is reachable from here (sbatch not found); run on "
+                          "a login node or use --launcher local.")
+    executor.update_parameters(**slurm_parameters(slurm, name))
+    columns = list(zip(*arg_lists)) if arg_lists else []
+    jobs = executor.map_array(fn, *columns)
+    log(f"submitted {len(jobs)} SLURM job(s): {', '.join(j.job_id for j in jobs[:8])}"
+        + (" …" if len(jobs) > 8 else "") + f"; logs in {Path(folder) / 'slurm_logs'}")
+    return [job.result() for job in jobs]
+
+
+def sbatch_script(command: str, slurm: SlurmConfig, name: str, array: int = 0, log_dir: str = "slurm_logs") -> str:
+    """The equivalent sbatch script for users who submit by hand (pure function of its arguments).
+
+    With ``array > 0`` the script is an array job; ``$SLURM_ARRAY_TASK_ID`` selects the task.
+    """
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --time={slurm.time}",
+             f"#SBATCH --mem={slurm.mem}G", f"#SBATCH --cpus-per-task={slurm.cpus}"]
+    if slurm.partition:
+        lines.append(f"#SBATCH --partition={slurm.partition}")
+    if slurm.account:
+        lines.append(f"#SBATCH --account={slurm.account}")
+    if slurm.gpus:
+        lines.append(f"#SBATCH --gpus-per-node={slurm.gpus}")
+    if array:
+        lines.append(f"#SBATCH --array=0-{array - 1}%{slurm.array_parallelism}")
+        lines.append(f"#SBATCH --output={log_dir}/%A_%a.out")
+    else:
+        lines.append(f"#SBATCH --output={log_dir}/%j.out")
+    lines.append("#SBATCH --requeue")
+    lines.append("#SBATCH --signal=B:USR1@120")
+    lines += [f"#SBATCH {line if line.startswith('--') else '--' + line}" for line in slurm.extra]
+    lines += ["", "set -euo pipefail", *slurm.setup,
+              "# on the time-limit warning, requeue this job; stainmil resumes from its last checkpoint",
+              "trap 'scontrol requeue ${SLURM_JOB_ID}; exit 0' USR1",
+              f"{command} &", "wait $!", ""]
+    return "\n".join(lines)
