@@ -254,7 +254,7 @@ def cv(config: ConfigOpt = None, set_: SetOpt = None,
 def tune(config: ConfigOpt = None, set_: SetOpt = None,
          trials: Annotated[int | None, typer.Option(help="Trials to add (default tune.trials).")] = None,
          storage: Annotated[str | None, typer.Option(help="Journal file or Optuna URL (default "
-                                                          "<output_dir>/tune/study.journal).")] = None,
+                                                          "<output_dir>/tune/<study>/study.journal).")] = None,
          workers: Annotated[int, typer.Option(help="Parallel workers on the same study.")] = 1,
          launcher: LauncherOpt = "local") -> None:
     """Optuna search (TPE + median pruning) -> trials.csv, best_config.yaml, plots; re-run to continue."""

@@ -248,7 +248,7 @@ class TuneConfig:
     trials: int = _help("Trials to add to the study.", default=50)
     study_name: str = _help("Optuna study name.", default="stainmil")
     storage: str = _help("Optuna storage: a journal file path or a URL (sqlite:///…, postgresql://…); empty = "
-                         "<output_dir>/tune/study.journal.", default="")
+                         "<output_dir>/tune/<study_name>/study.journal.", default="")
     metric: Literal["val_loss", "auc", "balanced_accuracy"] = _help("Objective: mean over inner folds.",
                                                                      default="val_loss")
     inner_folds: int = _help("Inner stratified folds on the non-test cases.", default=3)

@@ -4,7 +4,7 @@ The objective of a trial is the mean validation metric over ``tune.inner_folds``
 the non-test cases (the test cases of ``train.split_file`` are never seen). Storage is Optuna's
 journal file by default (safe for several workers on one shared file system), or any URL Optuna
 accepts; the study is created before workers start (SQLite needs that), and re-running ``tune``
-with the same storage continues the study. Outputs in ``<output_dir>/tune/``: ``trials.csv``,
+with the same storage continues the study. Outputs in ``<output_dir>/tune/<study_name>/``: ``trials.csv``,
 ``best_config.yaml``, ``optimization_history.png``, ``param_importances.png``.
 """
 
@@ -36,11 +36,15 @@ DEFAULT_SPACE: dict[str, dict] = {
 DIRECTIONS = {"val_loss": "minimize", "auc": "maximize", "balanced_accuracy": "maximize"}
 
 
+def tune_dir(config: Config) -> Path:
+    return Path(config.output_dir) / "tune" / config.tune.study_name
+
+
 def storage_for(config: Config):
     """Optuna storage object: journal file by default, else the URL as given."""
     import optuna
 
-    spec = config.tune.storage or str(Path(config.output_dir) / "tune" / "study.journal")
+    spec = config.tune.storage or str(tune_dir(config) / "study.journal")
     if "://" in spec:
         return spec
     Path(spec).parent.mkdir(parents=True, exist_ok=True)
@@ -116,7 +120,7 @@ class Objective:
         from stainmil.train.trainer import train
 
         config = apply_values(self.config, suggest(trial, self.space))
-        config.train.runs_dir = str(Path(self.config.output_dir) / "tune" / "trials" / f"trial_{trial.number:04d}")
+        config.train.runs_dir = str(tune_dir(self.config) / "trials" / f"trial_{trial.number:04d}")
         values, max_epochs = [], config.train.max_epochs
         for i, split in enumerate(self.splits):
             def report(epoch: int, row: dict, offset: int = i * max_epochs) -> None:
@@ -154,7 +158,7 @@ def run_tune(config: Config, trials: int | None = None, workers: int = 1, launch
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     trials = trials or config.tune.trials
     study = create_study(config)  # created once, before any worker (SQLite-safe)
-    out = Path(config.output_dir) / "tune"
+    out = tune_dir(config)
     dump_config(config, out / "config.yaml")
     shares = [trials // workers + (1 if i < trials % workers else 0) for i in range(workers)]
     args = [(config_to_dict(config), n) for n in shares if n]

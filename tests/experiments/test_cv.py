@@ -1,0 +1,58 @@
+import copy
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+
+from stainmil.data.splits import load_split, save_split
+from stainmil.experiments.cv import run_cv
+
+
+def _config(prepared, tmp_path):
+    config = copy.deepcopy(prepared)
+    config.train.runs_dir = str(tmp_path / "runs")
+    config.train.max_epochs = 3
+    return config
+
+
+def test_cv_end_to_end_and_resume(prepared, tmp_path):
+    config = _config(prepared, tmp_path)
+    logs = []
+    result = run_cv(config, folds=3, log=logs.append)
+    out = result.out_dir
+    assert out.name.startswith("cv_")
+    summary = pd.read_csv(out / "cv_summary.csv")
+    assert list(summary["fold"]) == ["fold_01", "fold_02", "fold_03"]
+    for column in ("benign_recall", "high_grade_recall", "balanced_accuracy", "auc", "threshold", "epochs"):
+        assert column in summary
+    oof = pd.read_csv(out / "oof_predictions.csv", dtype={"case": str})
+    assert sorted(oof["case"]) == sorted(set(oof["case"])) and len(oof) == 8  # every case tested exactly once
+    for fold in ("fold_01", "fold_02", "fold_03"):  # validation comes from the fold's training part
+        split = load_split(out / "splits" / f"{fold}.npz")
+        assert not set(split.val) & set(split.test) and not set(split.train) & set(split.test)
+        assert (out / "folds" / fold / "checkpoints" / "best.pth").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["over_folds"]) >= {"benign_recall", "auc"}
+    assert "ci95" in metrics["pooled_out_of_fold"]
+    assert "pooled out-of-fold" in (out / "cv_report.txt").read_text()
+
+    # a killed CV: fold 2 unfinished (metrics gone, checkpoint kept) -> only fold 2 runs again
+    (out / "folds" / "fold_02" / "metrics.json").unlink()
+    finished = (out / "folds" / "fold_01" / "metrics.json").stat().st_mtime_ns
+    again = run_cv(config, out_dir=out, log=logs.append)
+    assert any("2 already finished" in line for line in logs)
+    assert (out / "folds" / "fold_01" / "metrics.json").stat().st_mtime_ns == finished
+    assert (out / "folds" / "fold_02" / "metrics.json").is_file()
+    assert len(again.summary) == 3
+
+
+def test_cv_on_the_teams_split_files(prepared, tmp_path):
+    config = _config(prepared, tmp_path)
+    split = load_split(prepared.split_file)
+    splits_dir = tmp_path / "team_splits"
+    save_split(split, splits_dir / "data_splits_01.npz")
+    shutil.copy(splits_dir / "data_splits_01.npz", splits_dir / "data_splits_02.npz")
+    result = run_cv(config, splits_dir=splits_dir, log=lambda *_: None)
+    assert len(result.summary) == 2
+    assert np.isfinite(result.summary["epochs"]).all()
