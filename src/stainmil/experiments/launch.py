@@ -20,7 +20,7 @@ def slurm_parameters(slurm: SlurmConfig, name: str) -> dict[str, Any]:
     """submitit ``update_parameters`` for ``slurm`` (pure function)."""
     params: dict[str, Any] = {
         "name": name, "timeout_min": slurm.time, "mem_gb": slurm.mem, "cpus_per_task": slurm.cpus,
-        "slurm_array_parallelism": slurm.array_parallelism, "slurm_max_num_timeout": slurm.max_requeues,
+        "slurm_array_parallelism": slurm.array_parallelism,
     }
     if slurm.partition:
         params["slurm_partition"] = slurm.partition
@@ -39,6 +39,19 @@ def slurm_parameters(slurm: SlurmConfig, name: str) -> dict[str, Any]:
     return params
 
 
+def slurm_executor(folder: Path, slurm: SlurmConfig, name: str):
+    """A submitit executor for this cluster with the ``slurm.*`` settings (logs in <folder>/slurm_logs)."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=Path(folder) / "slurm_logs" / "%j",
+                                     slurm_max_num_timeout=slurm.max_requeues)
+    if executor.cluster != "slurm":
+        raise ConfigError("--launcher slurm but no SLURM cluster is reachable from here (sbatch not found); run on "
+                          "a login node or use --launcher local.")
+    executor.update_parameters(**slurm_parameters(slurm, name))
+    return executor
+
+
 def run_jobs(fn: Callable, arg_lists: Sequence[Sequence[Any]], launcher: str, folder: Path, slurm: SlurmConfig,
              name: str = "stainmil", log=print) -> list[Any]:
     """Run ``fn(*args)`` for every entry of ``arg_lists``; return the results in order."""
@@ -46,13 +59,7 @@ def run_jobs(fn: Callable, arg_lists: Sequence[Sequence[Any]], launcher: str, fo
         return [fn(*args) for args in arg_lists]
     if launcher != "slurm":
         raise ConfigError(f"--launcher must be local or slurm, got '{launcher}'.")
-    import submitit
-
-    executor = submitit.AutoExecutor(folder=Path(folder) / "slurm_logs" / "%j")
-    if executor.cluster != "slurm":
-        raise ConfigError("--launcher slurm but no SLURM cluster is reachable from here (sbatch not found); run on "
-                          "a login node or use --launcher local.")
-    executor.update_parameters(**slurm_parameters(slurm, name))
+    executor = slurm_executor(folder, slurm, name)
     columns = list(zip(*arg_lists)) if arg_lists else []
     jobs = executor.map_array(fn, *columns)
     log(f"submitted {len(jobs)} SLURM job(s): {', '.join(j.job_id for j in jobs[:8])}"

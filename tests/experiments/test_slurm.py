@@ -1,0 +1,102 @@
+"""Against a real SLURM (started by the test setup): CV and sharded extraction through submitit, and a
+fold job that is preempted mid-training (the time-limit signal) continues from its checkpoint."""
+
+import copy
+import json
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from stainmil.data.cohort import load_manifest
+from stainmil.features.extract import extract_sharded
+from stainmil.features.store import load_features
+from tests.experiments.slurm_cluster import SlurmCluster
+
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
+
+
+@pytest.fixture(scope="module")
+def slurm(monkeypatch_module=None):
+    # short path: the munge socket path must stay under the unix socket length limit
+    cluster = SlurmCluster(Path(tempfile.mkdtemp(prefix="slurm", dir="/tmp"))).start()
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.conf)
+    yield cluster
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old
+    cluster.stop()
+
+
+def _slurm_config(prepared, tmp_path):
+    config = copy.deepcopy(prepared)
+    config.train.runs_dir = str(tmp_path / "runs")
+    config.train.max_epochs = 3
+    config.slurm.partition = "debug"
+    config.slurm.time = 10
+    config.slurm.mem = 1
+    config.slurm.cpus = 1
+    return config
+
+
+def test_cv_through_slurm(slurm, prepared, tmp_path):
+    from stainmil.experiments.cv import run_cv
+
+    config = _slurm_config(prepared, tmp_path)
+    logs = []
+    result = run_cv(config, folds=3, launcher="slurm", log=logs.append)
+    assert any("submitted 3 SLURM job(s)" in line for line in logs), logs
+    assert len(result.summary) == 3
+    assert list((result.out_dir / "slurm_logs").iterdir()), "submitit wrote no job folders"
+    assert (result.out_dir / "cv_report.txt").is_file()
+
+
+def test_sharded_extract_through_slurm(slurm, prepared, tmp_path):
+    config = copy.deepcopy(_slurm_config(prepared, tmp_path))
+    config.features.store_dir = str(tmp_path / "store")
+    summaries = extract_sharded(config, shards=3, launcher="slurm", log=lambda *_: None)
+    assert len(summaries) == 3
+    manifest = load_manifest(config)
+    assert sum(s.slices_written for s in summaries) == manifest.groupby(["case", "stain", "slice"]).ngroups
+    features = load_features(config.store_dir, manifest)
+    assert features.shape == (len(manifest), 1024)
+
+
+class SlowEpochs:
+    """Pause after each epoch so the test can signal the job mid-training (picklable)."""
+
+    def __call__(self, epoch, row):
+        time.sleep(1.5)
+
+
+def test_preempted_fold_requeues_and_resumes_from_its_checkpoint(slurm, prepared, tmp_path):
+    from stainmil.experiments.cv import FoldJob, prepare_experiment
+    from stainmil.experiments.launch import slurm_executor
+
+    config = _slurm_config(prepared, tmp_path)
+    config.train.max_epochs = 8
+    out, jobs = prepare_experiment(config, folds=3)
+    values, split_path, fold_dir = jobs[0]
+    executor = slurm_executor(out, config.slurm, "requeue-test")
+    job = executor.submit(FoldJob(SlowEpochs()), values, split_path, fold_dir)
+    history = Path(fold_dir) / "history.csv"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (history.is_file() and len(pd.read_csv(history)) >= 2):
+        time.sleep(0.3)
+    assert history.is_file(), f"fold never trained 2 epochs: {job.stderr()}"
+    epochs_before = len(pd.read_csv(history))
+    # what SLURM sends before a time limit / on preemption: submitit checkpoints and requeues the job
+    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True, env=slurm.env)
+    metrics = job.result()
+    history_rows = pd.read_csv(history)
+    assert list(history_rows["epoch"]) == list(range(1, 9))         # no epoch lost or repeated
+    assert epochs_before < 8
+    assert json.loads((Path(fold_dir) / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    log = "\n".join(p.read_text() for p in (out / "slurm_logs").rglob("*.err"))
+    assert "requeu" in log.lower(), log[-2000:]
