@@ -111,6 +111,7 @@ class SlurmCluster:
             deadline = time.time() + 5
             while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
                 time.sleep(0.1)
-        # job steps still attached to this cluster's folders
-        subprocess.run(["pkill", "-KILL", "-f", str(self.root)], capture_output=True)
+        # job steps outlive their daemons: end this test cluster's steps and the jobs they ran
+        for pattern in ("slurmstepd", "submitit.core._submit", str(self.root)):
+            subprocess.run(["pkill", "-KILL", "-f", pattern], capture_output=True)
         shutil.rmtree(self.root, ignore_errors=True)
