@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+# The SLURM tests share one real single-node cluster: they run in a second, single-process pass.
 test: setup
-	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=15
+	$(BIN)/python -m pytest -n 2 -m "not slurm" --durations=15
+	$(BIN)/python -m pytest -m slurm -p no:xdist --durations=5
 
 demo: setup
 	$(BIN)/stainmil demo --out demo_out

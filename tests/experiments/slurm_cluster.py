@@ -17,6 +17,8 @@ from tests.system_deps import ensure_debian_packages
 
 CONF = """ClusterName=ci
 SlurmctldHost=localhost
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
 SlurmUser=root
 AuthType=auth/munge
 CredType=cred/munge
@@ -44,6 +46,14 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 """
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _memory_mb() -> int:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemTotal:"):
@@ -58,6 +68,13 @@ class SlurmCluster:
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
 
     def start(self) -> SlurmCluster:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()  # never leave daemons behind a failed start
+            raise
+
+    def _start(self) -> SlurmCluster:
         ensure_debian_packages("slurmctld", ["slurm-wlm", "slurmctld", "slurmd", "munge"])
         d = self.root
         for sub in ("munge", "slurm/state", "slurm/spool", "slurm/log"):
@@ -72,7 +89,8 @@ class SlurmCluster:
         cpus = os.cpu_count() or 2
         node = (f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} Boards=1 SocketsPerBoard=1 "
                 f"CoresPerSocket={cpus} ThreadsPerCore=1 RealMemory={_memory_mb()} State=UNKNOWN")
-        self.conf.write_text(CONF.format(d=d, node=node))
+        # free ports of our own: a cluster of another test process (or one still closing) never collides
+        self.conf.write_text(CONF.format(d=d, node=node, ctld_port=_free_port(), slurmd_port=_free_port()))
         subprocess.run(["slurmctld", "-f", str(self.conf)], check=True, env=self.env, capture_output=True)
         subprocess.run(["slurmd", "-f", str(self.conf), "-N", "localhost"], check=True, env=self.env,
                        capture_output=True)
@@ -82,7 +100,8 @@ class SlurmCluster:
             if state.stdout.strip() in ("idle", "mixed", "allocated"):
                 return self
             time.sleep(0.5)
-        raise RuntimeError(f"SLURM did not come up: {self.logs()}")
+        logs = self.logs()
+        raise RuntimeError(f"SLURM did not come up: {logs}")
 
     def logs(self) -> str:
         out = []

@@ -3,9 +3,7 @@ fold job that is preempted mid-training (the time-limit signal) continues from i
 
 import copy
 import json
-import os
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -15,23 +13,8 @@ import pytest
 from stainmil.data.cohort import load_manifest
 from stainmil.features.extract import extract_sharded
 from stainmil.features.store import load_features
-from tests.experiments.slurm_cluster import SlurmCluster
 
-pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
-
-
-@pytest.fixture(scope="module")
-def slurm(monkeypatch_module=None):
-    # short path: the munge socket path must stay under the unix socket length limit
-    cluster = SlurmCluster(Path(tempfile.mkdtemp(prefix="slurm", dir="/tmp"))).start()
-    old = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(cluster.conf)
-    yield cluster
-    if old is None:
-        os.environ.pop("SLURM_CONF", None)
-    else:
-        os.environ["SLURM_CONF"] = old
-    cluster.stop()
+pytestmark = pytest.mark.slurm  # `make test` runs these in their own single-process pass
 
 
 def _slurm_config(prepared, tmp_path):
