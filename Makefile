@@ -28,7 +28,7 @@ lint: setup
 	$(BIN)/ruff check src tests benchmarks
 
 bench: setup
-	$(BIN)/python benchmarks/pipeline_speed.py --out demo_out/bench
+	$(BIN)/stainmil bench --preset demo
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

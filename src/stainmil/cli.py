@@ -286,6 +286,26 @@ def slurm_script(task: Annotated[str, typer.Argument(help="extract | cv | tune")
     console.print(f"sbatch script: [bold]{path}[/]  (submit with: sbatch {path})")
 
 
+@app.command()
+@friendly
+def bench(preset: Annotated[str, typer.Option(help="Synthetic cohort: demo | tiny | real-shape.")] = "demo",
+          device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+          out: Annotated[Path, typer.Option(help="Working folder (cohort, store, JSON).")] = Path("demo_out/bench"),
+          image_size: Annotated[int, typer.Option(help="Backbone input side (0 = patch size).")] = 0,
+          old_cases: Annotated[int, typer.Option(help="Time the old way on this many cases (0 = all).")] = 0,
+          weights: Annotated[str, typer.Option(help="Backbone weights.")] = "random") -> None:
+    """Measure extraction, epoch (store vs the old way), vectorised vs loop, and memory; print one table."""
+    from stainmil.bench import run_bench
+
+    figures = run_bench(out, preset, device, image_size, old_cases, weights, log=console.print)
+    table = Table(title="stainmil bench")
+    table.add_column("figure")
+    table.add_column("value")
+    for key, value in figures.items():
+        table.add_row(key, str(value))
+    console.print(table)
+
+
 @app.command("config")
 @friendly
 def config_cmd(config: ConfigOpt = None, set_: SetOpt = None,

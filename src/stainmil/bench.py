@@ -1,0 +1,175 @@
+"""``stainmil bench``: every speed figure measured side by side in one process, printed and saved as JSON.
+
+* backbone bare forward img/s vs extraction img/s (decode + forward + store), same batch and image size;
+* training epoch from the feature store vs the old way (the frozen backbone run on every sampled patch
+  image every epoch, same cases and caps) — timed on ``old_cases`` cases and scaled by patch count;
+* vectorised vs nested-loop forward+backward at 8 cases per batch (the loop is the old pseudocode, kept
+  in ``benchmarks/nested_loop_reference.py``; outputs must agree within 1e-5);
+* peak memory (RSS; CUDA max allocated on a GPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import platform
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stainmil.data.bags import CohortBags
+from stainmil.data.cohort import build_index, case_labels, write_index
+from stainmil.data.splits import make_splits
+from stainmil.data.synth import PRESETS, write_cohort
+from stainmil.features.backbones import build_backbone
+from stainmil.features.extract import PatchImages, extract_features, resolve_device
+from stainmil.features.store import load_features
+from stainmil.io import atomic_write_json
+from stainmil.model.hierarchical import HierarchicalMIL
+from stainmil.train.losses import class_weights, cross_entropy, weighted_mean
+
+REFERENCE = Path(__file__).resolve().parents[2] / "benchmarks" / "nested_loop_reference.py"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bare_forward(module, batch_size: int, image_size: int, device: torch.device, seconds: float = 5.0) -> float:
+    """Images per second of the backbone alone on random input (channels_last, inference mode)."""
+    x = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        module(x)  # warm-up
+        _sync(device)
+        start, n = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds or n < 3 * batch_size:
+            module(x)
+            n += batch_size
+        _sync(device)
+    return n / (time.perf_counter() - start)
+
+
+def training_epoch(model, optimizer, bags, cases, cap, rng, weights, device, images_of=None, backbone=None,
+                   cases_per_batch: int = 1) -> float:
+    """Seconds of one training epoch; with ``backbone`` the features come from decoding and forwarding images."""
+    start = time.perf_counter()
+    model.train()
+    order = [cases[i] for i in rng.permutation(len(cases))]
+    for i in range(0, len(order), cases_per_batch):
+        batch = bags.batch(order[i:i + cases_per_batch], None, cap, rng).to(device)
+        if backbone is not None:
+            loader = torch.utils.data.DataLoader(images_of(batch.patch_rows), batch_size=32, num_workers=0)
+            with torch.inference_mode():
+                feats = torch.cat([backbone(x.to(device).contiguous(memory_format=torch.channels_last))
+                                   for x in loader])
+            batch.features = feats.float().clone()
+        loss = weighted_mean(cross_entropy(model(batch), batch.labels, weights), batch.labels, weights)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def vectorised_vs_loop(model, bags, cases, device, repeats: int = 5) -> dict:
+    if not REFERENCE.is_file():
+        return {"vectorised_vs_loop": "n/a (benchmarks/nested_loop_reference.py needs a source checkout)"}
+    spec = importlib.util.spec_from_file_location("nested_loop_reference", REFERENCE)
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    batch = bags.batch(cases).to(device)
+    model.eval()  # no dropout, so both paths compute the same function
+    # same outputs: compared in float64, where summation order no longer shows
+    exact, exact_batch = copy.deepcopy(model).double(), bags.batch(cases).to(device)
+    exact_batch.features = exact_batch.features.double()
+    with torch.no_grad():
+        difference = float((exact(exact_batch).logits - reference.nested_forward(exact, exact_batch)).abs().max())
+
+    def timed(forward) -> float:
+        start = time.perf_counter()
+        for _ in range(repeats):
+            model.zero_grad()
+            forward().sum().backward()
+        _sync(device)
+        return (time.perf_counter() - start) / repeats
+
+    vectorised = timed(lambda: model(batch).logits)
+    loop = timed(lambda: reference.nested_forward(model, batch))
+    return {"fwd_bwd_ms_vectorised": round(vectorised * 1e3, 2), "fwd_bwd_ms_nested_loop": round(loop * 1e3, 1),
+            "vectorised_speedup": round(loop / vectorised, 1), "max_abs_logit_difference": difference,
+            "batch_cases": len(cases), "batch_patches": int(len(batch.features))}
+
+
+def run_bench(out: str | Path = "demo_out/bench", preset: str = "demo", device_name: str = "auto",
+              image_size: int = 0, old_cases: int = 0, weights: str = "random", log=print) -> dict:
+    from stainmil.pipeline import demo_config
+
+    device = resolve_device(device_name)
+    out = Path(out).resolve()
+    cohort = out / f"cohort-{preset}"
+    if not (cohort / "labels.csv").is_file():
+        log(f"rendering the {preset} synthetic cohort into {cohort}")
+        write_cohort(cohort, PRESETS[preset])
+    size = image_size or PRESETS[preset].patch_size
+    config = demo_config(out, cohort, [f"features.weights={weights}", f"features.image_size={size}",
+                                       f"features.store_dir={out / f'store-{preset}-{size}px'}",
+                                       f"features.device={device.type}", f"train.device={device.type}",
+                                       f"features.num_workers={min(4, os.cpu_count() or 1)}"])
+    result = build_index(config)
+    write_index(result, config)
+    manifest = result.manifest
+    backbone = build_backbone(config.features)
+    frozen = backbone.module.to(device).to(memory_format=torch.channels_last)
+    f = config.features
+    figures: dict = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+        f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}",
+        "cohort": f"{preset}: {manifest['case'].nunique()} cases, {len(manifest)} patches, {size} px input",
+    }
+    log("measuring the backbone's bare forward throughput")
+    bare = bare_forward(frozen, f.batch_size, size, device)
+    log("measuring extraction into a fresh store")
+    shutil.rmtree(config.store_dir, ignore_errors=True)
+    summary = extract_features(config, manifest, backbone=backbone)
+    figures.update({"backbone_forward_img_s": round(bare, 1),
+                    "extraction_img_s": round(summary.patches_per_second, 1),
+                    "extraction_over_forward": round(summary.patches_per_second / bare, 3)})
+
+    bags = CohortBags(manifest, load_features(config.store_dir, manifest), config.data.stains)
+    split = make_splits(case_labels(manifest), config.split)[0]
+    torch.manual_seed(0)
+    model = HierarchicalMIL(bags.feature_dim, config.model).to(device)
+    model.set_feature_statistics(*(t.to(device) for t in bags.feature_statistics(split.train)))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    class_w = class_weights(config.train, np.array([bags.case_label(c) for c in split.train]), 2).to(device)
+    cap, rng = config.data.per_slice_cap, np.random.default_rng(0)
+    log("timing training epochs from the feature store")
+    training_epoch(model, optimizer, bags, split.train, cap, rng, class_w, device)  # warm-up
+    cached = float(np.mean([training_epoch(model, optimizer, bags, split.train, cap, rng, class_w, device)
+                            for _ in range(3)]))
+    paths = manifest["path"].to_numpy()
+    timed_cases = split.train[:old_cases] if old_cases else split.train
+
+    def n_patches(cases):
+        return sum(min(len(bags.slice_patches[s]), cap or 10**9) for c in cases for s in bags.case_slices[c])
+
+    log(f"timing the old way (frozen backbone on every patch image) on {len(timed_cases)} cases")
+    old = training_epoch(model, optimizer, bags, timed_cases, cap, rng, class_w, device,
+                         lambda rows: PatchImages(list(paths[rows]), f.image_size, f.mean, f.std), frozen)
+    old *= n_patches(split.train) / n_patches(timed_cases)
+    figures.update({"train_cases": len(split.train), "patches_per_epoch": int(n_patches(split.train)),
+                    "epoch_s_feature_store": round(cached, 3), "epoch_s_old_way": round(old, 2),
+                    "old_way_timed_on_cases": len(timed_cases), "epoch_speedup": round(old / cached, 1)})
+    log("vectorised vs nested-loop forward+backward at 8 cases")
+    figures.update(vectorised_vs_loop(model, bags, bags.case_ids[:8], device))
+    figures["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    if device.type == "cuda":
+        figures["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    atomic_write_json(out / f"bench-{preset}-{device.type}-{size}px.json", figures)
+    return figures

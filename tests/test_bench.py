@@ -1,0 +1,33 @@
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.model.test_hierarchical import model_for, random_bags
+
+spec = importlib.util.spec_from_file_location(
+    "nested_loop_reference", Path(__file__).resolve().parents[1] / "benchmarks" / "nested_loop_reference.py")
+reference = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(reference)
+
+
+@pytest.mark.parametrize("attention", ["tanh", "gated"])
+def test_vectorised_forward_equals_the_old_nested_loops(attention):
+    bags = random_bags(n_cases=8)
+    model = model_for(bags, attention).double().eval()
+    batch = bags.batch(bags.case_ids)
+    batch.features = batch.features.double()
+    with torch.no_grad():
+        assert torch.allclose(model(batch).logits, reference.nested_forward(model, batch), atol=1e-10)
+
+
+def test_bench_runs_end_to_end_on_the_tiny_preset(tmp_path):
+    from stainmil.bench import run_bench
+
+    figures = run_bench(tmp_path, "tiny", "cpu", old_cases=2, log=lambda *_: None)
+    for key in ("backbone_forward_img_s", "extraction_img_s", "extraction_over_forward", "epoch_s_feature_store",
+                "epoch_s_old_way", "epoch_speedup", "vectorised_speedup", "peak_rss_mb"):
+        assert figures[key] > 0, key
+    assert figures["max_abs_logit_difference"] < 1e-5
+    assert list(tmp_path.glob("bench-tiny-cpu-*.json"))
