@@ -83,3 +83,20 @@ def test_preempted_fold_requeues_and_resumes_from_its_checkpoint(slurm, prepared
     assert json.loads((Path(fold_dir) / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     log = "\n".join(p.read_text() for p in (out / "slurm_logs").rglob("*.err"))
     assert "requeu" in log.lower(), log[-2000:]
+
+
+def test_tune_workers_as_a_slurm_array(slurm, prepared, tmp_path):
+    from stainmil.experiments.tune import run_tune
+
+    config = _slurm_config(prepared, tmp_path)
+    config.train.max_epochs = 2
+    config.tune.inner_folds = 2
+    config.tune.study_name = "slurm-study"
+    config.tune.storage = str(tmp_path / "study.journal")
+    config.tune.space = {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
+    logs = []
+    result = run_tune(config, trials=4, workers=2, launcher="slurm", log=logs.append)
+    assert any("submitted 2 SLURM job(s)" in line for line in logs), logs
+    trials = pd.read_csv(result.out_dir / "trials.csv")
+    assert sorted(trials["number"]) == [0, 1, 2, 3]
+    assert (result.out_dir / "best_config.yaml").is_file()
