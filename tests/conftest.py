@@ -45,3 +45,20 @@ def prepared(tiny_cohort, tmp_path_factory) -> Config:
     split_cohort(config)
     extract_features(config, load_manifest(config))
     return config
+
+
+def trained_run(prepared: Config, folder: Path, max_epochs: int, **analysis) -> Path:
+    """Train and evaluate a run on the tiny cohort (``analysis`` overrides config.analysis fields)."""
+    import copy
+
+    from stainmil.evaluate.predict import evaluate_run
+    from stainmil.train.trainer import train
+
+    config = copy.deepcopy(prepared)
+    config.train.runs_dir = str(folder)
+    config.train.max_epochs = max_epochs
+    for key, value in analysis.items():
+        setattr(config.analysis, key, value)
+    run = train(config).run_dir
+    evaluate_run(run)
+    return run

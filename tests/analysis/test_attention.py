@@ -1,4 +1,3 @@
-import copy
 
 import numpy as np
 import pandas as pd
@@ -7,19 +6,12 @@ import torch
 
 from stainmil.analysis.analyze import write_analysis
 from stainmil.analysis.attention import _subset, attention_vs_lesion
-from stainmil.evaluate.predict import evaluate_run
-from stainmil.train.trainer import train
+from tests.conftest import trained_run
 
 
 @pytest.fixture(scope="module")
 def analysed_run(prepared, tmp_path_factory):
-    config = copy.deepcopy(prepared)
-    config.train.runs_dir = str(tmp_path_factory.mktemp("runs"))
-    config.train.max_epochs = 8
-    config.analysis.top_slices = 3
-    config.analysis.deletion_k = 3
-    run = train(config).run_dir
-    evaluate_run(run)
+    run = trained_run(prepared, tmp_path_factory.mktemp("runs"), 8, top_slices=3, deletion_k=3)
     return run, write_analysis(run, "all")
 
 

@@ -1,13 +1,11 @@
 """report.html in a real browser: Debian's Chromium (installed by the test setup) driven by Playwright."""
 
-import copy
 
 import pytest
 
 from stainmil.analysis.analyze import write_analysis
 from stainmil.analysis.report import build_report
-from stainmil.evaluate.predict import evaluate_run
-from stainmil.train.trainer import train
+from tests.conftest import trained_run
 from tests.system_deps import ensure_debian_packages
 
 HOSTILE = '<img src=x onerror="document.title=1">&"'
@@ -17,12 +15,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 @pytest.fixture(scope="module")
 def report(prepared, tmp_path_factory):
-    config = copy.deepcopy(prepared)
-    config.train.runs_dir = str(tmp_path_factory.mktemp("runs"))
-    config.train.max_epochs = 4
-    config.analysis.top_slices = 2
-    run = train(config).run_dir
-    evaluate_run(run)
+    run = trained_run(prepared, tmp_path_factory.mktemp("runs"), 4, top_slices=2)
     analysis = write_analysis(run, "test")
     # text from file names and CSVs may hold markup: rename one case everywhere; it must be escaped, not run
     tables = analysis.tables
