@@ -1,6 +1,6 @@
 """Ablation of the team's next-step methods: baseline vs each method, several seeds, one table.
 
-    python benchmarks/ablation.py [--out ablation_out] [--signal 0.4] [--seeds 3] [--max-epochs 25]
+    python benchmarks/ablation.py [--out ablation_out] [--signal 0.12] [--seeds 3] [--max-epochs 20]
 
 Renders the `real-shape` synthetic preset (~86 cases, 1/3 benign, 1-15 slices per stain) at a harder
 signal level, extracts features once (random DenseNet121 unless --weights says otherwise), then trains
@@ -38,9 +38,9 @@ VARIANTS: dict[str, list[str]] = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="ablation_out")
-    parser.add_argument("--signal", type=float, default=0.4)
+    parser.add_argument("--signal", type=float, default=0.12)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--max-epochs", type=int, default=25)
+    parser.add_argument("--max-epochs", type=int, default=20)
     parser.add_argument("--weights", default="random")
     parser.add_argument("--variants", default="", help="comma-separated subset of variant names")
     args = parser.parse_args()
