@@ -7,6 +7,7 @@ the decision threshold on the validation split only, and writes ``predictions.cs
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,7 +135,10 @@ def predict_unlabelled(checkpoint: str | Path, config: Config, out_dir: str | Pa
 
     state = load_checkpoint(checkpoint)
     model, trained_config = model_from_checkpoint(state)
-    config.features = trained_config.features  # the model only understands features made like its own
+    # the model only understands features made like its own; but they go to this config's own store, never
+    # into the training store (where a new case with a training case's id would find the old case's file)
+    store_dir = config.features.store_dir
+    config.features = dataclasses.replace(trained_config.features, store_dir=store_dir)
     result = build_index(config, require_labels=False)
     write_index(result, config)
     extract_features(config, result.manifest)
