@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,6 +37,14 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+_UNSAFE = re.compile(r"[^\w.\-]+", re.UNICODE)
+
+
+def safe_name(text: object) -> str:
+    """Text usable as (part of) a file name: runs of other characters become '_'."""
+    return _UNSAFE.sub("_", str(text))
 
 
 def atomic_write(path: str | Path, writer: Callable[[Path], Any], suffix: str = "") -> Path:

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,14 +18,10 @@ from stainmil.analysis import figures
 from stainmil.analysis.attention import AttentionTables, analyze_tables
 from stainmil.analysis.heatmaps import draw_heatmap
 from stainmil.config import Config
-from stainmil.io import atomic_write, atomic_write_json, atomic_write_text
+from stainmil.io import atomic_write, atomic_write_json, atomic_write_text, safe_name
 from stainmil.progress import progress_bar
 
-_UNSAFE = re.compile(r"[^\w.\-]+", re.UNICODE)
-
-
-def safe(text: object) -> str:
-    return _UNSAFE.sub("_", str(text))
+safe = safe_name
 
 
 @dataclass

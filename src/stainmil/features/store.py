@@ -13,7 +13,6 @@ Files are written atomically; a file that exists is finished.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import pandas as pd
 
 from stainmil.config import Config
 from stainmil.errors import StoreError
-from stainmil.io import atomic_path, atomic_write_json
+from stainmil.io import atomic_path, atomic_write_json, safe_name
 
 STORE_META = "store.json"
 
@@ -75,12 +74,9 @@ def check_store(store_dir: Path, config: Config) -> StoreMeta:
     return meta
 
 
-_UNSAFE = re.compile(r"[^\w.\-]+", re.UNICODE)
-
-
 def slice_file(store_dir: Path, case: str, stain: str, slice_id: str) -> Path:
     """File of one slice: ``<store>/<case>/<case>__<stain>__<slice>.h5`` (unsafe characters -> '_')."""
-    safe = [_UNSAFE.sub("_", s) for s in (case, stain, slice_id)]
+    safe = [safe_name(s) for s in (case, stain, slice_id)]
     return Path(store_dir) / safe[0] / f"{safe[0]}__{safe[1]}__{safe[2]}.h5"
 
 

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from stainmil.analysis.plots import plot_history
-from stainmil.config import Config, dump_config, load_config
+from stainmil.config import Config, config_to_dict, dump_config, load_config
 from stainmil.data.bags import CohortBags
 from stainmil.data.cohort import load_manifest
 from stainmil.data.splits import Split, load_split, save_split
@@ -208,7 +208,7 @@ def train(config: Config, resume_dir: str | Path | None = None, split: Split | N
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "early_stopping": stopping, "epoch": epoch, "history": history,
             "rng": {"numpy": _rng_state(rng), "torch": torch.get_rng_state()},
-            "config": _config_dict(config), "in_dim": bags.feature_dim,
+            "config": config_to_dict(config), "in_dim": bags.feature_dim,
             "finished": stopped_early or epoch == t.max_epochs,
         }
         if improved:
@@ -260,8 +260,3 @@ def epoch_order(cases: list[str], bags: CohortBags, sampler: str, rng: np.random
         return [cases[i] for i in rng.choice(len(cases), len(cases), replace=True, p=p / p.sum())]
     return [cases[i] for i in rng.permutation(len(cases))]
 
-
-def _config_dict(config: Config) -> dict:
-    from stainmil.config import config_to_dict
-
-    return config_to_dict(config)
