@@ -95,7 +95,32 @@ class FeaturesConfig:
     store_dir: str = _help("Feature store folder; empty = <output_dir>/features/<backbone>-<weights>.",
                            default="")
     device: str = _help("auto | cpu | cuda | cuda:N.", default="auto")
-    seed: int = _help("Seed for `random` weights.", default=0)
+    seed: int = _help("Seed for `random` weights and for the HED jitter of feature views.", default=0)
+    views: int = _help(
+        "Augmented views per patch in the store (cached mode): 1 = plain; 2..8 = the exact flips/90-degree "
+        "rotations; beyond 8 they repeat with HED stain jitter. Training samples one view per patch per epoch.",
+        default=1)
+    view_jitter: float = _help("HED stain jitter strength s of views beyond 8: alpha ~ U(1-s, 1+s), "
+                               "beta ~ U(-s, s) per stain.", default=0.05)
+    mode: Literal["cached", "online"] = _help(
+        "cached: train on the feature store; online: run the backbone on the images inside every training step "
+        "(the old pipeline's way, with its augmentations), optionally fine-tuning it.", default="cached")
+    trainable_blocks: int = _help("online: unfreeze the last n dense blocks of the backbone (0 = frozen, 4 = all).",
+                                  default=0)
+    backbone_lr: float = _help("online: learning rate of the unfrozen backbone blocks.", default=1e-5)
+    gradient_checkpointing: bool = _help("online: recompute the unfrozen blocks' activations in the backward pass "
+                                         "(less memory, more time).", default=False)
+    augment_hed: float = _help("online: HED stain jitter strength of the training augmentation.", default=0.05)
+
+    def __post_init__(self) -> None:
+        if self.views < 1:
+            raise ConfigError(f"features.views must be at least 1 (1 = plain features), got {self.views}.")
+        if not 0 <= self.trainable_blocks <= 4:
+            raise ConfigError(f"features.trainable_blocks must be in 0..4 (dense blocks of DenseNet121), "
+                              f"got {self.trainable_blocks}.")
+        if self.mode == "online" and self.views > 1:
+            raise ConfigError("features.views applies to cached mode (the store); online mode augments the images "
+                              "themselves — set features.views=1 or features.mode=cached.")
 
 
 PerLevelFloat = float | list[float]

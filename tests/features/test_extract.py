@@ -41,12 +41,15 @@ def test_rerun_skips_finished_slices_and_redoes_deleted_ones(prepared):
 def test_features_match_a_direct_forward_pass(prepared):
     import torch
 
+    from PIL import Image
+
     from stainmil.features.backbones import build_backbone
-    from stainmil.features.extract import PatchImages
 
     manifest = load_manifest(prepared).iloc[:4]
     f = prepared.features
-    images = torch.stack([PatchImages(list(manifest["path"]), f.image_size, f.mean, f.std)[i] for i in range(4)])
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB").resize((f.image_size,) * 2, Image.BILINEAR))
+                       for p in manifest["path"]]).astype(np.float32) / 255  # (4, S, S, 3)
+    images = torch.from_numpy((pixels - np.array(f.mean, np.float32)) / np.array(f.std, np.float32)).permute(0, 3, 1, 2)
     with torch.inference_mode():
         direct = build_backbone(f).module(images).numpy()
     stored = load_features(prepared.store_dir, load_manifest(prepared))[:4].astype(np.float32)

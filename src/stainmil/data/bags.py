@@ -9,11 +9,20 @@ A :class:`CaseBatch` holds several cases as one flat feature matrix and three in
     group_stain  (G,)    canonical stain index of each group (he=0, melan=1, sox10=2 by default)
 
 A missing stain or slice is simply absent; softmaxes run over what exists.
+
+Patch embeddings come from one of two sources, and nothing downstream can tell them apart:
+
+* cached (default): rows of the feature store held in memory, (N, D) or a view bank (V, N, D); a
+  training batch (``augment=True``) takes one random view per patch;
+* online: a :class:`PatchEncoder` (``features.mode: online``) runs the backbone on the images of the
+  batch's patches, with training augmentations when ``augment=True``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -43,18 +52,37 @@ class CaseBatch:
         return CaseBatch(**moved)
 
 
+class PatchEncoder(Protocol):
+    """Computes patch embeddings from images during training (online mode)."""
+
+    out_dim: int
+
+    def encode(self, paths: Sequence[str], augment: bool, rng: np.random.Generator | None) -> torch.Tensor:
+        """Image files -> features (P, D) on the encoder's device (with grad where it is trainable)."""
+
+
 class CohortBags:
     """All patches of a cohort (manifest order) with their hierarchy, held in memory once.
 
-    ``features``: (N, D) array (float16 from the store is kept as is; batches are cast to float32).
+    ``features``: (N, D) array or a view bank (V, N, D) (float16 from the store is kept as is; batches
+    are cast to float32); or ``None`` with an ``encoder`` that computes them from the images.
     """
 
-    def __init__(self, manifest: pd.DataFrame, features: np.ndarray, stains: list[str]) -> None:
-        if len(manifest) != len(features):
-            raise DataError(f"manifest has {len(manifest)} rows but the features {len(features)}; re-run extract.")
+    def __init__(self, manifest: pd.DataFrame, features: np.ndarray | None, stains: list[str],
+                 encoder: PatchEncoder | None = None) -> None:
+        if (features is None) == (encoder is None):
+            raise ValueError("CohortBags needs either features or an encoder")
+        if features is not None and features.shape[-2] != len(manifest):
+            raise DataError(f"manifest has {len(manifest)} rows but the features {features.shape[-2]}; "
+                            "re-run extract.")
         manifest = manifest.reset_index(drop=True)
         self.manifest = manifest
-        self.features = torch.from_numpy(np.ascontiguousarray(features))
+        self.encoder = encoder
+        self.view_bank = None if features is None else torch.from_numpy(np.ascontiguousarray(features))
+        if self.view_bank is not None and self.view_bank.ndim == 2:
+            self.view_bank = self.view_bank[None]                    # (1, N, D)
+        self.features = None if features is None else self.view_bank[0]  # (N, D) plain features, no copy
+        self.paths = manifest["path"].to_numpy() if encoder is not None else None
         self.stains = list(stains)
         slice_keys = manifest[["case", "stain", "slice"]].apply(tuple, axis=1)
         codes, uniques = pd.factorize(slice_keys)
@@ -74,7 +102,27 @@ class CohortBags:
 
     @property
     def feature_dim(self) -> int:
-        return int(self.features.shape[1])
+        return self.encoder.out_dim if self.encoder is not None else int(self.features.shape[1])
+
+    @property
+    def n_views(self) -> int:
+        return 1 if self.view_bank is None else int(self.view_bank.shape[0])
+
+    def with_manifest(self, manifest: pd.DataFrame) -> CohortBags:
+        """The same patches (rows, features, encoder) under another hierarchy, e.g. sub-cases."""
+        bank = None if self.view_bank is None else self.view_bank.numpy()
+        return CohortBags(manifest, bank, self.stains, self.encoder)
+
+    def patch_features(self, rows: np.ndarray, augment: bool = False,
+                       rng: np.random.Generator | None = None) -> torch.Tensor:
+        """Features (P, D) float32 of manifest ``rows``; ``augment``: a random view / augmented images."""
+        if self.encoder is not None:
+            return self.encoder.encode(self.paths[rows], augment, rng)
+        index = torch.from_numpy(rows)
+        if augment and self.n_views > 1:
+            views = torch.from_numpy(rng.integers(0, self.n_views, len(rows)))
+            return self.view_bank[views, index].float()
+        return self.features[index].float()
 
     def case_label(self, case: str) -> int:
         return int(self.labels[self.case_index[case]])
@@ -94,10 +142,11 @@ class CohortBags:
         return chosen
 
     def batch(self, cases: list[str], slices: dict[str, list[int]] | None = None, per_slice_cap: int = 0,
-              rng: np.random.Generator | None = None, patch_dropout: float = 0.0) -> CaseBatch:
+              rng: np.random.Generator | None = None, patch_dropout: float = 0.0, augment: bool = False) -> CaseBatch:
         """Build one batch of ``cases``: all slices (or ``slices[case]``), all patches or a random cap per slice.
 
         ``patch_dropout`` then drops that share of each slice's patches at random (keeping at least one).
+        ``augment`` (training): one random feature view per patch, or augmented images online.
         """
         patch_rows, patch_slice, slice_group, slice_rows, group_case, group_stain = [], [], [], [], [], []
         for b, case in enumerate(cases):
@@ -124,7 +173,7 @@ class CohortBags:
                 slice_rows.append(s)
         rows = np.concatenate(patch_rows)
         return CaseBatch(
-            features=self.features[torch.from_numpy(rows)].float(),
+            features=self.patch_features(rows, augment, rng),
             patch_slice=torch.from_numpy(np.concatenate(patch_slice)).long(),
             slice_group=torch.tensor(slice_group, dtype=torch.long),
             group_case=torch.tensor(group_case, dtype=torch.long),
@@ -133,8 +182,19 @@ class CohortBags:
             case_ids=list(cases), patch_rows=rows, slice_rows=np.array(slice_rows),
         )
 
-    def feature_statistics(self, cases: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-dimension mean and std (D,) over every patch of ``cases`` (float64 accumulation)."""
+    def feature_statistics(self, cases: list[str], max_online_patches: int = 2048,
+                           seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-dimension mean and std (D,) over every patch of ``cases`` (float64 accumulation).
+
+        Online, over a seeded sample of at most ``max_online_patches`` of them (plain images, initial backbone).
+        """
         rows = np.concatenate([self.slice_patches[s] for c in cases for s in self.case_slices[c]])
-        x = self.features[torch.from_numpy(rows)].double()
+        if self.encoder is not None:
+            if len(rows) > max_online_patches:
+                rows = np.sort(np.random.default_rng(seed).choice(rows, max_online_patches, replace=False))
+            with torch.inference_mode():
+                x = torch.cat([self.patch_features(rows[i:i + 256]).cpu() for i in range(0, len(rows), 256)])
+            x = x.double()
+        else:
+            x = self.features[torch.from_numpy(rows)].double()
         return x.mean(0).float(), x.std(0).clamp_min(1e-6).float()

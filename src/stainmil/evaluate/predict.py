@@ -141,7 +141,11 @@ def predict_unlabelled(checkpoint: str | Path, config: Config, out_dir: str | Pa
     config.features = dataclasses.replace(trained_config.features, store_dir=store_dir)
     result = build_index(config, require_labels=False)
     write_index(result, config)
-    extract_features(config, result.manifest)
+    from stainmil.features.online import backbone_from_checkpoint
+
+    # an online run that fine-tuned its backbone saved it in the checkpoint; its features need that backbone
+    tuned = backbone_from_checkpoint(state, trained_config, resolve_device(config.features.device))
+    extract_features(config, result.manifest, backbone=tuned)
     check_store(config.store_dir, config)
     bags = CohortBags(result.manifest, load_features(config.store_dir, result.manifest), trained_config.data.stains)
     predictions = predict_cases(model, bags, bags.case_ids, resolve_device(config.train.device))

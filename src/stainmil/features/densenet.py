@@ -96,8 +96,23 @@ class DenseNet121(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, H, W) normalised images -> (B, 1024) pooled features."""
-        maps = F.relu(self.features(x))                          # (B, 1024, H/32, W/32)
-        return torch.flatten(F.adaptive_avg_pool2d(maps, 1), 1)  # (B, 1024)
+        return self.pool(self.features(x))
+
+    @staticmethod
+    def pool(maps: torch.Tensor) -> torch.Tensor:
+        """Feature maps (B, 1024, h, w) -> (B, 1024): ReLU then global average pool."""
+        return torch.flatten(F.adaptive_avg_pool2d(F.relu(maps), 1), 1)
+
+    def tail_start(self, n_blocks: int) -> int:
+        """Index in ``features`` where the last ``n_blocks`` dense blocks begin (``len(features)`` for 0).
+
+        The tail holds those blocks, the transitions between them and the final norm.
+        """
+        if not 0 <= n_blocks <= len(self.block_config):
+            raise ValueError(f"n_blocks must be in 0..{len(self.block_config)}, got {n_blocks}")
+        if n_blocks == 0:
+            return len(self.features)
+        return list(self.features._modules).index(f"denseblock{len(self.block_config) - n_blocks + 1}")
 
 
 def remap_legacy_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

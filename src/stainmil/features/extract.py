@@ -1,8 +1,13 @@
 """Extract backbone features once per patch into the feature store (resumable, atomic per slice).
 
-Patches are decoded by DataLoader workers in parallel with the forward pass; the frozen backbone
-runs in ``inference_mode`` with channels_last (and autocast on GPU); finished slices are handed
-to a writer thread so HDF5 writes stay off the critical path. Re-running skips finished slices.
+Patches are decoded by DataLoader workers in parallel with the forward pass and cross to the main
+process as uint8 (4x less than float); scaling, normalising and the feature views happen on the
+backbone's device. The frozen backbone runs in ``inference_mode`` with channels_last (and bf16
+autocast on GPU); finished slices are handed to a writer thread so HDF5 writes stay off the
+critical path. Re-running skips finished slices.
+
+With ``features.views: V > 1`` every patch is forwarded V times (see ``stainmil.features.augment``):
+the plain image, its flips/rotations, then HED-jittered ones; the store keeps all V.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from stainmil.config import Config, dump_config
+from stainmil.features.augment import make_view, normalise, view_jitter
 from stainmil.features.backbones import Backbone, build_backbone
 from stainmil.features.store import (
     STORE_META,
@@ -25,6 +31,7 @@ from stainmil.features.store import (
     check_store,
     slice_file,
     slice_groups,
+    view_settings,
     weights_label,
     write_slice,
 )
@@ -47,21 +54,45 @@ def load_patch(path: str, image_size: int) -> np.ndarray:
 
 
 class PatchImages(Dataset):
-    """Patch files -> normalised float tensors (3, S, S)."""
+    """Patch files -> uint8 tensors (3, S, S); with ``views > 1`` also each view's HED jitter (views, 2, 3).
 
-    def __init__(self, paths: list[str], image_size: int, mean: list[float], std: list[float]) -> None:
-        self.paths = paths
-        self.image_size = image_size
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
+    ``keys`` (one stable id per patch) seed the jitter, so a patch's views never depend on batching.
+    """
+
+    def __init__(self, paths: list[str], image_size: int, keys: list[str] | None = None, views: int = 1,
+                 jitter: float = 0.0, seed: int = 0) -> None:
+        self.paths, self.image_size = paths, image_size
+        self.keys, self.views, self.jitter, self.seed = keys, views, jitter, seed
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        array = load_patch(self.paths[index], self.image_size)
-        tensor = torch.from_numpy(array).permute(2, 0, 1).float().div_(255)  # (3, S, S)
-        return (tensor - self.mean) / self.std
+    def __getitem__(self, index: int):
+        image = torch.from_numpy(load_patch(self.paths[index], self.image_size)).permute(2, 0, 1)  # (3, S, S)
+        if self.views == 1:
+            return image
+        return image, torch.from_numpy(view_jitter(self.keys[index], self.views, self.jitter, self.seed))
+
+
+def patch_keys(rows: pd.DataFrame) -> list[str]:
+    """Stable id of each patch: ``case/stain/slice/patch`` (independent of where the files live)."""
+    return [f"{c}/{s}/{sl}/{p}" for c, s, sl, p in zip(rows["case"], rows["stain"], rows["slice"], rows["patch"])]
+
+
+def encode_views(model: torch.nn.Module, images: torch.Tensor, jitter: torch.Tensor | None, views: int,
+                 mean: list[float], std: list[float]) -> torch.Tensor:
+    """uint8 images (B, 3, S, S) on the model's device -> features (B, D), or (views, B, D) with views > 1.
+
+    jitter: (B, views, 2, 3) from :func:`~stainmil.features.augment.view_jitter` (None with one view).
+    """
+    x = images.float().div_(255)
+    out = []
+    for view in range(views):
+        xv = x if view == 0 else make_view(x, view, jitter[:, view])
+        xv = normalise(xv, mean, std).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+            out.append(model(xv).float())
+    return out[0] if views == 1 else torch.stack(out)
 
 
 @dataclass
@@ -82,9 +113,9 @@ def _prepare_store(config: Config, backbone: Backbone, store_dir: Path) -> Store
     meta = StoreMeta(backbone=config.features.backbone, weights=weights_label(config),
                      weights_hash=backbone.weights_hash, image_size=config.features.image_size,
                      mean=list(config.features.mean), std=list(config.features.std),
-                     feature_dim=backbone.out_dim, dtype=config.features.dtype)
+                     feature_dim=backbone.out_dim, dtype=config.features.dtype, **view_settings(config))
     if (store_dir / STORE_META).is_file():
-        existing = check_store(store_dir, config)
+        existing = check_store(store_dir, config, extracting=True)
         if existing.weights_hash != meta.weights_hash:
             from stainmil.errors import StoreError
 
@@ -114,6 +145,7 @@ def extract_features(config: Config, manifest: pd.DataFrame, backbone: Backbone 
         groups = groups[shard[0]::shard[1]]
     pending = [(key, rows) for key, rows in groups if not slice_file(store_dir, *key).is_file()]
     paths = [p for _, rows in pending for p in rows["path"]]
+    keys = [k for _, rows in pending for k in patch_keys(rows)]
     summary = ExtractSummary(store_dir, len(groups), len(groups) - len(pending), 0, 0, 0.0)
     if not pending:
         summary.seconds = time.perf_counter() - start
@@ -122,7 +154,8 @@ def extract_features(config: Config, manifest: pd.DataFrame, backbone: Backbone 
     device = resolve_device(config.features.device)
     model = backbone.module.to(device).to(memory_format=torch.channels_last)
     f = config.features
-    loader = DataLoader(PatchImages(paths, f.image_size, f.mean, f.std), batch_size=f.batch_size, shuffle=False,
+    dataset = PatchImages(paths, f.image_size, keys, meta.views, meta.view_jitter, meta.view_seed)
+    loader = DataLoader(dataset, batch_size=f.batch_size, shuffle=False,
                         num_workers=f.num_workers, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if f.num_workers > 0 else None, persistent_workers=False)
     dtype = np.dtype(meta.dtype)
@@ -136,10 +169,11 @@ def extract_features(config: Config, manifest: pd.DataFrame, backbone: Backbone 
         nonlocal buffered, n_buffered, next_slice
         while next_slice < len(pending) and n_buffered >= len(pending[next_slice][1]):
             (case, stain, slice_id), rows = pending[next_slice]
-            block = np.concatenate(buffered) if len(buffered) > 1 else buffered[0]
+            block = np.concatenate(buffered, axis=-2) if len(buffered) > 1 else buffered[0]
             n = len(rows)
-            features, rest = block[:n], block[n:]
-            buffered, n_buffered = ([rest] if len(rest) else []), len(rest)
+            features, rest = block[..., :n, :], block[..., n:, :]     # (N, D) or (V, N, D)
+            n_buffered = rest.shape[-2]
+            buffered = [rest] if n_buffered else []
             coords = rows[["x", "y"]].to_numpy()
             attrs = {"case": case, "stain": stain, "slice": slice_id, "backbone": meta.backbone,
                      "weights": meta.weights, "weights_hash": meta.weights_hash, "image_size": meta.image_size,
@@ -149,14 +183,14 @@ def extract_features(config: Config, manifest: pd.DataFrame, backbone: Backbone 
             summary.slices_written += 1
             next_slice += 1
 
-    use_autocast = device.type == "cuda"
     try:
         with torch.inference_mode(), progress_bar("extract: patches", total=len(paths)) as advance:
-            for images in loader:
-                images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
-                    features = model(images)                       # (B, D)
-                buffered.append(features.float().cpu().numpy().astype(dtype, copy=False))
+            for item in loader:
+                images, jitter = item if meta.views > 1 else (item, None)
+                images = images.to(device, non_blocking=True)
+                jitter = jitter.to(device) if jitter is not None else None
+                features = encode_views(model, images, jitter, meta.views, f.mean, f.std)  # (B, D) | (V, B, D)
+                buffered.append(features.cpu().numpy().astype(dtype, copy=False))
                 n_buffered += len(images)
                 summary.patches_written += len(images)
                 flush_finished_slices()

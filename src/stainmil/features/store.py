@@ -2,7 +2,9 @@
 
 Per slice file (dataset names as in CLAM/TRIDENT, so their files read too)::
 
-    features   (N, D) float16 | float32   backbone features, one row per patch
+    features   (N, D) float16 | float32   backbone features, one row per patch (the plain image)
+    augmented_features (V-1, N, D)        only with ``features.views: V > 1``: views 1..V-1 (flips/rotations,
+                                          then HED jitter; see ``stainmil.features.augment``)
     coords     (N, 2) int64               x, y of each patch in the slice (-1 when unknown)
     patch_ids  (N,)   utf-8 text          patch id from the file name
     attrs: case, stain, slice, backbone, weights, weights_hash, image_size, mean, std
@@ -37,6 +39,9 @@ class StoreMeta:
     std: list[float]
     feature_dim: int
     dtype: str
+    views: int = 1           # feature views per patch (1 = plain store)
+    view_jitter: float = 0.0  # HED jitter strength of views beyond 8 (0 when there are none)
+    view_seed: int = 0        # seed of that jitter
 
     @classmethod
     def read(cls, store_dir: Path) -> StoreMeta:
@@ -63,14 +68,32 @@ def expected_settings(config: Config) -> dict:
             "mean": list(f.mean), "std": list(f.std)}
 
 
-def check_store(store_dir: Path, config: Config) -> StoreMeta:
-    """Refuse a store made with other settings than ``config`` asks for, naming the setting."""
+def view_settings(config: Config) -> dict:
+    """What the config asks of a store's views (jitter settings only matter beyond the 8 symmetries)."""
+    f = config.features
+    jittered = f.views > 8
+    return {"views": f.views, "view_jitter": f.view_jitter if jittered else 0.0, "view_seed": f.seed if jittered else 0}
+
+
+def check_store(store_dir: Path, config: Config, extracting: bool = False) -> StoreMeta:
+    """Refuse a store made with other settings than ``config`` asks for, naming the setting.
+
+    Training may use the first ``features.views`` views of a store that holds more; extraction into an
+    existing store needs the very same views.
+    """
     meta = StoreMeta.read(store_dir)
     for key, value in expected_settings(config).items():
         if getattr(meta, key) != value:
             raise StoreError(f"feature store {store_dir} was made with {key}={getattr(meta, key)!r} but the config "
                              f"asks for {value!r}; re-run `stainmil extract` or point features.store_dir at a "
                              "matching store.")
+    wanted = view_settings(config)
+    held = {key: getattr(meta, key) for key in wanted}
+    same_jitter = wanted["views"] <= 8 or all(held[k] == wanted[k] for k in ("view_jitter", "view_seed"))
+    usable = held == wanted if extracting else (wanted["views"] <= held["views"] and same_jitter)
+    if not usable:
+        raise StoreError(f"feature store {store_dir} holds views {held} but the config asks for {wanted}; extract "
+                         "into a new features.store_dir (or set features.views to what the store holds).")
     return meta
 
 
@@ -81,9 +104,13 @@ def slice_file(store_dir: Path, case: str, stain: str, slice_id: str) -> Path:
 
 
 def write_slice(path: Path, features: np.ndarray, coords: np.ndarray, patch_ids: list[str], attrs: dict) -> None:
-    """Write one slice file atomically. features: (N, D); coords: (N, 2)."""
+    """Write one slice file atomically. features: (N, D) or (V, N, D) with views; coords: (N, 2)."""
     with atomic_path(path, suffix=".h5") as tmp:
         with h5py.File(tmp, "w") as h5:
+            if features.ndim == 3:
+                if len(features) > 1:
+                    h5.create_dataset("augmented_features", data=features[1:])
+                features = features[0]
             h5.create_dataset("features", data=features)
             h5.create_dataset("coords", data=coords.astype(np.int64))
             h5.create_dataset("patch_ids", data=np.array(patch_ids, dtype=object), dtype=h5py.string_dtype())
@@ -91,10 +118,15 @@ def write_slice(path: Path, features: np.ndarray, coords: np.ndarray, patch_ids:
                 h5.attrs[key] = value
 
 
-def read_slice(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Read (features (N, D), coords (N, 2), patch ids) of one slice file (CLAM/TRIDENT files too)."""
+def read_slice(path: Path, views: int = 1) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Read (features, coords (N, 2), patch ids) of one slice file (CLAM/TRIDENT files too).
+
+    features: (N, D) with ``views=1``, else the first ``views`` views (views, N, D).
+    """
     with h5py.File(path, "r") as h5:
         features = h5["features"][()]
+        if views > 1:
+            features = np.concatenate([features[None], h5["augmented_features"][:views - 1]])
         coords = h5["coords"][()] if "coords" in h5 else np.full((len(features), 2), -1)
         ids = [i.decode() if isinstance(i, bytes) else str(i) for i in h5["patch_ids"][()]] \
             if "patch_ids" in h5 else [str(i) for i in range(len(features))]
@@ -106,24 +138,29 @@ def slice_groups(manifest: pd.DataFrame) -> list[tuple[tuple[str, str, str], pd.
     return list(manifest.groupby(["case", "stain", "slice"], sort=False))
 
 
-def load_features(store_dir: Path, manifest: pd.DataFrame) -> np.ndarray:
-    """Features for every manifest row, (N, D) in manifest order, read once into memory.
+def load_features(store_dir: Path, manifest: pd.DataFrame, views: int = 1) -> np.ndarray:
+    """Features for every manifest row in manifest order, read once into memory.
 
-    Raises if a slice is missing or its patches do not match the manifest.
+    Returns (N, D), or (views, N, D) with ``views > 1``. Raises if a slice is missing or its patches
+    do not match the manifest.
     """
     store_dir = Path(store_dir)
     meta = StoreMeta.read(store_dir)
-    out = np.empty((len(manifest), meta.feature_dim), dtype=np.dtype(meta.dtype))
+    if views > meta.views:
+        raise StoreError(f"feature store {store_dir} holds {meta.views} view(s) per patch, not {views}; extract "
+                         "with features.views set, into a new features.store_dir.")
+    shape = (len(manifest), meta.feature_dim) if views == 1 else (views, len(manifest), meta.feature_dim)
+    out = np.empty(shape, dtype=np.dtype(meta.dtype))
     positions = pd.Series(np.arange(len(manifest)), index=manifest.index)
     for (case, stain, slice_id), rows in slice_groups(manifest):
         path = slice_file(store_dir, case, stain, slice_id)
         if not path.is_file():
             raise StoreError(f"feature store {store_dir} has no file for case {case} {stain} slice {slice_id}; run "
                              "`stainmil extract` (it resumes where it stopped).")
-        features, _, ids = read_slice(path)
+        features, _, ids = read_slice(path, views)
         if ids != list(rows["patch"]):
             raise StoreError(f"{path} holds {len(ids)} patches that differ from the manifest's {len(rows)} for this "
                              "slice; the patch folder changed since extraction — delete the file and re-run "
                              "`stainmil extract`.")
-        out[positions.loc[rows.index].to_numpy()] = features
+        out[..., positions.loc[rows.index].to_numpy(), :] = features
     return out

@@ -73,11 +73,15 @@ class AdaptiveWeightDecay:
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig):
-    """The configured optimizer; with ``weight_decay_mode: adaptive`` wrapped in AdaDecay."""
+def build_optimizer(model: nn.Module, config: TrainConfig, extra_groups: list[dict] | None = None):
+    """The configured optimizer; with ``weight_decay_mode: adaptive`` wrapped in AdaDecay.
+
+    ``extra_groups``: more parameter groups with their own settings (e.g. a fine-tuned backbone's lr).
+    """
     cls = OPTIMIZERS[config.optimizer]
+    groups = [{"params": list(model.parameters())}, *(extra_groups or [])]
     if config.weight_decay_mode == "adaptive":
-        base = cls(model.parameters(), lr=config.lr, weight_decay=0.0)
+        base = cls(groups, lr=config.lr, weight_decay=0.0)
         return AdaptiveWeightDecay(base, config.weight_decay, config.adaptive_decay_alpha,
                                    config.decoupled_weight_decay)
-    return cls(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return cls(groups, lr=config.lr, weight_decay=config.weight_decay)

@@ -4,15 +4,21 @@ Per epoch: the training cases are shuffled, grouped into batches of ``train.case
 each slice contributes a fresh random ``data.per_slice_cap`` patches; ``data.max_slices_per_stain``
 slices per stain are chosen once per run. Validation uses every patch of every slice.
 
+Patch embeddings come from the feature store (``features.mode: cached``; with ``features.views``
+one random view per patch per step) or from the backbone run on the images in the step
+(``online``, see ``stainmil.features.online``); everything else is the same loop.
+
 Run folder (``runs/run_YYYYMMDD_HHMMSS/``)::
 
     config.yaml  data_splits.npz  status.json  history.csv  curves.png
     checkpoints/best.pth  checkpoints/last.pth
+    (online mode) features/   the trained backbone's features of every patch, written when training ends
     (after evaluation) predictions.csv  metrics.json  results.txt  confusion_matrix.png  roc_curve.png
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -34,7 +40,7 @@ from stainmil.data.subcases import expand_subcases
 from stainmil.errors import DataError, TrainingError
 from stainmil.evaluate.metrics import binary_metrics
 from stainmil.features.extract import resolve_device
-from stainmil.features.store import check_store, load_features
+from stainmil.features.store import STORE_META, check_store, load_features
 from stainmil.io import atomic_write, atomic_write_json
 from stainmil.model.hierarchical import HierarchicalMIL
 from stainmil.model.regularizers import AttentionRegularizer
@@ -64,17 +70,30 @@ def new_run_dir(runs_dir: Path) -> Path:
     return path
 
 
-def load_cohort(config: Config, split: Split | None = None) -> tuple[CohortBags, Split]:
-    """Manifest + split + feature store of ``config``, validated against each other."""
+def load_cohort(config: Config, split: Split | None = None, training: bool = False) -> tuple[CohortBags, Split]:
+    """Manifest + split + patch features of ``config``, validated against each other.
+
+    ``training``: cached mode loads ``features.views`` views per patch; online mode loads no features
+    but an encoder that computes them from the images. Otherwise (evaluation, analysis) the plain
+    features of the store — for an online run, its own store of the trained backbone.
+    """
     manifest = load_manifest(config)
     cases = set(manifest["case"])
     split = split or load_split(config.split_file, cases)
     for name in ("train", "val"):
         if not split.subset(name):
             raise DataError(f"the {name} split of {config.split_file} is empty; re-split with more cases.")
+    online = config.features.mode == "online"
+    if online and training:
+        from stainmil.features.online import OnlineEncoder
+
+        return CohortBags(manifest, None, config.data.stains, OnlineEncoder(config, resolve_device(config.train.device))), split
+    if online and not (config.store_dir / STORE_META).is_file():
+        raise TrainingError(f"this online run has no store of its trained backbone's features yet ({config.store_dir}); "
+                            "finish training first: `stainmil train --resume <run folder>`.")
     check_store(config.store_dir, config)
-    features = load_features(config.store_dir, manifest)
-    return CohortBags(manifest, features, config.data.stains), split
+    views = config.features.views if training else 1
+    return CohortBags(manifest, load_features(config.store_dir, manifest, views), config.data.stains), split
 
 
 def _set_status(run_dir: Path, state: str, **extra: object) -> None:
@@ -115,10 +134,13 @@ def train(config: Config, resume_dir: str | Path | None = None, split: Split | N
             raise TrainingError(f"{run_dir} is not a run folder (no config.yaml); pass runs/run_…/ to --resume.")
         config = load_config(run_dir / "config.yaml")
         split = load_split(run_dir / "data_splits.npz")
-    bags, split = load_cohort(config, split)
+    bags, split = load_cohort(config, split, training=True)
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config.runs_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume_dir is None:
+        if config.features.mode == "online":  # the trained backbone's features go to the run's own store
+            config = copy.deepcopy(config)
+            config.features.store_dir = str((run_dir / "features").resolve())
         dump_config(config, run_dir / "config.yaml")
         save_split(split, run_dir / "data_splits.npz")
 
@@ -127,9 +149,11 @@ def train(config: Config, resume_dir: str | Path | None = None, split: Split | N
     torch.manual_seed(t.seed)
     model = HierarchicalMIL(bags.feature_dim, config.model)
     if config.model.standardize_features:
-        model.set_feature_statistics(*bags.feature_statistics(split.train))
+        model.set_feature_statistics(*bags.feature_statistics(split.train, seed=t.seed))
     model.to(device)
-    optimizer = build_optimizer(model, t)
+    encoder = bags.encoder
+    tuned = encoder.trainable_parameters() if encoder is not None else []
+    optimizer = build_optimizer(model, t, [{"params": tuned, "lr": config.features.backbone_lr}] if tuned else [])
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(getattr(optimizer, "optimizer", optimizer), mode="min",
                                                            factor=t.scheduler_factor, patience=t.scheduler_patience)
     train_labels = np.array([bags.case_label(c) for c in split.train])
@@ -143,7 +167,7 @@ def train(config: Config, resume_dir: str | Path | None = None, split: Split | N
     if config.data.subcases > 1:
         manifest, train_cases = expand_subcases(bags.manifest, split.train, config.data.subcases,
                                                 config.data.subcase_mode, np.random.default_rng([t.seed, 2]))
-        train_bags = CohortBags(manifest, bags.features.numpy(), config.data.stains)
+        train_bags = bags.with_manifest(manifest)
     slices = train_bags.choose_slices(train_cases, config.data.max_slices_per_stain,
                                       np.random.default_rng([t.seed, 1]))
     step = TrainingStep(model, optimizer, loss_fn, regularizer, weights, config)
@@ -155,6 +179,8 @@ def train(config: Config, resume_dir: str | Path | None = None, split: Split | N
     if resume_dir is not None and last.is_file():
         state = load_checkpoint(last)
         model.load_state_dict(state["model"])
+        if tuned:
+            encoder.load_tail_state(state["backbone"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         stopping = dict(state["early_stopping"])
@@ -177,7 +203,8 @@ def train(config: Config, resume_dir: str | Path | None = None, split: Split | N
         terms: dict[str, float] = {}
         with progress_bar(f"epoch {epoch}", total=len(batches)) as advance:
             for cases in batches:
-                batch = train_bags.batch(cases, slices, config.data.per_slice_cap, rng, t.patch_dropout).to(device)
+                batch = train_bags.batch(cases, slices, config.data.per_slice_cap, rng, t.patch_dropout,
+                                         augment=True).to(device)
                 try:
                     for name, value in step(batch, epoch).items():
                         terms[name] = terms.get(name, 0.0) + value * len(cases)
@@ -211,6 +238,8 @@ def train(config: Config, resume_dir: str | Path | None = None, split: Split | N
             "config": config_to_dict(config), "in_dim": bags.feature_dim,
             "finished": stopped_early or epoch == t.max_epochs,
         }
+        if tuned:
+            state["backbone"] = encoder.tail_state()
         if improved:
             save_checkpoint(run_dir / "checkpoints" / "best.pth", state)
         save_checkpoint(last, state)
@@ -220,8 +249,20 @@ def train(config: Config, resume_dir: str | Path | None = None, split: Split | N
         _set_status(run_dir, "training", epoch=epoch)
         if on_epoch_end is not None:
             on_epoch_end(epoch, history[-1])
+    if encoder is not None:
+        _set_status(run_dir, "extracting", epoch=len(history))
+        extract_with_trained_backbone(config, run_dir, bags)
     _set_status(run_dir, "trained", epoch=len(history), best_epoch=stopping["best_epoch"])
     return TrainResult(run_dir, stopping["best_epoch"], len(history), stopping["best_val_loss"], stopped_early)
+
+
+def extract_with_trained_backbone(config: Config, run_dir: Path, bags: CohortBags) -> None:
+    """Online runs: the best checkpoint's backbone extracts every patch into the run's store (resumable)."""
+    from stainmil.features.extract import extract_features
+
+    if bags.encoder.trainable_parameters():
+        bags.encoder.load_tail_state(load_checkpoint(run_dir / "checkpoints" / "best.pth")["backbone"])
+    extract_features(config, bags.manifest, backbone=bags.encoder.as_backbone())
 
 
 class TrainingStep:

@@ -1,0 +1,135 @@
+"""Online (end-to-end) mode: the backbone runs on the patch images inside every training step.
+
+``features.mode: online`` replaces the feature store as the source of patch embeddings; the model
+head, the training loop and the run folder stay the same. Training batches get the old pipeline's
+augmentations (random resized crop, flips/rotations, HED and brightness/contrast jitter), drawn from
+the trainer's seeded generator, so a resumed run repeats them exactly.
+
+``features.trainable_blocks: n`` fine-tunes the last n dense blocks (their own learning rate,
+``features.backbone_lr``); the frozen stem runs without autograd. BatchNorm layers keep their
+ImageNet running statistics (eval mode), as is usual when batches are one case's patches.
+``features.gradient_checkpointing`` recomputes the tail's activations in the backward pass; on a
+GPU the backbone runs under bf16 autocast.
+
+When training ends, the best checkpoint's backbone extracts every patch once into the run's own
+store (``<run>/features``), so evaluation, attention analysis and the report run unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from stainmil.config import Config, FeaturesConfig
+from stainmil.errors import ConfigError
+from stainmil.features.augment import normalise, train_augment
+from stainmil.features.backbones import Backbone, build_backbone, state_dict_hash
+from stainmil.features.extract import load_patch
+
+
+def split_backbone(module: nn.Module, trainable_blocks: int) -> tuple[nn.Module, nn.Module | None, str]:
+    """(frozen stem, trainable tail or None, state-dict prefix of the tail) of a backbone.
+
+    Fine-tuning needs a backbone with dense blocks (``tail_start`` and ``pool``, as DenseNet121 has).
+    """
+    if trainable_blocks == 0:
+        return module, None, ""
+    if not all(hasattr(module, a) for a in ("tail_start", "pool", "features")):
+        raise ConfigError(f"features.trainable_blocks={trainable_blocks} needs a backbone with dense blocks "
+                          f"(densenet121); {type(module).__name__} has none — set features.trainable_blocks=0.")
+    start = module.tail_start(trainable_blocks)
+    layers = list(module.features.children())
+    return nn.Sequential(*layers[:start]), nn.Sequential(*layers[start:]), "features."
+
+
+class OnlineEncoder:
+    """Images -> patch features (P, D) on ``device``, with training augmentations and a trainable tail."""
+
+    def __init__(self, config: Config, device: torch.device, backbone: Backbone | None = None) -> None:
+        f: FeaturesConfig = config.features
+        self.config, self.device = f, device
+        self.backbone = backbone or build_backbone(f)
+        self.module = self.backbone.module.to(device).to(memory_format=torch.channels_last)
+        self.out_dim = self.backbone.out_dim
+        self.stem, self.tail, prefix = split_backbone(self.module, f.trainable_blocks)
+        self.tail_keys: list[str] = []
+        if self.tail is not None:
+            start = self.module.tail_start(f.trainable_blocks)
+            names = list(self.module.features._modules)[start:]
+            self.tail_keys = [k for k in self.module.state_dict() if any(k.startswith(f"{prefix}{n}.") for n in names)]
+            for p in self.tail.parameters():
+                p.requires_grad_(True)
+        self.readers = ThreadPoolExecutor(max_workers=max(1, f.num_workers))  # PIL decodes without the GIL
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [] if self.tail is None else list(self.tail.parameters())
+
+    def read(self, paths: Sequence[str]) -> torch.Tensor:
+        """uint8 images (P, 3, S, S), decoded by a thread pool."""
+        size = self.config.image_size
+        arrays = list(self.readers.map(lambda p: load_patch(p, size), paths))
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+    def encode(self, paths: Sequence[str], augment: bool, rng: np.random.Generator | None) -> torch.Tensor:
+        """Features (P, D) float32 of the images at ``paths``; augmented with ``augment`` (needs ``rng``)."""
+        f = self.config
+        generator = None
+        if augment:
+            generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        images = self.read(paths)
+        out = []
+        for chunk in images.split(f.batch_size):
+            x = chunk.to(self.device, non_blocking=True).float().div_(255)
+            if generator is not None:
+                x = train_augment(x, generator, hed_strength=f.augment_hed)
+            x = normalise(x, f.mean, f.std).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                out.append(self._forward(x).float())
+        return torch.cat(out)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images (B, 3, S, S) -> features (B, D); autograd only through the tail."""
+        if self.tail is None:
+            with torch.no_grad():
+                return self.module(x)
+        with torch.no_grad():
+            maps = self.stem(x)
+        grad = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+        if grad and self.config.gradient_checkpointing:
+            for layer in self.tail:
+                maps = checkpoint(layer, maps, use_reentrant=False)
+        else:
+            maps = self.tail(maps)
+        return self.module.pool(maps)
+
+    def tail_state(self) -> dict[str, torch.Tensor]:
+        """The fine-tuned part of the backbone's state dict (empty when frozen)."""
+        state = self.module.state_dict()
+        return {k: state[k].detach().cpu().clone() for k in self.tail_keys}
+
+    def load_tail_state(self, state: dict[str, torch.Tensor]) -> None:
+        if set(state) != set(self.tail_keys):
+            from stainmil.errors import TrainingError
+
+            raise TrainingError("the checkpoint's backbone tail does not match features.trainable_blocks of the "
+                                "run's config; resume with the run's own config.yaml.")
+        self.module.load_state_dict(state, strict=False)
+
+    def as_backbone(self) -> Backbone:
+        """The backbone as it is now (fine-tuned tail included), for extraction."""
+        b = self.backbone
+        return Backbone(b.name, self.module, b.out_dim, b.weights_id, state_dict_hash(self.module))
+
+
+def backbone_from_checkpoint(state: dict, config: Config, device: torch.device) -> Backbone | None:
+    """The fine-tuned backbone saved in a checkpoint (``state['backbone']``), or None when it has none."""
+    if not state.get("backbone"):
+        return None
+    encoder = OnlineEncoder(config, device)
+    encoder.load_tail_state(state["backbone"])
+    return encoder.as_backbone()
