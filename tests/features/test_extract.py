@@ -40,7 +40,6 @@ def test_rerun_skips_finished_slices_and_redoes_deleted_ones(prepared):
 
 def test_features_match_a_direct_forward_pass(prepared):
     import torch
-
     from PIL import Image
 
     from stainmil.features.backbones import build_backbone

@@ -87,10 +87,11 @@ def load_cohort(config: Config, split: Split | None = None, training: bool = Fal
     if online and training:
         from stainmil.features.online import OnlineEncoder
 
-        return CohortBags(manifest, None, config.data.stains, OnlineEncoder(config, resolve_device(config.train.device))), split
+        encoder = OnlineEncoder(config, resolve_device(config.train.device))
+        return CohortBags(manifest, None, config.data.stains, encoder), split
     if online and not (config.store_dir / STORE_META).is_file():
-        raise TrainingError(f"this online run has no store of its trained backbone's features yet ({config.store_dir}); "
-                            "finish training first: `stainmil train --resume <run folder>`.")
+        raise TrainingError(f"this online run has no store of its trained backbone's features yet "
+                            f"({config.store_dir}); finish training first: `stainmil train --resume <run folder>`.")
     check_store(config.store_dir, config)
     views = config.features.views if training else 1
     return CohortBags(manifest, load_features(config.store_dir, manifest, views), config.data.stains), split
