@@ -126,3 +126,64 @@ def test_empty_split_is_refused(prepared, tmp_path):
     split = load_split(prepared.split_file)
     with pytest.raises(DataError, match="val split"):
         train(prepared, split=Split(split.train + split.val, [], split.test))
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_online_fine_tuning_run_resumes_exactly_and_evaluates_on_its_own_store(prepared, tmp_path):
+    """Online mode, last dense block trained: a crash after epoch 2 + resume == an uninterrupted run."""
+    import numpy as np
+
+    from stainmil.data.cohort import load_manifest
+    from stainmil.evaluate.predict import predict_unlabelled
+    from stainmil.features.store import load_features
+
+    config = copy.deepcopy(prepared)
+    config.features.mode = "online"
+    config.features.trainable_blocks = 1
+    config.features.backbone_lr = 1e-3
+    config.train.max_epochs = 3
+    config.train.runs_dir = str(tmp_path / "full")
+    full = train(config).run_dir
+    assert json.loads((full / "status.json").read_text())["state"] == "trained"
+    state = load_checkpoint(full / "checkpoints" / "best.pth")
+    assert state["backbone"] and all(k.startswith("features.denseblock4.") or k.startswith("features.norm5.")
+                                     for k in state["backbone"])
+    assert len(state["optimizer"]["param_groups"]) == 2
+    assert state["optimizer"]["param_groups"][1]["lr"] == pytest.approx(1e-3)
+
+    config.train.runs_dir = str(tmp_path / "crashed")
+
+    def crash(epoch, row):
+        if epoch == 2:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        train(config, on_epoch_end=crash)
+    run = next((tmp_path / "crashed").glob("run_*"))
+    with pytest.raises(TrainingError, match="finish training first"):
+        evaluate_run(run)                                  # no store of the trained backbone yet
+    train(config, resume_dir=run)
+    assert _history(run).equals(_history(full))
+    resumed = load_checkpoint(run / "checkpoints" / "last.pth")
+    uninterrupted = load_checkpoint(full / "checkpoints" / "last.pth")
+    for part in ("model", "backbone"):
+        for key in uninterrupted[part]:
+            assert torch.equal(resumed[part][key], uninterrupted[part][key]), (part, key)
+
+    # the run's own store holds features of the fine-tuned backbone, not of the initial one
+    manifest = load_manifest(prepared)
+    tuned = load_features(full / "features", manifest).astype(np.float32)
+    initial = load_features(prepared.store_dir, manifest).astype(np.float32)
+    assert tuned.shape == initial.shape and not np.allclose(tuned, initial, atol=1e-2)
+    metrics = evaluate_run(full).metrics
+    assert set(metrics["splits"]) == {"train", "val", "test"}
+
+    # predicting new cases uses the fine-tuned backbone too
+    new = copy.deepcopy(prepared)
+    new.output_dir = str(tmp_path / "new")
+    new.features.store_dir = str(tmp_path / "new" / "store")
+    predict_unlabelled(full / "checkpoints" / "best.pth", new, tmp_path / "new" / "predictions")
+    assert np.allclose(load_features(new.store_dir, manifest).astype(np.float32), tuned, rtol=1e-2, atol=1e-3)
