@@ -293,11 +293,12 @@ def bench(preset: Annotated[str, typer.Option(help="Synthetic cohort: demo | tin
           out: Annotated[Path, typer.Option(help="Working folder (cohort, store, JSON).")] = Path("demo_out/bench"),
           image_size: Annotated[int, typer.Option(help="Backbone input side (0 = patch size).")] = 0,
           old_cases: Annotated[int, typer.Option(help="Time the old way on this many cases (0 = all).")] = 0,
-          weights: Annotated[str, typer.Option(help="Backbone weights.")] = "random") -> None:
+          weights: Annotated[str, typer.Option(help="Backbone weights.")] = "random",
+          rounds: Annotated[int, typer.Option(help="Forward/extraction rounds, best of each.")] = 2) -> None:
     """Measure extraction, epoch (store vs the old way), vectorised vs loop, and memory; print one table."""
     from stainmil.bench import run_bench
 
-    figures = run_bench(out, preset, device, image_size, old_cases, weights, log=console.print)
+    figures = run_bench(out, preset, device, image_size, old_cases, weights, rounds, log=console.print)
     table = Table(title="stainmil bench")
     table.add_column("figure")
     table.add_column("value")

@@ -36,7 +36,7 @@ class DemoResult:
     cohort_dir: Path
     config: Config
     weights_note: str
-    extract: ExtractSummary
+    extract: ExtractSummary | None  # None in online mode (no shared store; the run writes its own)
     training: TrainResult
     evaluation: Evaluation
     report: Path
@@ -90,10 +90,15 @@ def run_demo(out_dir: str | Path = "demo_out", overrides: list[str] | None = Non
         f"report: {index_dir / 'index_report.txt'}")
     log("[3/7] case-level stratified split (60/20/20)")
     split_cohort(config)
-    log(f"[4/7] extracting {config.features.backbone} features once into {config.store_dir}")
-    summary = extract_features(config, load_manifest(config), backbone=backbone)
-    log(f"      {summary.patches_written} patches in {summary.seconds:.1f} s "
-        f"({summary.slices_done_before} slices were already done)")
+    if config.features.mode == "online":
+        summary = None
+        log(f"[4/7] online mode: no shared store — {config.features.backbone} runs on the images in every step "
+            f"(last {config.features.trainable_blocks} dense block(s) trained)")
+    else:
+        log(f"[4/7] extracting {config.features.backbone} features once into {config.store_dir}")
+        summary = extract_features(config, load_manifest(config), backbone=backbone)
+        log(f"      {summary.patches_written} patches in {summary.seconds:.1f} s "
+            f"({summary.slices_done_before} slices were already done)")
     log("[5/7] training the hierarchical attention model")
     trained = train(config)
     log(f"      {trained.epochs_run} epochs, best epoch {trained.best_epoch}; run folder {trained.run_dir}")
