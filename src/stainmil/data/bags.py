@@ -184,17 +184,20 @@ class CohortBags:
 
     def feature_statistics(self, cases: list[str], max_online_patches: int = 2048,
                            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-dimension mean and std (D,) over every patch of ``cases`` (float64 accumulation).
+        """Per-dimension mean and std (D,) of what training sees, over the patches of ``cases`` (float64).
 
-        Online, over a seeded sample of at most ``max_online_patches`` of them (plain images, initial backbone).
+        Cached: every view of every patch. Online: a seeded sample of at most ``max_online_patches``
+        patches, augmented as in training, through the initial backbone.
         """
         rows = np.concatenate([self.slice_patches[s] for c in cases for s in self.case_slices[c]])
         if self.encoder is not None:
+            rng = np.random.default_rng(seed)
             if len(rows) > max_online_patches:
-                rows = np.sort(np.random.default_rng(seed).choice(rows, max_online_patches, replace=False))
+                rows = np.sort(rng.choice(rows, max_online_patches, replace=False))
             with torch.inference_mode():
-                x = torch.cat([self.patch_features(rows[i:i + 256]).cpu() for i in range(0, len(rows), 256)])
+                x = torch.cat([self.patch_features(rows[i:i + 256], augment=True, rng=rng).cpu()
+                               for i in range(0, len(rows), 256)])
             x = x.double()
         else:
-            x = self.features[torch.from_numpy(rows)].double()
+            x = self.view_bank[:, torch.from_numpy(rows)].reshape(-1, self.view_bank.shape[-1]).double()
         return x.mean(0).float(), x.std(0).clamp_min(1e-6).float()
