@@ -44,18 +44,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bare_forward(module, batch_size: int, image_size: int, device: torch.device, seconds: float = 5.0) -> float:
-    """Images per second of the backbone alone on random input (channels_last, inference mode)."""
+def bare_forward(module, batch_size: int, image_size: int, device: torch.device, n_images: int) -> float:
+    """Images per second of the backbone alone on random input (channels_last, inference mode).
+
+    Runs as many images as extraction does (in full batches plus the remainder), so both are
+    measured over the same stretch of time.
+    """
     x = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
+    sizes = [batch_size] * (n_images // batch_size) + ([n_images % batch_size] if n_images % batch_size else [])
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         module(x)  # warm-up
         _sync(device)
-        start, n = time.perf_counter(), 0
-        while time.perf_counter() - start < seconds or n < 3 * batch_size:
-            module(x)
-            n += batch_size
+        start = time.perf_counter()
+        for size in sizes:
+            module(x[:size])
         _sync(device)
-    return n / (time.perf_counter() - start)
+    return n_images / (time.perf_counter() - start)
 
 
 def training_epoch(model, optimizer, bags, cases, cap, rng, weights, device, cases_per_batch: int = 1) -> float:
@@ -137,7 +141,7 @@ def run_bench(out: str | Path = "demo_out/bench", preset: str = "demo", device_n
     bare, extraction = 0.0, 0.0
     for round_ in range(1, rounds + 1):  # alternated, best of each: shared machines are noisy
         log(f"round {round_}/{rounds}: the backbone's bare forward throughput, then extraction into a fresh store")
-        bare = max(bare, bare_forward(frozen, f.batch_size, size, device))
+        bare = max(bare, bare_forward(frozen, f.batch_size, size, device, len(manifest)))
         shutil.rmtree(config.store_dir, ignore_errors=True)
         extraction = max(extraction, extract_features(config, manifest, backbone=backbone).patches_per_second)
     figures.update({"backbone_forward_img_s": round(bare, 1), "extraction_img_s": round(extraction, 1),

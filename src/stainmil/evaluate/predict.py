@@ -138,7 +138,7 @@ def predict_unlabelled(checkpoint: str | Path, config: Config, out_dir: str | Pa
     # the model only understands features made like its own; but they go to this config's own store, never
     # into the training store (where a new case with a training case's id would find the old case's file)
     store_dir = config.features.store_dir
-    config.features = dataclasses.replace(trained_config.features, store_dir=store_dir)
+    config.features = dataclasses.replace(trained_config.features, store_dir=store_dir, views=1)  # plain view only
     result = build_index(config, require_labels=False)
     write_index(result, config)
     from stainmil.features.online import backbone_from_checkpoint
