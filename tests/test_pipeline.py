@@ -21,3 +21,17 @@ def test_demo_end_to_end_on_the_tiny_preset(tmp_path):
     again = run_demo(tmp_path / "demo", ["train.max_epochs=1", "features.image_size=32", "eval.bootstrap=10"],
                      weights="random", log=logs.append, preset="tiny")
     assert again.extract.slices_written == 0  # the store is reused
+
+
+@pytest.mark.slow
+def test_online_demo_needs_no_shared_store_and_reports_from_the_runs_own(tmp_path):
+    logs = []
+    result = run_demo(tmp_path / "demo", ["train.max_epochs=2", "features.image_size=32", "eval.bootstrap=20",
+                                          "features.mode=online", "features.trainable_blocks=1"],
+                      weights="random", log=logs.append, preset="tiny")
+    run = result.training.run_dir
+    assert result.extract is None and any("online mode" in line for line in logs)
+    assert not (tmp_path / "demo" / "work" / "features").exists()          # no shared store was made
+    assert (run / "features" / "store.json").is_file()                      # the trained backbone's own
+    assert result.report.is_file() and (run / "attention" / "cases.csv").is_file()
+    assert json.loads((run / "status.json").read_text())["state"] == "trained"

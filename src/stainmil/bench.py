@@ -7,7 +7,8 @@
   cases and scaled by patch count;
 * vectorised vs nested-loop forward+backward at 8 cases per batch (the loop is the old pseudocode, kept
   in ``benchmarks/nested_loop_reference.py``; outputs must agree within 1e-5);
-* peak memory (RSS; CUDA max allocated on a GPU).
+* peak memory while training from the store and online (RSS; CUDA max allocated on a GPU), and the
+  whole process's peak.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import platform
 import resource
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -60,6 +62,42 @@ def bare_forward(module, batch_size: int, image_size: int, device: torch.device,
             module(x[:size])
         _sync(device)
     return n_images / (time.perf_counter() - start)
+
+
+class PeakMemory:
+    """Peak resident memory (MB) of this process while the block runs, sampled every 5 ms from
+    ``/proc/self/statm`` (Linux; elsewhere the process's lifetime peak), and CUDA max allocated."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.rss_mb, self.cuda_mb = device, 0.0, None
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _rss_mb() -> float:
+        try:
+            pages = int(Path("/proc/self/statm").read_text().split()[1])
+            return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except (OSError, ValueError):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.rss_mb = max(self.rss_mb, self._rss_mb())
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.rss_mb = self._rss_mb()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.rss_mb = round(max(self.rss_mb, self._rss_mb()), 1)
+        if self.device.type == "cuda":
+            self.cuda_mb = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
 
 
 def training_epoch(model, optimizer, bags, cases, cap, rng, weights, device, cases_per_batch: int = 1) -> float:
@@ -158,8 +196,9 @@ def run_bench(out: str | Path = "demo_out/bench", preset: str = "demo", device_n
     cap, rng = config.data.per_slice_cap, np.random.default_rng(0)
     log("timing training epochs from the feature store")
     training_epoch(model, optimizer, bags, split.train, cap, rng, class_w, device)  # warm-up
-    cached = float(np.mean([training_epoch(model, optimizer, bags, split.train, cap, rng, class_w, device)
-                            for _ in range(3)]))
+    with PeakMemory(device) as cached_memory:
+        cached = float(np.mean([training_epoch(model, optimizer, bags, split.train, cap, rng, class_w, device)
+                                for _ in range(3)]))
     timed_cases = split.train[:old_cases] if old_cases else split.train
 
     def n_patches(cases):
@@ -179,15 +218,19 @@ def run_bench(out: str | Path = "demo_out/bench", preset: str = "demo", device_n
         "cases")
     old = online_epoch(0)
     log(f"timing online mode with the last dense block fine-tuned on {len(timed_cases)} cases")
-    finetune = online_epoch(1)
+    with PeakMemory(device) as finetune_memory:
+        finetune = online_epoch(1)
     figures.update({"train_cases": len(split.train), "patches_per_epoch": int(n_patches(split.train)),
                     "epoch_s_feature_store": round(cached, 3), "epoch_s_old_way": round(old, 2),
                     "epoch_s_online_finetune_1_block": round(finetune, 2),
                     "old_way_timed_on_cases": len(timed_cases), "epoch_speedup": round(old / cached, 1)})
     log("vectorised vs nested-loop forward+backward at 8 cases")
     figures.update(vectorised_vs_loop(model, bags, bags.case_ids[:8], device))
-    figures["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    figures["train_peak_rss_mb_store"] = cached_memory.rss_mb
+    figures["train_peak_rss_mb_online_finetune"] = finetune_memory.rss_mb
     if device.type == "cuda":
-        figures["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        figures["train_cuda_max_allocated_mb_store"] = cached_memory.cuda_mb
+        figures["train_cuda_max_allocated_mb_online_finetune"] = finetune_memory.cuda_mb
+    figures["process_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     atomic_write_json(out / f"bench-{preset}-{device.type}-{size}px.json", figures)
     return figures

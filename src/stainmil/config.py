@@ -97,8 +97,8 @@ class FeaturesConfig:
     device: str = _help("auto | cpu | cuda | cuda:N.", default="auto")
     seed: int = _help("Seed for `random` weights and for the HED jitter of feature views.", default=0)
     views: int = _help(
-        "Augmented views per patch in the store (cached mode): 1 = plain; 2..8 = the exact flips/90-degree "
-        "rotations; beyond 8 they repeat with HED stain jitter. Training samples one view per patch per epoch.",
+        "Views per patch in the store (cached mode): view 0 = the plain image, 1-7 = its other exact "
+        "flips/90-degree rotations, 8+ = those again with HED stain jitter. Training samples one per patch per step.",
         default=1)
     view_jitter: float = _help("HED stain jitter strength s of views beyond 8: alpha ~ U(1-s, 1+s), "
                                "beta ~ U(-s, s) per stain.", default=0.05)
