@@ -131,6 +131,7 @@ def predict_unlabelled(checkpoint: str | Path, config: Config, out_dir: str | Pa
 
     from stainmil.data.cohort import build_index, write_index
     from stainmil.features.extract import extract_features
+    from stainmil.features.online import backbone_from_checkpoint
     from stainmil.features.store import check_store, load_features
 
     state = load_checkpoint(checkpoint)
@@ -141,8 +142,6 @@ def predict_unlabelled(checkpoint: str | Path, config: Config, out_dir: str | Pa
     config.features = dataclasses.replace(trained_config.features, store_dir=store_dir, views=1)  # plain view only
     result = build_index(config, require_labels=False)
     write_index(result, config)
-    from stainmil.features.online import backbone_from_checkpoint
-
     # an online run that fine-tuned its backbone saved it in the checkpoint; its features need that backbone
     tuned = backbone_from_checkpoint(state, trained_config, resolve_device(config.features.device))
     extract_features(config, result.manifest, backbone=tuned)
