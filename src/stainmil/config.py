@@ -110,6 +110,8 @@ class FeaturesConfig:
     backbone_lr: float = _help("online: learning rate of the unfrozen backbone blocks.", default=1e-5)
     gradient_checkpointing: bool = _help("online: recompute the unfrozen blocks' activations in the backward pass "
                                          "(less memory, more time).", default=False)
+    online_augment: bool = _help("online: augment training images (random resized crop, flips/rotations, HED and "
+                                 "brightness/contrast jitter), as the old pipeline did.", default=True)
     augment_hed: float = _help("online: HED stain jitter strength of the training augmentation.", default=0.05)
 
     def __post_init__(self) -> None:

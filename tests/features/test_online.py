@@ -75,3 +75,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(prepared):
 def test_fine_tuning_a_backbone_without_blocks_is_refused():
     with pytest.raises(ConfigError, match="trainable_blocks"):
         split_backbone(torch.nn.Linear(3, 3), 1)
+
+
+def test_online_augmentation_can_be_switched_off(prepared):
+    paths = list(load_manifest(prepared)["path"][:8])
+    encoder = OnlineEncoder(_online(prepared, online_augment=False), torch.device("cpu"))
+    with torch.inference_mode():
+        plain = encoder.encode(paths, augment=False, rng=None)
+        assert torch.equal(encoder.encode(paths, augment=True, rng=np.random.default_rng(0)), plain)

@@ -79,7 +79,7 @@ class OnlineEncoder:
         """Features (P, D) float32 of the images at ``paths``; augmented with ``augment`` (needs ``rng``)."""
         f = self.config
         generator = None
-        if augment:
+        if augment and f.online_augment:
             generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
         images = self.read(paths)
         out = []
