@@ -81,10 +81,9 @@ class OnlineEncoder:
         generator = None
         if augment and f.online_augment:
             generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        images = self.read(paths)
         out = []
-        for chunk in images.split(f.batch_size):
-            x = chunk.to(self.device, non_blocking=True).float().div_(255)
+        for start in range(0, len(paths), f.batch_size):  # pixels of one batch in memory at a time
+            x = self.read(paths[start:start + f.batch_size]).to(self.device, non_blocking=True).float().div_(255)
             if generator is not None:
                 x = train_augment(x, generator, hed_strength=f.augment_hed)
             x = normalise(x, f.mean, f.std).contiguous(memory_format=torch.channels_last)
