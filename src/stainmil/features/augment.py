@@ -110,3 +110,11 @@ def normalise(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Ten
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s
+
+
+def forward_images(forward, x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """[0, 1] RGB (B, 3, S, S) -> ``forward``'s features (B, D) float32: normalised, channels_last, bf16
+    autocast on CUDA. The one way images enter a backbone (extraction, views, online mode)."""
+    x = normalise(x, mean, std).contiguous(memory_format=torch.channels_last)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        return forward(x).float()

@@ -23,7 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from stainmil.config import Config, dump_config
-from stainmil.features.augment import make_view, normalise, view_jitter
+from stainmil.features.augment import forward_images, make_view, view_jitter
 from stainmil.features.backbones import Backbone, build_backbone
 from stainmil.features.store import (
     STORE_META,
@@ -88,10 +88,7 @@ def encode_views(model: torch.nn.Module, images: torch.Tensor, jitter: torch.Ten
     x = images.float().div_(255)
     out = []
     for view in range(views):
-        xv = x if view == 0 else make_view(x, view, jitter[:, view])
-        xv = normalise(xv, mean, std).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-            out.append(model(xv).float())
+        out.append(forward_images(model, x if view == 0 else make_view(x, view, jitter[:, view]), mean, std))
     return out[0] if views == 1 else torch.stack(out)
 
 

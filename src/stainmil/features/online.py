@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from stainmil.config import Config, FeaturesConfig
 from stainmil.errors import ConfigError
-from stainmil.features.augment import normalise, train_augment
+from stainmil.features.augment import forward_images, train_augment
 from stainmil.features.backbones import Backbone, build_backbone, state_dict_hash
 from stainmil.features.extract import load_patch
 
@@ -86,9 +86,7 @@ class OnlineEncoder:
             x = self.read(paths[start:start + f.batch_size]).to(self.device, non_blocking=True).float().div_(255)
             if generator is not None:
                 x = train_augment(x, generator, hed_strength=f.augment_hed)
-            x = normalise(x, f.mean, f.std).contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                out.append(self._forward(x).float())
+            out.append(forward_images(self._forward, x, f.mean, f.std))
         return torch.cat(out)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
