@@ -323,12 +323,20 @@ def config_cmd(config: ConfigOpt = None, set_: SetOpt = None,
 
 
 @app.command()
-def backbones() -> None:
-    """List registered backbones."""
-    from stainmil.features.backbones import BACKBONES
+def backbones(markdown: Annotated[bool, typer.Option(help="Print the README's markdown table.")] = False) -> None:
+    """List the registered patch encoders: architecture, input, normalisation, pooling, dimension, weights, licence."""
+    from rich.table import Table
 
-    for name in sorted(BACKBONES):
-        console.print(name)
+    from stainmil.features.encoders import encoder_table, encoder_table_markdown
+
+    if markdown:
+        typer.echo(encoder_table_markdown())
+        return
+    rows = encoder_table()
+    table = Table(*rows[0].keys(), title="patch encoders (features.backbone)")
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    console.print(table)
 
 
 def main() -> None:  # pragma: no cover

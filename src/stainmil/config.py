@@ -84,11 +84,15 @@ class DataConfig:
 
 @dataclass
 class FeaturesConfig:
-    backbone: str = _help("Registered backbone name (see `stainmil backbones`).", default="densenet121")
-    weights: str = _help("imagenet | random | path to a .pth state dict.", default="imagenet")
-    image_size: int = _help("Patches are resized to this side before the backbone.", default=224)
-    mean: list[float] = _help("Normalisation mean (RGB).", default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = _help("Normalisation std (RGB).", default_factory=lambda: [0.229, 0.224, 0.225])
+    backbone: str = _help("Registered encoder name (`stainmil backbones` lists them: densenet121, resnet50_trunc, "
+                          "uni_v1, virchow2, hoptimus0, …) or file:/path/encoder.py:build.", default="densenet121")
+    weights: str = _help("pretrained (the encoder's published weights: torchvision ImageNet or its Hugging Face "
+                         "repo; 'imagenet' is a synonym for torchvision encoders) | random | path to a "
+                         ".pth/.bin/.safetensors state dict.", default="pretrained")
+    image_size: int = _help("Patches are resized to this side before the backbone (ViTs: a multiple of their "
+                            "token size).", default=224)
+    mean: list[float] = _help("Normalisation mean (RGB); empty = the encoder's own.", default_factory=list)
+    std: list[float] = _help("Normalisation std (RGB); empty = the encoder's own.", default_factory=list)
     batch_size: int = _help("Patches per backbone forward pass.", default=32)
     num_workers: int = _help("DataLoader workers decoding PNGs (0 = in the main process).", default=2)
     dtype: Literal["float16", "float32"] = _help("Storage dtype of features.", default="float16")
@@ -105,8 +109,8 @@ class FeaturesConfig:
     mode: Literal["cached", "online"] = _help(
         "cached: train on the feature store; online: run the backbone on the images inside every training step "
         "(the old pipeline's way, with its augmentations), optionally fine-tuning it.", default="cached")
-    trainable_blocks: int = _help("online: unfreeze the last n dense blocks of the backbone (0 = frozen, 4 = all).",
-                                  default=0)
+    trainable_blocks: int = _help("online: unfreeze the last n blocks of the backbone (dense blocks, ResNet layers "
+                                  "or transformer blocks, with the final norm; 0 = frozen).", default=0)
     backbone_lr: float = _help("online: learning rate of the unfrozen backbone blocks.", default=1e-5)
     gradient_checkpointing: bool = _help("online: recompute the unfrozen blocks' activations in the backward pass "
                                          "(less memory, more time).", default=False)
@@ -117,9 +121,10 @@ class FeaturesConfig:
     def __post_init__(self) -> None:
         if self.views < 1:
             raise ConfigError(f"features.views must be at least 1 (1 = plain features), got {self.views}.")
-        if not 0 <= self.trainable_blocks <= 4:
-            raise ConfigError(f"features.trainable_blocks must be in 0..4 (dense blocks of DenseNet121), "
-                              f"got {self.trainable_blocks}.")
+        if self.trainable_blocks < 0:
+            raise ConfigError(f"features.trainable_blocks must be 0 (frozen) or more, got {self.trainable_blocks}.")
+        if len(self.mean) not in (0, 3) or len(self.std) not in (0, 3):
+            raise ConfigError("features.mean and features.std take three values (R, G, B) or none (the encoder's).")
         if self.mode == "online" and self.views > 1:
             raise ConfigError("features.views applies to cached mode (the store); online mode augments the images "
                               "themselves — set features.views=1 or features.mode=cached.")
@@ -313,7 +318,8 @@ class Config:
     def store_dir(self) -> Path:
         if self.features.store_dir:
             return Path(self.features.store_dir)
-        weights = Path(self.features.weights).stem if self.features.weights not in ("imagenet", "random") \
+        weights = Path(self.features.weights).stem if self.features.weights not in ("pretrained", "imagenet",
+                                                                                     "random") \
             else self.features.weights
         return Path(self.output_dir) / "features" / f"{self.features.backbone}-{weights}-{self.features.image_size}px"
 

@@ -5,7 +5,7 @@ import pytest
 from stainmil.data.cohort import load_manifest
 from stainmil.errors import StoreError
 from stainmil.features.extract import extract_features
-from stainmil.features.store import check_store, load_features, read_slice, slice_file
+from stainmil.features.store import StoreMeta, check_store, load_features, read_slice, slice_file
 from stainmil.train.trainer import load_cohort
 
 
@@ -43,12 +43,14 @@ def test_features_match_a_direct_forward_pass(prepared):
     from PIL import Image
 
     from stainmil.features.backbones import build_backbone
+    from stainmil.features.encoders import IMAGENET_MEAN, IMAGENET_STD
 
     manifest = load_manifest(prepared).iloc[:4]
     f = prepared.features
+    assert f.mean == [] and StoreMeta.read(prepared.store_dir).mean == list(IMAGENET_MEAN)  # the encoder's own
     pixels = np.stack([np.asarray(Image.open(p).convert("RGB").resize((f.image_size,) * 2, Image.BILINEAR))
                        for p in manifest["path"]]).astype(np.float32) / 255  # (4, S, S, 3)
-    images = torch.from_numpy((pixels - np.array(f.mean, np.float32)) / np.array(f.std, np.float32)).permute(0, 3, 1, 2)
+    images = torch.from_numpy((pixels - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)).permute(0, 3, 1, 2)
     with torch.inference_mode():
         direct = build_backbone(f).module(images).numpy()
     stored = load_features(prepared.store_dir, load_manifest(prepared))[:4].astype(np.float32)
@@ -67,6 +69,15 @@ def test_store_made_with_other_settings_is_refused(prepared):
     other.features.store_dir = str(prepared.store_dir)
     with pytest.raises(StoreError, match="weights"):
         load_cohort(other)
+    other = copy.deepcopy(prepared)
+    other.features.mean = [0.5, 0.5, 0.5]
+    with pytest.raises(StoreError, match=r"mean=\[0.485.*asks for \[0.5, 0.5, 0.5\]"):
+        check_store(prepared.store_dir, other)
+    other = copy.deepcopy(prepared)
+    other.features.backbone = "resnet50_trunc"
+    other.features.store_dir = str(prepared.store_dir)
+    with pytest.raises(StoreError, match="backbone='densenet121'"):
+        check_store(prepared.store_dir, other)
 
 
 def test_missing_slice_file_is_named(prepared, tmp_path):

@@ -100,7 +100,7 @@ def test_bad_view_settings_are_refused_by_the_config():
     with pytest.raises(ConfigError, match="online"):
         load_config(None, ["features.views=8", "features.mode=online"])
     with pytest.raises(ConfigError, match="trainable_blocks"):
-        load_config(None, ["features.trainable_blocks=5"])
+        load_config(None, ["features.trainable_blocks=-1"])
 
 
 def test_bags_refuse_features_of_another_length(prepared):

@@ -29,10 +29,10 @@ from stainmil.features.store import (
     STORE_META,
     StoreMeta,
     check_store,
+    expected_settings,
     slice_file,
     slice_groups,
     view_settings,
-    weights_label,
     write_slice,
 )
 from stainmil.progress import progress_bar
@@ -107,10 +107,9 @@ class ExtractSummary:
 
 
 def _prepare_store(config: Config, backbone: Backbone, store_dir: Path) -> StoreMeta:
-    meta = StoreMeta(backbone=config.features.backbone, weights=weights_label(config),
-                     weights_hash=backbone.weights_hash, image_size=config.features.image_size,
-                     mean=list(config.features.mean), std=list(config.features.std),
-                     feature_dim=backbone.out_dim, dtype=config.features.dtype, **view_settings(config))
+    settings = expected_settings(config)
+    meta = StoreMeta(**settings, weights_hash=backbone.weights_hash, feature_dim=backbone.out_dim,
+                     dtype=config.features.dtype, **view_settings(config))
     if (store_dir / STORE_META).is_file():
         existing = check_store(store_dir, config, extracting=True)
         if existing.weights_hash != meta.weights_hash:
@@ -186,7 +185,7 @@ def extract_features(config: Config, manifest: pd.DataFrame, backbone: Backbone 
                 images, jitter = item if meta.views > 1 else (item, None)
                 images = images.to(device, non_blocking=True)
                 jitter = jitter.to(device) if jitter is not None else None
-                features = encode_views(model, images, jitter, meta.views, f.mean, f.std)  # (B, D) | (V, B, D)
+                features = encode_views(model, images, jitter, meta.views, meta.mean, meta.std)  # (B, D) | (V, B, D)
                 buffered.append(features.cpu().numpy().astype(dtype, copy=False))
                 n_buffered += len(images)
                 summary.patches_written += len(images)

@@ -5,7 +5,8 @@ head, the training loop and the run folder stay the same. Training batches get t
 augmentations (random resized crop, flips/rotations, HED and brightness/contrast jitter), drawn from
 the trainer's seeded generator, so a resumed run repeats them exactly.
 
-``features.trainable_blocks: n`` fine-tunes the last n dense blocks (their own learning rate,
+``features.trainable_blocks: n`` fine-tunes the last n blocks — dense blocks of a CNN, transformer blocks
+of a ViT, with the final norm — (their own learning rate,
 ``features.backbone_lr``); the frozen stem runs without autograd. BatchNorm layers keep their
 ImageNet running statistics (eval mode), as is usual when batches are one case's patches.
 ``features.gradient_checkpointing`` recomputes the tail's activations in the backward pass; on a
@@ -29,22 +30,28 @@ from stainmil.config import Config, FeaturesConfig
 from stainmil.errors import ConfigError
 from stainmil.features.augment import forward_images, train_augment
 from stainmil.features.backbones import Backbone, build_backbone, state_dict_hash
+from stainmil.features.encoder_modules import EncoderModule
+from stainmil.features.encoders import preprocessing
 from stainmil.features.extract import load_patch
 
 
-def split_backbone(module: nn.Module, trainable_blocks: int) -> tuple[nn.Module, nn.Module | None, str]:
-    """(frozen stem, trainable tail or None, state-dict prefix of the tail) of a backbone.
+def split_backbone(module: nn.Module, trainable_blocks: int) -> tuple[nn.Module, nn.Module | None, list[nn.Module]]:
+    """(frozen stem, trainable tail or None, modules trained with the tail) of a backbone.
 
-    Fine-tuning needs a backbone with dense blocks (``tail_start`` and ``pool``, as DenseNet121 has).
+    Fine-tuning needs an :class:`~stainmil.features.encoder_modules.EncoderModule` (every registered encoder):
+    the tail is its last ``trainable_blocks`` blocks, and its final norm trains with them.
     """
     if trainable_blocks == 0:
-        return module, None, ""
-    if not all(hasattr(module, a) for a in ("tail_start", "pool", "features")):
-        raise ConfigError(f"features.trainable_blocks={trainable_blocks} needs a backbone with dense blocks "
-                          f"(densenet121); {type(module).__name__} has none — set features.trainable_blocks=0.")
+        return module, None, []
+    if not isinstance(module, EncoderModule):
+        raise ConfigError(f"features.trainable_blocks={trainable_blocks} needs a registered encoder; "
+                          f"{type(module).__name__} (a file: encoder) has no blocks — set features.trainable_blocks=0.")
+    if trainable_blocks > module.block_count:
+        raise ConfigError(f"features.trainable_blocks={trainable_blocks} but this encoder has {module.block_count} "
+                          f"blocks; choose 0..{module.block_count}.")
+    stages = module.stages()
     start = module.tail_start(trainable_blocks)
-    layers = list(module.features.children())
-    return nn.Sequential(*layers[:start]), nn.Sequential(*layers[start:]), "features."
+    return nn.Sequential(*stages[:start]), nn.Sequential(*stages[start:]), [*stages[start:], *module.finish_modules()]
 
 
 class OnlineEncoder:
@@ -53,21 +60,22 @@ class OnlineEncoder:
     def __init__(self, config: Config, device: torch.device, backbone: Backbone | None = None) -> None:
         f: FeaturesConfig = config.features
         self.config, self.device = f, device
+        self.mean, self.std = preprocessing(f.backbone, f.mean, f.std)
         self.backbone = backbone or build_backbone(f)
         self.module = self.backbone.module.to(device).to(memory_format=torch.channels_last)
         self.out_dim = self.backbone.out_dim
-        self.stem, self.tail, prefix = split_backbone(self.module, f.trainable_blocks)
-        self.tail_keys: list[str] = []
-        if self.tail is not None:
-            start = self.module.tail_start(f.trainable_blocks)
-            names = list(self.module.features._modules)[start:]
-            self.tail_keys = [k for k in self.module.state_dict() if any(k.startswith(f"{prefix}{n}.") for n in names)]
-            for p in self.tail.parameters():
-                p.requires_grad_(True)
+        self.stem, self.tail, trained = split_backbone(self.module, f.trainable_blocks)
+        names = {id(m): name for name, m in self.module.named_modules()}
+        trained = [getattr(m, "wrapped", m) for m in trained]  # stage adapters -> the library's own layers
+        prefixes = tuple(f"{names[id(m)]}." for m in trained)
+        self.tail_keys = [k for k in self.module.state_dict() if k.startswith(prefixes)]
+        self.tail_parameters = [p for name, p in self.module.named_parameters() if name.startswith(prefixes)]
+        for p in self.tail_parameters:
+            p.requires_grad_(True)
         self.readers = ThreadPoolExecutor(max_workers=max(1, f.num_workers))  # PIL decodes without the GIL
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [] if self.tail is None else list(self.tail.parameters())
+        return list(self.tail_parameters)
 
     def read(self, paths: Sequence[str]) -> torch.Tensor:
         """uint8 images (P, 3, S, S), decoded by a thread pool."""
@@ -86,7 +94,7 @@ class OnlineEncoder:
             x = self.read(paths[start:start + f.batch_size]).to(self.device, non_blocking=True).float().div_(255)
             if generator is not None:
                 x = train_augment(x, generator, hed_strength=f.augment_hed)
-            out.append(forward_images(self._forward, x, f.mean, f.std))
+            out.append(forward_images(self._forward, x, self.mean, self.std))
         return torch.cat(out)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,7 +110,7 @@ class OnlineEncoder:
                 maps = checkpoint(layer, maps, use_reentrant=False)
         else:
             maps = self.tail(maps)
-        return self.module.pool(maps)
+        return self.module.finish(maps)
 
     def tail_state(self) -> dict[str, torch.Tensor]:
         """The fine-tuned part of the backbone's state dict (empty when frozen)."""

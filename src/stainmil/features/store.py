@@ -24,6 +24,7 @@ import pandas as pd
 
 from stainmil.config import Config
 from stainmil.errors import StoreError
+from stainmil.features.encoders import ENCODERS, preprocessing
 from stainmil.io import atomic_path, atomic_write_json, safe_name
 
 STORE_META = "store.json"
@@ -56,16 +57,23 @@ class StoreMeta:
 
 
 def weights_label(config: Config) -> str:
-    """How the store names its weights: 'imagenet', 'random(seed=N)' or the weights file path."""
+    """How the store names its weights: 'imagenet' (torchvision's published weights), 'pretrained' (a Hugging
+    Face encoder's), 'random(seed=N)' or the weights file path."""
     f = config.features
-    return f"random(seed={f.seed})" if f.weights == "random" else f.weights
+    if f.weights == "random":
+        return f"random(seed={f.seed})"
+    if f.weights in ("pretrained", "imagenet"):
+        spec = ENCODERS.get(f.backbone)
+        return "imagenet" if spec is None or spec.weights_source == "torchvision" else "pretrained"
+    return f.weights
 
 
 def expected_settings(config: Config) -> dict:
-    """What the config asks of a store."""
+    """What the config asks of a store: encoder, weights and preprocessing."""
     f = config.features
+    mean, std = preprocessing(f.backbone, f.mean, f.std)
     return {"backbone": f.backbone, "weights": weights_label(config), "image_size": f.image_size,
-            "mean": list(f.mean), "std": list(f.std)}
+            "mean": mean, "std": std}
 
 
 def view_settings(config: Config) -> dict:
