@@ -1,7 +1,9 @@
 # stainmil — the commands a new user needs: `make demo` and `make test`.
 PYTHON ?= python3
 VENV   ?= .venv
-TORCH  ?= torch==2.13.0
+# torch and torchvision are pinned as a matching pair from the registry (a local +cpu torch wheel of another
+# build would shadow it and break torchvision); installed before the package so pip never picks another build.
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stainmil-installed
 
@@ -9,10 +11,10 @@ STAMP  := $(VENV)/.stainmil-installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 

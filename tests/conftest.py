@@ -62,3 +62,19 @@ def trained_run(prepared: Config, folder: Path, max_epochs: int, **analysis) -> 
     run = train(config).run_dir
     evaluate_run(run)
     return run
+
+
+@pytest.fixture(scope="session")
+def slide_cohort(tiny_cohort) -> Path:
+    """The tiny cohort's slices as "40x" pyramidal TIFF slides (0.25 µm/px; their 2x level is the 20x slice)."""
+    from stainmil.data.synth import write_slides
+
+    write_slides(tiny_cohort, mpp=0.5, upsample=2, tile=64)
+    return tiny_cohort
+
+
+def slide_config(cohort: Path, work: Path, *overrides: str) -> Config:
+    """The slide route on ``slide_cohort``: tile at 0.5 µm/px into ``work``, tiny-model settings."""
+    return tiny_config(cohort, work, "data.source=slides", f"tile.slices_dir={cohort / 'slides'}",
+                       f"tile.out_dir={work / 'tiles'}", "tile.mpp=0.5", "tile.patch_size=32", "tile.mask_downsample=1",
+                       *overrides)

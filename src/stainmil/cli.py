@@ -219,13 +219,19 @@ def report(run: Annotated[Path, typer.Argument(help="Run folder.")]) -> None:
 @app.command()
 @friendly
 def tile(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Slice images -> tissue mask -> grid patches with x, y in their names (ready for `stainmil index`)."""
-    from stainmil.data.tiling import tile_folder
+    """Slides -> tissue masks -> patch coordinates at tile.mpp / tile.magnification (CLAM/TRIDENT HDF5).
+
+    data.source=slides (the slide route) also writes the index, so `extract` reads straight from the slides;
+    data.source=patches writes PNG patches for `stainmil index`.
+    """
+    from stainmil.pipeline import tile_cohort
 
     cfg = load_config(config, set_)
-    out, table, skipped = tile_folder(cfg.tile)
-    console.print(f"{table.groupby(['case', 'stain', 'slice']).ngroups if len(table) else 0} slices -> {len(table)} "
-                  f"patches in [bold]{out}[/]" + "".join(f"; skipped {len(v)} ({k})" for k, v in skipped.items()))
+    result, index_dir = tile_cohort(cfg)
+    console.print((Path(result.out_dir) / "tile_report.txt").read_text(), highlight=False)
+    console.print(f"{len(result.slides)} slides -> {len(result.table)} patches in [bold]{result.out_dir}[/]"
+                  + (f"; index in [bold]{index_dir}[/] (next: stainmil extract)" if index_dir else
+                     "; PNG patches written (next: stainmil index with data.patches_dir set to that folder)"))
 
 
 @app.command()

@@ -80,6 +80,9 @@ class DataConfig:
     subcase_mode: Literal["index", "random"] = _help(
         "Sub-case partition: contiguous patch-index ranges within each slice, or random.", default="index")
     index_workers: int = _help("Processes decoding images during indexing (0 = one per core).", default=0)
+    source: Literal["patches", "slides"] = _help(
+        "patches: index the PNG patches in patches_dir; slides: read patches straight from the slides tiled by "
+        "`stainmil tile` (coordinates in tile.out_dir, no PNG written).", default="patches")
 
 
 @dataclass
@@ -247,17 +250,27 @@ class AnalysisConfig:
 
 @dataclass
 class TileConfig:
-    slices_dir: str = _help("Folder of slice images (PNG/JPEG/TIFF; .svs/.ndpi via OpenSlide or tiffslide), walked "
-                            "recursively.", default="")
-    out_dir: str = _help("Where patches go (then set data.patches_dir to it).", default="")
+    slices_dir: str = _help("Folder of whole-slide files (.svs/.ndpi/.tiff/.mrxs/.scn/… through OpenSlide) or plain "
+                            "slice images (PNG/JPEG), walked recursively.", default="")
+    out_dir: str = _help("Where tiling goes: coords/ (CLAM/TRIDENT HDF5), masks/, thumbnails/, tiles.csv, "
+                         "tile_report.txt; with data.source=patches also the PNG patches.", default="")
     filename_pattern: str = _help(
-        "Regex with named groups case, stain, slice, searched in each slice image's path relative to slices_dir.",
-        default=r"case(?P<case>[^/_]+)/(?P<stain>[^/_]+)/slice(?P<slice>[^/_.]+)\.(?:png|jpe?g|tiff?|svs|ndpi)$")
-    patch_size: int = _help("Patch side in pixels (at the read level).", default=224)
-    stride: int = _help("Grid step in pixels; 0 = patch_size (no overlap).", default=0)
+        "Regex with named groups case, stain, slice, searched in each slide's path relative to slices_dir.",
+        default=r"case(?P<case>[^/_]+)/(?P<stain>[^/_]+)/slice(?P<slice>[^/_.]+)"
+                r"\.(?:png|jpe?g|tiff?|svs|ndpi|mrxs|scn|bif|vms|dcm)$")
+    patch_size: int = _help("Patch side in pixels at the target scale (tile.mpp / tile.magnification).", default=224)
+    stride: int = _help("Grid step in target pixels; 0 = patch_size (no overlap).", default=0)
     min_tissue: float = _help("Keep patches whose tissue fraction is at least this.", default=0.5)
-    level: int = _help("Pyramid level of whole-slide files (0 = full resolution).", default=0)
-    mask_downsample: int = _help("Tissue detection runs on the image shrunk by this factor.", default=4)
+    mpp: float = _help("Target microns per pixel of the patches (e.g. 0.5); 0 = use tile.magnification.",
+                       default=0.0)
+    magnification: float = _help("Target objective magnification (e.g. 20); 0 with mpp 0 = pixels of tile.level "
+                                 "as they are.", default=0.0)
+    slide_mpp: float = _help("Level-0 microns per pixel of slides whose metadata lacks it (0 = read it from the "
+                             "slide; such a slide is skipped and named when a scale is asked for).", default=0.0)
+    level: int = _help("Pyramid level read when neither tile.mpp nor tile.magnification is set.", default=0)
+    mask_downsample: int = _help("Tissue detection runs on the slide shrunk at least this much.", default=4)
+    mask_max_side: int = _help("... and at most this many pixels on its longest side.", default=2048)
+    thumbnail_px: int = _help("Longest side of the saved slide thumbnail (heatmaps are drawn on it).", default=1024)
 
 
 @dataclass

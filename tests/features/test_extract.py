@@ -50,7 +50,8 @@ def test_features_match_a_direct_forward_pass(prepared):
     assert f.mean == [] and StoreMeta.read(prepared.store_dir).mean == list(IMAGENET_MEAN)  # the encoder's own
     pixels = np.stack([np.asarray(Image.open(p).convert("RGB").resize((f.image_size,) * 2, Image.BILINEAR))
                        for p in manifest["path"]]).astype(np.float32) / 255  # (4, S, S, 3)
-    images = torch.from_numpy((pixels - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)).permute(0, 3, 1, 2)
+    normalised = (pixels - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
+    images = torch.from_numpy(normalised).permute(0, 3, 1, 2)
     with torch.inference_mode():
         direct = build_backbone(f).module(images).numpy()
     stored = load_features(prepared.store_dir, load_manifest(prepared))[:4].astype(np.float32)

@@ -21,6 +21,7 @@ from sklearn.metrics import roc_auc_score
 
 from stainmil.config import Config
 from stainmil.data.bags import CohortBags
+from stainmil.data.cohort import SLIDE_COLUMNS
 from stainmil.data.splits import load_split
 from stainmil.errors import TrainingError
 from stainmil.features.extract import resolve_device
@@ -68,6 +69,7 @@ def patch_table(model: HierarchicalMIL, bags: CohortBags, cases: list[str], devi
                 "effective_attention": out.effective_attention.cpu().numpy(),
                 "patch_prob": patch_probs.cpu().numpy(),
                 "case_prob": float(out.probabilities[0, 1]),
+                **{c: rows[c].to_numpy() for c in SLIDE_COLUMNS if c in rows.columns},  # slide route: thumbnail
             })
             frame["relative_attention"] = frame["effective_attention"] * len(frame)
             frame["rank_in_case"] = frame["effective_attention"].rank(ascending=False, method="first").astype(int)

@@ -2,8 +2,10 @@
 (effective attention x patches in the case; 1 = uniform share, fixed log colour scale 1/8..8 for every
 slice and case) or by its patch-alone P(high-grade) (0..1).
 
-The slice image comes from ``analysis.slice_images`` (a path template with {case}, {stain}, {slice});
-when there is none, the slice is rebuilt from its patch files and their x, y.
+On the slide route the heatmap is drawn on the slide's thumbnail saved by ``stainmil tile`` (patch
+squares scaled from level-0 coordinates). Otherwise the slice image comes from ``analysis.slice_images``
+(a path template with {case}, {stain}, {slice}); when there is none, the slice is rebuilt from its
+patch files and their x, y.
 """
 
 from __future__ import annotations
@@ -43,28 +45,35 @@ def patch_positions(part: pd.DataFrame, side: int) -> tuple[np.ndarray, np.ndarr
     return xs, ys, "patches in index order (no x, y in the file names)"
 
 
-def slice_canvas(part: pd.DataFrame, template: str) -> tuple[np.ndarray, int, str]:
-    """(RGB image of the slice, patch side in slice pixels, source description) for one slice's patches."""
+def slice_canvas(part: pd.DataFrame, template: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, str]:
+    """(RGB image of the slice, x and y of each patch in image pixels, patch side in image pixels, source)."""
+    if "thumbnail" in part.columns:  # slide route: the slide's thumbnail, coordinates at level 0
+        first = part.iloc[0]
+        with Image.open(first["thumbnail"]) as image:
+            canvas = np.asarray(image.convert("RGB"))
+        scale = float(first["thumb_scale"])
+        return (canvas, part["x"].to_numpy() * scale, part["y"].to_numpy() * scale, float(first["size0"]) * scale,
+                f"slide thumbnail, {1 / scale:.0f}x down")
     side = patch_side(part["path"].iloc[0])
+    xs, ys, source = patch_positions(part, side)
     if template:
         first = part.iloc[0]
         path = Path(template.format(case=first["case"], stain=first["stain"], slice=first["slice"]))
         if path.is_file():
             with Image.open(path) as image:
-                return np.asarray(image.convert("RGB")), side, f"slice image {path.name}"
-    xs, ys, source = patch_positions(part, side)
+                return np.asarray(image.convert("RGB")), xs, ys, side, f"slice image {path.name}"
     canvas = np.full((ys.max() + side, xs.max() + side, 3), 255, dtype=np.uint8)
     for path, x, y in zip(part["path"], xs, ys):
         with Image.open(path) as image:
             tile = np.asarray(image.convert("RGB").resize((side, side)))
         canvas[y:y + side, x:x + side] = tile
-    return canvas, side, source
+    return canvas, xs, ys, side, source
 
 
 def draw_heatmap(part: pd.DataFrame, template: str, path: str | Path, value: str = "relative_attention",
                  title: str = "", thumbnail_px: int = 640) -> Path:
     """Save a heatmap of ``value`` over one slice (``part``: that slice's rows of the patch table)."""
-    image, side, source = slice_canvas(part, template)
+    image, xs, ys, side, source = slice_canvas(part, template)
     scale = min(1.0, thumbnail_px / max(image.shape[:2]))
     if scale < 1:
         image = np.asarray(Image.fromarray(image).resize((int(image.shape[1] * scale), int(image.shape[0] * scale)),
@@ -73,7 +82,6 @@ def draw_heatmap(part: pd.DataFrame, template: str, path: str | Path, value: str
                          if value == "relative_attention" else (PROB_NORM, "coolwarm", "patch-alone P(high-grade)"))
     rgba = plt.get_cmap(cmap)(norm(np.clip(part[value].to_numpy(), 1e-6, None)))
     overlay = np.zeros((*image.shape[:2], 4))
-    xs, ys, _ = patch_positions(part, side)
     for (x, y), colour in zip(zip(xs, ys), rgba):
         x0, y0, s = int(x * scale), int(y * scale), max(1, int(round(side * scale)))
         overlay[y0:y0 + s, x0:x0 + s] = (*colour[:3], 0.5)

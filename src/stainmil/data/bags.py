@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 
 from stainmil.errors import DataError
+from stainmil.slides.reader import patch_refs
 
 
 @dataclass
@@ -82,7 +83,7 @@ class CohortBags:
         if self.view_bank is not None and self.view_bank.ndim == 2:
             self.view_bank = self.view_bank[None]                    # (1, N, D)
         self.features = None if features is None else self.view_bank[0]  # (N, D) plain features, no copy
-        self.paths = manifest["path"].to_numpy() if encoder is not None else None
+        self.paths = patch_refs(manifest) if encoder is not None else None  # files or slide regions
         self.stains = list(stains)
         slice_keys = manifest[["case", "stain", "slice"]].apply(tuple, axis=1)
         codes, uniques = pd.factorize(slice_keys)

@@ -102,25 +102,62 @@ def _decode_all(paths: list[str], workers: int) -> list[tuple[str, int, int, str
     return results
 
 
+@dataclass
+class CaseRules:
+    """Stain aliases, exclusions and labels: what decides whether a file (patch or slide) is used."""
+
+    aliases: dict[str, str]
+    excluded: set[str]
+    labels: Labels
+    require_labels: bool
+
+    @classmethod
+    def from_config(cls, config: Config, require_labels: bool) -> CaseRules:
+        data = config.data
+        aliases = {k.strip().lower(): v for k, v in data.stain_aliases.items()}
+        unknown_canonical = sorted(set(aliases.values()) - set(data.stains))
+        if unknown_canonical:
+            raise ConfigError(f"data.stain_aliases maps to {unknown_canonical}, which are not in data.stains "
+                              f"{data.stains}; add them there or fix the aliases.")
+        labels = read_labels(data) if require_labels else Labels(by_case={})
+        return cls(aliases, {normalize_case_id(c) for c in data.exclude_cases}, labels, require_labels)
+
+    def classify(self, case_text: str | None, stain_text: str | None) -> tuple[str, str | None, str | None]:
+        """(case id, canonical stain, reason it is skipped or None)."""
+        case = normalize_case_id(case_text or "")
+        if not case:
+            return case, None, BLANK_CASE
+        stain = self.aliases.get((stain_text or "").strip().lower())
+        if stain is None:
+            return case, None, UNKNOWN_STAIN + f" ('{stain_text}')"
+        if case in self.excluded:
+            return case, stain, EXCLUDED
+        if self.require_labels:
+            labels = self.labels
+            reason = (CONFLICT if case in labels.conflicting else UNKNOWN_WORD if case in labels.unknown_words
+                      else NO_LABEL if case not in labels.by_case else None)
+            if reason:
+                return case, stain, reason
+        return case, stain, None
+
+
 def build_index(config: Config, require_labels: bool = True) -> IndexResult:
     """Walk ``config.data.patches_dir``, parse, decode-check and label every file.
 
     ``require_labels=False`` indexes an unlabelled cohort (for ``stainmil predict``): every case
-    gets label -1 and the labels CSV is not read.
+    gets label -1 and the labels CSV is not read. With ``data.source: slides`` the patches are those
+    ``stainmil tile`` laid on the slides (see :func:`build_slide_index`).
     """
+    if config.data.source == "slides":
+        return build_slide_index(config, require_labels)
     data = config.data
     root = Path(data.patches_dir)
     if not data.patches_dir or not root.is_dir():
         raise DataError(f"patch folder '{data.patches_dir}' does not exist; set data.patches_dir to the folder "
                         "holding your patch images.")
     pattern = _compile_pattern(data.filename_pattern)
-    aliases = {k.strip().lower(): v for k, v in data.stain_aliases.items()}
-    unknown_canonical = sorted(set(aliases.values()) - set(data.stains))
-    if unknown_canonical:
-        raise ConfigError(f"data.stain_aliases maps to {unknown_canonical}, which are not in data.stains "
-                          f"{data.stains}; add them there or fix the aliases.")
-    labels = read_labels(data) if require_labels else Labels(by_case={})
-    excluded = {normalize_case_id(c) for c in data.exclude_cases}
+    rules = CaseRules.from_config(config, require_labels)
+    labels = rules.labels
 
     files = _walk(root)
     skipped: dict[str, list[str]] = defaultdict(list)
@@ -132,23 +169,10 @@ def build_index(config: Config, require_labels: bool = True) -> IndexResult:
             skipped[NO_MATCH].append(rel)
             continue
         groups = match.groupdict()
-        case = normalize_case_id(groups["case"] or "")
-        if not case:
-            skipped[BLANK_CASE].append(rel)
+        case, stain, reason = rules.classify(groups["case"], groups["stain"])
+        if reason:
+            skipped[reason].append(rel)
             continue
-        stain = aliases.get((groups["stain"] or "").strip().lower())
-        if stain is None:
-            skipped[UNKNOWN_STAIN + f" ('{groups['stain']}')"].append(rel)
-            continue
-        if case in excluded:
-            skipped[EXCLUDED].append(rel)
-            continue
-        if require_labels:
-            reason = (CONFLICT if case in labels.conflicting else UNKNOWN_WORD if case in labels.unknown_words
-                      else NO_LABEL if case not in labels.by_case else None)
-            if reason:
-                skipped[reason].append(rel)
-                continue
         candidates.append((path, rel, case, stain, groups))
 
     workers = data.index_workers or min(8, len(os.sched_getaffinity(0)))
@@ -173,6 +197,47 @@ def build_index(config: Config, require_labels: bool = True) -> IndexResult:
         raise DataError(f"no usable patch in {root}: {len(files)} files, "
                         f"{_reason_summary(skipped)}; check data.filename_pattern and data.labels_csv.")
     return IndexResult(manifest=manifest, report=report, files_total=len(files), skipped=dict(skipped))
+
+
+SLIDE_COLUMNS = ["level", "read_size", "size0", "thumbnail", "thumb_scale"]
+
+
+def build_slide_index(config: Config, require_labels: bool = True) -> IndexResult:
+    """The manifest of the slide route: one row per patch that ``stainmil tile`` kept, read from its slide.
+
+    ``path`` is the slide file, ``x, y`` the level-0 corner, plus ``level``, ``read_size`` (pixels read
+    there), ``size0`` (level-0 side), ``thumbnail`` and ``thumb_scale`` (thumbnail px per level-0 px) for
+    the heatmaps. Slides the tiling skipped are listed in the report with the tiling's reason.
+    """
+    from stainmil.data.tiling import load_tiles
+
+    tiles, tiling_skipped = load_tiles(config)
+    rules = CaseRules.from_config(config, require_labels)
+    skipped: dict[str, list[str]] = defaultdict(list)
+    for reason, names in tiling_skipped.items():
+        skipped[f"tiling: {reason}"].extend(names)
+    keep = []
+    for (case_text, stain_text, slide_id), part in tiles.groupby(["case", "stain", "slice"], sort=False):
+        case, stain, reason = rules.classify(case_text, stain_text)
+        if reason:
+            skipped[reason].append(Path(part["slide"].iloc[0]).name)
+            continue
+        keep.append(part.assign(case=case, stain=stain, slice=str(slide_id)))
+    rows = pd.concat(keep, ignore_index=True) if keep else tiles.iloc[:0]
+    manifest = pd.DataFrame({
+        "path": rows["slide"], "case": rows["case"], "stain": rows["stain"], "slice": rows["slice"].astype(str),
+        "patch": rows["patch"].astype(str), "x": rows["x"].astype(int), "y": rows["y"].astype(int),
+        "label": [rules.labels.by_case.get(c, -1) for c in rows["case"]],
+        "width": config.tile.patch_size, "height": config.tile.patch_size, "mode": "RGB",
+        **{c: rows[c] for c in SLIDE_COLUMNS}})
+    manifest = _finish_manifest(manifest)
+    slides_total = int(tiles["slide"].nunique()) + sum(len(v) for v in tiling_skipped.values())
+    report = _make_report(config, manifest, rules.labels, dict(skipped), Counter(), slides_total, require_labels)
+    report["patches_dir"] = f"slides in {config.tile.slices_dir} (tiled into {config.tile.out_dir})"
+    if manifest.empty:
+        raise DataError(f"no usable patch in the tiling of {config.tile.slices_dir}: {_reason_summary(skipped)}; "
+                        "check tile_report.txt, data.stain_aliases and data.labels_csv.")
+    return IndexResult(manifest=manifest, report=report, files_total=slides_total, skipped=dict(skipped))
 
 
 def _int_or(value: str | None, default: int) -> int:

@@ -340,6 +340,44 @@ def write_cohort(out: str | Path, config: SynthConfig | None = None, workers: in
     return out
 
 
+def write_slides(cohort: str | Path, mpp: float = 0.5, upsample: int = 1, aperio: bool = False,
+                 tile: int = 128) -> Path:
+    """Every slice image of a synthetic cohort as a pyramidal TIFF slide, plus ``slides.yaml`` for the slide route.
+
+    ``OUT/slides/case7/he/slice0.tiff`` (``.svs`` with ``aperio``) at ``mpp`` µm/px; ``upsample`` > 1 enlarges
+    level 0 by pixel repetition (a "40x" scan of the 20x image when 2, so its 2x level is the original).
+    """
+    from stainmil.slides.write import write_pyramidal_tiff
+
+    cohort = Path(cohort).resolve()
+    slices = sorted(p for p in (cohort / "slices").rglob("slice*.png") if "_" not in p.stem)
+    suffix = ".svs" if aperio else ".tiff"
+    level0_mpp = mpp / upsample
+    with progress_bar("synth: writing slides", total=len(slices)) as advance:
+        for png in slices:
+            target = cohort / "slides" / png.relative_to(cohort / "slices").with_suffix(suffix)
+            if not target.is_file():
+                rgb = np.asarray(Image.open(png).convert("RGB"))
+                if upsample > 1:
+                    rgb = rgb.repeat(upsample, 0).repeat(upsample, 1)
+                write_pyramidal_tiff(target, rgb, mpp=level0_mpp, magnification=10 / level0_mpp if aperio else None,
+                                     aperio=aperio, tile=tile)
+            advance()
+    synth = yaml.safe_load((cohort / "synth.yaml").read_text())
+    slide_yaml = {
+        "output_dir": str(cohort.parent / f"{cohort.name}_slides_work"),
+        "data": {"source": "slides", "labels_csv": str(cohort / "labels.csv")},
+        "tile": {"slices_dir": str(cohort / "slides"), "out_dir": str(cohort.parent / f"{cohort.name}_slides_work"
+                                                                      / "tiles"),
+                 "mpp": mpp, "patch_size": synth["patch_size"], "min_tissue": synth["min_tissue"],
+                 "mask_downsample": 1},
+        "features": {"image_size": synth["patch_size"]},
+    }
+    atomic_write_text(cohort / "slides.yaml", "# stainmil config for the slide route on this synthetic cohort\n"
+                      + yaml.safe_dump(slide_yaml, sort_keys=False))
+    return cohort / "slides"
+
+
 def _cpu_count() -> int:
     import os
 

@@ -1,174 +1,238 @@
-"""``stainmil tile``: slice images -> tissue mask -> grid patches named with their x, y.
+"""``stainmil tile``: slides (or slice images) -> tissue mask -> patch coordinates at a physical scale.
 
-Tissue detection works on the **optical density** of the image, OD = -log10(I / I_background),
-summed over RGB, so pale IHC sections (light hematoxylin counterstain, a little DAB) separate from
-the glass as well as saturated H&E does. The OD image is smoothed and thresholded by Otsu's method
-on **log** OD (on linear OD, a dark lesion or a DAB-rich region pulls the threshold above the pale
-tissue around it), with a floor against empty slides, then closed, hole-filled and cleaned of specks.
-This avoids the saturation-only masks of popular tools, which miss pale IHC tissue.
+For each file under ``tile.slices_dir`` whose path matches ``tile.filename_pattern`` (groups case,
+stain, slice): open it (OpenSlide for whole-slide files, Pillow for PNG/JPEG), work out the level and
+read size for ``tile.mpp`` / ``tile.magnification``, detect tissue on a low-resolution view, lay the
+grid and keep squares with at least ``tile.min_tissue`` tissue. Output in ``tile.out_dir``::
 
-Output (ready for ``stainmil index`` with the default ``data.filename_pattern``)::
+    coords/<stem>.h5        coordinates in CLAM/TRIDENT's layout (see stainmil.slides.coords)
+    masks/<stem>_tissue.png thumbnails/<stem>.jpg
+    tiles.csv               one row per patch (case, stain, slice, patch, x, y at level 0, tissue_fraction,
+                            slide, level, read_size, size0, thumbnail, thumb_scale[, file])
+    tile_report.txt/.json   every slide used or skipped, with the reason and the scale it was read at
 
-    OUT/case<id>/<stain>/slice<id>/case<id>_<stain>_slice<id>_patch<i>_x<x>_y<y>.png
-    OUT/masks/case<id>_<stain>_slice<id>_tissue.png
-    OUT/tiles.csv    one row per patch (case, stain, slice, patch, x, y, tissue_fraction, file)
+``data.source: slides`` (the slide route) then writes the index straight from the coordinates, so
+``extract`` reads patches from the slides; ``data.source: patches`` also writes each patch as a PNG
+named with its x, y (the patch route: then ``stainmil index`` on ``tile.out_dir``).
+
+Bad slides (unreadable or truncated, no tissue, no scale metadata when one is asked for) are named in the
+report with their reason and skipped; the others finish. A slide whose coordinates file exists is done:
+re-running resumes.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pandas as pd
 from PIL import Image
-from scipy import ndimage
-from skimage.filters import threshold_otsu
-from skimage.morphology import remove_small_objects
 
-from stainmil.config import TileConfig
-from stainmil.data.cohort import _walk
+from stainmil.config import Config, TileConfig
 from stainmil.data.labels import normalize_case_id
 from stainmil.errors import ConfigError, DataError
-from stainmil.io import atomic_write, atomic_write_text
+from stainmil.io import atomic_write, atomic_write_json, atomic_write_text, safe_name
 from stainmil.progress import progress_bar
+from stainmil.slides.coords import read_coords, write_coords
+from stainmil.slides.grid import NoScale, mask_downsample, patch_grid, read_plan
+from stainmil.slides.reader import PatchRef, Slide, UnreadableSlide, read_patch
+from stainmil.slides.tissue import tissue_mask
 
-WSI_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".bif"}
-MIN_OD = 0.02  # floor of the threshold on summed optical density: glass never counts as tissue
-
-
-def optical_density(rgb: np.ndarray, smooth: float = 2.0) -> np.ndarray:
-    """Summed optical density (H, W) of an RGB uint8 image (smoothed), relative to its bright background."""
-    rgb = ndimage.gaussian_filter(rgb.astype(np.float64), (smooth, smooth, 0))  # denoise before the background
-    background = np.percentile(rgb.reshape(-1, 3), 99, axis=0).clip(200, 255)  # the glass
-    return -np.log10(np.clip(rgb / background, 1e-3, 1.0)).sum(-1)
-
-
-def tissue_mask(rgb: np.ndarray, min_object_fraction: float = 0.001) -> np.ndarray:
-    """Tissue (True) vs background for H&E and IHC alike. rgb: (H, W, 3) uint8 -> (H, W) bool."""
-    od = optical_density(rgb)
-    log_od = np.log(od + 1e-3)
-    if np.ptp(log_od) < 1e-6:  # a constant image
-        return np.zeros(od.shape, bool)
-    threshold = max(float(np.exp(threshold_otsu(log_od)) - 1e-3), MIN_OD)
-    mask = od > threshold
-    mask = ndimage.binary_closing(mask, iterations=3)
-    mask = ndimage.binary_fill_holes(mask)
-    return remove_small_objects(mask, max_size=max(16, int(min_object_fraction * mask.size)))
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
+NO_MATCH = "name does not match tile.filename_pattern"
+UNREADABLE = "unreadable or truncated slide"
+NO_SCALE = "no scale metadata (set tile.slide_mpp)"
+NO_TISSUE = "no tissue found"
+BAD_REQUEST = "scale request does not fit the slide"
+TILE_COLUMNS = ["case", "stain", "slice", "patch", "x", "y", "tissue_fraction", "slide", "level", "read_size",
+                "size0", "thumbnail", "thumb_scale", "file"]
 
 
 @dataclass
-class SlideReader:
-    """A slice image: plain (Pillow) or whole-slide (OpenSlide / tiffslide when installed)."""
-
-    path: Path
-    level: int = 0
-
-    def __post_init__(self) -> None:
-        self.slide = None
-        if self.path.suffix.lower() in WSI_SUFFIXES:
-            self.slide = _open_wsi(self.path)
-            self.size = self.slide.level_dimensions[self.level]
-            self.scale = self.slide.level_downsamples[self.level]
-        else:
-            with Image.open(self.path) as image:
-                self.image = np.asarray(image.convert("RGB"))
-            self.size = (self.image.shape[1], self.image.shape[0])
-
-    def thumbnail(self, downsample: int) -> np.ndarray:
-        width, height = (max(1, s // downsample) for s in self.size)
-        if self.slide is not None:
-            return np.asarray(self.slide.get_thumbnail((width, height)).convert("RGB").resize((width, height)))
-        return np.asarray(Image.fromarray(self.image).resize((width, height), Image.BILINEAR))
-
-    def region(self, x: int, y: int, size: int) -> np.ndarray:
-        if self.slide is not None:
-            location = (int(x * self.scale), int(y * self.scale))  # level-0 coordinates
-            return np.asarray(self.slide.read_region(location, self.level, (size, size)).convert("RGB"))
-        return self.image[y:y + size, x:x + size]
+class TileResult:
+    out_dir: Path
+    table: pd.DataFrame
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+    slides: list[dict] = field(default_factory=list)  # one entry per tiled slide: scale, level, patches
 
 
-def _open_wsi(path: Path):
-    for module in ("openslide", "tiffslide"):
-        try:
-            lib = __import__(module)
-        except ImportError:
-            continue
-        return lib.OpenSlide(str(path)) if module == "openslide" else lib.TiffSlide(str(path))
-    raise DataError(f"{path} is a whole-slide file but neither openslide-python nor tiffslide is installed; "
-                    "`pip install tiffslide` (or openslide-python) and re-run.")
-
-
-def tile_slice(reader: SlideReader, config: TileConfig) -> tuple[np.ndarray, list[tuple[int, int, float]]]:
-    """Tissue mask (thumbnail scale) and (x, y, tissue fraction) of the patches to keep."""
-    down = max(1, config.mask_downsample)
-    mask = tissue_mask(reader.thumbnail(down))
-    full = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(reader.size, Image.NEAREST)) > 0
-    size, stride = config.patch_size, config.stride or config.patch_size
-    keep = []
-    for y in range(0, reader.size[1] - size + 1, stride):
-        for x in range(0, reader.size[0] - size + 1, stride):
-            fraction = float(full[y:y + size, x:x + size].mean())
-            if fraction >= config.min_tissue:
-                keep.append((x, y, fraction))
-    return mask, keep
-
-
-def tile_folder(config: TileConfig) -> tuple[Path, pd.DataFrame, dict[str, list[str]]]:
-    """Tile every slice image under ``config.slices_dir``; returns (out dir, tiles table, skipped files)."""
-    root, out = Path(config.slices_dir), Path(config.out_dir)
-    if not config.slices_dir or not root.is_dir():
-        raise DataError(f"slice folder '{config.slices_dir}' does not exist; set tile.slices_dir.")
-    if not config.out_dir:
-        raise ConfigError("tile.out_dir is empty; set it to the folder where patches should go.")
+def _compile(pattern: str) -> re.Pattern:
     try:
-        pattern = re.compile(config.filename_pattern)
+        compiled = re.compile(pattern)
     except re.error as exc:
-        raise ConfigError(f"tile.filename_pattern is not a valid regex ({exc}).") from exc
-    missing = [g for g in ("case", "stain", "slice") if g not in pattern.groupindex]
+        raise ConfigError(f"tile.filename_pattern is not a valid regex ({exc}); fix it in your config.") from exc
+    missing = [g for g in ("case", "stain", "slice") if g not in compiled.groupindex]
     if missing:
-        raise ConfigError(f"tile.filename_pattern lacks the named group(s) {missing}.")
-    files = _walk(root)
-    jobs, skipped = [], {"name does not match tile.filename_pattern": []}
-    for path in files:
-        match = pattern.search(path.relative_to(root).as_posix())
-        if match:
-            jobs.append((path, normalize_case_id(match["case"]), match["stain"], match["slice"]))
-        else:
-            skipped["name does not match tile.filename_pattern"].append(path.relative_to(root).as_posix())
-    if not jobs:
-        raise DataError(f"no slice image in {root} matches tile.filename_pattern ({len(files)} files looked at).")
+        raise ConfigError(f"tile.filename_pattern lacks the named group(s) {missing}; it needs (?P<case>…), "
+                          "(?P<stain>…) and (?P<slice>…).")
+    return compiled
+
+
+def _walk(root: Path) -> list[Path]:
+    files = []
+    for directory, subdirs, names in os.walk(root):
+        subdirs.sort()
+        files.extend(Path(directory) / name for name in sorted(names) if not name.startswith("."))
+    return files
+
+
+class _NoTissue(DataError):
+    pass
+
+
+def _tile_one(path: Path, stem: str, key: tuple[str, str, str], config: TileConfig, out: Path) -> None:
+    """Tile one slide into ``coords/<stem>.h5`` (+ mask and thumbnail); returns its summary."""
+    slide = Slide(path)
+    try:
+        plan = read_plan(slide, config)
+        down = mask_downsample(slide, config)
+        view = slide.thumbnail(down)
+        mask = tissue_mask(view)
+        scale0 = slide.dimensions[0] / mask.shape[1]  # level-0 px per mask px
+        coords, fractions = patch_grid(slide, plan, mask, scale0, config.min_tissue)
+        atomic_write(out / "masks" / f"{stem}_tissue.png",
+                     lambda tmp: Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG"))
+        if len(coords) == 0:
+            raise _NoTissue(f"{path.name}: no {config.patch_size}-px square has {config.min_tissue:.0%} tissue")
+        for index in sorted({0, len(coords) // 2, len(coords) - 1}):  # a truncated file fails here, not later
+            slide.read_region(*coords[index], plan.level, plan.read_size)
+        thumb_scale = min(1.0, config.thumbnail_px / max(slide.dimensions))
+        thumb = view if abs(thumb_scale - 1 / down) < 1e-9 else slide.thumbnail(1 / thumb_scale)
+        atomic_write(out / "thumbnails" / f"{stem}.jpg",
+                     lambda tmp: Image.fromarray(thumb).save(tmp, format="JPEG", quality=90))
+        write_coords(out / "coords" / f"{stem}.h5", coords, fractions, plan, slide.level_dimensions[plan.level],
+                     {"name": path.stem, "slide_path": str(path), "case": key[0], "stain": key[1], "slice": key[2],
+                      "thumbnail": str(out / "thumbnails" / f"{stem}.jpg"),
+                      "thumb_scale": thumb.shape[1] / slide.dimensions[0]})
+    finally:
+        slide.close()
+
+
+def _rows_from_coords(h5: Path, key: tuple[str, str, str], out: Path, export: bool) -> list[dict]:
+    coords, attrs = read_coords(h5)
+    with h5py.File(h5, "r") as f:
+        fractions = f["tissue_fraction"][()] if "tissue_fraction" in f else np.ones(len(coords))
+    case, stain, slice_id = key
+    folder = out / f"case{case}" / stain / f"slice{slice_id}"
     rows = []
-    skipped["unreadable image"] = []
-    with progress_bar("tile: slices", total=len(jobs)) as advance:
-        for path, case, stain, slice_id in jobs:
+    for index, ((x, y), fraction) in enumerate(zip(coords, fractions)):
+        file = ""
+        if export:
+            name = f"case{case}_{stain}_slice{slice_id}_patch{index}_x{x}_y{y}.png"
+            file = os.path.relpath(folder / name, out)
+        rows.append({"case": case, "stain": stain, "slice": slice_id, "patch": index, "x": int(x), "y": int(y),
+                     "tissue_fraction": float(fraction), "slide": attrs["slide_path"],
+                     "level": int(attrs["patch_level"]),
+                     "read_size": int(attrs["read_size"]), "size0": int(attrs["patch_size_level0"]),
+                     "thumbnail": attrs["thumbnail"], "thumb_scale": float(attrs["thumb_scale"]), "file": file})
+    return rows
+
+
+def _export_patches(rows: list[dict], out: Path, patch_size: int) -> None:
+    """Write each patch as a PNG (the patch route); files that exist are done."""
+    for row in rows:
+        target = out / row["file"]
+        if target.is_file():
+            continue
+        pixels = read_patch(PatchRef(row["slide"], row["x"], row["y"], row["level"], row["read_size"]), patch_size)
+        atomic_write(target, lambda tmp, p=pixels: Image.fromarray(p).save(tmp, format="PNG"))
+
+
+def _slide_summary(h5: Path, n: int) -> dict:
+    _, attrs = read_coords(h5)
+    keys = ("name", "case", "stain", "slice", "patch_level", "read_size", "patch_size_level0", "level0_mpp",
+            "target_mpp", "level0_magnification", "target_magnification", "scale_source")
+    return {"patches": n, **{k: (attrs[k].item() if hasattr(attrs[k], "item") else attrs[k]) for k in keys}}
+
+
+def tile_folder(config: Config) -> TileResult:
+    """Tile every slide under ``config.tile.slices_dir`` (resuming), write tiles.csv and the tiling report."""
+    tile = config.tile
+    root, out = Path(tile.slices_dir), Path(tile.out_dir)
+    if not tile.slices_dir or not root.is_dir():
+        raise DataError(f"slide folder '{tile.slices_dir}' does not exist; set tile.slices_dir to the folder holding "
+                        "your slides.")
+    if not tile.out_dir:
+        raise ConfigError("tile.out_dir is empty; set it to the folder where coordinates (and patches) should go.")
+    if tile.mpp < 0 or tile.magnification < 0 or (tile.mpp > 0 and tile.magnification > 0):
+        raise ConfigError("set one of tile.mpp and tile.magnification (or neither, for pixels of tile.level), "
+                          "both non-negative.")
+    pattern = _compile(tile.filename_pattern)
+    export = config.data.source == "patches"
+    files = _walk(root)
+    skipped: dict[str, list[str]] = {}
+    jobs = []
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        match = pattern.search(rel)
+        if not match:
+            skipped.setdefault(NO_MATCH, []).append(rel)
+            continue
+        key = (normalize_case_id(match["case"]), match["stain"], match["slice"])
+        jobs.append((path, rel, key, "_".join(safe_name(k) for k in (f"case{key[0]}", key[1], f"slice{key[2]}"))))
+    if not jobs:
+        raise DataError(f"no slide in {root} matches tile.filename_pattern ({len(files)} files looked at); "
+                        "set tile.filename_pattern to a regex with groups case, stain and slice.")
+    rows, slides = [], []
+    with progress_bar("tile: slides", total=len(jobs)) as advance:
+        for path, rel, key, stem in jobs:
+            h5 = out / "coords" / f"{stem}.h5"
             try:
-                reader = SlideReader(path, config.level)
-            except (OSError, SyntaxError, ValueError):
-                skipped["unreadable image"].append(path.relative_to(root).as_posix())
-                advance()
-                continue
-            mask, keep = tile_slice(reader, config)
-            stem = f"case{case}_{stain}_slice{slice_id}"
-            atomic_write(out / "masks" / f"{stem}_tissue.png",
-                         lambda tmp, m=mask: Image.fromarray(m.astype(np.uint8) * 255).save(tmp, format="PNG"))
-            folder = out / f"case{case}" / stain / f"slice{slice_id}"
-            for index, (x, y, fraction) in enumerate(keep):
-                name = f"{stem}_patch{index}_x{x}_y{y}.png"
-                patch = reader.region(x, y, config.patch_size)
-                atomic_write(folder / name, lambda tmp, p=patch: Image.fromarray(p).save(tmp, format="PNG"))
-                rows.append({"case": case, "stain": stain, "slice": slice_id, "patch": index, "x": x, "y": y,
-                             "tissue_fraction": fraction, "file": os.path.relpath(folder / name, out)})
+                if not h5.is_file():
+                    _tile_one(path, stem, key, tile, out)
+            except UnreadableSlide as exc:
+                skipped.setdefault(UNREADABLE, []).append(f"{rel}: {exc}")
+            except NoScale:
+                skipped.setdefault(NO_SCALE, []).append(rel)
+            except _NoTissue as exc:
+                skipped.setdefault(NO_TISSUE, []).append(f"{rel}: {exc}")
+            except DataError as exc:
+                skipped.setdefault(BAD_REQUEST, []).append(f"{rel}: {exc}")
+            else:
+                slide_rows = _rows_from_coords(h5, key, out, export)
+                if export:
+                    _export_patches(slide_rows, out, tile.patch_size)
+                rows.extend(slide_rows)
+                slides.append({"file": rel, **_slide_summary(h5, len(slide_rows))})
             advance()
-    table = pd.DataFrame(rows, columns=["case", "stain", "slice", "patch", "x", "y", "tissue_fraction", "file"])
+    table = pd.DataFrame(rows, columns=TILE_COLUMNS)
     atomic_write(out / "tiles.csv", lambda tmp: table.to_csv(tmp, index=False))
-    skipped = {k: v for k, v in skipped.items() if v}
-    atomic_write_text(out / "tile_report.txt", f"{len(jobs)} slice images, {len(table)} patches\n" + "".join(
-        f"skipped ({reason}): {len(v)}\n" + "".join(f"  {f}\n" for f in v[:20]) for reason, v in skipped.items()))
-    return out, table, skipped
+    result = TileResult(out, table, skipped, slides)
+    atomic_write_json(out / "tile_report.json", {"slices_dir": str(root), "slides_found": len(jobs),
+                                                 "slides_tiled": len(slides), "patches": len(table),
+                                                 "skipped": skipped, "slides": slides})
+    atomic_write_text(out / "tile_report.txt", tile_report_text(result, len(jobs)))
+    return result
+
+
+def tile_report_text(result: TileResult, found: int) -> str:
+    lines = ["stainmil tiling report", f"slides matched : {found}", f"slides tiled   : {len(result.slides)}",
+             f"patches        : {len(result.table)}"]
+    for reason, names in result.skipped.items():
+        lines.append(f"skipped ({reason}): {len(names)}")
+        lines += [f"  {name}" for name in names[:50]]
+        if len(names) > 50:
+            lines.append(f"  … and {len(names) - 50} more (all in tile_report.json)")
+    lines += ["", "per slide (file, patches, level read, read px -> patch px, µm/px level 0 -> target, scale from):"]
+    for s in result.slides:
+        mpp0 = f"{s['level0_mpp']:.3g}" if s["level0_mpp"] > 0 else "?"
+        mpp = f"{s['target_mpp']:.3g}" if s["target_mpp"] > 0 else "?"
+        lines.append(f"  {s['file']}  {s['patches']}  level {s['patch_level']}  {s['read_size']} px  "
+                     f"{mpp0} -> {mpp}  ({s['scale_source']})")
+    return "\n".join(lines) + "\n"
+
+
+def load_tiles(config: Config) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """tiles.csv and the tiling skips of ``tile.out_dir`` (for the slide route's index)."""
+    import json
+
+    out = Path(config.tile.out_dir)
+    if not (out / "tiles.csv").is_file():
+        raise DataError(f"no tiles.csv in tile.out_dir '{config.tile.out_dir}'; run `stainmil tile --config …` "
+                        "first (data.source=slides reads its coordinates).")
+    table = pd.read_csv(out / "tiles.csv", dtype={"case": str, "stain": str, "slice": str}, keep_default_na=False)
+    report = json.loads((out / "tile_report.json").read_text()) if (out / "tile_report.json").is_file() else {}
+    return table, report.get("skipped", {})

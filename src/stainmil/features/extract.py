@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from stainmil.config import Config, dump_config
@@ -36,6 +35,7 @@ from stainmil.features.store import (
     write_slice,
 )
 from stainmil.progress import progress_bar
+from stainmil.slides.reader import patch_refs, read_patch
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,22 +44,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_patch(path: str, image_size: int) -> np.ndarray:
-    """Decode one patch as RGB uint8 (image_size, image_size, 3), resized if needed."""
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        if image.size != (image_size, image_size):
-            image = image.resize((image_size, image_size), Image.BILINEAR)
-        return np.array(image)  # a writable copy
-
-
 class PatchImages(Dataset):
-    """Patch files -> uint8 tensors (3, S, S); with ``views > 1`` also each view's HED jitter (views, 2, 3).
+    """Patches -> uint8 tensors (3, S, S); with ``views > 1`` also each view's HED jitter (views, 2, 3).
 
-    ``keys`` (one stable id per patch) seed the jitter, so a patch's views never depend on batching.
+    ``paths``: patch files or :class:`~stainmil.slides.reader.PatchRef` regions of slides (each worker
+    opens its own slide handles). ``keys`` (one stable id per patch) seed the jitter, so a patch's views
+    never depend on batching.
     """
 
-    def __init__(self, paths: list[str], image_size: int, keys: list[str] | None = None, views: int = 1,
+    def __init__(self, paths: list, image_size: int, keys: list[str] | None = None, views: int = 1,
                  jitter: float = 0.0, seed: int = 0) -> None:
         self.paths, self.image_size = paths, image_size
         self.keys, self.views, self.jitter, self.seed = keys, views, jitter, seed
@@ -68,7 +61,7 @@ class PatchImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        image = torch.from_numpy(load_patch(self.paths[index], self.image_size)).permute(2, 0, 1)  # (3, S, S)
+        image = torch.from_numpy(read_patch(self.paths[index], self.image_size)).permute(2, 0, 1)  # (3, S, S)
         if self.views == 1:
             return image
         return image, torch.from_numpy(view_jitter(self.keys[index], self.views, self.jitter, self.seed))
@@ -140,7 +133,7 @@ def extract_features(config: Config, manifest: pd.DataFrame, backbone: Backbone 
     if shard is not None:
         groups = groups[shard[0]::shard[1]]
     pending = [(key, rows) for key, rows in groups if not slice_file(store_dir, *key).is_file()]
-    paths = [p for _, rows in pending for p in rows["path"]]
+    paths = [p for _, rows in pending for p in patch_refs(rows)]
     keys = [k for _, rows in pending for k in patch_keys(rows)]
     summary = ExtractSummary(store_dir, len(groups), len(groups) - len(pending), 0, 0, 0.0)
     if not pending:

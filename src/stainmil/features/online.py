@@ -32,7 +32,7 @@ from stainmil.features.augment import forward_images, train_augment
 from stainmil.features.backbones import Backbone, build_backbone, state_dict_hash
 from stainmil.features.encoder_modules import EncoderModule
 from stainmil.features.encoders import preprocessing
-from stainmil.features.extract import load_patch
+from stainmil.slides.reader import read_patch
 
 
 def split_backbone(module: nn.Module, trainable_blocks: int) -> tuple[nn.Module, nn.Module | None, list[nn.Module]]:
@@ -78,9 +78,9 @@ class OnlineEncoder:
         return list(self.tail_parameters)
 
     def read(self, paths: Sequence[str]) -> torch.Tensor:
-        """uint8 images (P, 3, S, S), decoded by a thread pool."""
+        """uint8 images (P, 3, S, S) of patch files or slide regions, decoded by a thread pool."""
         size = self.config.image_size
-        arrays = list(self.readers.map(lambda p: load_patch(p, size), paths))
+        arrays = list(self.readers.map(lambda p: read_patch(p, size), paths))
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
     def encode(self, paths: Sequence[str], augment: bool, rng: np.random.Generator | None) -> torch.Tensor:

@@ -1,0 +1,60 @@
+"""Patch coordinates per slide in CLAM/TRIDENT's HDF5 layout, so either tool reads stainmil's tiling.
+
+``<tile.out_dir>/coords/<slide stem>.h5``::
+
+    coords   (N, 2) int64   level-0 top-left (x, y) of each patch
+    attrs on coords (as CLAM and TRIDENT write them):
+        patch_size            side of a patch at the target scale (the encoder input before resizing)
+        patch_level           pyramid level read
+        patch_size_level0     side of a patch in level-0 pixels
+        downsample            level-0 pixels per target pixel (as a pair, CLAM-style)
+        level_dim             (width, height) of the level read
+        level0_magnification  objective power of level 0 (-1 when unknown)
+        target_magnification  magnification of the patches (-1 when unknown)
+        level0_mpp, target_mpp   µm per pixel (-1 when unknown)
+        overlap               level-0 pixels shared by neighbouring patches
+        name                  the slide's file stem
+    plus stainmil's: read_size, case, stain, slice, slide_path, scale_source
+
+Files are written atomically; a file that exists is finished (``tile`` resumes by skipping it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from stainmil.io import atomic_path
+from stainmil.slides.grid import ReadPlan
+
+
+def write_coords(path: Path, coords: np.ndarray, tissue: np.ndarray, plan: ReadPlan, level_dim: tuple[int, int],
+                 extra: dict) -> Path:
+    """Write one slide's coordinates (N, 2) and tissue fractions (N,) atomically."""
+    unknown = -1.0
+    attrs = {
+        "patch_size": plan.patch_size, "patch_level": plan.level, "patch_size_level0": plan.size0,
+        "downsample": np.array([plan.size0 / plan.patch_size] * 2), "level_dim": np.array(level_dim),
+        "level0_magnification": plan.level0_magnification or unknown,
+        "target_magnification": plan.target_magnification or unknown,
+        "level0_mpp": plan.level0_mpp or unknown, "target_mpp": plan.target_mpp or unknown,
+        "overlap": max(0, plan.size0 - plan.stride0), "read_size": plan.read_size,
+        "scale_source": plan.scale_source, **extra,
+    }
+    with atomic_path(path, suffix=".h5") as tmp:
+        with h5py.File(tmp, "w") as h5:
+            dataset = h5.create_dataset("coords", data=coords.astype(np.int64).reshape(-1, 2))
+            for key, value in attrs.items():
+                dataset.attrs[key] = value
+            h5.create_dataset("tissue_fraction", data=tissue.astype(np.float32))
+    return path
+
+
+def read_coords(path: Path) -> tuple[np.ndarray, dict]:
+    """(coords (N, 2) level 0, attrs) of a coordinates file — stainmil's, CLAM's or TRIDENT's."""
+    with h5py.File(path, "r") as h5:
+        dataset = h5["coords"]
+        attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in dataset.attrs.items()}
+        return dataset[()].astype(np.int64).reshape(-1, 2), attrs

@@ -1,0 +1,201 @@
+"""Reading slides: whole-slide files through OpenSlide (tiffslide where OpenSlide cannot), plain slice
+images through Pillow — one :class:`Slide` interface for both, plus the scale read from the metadata.
+
+A patch in a slide is a :class:`PatchRef`: the slide, the top-left corner at level 0, the pyramid level
+read and the side read there (resized to the encoder's input afterwards). Each process (DataLoader
+worker) keeps its own open handles (:func:`cached_slide`); handles are never shared across processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from stainmil.errors import DataError
+
+WSI_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".tif", ".tiff", ".svslide", ".dcm"}
+PLAIN_SUFFIXES = {".png", ".jpg", ".jpeg"}
+MICRONS_X_MAGNIFICATION = 10.0  # the convention 40x = 0.25 um/px used when only one of the two is recorded
+
+
+class UnreadableSlide(DataError):
+    """The file could not be opened or read as a slide."""
+
+
+class Slide:
+    """A slide with pyramid levels. Coordinates are level-0 pixels unless named otherwise."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._handle = None
+        self._image: np.ndarray | None = None
+        suffix = self.path.suffix.lower()
+        if suffix not in PLAIN_SUFFIXES:
+            try:
+                self._handle = _open_wsi(self.path)
+            except UnreadableSlide:
+                if suffix not in (".tif", ".tiff"):  # a plain (strip) TIFF slice image is read by Pillow
+                    raise
+        if self._handle is not None:
+            self.level_dimensions: tuple[tuple[int, int], ...] = tuple(self._handle.level_dimensions)
+            self.level_downsamples: tuple[float, ...] = tuple(float(d) for d in self._handle.level_downsamples)
+            self.properties: dict[str, str] = dict(self._handle.properties)
+            return
+        try:
+            with Image.open(self.path) as image:
+                self._image = np.asarray(image.convert("RGB"))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise UnreadableSlide(f"{self.path} is neither a slide OpenSlide reads nor a readable image ({exc}).") \
+                from exc
+        height, width = self._image.shape[:2]
+        self.level_dimensions = ((width, height),)
+        self.level_downsamples = (1.0,)
+        self.properties = {}
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.level_dimensions[0]
+
+    @property
+    def mpp(self) -> float | None:
+        """Microns per level-0 pixel from the metadata (OpenSlide's / tiffslide's normalised property)."""
+        for key in ("openslide.mpp-x", "tiffslide.mpp-x"):
+            value = _positive_float(self.properties.get(key))
+            if value:
+                return value
+        return None
+
+    @property
+    def magnification(self) -> float | None:
+        """Objective power of level 0 from the metadata (e.g. Aperio's AppMag)."""
+        for key in ("openslide.objective-power", "tiffslide.objective-power"):
+            value = _positive_float(self.properties.get(key))
+            if value:
+                return value
+        return None
+
+    def read_region(self, x: int, y: int, level: int, size: int) -> np.ndarray:
+        """RGB uint8 (size, size, 3) at ``level`` whose top-left is level-0 pixel (x, y); outside = white."""
+        if self._handle is None:
+            out = np.full((size, size, 3), 255, np.uint8)
+            crop = self._image[y:y + size, x:x + size]
+            out[:crop.shape[0], :crop.shape[1]] = crop
+            return out
+        try:
+            region = self._handle.read_region((int(x), int(y)), int(level), (int(size), int(size)))
+        except Exception as exc:  # OpenSlideError on a truncated tile, …
+            raise UnreadableSlide(f"{self.path}: reading {size}x{size} px at level {level}, ({x}, {y}) failed "
+                                  f"({type(exc).__name__}: {exc}); the file is damaged — re-export it.") from exc
+        return _rgb_on_white(region)
+
+    def thumbnail(self, downsample: float) -> np.ndarray:
+        """RGB uint8 of the whole slide shrunk ``downsample`` times from level 0: the finest level no finer
+        than needed is read whole, then resized with Pillow (bilinear)."""
+        width, height = self.dimensions
+        size = (max(1, int(round(width / downsample))), max(1, int(round(height / downsample))))
+        if self._handle is None:
+            source = Image.fromarray(self._image)
+        else:
+            level = best_level(self.level_downsamples, downsample)
+            try:
+                source = self._handle.read_region((0, 0), level, self.level_dimensions[level])
+            except Exception as exc:
+                raise UnreadableSlide(f"{self.path}: reading level {level} failed ({type(exc).__name__}: {exc}); "
+                                      "the file is damaged — re-export it.") from exc
+            source = Image.fromarray(_rgb_on_white(source))
+        if source.size == size:
+            return np.asarray(source)
+        return np.asarray(source.resize(size, Image.BILINEAR))
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+
+
+def _positive_float(value) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 else None
+
+
+def _rgb_on_white(region: Image.Image) -> np.ndarray:
+    """OpenSlide returns premultiplied RGBA with transparent pixels outside the scanned area: put it on white."""
+    if region.mode != "RGBA":
+        return np.asarray(region.convert("RGB"))
+    white = Image.new("RGBA", region.size, (255, 255, 255, 255))
+    return np.asarray(Image.alpha_composite(white, region).convert("RGB"))
+
+
+def _open_wsi(path: Path):
+    errors = []
+    try:
+        import openslide
+
+        try:
+            return openslide.OpenSlide(str(path))
+        except Exception as exc:  # OpenSlideUnsupportedFormatError, OpenSlideError
+            errors.append(f"OpenSlide: {type(exc).__name__}: {exc}")
+    except ImportError:
+        errors.append("openslide-python is not installed")
+    try:
+        import tiffslide
+
+        try:
+            return tiffslide.TiffSlide(str(path))
+        except Exception as exc:
+            errors.append(f"tiffslide: {type(exc).__name__}: {exc}")
+    except ImportError:
+        pass
+    raise UnreadableSlide(f"{path} could not be opened as a slide ({'; '.join(errors)}).")
+
+
+def best_level(downsamples: tuple[float, ...], target: float, tolerance: float = 0.01) -> int:
+    """The coarsest level whose downsample does not exceed ``target`` (within ``tolerance``): read there and
+    shrink, never enlarge."""
+    fitting = [i for i, d in enumerate(downsamples) if d <= target * (1 + tolerance)]
+    return max(fitting, key=lambda i: downsamples[i]) if fitting else 0
+
+
+@dataclass(frozen=True)
+class PatchRef:
+    """One patch inside a slide: level-0 top-left (x, y), the level read and the side read there."""
+
+    path: str
+    x: int
+    y: int
+    level: int
+    read_size: int
+
+
+@lru_cache(maxsize=32)
+def cached_slide(path: str) -> Slide:
+    """An open slide, one handle per process and path (DataLoader workers each build their own cache)."""
+    return Slide(path)
+
+
+def read_patch(ref: PatchRef | str, image_size: int) -> np.ndarray:
+    """RGB uint8 (image_size, image_size, 3) of a patch: a PNG/JPEG file path, or a :class:`PatchRef`."""
+    if isinstance(ref, PatchRef):
+        region = cached_slide(ref.path).read_region(ref.x, ref.y, ref.level, ref.read_size)
+        image = Image.fromarray(region)
+    else:
+        with Image.open(ref) as opened:
+            image = opened.convert("RGB")
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.BILINEAR)
+    return np.array(image)  # a writable copy
+
+
+def patch_refs(manifest) -> np.ndarray:
+    """What to read for each manifest row: its file path (patch folders) or a :class:`PatchRef` (slides)."""
+    if "level" not in manifest.columns:
+        return manifest["path"].to_numpy()
+    refs = [PatchRef(p, int(x), int(y), int(level), int(size)) for p, x, y, level, size in
+            zip(manifest["path"], manifest["x"], manifest["y"], manifest["level"], manifest["read_size"])]
+    return np.array(refs, dtype=object)

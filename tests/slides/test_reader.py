@@ -1,0 +1,65 @@
+"""Slides through real OpenSlide: generic pyramidal TIFF and Aperio-style files written by tifffile."""
+
+import numpy as np
+import openslide
+import pytest
+from PIL import Image
+
+from stainmil.slides.reader import PatchRef, Slide, UnreadableSlide, best_level, read_patch
+from stainmil.slides.write import write_pyramidal_tiff
+
+
+def _image(h=600, w=900):
+    return np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_generic_tiff_reads_with_mpp_and_exact_pixels(tmp_path):
+    rgb = _image()
+    path = write_pyramidal_tiff(tmp_path / "s.tiff", rgb, mpp=0.25, tile=128)
+    assert openslide.OpenSlide(str(path)).properties["openslide.vendor"] == "generic-tiff"
+    slide = Slide(path)
+    assert slide.dimensions == (900, 600) and slide.level_downsamples == (1.0, 2.0, 4.0)
+    assert slide.mpp == pytest.approx(0.25) and slide.magnification is None
+    assert np.array_equal(slide.read_region(100, 50, 0, 64), rgb[50:114, 100:164])
+    assert np.array_equal(read_patch(PatchRef(str(path), 100, 50, 0, 64), 64), rgb[50:114, 100:164])
+    level1 = np.asarray(Image.fromarray(rgb).resize((450, 300), Image.BOX))
+    assert np.array_equal(slide.read_region(200, 100, 1, 32), level1[50:82, 100:132])
+
+
+def test_aperio_description_gives_mpp_and_magnification(tmp_path):
+    path = write_pyramidal_tiff(tmp_path / "s.svs", _image(), mpp=0.2525, magnification=40, aperio=True, tile=128)
+    assert openslide.OpenSlide(str(path)).properties["openslide.vendor"] == "aperio"
+    slide = Slide(path)
+    assert slide.mpp == pytest.approx(0.2525) and slide.magnification == 40
+
+
+def test_region_outside_the_slide_is_white_and_plain_images_read_too(tmp_path):
+    rgb = _image(100, 120)
+    Image.fromarray(rgb).save(tmp_path / "s.png")
+    slide = Slide(tmp_path / "s.png")
+    assert slide.dimensions == (120, 100) and slide.mpp is None
+    region = slide.read_region(100, 90, 0, 32)
+    assert np.array_equal(region[:10, :20], rgb[90:, 100:]) and (region[10:] == 255).all()
+    tiff = Slide(write_pyramidal_tiff(tmp_path / "t.tiff", rgb, mpp=0.5, tile=64))
+    assert (tiff.read_region(100, 90, 0, 32)[10:] == 255).all()
+
+
+def test_unreadable_and_truncated_files_are_named(tmp_path):
+    (tmp_path / "junk.svs").write_bytes(b"not a slide at all")
+    with pytest.raises(UnreadableSlide, match="junk.svs"):
+        Slide(tmp_path / "junk.svs")
+    path = write_pyramidal_tiff(tmp_path / "cut.tiff", _image(1024, 1024), mpp=0.5, tile=128)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])  # tiles at the end are gone, the directory may be too
+    with pytest.raises(UnreadableSlide, match="cut.tiff"):
+        slide = Slide(path)
+        slide.read_region(896, 896, 0, 128)
+        slide.thumbnail(1)
+
+
+def test_best_level_reads_at_or_finer_than_asked():
+    downsamples = (1.0, 4.0, 16.0)
+    assert best_level(downsamples, 2.0) == 0
+    assert best_level(downsamples, 4.0) == 1
+    assert best_level(downsamples, 3.99) == 1  # within 1%
+    assert best_level(downsamples, 100.0) == 2
