@@ -35,3 +35,21 @@ def test_online_demo_needs_no_shared_store_and_reports_from_the_runs_own(tmp_pat
     assert (run / "features" / "store.json").is_file()                      # the trained backbone's own
     assert result.report.is_file() and (run / "attention" / "cases.csv").is_file()
     assert json.loads((run / "status.json").read_text())["state"] == "trained"
+
+
+@pytest.mark.slow
+def test_slide_route_from_slides_to_report_with_heatmaps_on_thumbnails(tmp_path):
+    logs = []
+    result = run_demo(tmp_path / "demo", ["train.max_epochs=4", "eval.bootstrap=20"], weights="random",
+                      log=logs.append, preset="tiny", slides=True)
+    manifest = result.config.manifest_path
+    import pandas as pd
+
+    rows = pd.read_parquet(manifest)
+    assert rows["path"].str.endswith(".tiff").all() and (rows["level"] == 1).all()
+    assert any("tiling them" in line for line in logs)
+    run = result.training.run_dir
+    heatmaps = list((run / "attention" / "heatmaps").glob("*_attention.jpg"))
+    assert heatmaps and result.report.is_file()
+    patches = pd.read_csv(run / "attention" / "patches.csv")
+    assert {"thumbnail", "thumb_scale", "size0"} <= set(patches.columns)

@@ -179,14 +179,17 @@ def predict(checkpoint: Annotated[Path, typer.Option(help="A run's checkpoints/b
 @friendly
 def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo_out"),
          set_: SetOpt = None,
-         weights: Annotated[str, typer.Option(help="auto (ImageNet, else random with a warning) | imagenet | random "
-                                                   "| path")] = "auto",
-         preset: Annotated[str, typer.Option(help="Synthetic cohort preset: demo | tiny | real-shape.")] = "demo"
+         weights: Annotated[str, typer.Option(help="auto (pretrained, else random with a warning) | pretrained | "
+                                                   "random | path")] = "auto",
+         preset: Annotated[str, typer.Option(help="Synthetic cohort preset: demo | tiny | real-shape.")] = "demo",
+         slides: Annotated[bool, typer.Option(help="The slide route: pyramidal TIFF slides -> tile -> extract "
+                                                   "from the slides.")] = False,
          ) -> None:
-    """synth -> index -> split -> extract -> train -> evaluate on the built-in synthetic cohort."""
+    """synth -> index (or tile slides) -> split -> extract -> train -> evaluate -> report on a synthetic cohort."""
     from stainmil.pipeline import run_demo
 
-    result = run_demo(out, set_, weights, log=lambda msg: console.print(msg, highlight=False), preset=preset)
+    result = run_demo(out, set_, weights, log=lambda msg: console.print(msg, highlight=False), preset=preset,
+                      slides=slides)
     _print_evaluation(result.evaluation, result.training.run_dir)
     console.print(result.analysis_summary, highlight=False)
     console.print(f"report: [bold]{result.report}[/]  (open it in a browser)")

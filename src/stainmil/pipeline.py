@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from stainmil.analysis.report import build_report
 from stainmil.config import Config, dump_config, load_config
 from stainmil.data.cohort import build_index, case_labels, load_manifest, write_index
 from stainmil.data.splits import make_splits, write_splits
-from stainmil.data.synth import PRESETS, write_cohort
+from stainmil.data.synth import PRESETS, write_cohort, write_slides
 from stainmil.data.tiling import TileResult, tile_folder
 from stainmil.errors import StoreError
 from stainmil.evaluate.predict import Evaluation, evaluate_run
@@ -53,16 +54,24 @@ class DemoResult:
     analysis_summary: str
 
 
-def demo_config(out_dir: Path, cohort_dir: Path, overrides: list[str]) -> Config:
-    base = [f"output_dir={out_dir / 'work'}", f"data.patches_dir={cohort_dir / 'patches'}",
-            f"data.labels_csv={cohort_dir / 'labels.csv'}", "features.num_workers=1", "train.max_epochs=40",
-            f"analysis.slice_images={cohort_dir / 'slices' / 'case{case}' / '{stain}' / 'slice{slice}.png'}"]
+def demo_config(out_dir: Path, cohort_dir: Path, overrides: list[str], slides: bool = False) -> Config:
+    base = [f"output_dir={out_dir / 'work'}", f"data.labels_csv={cohort_dir / 'labels.csv'}",
+            "features.num_workers=1", "train.max_epochs=40"]
+    if slides:  # the slide route: "40x" pyramidal TIFFs tiled at 0.5 um/px (their 2x level)
+        base += ["data.source=slides", f"tile.slices_dir={cohort_dir / 'slides'}", f"tile.out_dir={out_dir / 'tiles'}",
+                 "tile.mpp=0.5", "tile.mask_downsample=1"]
+    else:
+        base += [f"data.patches_dir={cohort_dir / 'patches'}",
+                 f"analysis.slice_images={cohort_dir / 'slices' / 'case{case}' / '{stain}' / 'slice{slice}.png'}"]
     return load_config(None, base + list(overrides))
 
 
 def run_demo(out_dir: str | Path = "demo_out", overrides: list[str] | None = None, weights: str = "auto",
-             log=print, preset: str = "demo") -> DemoResult:
+             log=print, preset: str = "demo", slides: bool = False) -> DemoResult:
     """synth -> index -> split -> extract -> train -> evaluate -> analyze + report on the synthetic cohort.
+
+    ``slides=True`` runs the slide route: the slices are written as pyramidal TIFF slides, tiled (tissue
+    masks + coordinates) and features are read straight from the slides; heatmaps go on their thumbnails.
 
     ``weights='auto'`` tries ImageNet weights and, when they cannot be had offline, falls back to
     random weights *and says so* in the output and in results.txt.
@@ -74,13 +83,14 @@ def run_demo(out_dir: str | Path = "demo_out", overrides: list[str] | None = Non
     else:
         log(f"[1/7] rendering the synthetic cohort into {cohort_dir}")
         write_cohort(cohort_dir, PRESETS[preset])
-    config = demo_config(out_dir, cohort_dir, [f"features.image_size={PRESETS[preset].patch_size}",
-                                                *(overrides or [])])
+    size = PRESETS[preset].patch_size
+    config = demo_config(out_dir, cohort_dir, [f"features.image_size={size}", f"tile.patch_size={size}",
+                                                *(overrides or [])], slides=slides)
     note = ""
     if weights == "auto":
         from stainmil.features.backbones import build_backbone
 
-        config.features.weights = "imagenet"
+        config.features.weights = "pretrained"
         try:
             backbone = build_backbone(config.features)
         except StoreError as exc:
@@ -94,8 +104,15 @@ def run_demo(out_dir: str | Path = "demo_out", overrides: list[str] | None = Non
 
         config.features.weights = weights
         backbone = build_backbone(config.features)
-    log("[2/7] indexing and validating the patch folder")
-    index_dir, report = index_cohort(config)
+    if slides:
+        log("[2/7] writing the slices as pyramidal TIFF slides, then tiling them (tissue masks + coordinates)")
+        write_slides(cohort_dir, mpp=0.5, upsample=2, tile=128)
+        tiled, index_dir = tile_cohort(config)
+        report = json.loads((index_dir / "index_report.json").read_text())
+        log(f"      {len(tiled.slides)} slides tiled; report: {tiled.out_dir / 'tile_report.txt'}")
+    else:
+        log("[2/7] indexing and validating the patch folder")
+        index_dir, report = index_cohort(config)
     log(f"      {report['files_used']} patches of {report['cases_used']} cases; "
         f"report: {index_dir / 'index_report.txt'}")
     log("[3/7] case-level stratified split (60/20/20)")
