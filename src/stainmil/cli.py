@@ -258,6 +258,23 @@ def cv(config: ConfigOpt = None, set_: SetOpt = None,
         console.print(f"experiment folder: [bold]{result.out_dir}[/]")
 
 
+@app.command("compare-encoders")
+@friendly
+def compare_encoders_cmd(
+        config: ConfigOpt = None, set_: SetOpt = None,
+        backbones: Annotated[str, typer.Option(help="Comma-separated encoder names (see `stainmil backbones`).")] = "",
+        folds: Annotated[int, typer.Option(help="Stratified folds by case, shared by every encoder.")] = 5,
+        launcher: LauncherOpt = "local",
+        out: Annotated[Path | None, typer.Option(help="Comparison folder (re-use it to resume).")] = None) -> None:
+    """Extract + cross-validate several encoders on the same folds and seeds -> one table with CIs and img/s."""
+    from stainmil.experiments.compare import compare_encoders
+
+    cfg = load_config(config, set_)
+    names = [n.strip() for n in backbones.split(",") if n.strip()]
+    table = compare_encoders(cfg, names, folds, launcher, out, log=console.print)
+    console.print(table.to_string(index=False), highlight=False, markup=False)
+
+
 @app.command()
 @friendly
 def tune(config: ConfigOpt = None, set_: SetOpt = None,
