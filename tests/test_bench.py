@@ -31,4 +31,14 @@ def test_bench_runs_end_to_end_on_the_tiny_preset(tmp_path):
                 "train_peak_rss_mb_store", "train_peak_rss_mb_online_finetune", "process_peak_rss_mb"):
         assert figures[key] > 0, key
     assert figures["max_abs_logit_difference"] < 1e-5
-    assert list(tmp_path.glob("bench-tiny-cpu-*.json"))
+    assert list(tmp_path.glob("bench-tiny-densenet121-32px-patches-cpu.json"))
+
+
+def test_bench_extraction_from_slides_with_a_vit(tmp_path):
+    from stainmil.bench import run_bench
+
+    figures = run_bench(tmp_path, "tiny", "cpu", rounds=1, backbone_name="kaiko_vits16", slides=True,
+                        extraction_only=True, log=lambda *_: None)
+    assert figures["encoder"] == "kaiko_vits16" and "slides" in figures["patch_source"]
+    assert figures["extraction_img_s"] > 0 and figures["backbone_forward_img_s"] > 0
+    assert "epoch_s_feature_store" not in figures

@@ -29,7 +29,7 @@ import torch
 from stainmil.data.bags import CohortBags
 from stainmil.data.cohort import build_index, case_labels, write_index
 from stainmil.data.splits import make_splits
-from stainmil.data.synth import PRESETS, write_cohort
+from stainmil.data.synth import PRESETS, write_cohort, write_slides
 from stainmil.features.backbones import build_backbone
 from stainmil.features.extract import extract_features, resolve_device
 from stainmil.features.online import OnlineEncoder
@@ -151,8 +151,11 @@ def decode_workers() -> int:
 
 def run_bench(out: str | Path = "demo_out/bench", preset: str = "demo", device_name: str = "auto",
               image_size: int = 0, old_cases: int = 0, weights: str = "random", rounds: int = 2,
+              backbone_name: str = "densenet121", slides: bool = False, extraction_only: bool = False,
               log=print) -> dict:
-    from stainmil.pipeline import demo_config
+    """Measure everything (see the module docstring). ``slides``: extraction reads the patches from pyramidal
+    TIFF slides (the slide route); ``extraction_only``: stop after forward vs extraction (e.g. for big encoders)."""
+    from stainmil.pipeline import demo_config, tile_cohort
 
     device = resolve_device(device_name)
     out = Path(out).resolve()
@@ -161,12 +164,20 @@ def run_bench(out: str | Path = "demo_out/bench", preset: str = "demo", device_n
         log(f"rendering the {preset} synthetic cohort into {cohort}")
         write_cohort(cohort, PRESETS[preset])
     size = image_size or PRESETS[preset].patch_size
-    config = demo_config(out, cohort, [f"features.weights={weights}", f"features.image_size={size}",
-                                       f"features.store_dir={out / f'store-{preset}-{size}px'}",
-                                       f"features.device={device.type}", f"train.device={device.type}",
-                                       f"features.num_workers={decode_workers()}"])
-    result = build_index(config)
-    write_index(result, config)
+    source = "slides" if slides else "patches"
+    tag = f"{preset}-{backbone_name}-{size}px-{source}"
+    config = demo_config(out / tag, cohort, [
+        f"features.backbone={backbone_name}", f"features.weights={weights}", f"features.image_size={size}",
+        f"features.store_dir={out / f'store-{tag}'}", f"features.device={device.type}", f"train.device={device.type}",
+        f"features.num_workers={decode_workers()}", f"tile.patch_size={PRESETS[preset].patch_size}"], slides=slides)
+    if slides:
+        log("writing the cohort's slices as pyramidal TIFF slides and tiling them")
+        write_slides(cohort, mpp=0.5, upsample=2, tile=128)
+        tile_cohort(config)
+        result = build_index(config)
+    else:
+        result = build_index(config)
+        write_index(result, config)
     manifest = result.manifest
     backbone = build_backbone(config.features)
     frozen = backbone.module.to(device).to(memory_format=torch.channels_last)
@@ -175,6 +186,7 @@ def run_bench(out: str | Path = "demo_out/bench", preset: str = "demo", device_n
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
         f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}",
         "cohort": f"{preset}: {manifest['case'].nunique()} cases, {len(manifest)} patches, {size} px input",
+        "encoder": backbone_name, "patch_source": "pyramidal TIFF slides (OpenSlide)" if slides else "PNG files",
     }
     bare, extraction = 0.0, 0.0
     for round_ in range(1, rounds + 1):  # alternated, best of each: shared machines are noisy
@@ -185,6 +197,9 @@ def run_bench(out: str | Path = "demo_out/bench", preset: str = "demo", device_n
     figures.update({"backbone_forward_img_s": round(bare, 1), "extraction_img_s": round(extraction, 1),
                     "extraction_over_forward": round(extraction / bare, 3), "decode_workers": f.num_workers,
                     "best_of_rounds": rounds})
+    if extraction_only:
+        atomic_write_json(out / f"bench-{tag}-{device.type}.json", figures)
+        return figures
 
     bags = CohortBags(manifest, load_features(config.store_dir, manifest), config.data.stains)
     split = make_splits(case_labels(manifest), config.split)[0]
@@ -232,5 +247,5 @@ def run_bench(out: str | Path = "demo_out/bench", preset: str = "demo", device_n
         figures["train_cuda_max_allocated_mb_store"] = cached_memory.cuda_mb
         figures["train_cuda_max_allocated_mb_online_finetune"] = finetune_memory.cuda_mb
     figures["process_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    atomic_write_json(out / f"bench-{preset}-{device.type}-{size}px.json", figures)
+    atomic_write_json(out / f"bench-{tag}-{device.type}.json", figures)
     return figures

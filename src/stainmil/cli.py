@@ -320,11 +320,15 @@ def bench(preset: Annotated[str, typer.Option(help="Synthetic cohort: demo | tin
           image_size: Annotated[int, typer.Option(help="Backbone input side (0 = patch size).")] = 0,
           old_cases: Annotated[int, typer.Option(help="Time the old way on this many cases (0 = all).")] = 0,
           weights: Annotated[str, typer.Option(help="Backbone weights.")] = "random",
-          rounds: Annotated[int, typer.Option(help="Forward/extraction rounds, best of each.")] = 2) -> None:
+          rounds: Annotated[int, typer.Option(help="Forward/extraction rounds, best of each.")] = 2,
+          backbone: Annotated[str, typer.Option(help="Encoder (see `stainmil backbones`).")] = "densenet121",
+          slides: Annotated[bool, typer.Option(help="Extract from pyramidal TIFF slides (the slide route).")] = False,
+          extraction_only: Annotated[bool, typer.Option(help="Only forward vs extraction.")] = False) -> None:
     """Measure extraction, epoch (store vs the old way), vectorised vs loop, and memory; print one table."""
     from stainmil.bench import run_bench
 
-    figures = run_bench(out, preset, device, image_size, old_cases, weights, rounds, log=console.print)
+    figures = run_bench(out, preset, device, image_size, old_cases, weights, rounds, backbone, slides,
+                        extraction_only, log=console.print)
     table = Table(title="stainmil bench")
     table.add_column("figure")
     table.add_column("value")
