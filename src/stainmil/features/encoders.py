@@ -95,18 +95,18 @@ _vit("uni_v1", "vit_large_patch16_224", "MahmoodLab/UNI", 1024, 303.4, "CC-BY-NC
 _vit("uni_v2", "vit_giant_patch14_224", "MahmoodLab/UNI2-h", 1536, 681.4, "CC-BY-NC-ND-4.0 (academic)",
      token=14, precision="bf16", patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536,
      mlp_ratio=2.66667 * 2, no_embed_class=True, reg_tokens=8, **SWIGLU)
-_vit("virchow", "vit_huge_patch14_224", "paige-ai/Virchow", 2560, 631.2, "Apache-2.0 (gated)", token=14,
+_vit("virchow", "vit_huge_patch14_224", "paige-ai/Virchow", 2560, 631.2, "Apache-2.0", token=14,
      pooling="cls+mean", init_values=1e-5, mlp_ratio=5.3375, global_pool="", **SWIGLU)
-_vit("virchow2", "vit_huge_patch14_224", "paige-ai/Virchow2", 2560, 631.2, "CC-BY-NC-ND-4.0 (gated)",
+_vit("virchow2", "vit_huge_patch14_224", "paige-ai/Virchow2", 2560, 631.2, "CC-BY-NC-ND-4.0",
      token=14, pooling="cls+mean", init_values=1e-5, mlp_ratio=5.3375, global_pool="", reg_tokens=4, **SWIGLU)
 _vit("hoptimus0", "vit_giant_patch14_reg4_dinov2", "bioptimus/H-optimus-0", 1536, 1134.8, "Apache-2.0",
      token=14, gated=False, mean=BIOPTIMUS_MEAN, std=BIOPTIMUS_STD, init_values=1e-5, global_pool="token")
 _vit("hoptimus1", "vit_giant_patch14_reg4_dinov2", "bioptimus/H-optimus-1", 1536, 1134.8,
-     "CC-BY-NC-ND-4.0 (gated)", token=14, mean=BIOPTIMUS_MEAN, std=BIOPTIMUS_STD, init_values=1e-5,
+     "CC-BY-NC-ND-4.0", token=14, mean=BIOPTIMUS_MEAN, std=BIOPTIMUS_STD, init_values=1e-5,
      global_pool="token")
-_vit("h0_mini", "vit_base_patch14_reg4_dinov2", "bioptimus/H0-mini", 768, 86.1, "CC-BY-NC-ND-4.0 (gated)",
+_vit("h0_mini", "vit_base_patch14_reg4_dinov2", "bioptimus/H0-mini", 768, 86.1, "CC-BY-NC-ND-4.0",
      token=14, mean=BIOPTIMUS_MEAN, std=BIOPTIMUS_STD, mlp_ratio=5.33334, **SWIGLU)
-_vit("gigapath", "vit_giant_patch14_dinov2", "prov-gigapath/prov-gigapath", 1536, 1134.8, "Apache-2.0 (gated)",
+_vit("gigapath", "vit_giant_patch14_dinov2", "prov-gigapath/prov-gigapath", 1536, 1134.8, "Apache-2.0",
      token=16, patch_size=16, embed_dim=1536, depth=40, num_heads=24, mlp_ratio=5.33334,
      init_values=1e-5)
 _vit("lunit_vits8", "vit_small_patch8_224", "1aurent/vit_small_patch8_224.lunit_dino", 384, 21.7,
@@ -169,8 +169,8 @@ def encoder_table() -> list[dict]:
         kwargs = {k: (v.rsplit(".", 1)[-1] if isinstance(v, str) and "." in v else v) for k, v in spec.kwargs.items()}
         kwargs = {k: v for k, v in kwargs.items() if k not in ("img_size", "num_classes", "dynamic_img_size")}
         rows.append({"name": spec.name, "library": spec.library, "architecture": spec.architecture,
-                     "kwargs": ", ".join(f"{k}={round(v, 5) if isinstance(v, float) else v}"
-                                         for k, v in kwargs.items()) or "-",
+                     "kwargs": ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v!r}" if v == "" else
+                                         f"{k}={v}" for k, v in kwargs.items()) or "-",
                      "input": spec.input_size, "mean": "imagenet" if spec.mean == IMAGENET_MEAN else
                      "/".join(f"{m:.3g}" for m in spec.mean), "std": "imagenet" if spec.std == IMAGENET_STD else
                      "/".join(f"{s:.3g}" for s in spec.std), "pooling": spec.pooling, "dim": spec.dim,

@@ -128,6 +128,9 @@ def _rgb_on_white(region: Image.Image) -> np.ndarray:
     """OpenSlide returns premultiplied RGBA with transparent pixels outside the scanned area: put it on white."""
     if region.mode != "RGBA":
         return np.asarray(region.convert("RGB"))
+    pixels = np.asarray(region)
+    if pixels[..., 3].min() == 255:  # fully scanned (the usual case): drop alpha, no compositing
+        return np.ascontiguousarray(pixels[..., :3])
     white = Image.new("RGBA", region.size, (255, 255, 255, 255))
     return np.asarray(Image.alpha_composite(white, region).convert("RGB"))
 
