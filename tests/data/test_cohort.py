@@ -79,6 +79,9 @@ def test_every_fault_is_reported_and_counts_add_up(faulty):
     assert skipped[C.BLANK_CASE] == {"x/-HE-s0-0.png"}
     assert skipped[C.EXCLUDED] == {"X91/X91-HE-s0-0.png"}
     assert report["converted_to_rgb"] == {"L": 1, "RGBA": 1}
+    assert report["converted_to_rgb_files"] == {"L": ["B3/B3-H&E-s1-0.png"], "RGBA": ["B3/B3-HE-s1-1.png"]}
+    text = C.report_text(report)
+    assert "1 L (B3-H&E-s1-0.png)" in text and "1 RGBA (B3-HE-s1-1.png)" in text
     assert report["unexpected_size"]["files"] == ["B3/B3-HE-s1-2.png"]
     assert report["labelled_cases_without_patches"] == ["NOPATCH"]
     assert report["conflicting_labels"] == {"C4": ["Benign", "High Grade"]}

@@ -149,7 +149,7 @@ def test_online_fine_tuning_run_resumes_exactly_and_evaluates_on_its_own_store(p
     full = train(config).run_dir
     assert json.loads((full / "status.json").read_text())["state"] == "trained"
     state = load_checkpoint(full / "checkpoints" / "best.pth")
-    assert state["backbone"] and all(k.startswith("features.denseblock4.") or k.startswith("features.norm5.")
+    assert state["backbone"] and all(k.startswith(("net.features.denseblock4.", "net.features.norm5."))
                                      for k in state["backbone"])
     assert len(state["optimizer"]["param_groups"]) == 2
     assert state["optimizer"]["param_groups"][1]["lr"] == pytest.approx(1e-3)
@@ -187,3 +187,40 @@ def test_online_fine_tuning_run_resumes_exactly_and_evaluates_on_its_own_store(p
     new.features.store_dir = str(tmp_path / "new" / "store")
     predict_unlabelled(full / "checkpoints" / "best.pth", new, tmp_path / "new" / "predictions")
     assert np.allclose(load_features(new.store_dir, manifest).astype(np.float32), tuned, rtol=1e-2, atol=1e-3)
+
+
+def test_online_vit_fine_tuning_resumes_exactly(prepared, tmp_path):
+    """A ViT's last transformer block and final norm trained online: crash + resume == uninterrupted."""
+    config = copy.deepcopy(prepared)
+    config.features.mode, config.features.backbone, config.features.trainable_blocks = "online", "kaiko_vits16", 1
+    config.features.backbone_lr, config.train.max_epochs = 1e-3, 2
+    config.data.per_slice_cap = 4
+    config.train.runs_dir = str(tmp_path / "full")
+    full = train(config).run_dir
+    state = load_checkpoint(full / "checkpoints" / "last.pth")
+    assert state["backbone"] and all(k.startswith(("net.blocks.11.", "net.norm.")) for k in state["backbone"])
+    config.train.runs_dir = str(tmp_path / "crashed")
+
+    def crash(epoch, row):
+        if epoch == 1:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        train(config, on_epoch_end=crash)
+    run = next((tmp_path / "crashed").glob("run_*"))
+    train(config, resume_dir=run)
+    assert _history(run).equals(_history(full))
+    resumed = load_checkpoint(run / "checkpoints" / "last.pth")
+    for key, value in state["backbone"].items():
+        assert torch.equal(resumed["backbone"][key], value), key
+
+
+def test_metrics_report_the_epochs_actually_run(prepared, tmp_path):
+    """best.pth holds the best epoch; metrics.json must say how many epochs ran (lr 0: epoch 1 stays best)."""
+    config = copy.deepcopy(prepared)
+    config.train.runs_dir = str(tmp_path)
+    config.train.lr, config.train.max_epochs = 0.0, 4
+    result = train(config)
+    metrics = evaluate_run(result.run_dir).metrics
+    assert (metrics["best_epoch"], metrics["epochs_run"]) == (1, 4)
+    assert "best epoch: 1 of 4" in (result.run_dir / "results.txt").read_text()

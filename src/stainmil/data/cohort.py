@@ -278,9 +278,12 @@ def _make_report(config: Config, manifest: pd.DataFrame, labels: Labels, skipped
     warnings: list[str] = []
     modes = Counter(manifest["mode"]) if not manifest.empty else Counter()
     converted = {mode: n for mode, n in modes.items() if mode != "RGB"}
+    converted_files = {mode: [_relative(p, data.patches_dir) for p in manifest.loc[manifest["mode"] == mode, "path"]]
+                       for mode in sorted(converted)}
     if converted:
-        warnings.append("images converted to RGB when read: "
-                        + ", ".join(f"{n} {mode}" for mode, n in sorted(converted.items())))
+        warnings.append("images converted to RGB when read: " + "; ".join(
+            f"{n} {mode} ({_examples(manifest.loc[manifest['mode'] == mode, 'path'], 5)}"
+            f"{', …' if n > 5 else ''})" for mode, n in sorted(converted.items())))
     sizes = Counter(zip(manifest["width"], manifest["height"])) if not manifest.empty else Counter()
     expected = (data.expected_patch_size,) * 2 if data.expected_patch_size else \
         (sizes.most_common(1)[0][0] if sizes else None)
@@ -334,6 +337,7 @@ def _make_report(config: Config, manifest: pd.DataFrame, labels: Labels, skipped
         "files_skipped": int(sum(len(v) for v in skipped.values())),
         "skipped": {reason: {"count": len(paths), "files": paths} for reason, paths in sorted(skipped.items())},
         "converted_to_rgb": converted,
+        "converted_to_rgb_files": converted_files,
         "patch_size_expected": list(expected) if expected else None,
         "unexpected_size": {"count": int(len(odd_size)),
                             "files": [str(Path(p).relative_to(data.patches_dir)) for p in odd_size["path"]]},
@@ -353,6 +357,13 @@ def _make_report(config: Config, manifest: pd.DataFrame, labels: Labels, skipped
 
 def _case_sort(case: str) -> tuple:
     return (0, int(case), "") if case.isdigit() else (1, 0, case)
+
+
+def _relative(path: str, root: str) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
 
 
 def _examples(paths: pd.Series, n: int = 3) -> str:

@@ -74,8 +74,10 @@ def evaluate_run(run_dir: str | Path, split_name: str = "test", bags: CohortBags
     threshold, how = choose_threshold(config.eval.threshold, val["label"].to_numpy(), val["prob_1"].to_numpy())
     predictions["pred"] = (predictions["prob_1"] >= threshold).astype(int)
     predictions["abs_error"] = (predictions["prob_1"] - predictions["label"]).abs()
+    history = run_dir / "history.csv"  # best.pth holds the best epoch, not how many ran
+    epochs_run = len(pd.read_csv(history)) if history.is_file() else int(state["epoch"])
     metrics = {"threshold": threshold, "threshold_rule": how, "best_epoch": int(state["early_stopping"]["best_epoch"]),
-               "epochs_run": int(state["epoch"]), "weights": config.features.weights, "splits": {}}
+               "epochs_run": epochs_run, "weights": config.features.weights, "splits": {}}
     for name in SUBSETS:
         part = predictions[predictions["split"] == name]
         if part.empty:

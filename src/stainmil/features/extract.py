@@ -35,7 +35,7 @@ from stainmil.features.store import (
     write_slice,
 )
 from stainmil.progress import progress_bar
-from stainmil.slides.reader import patch_refs, read_patch
+from stainmil.slides.reader import cached_slide, patch_refs, read_patch
 
 
 def resolve_device(name: str) -> torch.device:
@@ -65,6 +65,11 @@ class PatchImages(Dataset):
         if self.views == 1:
             return image
         return image, torch.from_numpy(view_jitter(self.keys[index], self.views, self.jitter, self.seed))
+
+
+def _fresh_slide_handles(worker_id: int) -> None:
+    """Each DataLoader worker opens its own slide handles (never one inherited from the parent by fork)."""
+    cached_slide.cache_clear()
 
 
 def patch_keys(rows: pd.DataFrame) -> list[str]:
@@ -146,7 +151,8 @@ def extract_features(config: Config, manifest: pd.DataFrame, backbone: Backbone 
     dataset = PatchImages(paths, f.image_size, keys, meta.views, meta.view_jitter, meta.view_seed)
     loader = DataLoader(dataset, batch_size=f.batch_size, shuffle=False,
                         num_workers=f.num_workers, pin_memory=device.type == "cuda",
-                        prefetch_factor=4 if f.num_workers > 0 else None, persistent_workers=False)
+                        prefetch_factor=4 if f.num_workers > 0 else None, persistent_workers=False,
+                        worker_init_fn=_fresh_slide_handles)
     dtype = np.dtype(meta.dtype)
     writer = ThreadPoolExecutor(max_workers=1)
     writes: list[Future] = []
