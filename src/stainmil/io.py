@@ -83,3 +83,12 @@ def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
                  suffix=path.suffix)
     plt.close(fig)
     return path
+
+
+def walk_files(root: str | Path) -> list[Path]:
+    """Every file below ``root`` in sorted, deterministic order (hidden files skipped)."""
+    files = []
+    for directory, subdirs, names in os.walk(root):
+        subdirs.sort()
+        files.extend(Path(directory) / name for name in sorted(names) if not name.startswith("."))
+    return files

@@ -128,6 +128,19 @@ def test_empty_split_is_refused(prepared, tmp_path):
         train(prepared, split=Split(split.train + split.val, [], split.test))
 
 
+def _crashed_run(config, runs_dir, after_epoch: int):
+    """A run of ``config`` in ``runs_dir`` killed right after ``after_epoch``; returns its folder."""
+    config.train.runs_dir = str(runs_dir)
+
+    def crash(epoch, row):
+        if epoch == after_epoch:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        train(config, on_epoch_end=crash)
+    return next(runs_dir.glob("run_*"))
+
+
 class _Crash(Exception):
     pass
 
@@ -154,15 +167,7 @@ def test_online_fine_tuning_run_resumes_exactly_and_evaluates_on_its_own_store(p
     assert len(state["optimizer"]["param_groups"]) == 2
     assert state["optimizer"]["param_groups"][1]["lr"] == pytest.approx(1e-3)
 
-    config.train.runs_dir = str(tmp_path / "crashed")
-
-    def crash(epoch, row):
-        if epoch == 2:
-            raise _Crash
-
-    with pytest.raises(_Crash):
-        train(config, on_epoch_end=crash)
-    run = next((tmp_path / "crashed").glob("run_*"))
+    run = _crashed_run(config, tmp_path / "crashed", after_epoch=2)
     with pytest.raises(TrainingError, match="finish training first"):
         evaluate_run(run)                                  # no store of the trained backbone yet
     train(config, resume_dir=run)
@@ -199,15 +204,7 @@ def test_online_vit_fine_tuning_resumes_exactly(prepared, tmp_path):
     full = train(config).run_dir
     state = load_checkpoint(full / "checkpoints" / "last.pth")
     assert state["backbone"] and all(k.startswith(("net.blocks.11.", "net.norm.")) for k in state["backbone"])
-    config.train.runs_dir = str(tmp_path / "crashed")
-
-    def crash(epoch, row):
-        if epoch == 1:
-            raise _Crash
-
-    with pytest.raises(_Crash):
-        train(config, on_epoch_end=crash)
-    run = next((tmp_path / "crashed").glob("run_*"))
+    run = _crashed_run(config, tmp_path / "crashed", after_epoch=1)
     train(config, resume_dir=run)
     assert _history(run).equals(_history(full))
     resumed = load_checkpoint(run / "checkpoints" / "last.pth")

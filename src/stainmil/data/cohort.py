@@ -31,7 +31,7 @@ from PIL import Image
 from stainmil.config import Config, dump_config
 from stainmil.data.labels import Labels, normalize_case_id, read_labels
 from stainmil.errors import ConfigError, DataError
-from stainmil.io import atomic_write, atomic_write_json, atomic_write_text
+from stainmil.io import atomic_write, atomic_write_json, atomic_write_text, walk_files
 from stainmil.progress import progress_bar
 
 # reasons a file is not used (keys of the report)
@@ -77,14 +77,6 @@ def check_image(path: str) -> tuple[str, int, int, str]:
             return "ok", image.width, image.height, image.mode
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return "unreadable", 0, 0, ""
-
-
-def _walk(root: Path) -> list[Path]:
-    files = []
-    for directory, subdirs, names in os.walk(root):
-        subdirs.sort()
-        files.extend(Path(directory) / name for name in sorted(names) if not name.startswith("."))
-    return files
 
 
 def _decode_all(paths: list[str], workers: int) -> list[tuple[str, int, int, str]]:
@@ -159,7 +151,7 @@ def build_index(config: Config, require_labels: bool = True) -> IndexResult:
     rules = CaseRules.from_config(config, require_labels)
     labels = rules.labels
 
-    files = _walk(root)
+    files = walk_files(root)
     skipped: dict[str, list[str]] = defaultdict(list)
     candidates = []
     for path in files:

@@ -35,7 +35,7 @@ from PIL import Image
 from stainmil.config import Config, TileConfig
 from stainmil.data.labels import normalize_case_id
 from stainmil.errors import ConfigError, DataError
-from stainmil.io import atomic_write, atomic_write_json, atomic_write_text, safe_name
+from stainmil.io import atomic_write, atomic_write_json, atomic_write_text, safe_name, walk_files
 from stainmil.progress import progress_bar
 from stainmil.slides.coords import read_coords, write_coords
 from stainmil.slides.grid import NoScale, mask_downsample, patch_grid, read_plan
@@ -69,14 +69,6 @@ def _compile(pattern: str) -> re.Pattern:
         raise ConfigError(f"tile.filename_pattern lacks the named group(s) {missing}; it needs (?P<case>…), "
                           "(?P<stain>…) and (?P<slice>…).")
     return compiled
-
-
-def _walk(root: Path) -> list[Path]:
-    files = []
-    for directory, subdirs, names in os.walk(root):
-        subdirs.sort()
-        files.extend(Path(directory) / name for name in sorted(names) if not name.startswith("."))
-    return files
 
 
 class _NoTissue(DataError):
@@ -162,7 +154,7 @@ def tile_folder(config: Config) -> TileResult:
                           "both non-negative.")
     pattern = _compile(tile.filename_pattern)
     export = config.data.source == "patches"
-    files = _walk(root)
+    files = walk_files(root)
     skipped: dict[str, list[str]] = {}
     jobs = []
     for path in files:

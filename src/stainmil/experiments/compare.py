@@ -58,7 +58,8 @@ def compare_encoders(config: Config, backbones: list[str], folds: int = 5, launc
         summary = extract_features(encoder_config, manifest)
         speed = round(summary.patches_per_second, 1) if summary.patches_written else float("nan")
         log(f"[{name}] cross-validating on the shared folds")
-        result = run_cv(encoder_config, splits_dir=splits_dir, launcher=launcher, out_dir=out / safe_name(name), log=log)
+        result = run_cv(encoder_config, splits_dir=splits_dir, launcher=launcher, out_dir=out / safe_name(name),
+                        log=log)
         pooled, over = result.metrics["pooled_out_of_fold"], result.metrics["over_folds"]
         spec = ENCODERS.get(name)
         row = {"encoder": name, "dim": spec.dim if spec else None, "weights": encoder_config.features.weights,

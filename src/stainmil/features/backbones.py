@@ -171,14 +171,16 @@ def build_backbone(config: FeaturesConfig) -> Backbone:
     if config.backbone.startswith("file:"):
         return _from_file(config.backbone, config)
     spec = encoder_spec(config.backbone)
-    module = build_module(spec, config.image_size, config.seed)
+    check_image_size(spec, config.image_size)
+    state = None  # weights are fetched before the (possibly 1B-parameter) network is built: fail fast
     if config.weights == "random":
         weights_id = f"random(seed={config.seed})"
+    elif config.weights in ("pretrained", "imagenet"):
+        state, weights_id = _published_weights(spec, config.weights)
     else:
-        if config.weights in ("pretrained", "imagenet"):
-            state, weights_id = _published_weights(spec, config.weights)
-        else:
-            state, weights_id = load_weights_file(config.weights), str(Path(config.weights).expanduser().resolve())
+        state, weights_id = load_weights_file(config.weights), str(Path(config.weights).expanduser().resolve())
+    module = build_module(spec, config.image_size, config.seed)
+    if state is not None:
         load_state_dict_checked(module.net, state, weights_id)
     return Backbone(spec.name, _freeze(module), module.out_dim, weights_id, state_dict_hash(module))
 

@@ -63,20 +63,16 @@ class Slide:
     @property
     def mpp(self) -> float | None:
         """Microns per level-0 pixel from the metadata (OpenSlide's / tiffslide's normalised property)."""
-        for key in ("openslide.mpp-x", "tiffslide.mpp-x"):
-            value = _positive_float(self.properties.get(key))
-            if value:
-                return value
-        return None
+        return self._first_positive("mpp-x")
 
     @property
     def magnification(self) -> float | None:
         """Objective power of level 0 from the metadata (e.g. Aperio's AppMag)."""
-        for key in ("openslide.objective-power", "tiffslide.objective-power"):
-            value = _positive_float(self.properties.get(key))
-            if value:
-                return value
-        return None
+        return self._first_positive("objective-power")
+
+    def _first_positive(self, name: str) -> float | None:
+        values = (_positive_float(self.properties.get(f"{lib}.{name}")) for lib in ("openslide", "tiffslide"))
+        return next((v for v in values if v), None)
 
     def read_region(self, x: int, y: int, level: int, size: int) -> np.ndarray:
         """RGB uint8 (size, size, 3) at ``level`` whose top-left is level-0 pixel (x, y); outside = white."""
