@@ -246,12 +246,36 @@ def cv(config: ConfigOpt = None, set_: SetOpt = None,
        launcher: LauncherOpt = "local",
        resume: Annotated[Path | None, typer.Option(help="Experiment folder to continue (finished folds are "
                                                         "skipped).")] = None,
-       fold: Annotated[int | None, typer.Option(help="Run only this fold (1-based) of --resume's experiment.")] = None
+       fold: Annotated[int | None, typer.Option(help="Run only this fold (1-based) of --resume's experiment.")] = None,
+       tune: Annotated[int, typer.Option(help="Nested CV: this many Optuna trials per outer fold, tuned on its "
+                                              "non-test cases only (0 = off).")] = 0,
+       seeds: Annotated[int, typer.Option(help="Repeat the whole CV with this many training seeds on the same "
+                                               "folds and report the spread (1 = off).")] = 1,
        ) -> None:
-    """Cross-validation by case -> cv_summary.csv, cv_report.txt, pooled out-of-fold metrics with CIs."""
+    """Cross-validation by case -> cv_summary.csv, cv_report.txt, pooled out-of-fold metrics with CIs.
+
+    --tune N: nested CV beside the optimistic non-nested estimate; --seeds K: seed spread next to fold spread.
+    """
+    from stainmil.errors import ConfigError
     from stainmil.experiments.cv import run_cv
 
     cfg = load_config(config, set_)
+    if tune and seeds > 1:
+        raise ConfigError("--tune and --seeds are separate experiments; run one, then the other.")
+    if tune:
+        from stainmil.experiments.nested import run_nested_cv
+
+        out = Path(run_nested_cv(cfg, tune, folds, splits_dir, launcher, resume, log=console.print)["out_dir"])
+        console.print((out / "nested_report.txt").read_text(), highlight=False, markup=False)
+        console.print(f"experiment folder: [bold]{out}[/]")
+        return
+    if seeds > 1:
+        from stainmil.experiments.seeds import run_cv_seeds
+
+        out = run_cv_seeds(cfg, seeds, folds, repeats, splits_dir, launcher, resume, log=console.print)[1]
+        console.print((out / "seeds_report.txt").read_text(), highlight=False, markup=False)
+        console.print(f"experiment folder: [bold]{out}[/]")
+        return
     result = run_cv(cfg, folds, repeats, splits_dir, launcher, resume, fold, log=console.print)
     if result is not None:
         console.print((result.out_dir / "cv_report.txt").read_text(), highlight=False, markup=False)

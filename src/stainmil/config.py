@@ -233,6 +233,9 @@ class EvalConfig:
         "the validation split only.", default=0.5)
     bootstrap: int = _help("Case-level bootstrap resamples for 95% CIs.", default=1000)
     ci: float = _help("Confidence level of the intervals.", default=0.95)
+    calibrate: Literal["none", "temperature"] = _help(
+        "temperature: fit one temperature on the validation split (never test) and apply it to every split's "
+        "probabilities before the threshold; rankings (AUC) do not change.", default="none")
 
 
 @dataclass
@@ -292,6 +295,8 @@ class SlurmConfig:
 class TuneConfig:
     trials: int = _help("Trials to add to the study.", default=50)
     study_name: str = _help("Optuna study name.", default="stainmil")
+    dir: str = _help("Folder of the study's outputs (trials, best_config.yaml, plots); empty = "
+                     "<output_dir>/tune/<study_name>.", default="")
     storage: str = _help("Optuna storage: a journal file path or a URL (sqlite:///…, postgresql://…); empty = "
                          "<output_dir>/tune/<study_name>/study.journal.", default="")
     metric: Literal["val_loss", "auc", "balanced_accuracy"] = _help("Objective: mean over inner folds.",
@@ -351,7 +356,7 @@ class Config:
 
 PATH_FIELDS = {
     ("output_dir",), ("data", "patches_dir"), ("data", "labels_csv"), ("features", "store_dir"),
-    ("train", "runs_dir"), ("train", "split_file"), ("tile", "slices_dir"), ("tile", "out_dir"),
+    ("train", "runs_dir"), ("train", "split_file"), ("tile", "slices_dir"), ("tile", "out_dir"), ("tune", "dir"),
 }
 
 

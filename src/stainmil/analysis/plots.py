@@ -64,3 +64,24 @@ def plot_roc(labels: np.ndarray, probabilities: np.ndarray, path: str | Path, ti
     ax.set_title(title)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def plot_reliability(labels: np.ndarray, curves: dict[str, np.ndarray], path: str | Path, title: str = "") -> Path:
+    """Reliability diagram: observed high-grade share vs mean predicted P(high-grade) per bin, one line per
+    set of probabilities in ``curves`` (e.g. before / after temperature scaling); marker area ~ cases."""
+    from stainmil.evaluate.calibration import reliability_curve
+
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", label="perfectly calibrated")
+    for name, probabilities in curves.items():
+        predicted, observed, counts = reliability_curve(labels, probabilities)
+        ax.plot(predicted, observed, marker="o", label=name)
+        ax.scatter(predicted, observed, s=12 * counts, alpha=0.3)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("mean predicted P(high-grade)")
+    ax.set_ylabel("observed high-grade share")
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -22,7 +22,8 @@ from stainmil.errors import TrainingError
 from stainmil.io import atomic_write_text
 
 METRIC_NAMES = [("benign_recall", "benign recall"), ("high_grade_recall", "high-grade recall"),
-                ("balanced_accuracy", "balanced accuracy"), ("auc", "ROC AUC"), ("f1", "F1")]
+                ("balanced_accuracy", "balanced accuracy"), ("auc", "ROC AUC"), ("f1", "F1"),
+                ("brier", "Brier score (lower is better)"), ("ece", "expected calibration error")]
 CASE_COLUMNS = [("case", "case"), ("split", "split"), ("label", "true"), ("pred", "pred"), ("prob", "p(high-grade)"),
                 ("abs_error", "|p − y|"), ("n_patches", "patches"), ("n_slices", "slices"),
                 ("top5pct_share", "top-5% share"), ("patch_entropy_normalised", "patch H/log n"),
@@ -85,7 +86,8 @@ def build_report(run_dir: str | Path, analysis: AnalysisResult | None = None, sp
     case_sections = [_case_section(case, anchor[case], tables, analysis, names) for case in report_cases(
         cases, config.analysis.max_cases_in_report)]
     run_figures = [(title, data_uri(run_dir / name)) for title, name in (
-        ("training curves", "curves.png"), ("confusion matrix", "confusion_matrix.png"), ("ROC curve", "roc_curve.png"))
+        ("training curves", "curves.png"), ("confusion matrix", "confusion_matrix.png"), ("ROC curve", "roc_curve.png"),
+        ("reliability diagram", "reliability.png"))
         if (run_dir / name).is_file()]
     attention_figures = [(title, data_uri(analysis.figures[key])) for key, title in (
         ("distribution", "effective attention per case"), ("concentration", "attention concentration vs error"),

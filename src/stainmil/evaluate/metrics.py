@@ -1,7 +1,8 @@
 """Case-level metrics with case-level bootstrap confidence intervals, and threshold choice.
 
 Class 1 (high-grade) is the positive class; ``p`` is P(high-grade). ``benign_recall`` is the
-specificity, ``high_grade_recall`` the sensitivity. Thresholds are chosen on the validation split
+specificity, ``high_grade_recall`` the sensitivity; ``brier`` and ``ece`` (expected calibration error,
+10 bins) say how far the probabilities are from observed risks. Thresholds are chosen on the validation split
 only (:func:`choose_threshold`) and then applied unchanged to the test split.
 """
 
@@ -13,8 +14,9 @@ import numpy as np
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score, roc_curve
 
 from stainmil.errors import ConfigError
+from stainmil.evaluate.calibration import calibration_metrics
 
-POINT_METRICS = ("benign_recall", "high_grade_recall", "balanced_accuracy", "accuracy", "f1", "auc")
+POINT_METRICS = ("benign_recall", "high_grade_recall", "balanced_accuracy", "accuracy", "f1", "auc", "brier", "ece")
 
 
 def binary_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> dict:
@@ -31,6 +33,7 @@ def binary_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: flo
         "accuracy": float((predictions == labels).mean()) if len(labels) else math.nan,
         "f1": float(f1_score(labels, predictions, zero_division=0)),
         "auc": float(roc_auc_score(labels, probabilities)) if both else math.nan,
+        **calibration_metrics(labels, probabilities),  # threshold-free: are the probabilities risks?
         "confusion_matrix": matrix.tolist(),
         "n_cases": int(len(labels)),
         "n_per_class": np.bincount(labels, minlength=2).tolist(),

@@ -15,11 +15,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from stainmil.analysis.plots import plot_confusion, plot_roc
+from stainmil.analysis.plots import plot_confusion, plot_reliability, plot_roc
 from stainmil.config import Config
 from stainmil.data.bags import CohortBags
 from stainmil.data.splits import SUBSETS, load_split
 from stainmil.errors import TrainingError
+from stainmil.evaluate.calibration import apply_temperature, calibration_metrics, fit_temperature
 from stainmil.evaluate.metrics import binary_metrics, bootstrap_intervals, choose_threshold
 from stainmil.features.extract import resolve_device
 from stainmil.io import atomic_write, atomic_write_json, atomic_write_text
@@ -71,13 +72,24 @@ def evaluate_run(run_dir: str | Path, split_name: str = "test", bags: CohortBags
             frames.append(frame)
     predictions = pd.concat(frames, ignore_index=True)
     val = predictions[predictions["split"] == "val"]
+    calibration = {"method": config.eval.calibrate}
+    if config.eval.calibrate == "temperature":  # fitted on val only, applied before the threshold is chosen
+        temperature = fit_temperature(val["label"].to_numpy(), val["prob_1"].to_numpy())
+        predictions["prob_1_uncalibrated"] = predictions["prob_1"]
+        predictions["prob_1"] = apply_temperature(predictions["prob_1"].to_numpy(), temperature)
+        predictions["prob_0"] = 1.0 - predictions["prob_1"]
+        calibration.update(temperature=temperature, fitted_on=f"val ({len(val)} cases)", uncalibrated={
+            name: calibration_metrics(part["label"].to_numpy(), part["prob_1_uncalibrated"].to_numpy())
+            for name, part in predictions.groupby("split")})
+        val = predictions[predictions["split"] == "val"]
     threshold, how = choose_threshold(config.eval.threshold, val["label"].to_numpy(), val["prob_1"].to_numpy())
     predictions["pred"] = (predictions["prob_1"] >= threshold).astype(int)
     predictions["abs_error"] = (predictions["prob_1"] - predictions["label"]).abs()
     history = run_dir / "history.csv"  # best.pth holds the best epoch, not how many ran
     epochs_run = len(pd.read_csv(history)) if history.is_file() else int(state["epoch"])
     metrics = {"threshold": threshold, "threshold_rule": how, "best_epoch": int(state["early_stopping"]["best_epoch"]),
-               "epochs_run": epochs_run, "weights": config.features.weights, "splits": {}}
+               "epochs_run": epochs_run, "weights": config.features.weights, "calibration": calibration,
+               "splits": {}}
     for name in SUBSETS:
         part = predictions[predictions["split"] == name]
         if part.empty:
@@ -96,6 +108,12 @@ def evaluate_run(run_dir: str | Path, split_name: str = "test", bags: CohortBags
 def _write_outputs(run_dir: Path, config: Config, predictions: pd.DataFrame, metrics: dict, split_name: str) -> None:
     names = config.data.class_names
     columns = ["case", "split", "label", "pred"] + [c for c in predictions if c.startswith("prob_")] + ["abs_error"]
+    curves = {"predicted": part_probabilities(predictions, split_name, "prob_1")}
+    if "prob_1_uncalibrated" in predictions:
+        curves = {"before temperature scaling": part_probabilities(predictions, split_name, "prob_1_uncalibrated"),
+                  f"after (T = {metrics['calibration']['temperature']:.2f})": curves["predicted"]}
+    plot_reliability(predictions.loc[predictions["split"] == split_name, "label"].to_numpy(), curves,
+                     run_dir / "reliability.png", title=f"{split_name} reliability")
     atomic_write(run_dir / "predictions.csv", lambda tmp: predictions[columns].to_csv(tmp, index=False))
     part = predictions[predictions["split"] == split_name]
     result = metrics["splits"][split_name]
@@ -107,15 +125,25 @@ def _write_outputs(run_dir: Path, config: Config, predictions: pd.DataFrame, met
     atomic_write_json(run_dir / "metrics.json", metrics)
 
 
+def part_probabilities(predictions: pd.DataFrame, split_name: str, column: str) -> np.ndarray:
+    return predictions.loc[predictions["split"] == split_name, column].to_numpy()
+
+
 def results_text(metrics: dict, split_name: str) -> str:
     lines = [f"stainmil results — split '{split_name}'",
              f"threshold: {metrics['threshold']:.4f} ({metrics['threshold_rule']})",
              f"best epoch: {metrics['best_epoch']} of {metrics['epochs_run']}", ""]
+    calibration = metrics.get("calibration", {})
+    if calibration.get("method") == "temperature":
+        before = calibration["uncalibrated"][split_name]
+        lines.insert(3, f"calibration: temperature {calibration['temperature']:.3f} fitted on "
+                        f"{calibration['fitted_on']}; before it, {split_name} Brier {before['brier']:.3f}, "
+                        f"ECE {before['ece']:.3f}")
     if str(metrics.get("weights")) == "random":
         lines.insert(1, "WARNING: backbone weights were RANDOM (no ImageNet weights available): a smoke test only.")
     for name, m in metrics["splits"].items():
         lines.append(f"[{name}] {m['n_cases']} cases (benign {m['n_per_class'][0]}, high-grade {m['n_per_class'][1]})")
-        for key in ("benign_recall", "high_grade_recall", "balanced_accuracy", "auc", "f1"):
+        for key in ("benign_recall", "high_grade_recall", "balanced_accuracy", "auc", "f1", "brier", "ece"):
             lo, hi = m["ci95"][key]
             lines.append(f"  {key:<18} {m[key]:.3f}   95% CI [{lo:.3f}, {hi:.3f}]")
         lines.append(f"  confusion (rows true benign/high-grade): {m['confusion_matrix']}")

@@ -20,10 +20,9 @@ from pathlib import Path
 import pandas as pd
 
 from stainmil.config import Config
-from stainmil.data.cohort import case_labels, load_manifest
-from stainmil.data.splits import make_splits, save_split
+from stainmil.data.cohort import load_manifest
 from stainmil.errors import ConfigError
-from stainmil.experiments.cv import run_cv
+from stainmil.experiments.cv import run_cv, shared_folds
 from stainmil.features.encoders import ENCODERS, check_image_size
 from stainmil.features.extract import extract_features
 from stainmil.io import atomic_write, atomic_write_text, safe_name
@@ -43,12 +42,7 @@ def compare_encoders(config: Config, backbones: list[str], folds: int = 5, launc
             check_image_size(ENCODERS[name], config.features.image_size)
     out = Path(out_dir) if out_dir else config.runs_dir / datetime.now().strftime("encoders_%Y%m%d_%H%M%S")
     manifest = load_manifest(config)
-    splits_dir = out / "splits"
-    if not list(splits_dir.glob("data_splits*.npz")):
-        split_config = copy.deepcopy(config.split)
-        split_config.method, split_config.folds = "kfold", folds
-        for i, split in enumerate(make_splits(case_labels(manifest), split_config), start=1):
-            save_split(split, splits_dir / f"data_splits_fold_{i:02d}.npz")
+    splits_dir = shared_folds(config, folds, 1, out, None)
     rows = []
     for name in backbones:
         encoder_config = copy.deepcopy(config)

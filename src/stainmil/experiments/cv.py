@@ -15,6 +15,7 @@ folds (metrics.json present) are skipped and an interrupted fold continues from 
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,6 +82,20 @@ def cv_splits(config: Config, folds: int, repeats: int, splits_dir: str | Path |
     config.split.method = "repeated_kfold" if repeats > 1 else "kfold"
     config.split.folds, config.split.repeats = folds, repeats
     return make_splits(case_labels(manifest), config.split)
+
+
+def shared_folds(config: Config, folds: int, repeats: int, out: Path, splits_dir: str | Path | None) -> Path:
+    """Fold files every repetition uses (written once into ``out/splits``; the user's own when given)."""
+    if splits_dir:
+        return Path(splits_dir)
+    target = out / "splits"
+    if not list(target.glob("data_splits*.npz")):
+        split_config = copy.deepcopy(config.split)
+        split_config.method = "repeated_kfold" if repeats > 1 else "kfold"
+        split_config.folds, split_config.repeats = folds, repeats
+        for i, split in enumerate(make_splits(case_labels(load_manifest(config)), split_config), start=1):
+            save_split(split, target / f"data_splits_fold_{i:02d}.npz")
+    return target
 
 
 def prepare_experiment(config: Config, folds: int = 5, repeats: int = 1, splits_dir: str | Path | None = None,

@@ -37,7 +37,7 @@ DIRECTIONS = {"val_loss": "minimize", "auc": "maximize", "balanced_accuracy": "m
 
 
 def tune_dir(config: Config) -> Path:
-    return Path(config.output_dir) / "tune" / config.tune.study_name
+    return Path(config.tune.dir) if config.tune.dir else Path(config.output_dir) / "tune" / config.tune.study_name
 
 
 def storage_for(config: Config):
@@ -109,10 +109,16 @@ def objective_value(history: pd.DataFrame, metric: str) -> float:
 
 
 class Objective:
-    def __init__(self, config: Config) -> None:
+    """Mean validation ``tune.metric`` over ``splits`` (default: the inner folds of the non-test cases).
+
+    Each trial also records the mean validation AUC and balanced accuracy (``trial.user_attrs``), and every
+    inner run folder keeps its ``data_splits.npz``: which cases each trial trained and validated on.
+    """
+
+    def __init__(self, config: Config, splits: list[Split] | None = None) -> None:
         self.config = config
         self.space = config.tune.space or DEFAULT_SPACE
-        self.splits = inner_splits(config)
+        self.splits = splits if splits is not None else inner_splits(config)
 
     def __call__(self, trial) -> float:
         import optuna
@@ -121,7 +127,7 @@ class Objective:
 
         config = apply_values(self.config, suggest(trial, self.space))
         config.train.runs_dir = str(tune_dir(self.config) / "trials" / f"trial_{trial.number:04d}")
-        values, max_epochs = [], config.train.max_epochs
+        values, scores, max_epochs = [], {}, config.train.max_epochs
         for i, split in enumerate(self.splits):
             def report(epoch: int, row: dict, offset: int = i * max_epochs) -> None:
                 trial.report(row["val_loss"], offset + epoch)
@@ -130,7 +136,12 @@ class Objective:
 
             result = train(config, split=split, run_dir=Path(config.train.runs_dir) / f"inner_{i + 1}",
                            on_epoch_end=report)
-            values.append(objective_value(pd.read_csv(result.run_dir / "history.csv"), config.tune.metric))
+            history = pd.read_csv(result.run_dir / "history.csv")
+            values.append(objective_value(history, config.tune.metric))
+            for metric in ("auc", "balanced_accuracy"):
+                scores.setdefault(metric, []).append(objective_value(history, metric))
+        for metric, found in scores.items():
+            trial.set_user_attr(f"mean_val_{metric}", float(np.nanmean(found)))
         value = float(np.nanmean(values))
         return value if math.isfinite(value) else float("inf")
 

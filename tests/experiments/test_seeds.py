@@ -1,0 +1,24 @@
+"""Seed spread: K training seeds on the very same folds, spread over seeds beside spread over folds."""
+
+import copy
+
+import pytest
+
+from stainmil.data.splits import load_split
+from stainmil.experiments.seeds import run_cv_seeds
+
+
+@pytest.mark.slow
+def test_cv_with_two_seeds_on_the_same_folds(prepared, tmp_path):
+    config = copy.deepcopy(prepared)
+    config.train.max_epochs = 2
+    table, out = run_cv_seeds(config, seeds=2, folds=3, out_dir=tmp_path / "seeds", log=lambda *_: None)
+    assert list(table["seed"]) == [config.train.seed, config.train.seed + 1]
+    for fold in ("fold_01", "fold_02", "fold_03"):
+        a = load_split(out / "seed_1" / "splits" / f"{fold}.npz")
+        b = load_split(out / "seed_2" / "splits" / f"{fold}.npz")
+        assert sorted(a.test) == sorted(b.test) and sorted(a.train) == sorted(b.train)
+    assert {"auc", "brier", "ece", "auc_sd_over_folds"} <= set(table.columns)
+    report = (out / "seeds_report.txt").read_text()
+    assert "mean ± SD over seeds" in report and "mean SD over folds" in report
+    assert (out / "seeds.json").is_file()
