@@ -45,6 +45,8 @@ def test_temperature_scaling_lowers_ece_on_held_out_cases_and_keeps_the_ranking(
     assert (np.diff(scaled[np.argsort(test_p, kind="stable")]) >= 0).all()  # order kept (ties only at float limits)
     assert np.allclose(apply_temperature(test_p, 1.0), test_p, atol=1e-6) and np.allclose(logit([0.5]), 0)
     assert fit_temperature(np.ones(5), np.full(5, 0.9)) == 1.0  # one class on val: nothing to fit
+    # perfectly separated val: the likelihood only grows as T -> 0, so there is no temperature to fit
+    assert fit_temperature(np.array([0, 0, 1, 1]), np.array([0.2, 0.4, 0.6, 0.7])) == 1.0
 
 
 def test_run_evaluated_with_temperature_fits_on_val_only(prepared, tmp_path):

@@ -62,10 +62,27 @@ def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarr
     return 1.0 / (1.0 + np.exp(-logit(probabilities) / temperature))
 
 
-def fit_temperature(labels: np.ndarray, probabilities: np.ndarray) -> float:
-    """The T in [0.05, 20] minimising the validation negative log-likelihood (1.0 when val has one class)."""
-    labels = np.asarray(labels, float)
+def temperature_not_identifiable(labels: np.ndarray, probabilities: np.ndarray) -> str | None:
+    """Why a temperature cannot be fitted on these cases, or None.
+
+    With one class there is nothing to fit; when the model separates the classes perfectly, the likelihood
+    keeps rising as T -> 0, so the "fit" is the bound (maximal sharpening) — on a handful of validation cases
+    that is overfitting, not calibration.
+    """
+    labels = np.asarray(labels, int)
+    probabilities = np.asarray(probabilities, float)
     if len(np.unique(labels)) < 2:
+        return "validation holds one class"
+    if probabilities[labels == 1].min() > probabilities[labels == 0].max():
+        return "validation cases are perfectly separated (T would only sharpen without bound)"
+    return None
+
+
+def fit_temperature(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """The T in [0.05, 20] minimising the validation negative log-likelihood; 1.0 (no scaling) when it is not
+    identifiable (:func:`temperature_not_identifiable`)."""
+    labels = np.asarray(labels, float)
+    if temperature_not_identifiable(labels, probabilities):
         return 1.0
     z = logit(probabilities)
 

@@ -20,7 +20,12 @@ from stainmil.config import Config
 from stainmil.data.bags import CohortBags
 from stainmil.data.splits import SUBSETS, load_split
 from stainmil.errors import TrainingError
-from stainmil.evaluate.calibration import apply_temperature, calibration_metrics, fit_temperature
+from stainmil.evaluate.calibration import (
+    apply_temperature,
+    calibration_metrics,
+    fit_temperature,
+    temperature_not_identifiable,
+)
 from stainmil.evaluate.metrics import binary_metrics, bootstrap_intervals, choose_threshold
 from stainmil.features.extract import resolve_device
 from stainmil.io import atomic_write, atomic_write_json, atomic_write_text
@@ -78,7 +83,9 @@ def evaluate_run(run_dir: str | Path, split_name: str = "test", bags: CohortBags
         predictions["prob_1_uncalibrated"] = predictions["prob_1"]
         predictions["prob_1"] = apply_temperature(predictions["prob_1"].to_numpy(), temperature)
         predictions["prob_0"] = 1.0 - predictions["prob_1"]
-        calibration.update(temperature=temperature, fitted_on=f"val ({len(val)} cases)", uncalibrated={
+        reason = temperature_not_identifiable(val["label"].to_numpy(), val["prob_1"].to_numpy())
+        calibration.update(temperature=temperature, fitted_on=f"val ({len(val)} cases)" + (
+            f"; not fitted, T = 1: {reason}" if reason else ""), uncalibrated={
             name: calibration_metrics(part["label"].to_numpy(), part["prob_1_uncalibrated"].to_numpy())
             for name, part in predictions.groupby("split")})
         val = predictions[predictions["split"] == "val"]
