@@ -50,7 +50,9 @@ def test_nested_cv_never_shows_outer_test_cases_to_the_tuning(prepared, tmp_path
 
     # resume: nothing is re-tuned or retrained when everything finished
     before = {p: p.stat().st_mtime_ns for p in (out / "nested" / "folds").rglob("metrics.json")}
-    again = run_nested_cv(config, trials=2, folds=3, out_dir=out, log=lambda *_: None)
+    from stainmil.config import Config
+
+    again = run_nested_cv(Config(), trials=2, folds=3, out_dir=out, log=lambda *_: None)  # config from the folder
     assert {p: p.stat().st_mtime_ns for p in before} == before
     assert again["non_nested"]["trials"] == 2
     assert np.isclose(again["nested"]["pooled_out_of_fold"]["auc"], result["nested"]["pooled_out_of_fold"]["auc"],

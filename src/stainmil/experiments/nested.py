@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from stainmil.config import Config, config_from_dict, config_to_dict, dump_config
+from stainmil.config import Config, config_from_dict, config_to_dict, dump_config, load_config
 from stainmil.data.splits import Split, load_split
 from stainmil.errors import ConfigError
 from stainmil.experiments.cv import FoldJob, shared_folds, summarise_cv
@@ -104,10 +104,14 @@ def run_nested_cv(config: Config, trials: int, folds: int = 5, splits_dir: str |
     if trials < 1:
         raise ConfigError(f"--tune must be at least 1 trial per outer fold, got {trials}.")
     out = Path(out_dir) if out_dir else config.runs_dir / datetime.now().strftime("cv_nested_%Y%m%d_%H%M%S")
+    nested = out / "nested"
+    if (nested / "config.yaml").is_file():  # resuming: the experiment's own config and folds
+        config = load_config(nested / "config.yaml")
+        splits_dir = Path((nested / "splits_dir.txt").read_text().strip())
     folds_dir = shared_folds(config, folds, 1, out, splits_dir)
     split_files = sorted(folds_dir.glob("data_splits*.npz"))
-    nested = out / "nested"
     dump_config(config, nested / "config.yaml")
+    atomic_write_text(nested / "splits_dir.txt", f"{folds_dir.resolve()}\n")
     values = config_to_dict(config)
     jobs = [(values, str(f), str(nested / "folds" / f"fold_{i:02d}"), trials) for i, f in enumerate(split_files, 1)]
     pending = [job for job in jobs if not (Path(job[2]) / "metrics.json").is_file()]
