@@ -53,3 +53,14 @@ def test_slide_route_from_slides_to_report_with_heatmaps_on_thumbnails(tmp_path)
     assert heatmaps and result.report.is_file()
     patches = pd.read_csv(run / "attention" / "patches.csv")
     assert {"thumbnail", "thumb_scale", "size0"} <= set(patches.columns)
+    # new slides, no labels: predicted straight from their tiling
+    import copy
+
+    from stainmil.evaluate.predict import predict_unlabelled
+
+    new = copy.deepcopy(result.config)
+    new.data.labels_csv, new.output_dir = "", str(tmp_path / "new")
+    new.features.store_dir = str(tmp_path / "new" / "store")
+    out = predict_unlabelled(run / "checkpoints" / "best.pth", new, tmp_path / "new" / "predictions")
+    predicted = pd.read_csv(out, dtype={"case": str})
+    assert set(predicted["case"]) == set(rows["case"]) and predicted["prob_1"].between(0, 1).all()
