@@ -100,3 +100,17 @@ def test_tune_workers_as_a_slurm_array(slurm, prepared, tmp_path):
     trials = pd.read_csv(result.out_dir / "trials.csv")
     assert sorted(trials["number"]) == [0, 1, 2, 3]
     assert (result.out_dir / "best_config.yaml").is_file()
+
+
+def test_nested_cv_outer_folds_as_slurm_jobs(slurm, prepared, tmp_path):
+    from stainmil.experiments.nested import run_nested_cv
+
+    config = _slurm_config(prepared, tmp_path)
+    config.train.max_epochs, config.tune.inner_folds = 2, 2
+    config.tune.space = {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
+    logs = []
+    result = run_nested_cv(config, trials=1, folds=3, launcher="slurm", out_dir=tmp_path / "nested",
+                           log=logs.append)
+    assert any("submitted 3 SLURM job(s)" in line for line in logs), logs
+    assert result["outer_folds"] == 3 and (tmp_path / "nested" / "nested_report.txt").is_file()
+    assert len(list((tmp_path / "nested" / "nested" / "folds").glob("fold_*/tune/best_params.json"))) == 3
