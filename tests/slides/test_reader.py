@@ -63,3 +63,14 @@ def test_best_level_reads_at_or_finer_than_asked():
     assert best_level(downsamples, 4.0) == 1
     assert best_level(downsamples, 3.99) == 1  # within 1%
     assert best_level(downsamples, 100.0) == 2
+
+
+def test_thumbnail_of_a_slide_without_pyramid_is_read_in_bands(tmp_path):
+    rgb = np.random.default_rng(2).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    slide = Slide(write_pyramidal_tiff(tmp_path / "flat.tiff", rgb, mpp=0.5, tile=128, max_levels=1))
+    whole = slide.thumbnail(1)
+    assert np.array_equal(whole, rgb)
+    banded = slide.thumbnail(4, band_pixels=300 * 16)  # 16 rows per band
+    reference = np.asarray(Image.fromarray(rgb).resize((75, 50), Image.BILINEAR)).astype(int)
+    assert banded.shape == (50, 75, 3)
+    assert np.abs(banded.astype(int) - reference).mean() < 3  # seams between bands are the only difference

@@ -88,24 +88,34 @@ class Slide:
                                   f"({type(exc).__name__}: {exc}); the file is damaged — re-export it.") from exc
         return _rgb_on_white(region)
 
-    def thumbnail(self, downsample: float) -> np.ndarray:
-        """RGB uint8 of the whole slide shrunk ``downsample`` times from level 0: the finest level no finer
-        than needed is read whole, then resized with Pillow (bilinear)."""
+    def thumbnail(self, downsample: float, band_pixels: int = 2**26) -> np.ndarray:
+        """RGB uint8 of the whole slide shrunk ``downsample`` times from level 0: the coarsest level no coarser
+        than needed is read and resized with Pillow (bilinear) — in horizontal bands of at most ``band_pixels``
+        level pixels, so a slide without a pyramid never has its full resolution in memory."""
         width, height = self.dimensions
         size = (max(1, int(round(width / downsample))), max(1, int(round(height / downsample))))
         if self._handle is None:
             source = Image.fromarray(self._image)
-        else:
-            level = best_level(self.level_downsamples, downsample)
-            try:
-                source = self._handle.read_region((0, 0), level, self.level_dimensions[level])
+            return np.asarray(source if source.size == size else source.resize(size, Image.BILINEAR))
+        level = best_level(self.level_downsamples, downsample)
+        level_w, level_h = self.level_dimensions[level]
+        scale = self.level_downsamples[level]
+        rows_per_band = max(1, band_pixels // level_w)
+        bands, done = [], 0
+        for top in range(0, level_h, rows_per_band):
+            rows = min(rows_per_band, level_h - top)
+            try:  # the location is in level-0 pixels
+                region = self._handle.read_region((0, int(round(top * scale))), level, (level_w, rows))
             except Exception as exc:
                 raise UnreadableSlide(f"{self.path}: reading level {level} failed ({type(exc).__name__}: {exc}); "
                                       "the file is damaged — re-export it.") from exc
-            source = Image.fromarray(_rgb_on_white(source))
-        if source.size == size:
-            return np.asarray(source)
-        return np.asarray(source.resize(size, Image.BILINEAR))
+            out_rows = int(round((top + rows) * size[1] / level_h)) - done  # band heights add up to the target
+            band = Image.fromarray(_rgb_on_white(region))
+            if out_rows > 0:
+                bands.append(np.asarray(band if band.size == (size[0], out_rows) else
+                                        band.resize((size[0], out_rows), Image.BILINEAR)))
+                done += out_rows
+        return np.concatenate(bands, axis=0)
 
     def close(self) -> None:
         if self._handle is not None:

@@ -33,7 +33,7 @@ def pen_marks(rgb: np.ndarray) -> np.ndarray:
     """
     r, g, b = (rgb[..., i].astype(np.int16) for i in range(3))
     blue_green = (np.maximum(g, b) - r > 60) & (np.minimum(g, b) - r > 20)
-    black = rgb.max(-1) < 40
+    black = rgb.max(-1) < 30  # near-black only: melanin is dark *brown* (red stays well above 30)
     return ndimage.binary_dilation(blue_green | black, iterations=2)
 
 
