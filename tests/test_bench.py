@@ -28,7 +28,8 @@ def test_bench_runs_end_to_end_on_the_tiny_preset(tmp_path):
     figures = run_bench(tmp_path, "tiny", "cpu", old_cases=2, rounds=1, log=lambda *_: None)
     for key in ("backbone_forward_img_s", "extraction_img_s", "extraction_over_forward", "epoch_s_feature_store",
                 "epoch_s_old_way", "epoch_s_online_finetune_1_block", "epoch_speedup", "vectorised_speedup",
-                "train_peak_rss_mb_store", "train_peak_rss_mb_online_finetune", "process_peak_rss_mb"):
+                "train_peak_rss_mb_store", "train_peak_rss_mb_online_finetune", "process_peak_rss_mb",
+                "fwd_bwd_ms_projector_floor", "head_step_over_projector_floor"):
         assert figures[key] > 0, key
     assert figures["max_abs_logit_difference"] < 1e-5
     assert list(tmp_path.glob("bench-tiny-densenet121-32px-patches-cpu.json"))

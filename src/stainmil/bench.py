@@ -6,7 +6,8 @@
   caps — and online with the last dense block fine-tuned; online epochs are timed on ``old_cases``
   cases and scaled by patch count;
 * vectorised vs nested-loop forward+backward at 8 cases per batch (the loop is the old pseudocode, kept
-  in ``benchmarks/nested_loop_reference.py``; outputs must agree within 1e-5);
+  in ``benchmarks/nested_loop_reference.py``; outputs must agree within 1e-5), and the projector alone
+  (forward+backward of its matmul over the same patches): the floor of a head step, and the ratio to it;
 * peak memory while training from the store and online (RSS; CUDA max allocated on a GPU), and the
   whole process's peak.
 """
@@ -139,7 +140,10 @@ def vectorised_vs_loop(model, bags, cases, device, repeats: int = 5) -> dict:
 
     vectorised = timed(lambda: model(batch).logits)
     loop = timed(lambda: reference.nested_forward(model, batch))
+    floor = timed(lambda: model.embed(batch.features))  # the projector alone: the step's matmul floor
     return {"fwd_bwd_ms_vectorised": round(vectorised * 1e3, 2), "fwd_bwd_ms_nested_loop": round(loop * 1e3, 1),
+            "fwd_bwd_ms_projector_floor": round(floor * 1e3, 2),
+            "head_step_over_projector_floor": round(vectorised / floor, 2),
             "vectorised_speedup": round(loop / vectorised, 1), "max_abs_logit_difference": difference,
             "batch_cases": len(cases), "batch_patches": int(len(batch.features))}
 
