@@ -27,7 +27,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 from PIL import Image
@@ -103,10 +102,8 @@ def _tile_one(path: Path, stem: str, key: tuple[str, str, str], config: TileConf
         slide.close()
 
 
-def _rows_from_coords(h5: Path, key: tuple[str, str, str], out: Path, export: bool) -> list[dict]:
-    coords, attrs = read_coords(h5)
-    with h5py.File(h5, "r") as f:
-        fractions = f["tissue_fraction"][()] if "tissue_fraction" in f else np.ones(len(coords))
+def _rows_from_coords(coords: np.ndarray, attrs: dict, fractions: np.ndarray, key: tuple[str, str, str], out: Path,
+                      export: bool) -> list[dict]:
     case, stain, slice_id = key
     folder = out / f"case{case}" / stain / f"slice{slice_id}"
     rows = []
@@ -133,8 +130,7 @@ def _export_patches(rows: list[dict], out: Path, patch_size: int) -> None:
         atomic_write(target, lambda tmp, p=pixels: Image.fromarray(p).save(tmp, format="PNG"))
 
 
-def _slide_summary(h5: Path, n: int) -> dict:
-    _, attrs = read_coords(h5)
+def _slide_summary(attrs: dict, n: int) -> dict:
     keys = ("name", "case", "stain", "slice", "patch_level", "read_size", "patch_size_level0", "level0_mpp",
             "target_mpp", "level0_magnification", "target_magnification", "scale_source")
     return {"patches": n, **{k: (attrs[k].item() if hasattr(attrs[k], "item") else attrs[k]) for k in keys}}
@@ -184,11 +180,12 @@ def tile_folder(config: Config) -> TileResult:
             except DataError as exc:
                 skipped.setdefault(BAD_REQUEST, []).append(f"{rel}: {exc}")
             else:
-                slide_rows = _rows_from_coords(h5, key, out, export)
+                coords, attrs, fractions = read_coords(h5)  # one read per slide, fresh or resumed
+                slide_rows = _rows_from_coords(coords, attrs, fractions, key, out, export)
                 if export:
                     _export_patches(slide_rows, out, tile.patch_size)
                 rows.extend(slide_rows)
-                slides.append({"file": rel, **_slide_summary(h5, len(slide_rows))})
+                slides.append({"file": rel, **_slide_summary(attrs, len(slide_rows))})
             advance()
     table = pd.DataFrame(rows, columns=TILE_COLUMNS)
     atomic_write(out / "tiles.csv", lambda tmp: table.to_csv(tmp, index=False))

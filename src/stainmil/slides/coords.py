@@ -52,9 +52,12 @@ def write_coords(path: Path, coords: np.ndarray, tissue: np.ndarray, plan: ReadP
     return path
 
 
-def read_coords(path: Path) -> tuple[np.ndarray, dict]:
-    """(coords (N, 2) level 0, attrs) of a coordinates file — stainmil's, CLAM's or TRIDENT's."""
+def read_coords(path: Path) -> tuple[np.ndarray, dict, np.ndarray]:
+    """(coords (N, 2) level 0, attrs, tissue fractions (N,)) of a coordinates file — stainmil's, CLAM's or
+    TRIDENT's (which carry no tissue fractions: ones)."""
     with h5py.File(path, "r") as h5:
         dataset = h5["coords"]
         attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in dataset.attrs.items()}
-        return dataset[()].astype(np.int64).reshape(-1, 2), attrs
+        coords = dataset[()].astype(np.int64).reshape(-1, 2)
+        tissue = h5["tissue_fraction"][()] if "tissue_fraction" in h5 else np.ones(len(coords), np.float32)
+        return coords, attrs, tissue
