@@ -62,5 +62,9 @@ def test_slide_route_from_slides_to_report_with_heatmaps_on_thumbnails(tmp_path)
     new.data.labels_csv, new.output_dir = "", str(tmp_path / "new")
     new.features.store_dir = str(tmp_path / "new" / "store")
     out = predict_unlabelled(run / "checkpoints" / "best.pth", new, tmp_path / "new" / "predictions")
-    predicted = pd.read_csv(out, dtype={"case": str})
+    predicted = pd.read_csv(out / "predictions.csv", dtype={"case": str})
     assert set(predicted["case"]) == set(rows["case"]) and predicted["prob_1"].between(0, 1).all()
+    # explained like a run: heatmaps on the new slides' thumbnails and a report without metrics
+    assert list((out / "attention" / "heatmaps").glob("*_attention.jpg"))
+    assert "thumbnail" in pd.read_csv(out / "attention" / "patches.csv").columns
+    assert "ROC AUC" not in (out / "report.html").read_text()

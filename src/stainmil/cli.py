@@ -167,12 +167,38 @@ def evaluate_cmd(run: Annotated[Path, typer.Argument(help="Run folder.")],
 def predict(checkpoint: Annotated[Path, typer.Option(help="A run's checkpoints/best.pth.")],
             config: ConfigOpt = None, set_: SetOpt = None,
             out: Annotated[Path | None, typer.Option(help="Output folder.")] = None,
-            threshold: Annotated[float | None, typer.Option(help="Override the run's threshold.")] = None) -> None:
-    """Predict unlabelled cases of a patch folder with a trained checkpoint."""
+            threshold: Annotated[float | None, typer.Option(help="Override the run's threshold.")] = None,
+            explain: Annotated[bool, typer.Option(help="Attention tables, heatmaps and report.html too.")] = True
+            ) -> None:
+    """Predict (and explain) the unlabelled cases of a patch folder or tiled slides with a trained checkpoint."""
     from stainmil.evaluate.predict import predict_unlabelled
 
-    path = predict_unlabelled(checkpoint, load_config(config, set_), out, threshold)
-    console.print(f"predictions: [bold]{path}[/]")
+    folder = predict_unlabelled(checkpoint, load_config(config, set_), out, threshold, explain)
+    console.print(f"predictions: [bold]{folder / 'predictions.csv'}[/]")
+    if explain:
+        console.print(f"report: [bold]{folder / 'report.html'}[/]  (heatmaps and tables in {folder / 'attention'})")
+
+
+export_app = typer.Typer(help="Export a run's or a prediction set's explanations to other tools.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("qupath")
+@friendly
+def export_qupath_cmd(folder: Annotated[Path, typer.Argument(help="Run folder or `stainmil predict` folder.")],
+                      split_name: Annotated[str | None, typer.Option(
+                          "--split", help="Run folders: train | val | test | all (default: the analysed one, "
+                                          "else test).")] = None,
+                      out: Annotated[Path | None, typer.Option(help="Output folder (default <folder>/qupath).")] = None
+                      ) -> None:
+    """One GeoJSON per slice for QuPath (File > Import objects): a tile per patch with its attention."""
+    from stainmil.analysis.qupath import export_folder
+
+    result = export_folder(folder, split_name, out)
+    console.print(f"{len(result.files)} GeoJSON files (one per slice) in [bold]{result.out_dir}[/]; "
+                  f"index.csv names the image each belongs to")
+    for what, why in result.skipped.items():
+        console.print(f"[yellow]skipped {what}: {why}[/]", highlight=False)
 
 
 @app.command()

@@ -70,6 +70,8 @@ class DataConfig:
                                    default_factory=lambda: ["benign", "high_grade"])
     exclude_cases: list[str] = _help("Case ids left out everywhere (the old pipeline removed 91).",
                                      default_factory=list)
+    include_cases: list[str] = _help("Only these case ids are used (empty = every case), e.g. a set of new cases "
+                                     "to predict.", default_factory=list)
     expected_patch_size: int = _help("Patch side in pixels; 0 = the most common size in the folder.",
                                      default=0)
     per_slice_cap: int = _help("Training: random patches per slice drawn fresh each epoch (0 = all).",
@@ -194,6 +196,8 @@ class TrainConfig:
         default="sequential")
     patch_dropout: float = _help("Share of each slice's patches dropped at random per step (0 = off).",
                                  default=0.0)
+    stain_dropout: float = _help("Chance each stain of a training case is dropped whole per step (never all of a "
+                                 "case's stains; 0 = off): for models used on cases missing a stain.", default=0.0)
     topk_mask_k: int = _help("Stochastic top-k masking (ACMIL): mask among each slice's k highest-attention "
                              "patches before the softmax (0 = off).", default=0)
     topk_mask_ratio: float = _help("Share of those top-k patches masked per step.", default=0.5)

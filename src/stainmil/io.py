@@ -85,6 +85,16 @@ def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
     return path
 
 
+def save_image(array: Any, path: str | Path, quality: int = 82) -> Path:
+    """Save an (H, W, 3) uint8 array atomically as JPEG (.jpg/.jpeg, at ``quality``) or PNG."""
+    from PIL import Image
+
+    path = Path(path)
+    fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
+    extra = {"quality": quality} if fmt == "JPEG" else {}
+    return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format=fmt, **extra), suffix=path.suffix)
+
+
 def walk_files(root: str | Path) -> list[Path]:
     """Every file below ``root`` in sorted, deterministic order (hidden files skipped)."""
     files = []

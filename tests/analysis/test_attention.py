@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from stainmil.analysis.analyze import write_analysis
-from stainmil.analysis.attention import _subset, attention_vs_lesion
+from stainmil.analysis.attention import attention_vs_lesion
 from tests.conftest import trained_run
 
 
@@ -61,7 +61,7 @@ def test_subset_drops_emptied_slices_and_keeps_structure():
     batch = bags.batch(["1"])
     keep = np.zeros(len(batch.features), bool)
     keep[batch.patch_slice.numpy() == 0] = True  # only the first slice survives
-    small = _subset(batch, keep)
+    small = batch.subset(keep)
     assert len(small.slice_group) == 1 and len(small.group_case) == 1
     with torch.no_grad():
         out = model_for(bags).eval()(small)

@@ -1,24 +1,27 @@
 """``stainmil analyze``: every attention table and figure of a run, under ``<run>/attention/``::
 
     patches.csv  slices.csv  cases.csv  summary.json  summary.txt
+    stain_contribution.csv  stain_summary.csv    every case predicted again without each stain
     effective_attention_distribution.png  concentration_vs_error.png  slice_attention_misclassified.png
     attention_along_slices.png
     patches/case<id>.jpg                         top and bottom patches per case
-    heatmaps/case<id>_<stain>_slice<id>_attention.jpg / _patchprob.jpg
+    heatmaps/case<id>_<stain>_slice<id>_attention.jpg / _patchprob.jpg / _slice.jpg (the viewer's image)
+
+The same code writes the analysis of a prediction set (new, unlabelled cases) under its own folder.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from stainmil.analysis import figures
 from stainmil.analysis.attention import AttentionTables, analyze_tables
-from stainmil.analysis.heatmaps import draw_heatmap
+from stainmil.analysis.heatmaps import SliceView, draw_heatmap, slice_view
 from stainmil.config import Config
-from stainmil.io import atomic_write, atomic_write_json, atomic_write_text, safe_name
+from stainmil.io import atomic_write, atomic_write_json, atomic_write_text, safe_name, save_image
 from stainmil.progress import progress_bar
 
 safe = safe_name
@@ -31,17 +34,20 @@ class AnalysisResult:
     heatmaps: dict[tuple[str, str, str], dict[str, Path]]  # (case, stain, slice) -> {attention, patchprob}
     grids: dict[str, Path]
     figures: dict[str, Path]
+    views: dict[tuple[str, str, str], tuple[Path, SliceView]] = field(default_factory=dict)  # viewer images
 
 
 def report_cases(cases: pd.DataFrame, limit: int) -> list[str]:
-    """Cases that get their own section: misclassified first, then by |p - y| descending."""
+    """Cases that get their own section: misclassified first, then by |p - y| descending; unlabelled cases
+    (a prediction set) by P(high-grade), highest first."""
     wrong = (cases["label"] >= 0) & (cases["pred"] != cases["label"])
-    ordered = cases.assign(_wrong=wrong).sort_values(["_wrong", "abs_error"], ascending=[False, False])
+    ordered = cases.assign(_wrong=wrong, _error=cases["abs_error"].fillna(-1), _prob=cases["prob"]).sort_values(
+        ["_wrong", "_error", "_prob"], ascending=[False, False, False])
     return list(ordered["case"].head(limit))
 
 
 def summary_text(summary: dict) -> str:
-    lines = [f"stainmil attention analysis — split '{summary['split']}', {summary['n_cases']} cases",
+    lines = [f"stainmil attention analysis — {summary['split']}, {summary['n_cases']} cases",
              f"normalisation: {summary['normalisation']}",
              f"mean normalised attention entropy: patch {summary['patch_entropy_normalised_mean']:.3f}, "
              f"slice {summary['slice_entropy_normalised_mean']:.3f}, "
@@ -55,32 +61,41 @@ def summary_text(summary: dict) -> str:
         lines.append(f"deletion check (k={summary['deletion_k']}): mean |dP| removing the top-k attended patches "
                      f"{summary['deletion_delta_top_k_mean']:.3f} vs k random patches "
                      f"{summary['deletion_delta_random_k_mean']:.3f}")
+    if summary.get("stain_contribution"):
+        lines.append(f"each stain removed in turn (threshold {summary['threshold']:.3f}):")
+        lines += [f"  {line}" for line in summary["stain_contribution"]]
     return "\n".join(lines) + "\n"
 
 
 def write_analysis(run_dir: str | Path, split_name: str = "test", top_k: int | None = None,
                    bags=None) -> AnalysisResult:
-    run_dir = Path(run_dir)
+    """Analyse the cases of a run's ``split_name`` into ``<run>/attention/``."""
     tables, config, _ = analyze_tables(run_dir, split_name, top_k, bags=bags)
-    out = run_dir / "attention"
-    for name, frame in (("patches", tables.patches), ("slices", tables.slices), ("cases", tables.cases)):
+    return write_tables(Path(run_dir) / "attention", tables, config)
+
+
+def write_tables(out: Path, tables: AttentionTables, config: Config) -> AnalysisResult:
+    """Write every table and figure of ``tables`` under ``out`` (labels -1: the label-based figures are left out)."""
+    for name, frame in (("patches", tables.patches), ("slices", tables.slices), ("cases", tables.cases),
+                        ("stain_contribution", tables.stains), ("stain_summary", tables.stain_summary)):
         atomic_write(out / f"{name}.csv", lambda tmp, frame=frame: frame.to_csv(tmp, index=False))
     atomic_write_json(out / "summary.json", tables.summary)
     atomic_write_text(out / "summary.txt", summary_text(tables.summary))
     made = {
         "distribution": figures.effective_attention_distribution(
             tables.patches, tables.cases, out / "effective_attention_distribution.png"),
-        "concentration": figures.concentration_vs_error(tables.cases, out / "concentration_vs_error.png"),
         "along_slices": figures.attention_along_slices(
             tables.patches, figures.top_slices(tables.slices, config.analysis.top_slices),
             out / "attention_along_slices.png"),
     }
+    if (tables.cases["label"] >= 0).any():
+        made["concentration"] = figures.concentration_vs_error(tables.cases, out / "concentration_vs_error.png")
     misclassified = figures.slice_attention_misclassified(tables.slices, tables.cases,
                                                           out / "slice_attention_misclassified.png")
     if misclassified:
         made["slices_misclassified"] = misclassified
-    heatmaps, grids = _case_images(tables, config, out)
-    return AnalysisResult(out, tables, heatmaps, grids, made)
+    heatmaps, grids, views = _case_images(tables, config, out)
+    return AnalysisResult(out, tables, heatmaps, grids, made, views)
 
 
 def _case_images(tables: AttentionTables, config: Config, out: Path):
@@ -97,16 +112,18 @@ def _case_images(tables: AttentionTables, config: Config, out: Path):
     keys |= {tuple(k) for k in tables.slices.loc[tables.slices["case"].isin(wrong), ["case", "stain", "slice"]]
              .to_numpy()}
     heatmaps: dict = {}
+    views: dict = {}
     grouped = dict(tuple(tables.patches.groupby(["case", "stain", "slice"], sort=False)))
     with progress_bar("analyze: heatmaps", total=len(keys) + len(chosen_cases)) as advance:
         for key in sorted(keys, key=lambda k: tuple(map(str, k))):
             part = grouped[key]
             case, stain, slice_id = key
             stem = f"case{safe(case)}_{safe(stain)}_slice{safe(slice_id)}"
+            view = slice_view(part, a.slice_images, a.thumbnail_px)
+            views[key] = (save_image(view.image, out / "heatmaps" / f"{stem}_slice.jpg"), view)
             heatmaps[key] = {
                 value: draw_heatmap(part, a.slice_images, out / "heatmaps" / f"{stem}_{suffix}.jpg", value=value,
-                                    title=f"case {case} · {stain} · slice {slice_id} · {what}",
-                                    thumbnail_px=a.thumbnail_px)
+                                    title=f"case {case} · {stain} · slice {slice_id} · {what}", view=view)
                 for value, suffix, what in (("relative_attention", "attention", "effective attention"),
                                             ("patch_prob", "patchprob", "patch-alone prediction"))
             }
@@ -115,7 +132,8 @@ def _case_images(tables: AttentionTables, config: Config, out: Path):
         for case in chosen_cases:
             part = tables.patches[tables.patches["case"] == case]
             row = tables.cases[tables.cases["case"] == case].iloc[0]
+            truth = f"true {row['label']}" if row["label"] >= 0 else "unlabelled"
             grids[case] = figures.patch_grid(part, a.grid_patches, out / "patches" / f"case{safe(case)}.jpg",
-                                             f"case {case}: true {row['label']}, p(high-grade) {row['prob']:.2f}")
+                                             f"case {case}: {truth}, p(high-grade) {row['prob']:.2f}")
             advance()
-    return heatmaps, grids
+    return heatmaps, grids, views

@@ -10,6 +10,7 @@ one patch (all attention on it), i.e. the classifier applied to the patch's embe
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
 
+from stainmil.analysis.stains import stain_contribution, stain_sentences, stain_summary
 from stainmil.config import Config
 from stainmil.data.bags import CohortBags
 from stainmil.data.cohort import SLIDE_COLUMNS
@@ -37,6 +39,8 @@ class AttentionTables:
     slices: pd.DataFrame
     cases: pd.DataFrame
     summary: dict = field(default_factory=dict)
+    stains: pd.DataFrame = field(default_factory=pd.DataFrame)         # per case: ΔP without each stain
+    stain_summary: pd.DataFrame = field(default_factory=pd.DataFrame)  # per stain x class
 
 
 def _entropy(weights: np.ndarray) -> float:
@@ -170,26 +174,20 @@ def deletion_check(model: HierarchicalMIL, bags: CohortBags, cases: list[str], p
             for removed in (top, random):
                 keep = np.ones(n, dtype=bool)
                 keep[removed] = False
-                probs.append(float(model(_subset(base, keep).to(device)).probabilities[0, 1]))
+                probs.append(float(model(base.subset(keep).to(device)).probabilities[0, 1]))
             rows.append({"case": case, "prob": full_prob, "prob_without_top_k": probs[0],
                          "prob_without_random_k": probs[1], "delta_top_k": abs(probs[0] - full_prob),
                          "delta_random_k": abs(probs[1] - full_prob)})
     return pd.DataFrame(rows)
 
 
-def _subset(batch, keep: np.ndarray):
-    """The batch with only the patches where ``keep`` (P,) is true; emptied slices and stains are dropped."""
-    from stainmil.data.bags import CaseBatch
-
-    keep_t = torch.from_numpy(keep)
-    patch_slice = batch.patch_slice[keep_t]
-    used_slices, new_slice = torch.unique(patch_slice, return_inverse=True)
-    slice_group = batch.slice_group[used_slices]
-    used_groups, new_group = torch.unique(slice_group, return_inverse=True)
-    return CaseBatch(features=batch.features[keep_t], patch_slice=new_slice, slice_group=new_group,
-                     group_case=batch.group_case[used_groups], group_stain=batch.group_stain[used_groups],
-                     labels=batch.labels, case_ids=batch.case_ids, patch_rows=batch.patch_rows[keep],
-                     slice_rows=batch.slice_rows[used_slices.numpy()])
+def run_decision(run_dir: Path) -> tuple[float, float]:
+    """(threshold, temperature) the run's evaluation chose (metrics.json); (0.5, 1) before it has one."""
+    metrics_file = Path(run_dir) / "metrics.json"
+    if not metrics_file.is_file():
+        return 0.5, 1.0
+    metrics = json.loads(metrics_file.read_text())
+    return float(metrics["threshold"]), float(metrics.get("calibration", {}).get("temperature", 1.0))
 
 
 def analyze_tables(run_dir: str | Path, split_name: str = "test", top_k: int | None = None,
@@ -209,13 +207,26 @@ def analyze_tables(run_dir: str | Path, split_name: str = "test", top_k: int | N
     cases = split.train + split.val + split.test if split_name == "all" else split.subset(split_name)
     if not cases:
         raise TrainingError(f"split '{split_name}' of {run_dir} is empty; analyse another (--split val).")
-    device = resolve_device(config.train.device)
     predictions = pd.read_csv(predictions_file, dtype={"case": str})
+    threshold, temperature = run_decision(run_dir)
+    tables = compute_tables(model, config, bags, cases, predictions, split_name, threshold, temperature, top_k)
+    return tables, config, bags
+
+
+def compute_tables(model: HierarchicalMIL, config: Config, bags: CohortBags, cases: list[str],
+                   predictions: pd.DataFrame, split_name: str, threshold: float, temperature: float = 1.0,
+                   top_k: int | None = None) -> AttentionTables:
+    """Every table for ``cases`` — of a run's split or of a prediction set (labels -1: no label-based parts).
+
+    ``predictions``: case, label, pred, prob_1 per case (as written by evaluate / predict).
+    """
+    device = resolve_device(config.train.device)
     patches = patch_table(model, bags, cases, device)
     slices = slice_table(patches)
     k = top_k or config.analysis.top_k
     case_frame = case_table(patches, slices, predictions, k)
-    summary: dict = {"split": split_name, "n_cases": len(cases), "top_k": k,
+    summary: dict = {"split": split_name, "n_cases": len(cases), "top_k": k, "threshold": threshold,
+                     "labelled": bool((case_frame["label"] >= 0).all()),
                      "normalisation": "relative_attention = effective_attention x n_patches of the case "
                                       "(1 = uniform share)"}
     truth_path = find_truth(config)
@@ -234,4 +245,7 @@ def analyze_tables(run_dir: str | Path, split_name: str = "test", top_k: int | N
     for level in ("patch", "slice", "stain"):
         summary[f"{level}_entropy_normalised_mean"] = float(case_frame[f"{level}_entropy_normalised"].mean())
     summary["top5pct_share_mean"] = float(case_frame["top5pct_share"].mean())
-    return AttentionTables(patches, slices, case_frame, summary), config, bags
+    contribution = stain_contribution(model, bags, cases, device, threshold, temperature)
+    by_stain = stain_summary(contribution, bags.stains, config.data.class_names, threshold)
+    summary["stain_contribution"] = stain_sentences(by_stain, config.data.class_names)
+    return AttentionTables(patches, slices, case_frame, summary, contribution, by_stain)

@@ -10,6 +10,7 @@ patch files and their x, y.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -70,20 +71,51 @@ def slice_canvas(part: pd.DataFrame, template: str) -> tuple[np.ndarray, np.ndar
     return canvas, xs, ys, side, source
 
 
-def draw_heatmap(part: pd.DataFrame, template: str, path: str | Path, value: str = "relative_attention",
-                 title: str = "", thumbnail_px: int = 640) -> Path:
-    """Save a heatmap of ``value`` over one slice (``part``: that slice's rows of the patch table)."""
+@dataclass
+class SliceView:
+    """One slice at display size: the image and each patch's square on it (image pixels)."""
+
+    image: np.ndarray  # (H, W, 3) uint8, longest side <= the thumbnail size
+    xs: np.ndarray     # (P,) left edge of each patch (rows of the slice's patch table, same order)
+    ys: np.ndarray     # (P,) top edge
+    side: float        # patch side
+    source: str        # where the image came from, for the caption
+
+
+def slice_view(part: pd.DataFrame, template: str, thumbnail_px: int) -> SliceView:
+    """The slice of ``part`` (its rows of the patch table) scaled so its longest side is <= ``thumbnail_px``."""
     image, xs, ys, side, source = slice_canvas(part, template)
     scale = min(1.0, thumbnail_px / max(image.shape[:2]))
     if scale < 1:
         image = np.asarray(Image.fromarray(image).resize((int(image.shape[1] * scale), int(image.shape[0] * scale)),
                                                          Image.BILINEAR))
-    norm, cmap, label = ((ATTENTION_NORM, "inferno", "relative attention (x uniform share, log scale)")
-                         if value == "relative_attention" else (PROB_NORM, "coolwarm", "patch-alone P(high-grade)"))
-    rgba = plt.get_cmap(cmap)(norm(np.clip(part[value].to_numpy(), 1e-6, None)))
+    return SliceView(image, np.asarray(xs, float) * scale, np.asarray(ys, float) * scale, float(side) * scale, source)
+
+
+def colour_scale(value: str) -> tuple[colors.Normalize, str, str]:
+    """(norm, colormap, label) of a heatmap value: the same fixed scales in every figure, viewer and export."""
+    if value == "relative_attention":
+        return ATTENTION_NORM, "inferno", "relative attention (x uniform share, log scale)"
+    return PROB_NORM, "coolwarm", "patch-alone P(high-grade)"
+
+
+def patch_colours(values: np.ndarray, value: str) -> np.ndarray:
+    """RGBA (P, 4) in 0..1 of each patch's ``value`` on its fixed scale."""
+    norm, cmap, _ = colour_scale(value)
+    return plt.get_cmap(cmap)(norm(np.clip(np.asarray(values, float), 1e-6, None)))
+
+
+def draw_heatmap(part: pd.DataFrame, template: str, path: str | Path, value: str = "relative_attention",
+                 title: str = "", thumbnail_px: int = 640, view: SliceView | None = None) -> Path:
+    """Save a heatmap of ``value`` over one slice (``part``: that slice's rows of the patch table)."""
+    view = view or slice_view(part, template, thumbnail_px)
+    image = view.image
+    norm, cmap, label = colour_scale(value)
+    rgba = patch_colours(part[value].to_numpy(), value)
     overlay = np.zeros((*image.shape[:2], 4))
-    for (x, y), colour in zip(zip(xs, ys), rgba):
-        x0, y0, s = int(x * scale), int(y * scale), max(1, int(round(side * scale)))
+    s = max(1, int(round(view.side)))
+    for x, y, colour in zip(view.xs, view.ys, rgba):
+        x0, y0 = int(x), int(y)
         overlay[y0:y0 + s, x0:x0 + s] = (*colour[:3], 0.5)
     aspect = image.shape[0] / image.shape[1]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 5 * aspect + 0.6))
@@ -94,6 +126,6 @@ def draw_heatmap(part: pd.DataFrame, template: str, path: str | Path, value: str
     right.set_title(label, fontsize=9)
     for ax in (left, right):
         ax.set_axis_off()
-    fig.suptitle(title + f"  ({source})", fontsize=10)
+    fig.suptitle(title + f"  ({view.source})", fontsize=10)
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=right, fraction=0.04, pad=0.02)
     return save_figure(fig, path, dpi=100)

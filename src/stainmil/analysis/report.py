@@ -1,4 +1,9 @@
-"""``stainmil report``: one self-contained ``report.html`` per run (images inlined, opens offline).
+"""``stainmil report``: one self-contained ``report.html`` per run or prediction set (images, data and
+script inlined; opens offline).
+
+Each mapped slice is an interactive viewer: the slice image with the patches drawn over it on the
+fixed heatmap scales (attention or patch-alone probability), zoom and pan, an opacity slider and a
+tooltip with the patch's numbers. Colours are computed here, with the same scales as the JPEG heatmaps.
 
 Built from the run folder's files (metrics.json, figures, attention/…); every string that comes
 from a file name or a CSV is HTML-escaped by Jinja2's autoescaping.
@@ -13,11 +18,14 @@ import re
 from datetime import datetime
 from pathlib import Path
 
+import matplotlib
+import numpy as np
 import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from stainmil.analysis.analyze import AnalysisResult, report_cases, summary_text, write_analysis
-from stainmil.config import load_config
+from stainmil.analysis.heatmaps import colour_scale, patch_colours
+from stainmil.config import Config, load_config
 from stainmil.errors import TrainingError
 from stainmil.io import atomic_write_text
 
@@ -66,65 +74,135 @@ def build_report(run_dir: str | Path, analysis: AnalysisResult | None = None, sp
     if analysis is None:
         analysis = write_analysis(run_dir, metrics.get("evaluated_split", split_name))
     config = load_config(run_dir / "config.yaml")
-    names = config.data.class_names
-    tables = analysis.tables
-    cases = tables.cases
-    split = tables.summary["split"]
-    warnings = []
-    if str(metrics.get("weights")) == "random":
-        warnings.append("The backbone had RANDOM weights (ImageNet weights were not available): features are not "
-                        "ImageNet features, and this run is a pipeline check, not a result.")
-    sections = set(report_cases(cases, config.analysis.max_cases_in_report))
-    anchor = anchors(list(cases["case"]))
-    case_rows = []
-    for _, row in cases.iterrows():
-        values = {c: (row[c] if c in row and not (isinstance(row[c], float) and math.isnan(row[c])) else None)
-                  for c, _ in CASE_COLUMNS}
-        case_rows.append({"case": row["case"], "anchor": anchor[row["case"]], "split": row["split"], "cells": values,
-                          "wrong": row["label"] >= 0 and row["pred"] != row["label"],
-                          "has_section": row["case"] in sections})
-    case_sections = [_case_section(case, anchor[case], tables, analysis, names) for case in report_cases(
-        cases, config.analysis.max_cases_in_report)]
     run_figures = [(title, data_uri(run_dir / name)) for title, name in (
         ("training curves", "curves.png"), ("confusion matrix", "confusion_matrix.png"), ("ROC curve", "roc_curve.png"),
         ("reliability diagram", "reliability.png"))
         if (run_dir / name).is_file()]
+    return render_report(run_dir / "report.html", analysis, config, title=f"stainmil report — {run_dir.name}",
+                         threshold=metrics["threshold"], threshold_rule=metrics["threshold_rule"],
+                         weights=str(metrics.get("weights")), metrics=metrics, run_figures=run_figures)
+
+
+def build_prediction_report(out_dir: str | Path, analysis: AnalysisResult, config: Config, threshold: float,
+                            threshold_rule: str, checkpoint: str | Path) -> Path:
+    """Write ``<out_dir>/report.html`` for a prediction set: no labels, so no metrics — the rest as for a run."""
+    out_dir = Path(out_dir)
+    return render_report(out_dir / "report.html", analysis, config, title=f"stainmil predictions — {out_dir.name}",
+                         threshold=threshold, threshold_rule=threshold_rule, weights=config.features.weights,
+                         source=f"model {checkpoint}")
+
+
+def render_report(path: Path, analysis: AnalysisResult, config: Config, *, title: str, threshold: float,
+                  threshold_rule: str, weights: str, metrics: dict | None = None,
+                  run_figures: list[tuple[str, str]] = (), source: str = "") -> Path:
+    """The page itself, for a run (``metrics`` given) or a prediction set (no labels, no metrics)."""
+    names = config.data.class_names
+    tables = analysis.tables
+    cases = tables.cases
+    warnings = []
+    if weights == "random":
+        warnings.append("The backbone had RANDOM weights (ImageNet weights were not available): features are not "
+                        "ImageNet features, and this run is a pipeline check, not a result.")
+    chosen = report_cases(cases, config.analysis.max_cases_in_report)
+    anchor = anchors(list(cases["case"]))
+    delta = tables.stains.set_index("case") if not tables.stains.empty else None
+    stain_columns = [(f"delta_{s}", f"ΔP without {s}") for s in config.data.stains
+                     if delta is not None and delta[f"delta_{s}"].notna().any()]
+    case_columns = [c for c in CASE_COLUMNS if metrics is not None or c[0] not in ("label", "abs_error")]
+    case_columns += stain_columns
+    case_rows = []
+    for _, row in cases.iterrows():
+        values = {c: _cell(row, c) for c, _ in CASE_COLUMNS}
+        values.update({c: _cell(delta.loc[row["case"]], c) for c, _ in stain_columns})
+        case_rows.append({"case": row["case"], "anchor": anchor[row["case"]], "split": row["split"], "cells": values,
+                          "wrong": row["label"] >= 0 and row["pred"] != row["label"],
+                          "has_section": row["case"] in chosen})
+    viewers = _viewer_data(analysis)
+    case_sections = [_case_section(case, anchor[case], tables, analysis, names, viewers) for case in chosen]
     attention_figures = [(title, data_uri(analysis.figures[key])) for key, title in (
         ("distribution", "effective attention per case"), ("concentration", "attention concentration vs error"),
         ("slices_misclassified", "slice attention of misclassified cases"),
         ("along_slices", "effective attention along the most attended slices")) if key in analysis.figures]
+    splits = (metrics or {}).get("splits", {})
     html = _environment().get_template("report.html.j2").render(
-        run_name=run_dir.name, generated=datetime.now().strftime("%Y-%m-%d %H:%M"), split=split,
+        title=title, generated=datetime.now().strftime("%Y-%m-%d %H:%M"), split=tables.summary["split"],
         n_cases=len(cases), backbone=f"{config.features.backbone} ({config.features.weights})", warnings=warnings,
-        threshold=metrics["threshold"], threshold_rule=metrics["threshold_rule"], best_epoch=metrics["best_epoch"],
-        epochs_run=metrics["epochs_run"], metric_names=METRIC_NAMES,
-        metric_tables=[(n, metrics["splits"][n]) for n in ("test", "val") if n in metrics["splits"]],
-        run_figures=run_figures, attention_figures=attention_figures, summary_text=summary_text(tables.summary),
-        case_columns=CASE_COLUMNS, case_rows=case_rows, n_sections=len(case_sections), case_sections=case_sections,
+        labelled=metrics is not None, source=source, threshold=threshold, threshold_rule=threshold_rule,
+        best_epoch=(metrics or {}).get("best_epoch"), epochs_run=(metrics or {}).get("epochs_run"),
+        metric_names=METRIC_NAMES, metric_tables=[(n, splits[n]) for n in ("test", "val") if n in splits],
+        run_figures=list(run_figures), attention_figures=attention_figures, summary_text=summary_text(tables.summary),
+        case_columns=case_columns, case_rows=case_rows, n_sections=len(case_sections), case_sections=case_sections,
+        stain_summary=tables.stain_summary.to_dict("records"), stain_sentences=tables.summary.get(
+            "stain_contribution", []), scales=colour_legends(),
     )
-    return atomic_write_text(run_dir / "report.html", html)
+    return atomic_write_text(path, html)
 
 
-def _case_section(case: str, anchor: str, tables, analysis: AnalysisResult, names: list[str]) -> dict:
+def _cell(row, column: str):
+    value = row[column] if column in row else None
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def colour_legends() -> dict[str, dict]:
+    """CSS gradients and tick labels of the two fixed heatmap scales (the viewer's legend)."""
+    legends = {}
+    for value, ticks in (("relative_attention", [(1 / 8, "⅛×"), (1, "1×"), (8, "8×")]),
+                         ("patch_prob", [(0, "0"), (0.5, "0.5"), (1, "1")])):
+        norm, cmap, label = colour_scale(value)
+        stops = np.linspace(0, 1, 11)
+        colours = [_hex(c) for c in matplotlib.colormaps[cmap](stops)]
+        legends[value] = {"gradient": "linear-gradient(to right, " + ", ".join(colours) + ")", "label": label,
+                          "ticks": [{"at": float(norm(v)) * 100, "text": t} for v, t in ticks]}
+    return legends
+
+
+def _hex(rgba) -> str:
+    return "#" + "".join(f"{int(round(c * 255)):02x}" for c in rgba[:3])
+
+
+def _viewer_data(analysis: AnalysisResult) -> dict[tuple, dict]:
+    """Per mapped slice: the slice image and its patches, each [x, y, relative attention, patch P, attention
+    colour, probability colour, patch id] in image pixels — what the report's viewer draws."""
+    patches = analysis.tables.patches
+    grouped = dict(tuple(patches.groupby(["case", "stain", "slice"], sort=False)))
+    viewers = {}
+    for key, (image_path, view) in analysis.views.items():
+        part = grouped[key]
+        att = [_hex(c) for c in patch_colours(part["relative_attention"].to_numpy(), "relative_attention")]
+        prob = [_hex(c) for c in patch_colours(part["patch_prob"].to_numpy(), "patch_prob")]
+        rows = [[round(float(x), 1), round(float(y), 1), round(float(a), 4), round(float(p), 4), ca, cp, str(pid)]
+                for x, y, a, p, ca, cp, pid in zip(view.xs, view.ys, part["relative_attention"], part["patch_prob"],
+                                                   att, prob, part["patch"])]
+        viewers[key] = {"src": data_uri(image_path), "width": int(view.image.shape[1]),
+                        "height": int(view.image.shape[0]), "side": round(view.side, 2), "source": view.source,
+                        "patches": rows}
+    return viewers
+
+
+def _case_section(case: str, anchor: str, tables, analysis: AnalysisResult, names: list[str],
+                  viewers: dict[tuple, dict]) -> dict:
     row = tables.cases[tables.cases["case"] == case].iloc[0]
     slices = tables.slices[tables.slices["case"] == case]
     stains = slices.drop_duplicates("stain")
-    heatmaps = []
-    for key, files in analysis.heatmaps.items():
-        if key[0] == case:
-            for value, path in files.items():
-                what = "effective attention" if value == "relative_attention" else "patch-alone prediction"
-                heatmaps.append({"src": data_uri(path), "title": f"{key[1]} slice {key[2]} — {what}"})
+    views = [{"id": f"view-{anchor}-{i}", "title": f"{key[1]} slice {key[2]}", **viewers[key]}
+             for i, key in enumerate(k for k in viewers if k[0] == case)]
     lesion = row.get("attention_lesion_auc") if "attention_lesion_auc" in row else None
+    without = []
+    if not tables.stains.empty:
+        contribution = tables.stains[tables.stains["case"] == case].iloc[0]
+        without = [{"stain": s, "prob": float(contribution[f"prob_without_{s}"]),
+                    "delta": float(contribution[f"delta_{s}"]), "flips": bool(contribution[f"flips_{s}"])}
+                   for s in tables.stain_summary["stain"].unique()
+                   if f"prob_without_{s}" in contribution and not pd.isna(contribution[f"prob_without_{s}"])]
     return {
         "case": case, "anchor": anchor, "prob": float(row["prob"]), "n_patches": int(row["n_patches"]),
         "n_slices": int(row["n_slices"]), "top5": float(row["top5pct_share"]),
-        "true_name": names[int(row["label"])] if row["label"] >= 0 else "unknown",
+        "true_name": names[int(row["label"])] if row["label"] >= 0 else None,
         "pred_name": names[int(row["pred"])],
         "lesion_auc": None if lesion is None or pd.isna(lesion) else float(lesion),
         "stains": [{"name": s, "weight": float(w)} for s, w in zip(stains["stain"], stains["stain_weight"])],
         "slices": [{"stain": s["stain"], "slice": s["slice"], "weight": float(s["slice_weight"]),
                     "n": int(s["n_patches"])} for _, s in slices.iterrows()],
-        "heatmaps": heatmaps,
+        "views": views, "without": without,
         "grid": data_uri(analysis.grids[case]) if case in analysis.grids else None,
     }

@@ -52,6 +52,21 @@ class CaseBatch:
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
         return CaseBatch(**moved)
 
+    def subset(self, keep: np.ndarray) -> CaseBatch:
+        """The batch with only the patches where ``keep`` (P,) is true; emptied slices and stains are dropped.
+
+        Every case must keep at least one patch (a case with none has nothing to predict from).
+        """
+        keep_t = torch.from_numpy(np.asarray(keep, dtype=bool)).to(self.patch_slice.device)
+        patch_slice = self.patch_slice[keep_t]
+        used_slices, new_slice = torch.unique(patch_slice, return_inverse=True)
+        slice_group = self.slice_group[used_slices]
+        used_groups, new_group = torch.unique(slice_group, return_inverse=True)
+        return CaseBatch(features=self.features[keep_t], patch_slice=new_slice, slice_group=new_group,
+                         group_case=self.group_case[used_groups], group_stain=self.group_stain[used_groups],
+                         labels=self.labels, case_ids=self.case_ids, patch_rows=self.patch_rows[np.asarray(keep)],
+                         slice_rows=self.slice_rows[used_slices.cpu().numpy()])
+
 
 class PatchEncoder(Protocol):
     """Computes patch embeddings from images during training (online mode)."""
@@ -143,10 +158,13 @@ class CohortBags:
         return chosen
 
     def batch(self, cases: list[str], slices: dict[str, list[int]] | None = None, per_slice_cap: int = 0,
-              rng: np.random.Generator | None = None, patch_dropout: float = 0.0, augment: bool = False) -> CaseBatch:
+              rng: np.random.Generator | None = None, patch_dropout: float = 0.0, augment: bool = False,
+              stain_dropout: float = 0.0) -> CaseBatch:
         """Build one batch of ``cases``: all slices (or ``slices[case]``), all patches or a random cap per slice.
 
-        ``patch_dropout`` then drops that share of each slice's patches at random (keeping at least one).
+        ``stain_dropout`` first drops each stain of a case with that chance (all slices of it; when every
+        stain would go, one drawn at random stays). ``patch_dropout`` then drops that share of each slice's
+        patches at random (keeping at least one).
         ``augment`` (training): one random feature view per patch, or augmented images online.
         """
         patch_rows, patch_slice, slice_group, slice_rows, group_case, group_stain = [], [], [], [], [], []
@@ -155,6 +173,8 @@ class CohortBags:
             if not case_slices:
                 raise DataError(f"case {case} has no slices left after filtering; check data.max_slices_per_stain "
                                 "and the index report.")
+            if stain_dropout:
+                case_slices = self._drop_stains(case_slices, stain_dropout, rng)
             stain_groups: dict[int, int] = {}
             for s in sorted(case_slices, key=lambda s: (self.slice_stain[s], s)):
                 stain = int(self.slice_stain[s])
@@ -182,6 +202,16 @@ class CohortBags:
             labels=torch.tensor([self.case_label(c) for c in cases], dtype=torch.long),
             case_ids=list(cases), patch_rows=rows, slice_rows=np.array(slice_rows),
         )
+
+    def _drop_stains(self, slices: list[int], chance: float, rng: np.random.Generator) -> list[int]:
+        """``slices`` without the stains that lose a draw of ``chance`` (at least one stain always stays)."""
+        stains = sorted({int(self.slice_stain[s]) for s in slices})
+        if len(stains) < 2:
+            return slices
+        kept = [stain for stain, lost in zip(stains, rng.random(len(stains)) < chance) if not lost]
+        if not kept:
+            kept = [stains[int(rng.integers(len(stains)))]]
+        return [s for s in slices if int(self.slice_stain[s]) in kept]
 
     def feature_statistics(self, cases: list[str], max_online_patches: int = 2048,
                            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

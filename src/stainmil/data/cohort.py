@@ -43,6 +43,7 @@ NO_LABEL = "case has no label in the labels CSV"
 UNKNOWN_WORD = "case label word not in data.label_values"
 CONFLICT = "case has conflicting labels in the labels CSV"
 EXCLUDED = "case listed in data.exclude_cases"
+NOT_INCLUDED = "case not in data.include_cases"
 BLANK_CASE = "blank case id in the file name"
 REQUIRED_GROUPS = ("case", "stain", "slice", "patch")
 
@@ -102,6 +103,7 @@ class CaseRules:
     excluded: set[str]
     labels: Labels
     require_labels: bool
+    included: set[str] = field(default_factory=set)  # empty: every case
 
     @classmethod
     def from_config(cls, config: Config, require_labels: bool) -> CaseRules:
@@ -112,7 +114,8 @@ class CaseRules:
             raise ConfigError(f"data.stain_aliases maps to {unknown_canonical}, which are not in data.stains "
                               f"{data.stains}; add them there or fix the aliases.")
         labels = read_labels(data) if require_labels else Labels(by_case={})
-        return cls(aliases, {normalize_case_id(c) for c in data.exclude_cases}, labels, require_labels)
+        return cls(aliases, {normalize_case_id(c) for c in data.exclude_cases}, labels, require_labels,
+                   {normalize_case_id(c) for c in data.include_cases})
 
     def classify(self, case_text: str | None, stain_text: str | None) -> tuple[str, str | None, str | None]:
         """(case id, canonical stain, reason it is skipped or None)."""
@@ -124,6 +127,8 @@ class CaseRules:
             return case, None, UNKNOWN_STAIN + f" ('{stain_text}')"
         if case in self.excluded:
             return case, stain, EXCLUDED
+        if self.included and case not in self.included:
+            return case, stain, NOT_INCLUDED
         if self.require_labels:
             labels = self.labels
             reason = (CONFLICT if case in labels.conflicting else UNKNOWN_WORD if case in labels.unknown_words
@@ -287,7 +292,8 @@ def _make_report(config: Config, manifest: pd.DataFrame, labels: Labels, skipped
     used_cases = sorted(manifest["case"].unique(), key=_case_sort) if not manifest.empty else []
     cases_with_files = {c for c in manifest["case"]} if not manifest.empty else set()
     if require_labels:
-        no_patches = sorted(set(labels.by_case) - cases_with_files
+        wanted = {normalize_case_id(c) for c in data.include_cases} or set(labels.by_case)
+        no_patches = sorted(set(labels.by_case) & wanted - cases_with_files
                             - {normalize_case_id(c) for c in data.exclude_cases}, key=_case_sort)
         if no_patches:
             warnings.append(f"{len(no_patches)} labelled case(s) have no usable patches: {no_patches[:20]}")

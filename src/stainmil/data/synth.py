@@ -42,7 +42,7 @@ from skimage.draw import ellipse
 
 from stainmil.config import STAINS
 from stainmil.errors import ConfigError
-from stainmil.io import atomic_write, atomic_write_text
+from stainmil.io import atomic_write_text, save_image
 from stainmil.progress import progress_bar
 
 STAIN_VECTORS = {"H": rgb_from_hed[0], "E": rgb_from_hed[1], "DAB": rgb_from_hed[2]}
@@ -255,10 +255,6 @@ def grid_patches(tissue: np.ndarray, patch_size: int, min_tissue: float) -> list
     return keep
 
 
-def _save_png(path: Path, array: np.ndarray) -> None:
-    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"), suffix=".png")
-
-
 def _case_plan(config: SynthConfig) -> list[tuple[str, int]]:
     rng = np.random.default_rng([config.seed, 0])
     n_benign = int(round(config.cases * config.benign_fraction))
@@ -285,14 +281,14 @@ def render_case(config: SynthConfig, out: Path, case: str, label: int) -> list[d
         for slice_id in range(_n_slices(rng, *config.slices_per_stain)):
             rgb, tissue, lesion = render_slice(rng, stain, config.slice_size, style)
             slice_dir = out / "slices" / f"case{case}" / stain
-            _save_png(slice_dir / f"slice{slice_id}.png", rgb)
-            _save_png(slice_dir / f"slice{slice_id}_tissue.png", (tissue * 255).astype(np.uint8))
-            _save_png(slice_dir / f"slice{slice_id}_lesion.png", (lesion * 255).astype(np.uint8))
+            save_image(rgb, slice_dir / f"slice{slice_id}.png")
+            save_image((tissue * 255).astype(np.uint8), slice_dir / f"slice{slice_id}_tissue.png")
+            save_image((lesion * 255).astype(np.uint8), slice_dir / f"slice{slice_id}_lesion.png")
             patch_dir = out / "patches" / f"case{case}" / stain / f"slice{slice_id}"
             p = config.patch_size
             for index, (x, y) in enumerate(grid_patches(tissue, p, config.min_tissue)):
                 name = f"case{case}_{stain}_slice{slice_id}_patch{index}_x{x}_y{y}.png"
-                _save_png(patch_dir / name, rgb[y:y + p, x:x + p])
+                save_image(rgb[y:y + p, x:x + p], patch_dir / name)
                 rows.append({"case": case, "stain": stain, "slice": str(slice_id), "patch": str(index),
                              "x": x, "y": y, "lesion_fraction": float(lesion[y:y + p, x:x + p].mean()),
                              "file": name})

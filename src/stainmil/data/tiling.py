@@ -29,12 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from stainmil.config import Config, TileConfig
 from stainmil.data.labels import normalize_case_id
 from stainmil.errors import ConfigError, DataError
-from stainmil.io import atomic_write, atomic_write_json, atomic_write_text, safe_name, walk_files
+from stainmil.io import atomic_write, atomic_write_json, atomic_write_text, safe_name, save_image, walk_files
 from stainmil.progress import progress_bar
 from stainmil.slides.coords import read_coords, write_coords
 from stainmil.slides.grid import NoScale, mask_downsample, patch_grid, read_plan
@@ -84,16 +83,14 @@ def _tile_one(path: Path, stem: str, key: tuple[str, str, str], config: TileConf
         mask = tissue_mask(view)
         scale0 = slide.dimensions[0] / mask.shape[1]  # level-0 px per mask px
         coords, fractions = patch_grid(slide, plan, mask, scale0, config.min_tissue)
-        atomic_write(out / "masks" / f"{stem}_tissue.png",
-                     lambda tmp: Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG"))
+        save_image(mask.astype(np.uint8) * 255, out / "masks" / f"{stem}_tissue.png")
         if len(coords) == 0:
             raise _NoTissue(f"{path.name}: no {config.patch_size}-px square has {config.min_tissue:.0%} tissue")
         for index in sorted({0, len(coords) // 2, len(coords) - 1}):  # a truncated file fails here, not later
             slide.read_region(*coords[index], plan.level, plan.read_size)
         thumb_scale = min(1.0, config.thumbnail_px / max(slide.dimensions))
         thumb = view if abs(thumb_scale - 1 / down) < 1e-9 else slide.thumbnail(1 / thumb_scale)
-        atomic_write(out / "thumbnails" / f"{stem}.jpg",
-                     lambda tmp: Image.fromarray(thumb).save(tmp, format="JPEG", quality=90))
+        save_image(thumb, out / "thumbnails" / f"{stem}.jpg", quality=90)
         write_coords(out / "coords" / f"{stem}.h5", coords, fractions, plan, slide.level_dimensions[plan.level],
                      {"name": path.stem, "slide_path": str(path), "case": key[0], "stain": key[1], "slice": key[2],
                       "thumbnail": str(out / "thumbnails" / f"{stem}.jpg"),
@@ -127,7 +124,7 @@ def _export_patches(rows: list[dict], out: Path, patch_size: int) -> None:
         if target.is_file():
             continue
         pixels = read_patch(PatchRef(row["slide"], row["x"], row["y"], row["level"], row["read_size"]), patch_size)
-        atomic_write(target, lambda tmp, p=pixels: Image.fromarray(p).save(tmp, format="PNG"))
+        save_image(pixels, target)
 
 
 def _slide_summary(attrs: dict, n: int) -> dict:

@@ -158,14 +158,20 @@ def results_text(metrics: dict, split_name: str) -> str:
 
 
 def predict_unlabelled(checkpoint: str | Path, config: Config, out_dir: str | Path | None = None,
-                       threshold: float | None = None) -> Path:
-    """Index + extract (if needed) + predict every case of ``config``'s patch folder; no labels needed.
+                       threshold: float | None = None, explain: bool = True) -> Path:
+    """Index + extract (if needed) + predict every case of ``config``'s patch folder (or tiled slides); no
+    labels needed. Returns the prediction folder (default <output_dir>/predictions)::
 
-    The threshold is ``threshold`` if given, else the one in the run's metrics.json next to the
-    checkpoint, else 0.5. Writes ``predictions.csv`` into ``out_dir`` (default <output_dir>/predictions).
+        predictions.csv  threshold.txt
+        attention/…      the same tables, heatmaps and patch grids as ``stainmil analyze`` (``explain``)
+        report.html      probabilities, threshold, stain and slice attention, slice viewers; no metrics
+
+    The threshold (and temperature, when the run calibrated) is ``threshold`` if given, else the run's
+    metrics.json next to the checkpoint, else 0.5.
     """
-    import json
-
+    from stainmil.analysis.analyze import write_tables
+    from stainmil.analysis.attention import compute_tables
+    from stainmil.analysis.report import build_prediction_report
     from stainmil.data.cohort import build_index, write_index
     from stainmil.features.extract import extract_features
     from stainmil.features.online import backbone_from_checkpoint
@@ -177,6 +183,8 @@ def predict_unlabelled(checkpoint: str | Path, config: Config, out_dir: str | Pa
     # into the training store (where a new case with a training case's id would find the old case's file)
     store_dir = config.features.store_dir
     config.features = dataclasses.replace(trained_config.features, store_dir=store_dir, views=1)  # plain view only
+    config.data.stains = list(trained_config.data.stains)
+    config.data.class_names = list(trained_config.data.class_names)
     result = build_index(config, require_labels=False)
     write_index(result, config)
     # an online run that fine-tuned its backbone saved it in the checkpoint; its features need that backbone
@@ -184,19 +192,37 @@ def predict_unlabelled(checkpoint: str | Path, config: Config, out_dir: str | Pa
     extract_features(config, result.manifest, backbone=tuned)
     check_store(config.store_dir, config)
     bags = CohortBags(result.manifest, load_features(config.store_dir, result.manifest), trained_config.data.stains)
-    predictions = predict_cases(model, bags, bags.case_ids, resolve_device(config.train.device))
-    rule = "given"
-    if threshold is None:
-        metrics_file = Path(checkpoint).resolve().parent.parent / "metrics.json"
-        if metrics_file.is_file():
-            threshold, rule = float(json.loads(metrics_file.read_text())["threshold"]), f"from {metrics_file}"
-        else:
-            threshold, rule = 0.5, "default 0.5 (no metrics.json next to the checkpoint)"
+    device = resolve_device(config.train.device)
+    predictions = predict_cases(model, bags, bags.case_ids, device)
+    threshold, rule, temperature = _decision(checkpoint, threshold)
+    if temperature != 1.0:
+        predictions["prob_1_uncalibrated"] = predictions["prob_1"]
+        predictions["prob_1"] = apply_temperature(predictions["prob_1"].to_numpy(), temperature)
+        predictions["prob_0"] = 1.0 - predictions["prob_1"]
     predictions["pred"] = (predictions["prob_1"] >= threshold).astype(int)
     predictions["pred_label"] = [trained_config.data.class_names[k] for k in predictions["pred"]]
     predictions["threshold"] = threshold
-    predictions = predictions.drop(columns=["label"])
     out = Path(out_dir) if out_dir else Path(config.output_dir) / "predictions"
-    atomic_write(out / "predictions.csv", lambda tmp: predictions.to_csv(tmp, index=False))
     atomic_write_text(out / "threshold.txt", f"{threshold}\n{rule}\n")
-    return out / "predictions.csv"
+    if explain:
+        tables = compute_tables(model, config, bags, bags.case_ids, predictions, "prediction set", threshold,
+                                temperature)
+        analysis = write_tables(out / "attention", tables, config)
+        build_prediction_report(out, analysis, config, threshold, rule, checkpoint)
+    # written last: a folder with predictions.csv is a finished prediction set
+    atomic_write(out / "predictions.csv", lambda tmp: predictions.drop(columns=["label"]).to_csv(tmp, index=False))
+    return out
+
+
+def _decision(checkpoint: str | Path, threshold: float | None) -> tuple[float, str, float]:
+    """(threshold, where it came from, temperature) for predictions with a run's checkpoint."""
+    import json
+
+    metrics_file = Path(checkpoint).resolve().parent.parent / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    temperature = float(metrics.get("calibration", {}).get("temperature", 1.0))
+    if threshold is not None:
+        return threshold, "given", temperature
+    if metrics:
+        return float(metrics["threshold"]), f"from {metrics_file} ({metrics['threshold_rule']})", temperature
+    return 0.5, "default 0.5 (no metrics.json next to the checkpoint)", temperature

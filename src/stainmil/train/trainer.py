@@ -205,7 +205,7 @@ def train(config: Config, resume_dir: str | Path | None = None, split: Split | N
         with progress_bar(f"epoch {epoch}", total=len(batches)) as advance:
             for cases in batches:
                 batch = train_bags.batch(cases, slices, config.data.per_slice_cap, rng, t.patch_dropout,
-                                         augment=True).to(device)
+                                         augment=True, stain_dropout=t.stain_dropout).to(device)
                 try:
                     for name, value in step(batch, epoch).items():
                         terms[name] = terms.get(name, 0.0) + value * len(cases)
