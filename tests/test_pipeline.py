@@ -1,5 +1,6 @@
 import json
 
+import pandas as pd
 import pytest
 
 from stainmil.pipeline import run_demo
@@ -16,8 +17,15 @@ def test_demo_end_to_end_on_the_tiny_preset(tmp_path):
         assert (run / name).is_file(), name
     assert json.loads((run / "metrics.json").read_text())["weights"] == "random"
     assert "RANDOM" in (run / "results.txt").read_text()
-    assert any("[7/7]" in line for line in logs)
+    assert any("[8/8]" in line for line in logs)
     assert result.report.is_file() and (run / "attention" / "cases.csv").is_file()
+    assert list((run / "qupath").glob("*.geojson"))
+    # the test cases again as new cases: no labels read, explained, exported
+    predictions = result.predictions
+    assert (predictions / "report.html").is_file() and list((predictions / "qupath").glob("*.geojson"))
+    new = pd.read_csv(predictions / "predictions.csv", dtype={"case": str})
+    old = pd.read_csv(run / "predictions.csv", dtype={"case": str})
+    assert set(new["case"]) == set(old.loc[old["split"] == "test", "case"])
     again = run_demo(tmp_path / "demo", ["train.max_epochs=1", "features.image_size=32", "eval.bootstrap=10"],
                      weights="random", log=logs.append, preset="tiny")
     assert again.extract.slices_written == 0  # the store is reused
@@ -43,7 +51,6 @@ def test_slide_route_from_slides_to_report_with_heatmaps_on_thumbnails(tmp_path)
     result = run_demo(tmp_path / "demo", ["train.max_epochs=4", "eval.bootstrap=20"], weights="random",
                       log=logs.append, preset="tiny", slides=True)
     manifest = result.config.manifest_path
-    import pandas as pd
 
     rows = pd.read_parquet(manifest)
     assert rows["path"].str.endswith(".tiff").all() and (rows["level"] == 1).all()

@@ -219,6 +219,8 @@ def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo_
     _print_evaluation(result.evaluation, result.training.run_dir)
     console.print(result.analysis_summary, highlight=False)
     console.print(f"report: [bold]{result.report}[/]  (open it in a browser)")
+    console.print(f"the test cases predicted as new cases (labels withheld): [bold]{result.predictions / 'report.html'}"
+                  "[/]")
     if result.weights_note:
         console.print(f"[bold yellow]{result.weights_note}[/]")
 

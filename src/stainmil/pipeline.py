@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from stainmil.analysis.analyze import summary_text, write_analysis
+from stainmil.analysis.qupath import export_folder
 from stainmil.analysis.report import build_report
 from stainmil.config import Config, dump_config, load_config
 from stainmil.data.cohort import build_index, case_labels, load_manifest, write_index
-from stainmil.data.splits import make_splits, write_splits
+from stainmil.data.splits import load_split, make_splits, write_splits
 from stainmil.data.synth import PRESETS, write_cohort, write_slides
 from stainmil.data.tiling import TileResult, tile_folder
 from stainmil.errors import StoreError
-from stainmil.evaluate.predict import Evaluation, evaluate_run
+from stainmil.evaluate.predict import Evaluation, evaluate_run, predict_unlabelled
 from stainmil.features.extract import ExtractSummary, extract_features
 from stainmil.train.trainer import TrainResult, train
 
@@ -52,6 +54,7 @@ class DemoResult:
     evaluation: Evaluation
     report: Path
     analysis_summary: str
+    predictions: Path  # the test cases predicted as new cases: predictions.csv, attention/, report.html
 
 
 def demo_config(out_dir: Path, cohort_dir: Path, overrides: list[str], slides: bool = False) -> Config:
@@ -79,9 +82,9 @@ def run_demo(out_dir: str | Path = "demo_out", overrides: list[str] | None = Non
     out_dir = Path(out_dir).resolve()
     cohort_dir = out_dir / "cohort"
     if (cohort_dir / "labels.csv").is_file():
-        log(f"[1/7] synthetic cohort already in {cohort_dir} (delete it to regenerate)")
+        log(f"[1/8] synthetic cohort already in {cohort_dir} (delete it to regenerate)")
     else:
-        log(f"[1/7] rendering the synthetic cohort into {cohort_dir}")
+        log(f"[1/8] rendering the synthetic cohort into {cohort_dir}")
         write_cohort(cohort_dir, PRESETS[preset])
     size = PRESETS[preset].patch_size
     config = demo_config(out_dir, cohort_dir, [f"features.image_size={size}", f"tile.patch_size={size}",
@@ -105,34 +108,48 @@ def run_demo(out_dir: str | Path = "demo_out", overrides: list[str] | None = Non
         config.features.weights = weights
         backbone = build_backbone(config.features)
     if slides:
-        log("[2/7] writing the slices as pyramidal TIFF slides, then tiling them (tissue masks + coordinates)")
+        log("[2/8] writing the slices as pyramidal TIFF slides, then tiling them (tissue masks + coordinates)")
         write_slides(cohort_dir, mpp=0.5, upsample=2, tile=128)
         tiled, index_dir = tile_cohort(config)
         report = json.loads((index_dir / "index_report.json").read_text())
         log(f"      {len(tiled.slides)} slides tiled; report: {tiled.out_dir / 'tile_report.txt'}")
     else:
-        log("[2/7] indexing and validating the patch folder")
+        log("[2/8] indexing and validating the patch folder")
         index_dir, report = index_cohort(config)
     log(f"      {report['files_used']} patches of {report['cases_used']} cases; "
         f"report: {index_dir / 'index_report.txt'}")
-    log("[3/7] case-level stratified split (60/20/20)")
+    log("[3/8] case-level stratified split (60/20/20)")
     split_cohort(config)
     if config.features.mode == "online":
         summary = None
-        log(f"[4/7] online mode: no shared store — {config.features.backbone} runs on the images in every step "
+        log(f"[4/8] online mode: no shared store — {config.features.backbone} runs on the images in every step "
             f"(last {config.features.trainable_blocks} dense block(s) trained)")
     else:
-        log(f"[4/7] extracting {config.features.backbone} features once into {config.store_dir}")
+        log(f"[4/8] extracting {config.features.backbone} features once into {config.store_dir}")
         summary = extract_features(config, load_manifest(config), backbone=backbone)
         log(f"      {summary.patches_written} patches in {summary.seconds:.1f} s "
             f"({summary.slices_done_before} slices were already done)")
-    log("[5/7] training the hierarchical attention model")
+    log("[5/8] training the hierarchical attention model")
     trained = train(config)
     log(f"      {trained.epochs_run} epochs, best epoch {trained.best_epoch}; run folder {trained.run_dir}")
-    log("[6/7] evaluating on the held-out test cases")
+    log("[6/8] evaluating on the held-out test cases")
     evaluation = evaluate_run(trained.run_dir)
-    log("[7/7] attention analysis and report")
+    log("[7/8] attention analysis and report")
     analysis = write_analysis(trained.run_dir, "test")
     report = build_report(trained.run_dir, analysis)
+    export_folder(trained.run_dir, "test")
+    log(f"      report {report}; QuPath GeoJSON in {trained.run_dir / 'qupath'}")
+    log("[8/8] predicting the test cases again as new cases (labels withheld), explained and exported")
+    predictions = predict_as_new(config, trained.run_dir, out_dir / "predictions")
+    export_folder(predictions)
+    log(f"      report {predictions / 'report.html'}; QuPath GeoJSON in {predictions / 'qupath'}")
     return DemoResult(out_dir, cohort_dir, config, note, summary, trained, evaluation, report,
-                      summary_text(analysis.tables.summary))
+                      summary_text(analysis.tables.summary), predictions)
+
+
+def predict_as_new(config: Config, run_dir: Path, out: Path) -> Path:
+    """The run's test cases predicted like a new cohort: no labels read, their own index and store."""
+    new = copy.deepcopy(config)
+    new.data.labels_csv, new.data.include_cases = "", list(load_split(run_dir / "data_splits.npz").test)
+    new.output_dir, new.features.store_dir = str(out / "work"), str(out / "work" / "features")
+    return predict_unlabelled(run_dir / "checkpoints" / "best.pth", new, out)
