@@ -5,7 +5,8 @@
 Renders the `real-shape` synthetic preset (~86 cases, 1/3 benign, 1-15 slices per stain) at a harder
 signal level, extracts features once (random DenseNet121 unless --weights says otherwise), then trains
 every variant with every seed on the same 60/20/20 split (split seed = run seed) through the normal
-trainer, evaluates, and analyses attention. Writes <out>/ablation_runs.csv (one row per run) and
+trainer, evaluates, and analyses attention (including the test AUC with each stain removed from every
+case, "auc without <stain>"). Writes <out>/ablation_runs.csv (one row per run) and
 <out>/ablation.md (mean ± SD per variant), and prints the table.
 """
 
@@ -32,7 +33,9 @@ VARIANTS: dict[str, list[str]] = {
     "patch dropout 0.3": ["train.patch_dropout=0.3"],
     "top-k masking (k 10)": ["train.topk_mask_k=10"],
     "sub-cases x2": ["data.subcases=2"],
+    "stain dropout 0.5": ["train.stain_dropout=0.5"],
 }
+STAIN_METRICS = ["auc_without_he", "auc_without_melan", "auc_without_sox10"]
 
 
 def main() -> None:
@@ -103,6 +106,8 @@ def main() -> None:
                          "entropy_slice": s["slice_entropy_normalised_mean"],
                          "entropy_stain": s["stain_entropy_normalised_mean"],
                          "attention_lesion_auc": s.get("attention_lesion_auc_mean", np.nan),
+                         **{f"auc_without_{r['stain']}": r["auc_without_stain"]
+                            for r in tables.stain_summary.drop_duplicates("stain").to_dict("records")},
                          "epochs": result.epochs_run, "seconds": round(time.perf_counter() - t0, 1),
                          "run": result.run_dir.name})
             pd.DataFrame(rows).to_csv(rows_file, index=False)
@@ -115,7 +120,7 @@ def main() -> None:
 
 def summarise(runs: pd.DataFrame) -> str:
     metrics = ["benign_recall", "high_grade_recall", "auc", "entropy_patch", "entropy_slice", "entropy_stain",
-               "attention_lesion_auc"]
+               "attention_lesion_auc"] + [m for m in STAIN_METRICS if m in runs and runs[m].notna().any()]
     lines = ["| variant | seeds | " + " | ".join(m.replace("_", " ") for m in metrics) + " |",
              "|---|---|" + "---|" * len(metrics)]
     for name in dict.fromkeys(runs["variant"]):

@@ -108,7 +108,7 @@ def render_report(path: Path, analysis: AnalysisResult, config: Config, *, title
     delta = tables.stains.set_index("case") if not tables.stains.empty else None
     stain_columns = [(f"delta_{s}", f"ΔP without {s}") for s in config.data.stains
                      if delta is not None and delta[f"delta_{s}"].notna().any()]
-    case_columns = [c for c in CASE_COLUMNS if metrics is not None or c[0] not in ("label", "abs_error")]
+    case_columns = [c for c in CASE_COLUMNS if metrics is not None or c[0] not in ("label", "abs_error", "split")]
     case_columns += stain_columns
     case_rows = []
     for _, row in cases.iterrows():
