@@ -279,6 +279,8 @@ def cv(config: ConfigOpt = None, set_: SetOpt = None,
                                               "non-test cases only (0 = off).")] = 0,
        seeds: Annotated[int, typer.Option(help="Repeat the whole CV with this many training seeds on the same "
                                                "folds and report the spread (1 = off).")] = 1,
+       workers: Annotated[int, typer.Option(help="Local launcher: train this many folds at once in separate "
+                                                 "processes (bound each one's memory with features.cache_mb).")] = 1,
        ) -> None:
     """Cross-validation by case -> cv_summary.csv, cv_report.txt, pooled out-of-fold metrics with CIs.
 
@@ -304,7 +306,7 @@ def cv(config: ConfigOpt = None, set_: SetOpt = None,
         console.print((out / "seeds_report.txt").read_text(), highlight=False, markup=False)
         console.print(f"experiment folder: [bold]{out}[/]")
         return
-    result = run_cv(cfg, folds, repeats, splits_dir, launcher, resume, fold, log=console.print)
+    result = run_cv(cfg, folds, repeats, splits_dir, launcher, resume, fold, log=console.print, workers=workers)
     if result is not None:
         console.print((result.out_dir / "cv_report.txt").read_text(), highlight=False, markup=False)
         console.print(f"experiment folder: [bold]{result.out_dir}[/]")

@@ -103,6 +103,9 @@ class FeaturesConfig:
     dtype: Literal["float16", "float32"] = _help("Storage dtype of features.", default="float16")
     store_dir: str = _help("Feature store folder; empty = <output_dir>/features/<backbone>-<weights>.",
                            default="")
+    cache_mb: float = _help("0 = read the whole store into memory (fastest while it fits); > 0 = read slices from "
+                            "the store when a batch needs them, keeping at most this many MB of them cached "
+                            "(memory no longer grows with the cohort; same results).", default=0.0)
     device: str = _help("auto | cpu | cuda | cuda:N.", default="auto")
     seed: int = _help("Seed for `random` weights and for the HED jitter of feature views.", default=0)
     views: int = _help(
@@ -126,6 +129,9 @@ class FeaturesConfig:
     def __post_init__(self) -> None:
         if self.views < 1:
             raise ConfigError(f"features.views must be at least 1 (1 = plain features), got {self.views}.")
+        if self.cache_mb < 0:
+            raise ConfigError(f"features.cache_mb must be 0 (whole store in memory) or a size in MB, got "
+                              f"{self.cache_mb}.")
         if self.trainable_blocks < 0:
             raise ConfigError(f"features.trainable_blocks must be 0 (frozen) or more, got {self.trainable_blocks}.")
         if len(self.mean) not in (0, 3) or len(self.std) not in (0, 3):

@@ -56,3 +56,18 @@ def test_cv_on_the_teams_split_files(prepared, tmp_path):
     result = run_cv(config, splits_dir=splits_dir, log=lambda *_: None)
     assert len(result.summary) == 2
     assert np.isfinite(result.summary["epochs"]).all()
+
+
+def test_cv_folds_in_parallel_processes_with_a_bounded_store(prepared, tmp_path):
+    """--workers 2: folds trained in two spawned processes, each reading the store through a bounded cache,
+    give the same folds as one after another in memory."""
+    serial = run_cv(_config(prepared, tmp_path / "serial"), folds=3)
+    config = _config(prepared, tmp_path / "parallel")
+    config.features.cache_mb = 0.25
+    logs = []
+    parallel = run_cv(config, folds=3, workers=2, log=logs.append)
+    assert any("in 2 processes" in line for line in logs)
+    a, b = (pd.read_csv(r.out_dir / "oof_predictions.csv", dtype={"case": str}).sort_values("case")
+            for r in (serial, parallel))
+    assert list(a["case"]) == list(b["case"])
+    assert np.allclose(a["prob_1"], b["prob_1"], atol=1e-6)

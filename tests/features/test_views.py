@@ -7,6 +7,7 @@ import copy
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from stainmil.data.bags import CohortBags
 from stainmil.data.cohort import load_manifest
@@ -75,7 +76,7 @@ def test_training_batches_sample_one_view_per_patch_seeded_and_evaluation_uses_t
     assert np.array_equal(features(1, augment=False), plain)
     rows = bags.batch(cases).patch_rows
     sampled = features(3).numpy()
-    bank = bags.view_bank[:, rows].float().numpy()                       # (V, P, D)
+    bank = bags.source.all_views(rows).float().numpy()                   # (V, P, D)
     chosen = [[v for v in range(VIEWS) if np.array_equal(bank[v, p], sampled[p])] for p in range(len(rows))]
     assert all(chosen)                                                   # each row is one of its patch's views
     assert len({c[0] for c in chosen}) > 3                               # and the views vary across patches
@@ -107,3 +108,21 @@ def test_bags_refuse_features_of_another_length(prepared):
     manifest = load_manifest(prepared)
     with pytest.raises(Exception, match="re-run extract"):
         CohortBags(manifest, np.zeros((2, len(manifest) - 1, 8), np.float32), prepared.data.stains)
+
+
+def test_bounded_store_reads_the_same_views_as_the_in_memory_bank(viewed):
+    """features.cache_mb > 0 with a view store: every sampled view and the feature statistics are identical."""
+    bounded = copy.deepcopy(viewed)
+    bounded.features.cache_mb = 0.3
+    memory, split = load_cohort(viewed, training=True)
+    lazy, _ = load_cohort(bounded, training=True)
+    assert lazy.source.n_views == memory.source.n_views == VIEWS
+    cases = split.train
+    for seed in range(3):
+        a = memory.batch(cases, per_slice_cap=5, rng=np.random.default_rng(seed), augment=True)
+        b = lazy.batch(cases, per_slice_cap=5, rng=np.random.default_rng(seed), augment=True)
+        assert torch.equal(a.features, b.features) and np.array_equal(a.patch_rows, b.patch_rows)
+    rows = memory.batch(cases).patch_rows
+    assert torch.equal(memory.source.all_views(rows), lazy.source.all_views(rows))
+    for got, want in zip(lazy.feature_statistics(cases), memory.feature_statistics(cases)):
+        assert torch.equal(got, want)

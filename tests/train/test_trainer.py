@@ -221,3 +221,34 @@ def test_metrics_report_the_epochs_actually_run(prepared, tmp_path):
     metrics = evaluate_run(result.run_dir).metrics
     assert (metrics["best_epoch"], metrics["epochs_run"]) == (1, 4)
     assert "best epoch: 1 of 4" in (result.run_dir / "results.txt").read_text()
+
+
+def test_bounded_memory_store_gives_a_bit_identical_run(prepared, tmp_path):
+    """features.cache_mb: slices read from the store on demand through a cache smaller than the store (so it
+    evicts and re-reads) — the same seed gives the very same history, weights and predictions."""
+    from stainmil.data.bags import CohortBags
+    from stainmil.features.store import StoreMeta
+    from stainmil.train.trainer import load_cohort
+
+    meta = StoreMeta.read(prepared.store_dir)
+    runs = {}
+    for cache_mb in (0.0, 0.25):
+        config = copy.deepcopy(prepared)
+        config.features.cache_mb = cache_mb
+        config.train.runs_dir = str(tmp_path / f"cache{cache_mb}")
+        runs[cache_mb] = train(config).run_dir
+        evaluate_run(runs[cache_mb])
+    assert meta.feature_dim * 2 * 300 / 2 ** 20 > 0.25  # the tiny store (~300 patches, fp16) does not fit
+    pd.testing.assert_frame_equal(_history(runs[0.0]), _history(runs[0.25]), check_exact=True)
+    a, b = (load_checkpoint(runs[k] / "checkpoints" / "last.pth")["model"] for k in (0.0, 0.25))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    pa, pb = (pd.read_csv(runs[k] / "predictions.csv") for k in (0.0, 0.25))
+    pd.testing.assert_frame_equal(pa, pb, check_exact=True)
+    bounded = copy.deepcopy(prepared)
+    bounded.features.cache_mb = 0.25
+    bags, _ = load_cohort(bounded)
+    assert isinstance(bags, CohortBags) and bags.source.reads == 0  # nothing read until a batch needs it
+    for _ in range(2):
+        bags.batch(bags.case_ids)
+    n_slices = len(bags.slice_patches)
+    assert bags.source.reads > n_slices and bags.source._held <= 0.25 * 2 ** 20  # evicted and re-read, bounded

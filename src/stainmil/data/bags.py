@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 
 from stainmil.errors import DataError
+from stainmil.features.sources import FeatureSource, InMemoryFeatures, StoreFeatures
 from stainmil.slides.reader import patch_refs
 
 
@@ -68,6 +69,15 @@ class CaseBatch:
                          slice_rows=self.slice_rows[used_slices.cpu().numpy()])
 
 
+@dataclass
+class StoreRequest:
+    """Read features from the store on demand (bounded memory) instead of loading them all."""
+
+    store_dir: str
+    views: int = 1
+    cache_mb: float = 512.0
+
+
 class PatchEncoder(Protocol):
     """Computes patch embeddings from images during training (online mode)."""
 
@@ -84,61 +94,65 @@ class CohortBags:
     are cast to float32); or ``None`` with an ``encoder`` that computes them from the images.
     """
 
-    def __init__(self, manifest: pd.DataFrame, features: np.ndarray | None, stains: list[str],
-                 encoder: PatchEncoder | None = None) -> None:
+    def __init__(self, manifest: pd.DataFrame, features: np.ndarray | FeatureSource | StoreRequest | None,
+                 stains: list[str], encoder: PatchEncoder | None = None) -> None:
         if (features is None) == (encoder is None):
             raise ValueError("CohortBags needs either features or an encoder")
-        if features is not None and features.shape[-2] != len(manifest):
+        if isinstance(features, np.ndarray) and features.shape[-2] != len(manifest):
             raise DataError(f"manifest has {len(manifest)} rows but the features {features.shape[-2]}; "
                             "re-run extract.")
         manifest = manifest.reset_index(drop=True)
         self.manifest = manifest
         self.encoder = encoder
-        self.view_bank = None if features is None else torch.from_numpy(np.ascontiguousarray(features))
-        if self.view_bank is not None and self.view_bank.ndim == 2:
-            self.view_bank = self.view_bank[None]                    # (1, N, D)
-        self.features = None if features is None else self.view_bank[0]  # (N, D) plain features, no copy
         self.paths = patch_refs(manifest) if encoder is not None else None  # files or slide regions
         self.stains = list(stains)
-        slice_keys = manifest[["case", "stain", "slice"]].apply(tuple, axis=1)
-        codes, uniques = pd.factorize(slice_keys)
+        keys = ["case", "stain", "slice"]
+        codes = manifest.groupby(keys, sort=False).ngroup().to_numpy()   # slices numbered by first appearance
+        firsts = manifest.drop_duplicates(keys)
         self.patch_slice = codes                                       # (N,) cohort slice index
-        self.slice_case = np.array([k[0] for k in uniques], dtype=object)
-        self.slice_stain = np.array([self.stains.index(k[1]) for k in uniques])
+        self.slice_case = firsts["case"].to_numpy(dtype=object)
+        try:
+            self.slice_stain = np.array([self.stains.index(s) for s in firsts["stain"]], dtype=np.int64)
+        except ValueError as exc:
+            raise DataError(f"the manifest has a stain not in data.stains {self.stains}: {exc}") from None
         self.case_ids = list(pd.unique(manifest["case"]))
         self.case_index = {case: i for i, case in enumerate(self.case_ids)}
         labels = manifest.drop_duplicates("case").set_index("case")["label"]
         self.labels = np.array([int(labels[c]) for c in self.case_ids])
         order = np.argsort(codes, kind="stable")
-        bounds = np.searchsorted(codes[order], np.arange(len(uniques) + 1))
-        self.slice_patches = [order[bounds[i]:bounds[i + 1]] for i in range(len(uniques))]  # rows per slice
+        bounds = np.searchsorted(codes[order], np.arange(len(firsts) + 1))
+        self.slice_patches = [order[bounds[i]:bounds[i + 1]] for i in range(len(firsts))]  # rows per slice
         self.case_slices: dict[str, list[int]] = {c: [] for c in self.case_ids}
         for s, case in enumerate(self.slice_case):
             self.case_slices[case].append(s)
+        if isinstance(features, StoreRequest):
+            position = np.empty(len(manifest), dtype=np.int32)      # each row's place in its slice's store file
+            position[order] = np.arange(len(manifest)) - np.repeat(bounds[:-1], np.diff(bounds))
+            features = StoreFeatures(features.store_dir, [tuple(k) for k in firsts[keys].to_numpy()],
+                                     [manifest["patch"].to_numpy()[rows] for rows in self.slice_patches],
+                                     codes.astype(np.int32), position, features.views, features.cache_mb)
+        self.source: FeatureSource | None = (InMemoryFeatures(features) if isinstance(features, np.ndarray)
+                                             else features)
 
     @property
     def feature_dim(self) -> int:
-        return self.encoder.out_dim if self.encoder is not None else int(self.features.shape[1])
+        return self.encoder.out_dim if self.encoder is not None else self.source.feature_dim
 
     @property
     def n_views(self) -> int:
-        return 1 if self.view_bank is None else int(self.view_bank.shape[0])
+        return 1 if self.source is None else self.source.n_views
 
     def with_manifest(self, manifest: pd.DataFrame) -> CohortBags:
         """The same patches (rows, features, encoder) under another hierarchy, e.g. sub-cases."""
-        bank = None if self.view_bank is None else self.view_bank.numpy()
-        return CohortBags(manifest, bank, self.stains, self.encoder)
+        return CohortBags(manifest, self.source, self.stains, self.encoder)
 
     def patch_features(self, rows: np.ndarray, augment: bool = False,
                        rng: np.random.Generator | None = None) -> torch.Tensor:
         """Features (P, D) float32 of manifest ``rows``; ``augment``: a random view / augmented images."""
         if self.encoder is not None:
             return self.encoder.encode(self.paths[rows], augment, rng)
-        index = torch.from_numpy(rows)
-        if augment and self.n_views > 1:
-            views = torch.from_numpy(rng.integers(0, self.n_views, len(rows)))
-            return self.view_bank[views, index].float()
-        return self.features[index].float()
+        views = rng.integers(0, self.n_views, len(rows)) if augment and self.n_views > 1 else None
+        return self.source.gather(rows, views)
 
     def case_label(self, case: str) -> int:
         return int(self.labels[self.case_index[case]])
@@ -220,15 +234,44 @@ class CohortBags:
         Cached: every view of every patch. Online: a seeded sample of at most ``max_online_patches``
         patches, augmented as in training, through the initial backbone.
         """
-        rows = np.concatenate([self.slice_patches[s] for c in cases for s in self.case_slices[c]])
         if self.encoder is not None:
+            rows = np.concatenate([self.slice_patches[s] for c in cases for s in self.case_slices[c]])
             rng = np.random.default_rng(seed)
             if len(rows) > max_online_patches:
                 rows = np.sort(rng.choice(rows, max_online_patches, replace=False))
             with torch.inference_mode():
                 x = torch.cat([self.patch_features(rows[i:i + 256], augment=True, rng=rng).cpu()
                                for i in range(0, len(rows), 256)])
-            x = x.double()
-        else:
-            x = self.view_bank[:, torch.from_numpy(rows)].reshape(-1, self.view_bank.shape[-1]).double()
-        return x.mean(0).float(), x.std(0).clamp_min(1e-6).float()
+            return x.double().mean(0).float(), x.double().std(0).clamp_min(1e-6).float()
+        moments = RunningMoments(self.feature_dim)  # slice by slice: memory bounded, same sums for every source
+        for c in cases:
+            for s in self.case_slices[c]:
+                moments.add(self.source.all_views(self.slice_patches[s]).reshape(-1, self.feature_dim))
+        mean, std = moments.result()
+        return mean.float(), std.clamp_min(1e-6).float()
+
+
+class RunningMoments:
+    """Mean and unbiased std (D,) over rows added in chunks (Chan et al.'s pairwise update, float64)."""
+
+    def __init__(self, dim: int) -> None:
+        self.n = 0
+        self.mean = torch.zeros(dim, dtype=torch.float64)
+        self.m2 = torch.zeros(dim, dtype=torch.float64)
+
+    def add(self, chunk: torch.Tensor) -> None:
+        """``chunk``: (n, D) rows."""
+        if not len(chunk):
+            return
+        x = chunk.double()
+        n_b = len(x)
+        mean_b = x.mean(0)
+        m2_b = ((x - mean_b) ** 2).sum(0)
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / n)
+        self.m2 = self.m2 + m2_b + delta ** 2 * (self.n * n_b / n)
+        self.n = n
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mean, (self.m2 / max(self.n - 1, 1)).sqrt()

@@ -117,7 +117,7 @@ def prepare_experiment(config: Config, folds: int = 5, repeats: int = 1, splits_
 
 def run_cv(config: Config, folds: int = 5, repeats: int = 1, splits_dir: str | Path | None = None,
            launcher: str = "local", out_dir: str | Path | None = None, only_fold: int | None = None,
-           job: FoldJob | None = None, log=print) -> CVResult | None:
+           job: FoldJob | None = None, log=print, workers: int = 1) -> CVResult | None:
     """Run every fold (skipping finished ones) and write the summaries; ``only_fold`` runs one fold (1-based)."""
     out, jobs = prepare_experiment(config, folds, repeats, splits_dir, out_dir)
     config = load_config(out / "config.yaml")
@@ -128,7 +128,7 @@ def run_cv(config: Config, folds: int = 5, repeats: int = 1, splits_dir: str | P
         return None
     pending = [args for args in jobs if not (Path(args[2]) / "metrics.json").is_file()]
     log(f"cross-validation in {out}: {len(jobs)} folds, {len(jobs) - len(pending)} already finished")
-    run_jobs(job or FoldJob(), pending, launcher, out, config.slurm, name="stainmil-cv", log=log)
+    run_jobs(job or FoldJob(), pending, launcher, out, config.slurm, name="stainmil-cv", log=log, workers=workers)
     return summarise_cv(out, config)
 
 

@@ -53,9 +53,16 @@ def slurm_executor(folder: Path, slurm: SlurmConfig, name: str):
 
 
 def run_jobs(fn: Callable, arg_lists: Sequence[Sequence[Any]], launcher: str, folder: Path, slurm: SlurmConfig,
-             name: str = "stainmil", log=print) -> list[Any]:
-    """Run ``fn(*args)`` for every entry of ``arg_lists``; return the results in order."""
+             name: str = "stainmil", log=print, workers: int = 1) -> list[Any]:
+    """Run ``fn(*args)`` for every entry of ``arg_lists``; return the results in order.
+
+    ``local`` with ``workers > 1``: that many fresh processes on this machine (the cores shared out between
+    them); each loads its own cohort, so set ``features.cache_mb`` to bound each one's memory — the store's
+    files are then shared through the OS page cache rather than copied into every process.
+    """
     if launcher == "local":
+        if workers > 1 and len(arg_lists) > 1:
+            return _run_processes(fn, arg_lists, min(workers, len(arg_lists)), log)
         return [fn(*args) for args in arg_lists]
     if launcher != "slurm":
         raise ConfigError(f"--launcher must be local or slurm, got '{launcher}'.")
@@ -65,6 +72,28 @@ def run_jobs(fn: Callable, arg_lists: Sequence[Sequence[Any]], launcher: str, fo
     log(f"submitted {len(jobs)} SLURM job(s): {', '.join(j.job_id for j in jobs[:8])}"
         + (" …" if len(jobs) > 8 else "") + f"; logs in {Path(folder) / 'slurm_logs'}")
     return [job.result() for job in jobs]
+
+
+def _run_processes(fn: Callable, arg_lists: Sequence[Sequence[Any]], workers: int, log) -> list[Any]:
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    log(f"running {len(arg_lists)} job(s) in {workers} processes, {threads} thread(s) each")
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_use_threads,
+                             initargs=(threads,)) as pool:
+        futures = [pool.submit(fn, *args) for args in arg_lists]
+        return [future.result() for future in futures]
+
+
+def _use_threads(threads: int) -> None:
+    import os
+
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
 
 
 def sbatch_script(command: str, slurm: SlurmConfig, name: str, array: int = 0, log_dir: str = "slurm_logs") -> str:

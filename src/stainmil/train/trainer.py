@@ -33,7 +33,7 @@ import torch
 
 from stainmil.analysis.plots import plot_history
 from stainmil.config import Config, config_to_dict, dump_config, load_config
-from stainmil.data.bags import CohortBags
+from stainmil.data.bags import CohortBags, StoreRequest
 from stainmil.data.cohort import load_manifest
 from stainmil.data.splits import Split, load_split, save_split
 from stainmil.data.subcases import expand_subcases
@@ -94,7 +94,9 @@ def load_cohort(config: Config, split: Split | None = None, training: bool = Fal
                             f"({config.store_dir}); finish training first: `stainmil train --resume <run folder>`.")
     check_store(config.store_dir, config)
     views = config.features.views if training else 1
-    return CohortBags(manifest, load_features(config.store_dir, manifest, views), config.data.stains), split
+    features = (StoreRequest(str(config.store_dir), views, config.features.cache_mb) if config.features.cache_mb > 0
+                else load_features(config.store_dir, manifest, views))
+    return CohortBags(manifest, features, config.data.stains), split
 
 
 def _set_status(run_dir: Path, state: str, **extra: object) -> None:

@@ -1,0 +1,136 @@
+"""Where a cohort's patch features come from during training and evaluation.
+
+* :class:`InMemoryFeatures` — the whole store read once (``features.cache_mb: 0``, the fast default while
+  the store fits in memory);
+* :class:`StoreFeatures` — slices read from the store's HDF5 files when a batch needs them, the most
+  recently used kept in a cache of ``features.cache_mb`` megabytes. Memory then no longer grows with the
+  cohort's features, and several processes on one machine share the files through the OS page cache.
+
+Both give bit-identical batches: rows are addressed as (slice, position in the slice) and a slice's rows
+are in the store file's order; float16 → float32 is exact. ``slice_block`` is the unit everything that
+walks the whole cohort uses (feature statistics), so both sources walk it in the same order.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Protocol
+
+import h5py
+import numpy as np
+import torch
+
+from stainmil.errors import StoreError
+from stainmil.features.store import StoreMeta, slice_file
+
+
+class FeatureSource(Protocol):
+    n_views: int
+    feature_dim: int
+
+    def gather(self, rows: np.ndarray, views: np.ndarray | None) -> torch.Tensor:
+        """Features (P, D) float32 of manifest ``rows`` (P,); ``views`` (P,) picks a view per patch (None: the
+        plain view 0)."""
+
+    def all_views(self, rows: np.ndarray) -> torch.Tensor:
+        """Every view of manifest ``rows``, (V, P, D) in the stored dtype."""
+
+
+class InMemoryFeatures:
+    """A feature array (N, D) or view bank (V, N, D) in memory, rows in manifest order."""
+
+    def __init__(self, bank: np.ndarray) -> None:
+        bank = torch.from_numpy(np.ascontiguousarray(bank))
+        self.bank = bank[None] if bank.ndim == 2 else bank                # (V, N, D)
+        self.n_views, self.feature_dim = int(self.bank.shape[0]), int(self.bank.shape[2])
+
+    def gather(self, rows: np.ndarray, views: np.ndarray | None) -> torch.Tensor:
+        index = torch.from_numpy(rows)
+        if views is None:
+            return self.bank[0, index].float()
+        return self.bank[torch.from_numpy(views), index].float()
+
+    def all_views(self, rows: np.ndarray) -> torch.Tensor:
+        return self.bank[:, torch.from_numpy(rows)]
+
+
+class StoreFeatures:
+    """Slices read on demand from the feature store, the most recently used kept up to ``cache_mb``.
+
+    ``row_file`` / ``row_position`` (N,): the store file (index into ``file_keys``) of each manifest row and
+    its position in that file; ``file_ids``: the manifest's patch ids of each file, checked when it is read.
+    """
+
+    def __init__(self, store_dir: str | Path, file_keys: list[tuple[str, str, str]], file_ids: list[list[str]],
+                 row_file: np.ndarray, row_position: np.ndarray, views: int, cache_mb: float) -> None:
+        self.store_dir = Path(store_dir)
+        meta = StoreMeta.read(self.store_dir)
+        if views > meta.views:
+            raise StoreError(f"feature store {store_dir} holds {meta.views} view(s) per patch, not {views}; extract "
+                             "with features.views set, into a new features.store_dir.")
+        self.n_views, self.feature_dim = views, meta.feature_dim
+        self.files = [slice_file(self.store_dir, *key) for key in file_keys]
+        missing = [key for key, path in zip(file_keys, self.files) if not path.is_file()]
+        if missing:
+            case, stain, slice_id = missing[0]
+            raise StoreError(f"feature store {store_dir} has no file for case {case} {stain} slice {slice_id} "
+                             f"({len(missing)} slice(s) missing); run `stainmil extract` (it resumes where it "
+                             "stopped).")
+        self.file_ids, self.row_file, self.row_position = file_ids, row_file, row_position
+        self.capacity = int(cache_mb * 2 ** 20)
+        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._held = 0
+        self.reads = 0  # files read so far (cache misses)
+
+    def gather(self, rows: np.ndarray, views: np.ndarray | None) -> torch.Tensor:
+        out = torch.empty((len(rows), self.feature_dim), dtype=torch.float32)
+        for lo, hi, block in self._blocks(rows):
+            index = torch.from_numpy(self.row_position[rows[lo:hi]].astype(np.int64))
+            out[lo:hi] = block[0, index] if views is None else block[torch.from_numpy(views[lo:hi]), index]
+        return out
+
+    def all_views(self, rows: np.ndarray) -> torch.Tensor:
+        parts = [block[:, torch.from_numpy(self.row_position[rows[lo:hi]].astype(np.int64))]
+                 for lo, hi, block in self._blocks(rows)]
+        return torch.cat(parts, dim=1) if parts else torch.empty((self.n_views, 0, self.feature_dim))
+
+    def _blocks(self, rows: np.ndarray):
+        """(lo, hi, file block) for each run of ``rows`` in one file (a batch lists a slice's patches together)."""
+        files = self.row_file[rows]
+        cuts = np.flatnonzero(np.diff(files)) + 1
+        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(rows)]):
+            if hi > lo:
+                yield int(lo), int(hi), self._block(int(files[lo]))
+
+    def _block(self, file_index: int) -> torch.Tensor:
+        block = self._cache.get(file_index)
+        if block is not None:
+            self._cache.move_to_end(file_index)
+            return block
+        block = torch.from_numpy(self._read(file_index))
+        size = block.numel() * block.element_size()
+        while self._cache and self._held + size > self.capacity:
+            _, old = self._cache.popitem(last=False)
+            self._held -= old.numel() * old.element_size()
+        if size <= self.capacity:
+            self._cache[file_index] = block
+            self._held += size
+        return block
+
+    def _read(self, file_index: int) -> np.ndarray:
+        """(V, n, D) of one store file, its patch ids checked against the manifest's."""
+        path = self.files[file_index]
+        self.reads += 1
+        with h5py.File(path, "r") as h5:
+            features = h5["features"]
+            block = np.empty((self.n_views, *features.shape), dtype=features.dtype)
+            features.read_direct(block, dest_sel=np.s_[0])
+            if self.n_views > 1:
+                h5["augmented_features"].read_direct(block, np.s_[:self.n_views - 1], np.s_[1:])
+            ids = h5["patch_ids"].asstr()[()] if "patch_ids" in h5 else np.arange(block.shape[1]).astype(str)
+        if list(ids) != list(self.file_ids[file_index]):
+            raise StoreError(f"{path} holds {len(ids)} patches that differ from the manifest's "
+                             f"{len(self.file_ids[file_index])} for this slice; the patch folder changed since "
+                             "extraction — delete the file and re-run `stainmil extract`.")
+        return block
