@@ -43,3 +43,14 @@ def test_bench_extraction_from_slides_with_a_vit(tmp_path):
     assert figures["encoder"] == "kaiko_vits16" and "slides" in figures["patch_source"]
     assert figures["extraction_img_s"] > 0 and figures["backbone_forward_img_s"] > 0
     assert "epoch_s_feature_store" not in figures
+
+
+def test_scale_bench_trains_bounded_and_in_memory_in_fresh_processes(tmp_path):
+    from stainmil.bench_scale import run_scale
+
+    table = run_scale(tmp_path, scales=(1, 2), cache_mb=1, epochs=1, memory_up_to=1, base_cases=6,
+                      log=lambda *_: None)
+    assert list(table["scale"]) == ["1x", "1x", "2x"]  # 2x is past memory_up_to: bounded only
+    assert list(table["reading"]) == ["cache 1 MB", "whole store in memory", "cache 1 MB"]
+    assert (table["epoch_s"] > 0).all() and (table["peak_rss_mb"] > 100).all()
+    assert table["patches"].iloc[2] > table["patches"].iloc[0] and (tmp_path / "scale.md").is_file()

@@ -116,7 +116,7 @@ def training_epoch(model, optimizer, bags, cases, cap, rng, weights, device, cas
     return time.perf_counter() - start
 
 
-def vectorised_vs_loop(model, bags, cases, device, repeats: int = 5) -> dict:
+def vectorised_vs_loop(model, bags, cases, device, repeats: int = 5, compile_head: bool = False) -> dict:
     if not REFERENCE.is_file():
         return {"vectorised_vs_loop": "n/a (benchmarks/nested_loop_reference.py needs a source checkout)"}
     spec = importlib.util.spec_from_file_location("nested_loop_reference", REFERENCE)
@@ -138,14 +138,51 @@ def vectorised_vs_loop(model, bags, cases, device, repeats: int = 5) -> dict:
         _sync(device)
         return (time.perf_counter() - start) / repeats
 
+    timed(lambda: model(batch).logits)  # warm-up
     vectorised = timed(lambda: model(batch).logits)
     loop = timed(lambda: reference.nested_forward(model, batch))
     floor = timed(lambda: model.embed(batch.features))  # the projector alone: the step's matmul floor
-    return {"fwd_bwd_ms_vectorised": round(vectorised * 1e3, 2), "fwd_bwd_ms_nested_loop": round(loop * 1e3, 1),
+    compiled = compiled_step(model, batch, timed) if compile_head else {}
+    return {**compiled, "fwd_bwd_ms_vectorised": round(vectorised * 1e3, 2),
+            "fwd_bwd_ms_nested_loop": round(loop * 1e3, 1),
             "fwd_bwd_ms_projector_floor": round(floor * 1e3, 2),
             "head_step_over_projector_floor": round(vectorised / floor, 2),
             "vectorised_speedup": round(loop / vectorised, 1), "max_abs_logit_difference": difference,
             "batch_cases": len(cases), "batch_patches": int(len(batch.features))}
+
+
+def compiled_step(model, batch, timed) -> dict:
+    """The same forward+backward through ``torch.compile(model, dynamic=True)`` (batches vary in shape), timed
+    after its compilation; or why it could not be compiled here."""
+    try:
+        compiled = torch.compile(model, dynamic=True)
+        started = time.perf_counter()
+        timed(lambda: compiled(batch).logits)  # compiles
+        compile_s = time.perf_counter() - started
+        seconds = timed(lambda: compiled(batch).logits)
+    except Exception as exc:  # no C++ toolchain, an unsupported op, …: say so, do not fail the bench
+        return {"fwd_bwd_ms_compiled": f"n/a ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"}
+    return {"fwd_bwd_ms_compiled": round(seconds * 1e3, 2), "compile_s": round(compile_s, 1)}
+
+
+def head_profile(model, batch, path: Path, repeats: int = 20) -> str:
+    """``torch.profiler`` table of the head's forward+backward (operators by self CPU time), saved to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if batch.features.is_cuda else [])
+    model.eval()
+    for _ in range(3):
+        model(batch).logits.sum().backward()
+    with profile(activities=activities) as prof:
+        for _ in range(repeats):
+            model.zero_grad()
+            model(batch).logits.sum().backward()
+    sort = "self_cuda_time_total" if batch.features.is_cuda else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=40)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"head forward+backward x{repeats}, {len(batch.case_ids)} cases, {len(batch.features)} patches\n"
+                    + table)
+    return table
 
 
 def decode_workers() -> int:
@@ -156,7 +193,7 @@ def decode_workers() -> int:
 def run_bench(out: str | Path = "demo_out/bench", preset: str = "demo", device_name: str = "auto",
               image_size: int = 0, old_cases: int = 0, weights: str = "random", rounds: int = 2,
               backbone_name: str = "densenet121", slides: bool = False, extraction_only: bool = False,
-              log=print) -> dict:
+              compile_head: bool = False, log=print) -> dict:
     """Measure everything (see the module docstring). ``slides``: extraction reads the patches from pyramidal
     TIFF slides (the slide route); ``extraction_only``: stop after forward vs extraction (e.g. for big encoders)."""
     from stainmil.pipeline import demo_config, tile_cohort
@@ -243,8 +280,10 @@ def run_bench(out: str | Path = "demo_out/bench", preset: str = "demo", device_n
                     "epoch_s_feature_store": round(cached, 3), "epoch_s_old_way": round(old, 2),
                     "epoch_s_online_finetune_1_block": round(finetune, 2),
                     "old_way_timed_on_cases": len(timed_cases), "epoch_speedup": round(old / cached, 1)})
-    log("vectorised vs nested-loop forward+backward at 8 cases")
-    figures.update(vectorised_vs_loop(model, bags, bags.case_ids[:8], device))
+    log("vectorised vs nested-loop forward+backward at 8 cases (and torch.compile, and the profiler)")
+    figures.update(vectorised_vs_loop(model, bags, bags.case_ids[:8], device, compile_head=compile_head))
+    head_profile(model, bags.batch(bags.case_ids[:8]).to(device), out / f"head-profile-{tag}-{device.type}.txt")
+    figures["head_profile"] = str(out / f"head-profile-{tag}-{device.type}.txt")
     figures["train_peak_rss_mb_store"] = cached_memory.rss_mb
     figures["train_peak_rss_mb_online_finetune"] = finetune_memory.rss_mb
     if device.type == "cuda":

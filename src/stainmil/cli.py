@@ -368,7 +368,9 @@ def slurm_script(task: Annotated[str, typer.Argument(help="extract | cv | tune")
 
 @app.command()
 @friendly
-def bench(preset: Annotated[str, typer.Option(help="Synthetic cohort: demo | tiny | real-shape.")] = "demo",
+def bench(preset: Annotated[str, typer.Option(help="Synthetic cohort: demo | tiny | real-shape; or scale (random-"
+                                                    "feature stores at 1x, 10x, 30x real-shape: epoch time and "
+                                                    "peak memory).")] = "demo",
           device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
           out: Annotated[Path, typer.Option(help="Working folder (cohort, store, JSON).")] = Path("demo_out/bench"),
           image_size: Annotated[int, typer.Option(help="Backbone input side (0 = patch size).")] = 0,
@@ -377,12 +379,26 @@ def bench(preset: Annotated[str, typer.Option(help="Synthetic cohort: demo | tin
           rounds: Annotated[int, typer.Option(help="Forward/extraction rounds, best of each.")] = 2,
           backbone: Annotated[str, typer.Option(help="Encoder (see `stainmil backbones`).")] = "densenet121",
           slides: Annotated[bool, typer.Option(help="Extract from pyramidal TIFF slides (the slide route).")] = False,
-          extraction_only: Annotated[bool, typer.Option(help="Only forward vs extraction.")] = False) -> None:
+          extraction_only: Annotated[bool, typer.Option(help="Only forward vs extraction.")] = False,
+          compile_head: Annotated[bool, typer.Option("--compile", help="Also time the head under torch.compile "
+                                                                       "(compiles first).")] = False,
+          scales: Annotated[str, typer.Option(help="scale: sizes as multiples of the real-shape cohort.")] = "1,10,30",
+          cache_mb: Annotated[float, typer.Option(help="scale: features.cache_mb of the bounded runs.")] = 256,
+          epochs: Annotated[int, typer.Option(help="scale: epochs per training run.")] = 2,
+          memory_up_to: Annotated[int, typer.Option(help="scale: also train with the whole store in memory up to "
+                                                         "this size.")] = 10) -> None:
     """Measure extraction, epoch (store vs the old way), vectorised vs loop, and memory; print one table."""
     from stainmil.bench import run_bench
 
+    if preset == "scale":
+        from stainmil.bench_scale import run_scale, scale_markdown
+
+        table = run_scale(out / "scale", tuple(int(v) for v in scales.split(",")), cache_mb, epochs, memory_up_to,
+                          log=console.print)
+        console.print(scale_markdown(table), highlight=False, markup=False)
+        return
     figures = run_bench(out, preset, device, image_size, old_cases, weights, rounds, backbone, slides,
-                        extraction_only, log=console.print)
+                        extraction_only, compile_head, log=console.print)
     table = Table(title="stainmil bench")
     table.add_column("figure")
     table.add_column("value")
