@@ -37,6 +37,7 @@ from stainmil.features.online import OnlineEncoder
 from stainmil.features.store import load_features
 from stainmil.io import atomic_write_json
 from stainmil.model.hierarchical import HierarchicalMIL
+from stainmil.slides.reader import patch_refs, read_patch
 from stainmil.train.losses import class_weights, cross_entropy, weighted_mean
 
 REFERENCE = Path(__file__).resolve().parents[2] / "benchmarks" / "nested_loop_reference.py"
@@ -185,6 +186,16 @@ def head_profile(model, batch, path: Path, repeats: int = 20) -> str:
     return table
 
 
+def decode_rate(refs, size: int, limit: int = 400) -> float:
+    """Patches decoded (and resized to ``size``) per second on one core, as extraction workers do it."""
+    refs = refs[:limit]
+    read_patch(refs[0], size)
+    start = time.perf_counter()
+    for ref in refs:
+        read_patch(ref, size)
+    return len(refs) / (time.perf_counter() - start)
+
+
 def decode_workers() -> int:
     """PNG-decoding workers for extraction: one core is left to the forward pass (1 on 2 cores, at most 4)."""
     return max(1, min(4, (os.cpu_count() or 2) - 1))
@@ -235,8 +246,15 @@ def run_bench(out: str | Path = "demo_out/bench", preset: str = "demo", device_n
         bare = max(bare, bare_forward(frozen, f.batch_size, size, device, len(manifest)))
         shutil.rmtree(config.store_dir, ignore_errors=True)
         extraction = max(extraction, extract_features(config, manifest, backbone=backbone).patches_per_second)
+    decode = decode_rate(patch_refs(manifest), size)
+    cores = len(os.sched_getaffinity(0))
     figures.update({"backbone_forward_img_s": round(bare, 1), "extraction_img_s": round(extraction, 1),
                     "extraction_over_forward": round(extraction / bare, 3), "decode_workers": f.num_workers,
+                    "decode_img_s_one_core": round(decode, 1),
+                    # decoding needs core time the forward pass would otherwise use: the best extraction can do
+                    # when both share the cores and the forward scales over all of them
+                    "extraction_ceiling_shared_cores": round(1 / (1 + bare / (cores * decode)), 3)
+                    if device.type == "cpu" else "n/a (decode on CPU, forward on GPU)",
                     "best_of_rounds": rounds})
     if extraction_only:
         atomic_write_json(out / f"bench-{tag}-{device.type}.json", figures)
