@@ -1,4 +1,4 @@
-"""Nested bags: the cohort's features in memory plus the patch -> slice -> stain -> case structure.
+"""Nested bags: the cohort's patch features plus the patch -> slice -> stain -> case structure.
 
 A :class:`CaseBatch` holds several cases as one flat feature matrix and three index vectors::
 
@@ -12,8 +12,9 @@ A missing stain or slice is simply absent; softmaxes run over what exists.
 
 Patch embeddings come from one of two sources, and nothing downstream can tell them apart:
 
-* cached (default): rows of the feature store held in memory, (N, D) or a view bank (V, N, D); a
-  training batch (``augment=True``) takes one random view per patch;
+* cached (default): rows of the feature store — held in memory, (N, D) or a view bank (V, N, D), or read
+  from the store's files when a batch needs them through a bounded cache (``features.cache_mb``; see
+  :mod:`stainmil.features.sources`); a training batch (``augment=True``) takes one random view per patch;
 * online: a :class:`PatchEncoder` (``features.mode: online``) runs the backbone on the images of the
   batch's patches, with training augmentations when ``augment=True``.
 """
@@ -29,7 +30,7 @@ import pandas as pd
 import torch
 
 from stainmil.errors import DataError
-from stainmil.features.sources import FeatureSource, InMemoryFeatures, StoreFeatures
+from stainmil.features.sources import FeatureSource, InMemoryFeatures, StoreFeatures, StoreRequest
 from stainmil.slides.reader import patch_refs
 
 
@@ -69,15 +70,6 @@ class CaseBatch:
                          slice_rows=self.slice_rows[used_slices.cpu().numpy()])
 
 
-@dataclass
-class StoreRequest:
-    """Read features from the store on demand (bounded memory) instead of loading them all."""
-
-    store_dir: str
-    views: int = 1
-    cache_mb: float = 512.0
-
-
 class PatchEncoder(Protocol):
     """Computes patch embeddings from images during training (online mode)."""
 
@@ -88,10 +80,12 @@ class PatchEncoder(Protocol):
 
 
 class CohortBags:
-    """All patches of a cohort (manifest order) with their hierarchy, held in memory once.
+    """All patches of a cohort (manifest order) with their hierarchy.
 
-    ``features``: (N, D) array or a view bank (V, N, D) (float16 from the store is kept as is; batches
-    are cast to float32); or ``None`` with an ``encoder`` that computes them from the images.
+    ``features``: (N, D) array or a view bank (V, N, D) held in memory (float16 from the store is kept as is;
+    batches are cast to float32); a :class:`StoreRequest` to read the store on demand with a bounded cache;
+    an existing :class:`~stainmil.features.sources.FeatureSource`; or ``None`` with an ``encoder`` that
+    computes them from the images.
     """
 
     def __init__(self, manifest: pd.DataFrame, features: np.ndarray | FeatureSource | StoreRequest | None,

@@ -175,14 +175,16 @@ def predict_unlabelled(checkpoint: str | Path, config: Config, out_dir: str | Pa
     from stainmil.data.cohort import build_index, write_index
     from stainmil.features.extract import extract_features
     from stainmil.features.online import backbone_from_checkpoint
-    from stainmil.features.store import check_store, load_features
+    from stainmil.features.sources import cohort_features
+    from stainmil.features.store import check_store
 
     state = load_checkpoint(checkpoint)
     model, trained_config = model_from_checkpoint(state)
     # the model only understands features made like its own; but they go to this config's own store, never
     # into the training store (where a new case with a training case's id would find the old case's file)
-    store_dir = config.features.store_dir
-    config.features = dataclasses.replace(trained_config.features, store_dir=store_dir, views=1)  # plain view only
+    store_dir, cache_mb = config.features.store_dir, config.features.cache_mb
+    config.features = dataclasses.replace(trained_config.features, store_dir=store_dir, views=1,  # plain view only
+                                          cache_mb=cache_mb)
     config.data.stains = list(trained_config.data.stains)
     config.data.class_names = list(trained_config.data.class_names)
     result = build_index(config, require_labels=False)
@@ -191,7 +193,8 @@ def predict_unlabelled(checkpoint: str | Path, config: Config, out_dir: str | Pa
     tuned = backbone_from_checkpoint(state, trained_config, resolve_device(config.features.device))
     extract_features(config, result.manifest, backbone=tuned)
     check_store(config.store_dir, config)
-    bags = CohortBags(result.manifest, load_features(config.store_dir, result.manifest), trained_config.data.stains)
+    bags = CohortBags(result.manifest, cohort_features(config.store_dir, result.manifest, 1, cache_mb),
+                      trained_config.data.stains)
     device = resolve_device(config.train.device)
     predictions = predict_cases(model, bags, bags.case_ids, device)
     threshold, rule, temperature = _decision(checkpoint, threshold)
@@ -203,6 +206,7 @@ def predict_unlabelled(checkpoint: str | Path, config: Config, out_dir: str | Pa
     predictions["pred_label"] = [trained_config.data.class_names[k] for k in predictions["pred"]]
     predictions["threshold"] = threshold
     out = Path(out_dir) if out_dir else Path(config.output_dir) / "predictions"
+    (out / "predictions.csv").unlink(missing_ok=True)  # an earlier set's file must not sit beside new partial files
     atomic_write_text(out / "threshold.txt", f"{threshold}\n{rule}\n")
     if explain:
         tables = compute_tables(model, config, bags, bags.case_ids, predictions, "prediction set", threshold,

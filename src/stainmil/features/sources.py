@@ -14,6 +14,7 @@ walks the whole cohort uses (feature statistics), so both sources walk it in the
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -22,7 +23,24 @@ import numpy as np
 import torch
 
 from stainmil.errors import StoreError
-from stainmil.features.store import StoreMeta, slice_file
+from stainmil.features.store import StoreMeta, load_features, slice_file
+
+
+@dataclass
+class StoreRequest:
+    """Read features from the store on demand (bounded memory) instead of loading them all."""
+
+    store_dir: str
+    views: int = 1
+    cache_mb: float = 512.0
+
+
+def cohort_features(store_dir: str | Path, manifest, views: int, cache_mb: float) -> np.ndarray | StoreRequest:
+    """What :class:`~stainmil.data.bags.CohortBags` gets: the whole store read now (``cache_mb`` 0), or a request
+    to read it on demand through a cache of ``cache_mb`` MB."""
+    if cache_mb > 0:
+        return StoreRequest(str(store_dir), views, cache_mb)
+    return load_features(store_dir, manifest, views)
 
 
 class FeatureSource(Protocol):

@@ -33,14 +33,15 @@ import torch
 
 from stainmil.analysis.plots import plot_history
 from stainmil.config import Config, config_to_dict, dump_config, load_config
-from stainmil.data.bags import CohortBags, StoreRequest
+from stainmil.data.bags import CohortBags
 from stainmil.data.cohort import load_manifest
 from stainmil.data.splits import Split, load_split, save_split
 from stainmil.data.subcases import expand_subcases
 from stainmil.errors import DataError, TrainingError
 from stainmil.evaluate.metrics import binary_metrics
 from stainmil.features.extract import resolve_device
-from stainmil.features.store import STORE_META, check_store, load_features
+from stainmil.features.sources import cohort_features
+from stainmil.features.store import STORE_META, check_store
 from stainmil.io import atomic_write, atomic_write_json
 from stainmil.model.hierarchical import HierarchicalMIL
 from stainmil.model.regularizers import AttentionRegularizer
@@ -94,8 +95,7 @@ def load_cohort(config: Config, split: Split | None = None, training: bool = Fal
                             f"({config.store_dir}); finish training first: `stainmil train --resume <run folder>`.")
     check_store(config.store_dir, config)
     views = config.features.views if training else 1
-    features = (StoreRequest(str(config.store_dir), views, config.features.cache_mb) if config.features.cache_mb > 0
-                else load_features(config.store_dir, manifest, views))
+    features = cohort_features(config.store_dir, manifest, views, config.features.cache_mb)
     return CohortBags(manifest, features, config.data.stains), split
 
 
