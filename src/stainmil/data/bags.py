@@ -122,10 +122,9 @@ class CohortBags:
         if isinstance(features, StoreRequest):
             position = np.empty(len(manifest), dtype=np.int32)      # each row's place in its slice's store file
             position[order] = np.arange(len(manifest)) - np.repeat(bounds[:-1], np.diff(bounds))
-            patch_ids = manifest["patch"].to_numpy()
             features = StoreFeatures(features.store_dir, [tuple(k) for k in firsts[keys].to_numpy()],
-                                     [patch_ids[rows] for rows in self.slice_patches],
-                                     codes.astype(np.int32), position, features.views, features.cache_mb)
+                                     manifest["patch"], self.slice_patches, codes.astype(np.int32), position,
+                                     features.views, features.cache_mb)
         self.source: FeatureSource | None = (InMemoryFeatures(features) if isinstance(features, np.ndarray)
                                              else features)
 

@@ -408,11 +408,12 @@ def write_index(result: IndexResult, config: Config, out_dir: str | Path | None 
     return out
 
 
-def load_manifest(config: Config) -> pd.DataFrame:
+def load_manifest(config: Config, columns: list[str] | None = None) -> pd.DataFrame:
+    """The index, one row per patch (``columns``: only those, e.g. what training needs of a huge cohort)."""
     path = config.manifest_path
     if not path.is_file():
         raise DataError(f"no manifest at {path}; run `stainmil index --config …` first.")
-    return pd.read_parquet(path)
+    return pd.read_parquet(path, columns=columns)
 
 
 def case_labels(manifest: pd.DataFrame) -> pd.Series:

@@ -20,6 +20,7 @@ from typing import Protocol
 
 import h5py
 import numpy as np
+import pandas as pd
 import torch
 
 from stainmil.errors import StoreError
@@ -33,6 +34,21 @@ class StoreRequest:
     store_dir: str
     views: int = 1
     cache_mb: float = 512.0
+
+
+def _return_freed_blocks_to_the_system() -> None:
+    """glibc serves blocks of a few hundred kB from its heap once such blocks have been freed (its mmap threshold
+    rises), and a heap that cycled through thousands of evicted slices keeps their pages: resident memory then
+    grows with the store although the cache does not. A fixed threshold keeps such blocks in their own mappings,
+    returned on free. No-op where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def cohort_features(store_dir: str | Path, manifest, views: int, cache_mb: float) -> np.ndarray | StoreRequest:
@@ -77,11 +93,14 @@ class StoreFeatures:
     """Slices read on demand from the feature store, the most recently used kept up to ``cache_mb``.
 
     ``row_file`` / ``row_position`` (N,): the store file (index into ``file_keys``) of each manifest row and
-    its position in that file; ``file_ids``: the manifest's patch ids of each file, checked when it is read.
+    its position in that file; ``file_rows``: the manifest rows of each file, in file order; ``patch_ids`` (N,)
+    the manifest's patch ids, checked against a file's when it is read (kept as the manifest holds them, so
+    no per-patch Python object is made up front).
     """
 
-    def __init__(self, store_dir: str | Path, file_keys: list[tuple[str, str, str]], file_ids: list[list[str]],
-                 row_file: np.ndarray, row_position: np.ndarray, views: int, cache_mb: float) -> None:
+    def __init__(self, store_dir: str | Path, file_keys: list[tuple[str, str, str]], patch_ids: pd.Series,
+                 file_rows: list[np.ndarray], row_file: np.ndarray, row_position: np.ndarray, views: int,
+                 cache_mb: float) -> None:
         self.store_dir = Path(store_dir)
         meta = StoreMeta.read(self.store_dir)
         if views > meta.views:
@@ -95,8 +114,10 @@ class StoreFeatures:
             raise StoreError(f"feature store {store_dir} has no file for case {case} {stain} slice {slice_id} "
                              f"({len(missing)} slice(s) missing); run `stainmil extract` (it resumes where it "
                              "stopped).")
-        self.file_ids, self.row_file, self.row_position = file_ids, row_file, row_position
+        self.patch_ids, self.file_rows = patch_ids, file_rows
+        self.row_file, self.row_position = row_file, row_position
         self.capacity = int(cache_mb * 2 ** 20)
+        _return_freed_blocks_to_the_system()
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._held = 0
         self.reads = 0  # files read so far (cache misses)
@@ -147,8 +168,9 @@ class StoreFeatures:
             if self.n_views > 1:
                 h5["augmented_features"].read_direct(block, np.s_[:self.n_views - 1], np.s_[1:])
             ids = h5["patch_ids"].asstr()[()] if "patch_ids" in h5 else np.arange(block.shape[1]).astype(str)
-        if list(ids) != list(self.file_ids[file_index]):
+        expected = self.patch_ids.iloc[self.file_rows[file_index]].tolist()
+        if list(ids) != expected:
             raise StoreError(f"{path} holds {len(ids)} patches that differ from the manifest's "
-                             f"{len(self.file_ids[file_index])} for this slice; the patch folder changed since "
+                             f"{len(expected)} for this slice; the patch folder changed since "
                              "extraction — delete the file and re-run `stainmil extract`.")
         return block

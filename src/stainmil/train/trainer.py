@@ -71,6 +71,9 @@ def new_run_dir(runs_dir: Path) -> Path:
     return path
 
 
+TRAINING_COLUMNS = ["case", "stain", "slice", "patch", "patch_index", "label"]
+
+
 def load_cohort(config: Config, split: Split | None = None, training: bool = False) -> tuple[CohortBags, Split]:
     """Manifest + split + patch features of ``config``, validated against each other.
 
@@ -78,7 +81,9 @@ def load_cohort(config: Config, split: Split | None = None, training: bool = Fal
     but an encoder that computes them from the images. Otherwise (evaluation, analysis) the plain
     features of the store — for an online run, its own store of the trained backbone.
     """
-    manifest = load_manifest(config)
+    bounded = training and config.features.mode == "cached" and config.features.cache_mb > 0
+    # a bounded training process keeps only the index columns training uses: its memory stays small
+    manifest = load_manifest(config, TRAINING_COLUMNS if bounded else None)
     cases = set(manifest["case"])
     split = split or load_split(config.split_file, cases)
     for name in ("train", "val"):
