@@ -36,19 +36,15 @@ class StoreRequest:
     cache_mb: float = 512.0
 
 
-def _return_freed_blocks_to_the_system() -> None:
-    """glibc serves blocks of a few hundred kB from its heap once such blocks have been freed (its mmap threshold
-    rises), and a heap that cycled through thousands of evicted slices keeps their pages: resident memory then
-    grows with the store although the cache does not. A fixed threshold keeps such blocks in their own mappings,
-    returned on free. No-op where there is no glibc."""
+def _malloc_trim():
+    """glibc's ``malloc_trim`` (hands freed heap pages back to the system), or None where there is no glibc."""
     import ctypes
     import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):
-        pass
+        return None
 
 
 def cohort_features(store_dir: str | Path, manifest, views: int, cache_mb: float) -> np.ndarray | StoreRequest:
@@ -117,9 +113,11 @@ class StoreFeatures:
         self.patch_ids, self.file_rows = patch_ids, file_rows
         self.row_file, self.row_position = row_file, row_position
         self.capacity = int(cache_mb * 2 ** 20)
-        _return_freed_blocks_to_the_system()
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._held = 0
+        # evicted slices are freed into glibc's heap, which keeps their pages unless trimmed: resident memory
+        # would then grow with the store although the cache does not. Trimmed after every half cache of them.
+        self._trim, self._evicted = _malloc_trim(), 0
         self.reads = 0  # files read so far (cache misses)
 
     def gather(self, rows: np.ndarray, views: np.ndarray | None) -> torch.Tensor:
@@ -152,6 +150,11 @@ class StoreFeatures:
         while self._cache and self._held + size > self.capacity:
             _, old = self._cache.popitem(last=False)
             self._held -= old.numel() * old.element_size()
+            self._evicted += old.numel() * old.element_size()
+            del old
+        if self._trim is not None and self._evicted > self.capacity // 2:
+            self._trim(0)
+            self._evicted = 0
         if size <= self.capacity:
             self._cache[file_index] = block
             self._held += size
