@@ -148,6 +148,14 @@ class CohortBags:
         views = rng.integers(0, self.n_views, len(rows)) if augment and self.n_views > 1 else None
         return self.source.gather(rows, views)
 
+    def prefetch(self, cases: list[str], slices: dict[str, list[int]] | None = None) -> None:
+        """Ask a store-backed source to start reading ``cases``' slices (all, or ``slices[case]``) in the
+        background; nothing to do when the features are in memory or computed online."""
+        if not hasattr(self.source, "prefetch") or not cases:
+            return
+        chosen = [s for c in cases for s in (slices[c] if slices is not None else self.case_slices[c])]
+        self.source.prefetch(np.array([self.slice_patches[s][0] for s in chosen if len(self.slice_patches[s])]))
+
     def case_label(self, case: str) -> int:
         return int(self.labels[self.case_index[case]])
 

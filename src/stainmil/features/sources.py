@@ -13,7 +13,9 @@ walks the whole cohort uses (feature statistics), so both sources walk it in the
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -110,11 +112,15 @@ class StoreFeatures:
             raise StoreError(f"feature store {store_dir} has no file for case {case} {stain} slice {slice_id} "
                              f"({len(missing)} slice(s) missing); run `stainmil extract` (it resumes where it "
                              "stopped).")
-        self.patch_ids, self.file_rows = patch_ids, file_rows
+        self.patch_ids, self.file_rows = patch_ids.array, file_rows
         self.row_file, self.row_position = row_file, row_position
         self.capacity = int(cache_mb * 2 ** 20)
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._held = 0
+        self._lock = threading.Lock()
+        self._pending: dict[int, Future] = {}
+        self._reader: ThreadPoolExecutor | None = None
+        self._verified = np.zeros(len(self.files), dtype=bool)  # patch ids checked (once per file)
         # evicted slices are freed into glibc's heap, which keeps their pages unless trimmed: resident memory
         # would then grow with the store although the cache does not. Trimmed after every half cache of them.
         self._trim, self._evicted = _malloc_trim(), 0
@@ -140,24 +146,49 @@ class StoreFeatures:
             if hi > lo:
                 yield int(lo), int(hi), self._block(int(files[lo]))
 
+    def prefetch(self, rows_or_files: np.ndarray, files: bool = False) -> None:
+        """Start reading, in a background thread, the files of manifest rows (or these file indices) that are
+        not cached: the next batch's slices arrive while this one trains. h5py reads hold the GIL, but the
+        training step spends its time in torch kernels that release it."""
+        wanted = np.unique(rows_or_files if files else self.row_file[rows_or_files])
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stainmil-prefetch")
+        with self._lock:
+            todo = [int(f) for f in wanted if int(f) not in self._cache and int(f) not in self._pending]
+            for f in todo:
+                self._pending[f] = self._reader.submit(self._load, f)
+
     def _block(self, file_index: int) -> torch.Tensor:
-        block = self._cache.get(file_index)
-        if block is not None:
-            self._cache.move_to_end(file_index)
-            return block
-        block = torch.from_numpy(self._read(file_index))
+        with self._lock:
+            block = self._cache.get(file_index)
+            if block is not None:
+                self._cache.move_to_end(file_index)
+                return block
+            pending = self._pending.get(file_index)
+        return pending.result() if pending is not None else self._load(file_index)
+
+    def _load(self, file_index: int) -> torch.Tensor:
+        """Read one file into the cache (evicting the least recently used) and return its block."""
+        try:
+            block = torch.from_numpy(self._read(file_index))
+        finally:
+            with self._lock:
+                self._pending.pop(file_index, None)
         size = block.numel() * block.element_size()
-        while self._cache and self._held + size > self.capacity:
-            _, old = self._cache.popitem(last=False)
-            self._held -= old.numel() * old.element_size()
-            self._evicted += old.numel() * old.element_size()
-            del old
-        if self._trim is not None and self._evicted > self.capacity // 2:
-            self._trim(0)
-            self._evicted = 0
-        if size <= self.capacity:
-            self._cache[file_index] = block
-            self._held += size
+        with self._lock:
+            if file_index in self._cache:
+                return self._cache[file_index]
+            while self._cache and self._held + size > self.capacity:
+                _, old = self._cache.popitem(last=False)
+                self._held -= old.numel() * old.element_size()
+                self._evicted += old.numel() * old.element_size()
+                del old
+            if self._trim is not None and self._evicted > self.capacity // 2:
+                self._trim(0)
+                self._evicted = 0
+            if size <= self.capacity:
+                self._cache[file_index] = block
+                self._held += size
         return block
 
     def _read(self, file_index: int) -> np.ndarray:
@@ -170,10 +201,12 @@ class StoreFeatures:
             features.read_direct(block, dest_sel=np.s_[0])
             if self.n_views > 1:
                 h5["augmented_features"].read_direct(block, np.s_[:self.n_views - 1], np.s_[1:])
-            ids = h5["patch_ids"].asstr()[()] if "patch_ids" in h5 else np.arange(block.shape[1]).astype(str)
-        expected = self.patch_ids.iloc[self.file_rows[file_index]].tolist()
-        if list(ids) != expected:
-            raise StoreError(f"{path} holds {len(ids)} patches that differ from the manifest's "
-                             f"{len(expected)} for this slice; the patch folder changed since "
-                             "extraction — delete the file and re-run `stainmil extract`.")
+            if not self._verified[file_index]:
+                ids = h5["patch_ids"].asstr()[()] if "patch_ids" in h5 else np.arange(block.shape[1]).astype(str)
+                expected = self.patch_ids.take(self.file_rows[file_index]).tolist()
+                if list(ids) != expected:
+                    raise StoreError(f"{path} holds {len(ids)} patches that differ from the manifest's "
+                                     f"{len(expected)} for this slice; the patch folder changed since "
+                                     "extraction — delete the file and re-run `stainmil extract`.")
+                self._verified[file_index] = True
         return block

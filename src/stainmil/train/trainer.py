@@ -120,6 +120,7 @@ def evaluate_loss(model: HierarchicalMIL, bags: CohortBags, cases: list[str], lo
     with torch.inference_mode():
         for i in range(0, len(cases), batch_cases):
             batch = bags.batch(cases[i:i + batch_cases]).to(device)
+            bags.prefetch(cases[i + batch_cases:i + 2 * batch_cases])
             out = model(batch)
             losses.append(loss_fn(out, batch.labels, weights).cpu())
             labels.append(batch.labels.cpu())
@@ -210,9 +211,13 @@ def train(config: Config, resume_dir: str | Path | None = None, split: Split | N
         batches = [order[i:i + t.cases_per_batch] for i in range(0, len(order), t.cases_per_batch)]
         terms: dict[str, float] = {}
         with progress_bar(f"epoch {epoch}", total=len(batches)) as advance:
-            for cases in batches:
+            for k, cases in enumerate(batches):
                 batch = train_bags.batch(cases, slices, config.data.per_slice_cap, rng, t.patch_dropout,
                                          augment=True, stain_dropout=t.stain_dropout).to(device)
+                if k + 1 < len(batches):  # a store-backed cohort reads the next batch while this one trains
+                    train_bags.prefetch(batches[k + 1], slices)
+                else:
+                    bags.prefetch(split.val[:8])
                 try:
                     for name, value in step(batch, epoch).items():
                         terms[name] = terms.get(name, 0.0) + value * len(cases)
