@@ -146,11 +146,11 @@ class StoreFeatures:
             if hi > lo:
                 yield int(lo), int(hi), self._block(int(files[lo]))
 
-    def prefetch(self, rows_or_files: np.ndarray, files: bool = False) -> None:
-        """Start reading, in a background thread, the files of manifest rows (or these file indices) that are
-        not cached: the next batch's slices arrive while this one trains. h5py reads hold the GIL, but the
-        training step spends its time in torch kernels that release it."""
-        wanted = np.unique(rows_or_files if files else self.row_file[rows_or_files])
+    def prefetch(self, rows: np.ndarray) -> None:
+        """Start reading, in a background thread, the files of manifest ``rows`` that are not cached: the next
+        batch's slices arrive while this one trains. h5py reads hold the GIL, but the training step spends its
+        time in torch kernels that release it."""
+        wanted = np.unique(self.row_file[rows])
         if self._reader is None:
             self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stainmil-prefetch")
         with self._lock:
