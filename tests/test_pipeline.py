@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -60,6 +61,19 @@ def test_slide_route_from_slides_to_report_with_heatmaps_on_thumbnails(tmp_path)
     assert heatmaps and result.report.is_file()
     patches = pd.read_csv(run / "attention" / "patches.csv")
     assert {"thumbnail", "thumb_scale", "size0"} <= set(patches.columns)
+    # QuPath (run by the demo): one file per slide, named like it, squares in the slide's level-0 pixels
+    index = pd.read_csv(run / "qupath" / "index.csv")
+    first = index.iloc[0]
+    assert first["file"].endswith(f"__{Path(first['image']).stem}.geojson") and first["image"].endswith(".tiff")
+    assert index["file"].is_unique and len(index) == patches.groupby(["case", "stain", "slice"]).ngroups
+    features = json.loads((run / "qupath" / first["file"]).read_text())["features"]
+    slide_patches = patches[patches["path"] == first["image"]].set_index(patches["patch"].astype(str)[
+        patches["path"] == first["image"]])
+    assert len(features) == len(slide_patches) == first["patches"]
+    for feature in features[:5]:
+        row = slide_patches.loc[feature["properties"]["patch"]]
+        (x0, y0), (x1, _), (_, y2) = feature["geometry"]["coordinates"][0][:3]
+        assert (x0, y0, x1 - x0, y2 - y0) == (row["x"], row["y"], row["size0"], row["size0"])
     # new slides, no labels: predicted straight from their tiling
     import copy
 

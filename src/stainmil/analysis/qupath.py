@@ -1,4 +1,5 @@
-"""QuPath export: per slice one GeoJSON FeatureCollection (File › Import objects in QuPath 0.4+).
+"""QuPath export: per slice one GeoJSON FeatureCollection (File › Import objects in QuPath 0.4+), named
+``case<id>_<stain>_slice<id>[__<slide file name>].geojson``; ``index.csv`` names the image each belongs to.
 
 One square tile per patch, in the pixel coordinates of the image QuPath opens:
 
@@ -96,8 +97,9 @@ def export_qupath(patches: pd.DataFrame, out_dir: str | Path) -> QuPathExport:
     rows = []
     for (case, stain, slice_id), part in patches.groupby(["case", "stain", "slice"], sort=False):
         on_slide = "size0" in part.columns and part["size0"].notna().all()
-        name = (f"{Path(part['path'].iloc[0]).stem}.geojson" if on_slide
-                else f"case{safe_name(case)}_{safe_name(stain)}_slice{safe_name(slice_id)}.geojson")
+        # unique per slice (slides of different cases may share a file name); the slide's name after "__"
+        name = f"case{safe_name(case)}_{safe_name(stain)}_slice{safe_name(slice_id)}" + (
+            f"__{safe_name(Path(part['path'].iloc[0]).stem)}" if on_slide else "") + ".geojson"
         try:
             collection = slice_features(part)
         except DataError as exc:
