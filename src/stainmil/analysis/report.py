@@ -117,7 +117,7 @@ def render_report(path: Path, analysis: AnalysisResult, config: Config, *, title
         case_rows.append({"case": row["case"], "anchor": anchor[row["case"]], "split": row["split"], "cells": values,
                           "wrong": row["label"] >= 0 and row["pred"] != row["label"],
                           "has_section": row["case"] in chosen})
-    viewers = _viewer_data(analysis)
+    viewers = _viewer_data(analysis, set(chosen))
     case_sections = [_case_section(case, anchor[case], tables, analysis, names, viewers) for case in chosen]
     attention_figures = [(title, data_uri(analysis.figures[key])) for key, title in (
         ("distribution", "effective attention per case"), ("concentration", "attention concentration vs error"),
@@ -160,13 +160,16 @@ def _hex(rgba) -> str:
     return "#" + "".join(f"{int(round(c * 255)):02x}" for c in rgba[:3])
 
 
-def _viewer_data(analysis: AnalysisResult) -> dict[tuple, dict]:
-    """Per mapped slice: the slice image and its patches, each [x, y, relative attention, patch P, attention
-    colour, probability colour, patch id] in image pixels — what the report's viewer draws."""
+def _viewer_data(analysis: AnalysisResult, cases: set[str]) -> dict[tuple, dict]:
+    """Per mapped slice of ``cases`` (those with a section): the slice image and its patches, each [x, y,
+    relative attention, patch P, attention colour, probability colour, patch id] in image pixels — what the
+    report's viewer draws."""
     patches = analysis.tables.patches
     grouped = dict(tuple(patches.groupby(["case", "stain", "slice"], sort=False)))
     viewers = {}
     for key, (image_path, view) in analysis.views.items():
+        if key[0] not in cases:
+            continue
         part = grouped[key]
         att = [_hex(c) for c in patch_colours(part["relative_attention"].to_numpy(), "relative_attention")]
         prob = [_hex(c) for c in patch_colours(part["patch_prob"].to_numpy(), "patch_prob")]
