@@ -36,7 +36,7 @@ from stainmil.features.extract import extract_features, resolve_device
 from stainmil.features.online import OnlineEncoder
 from stainmil.features.store import load_features
 from stainmil.io import atomic_write_json
-from stainmil.model.hierarchical import HierarchicalMIL
+from stainmil.model.registry import build_model
 from stainmil.slides.reader import patch_refs, read_patch
 from stainmil.train.losses import class_weights, cross_entropy, weighted_mean
 
@@ -263,7 +263,7 @@ def run_bench(out: str | Path = "demo_out/bench", preset: str = "demo", device_n
     bags = CohortBags(manifest, load_features(config.store_dir, manifest), config.data.stains)
     split = make_splits(case_labels(manifest), config.split)[0]
     torch.manual_seed(0)
-    model = HierarchicalMIL(bags.feature_dim, config.model).to(device)
+    model = build_model(bags.feature_dim, config.model, config.data.stains).to(device)
     model.set_feature_statistics(*(t.to(device) for t in bags.feature_statistics(split.train)))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     class_w = class_weights(config.train, np.array([bags.case_label(c) for c in split.train]), 2).to(device)

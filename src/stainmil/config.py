@@ -166,7 +166,33 @@ class RegConfig:
 
 
 @dataclass
+class BaselineConfig:
+    """Settings of the flat baselines, defaulting to their papers' (and reference code's) recipes."""
+
+    clam_k_sample: int = _help("CLAM: patches taken from each end of the attention ranking for the instance "
+                               "clustering loss (Lu et al. 2021: 8).", default=8)
+    clam_bag_weight: float = _help("CLAM: weight of the bag loss; the instance loss gets 1 - this (paper: 0.7).",
+                                   default=0.7)
+    clam_instance_loss: Literal["svm", "ce"] = _help(
+        "CLAM: instance loss, smooth top-1 SVM (the paper's) or cross-entropy.", default="svm")
+    clam_attention_dim: int = _help("CLAM: hidden size of its gated attention (paper, 'small': 256).",
+                                    default=256)
+    dtfd_pseudo_bags: int = _help("DTFD-MIL: pseudo-bags per case (Zhang et al. 2022: 4); fewer when a case has "
+                                  "fewer patches.", default=4)
+    transmil_heads: int = _help("TransMIL: attention heads of its two layers (Shao et al. 2021: 8).", default=8)
+    transmil_dropout: float = _help("TransMIL: attention dropout (paper: 0.1).", default=0.1)
+
+
+@dataclass
 class ModelConfig:
+    architecture: str = _help(
+        "hierarchical (patch -> slice -> stain -> case) or a flat baseline over all patches of a case: abmil | "
+        "transmil | clam_sb | clam_mb | dsmil | dtfd_mil | mean | max (`stainmil models` lists them).",
+        default="hierarchical")
+    stain_identity: Literal["none", "embedding", "specific"] = _help(
+        "What the model knows of which stain it looks at: none; embedding (a learned vector per stain added "
+        "before the slice and stain pools; flat baselines: to each patch); specific (hierarchical only: each "
+        "stain its own projector and patch/slice pools).", default="none")
     embed_dim: int = _help("Patch projector output size.", default=512)
     attention_hidden_dim: int = _help("Hidden size of each attention pool.", default=128)
     attention: str | list[str] = _help(
@@ -180,6 +206,7 @@ class ModelConfig:
     standardize_features: bool = _help(
         "Standardise features with training-split statistics (saved in the checkpoint).", default=True)
     reg: RegConfig = field(default_factory=RegConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
 
 
 @dataclass

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from stainmil.config import TrainConfig
-from stainmil.model.hierarchical import HierarchicalOutput
+from stainmil.model.output import MILOutput
 from stainmil.train.losses import build_loss, class_weights, weighted_mean
 from stainmil.train.trainer import epoch_order
 from tests.model.test_hierarchical import random_bags
@@ -11,7 +11,7 @@ from tests.model.test_hierarchical import random_bags
 
 def _output(logits):
     empty = torch.zeros(0)
-    return HierarchicalOutput(logits, *[empty] * 7, torch.zeros(0, 1), torch.zeros(len(logits), 1))
+    return MILOutput(logits, *[empty] * 7, torch.zeros(0, 1), torch.zeros(len(logits), 1))
 
 
 def test_focal_with_gamma_zero_is_weighted_ce_and_down_weights_easy_cases():

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 from sklearn.metrics import roc_auc_score
 
 from stainmil.analysis.stains import stain_contribution, stain_sentences, stain_summary
@@ -27,7 +28,6 @@ from stainmil.data.cohort import SLIDE_COLUMNS
 from stainmil.data.splits import load_split
 from stainmil.errors import TrainingError
 from stainmil.features.extract import resolve_device
-from stainmil.model.hierarchical import HierarchicalMIL
 from stainmil.train.checkpoint import load_checkpoint, model_from_checkpoint
 
 TOP_SHARE = 0.05
@@ -52,7 +52,7 @@ def _normalised(entropy: float, n: int) -> float:
     return entropy / math.log(n) if n > 1 else float("nan")
 
 
-def patch_table(model: HierarchicalMIL, bags: CohortBags, cases: list[str], device: torch.device) -> pd.DataFrame:
+def patch_table(model: nn.Module, bags: CohortBags, cases: list[str], device: torch.device) -> pd.DataFrame:
     """One row per patch of ``cases`` with every attention weight and the patch-alone prediction."""
     frames = []
     model.eval().to(device)
@@ -151,7 +151,7 @@ def attention_vs_lesion(patches: pd.DataFrame, truth: pd.DataFrame) -> tuple[pd.
     return frame, float(frame["attention_lesion_auc"].mean())
 
 
-def deletion_check(model: HierarchicalMIL, bags: CohortBags, cases: list[str], patches: pd.DataFrame, k: int,
+def deletion_check(model: nn.Module, bags: CohortBags, cases: list[str], patches: pd.DataFrame, k: int,
                    device: torch.device, seed: int = 0) -> pd.DataFrame:
     """Change in P(high-grade) when the top-k attended patches are removed vs k random patches.
 
@@ -213,7 +213,7 @@ def analyze_tables(run_dir: str | Path, split_name: str = "test", top_k: int | N
     return tables, config, bags
 
 
-def compute_tables(model: HierarchicalMIL, config: Config, bags: CohortBags, cases: list[str],
+def compute_tables(model: nn.Module, config: Config, bags: CohortBags, cases: list[str],
                    predictions: pd.DataFrame, split_name: str, threshold: float, temperature: float = 1.0,
                    top_k: int | None = None) -> AttentionTables:
     """Every table for ``cases`` — of a run's split or of a prediction set (labels -1: no label-based parts).

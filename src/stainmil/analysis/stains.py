@@ -18,14 +18,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 
 from stainmil.data.bags import CohortBags
 from stainmil.evaluate.calibration import apply_temperature
 from stainmil.evaluate.metrics import binary_metrics
-from stainmil.model.hierarchical import HierarchicalMIL
 
 
-def stain_contribution(model: HierarchicalMIL, bags: CohortBags, cases: list[str], device: torch.device,
+def stain_contribution(model: nn.Module, bags: CohortBags, cases: list[str], device: torch.device,
                        threshold: float, temperature: float = 1.0) -> pd.DataFrame:
     """One row per case: prob (all stains) and, per stain of ``bags.stains``, the columns above."""
     rows = []
@@ -49,7 +49,7 @@ def stain_contribution(model: HierarchicalMIL, bags: CohortBags, cases: list[str
     return pd.DataFrame(rows)
 
 
-def _probability(model: HierarchicalMIL, batch, device: torch.device, temperature: float) -> float:
+def _probability(model: nn.Module, batch, device: torch.device, temperature: float) -> float:
     prob = float(model(batch.to(device)).probabilities[0, 1])
     return float(apply_temperature(np.array([prob]), temperature)[0]) if temperature != 1.0 else prob
 

@@ -159,6 +159,10 @@ class CohortBags:
     def case_label(self, case: str) -> int:
         return int(self.labels[self.case_index[case]])
 
+    def stains_of(self, cases: list[str]) -> list[int]:
+        """Stain indices (into ``stains``) that at least one of ``cases`` has, sorted."""
+        return sorted({int(self.slice_stain[s]) for case in cases for s in self.case_slices[case]})
+
     def choose_slices(self, cases: list[str], max_per_stain: int, rng: np.random.Generator) -> dict[str, list[int]]:
         """Per case, at most ``max_per_stain`` random slices per stain (0 = all); chosen once per run."""
         chosen = {}

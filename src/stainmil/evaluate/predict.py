@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 
 from stainmil.analysis.plots import plot_confusion, plot_reliability, plot_roc
 from stainmil.config import Config
@@ -29,11 +30,10 @@ from stainmil.evaluate.calibration import (
 from stainmil.evaluate.metrics import binary_metrics, bootstrap_intervals, choose_threshold
 from stainmil.features.extract import resolve_device
 from stainmil.io import atomic_write, atomic_write_json, atomic_write_text
-from stainmil.model.hierarchical import HierarchicalMIL
 from stainmil.train.checkpoint import load_checkpoint, model_from_checkpoint
 
 
-def predict_cases(model: HierarchicalMIL, bags: CohortBags, cases: list[str], device: torch.device,
+def predict_cases(model: nn.Module, bags: CohortBags, cases: list[str], device: torch.device,
                   batch_cases: int = 8) -> pd.DataFrame:
     """One row per case: case, label, prob_<class>… (every patch of every slice used)."""
     model.eval().to(device)

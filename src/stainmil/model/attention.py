@@ -70,15 +70,18 @@ class TanhAttention(AttentionPool):
 
 
 class GatedAttention(AttentionPool):
-    def __init__(self, dim: int, hidden: int, dropout: float, **_: int) -> None:
+    """``outputs`` > 1: one score per branch, (N, outputs) (CLAM-MB's class branches; not a registered pool)."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float, outputs: int = 1, **_: int) -> None:
         super().__init__()
         self.value = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh())
         self.gate = nn.Sequential(nn.Linear(dim, hidden), nn.Sigmoid())
         self.dropout = nn.Dropout(dropout)
-        self.out = nn.Linear(hidden, 1)
+        self.out = nn.Linear(hidden, outputs)
 
     def score(self, h: torch.Tensor) -> torch.Tensor:
-        return self.out(self.dropout(self.value(h) * self.gate(h))).squeeze(-1)
+        scores = self.out(self.dropout(self.value(h) * self.gate(h)))      # (N, outputs)
+        return scores.squeeze(-1) if scores.shape[-1] == 1 else scores
 
 
 class MultiHeadAttention(AttentionPool):

@@ -8,87 +8,172 @@
 
 ``effective_attention`` of a patch = stain weight x slice weight x patch weight; it sums to 1
 over the patches of each case. Everything is vectorised over the batch (segment softmax).
+
+Stain identity (``model.stain_identity``):
+
+* ``none``      — every level shared across stains; a stain is known only through what its features show.
+* ``embedding`` — a learned vector per stain (E,) is added to each slice embedding before the slice pool
+                  and to each stain embedding before the stain pool (so it also reaches the case embedding,
+                  weighted by the stain attention): the pools can weigh a stain by what it is.
+* ``specific``  — each stain has its own projector and patch and slice pools; the stain pool and the
+                  classifier are shared (more parameters: for cohorts large enough to afford them).
+
+A missing stain or slice is simply absent (no padding, no imputation). A stain that no training case
+had is refused at prediction (its vector or projector never learned anything).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from stainmil.config import LEVELS, ModelConfig
-from stainmil.data.bags import CaseBatch
-from stainmil.model.attention import build_attention
+from stainmil.errors import ConfigError, DataError
+from stainmil.model.attention import PoolOutput, build_attention
+from stainmil.model.output import MILOutput
 from stainmil.model.segment import group_sizes
 
+if TYPE_CHECKING:
+    from stainmil.data.bags import CaseBatch
 
-@dataclass
-class HierarchicalOutput:
-    logits: torch.Tensor                  # (B, C)
-    patch_attention_logits: torch.Tensor  # (P,)
-    patch_weights: torch.Tensor           # (P,)  softmax within each slice
-    slice_attention_logits: torch.Tensor  # (S,)
-    slice_weights: torch.Tensor           # (S,)  softmax within each stain group
-    stain_attention_logits: torch.Tensor  # (G,)
-    stain_weights: torch.Tensor           # (G,)  softmax within each case
-    effective_attention: torch.Tensor     # (P,)  product down the hierarchy; sums to 1 per case
-    patch_embeddings: torch.Tensor        # (P, E) projector output
-    case_embeddings: torch.Tensor         # (B, E)
-
-    @property
-    def probabilities(self) -> torch.Tensor:
-        return torch.softmax(self.logits, dim=-1)  # (B, C)
-
-    def level(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(attention logits, weights) of level ``patch`` | ``slice`` | ``stain``."""
-        return getattr(self, f"{name}_attention_logits"), getattr(self, f"{name}_weights")
+STAIN_IDENTITIES = ("none", "embedding", "specific")
 
 
-class HierarchicalMIL(nn.Module):
-    def __init__(self, in_dim: int, config: ModelConfig) -> None:
+HierarchicalOutput = MILOutput  # the name before flat baselines shared it
+
+
+class StainAware(nn.Module):
+    """What every architecture shares: feature standardisation and the stains it was trained on.
+
+    ``stains``: the canonical stain names in model order (``data.stains``); ``seen_stains`` (K,) marks those
+    that training cases had (set by the trainer, saved in the checkpoint).
+    """
+
+    def __init__(self, in_dim: int, stains: list[str]) -> None:
         super().__init__()
         self.in_dim = in_dim
-        e, h, p = config.embed_dim, config.attention_hidden_dim, config.dropout
+        self.stains = list(stains)
         self.register_buffer("feature_mean", torch.zeros(in_dim))
         self.register_buffer("feature_std", torch.ones(in_dim))
-        self.projector = nn.Sequential(nn.Linear(in_dim, e), nn.ReLU(), nn.Dropout(p))
-        names = config.attention if isinstance(config.attention, list) else [config.attention] * len(LEVELS)
-        if len(names) != len(LEVELS):
-            from stainmil.errors import ConfigError
-
-            raise ConfigError(f"model.attention must be one name or {len(LEVELS)} names [patch, slice, stain], "
-                              f"got {config.attention}.")
-        self.pools = nn.ModuleDict({
-            level: build_attention(name, e, h, p, heads=config.attention_heads,
-                                   max_group=config.transformer_max_group)
-            for level, name in zip(LEVELS, names)})
-        self.classifier = nn.Linear(e, config.n_classes)
+        self.register_buffer("seen_stains", torch.ones(max(len(self.stains), 1), dtype=torch.bool))
 
     def set_feature_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         self.feature_mean.copy_(mean)
         self.feature_std.copy_(std)
 
-    def embed(self, features: torch.Tensor) -> torch.Tensor:
-        """(P, D) raw features -> (P, E) patch embeddings."""
-        return self.projector((features - self.feature_mean) / self.feature_std)
+    def set_seen_stains(self, stain_indices: torch.Tensor) -> None:
+        """Mark the stains (indices into ``stains``) that the training cases have."""
+        self.seen_stains.zero_()
+        self.seen_stains[stain_indices.long().unique()] = True
 
-    def forward(self, batch: CaseBatch, topk_mask: tuple[int, float] | None = None) -> HierarchicalOutput:
+    def standardise(self, features: torch.Tensor) -> torch.Tensor:
+        return (features - self.feature_mean) / self.feature_std           # (P, D)
+
+    def check_stains(self, batch: CaseBatch) -> None:
+        """Refuse a batch with a stain no training case had (only where the model tells stains apart)."""
+        unseen = ~self.seen_stains[batch.group_stain]                       # (G,)
+        if bool(unseen.any()):
+            g = int(torch.nonzero(unseen)[0])
+            stain = self.stains[int(batch.group_stain[g])] if self.stains else str(int(batch.group_stain[g]))
+            raise DataError(f"case {batch.case_ids[int(batch.group_case[g])]} has stain '{stain}', which no training "
+                            f"case of this model had, so its stain-specific weights never learned anything; drop "
+                            f"that stain (data.stains) or retrain with cases that have it.")
+
+
+class HierarchicalMIL(StainAware):
+    def __init__(self, in_dim: int, config: ModelConfig, stains: list[str] | None = None) -> None:
+        stains = list(stains) if stains is not None else []
+        super().__init__(in_dim, stains)
+        e, h, p = config.embed_dim, config.attention_hidden_dim, config.dropout
+        self.stain_identity = config.stain_identity
+        if self.stain_identity not in STAIN_IDENTITIES:
+            raise ConfigError(f"model.stain_identity '{self.stain_identity}' is unknown; choose one of "
+                              f"{list(STAIN_IDENTITIES)}.")
+        if self.stain_identity != "none" and not stains:
+            raise ConfigError("model.stain_identity needs the stain names (data.stains) to build the model.")
+        names = config.attention if isinstance(config.attention, list) else [config.attention] * len(LEVELS)
+        if len(names) != len(LEVELS):
+            raise ConfigError(f"model.attention must be one name or {len(LEVELS)} names [patch, slice, stain], "
+                              f"got {config.attention}.")
+
+        def pool(level: str, name: str) -> nn.Module:
+            return build_attention(name, e, h, p, heads=config.attention_heads, max_group=config.transformer_max_group)
+
+        def projector() -> nn.Module:
+            return nn.Sequential(nn.Linear(in_dim, e), nn.ReLU(), nn.Dropout(p))
+
+        specific = self.stain_identity == "specific"
+        self.projector = nn.ModuleList([projector() for _ in stains]) if specific else projector()
+        self.pools = nn.ModuleDict({
+            level: nn.ModuleList([pool(level, name) for _ in stains]) if specific and level != "stain"
+            else pool(level, name) for level, name in zip(LEVELS, names)})
+        self.stain_embedding = nn.Embedding(len(stains), e) if self.stain_identity == "embedding" else None
+        if self.stain_embedding is not None:
+            nn.init.normal_(self.stain_embedding.weight, std=0.1)
+        self.classifier = nn.Linear(e, config.n_classes)
+
+    def embed(self, features: torch.Tensor, patch_stain: torch.Tensor | None = None) -> torch.Tensor:
+        """(P, D) raw features -> (P, E) patch embeddings (``specific``: each patch through its stain's projector)."""
+        x = self.standardise(features)
+        if self.stain_identity != "specific":
+            return self.projector(x)
+        out = x.new_empty((len(x), self.classifier.in_features))
+        for k, project in enumerate(self.projector):
+            rows = patch_stain == k
+            out[rows] = project(x[rows])
+        return out
+
+    def _pool(self, level: str, h: torch.Tensor, groups: torch.Tensor, n_groups: int, row_stain: torch.Tensor,
+              drop: torch.Tensor | None = None, logits_only: bool = False):
+        """One level's pool; ``specific``: each stain's rows through that stain's pool (groups never mix stains)."""
+        pools = self.pools[level]
+        if not isinstance(pools, nn.ModuleList):
+            return pools.row_logits(h, groups, n_groups) if logits_only else pools(h, groups, n_groups, drop)
+        logits = h.new_zeros(len(h))
+        weights = h.new_zeros(len(h))
+        pooled = h.new_zeros((n_groups, h.shape[1]))
+        for k, stain_pool in enumerate(pools):
+            rows = row_stain == k
+            if not bool(rows.any()):
+                continue
+            if logits_only:
+                logits[rows] = stain_pool.row_logits(h[rows], groups[rows], n_groups)
+                continue
+            part = stain_pool(h[rows], groups[rows], n_groups, None if drop is None else drop[rows])
+            logits[rows], weights[rows] = part.logits, part.weights
+            pooled = pooled + part.pooled                                    # groups of other stains get zeros
+        if logits_only:
+            return logits
+        return PoolOutput(pooled, logits, weights)
+
+    def forward(self, batch: CaseBatch, topk_mask: tuple[int, float] | None = None) -> MILOutput:
         """``topk_mask=(k, ratio)`` (training only): mask that share of each slice's k top patches (ACMIL)."""
+        if self.stain_identity != "none":
+            self.check_stains(batch)
         n_slices, n_groups = len(batch.slice_group), len(batch.group_case)
-        h = self.embed(batch.features)                                              # (P, E)
+        slice_stain = batch.group_stain[batch.slice_group]                          # (S,)
+        patch_stain = slice_stain[batch.patch_slice]                                # (P,)
+        h = self.embed(batch.features, patch_stain)                                 # (P, E)
         drop = None
         if topk_mask is not None and topk_mask[0] > 0:
             with torch.no_grad():
-                logits = self.pools["patch"].row_logits(h, batch.patch_slice, n_slices)
+                logits = self._pool("patch", h, batch.patch_slice, n_slices, patch_stain, logits_only=True)
             drop = topk_drop(logits, batch.patch_slice, n_slices, *topk_mask)
-        patch = self.pools["patch"](h, batch.patch_slice, n_slices, drop)           # pooled (S, E)
-        slice_ = self.pools["slice"](patch.pooled, batch.slice_group, n_groups)     # pooled (G, E)
-        stain = self.pools["stain"](slice_.pooled, batch.group_case, batch.n_cases)  # pooled (B, E)
+        patch = self._pool("patch", h, batch.patch_slice, n_slices, patch_stain, drop)   # pooled (S, E)
+        slice_in, stain_in = patch.pooled, None
+        if self.stain_embedding is not None:
+            slice_in = slice_in + self.stain_embedding(slice_stain)                 # (S, E)
+        slice_ = self._pool("slice", slice_in, batch.slice_group, n_groups, slice_stain)  # pooled (G, E)
+        stain_in = slice_.pooled
+        if self.stain_embedding is not None:
+            stain_in = stain_in + self.stain_embedding(batch.group_stain)           # (G, E)
+        stain = self.pools["stain"](stain_in, batch.group_case, batch.n_cases)     # pooled (B, E)
         logits = self.classifier(stain.pooled)                                      # (B, C)
         patch_group = batch.slice_group[batch.patch_slice]                          # (P,) stain group of each patch
         effective = stain.weights[patch_group] * slice_.weights[batch.patch_slice] * patch.weights  # (P,)
-        return HierarchicalOutput(
+        return MILOutput(
             logits=logits,
             patch_attention_logits=patch.logits, patch_weights=patch.weights,
             slice_attention_logits=slice_.logits, slice_weights=slice_.weights,

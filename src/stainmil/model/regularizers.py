@@ -20,7 +20,7 @@ import torch
 from stainmil.config import LEVELS, ModelConfig, PerLevelFloat
 from stainmil.data.bags import CaseBatch
 from stainmil.errors import ConfigError
-from stainmil.model.hierarchical import HierarchicalOutput
+from stainmil.model.output import MILOutput
 from stainmil.model.segment import group_sizes, segment_entropy
 
 
@@ -68,7 +68,7 @@ class AttentionRegularizer:
     def active(self) -> bool:
         return any(self.l1) or any(self.l2) or any(self.entropy)
 
-    def __call__(self, output: HierarchicalOutput, batch: CaseBatch, epoch: int) -> dict[str, torch.Tensor]:
+    def __call__(self, output: MILOutput, batch: CaseBatch, epoch: int) -> dict[str, torch.Tensor]:
         terms: dict[str, torch.Tensor] = {}
         for i, level in enumerate(LEVELS):
             logits, weights = output.level(level)

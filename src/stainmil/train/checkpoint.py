@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from stainmil.config import Config, config_from_dict
 from stainmil.errors import TrainingError
 from stainmil.io import atomic_write
-from stainmil.model.hierarchical import HierarchicalMIL
+from stainmil.model.registry import build_model
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
@@ -33,10 +34,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                             "— use the other checkpoint of the run.") from exc
 
 
-def model_from_checkpoint(state: dict[str, Any]) -> tuple[HierarchicalMIL, Config]:
+def model_from_checkpoint(state: dict[str, Any]) -> tuple[nn.Module, Config]:
     """Rebuild the model (eval mode) and its config from a loaded checkpoint."""
     config = config_from_dict(state["config"])
-    model = HierarchicalMIL(int(state["in_dim"]), config.model)
-    model.load_state_dict(state["model"])
+    model = build_model(int(state["in_dim"]), config.model, config.data.stains)
+    weights = dict(state["model"])
+    weights.setdefault("seen_stains", model.seen_stains)  # checkpoints from before stain identity: every stain
+    model.load_state_dict(weights)
     model.eval()
     return model, config

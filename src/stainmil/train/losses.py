@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from stainmil.config import TrainConfig
 from stainmil.errors import ConfigError
-from stainmil.model.hierarchical import HierarchicalOutput
+from stainmil.model.output import MILOutput
 
 
 def class_weights(config: TrainConfig, train_labels: np.ndarray, n_classes: int) -> torch.Tensor | None:
@@ -31,11 +31,11 @@ def class_weights(config: TrainConfig, train_labels: np.ndarray, n_classes: int)
     return torch.tensor(len(train_labels) / (n_classes * counts), dtype=torch.float32)
 
 
-LossFn = Callable[[HierarchicalOutput, torch.Tensor, torch.Tensor | None], torch.Tensor]
+LossFn = Callable[[MILOutput, torch.Tensor, torch.Tensor | None], torch.Tensor]
 """(output, labels (B,), class weights (C,) | None) -> per-case loss (B,), already multiplied by w[label]."""
 
 
-def cross_entropy(output: HierarchicalOutput, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+def cross_entropy(output: MILOutput, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """Class-weighted cross-entropy per case (B,)."""
     return F.cross_entropy(output.logits, labels, weight=weights, reduction="none")
 
@@ -50,7 +50,7 @@ def weighted_mean(per_case: torch.Tensor, labels: torch.Tensor, weights: torch.T
 def focal(gamma: float) -> LossFn:
     """Focal loss (Lin et al. 2017): (1 - p_y)^gamma * CE, times the class weight, per case."""
 
-    def loss(output: HierarchicalOutput, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    def loss(output: MILOutput, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
         ce = F.cross_entropy(output.logits, labels, reduction="none")
         p_true = torch.exp(-ce)
         scaled = (1 - p_true) ** gamma * ce
@@ -60,7 +60,7 @@ def focal(gamma: float) -> LossFn:
 
 
 def label_smoothing_ce(epsilon: float) -> LossFn:
-    def loss(output: HierarchicalOutput, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    def loss(output: MILOutput, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
         return F.cross_entropy(output.logits, labels, weight=weights, label_smoothing=epsilon, reduction="none")
 
     return loss

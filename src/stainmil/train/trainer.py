@@ -43,7 +43,7 @@ from stainmil.features.extract import resolve_device
 from stainmil.features.sources import cohort_features
 from stainmil.features.store import STORE_META, check_store
 from stainmil.io import atomic_write, atomic_write_json
-from stainmil.model.hierarchical import HierarchicalMIL
+from stainmil.model.registry import build_model
 from stainmil.model.regularizers import AttentionRegularizer
 from stainmil.progress import progress_bar
 from stainmil.train.checkpoint import load_checkpoint, save_checkpoint
@@ -112,7 +112,7 @@ def _rng_state(rng: np.random.Generator) -> str:
     return json.dumps(rng.bit_generator.state)
 
 
-def evaluate_loss(model: HierarchicalMIL, bags: CohortBags, cases: list[str], loss_fn, weights, device,
+def evaluate_loss(model: torch.nn.Module, bags: CohortBags, cases: list[str], loss_fn, weights, device,
                   batch_cases: int = 8) -> tuple[float, np.ndarray, np.ndarray]:
     """Mean loss over ``cases`` (every patch), their labels and P(class 1)."""
     model.eval()
@@ -156,9 +156,10 @@ def train(config: Config, resume_dir: str | Path | None = None, split: Split | N
     t = config.train
     device = resolve_device(t.device)
     torch.manual_seed(t.seed)
-    model = HierarchicalMIL(bags.feature_dim, config.model)
+    model = build_model(bags.feature_dim, config.model, config.data.stains)
     if config.model.standardize_features:
         model.set_feature_statistics(*bags.feature_statistics(split.train, seed=t.seed))
+    model.set_seen_stains(torch.as_tensor(bags.stains_of(split.train)))
     model.to(device)
     encoder = bags.encoder
     tuned = encoder.trainable_parameters() if encoder is not None else []
@@ -281,7 +282,7 @@ def extract_with_trained_backbone(config: Config, run_dir: Path, bags: CohortBag
 class TrainingStep:
     """One optimisation step: forward (with top-k masking if configured), loss + regularisers, backward, step."""
 
-    def __init__(self, model: HierarchicalMIL, optimizer, loss_fn, regularizer: AttentionRegularizer,
+    def __init__(self, model: torch.nn.Module, optimizer, loss_fn, regularizer: AttentionRegularizer,
                  weights: torch.Tensor | None, config: Config) -> None:
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.regularizer, self.weights = regularizer, weights
@@ -292,7 +293,7 @@ class TrainingStep:
         """Returns the loss terms of this step (``total``, the case loss under its name, each regulariser)."""
         out = self.model(batch, topk_mask=self.topk)
         case_loss = weighted_mean(self.loss_fn(out, batch.labels, self.weights), batch.labels, self.weights)
-        terms = {"case_loss": case_loss}
+        terms = {"case_loss": case_loss, **out.auxiliary_losses}  # + the architecture's own terms (CLAM, DSMIL, DTFD)
         if self.regularizer.active:
             terms.update(self.regularizer(out, batch, epoch))
         total = sum(terms.values())

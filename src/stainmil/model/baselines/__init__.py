@@ -1,0 +1,1 @@
+"""The field's standard flat MIL models, written on ragged cases (see :mod:`stainmil.model.flat`)."""
