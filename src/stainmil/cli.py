@@ -40,7 +40,7 @@ def friendly(fn):
 @app.command()
 @friendly
 def synth(out: Annotated[Path, typer.Argument(help="Output folder.")],
-          preset: Annotated[str, typer.Option(help="demo | tiny | real-shape")] = "demo",
+          preset: Annotated[str, typer.Option(help="demo | tiny | real-shape | stain-key | stain-key-tiny")] = "demo",
           cases: Annotated[int | None, typer.Option(help="Number of cases.")] = None,
           benign_fraction: Annotated[float | None, typer.Option(help="Share of benign cases.")] = None,
           slices: Annotated[str | None, typer.Option(help="Slices per stain, 'min-max' (e.g. 1-15).")] = None,
@@ -48,6 +48,12 @@ def synth(out: Annotated[Path, typer.Argument(help="Output folder.")],
           slice_size: Annotated[int | None, typer.Option(help="Slice image side in pixels.")] = None,
           signal: Annotated[float | None, typer.Option(help="Lesion signal strength 0..1 (difficulty).")] = None,
           missing_stain_prob: Annotated[float | None, typer.Option(help="Chance a case lacks one stain.")] = None,
+          key_stain: Annotated[str | None, typer.Option(
+              help="Stain-keyed cohort: every stain drawn alike, the label shown in this stain only (he | melan | "
+                   "sox10).")] = None,
+          decoy_fraction: Annotated[float | None, typer.Option(
+              help="Stain-keyed cohort: share of cases (both classes) whose other stains show the same evidence "
+                   "as decoys.")] = None,
           seed: Annotated[int | None, typer.Option(help="Random seed (deterministic output).")] = None) -> None:
     """Render a synthetic multi-stain cohort (slices, masks, patches, labels.csv, cohort.yaml)."""
     import dataclasses
@@ -59,7 +65,7 @@ def synth(out: Annotated[Path, typer.Argument(help="Output folder.")],
         raise ConfigError(f"unknown preset '{preset}'; choose one of {sorted(PRESETS)}.")
     changes = {k: v for k, v in dict(cases=cases, benign_fraction=benign_fraction, patch_size=patch_size,
                                        slice_size=slice_size, signal=signal, missing_stain_prob=missing_stain_prob,
-                                       seed=seed).items() if v is not None}
+                                       key_stain=key_stain, decoy_fraction=decoy_fraction, seed=seed).items() if v is not None}
     if slices:
         try:
             lo, hi = (int(v) for v in slices.split("-"))
@@ -329,6 +335,39 @@ def compare_encoders_cmd(
     console.print(table.to_string(index=False), highlight=False, markup=False)
 
 
+@app.command("compare-models")
+@friendly
+def compare_models_cmd(
+        config: ConfigOpt = None, set_: SetOpt = None,
+        models: Annotated[str, typer.Option(
+            help="Comma-separated architectures, each optionally with a stain identity: "
+                 "hierarchical,hierarchical:embedding,abmil,transmil,clam_sb,clam_mb,dsmil,dtfd_mil,mean,max "
+                 "(`stainmil models`).")] = "hierarchical,abmil,transmil,clam_sb,clam_mb,dsmil,dtfd_mil,mean,max",
+        folds: Annotated[int, typer.Option(help="Stratified folds by case, shared by every model.")] = 5,
+        seeds: Annotated[str, typer.Option(help="Comma-separated training seeds, shared by every model "
+                                                "(default train.seed).")] = "",
+        stain_sets: Annotated[str, typer.Option(
+            help="Comma-separated stain sets, stains joined by '+', e.g. he,he+melan+sox10 (default data.stains).")
+        ] = "",
+        launcher: LauncherOpt = "local",
+        workers: Annotated[int, typer.Option(help="Folds trained at once (local launcher).")] = 1,
+        out: Annotated[Path | None, typer.Option(help="Comparison folder (re-use it to resume).")] = None) -> None:
+    """Cross-validate MIL architectures (x stain sets) on the same folds and seeds -> models.csv/.md/.html."""
+    from stainmil.errors import ConfigError
+    from stainmil.experiments.compare_models import compare_models
+
+    cfg = load_config(config, set_)
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"--seeds '{seeds}' must be comma-separated integers, e.g. 0,1,2.") from exc
+    table = compare_models(cfg, [m for m in models.split(",") if m.strip()], folds, seed_list or None,
+                           [s for s in stain_sets.split(",") if s.strip()] or None, launcher, out, workers,
+                           log=console.print)
+    shown = ["model", "n_cases", "auc", "auc_ci95", "balanced_accuracy", "brier", "delta_auc", "delta_auc_ci95"]
+    console.print(table[shown].to_string(index=False), highlight=False, markup=False)
+
+
 @app.command()
 @friendly
 def tune(config: ConfigOpt = None, set_: SetOpt = None,
@@ -437,6 +476,17 @@ def backbones(markdown: Annotated[bool, typer.Option(help="Print the README's ma
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
     console.print(table)
+
+
+@app.command()
+@friendly
+def models() -> None:
+    """List the MIL architectures (model.architecture): patch attention or not, and the paper each follows."""
+    from stainmil.model.registry import ARCHITECTURES
+
+    for name, spec in ARCHITECTURES.items():
+        attention = "patch attention" if spec.patch_attention else "no patch attention"
+        typer.echo(f"{name:<13} {attention:<19} {spec.reference}")
 
 
 def main() -> None:  # pragma: no cover

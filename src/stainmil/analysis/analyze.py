@@ -48,6 +48,9 @@ def report_cases(cases: pd.DataFrame, limit: int) -> list[str]:
 
 def summary_text(summary: dict) -> str:
     lines = [f"stainmil attention analysis — {summary['split']}, {summary['n_cases']} cases",
+             *([f"{summary['architecture']} has no patch attention: every attention number below is a uniform share "
+                "(1/n), not the model's choice; only the patch-alone predictions are drawn."]
+               if not summary.get("patch_attention", True) else []),
              f"normalisation: {summary['normalisation']}",
              f"mean normalised attention entropy: patch {summary['patch_entropy_normalised_mean']:.3f}, "
              f"slice {summary['slice_entropy_normalised_mean']:.3f}, "
@@ -126,6 +129,7 @@ def _case_images(tables: AttentionTables, config: Config, out: Path):
                                     title=f"case {case} · {stain} · slice {slice_id} · {what}", view=view)
                 for value, suffix, what in (("relative_attention", "attention", "effective attention"),
                                             ("patch_prob", "patchprob", "patch-alone prediction"))
+                if value != "relative_attention" or tables.summary.get("patch_attention", True)
             }
             advance()
         grids = {}

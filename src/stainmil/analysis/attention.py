@@ -28,6 +28,7 @@ from stainmil.data.cohort import SLIDE_COLUMNS
 from stainmil.data.splits import load_split
 from stainmil.errors import TrainingError
 from stainmil.features.extract import resolve_device
+from stainmil.model.registry import ARCHITECTURES
 from stainmil.train.checkpoint import load_checkpoint, model_from_checkpoint
 
 TOP_SHARE = 0.05
@@ -225,18 +226,21 @@ def compute_tables(model: nn.Module, config: Config, bags: CohortBags, cases: li
     slices = slice_table(patches)
     k = top_k or config.analysis.top_k
     case_frame = case_table(patches, slices, predictions, k)
+    patch_attention = ARCHITECTURES[config.model.architecture].patch_attention
     summary: dict = {"split": split_name, "n_cases": len(cases), "top_k": k, "threshold": threshold,
+                     "architecture": config.model.architecture, "patch_attention": patch_attention,
                      "labelled": bool((case_frame["label"] >= 0).all()),
                      "normalisation": "relative_attention = effective_attention x n_patches of the case "
                                       "(1 = uniform share)"}
     truth_path = find_truth(config)
-    if truth_path is not None:
+    if truth_path is not None and patch_attention:
         per_case, mean_auc = attention_vs_lesion(patches, pd.read_csv(truth_path))
         case_frame = case_frame.merge(per_case, on="case", how="left")
         summary["attention_lesion_auc_mean"] = mean_auc
         summary["attention_lesion_auc_cases"] = int(per_case["attention_lesion_auc"].notna().sum())
         summary["truth_file"] = str(truth_path)
-    deletion = deletion_check(model, bags, cases, patches, config.analysis.deletion_k, device, config.train.seed)
+    deletion = deletion_check(model, bags, cases, patches, config.analysis.deletion_k, device, config.train.seed) \
+        if patch_attention else pd.DataFrame()  # uniform shares have no top patches to delete
     if not deletion.empty:
         case_frame = case_frame.merge(deletion[["case", "delta_top_k", "delta_random_k"]], on="case", how="left")
         summary["deletion_k"] = config.analysis.deletion_k

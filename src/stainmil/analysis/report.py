@@ -134,6 +134,8 @@ def render_report(path: Path, analysis: AnalysisResult, config: Config, *, title
         case_columns=case_columns, case_rows=case_rows, n_sections=len(case_sections), case_sections=case_sections,
         stain_summary=tables.stain_summary.to_dict("records"), stain_sentences=tables.summary.get(
             "stain_contribution", []), scales=colour_legends(),
+        patch_attention=tables.summary.get("patch_attention", True),
+        architecture=tables.summary.get("architecture", config.model.architecture),
     )
     return atomic_write_text(path, html)
 

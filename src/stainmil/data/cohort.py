@@ -416,6 +416,21 @@ def load_manifest(config: Config, columns: list[str] | None = None) -> pd.DataFr
     return pd.read_parquet(path, columns=columns)
 
 
+def keep_stains(manifest: pd.DataFrame, stains: list[str]) -> pd.DataFrame:
+    """Only the patches of ``stains`` (``data.stains``: e.g. ``[he]`` to train on H&E alone).
+
+    A case with none of them is left out (it has nothing such a model could read); the manifest is returned
+    as it is when every stain is kept.
+    """
+    kept = manifest["stain"].isin(stains)
+    if bool(kept.all()):
+        return manifest
+    if not bool(kept.any()):
+        raise DataError(f"no patch of the cohort has a stain in data.stains {stains} (the manifest has "
+                        f"{sorted(manifest['stain'].unique())}); name stains the cohort has.")
+    return manifest[kept].reset_index(drop=True)
+
+
 def case_labels(manifest: pd.DataFrame) -> pd.Series:
     """Case id -> label (one entry per case, cases in manifest order)."""
     return manifest.drop_duplicates("case").set_index("case")["label"]

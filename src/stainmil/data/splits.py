@@ -32,6 +32,10 @@ class Split:
             raise DataError(f"unknown split '{name}'; use one of {list(SUBSETS)}.")
         return getattr(self, name)
 
+    def restricted_to(self, cases: set[str]) -> Split:
+        """The same split over only ``cases`` (e.g. the cases that have one of the stains a model uses)."""
+        return Split(*[[c for c in self.subset(name) if c in cases] for name in SUBSETS])
+
     def subset_of(self) -> dict[str, str]:
         return {case: name for name in SUBSETS for case in self.subset(name)}
 

@@ -62,6 +62,10 @@ class SynthConfig:
     signal: float = 1.0
     missing_stain_prob: float = 0.1
     seed: int = 0
+    # stain-keyed cohort: every stain drawn alike (with this stain's look), the class evidence in this stain
+    # only; in ``decoy_fraction`` of the cases of both classes the other stains carry the same evidence
+    key_stain: str = ""
+    decoy_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         lo, hi = self.slices_per_stain
@@ -76,6 +80,10 @@ class SynthConfig:
                               f"{self.patch_size}.")
         if not 0 <= self.signal <= 1:
             raise ConfigError(f"synth: signal must be in [0, 1], got {self.signal}.")
+        if self.key_stain and self.key_stain not in STAINS:
+            raise ConfigError(f"synth: key stain '{self.key_stain}' is not one of {list(STAINS)}.")
+        if not 0 <= self.decoy_fraction <= 1:
+            raise ConfigError(f"synth: decoy fraction must be in [0, 1], got {self.decoy_fraction}.")
 
 
 PRESETS: dict[str, SynthConfig] = {
@@ -86,6 +94,12 @@ PRESETS: dict[str, SynthConfig] = {
     # the real cohort's shape: ~86 cases, 1/3 benign, 1-15 slices per stain, ~100-1,600 patches/case.
     "real-shape": SynthConfig(cases=86, slices_per_stain=(1, 15), slice_size=448, patch_size=32,
                               missing_stain_prob=0.05),
+    # stain identity: stains drawn alike, the label in SOX10 only, decoys in the others (README figures)
+    "stain-key": SynthConfig(cases=240, benign_fraction=0.5, slices_per_stain=(1, 1), slice_size=288,
+                             key_stain="sox10", missing_stain_prob=0.0),
+    # its small version, for tests
+    "stain-key-tiny": SynthConfig(cases=12, benign_fraction=0.5, slices_per_stain=(1, 1), slice_size=160,
+                                  patch_size=32, key_stain="sox10", missing_stain_prob=0.0),
 }
 
 
@@ -276,10 +290,15 @@ def render_case(config: SynthConfig, out: Path, case: str, label: int) -> list[d
     stains = list(STAINS)
     if rng.random() < config.missing_stain_prob:
         stains.remove(stains[rng.integers(len(stains))])
+    decoy = bool(np.random.default_rng([config.seed, 2, int(case)]).random() < config.decoy_fraction)
     rows = []
     for stain in stains:
+        look, stain_style = stain, style
+        if config.key_stain:  # every stain drawn as the key stain; the label speaks in the key stain only
+            look = config.key_stain
+            stain_style = style if stain == config.key_stain else _style(int(decoy), config.signal)
         for slice_id in range(_n_slices(rng, *config.slices_per_stain)):
-            rgb, tissue, lesion = render_slice(rng, stain, config.slice_size, style)
+            rgb, tissue, lesion = render_slice(rng, look, config.slice_size, stain_style)
             slice_dir = out / "slices" / f"case{case}" / stain
             save_image(rgb, slice_dir / f"slice{slice_id}.png")
             save_image((tissue * 255).astype(np.uint8), slice_dir / f"slice{slice_id}_tissue.png")

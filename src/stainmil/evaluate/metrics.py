@@ -62,6 +62,29 @@ def bootstrap_intervals(labels: np.ndarray, probabilities: np.ndarray, threshold
             for name, v in samples.items()}
 
 
+def paired_auc_difference(labels: np.ndarray, probabilities_a: np.ndarray, probabilities_b: np.ndarray,
+                          n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """AUC(b) - AUC(a) on the same cases, with a paired case-bootstrap percentile CI (both resampled alike).
+
+    Returns ``delta``, ``ci_low``, ``ci_high`` and ``p_not_better`` (share of resamples with delta <= 0).
+    """
+    labels = np.asarray(labels, dtype=int)
+    a, b = np.asarray(probabilities_a, dtype=float), np.asarray(probabilities_b, dtype=float)
+    if len(np.unique(labels)) < 2:
+        return {"delta": math.nan, "ci_low": math.nan, "ci_high": math.nan, "p_not_better": math.nan}
+    rng = np.random.default_rng(seed)
+    deltas = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(labels), len(labels))
+        if len(np.unique(labels[idx])) == 2:
+            deltas.append(roc_auc_score(labels[idx], b[idx]) - roc_auc_score(labels[idx], a[idx]))
+    alpha = (1 - level) / 2
+    deltas_arr = np.asarray(deltas)
+    return {"delta": float(roc_auc_score(labels, b) - roc_auc_score(labels, a)),
+            "ci_low": float(np.quantile(deltas_arr, alpha)), "ci_high": float(np.quantile(deltas_arr, 1 - alpha)),
+            "p_not_better": float((deltas_arr <= 0).mean())}
+
+
 def choose_threshold(spec: float | str, val_labels: np.ndarray, val_probabilities: np.ndarray) -> tuple[float, str]:
     """Decision threshold from the validation split. Returns (threshold, how it was chosen).
 

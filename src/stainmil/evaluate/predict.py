@@ -172,7 +172,7 @@ def predict_unlabelled(checkpoint: str | Path, config: Config, out_dir: str | Pa
     from stainmil.analysis.analyze import write_tables
     from stainmil.analysis.attention import compute_tables
     from stainmil.analysis.report import build_prediction_report
-    from stainmil.data.cohort import build_index, write_index
+    from stainmil.data.cohort import build_index, keep_stains, write_index
     from stainmil.features.extract import extract_features
     from stainmil.features.online import backbone_from_checkpoint
     from stainmil.features.sources import cohort_features
@@ -185,16 +185,18 @@ def predict_unlabelled(checkpoint: str | Path, config: Config, out_dir: str | Pa
     store_dir, cache_mb = config.features.store_dir, config.features.cache_mb
     config.features = dataclasses.replace(trained_config.features, store_dir=store_dir, views=1,  # plain view only
                                           cache_mb=cache_mb)
-    config.data.stains = list(trained_config.data.stains)
+    trained_stains = list(trained_config.data.stains)
+    # indexed with every stain the config knows; only those the model was trained on are read (a stain subset)
+    config.data.stains = trained_stains + [s for s in config.data.stains if s not in trained_stains]
     config.data.class_names = list(trained_config.data.class_names)
     result = build_index(config, require_labels=False)
     write_index(result, config)
+    manifest = keep_stains(result.manifest, trained_stains)
     # an online run that fine-tuned its backbone saved it in the checkpoint; its features need that backbone
     tuned = backbone_from_checkpoint(state, trained_config, resolve_device(config.features.device))
-    extract_features(config, result.manifest, backbone=tuned)
+    extract_features(config, manifest, backbone=tuned)
     check_store(config.store_dir, config)
-    bags = CohortBags(result.manifest, cohort_features(config.store_dir, result.manifest, 1, cache_mb),
-                      trained_config.data.stains)
+    bags = CohortBags(manifest, cohort_features(config.store_dir, manifest, 1, cache_mb), trained_stains)
     device = resolve_device(config.train.device)
     predictions = predict_cases(model, bags, bags.case_ids, device)
     threshold, rule, temperature = _decision(checkpoint, threshold)

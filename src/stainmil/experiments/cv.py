@@ -146,19 +146,27 @@ def summarise_cv(out: Path, config: Config) -> CVResult:
     oof_frame = pd.concat(oof, ignore_index=True)
     atomic_write(out / "cv_summary.csv", lambda tmp: summary.to_csv(tmp, index=False))
     atomic_write(out / "oof_predictions.csv", lambda tmp: oof_frame.to_csv(tmp, index=False))
-    # pooled out-of-fold: one row per case (its mean probability over repeats), median fold threshold
-    per_case = oof_frame.groupby("case").agg(label=("label", "first"), prob_1=("prob_1", "mean"))
-    threshold = float(summary["threshold"].median())
-    y, p = per_case["label"].to_numpy(), per_case["prob_1"].to_numpy()
-    pooled = {**binary_metrics(y, p, threshold),
-              "ci95": bootstrap_intervals(y, p, threshold, config.eval.bootstrap, config.eval.ci, config.train.seed),
-              "threshold": threshold}
+    pooled = pooled_out_of_fold(oof_frame, float(summary["threshold"].median()), config)
     over_folds = {m: {"mean": float(np.nanmean(summary[m])), "sd": float(np.nanstd(summary[m], ddof=1))
                       if len(summary) > 1 else 0.0} for m in SUMMARY_METRICS}
     metrics = {"folds": len(summary), "over_folds": over_folds, "pooled_out_of_fold": pooled}
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_text(out / "cv_report.txt", cv_report_text(summary, metrics))
     return CVResult(out, summary, metrics)
+
+
+def per_case_probabilities(oof: pd.DataFrame) -> pd.DataFrame:
+    """One row per case (index ``case``): its label and mean out-of-fold P(class 1) over repeats and seeds."""
+    return oof.groupby("case").agg(label=("label", "first"), prob_1=("prob_1", "mean"))
+
+
+def pooled_out_of_fold(oof: pd.DataFrame, threshold: float, config: Config) -> dict:
+    """Metrics of the per-case mean out-of-fold probabilities at ``threshold``, with case-bootstrap CIs."""
+    per_case = per_case_probabilities(oof)
+    y, p = per_case["label"].to_numpy(), per_case["prob_1"].to_numpy()
+    return {**binary_metrics(y, p, threshold),
+            "ci95": bootstrap_intervals(y, p, threshold, config.eval.bootstrap, config.eval.ci, config.train.seed),
+            "threshold": threshold}
 
 
 def cv_report_text(summary: pd.DataFrame, metrics: dict) -> str:

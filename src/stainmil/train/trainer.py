@@ -34,7 +34,7 @@ import torch
 from stainmil.analysis.plots import plot_history
 from stainmil.config import Config, config_to_dict, dump_config, load_config
 from stainmil.data.bags import CohortBags
-from stainmil.data.cohort import load_manifest
+from stainmil.data.cohort import keep_stains, load_manifest
 from stainmil.data.splits import Split, load_split, save_split
 from stainmil.data.subcases import expand_subcases
 from stainmil.errors import DataError, TrainingError
@@ -86,6 +86,9 @@ def load_cohort(config: Config, split: Split | None = None, training: bool = Fal
     manifest = load_manifest(config, TRAINING_COLUMNS if bounded else None)
     cases = set(manifest["case"])
     split = split or load_split(config.split_file, cases)
+    manifest = keep_stains(manifest, config.data.stains)  # a stain subset: cases without any of them drop out
+    if len(kept := set(manifest["case"])) < len(cases):
+        split = split.restricted_to(kept)
     for name in ("train", "val"):
         if not split.subset(name):
             raise DataError(f"the {name} split of {config.split_file} is empty; re-split with more cases.")

@@ -1,0 +1,228 @@
+"""Compare MIL architectures (and stain subsets) on one store: same folds, same seeds, one table.
+
+Each *variant* is an architecture, optionally with a stain identity (``hierarchical:embedding``), crossed
+with a stain set (``he`` or ``he+melan+sox10``; cases without any of a set's stains drop out of that
+variant). Every variant cross-validates on the *same* fold files with the *same* seeds. Output
+(``<runs_dir>/models_…/``)::
+
+    splits/data_splits_fold_NN.npz   the folds every variant uses
+    <variant>/seed_<s>/              a normal CV experiment folder per variant and seed (resumable)
+    models.csv, models.md            one row per variant: pooled out-of-fold AUC, balanced accuracy, per-class
+                                     recall, Brier (case-bootstrap 95% CIs); the paired ΔAUC against the first
+                                     variant on their common cases (paired case bootstrap); parameters; s/epoch
+    models.html, models_roc.png      the table and the ROC curves of every variant
+
+Probabilities are averaged per case over seeds before pooling. Re-running with the same ``--out`` resumes:
+finished folds are reused.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import html
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stainmil.config import Config
+from stainmil.errors import ConfigError
+from stainmil.evaluate.metrics import paired_auc_difference
+from stainmil.experiments.cv import per_case_probabilities, pooled_out_of_fold, run_cv, shared_folds
+from stainmil.io import atomic_write, atomic_write_text, safe_name, save_figure
+from stainmil.model.hierarchical import STAIN_IDENTITIES
+from stainmil.model.registry import ARCHITECTURES, build_model
+
+COMPARED = ("auc", "balanced_accuracy", "benign_recall", "high_grade_recall", "brier")
+
+
+@dataclass(frozen=True)
+class Variant:
+    architecture: str
+    stain_identity: str | None  # None: the config's own
+    stains: tuple[str, ...] | None  # None: the config's data.stains
+
+    @property
+    def name(self) -> str:
+        name = self.architecture + (f":{self.stain_identity}" if self.stain_identity else "")
+        return name + (f" [{'+'.join(self.stains)}]" if self.stains else "")
+
+    def configure(self, config: Config) -> Config:
+        config = copy.deepcopy(config)
+        config.model.architecture = self.architecture
+        if self.stain_identity:
+            config.model.stain_identity = self.stain_identity
+        elif config.model.stain_identity == "specific" and self.architecture != "hierarchical":
+            config.model.stain_identity = "embedding"  # the flat models' counterpart of a stain-specific run
+        if self.stains:
+            config.data.stains = list(self.stains)
+        return config
+
+
+def parse_variants(models: list[str], stain_sets: list[str] | None, known_stains: list[str]) -> list[Variant]:
+    """``models``: ``name`` or ``name:stain_identity``; ``stain_sets``: ``he+sox10`` … (None: the config's)."""
+    if not models:
+        raise ConfigError("--models is empty; name at least one architecture (`stainmil models` lists them).")
+    parsed = []
+    for spec in models:
+        name, _, identity = spec.strip().partition(":")
+        if name not in ARCHITECTURES:
+            raise ConfigError(f"--models: '{name}' is not an architecture; choose from {sorted(ARCHITECTURES)}.")
+        if identity and identity not in STAIN_IDENTITIES:
+            raise ConfigError(f"--models: '{spec}' asks for stain identity '{identity}'; choose one of "
+                              f"{list(STAIN_IDENTITIES)}.")
+        if identity == "specific" and name != "hierarchical":
+            raise ConfigError(f"--models: '{spec}': stain identity 'specific' is for the hierarchical model only.")
+        parsed.append((name, identity or None))
+    sets: list[tuple[str, ...] | None] = [None]
+    if stain_sets:
+        sets = []
+        for spec in stain_sets:
+            stains = tuple(s.strip() for s in spec.split("+") if s.strip())
+            unknown = [s for s in stains if s not in known_stains]
+            if not stains or unknown:
+                raise ConfigError(f"--stain-sets: '{spec}' names stain(s) {unknown or '(none)'} not in data.stains "
+                                  f"{known_stains}; join known stains with '+', e.g. he+sox10.")
+            sets.append(stains)
+    return [Variant(name, identity, stains) for stains in sets for name, identity in parsed]
+
+
+def compare_models(config: Config, models: list[str], folds: int = 5, seeds: list[int] | None = None,
+                   stain_sets: list[str] | None = None, launcher: str = "local", out_dir: str | Path | None = None,
+                   workers: int = 1, log=print) -> pd.DataFrame:
+    """Cross-validate every variant on the same folds and seeds; return (and write) the comparison table."""
+    variants = parse_variants(models, stain_sets, config.data.stains)
+    seeds = seeds or [config.train.seed]
+    out = Path(out_dir) if out_dir else config.runs_dir / datetime.now().strftime("models_%Y%m%d_%H%M%S")
+    splits_dir = shared_folds(config, folds, 1, out, None)
+    oof: dict[str, pd.DataFrame] = {}
+    rows = []
+    for variant in variants:
+        frames, thresholds, seconds, dirs = [], [], [], []
+        for seed in seeds:
+            run_config = variant.configure(config)
+            run_config.train.seed = seed
+            log(f"[{variant.name}] seed {seed}: cross-validating on the shared folds")
+            result = run_cv(run_config, splits_dir=splits_dir, launcher=launcher, workers=workers, log=log,
+                            out_dir=out / safe_name(variant.name) / f"seed_{seed}")
+            frames.append(pd.read_csv(result.out_dir / "oof_predictions.csv", dtype={"case": str}))
+            thresholds += result.summary["threshold"].tolist()
+            seconds += _seconds_per_epoch(result.out_dir)
+            dirs.append(result.out_dir)
+        frame = pd.concat(frames, ignore_index=True)
+        oof[variant.name] = frame
+        pooled = pooled_out_of_fold(frame, float(np.median(thresholds)), variant.configure(config))
+        row = {"model": variant.name, "architecture": variant.architecture,
+               "stain_identity": variant.configure(config).model.stain_identity,
+               "stains": "+".join(variant.configure(config).data.stains), "n_cases": pooled["n_cases"],
+               "seeds": len(seeds)}
+        for metric in COMPARED:
+            lo, hi = pooled["ci95"][metric]
+            row[metric], row[f"{metric}_ci95"] = round(pooled[metric], 3), f"[{lo:.3f}, {hi:.3f}]"
+        row["parameters"] = _parameters(dirs[0], variant.configure(config))
+        row["seconds_per_epoch"] = round(float(np.mean(seconds)), 3) if seconds else float("nan")
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table = _paired_differences(table, oof, variants, config)
+    atomic_write(out / "models.csv", lambda tmp: table.to_csv(tmp, index=False))
+    atomic_write_text(out / "models.md", models_markdown(table, folds, seeds))
+    roc = _roc_plot(oof, out / "models_roc.png")
+    atomic_write_text(out / "models.html", models_html(table, folds, seeds, roc))
+    log(f"model comparison in {out}")
+    return table
+
+
+def _paired_differences(table: pd.DataFrame, oof: dict[str, pd.DataFrame], variants: list[Variant],
+                        config: Config) -> pd.DataFrame:
+    reference = per_case_probabilities(oof[variants[0].name])
+    deltas = []
+    for variant in variants:
+        other = per_case_probabilities(oof[variant.name])
+        common = reference.join(other, how="inner", lsuffix="_ref")
+        d = paired_auc_difference(common["label"].to_numpy(), common["prob_1_ref"].to_numpy(),
+                                  common["prob_1"].to_numpy(), config.eval.bootstrap, config.eval.ci,
+                                  config.train.seed)
+        deltas.append({"delta_auc": round(d["delta"], 3), "delta_auc_ci95": f"[{d['ci_low']:.3f}, {d['ci_high']:.3f}]",
+                       "paired_cases": len(common)})
+    return pd.concat([table, pd.DataFrame(deltas)], axis=1)
+
+
+def _seconds_per_epoch(cv_dir: Path) -> list[float]:
+    values = []
+    for history in sorted((cv_dir / "folds").glob("fold_*/history.csv")):
+        values += pd.read_csv(history)["seconds"].tolist()
+    return values
+
+
+def _parameters(cv_dir: Path, config: Config) -> int:
+    """Trainable parameters of the variant's model, built for the store's feature dimension."""
+    from stainmil.train.checkpoint import load_checkpoint
+
+    first = sorted((cv_dir / "folds").glob("fold_*/checkpoints/best.pth"))[0]
+    model = build_model(int(load_checkpoint(first)["in_dim"]), config.model, config.data.stains)
+    return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+def models_markdown(table: pd.DataFrame, folds: int, seeds: list[int]) -> str:
+    first = table["model"].iloc[0]
+    header = ["model", "cases"] + [f"{m} [95% CI]" for m in COMPARED] + [f"ΔAUC vs {first} [95% CI]",
+                                                                          "parameters", "s/epoch"]
+    lines = [f"{folds}-fold CV, seeds {', '.join(map(str, seeds))}; pooled out-of-fold, case-bootstrap CIs",
+             "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, r in table.iterrows():
+        cells = [r["model"], r["n_cases"]] + [f"{r[m]:.3f} {r[f'{m}_ci95']}" for m in COMPARED]
+        cells += [f"{r['delta_auc']:+.3f} {r['delta_auc_ci95']}", f"{r['parameters']:,}", r["seconds_per_epoch"]]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _roc_plot(oof: dict[str, pd.DataFrame], path: Path) -> Path:
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig = Figure(figsize=(6, 6))
+    ax = fig.add_subplot()
+    for name, frame in oof.items():
+        per_case = per_case_probabilities(frame)
+        y, p = per_case["label"].to_numpy(), per_case["prob_1"].to_numpy()
+        if len(np.unique(y)) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(y, p)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(y, p):.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set(xlabel="1 - benign recall (false positive rate)", ylabel="high-grade recall (true positive rate)",
+           title="pooled out-of-fold ROC")
+    ax.legend(loc="lower right", fontsize=8)
+    return save_figure(fig, path)
+
+
+def models_html(table: pd.DataFrame, folds: int, seeds: list[int], roc: Path) -> str:
+    image = base64.b64encode(roc.read_bytes()).decode()
+    first = html.escape(str(table["model"].iloc[0]))
+    columns = ["model", "n_cases"] + list(COMPARED) + ["delta_auc", "parameters", "seconds_per_epoch"]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = []
+    for _, r in table.iterrows():
+        cells = [html.escape(str(r["model"])), str(r["n_cases"])]
+        cells += [f"{r[m]:.3f}<br><small>{r[f'{m}_ci95']}</small>" for m in COMPARED]
+        cells += [f"{r['delta_auc']:+.3f}<br><small>{r['delta_auc_ci95']}</small>", f"{r['parameters']:,}",
+                  str(r["seconds_per_epoch"])]
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    meta = html.escape(json.dumps({"folds": folds, "seeds": seeds}))
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>stainmil model comparison</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}
+small{{color:#666}}</style></head><body>
+<h1>Model comparison</h1>
+<p>{folds}-fold cross-validation on the same folds and seeds ({html.escape(', '.join(map(str, seeds)))}); pooled
+out-of-fold metrics with case-bootstrap 95% CIs; ΔAUC is each model's AUC minus {first}'s on their common cases
+(paired case bootstrap). Brier: lower is better.</p>
+<table id="models"><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>
+<h2>ROC</h2><img alt="ROC curves of every model" src="data:image/png;base64,{image}" width="540">
+<script type="application/json" id="meta">{meta}</script>
+</body></html>
+"""

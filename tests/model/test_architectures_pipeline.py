@@ -1,0 +1,79 @@
+"""Every architecture through the whole pipeline on the tiny preset: train -> evaluate -> analyze -> report ->
+predict -> QuPath, and exact resume after a stop."""
+
+import copy
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from stainmil.analysis.analyze import write_analysis
+from stainmil.analysis.qupath import export_folder
+from stainmil.analysis.report import build_report
+from stainmil.data.splits import load_split
+from stainmil.evaluate.predict import evaluate_run, predict_unlabelled
+from stainmil.model.registry import ARCHITECTURES
+from stainmil.train.checkpoint import load_checkpoint
+from stainmil.train.trainer import train
+
+pytestmark = pytest.mark.slow
+
+
+def _config(prepared, folder, architecture, **model):
+    config = copy.deepcopy(prepared)
+    config.train.runs_dir = str(folder)
+    config.train.max_epochs = 3
+    config.model.architecture = architecture
+    config.model.baseline.transmil_heads = 4
+    for key, value in model.items():
+        setattr(config.model, key, value)
+    return config
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_pipeline_for_every_architecture(prepared, tmp_path, architecture):
+    run = train(_config(prepared, tmp_path / "runs", architecture)).run_dir
+    metrics = evaluate_run(run).metrics
+    assert 0 <= metrics["splits"]["test"]["auc"] <= 1 or np.isnan(metrics["splits"]["test"]["auc"])
+    analysis = write_analysis(run)
+    summary = json.loads((run / "attention" / "summary.json").read_text())
+    has_attention = ARCHITECTURES[architecture].patch_attention
+    assert summary["architecture"] == architecture and summary["patch_attention"] == has_attention
+    patches = pd.read_csv(run / "attention" / "patches.csv", dtype={"case": str})
+    assert np.allclose(patches.groupby("case")["effective_attention"].sum(), 1.0, atol=1e-4)
+    drawn = {kind for maps in analysis.heatmaps.values() for kind in maps}
+    assert drawn == ({"relative_attention", "patch_prob"} if has_attention else {"patch_prob"})
+    html = build_report(run, analysis).read_text()
+    assert ('id="no-attention"' in html) == (not has_attention)
+    assert (run / "qupath" / "index.csv").is_file() or export_folder(run).files
+    test_cases = load_split(run / "data_splits.npz").test
+    new = copy.deepcopy(prepared)
+    new.data.labels_csv, new.data.include_cases = "", list(test_cases)
+    new.output_dir, new.features.store_dir = str(tmp_path / "new"), str(tmp_path / "new" / "store")
+    out = predict_unlabelled(run / "checkpoints" / "best.pth", new, tmp_path / "predictions")
+    mine = pd.read_csv(out / "predictions.csv", dtype={"case": str}).set_index("case")
+    theirs = pd.read_csv(run / "predictions.csv", dtype={"case": str}).set_index("case").loc[test_cases]
+    assert np.allclose(mine.loc[test_cases, "prob_1"], theirs["prob_1"], atol=1e-4)
+
+
+@pytest.mark.parametrize("architecture", ["clam_sb", "dtfd_mil", "hierarchical:specific"])
+def test_resume_after_a_stop_matches_an_uninterrupted_run(prepared, tmp_path, architecture):
+    name, _, identity = architecture.partition(":")
+    model = {"stain_identity": identity} if identity else {}
+    full = train(_config(prepared, tmp_path / "full", name, **model)).run_dir
+    config = _config(prepared, tmp_path / "part", name, **model)
+
+    def stop(epoch, row):
+        if epoch == 2:
+            raise KeyboardInterrupt  # as a killed job: the checkpoint of epoch 2 is written, the run not finished
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, on_epoch_end=stop)
+    part = next((tmp_path / "part").glob("run_*"))
+    train(config, resume_dir=part)
+    resumed = load_checkpoint(part / "checkpoints" / "last.pth")["model"]
+    uninterrupted = load_checkpoint(full / "checkpoints" / "last.pth")["model"]
+    for key, value in uninterrupted.items():
+        assert torch.equal(resumed[key], value), key
