@@ -65,7 +65,8 @@ def synth(out: Annotated[Path, typer.Argument(help="Output folder.")],
         raise ConfigError(f"unknown preset '{preset}'; choose one of {sorted(PRESETS)}.")
     changes = {k: v for k, v in dict(cases=cases, benign_fraction=benign_fraction, patch_size=patch_size,
                                        slice_size=slice_size, signal=signal, missing_stain_prob=missing_stain_prob,
-                                       key_stain=key_stain, decoy_fraction=decoy_fraction, seed=seed).items() if v is not None}
+                                       key_stain=key_stain, decoy_fraction=decoy_fraction, seed=seed).items()
+               if v is not None}
     if slices:
         try:
             lo, hi = (int(v) for v in slices.split("-"))

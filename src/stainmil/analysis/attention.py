@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 from sklearn.metrics import roc_auc_score
+from torch import nn
 
 from stainmil.analysis.stains import stain_contribution, stain_sentences, stain_summary
 from stainmil.config import Config

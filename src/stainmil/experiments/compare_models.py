@@ -49,7 +49,7 @@ class Variant:
     @property
     def name(self) -> str:
         name = self.architecture + (f":{self.stain_identity}" if self.stain_identity else "")
-        return name + (f" [{'+'.join(self.stains)}]" if self.stains else "")
+        return name + (f" ({'+'.join(self.stains)})" if self.stains else "")
 
     def configure(self, config: Config) -> Config:
         config = copy.deepcopy(config)
@@ -142,7 +142,7 @@ def _paired_differences(table: pd.DataFrame, oof: dict[str, pd.DataFrame], varia
     deltas = []
     for variant in variants:
         other = per_case_probabilities(oof[variant.name])
-        common = reference.join(other, how="inner", lsuffix="_ref")
+        common = reference.merge(other, left_index=True, right_index=True, suffixes=("_ref", ""))
         d = paired_auc_difference(common["label"].to_numpy(), common["prob_1_ref"].to_numpy(),
                                   common["prob_1"].to_numpy(), config.eval.bootstrap, config.eval.ci,
                                   config.train.seed)

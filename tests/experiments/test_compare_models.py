@@ -1,0 +1,78 @@
+"""compare-models: the same folds and seeds for every architecture and stain set, one table, paired ΔAUC."""
+
+import copy
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from stainmil.errors import ConfigError
+from stainmil.evaluate.metrics import paired_auc_difference
+from stainmil.experiments.compare_models import compare_models, parse_variants
+
+pytestmark = pytest.mark.slow
+
+
+def test_models_and_stain_sets_share_folds_and_seeds_and_resume(prepared, tmp_path):
+    config = copy.deepcopy(prepared)
+    config.train.max_epochs = 2
+    out = tmp_path / "models"
+    table = compare_models(config, ["hierarchical", "abmil"], folds=3, seeds=[3, 4],
+                           stain_sets=["he+melan+sox10", "he"], out_dir=out, log=lambda *_: None)
+    assert list(table["model"]) == ["hierarchical (he+melan+sox10)", "abmil (he+melan+sox10)",
+                                    "hierarchical (he)", "abmil (he)"]
+    splits = sorted((out / "splits").glob("*.npz"))
+    assert len(splits) == 3
+    for folder in out.glob("*/seed_*"):  # every variant and seed trained on the same folds with its seed
+        for fold, shared in zip(sorted((folder / "splits").glob("*.npz")), splits):
+            assert np.array_equal(np.load(fold)["test"], np.load(shared)["test"])
+        seed = int(folder.name.split("_")[1])
+        assert f"seed: {seed}" in (folder / "config.yaml").read_text()
+    he_only = out / "hierarchical_he_" / "seed_3" / "folds" / "fold_01"
+    assert "- he\n" in (he_only / "config.yaml").read_text() and "- sox10" not in (he_only / "config.yaml").read_text()
+    first = table.iloc[0]
+    assert first["delta_auc"] == 0.0 and first["paired_cases"] == first["n_cases"] == 8
+    for column in ("auc", "balanced_accuracy", "benign_recall", "high_grade_recall", "brier", "parameters",
+                   "seconds_per_epoch"):
+        assert table[column].notna().all(), column
+    # pooled AUC is that of the per-case mean probability over both seeds
+    oof = pd.concat([pd.read_csv(f, dtype={"case": str}) for f in (out / "abmil_he_melan_sox10_").glob(
+        "seed_*/oof_predictions.csv")])
+    per_case = oof.groupby("case").agg(label=("label", "first"), prob_1=("prob_1", "mean"))
+    assert table.iloc[1]["auc"] == round(roc_auc_score(per_case["label"], per_case["prob_1"]), 3)
+    assert table.iloc[0]["parameters"] != table.iloc[1]["parameters"]
+    for name in ("models.csv", "models.md", "models.html", "models_roc.png"):
+        assert (out / name).is_file()
+    html = (out / "models.html").read_text()
+    assert "ΔAUC" in html and html.count("<tr>") == 1 + 4 and "data:image/png;base64," in html
+    # resuming finds every fold finished and gives the same table
+    again = compare_models(config, ["hierarchical", "abmil"], folds=3, seeds=[3, 4],
+                           stain_sets=["he+melan+sox10", "he"], out_dir=out, log=lambda *_: None)
+    pd.testing.assert_frame_equal(table, again)
+    assert json.loads((out / "hierarchical_he_" / "seed_3" / "metrics.json").read_text())["folds"] == 3
+
+
+def test_bad_model_and_stain_specs_are_refused_before_any_work():
+    with pytest.raises(ConfigError, match="transmill"):
+        parse_variants(["transmill"], None, ["he"])
+    with pytest.raises(ConfigError, match="hierarchical model only"):
+        parse_variants(["abmil:specific"], None, ["he"])
+    with pytest.raises(ConfigError, match="ihc"):
+        parse_variants(["abmil"], ["he+ihc"], ["he", "sox10"])
+    variants = parse_variants(["hierarchical:embedding", "abmil"], ["he", "he+sox10"], ["he", "sox10"])
+    assert [v.name for v in variants] == ["hierarchical:embedding (he)", "abmil (he)",
+                                          "hierarchical:embedding (he+sox10)", "abmil (he+sox10)"]
+
+
+def test_paired_auc_difference_is_paired():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    noise = rng.normal(0, 1, 200)
+    weak, strong = labels + 2.0 * noise, labels + 0.5 * noise
+    d = paired_auc_difference(labels, weak, strong, n_boot=300)
+    assert d["delta"] == pytest.approx(roc_auc_score(labels, strong) - roc_auc_score(labels, weak))
+    assert 0 < d["ci_low"] < d["delta"] < d["ci_high"] and d["p_not_better"] < 0.01
+    same = paired_auc_difference(labels, weak, weak, n_boot=50)
+    assert same["delta"] == same["ci_low"] == same["ci_high"] == 0.0
