@@ -56,7 +56,8 @@ def main() -> None:
     from stainmil.data.synth import PRESETS, write_cohort
     from stainmil.evaluate.predict import evaluate_run
     from stainmil.features.extract import extract_features
-    from stainmil.train.trainer import load_cohort, train
+    from stainmil.train.run import load_cohort
+    from stainmil.train.trainer import train
 
     out = Path(args.out).resolve()
     cohort = out / "cohort"

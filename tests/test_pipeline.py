@@ -77,7 +77,7 @@ def test_slide_route_from_slides_to_report_with_heatmaps_on_thumbnails(tmp_path)
     # new slides, no labels: predicted straight from their tiling
     import copy
 
-    from stainmil.evaluate.predict import predict_unlabelled
+    from stainmil.analysis.new_cases import predict_unlabelled
 
     new = copy.deepcopy(result.config)
     new.data.labels_csv, new.output_dir = "", str(tmp_path / "new")

@@ -31,12 +31,14 @@ from stainmil.data.bags import CohortBags
 from stainmil.data.cohort import build_index, case_labels, write_index
 from stainmil.data.splits import make_splits
 from stainmil.data.synth import PRESETS, write_cohort, write_slides
+from stainmil.device import resolve_device
 from stainmil.features.backbones import build_backbone
-from stainmil.features.extract import extract_features, resolve_device
+from stainmil.features.extract import extract_features
 from stainmil.features.online import OnlineEncoder
 from stainmil.features.store import load_features
 from stainmil.io import atomic_write_json
 from stainmil.model.registry import build_model
+from stainmil.pipeline import demo_config, tile_cohort
 from stainmil.slides.reader import patch_refs, read_patch
 from stainmil.train.losses import class_weights, cross_entropy, weighted_mean
 
@@ -207,7 +209,6 @@ def run_bench(out: str | Path = "demo_out/bench", preset: str = "demo", device_n
               compile_head: bool = False, log=print) -> dict:
     """Measure everything (see the module docstring). ``slides``: extraction reads the patches from pyramidal
     TIFF slides (the slide route); ``extraction_only``: stop after forward vs extraction (e.g. for big encoders)."""
-    from stainmil.pipeline import demo_config, tile_cohort
 
     device = resolve_device(device_name)
     out = Path(out).resolve()

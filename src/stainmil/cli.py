@@ -178,7 +178,7 @@ def predict(checkpoint: Annotated[Path, typer.Option(help="A run's checkpoints/b
             explain: Annotated[bool, typer.Option(help="Attention tables, heatmaps and report.html too.")] = True
             ) -> None:
     """Predict (and explain) the unlabelled cases of a patch folder or tiled slides with a trained checkpoint."""
-    from stainmil.evaluate.predict import predict_unlabelled
+    from stainmil.analysis.new_cases import predict_unlabelled
 
     folder = predict_unlabelled(checkpoint, load_config(config, set_), out, threshold, explain)
     console.print(f"predictions: [bold]{folder / 'predictions.csv'}[/]")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -72,16 +73,24 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
-def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
-    """Save a matplotlib figure atomically and close it (format from the suffix; .jpg at quality 85)."""
-    import matplotlib.pyplot as plt
+def subplots(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] | None = None, **kwargs: Any):
+    """(figure, axes) without pyplot: no backend is chosen or switched (a notebook user's stays as it is)."""
+    from matplotlib.figure import Figure
 
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
+    """Save a matplotlib figure atomically (format from the suffix; .jpg at quality 85); a pyplot figure
+    (e.g. Optuna's) is closed afterwards."""
     path = Path(path)
     fmt = {"jpg": "jpeg"}.get(path.suffix[1:], path.suffix[1:])
     extra = {"pil_kwargs": {"quality": 85}} if fmt == "jpeg" else {}
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=fmt, **extra),
                  suffix=path.suffix)
-    plt.close(fig)
+    if "matplotlib.pyplot" in sys.modules:
+        sys.modules["matplotlib.pyplot"].close(fig)
     return path
 
 

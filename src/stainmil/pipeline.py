@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stainmil.analysis.analyze import summary_text, write_analysis
+from stainmil.analysis.new_cases import predict_unlabelled
 from stainmil.analysis.qupath import export_folder
 from stainmil.analysis.report import build_report
 from stainmil.config import Config, dump_config, load_config
@@ -16,7 +17,8 @@ from stainmil.data.splits import load_split, make_splits, write_splits
 from stainmil.data.synth import PRESETS, write_cohort, write_slides
 from stainmil.data.tiling import TileResult, tile_folder
 from stainmil.errors import StoreError
-from stainmil.evaluate.predict import Evaluation, evaluate_run, predict_unlabelled
+from stainmil.evaluate.predict import Evaluation, evaluate_run
+from stainmil.features.backbones import build_backbone
 from stainmil.features.extract import ExtractSummary, extract_features
 from stainmil.train.trainer import TrainResult, train
 
@@ -91,7 +93,6 @@ def run_demo(out_dir: str | Path = "demo_out", overrides: list[str] | None = Non
                                                 *(overrides or [])], slides=slides)
     note = ""
     if weights == "auto":
-        from stainmil.features.backbones import build_backbone
 
         config.features.weights = "pretrained"
         try:
@@ -103,7 +104,6 @@ def run_demo(out_dir: str | Path = "demo_out", overrides: list[str] | None = Non
                     f"RANDOMLY initialised backbone ({exc}). Results show the pipeline works, not ImageNet features.")
             log("!" * 100 + "\n" + note + "\n" + "!" * 100)
     else:
-        from stainmil.features.backbones import build_backbone
 
         config.features.weights = weights
         backbone = build_backbone(config.features)

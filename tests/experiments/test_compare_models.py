@@ -9,8 +9,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from stainmil.errors import ConfigError
-from stainmil.evaluate.metrics import paired_auc_difference
 from stainmil.experiments.compare_models import compare_models, parse_variants
+from stainmil.stats.metrics import paired_auc_difference
 
 pytestmark = pytest.mark.slow
 

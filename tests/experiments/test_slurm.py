@@ -60,7 +60,7 @@ class SlowEpochs:
 
 def test_preempted_fold_requeues_and_resumes_from_its_checkpoint(slurm, prepared, tmp_path):
     from stainmil.experiments.cv import FoldJob, prepare_experiment
-    from stainmil.experiments.launch import slurm_executor
+    from stainmil.launch import slurm_executor
 
     config = _slurm_config(prepared, tmp_path)
     config.train.max_epochs = 8

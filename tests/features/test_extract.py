@@ -6,7 +6,7 @@ from stainmil.data.cohort import load_manifest
 from stainmil.errors import StoreError
 from stainmil.features.extract import extract_features
 from stainmil.features.store import StoreMeta, check_store, load_features, read_slice, slice_file
-from stainmil.train.trainer import load_cohort
+from stainmil.train.run import load_cohort
 
 
 def test_store_has_one_file_per_slice_with_clam_names(prepared):

@@ -14,7 +14,7 @@ from stainmil.data.cohort import load_manifest
 from stainmil.errors import ConfigError, StoreError
 from stainmil.features.extract import extract_features
 from stainmil.features.store import check_store, load_features, slice_file
-from stainmil.train.trainer import load_cohort
+from stainmil.train.run import load_cohort
 
 VIEWS = 10  # the 8 symmetries and 2 HED-jittered views
 

@@ -10,13 +10,15 @@ import pytest
 import torch
 
 from stainmil.analysis.analyze import write_analysis
+from stainmil.analysis.new_cases import predict_unlabelled
 from stainmil.analysis.qupath import export_folder
 from stainmil.analysis.report import build_report
 from stainmil.data.splits import load_split
-from stainmil.evaluate.predict import evaluate_run, predict_unlabelled
+from stainmil.evaluate.predict import evaluate_run
 from stainmil.model.registry import ARCHITECTURES
 from stainmil.train.checkpoint import load_checkpoint
 from stainmil.train.trainer import train
+from tests.analysis.test_report import opened
 
 pytestmark = pytest.mark.slow
 
@@ -45,8 +47,14 @@ def test_pipeline_for_every_architecture(prepared, tmp_path, architecture):
     assert np.allclose(patches.groupby("case")["effective_attention"].sum(), 1.0, atol=1e-4)
     drawn = {kind for maps in analysis.heatmaps.values() for kind in maps}
     assert drawn == ({"relative_attention", "patch_prob"} if has_attention else {"patch_prob"})
-    html = build_report(run, analysis).read_text()
+    report = build_report(run, analysis)
+    html = report.read_text()
     assert ('id="no-attention"' in html) == (not has_attention)
+    if architecture in ("transmil", "abmil"):  # the page runs, and a map without attention shows P only
+        with opened(report) as (page, errors):
+            radios = page.locator("figure.viewer input[type=radio]")
+            values = [radios.nth(i).get_attribute("value") for i in range(radios.count())]
+            assert errors == [] and values and ("attention" in values) == has_attention
     assert (run / "qupath" / "index.csv").is_file() or export_folder(run).files
     test_cases = load_split(run / "data_splits.npz").test
     new = copy.deepcopy(prepared)

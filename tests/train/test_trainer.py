@@ -149,8 +149,8 @@ def test_online_fine_tuning_run_resumes_exactly_and_evaluates_on_its_own_store(p
     """Online mode, last dense block trained: a crash after epoch 2 + resume == an uninterrupted run."""
     import numpy as np
 
+    from stainmil.analysis.new_cases import predict_unlabelled
     from stainmil.data.cohort import load_manifest
-    from stainmil.evaluate.predict import predict_unlabelled
     from stainmil.features.store import load_features
 
     config = copy.deepcopy(prepared)
@@ -228,7 +228,7 @@ def test_bounded_memory_store_gives_a_bit_identical_run(prepared, tmp_path):
     evicts and re-reads) — the same seed gives the very same history, weights and predictions."""
     from stainmil.data.bags import CohortBags
     from stainmil.features.store import StoreMeta
-    from stainmil.train.trainer import load_cohort
+    from stainmil.train.run import load_cohort
 
     meta = StoreMeta.read(prepared.store_dir)
     runs = {}

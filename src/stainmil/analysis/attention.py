@@ -10,7 +10,6 @@ one patch (all attention on it), i.e. the classifier applied to the patch's embe
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +24,10 @@ from stainmil.analysis.stains import stain_contribution, stain_sentences, stain_
 from stainmil.config import Config
 from stainmil.data.bags import CohortBags
 from stainmil.data.cohort import SLIDE_COLUMNS
-from stainmil.data.splits import load_split
+from stainmil.device import resolve_device
 from stainmil.errors import TrainingError
-from stainmil.features.extract import resolve_device
 from stainmil.model.registry import ARCHITECTURES
-from stainmil.train.checkpoint import load_checkpoint, model_from_checkpoint
+from stainmil.train.run import open_run
 
 TOP_SHARE = 0.05
 
@@ -182,35 +180,22 @@ def deletion_check(model: nn.Module, bags: CohortBags, cases: list[str], patches
     return pd.DataFrame(rows)
 
 
-def run_decision(run_dir: Path) -> tuple[float, float]:
-    """(threshold, temperature) the run's evaluation chose (metrics.json); (0.5, 1) before it has one."""
-    metrics_file = Path(run_dir) / "metrics.json"
-    if not metrics_file.is_file():
-        return 0.5, 1.0
-    metrics = json.loads(metrics_file.read_text())
-    return float(metrics["threshold"]), float(metrics.get("calibration", {}).get("temperature", 1.0))
-
-
 def analyze_tables(run_dir: str | Path, split_name: str = "test", top_k: int | None = None,
                    bags: CohortBags | None = None) -> tuple[AttentionTables, Config, CohortBags]:
     """Load the run's best model and compute every table for the cases of ``split_name`` (or ``all``)."""
-    from stainmil.train.trainer import load_cohort
-
     run_dir = Path(run_dir)
     predictions_file = run_dir / "predictions.csv"
     if not predictions_file.is_file():
         raise TrainingError(f"{run_dir} has no predictions.csv; run `stainmil evaluate {run_dir}` first.")
-    state = load_checkpoint(run_dir / "checkpoints" / "best.pth")
-    model, config = model_from_checkpoint(state)
-    split = load_split(run_dir / "data_splits.npz")
-    if bags is None:
-        bags, split = load_cohort(config, split)
+    run = open_run(run_dir, bags=bags)
+    split, bags = run.split, run.bags
     cases = split.train + split.val + split.test if split_name == "all" else split.subset(split_name)
     if not cases:
         raise TrainingError(f"split '{split_name}' of {run_dir} is empty; analyse another (--split val).")
     predictions = pd.read_csv(predictions_file, dtype={"case": str})
-    threshold, temperature = run_decision(run_dir)
-    tables = compute_tables(model, config, bags, cases, predictions, split_name, threshold, temperature, top_k)
+    tables = compute_tables(run.model, run.config, bags, cases, predictions, split_name, run.decision.threshold,
+                            run.decision.temperature, top_k)
+    config = run.config
     return tables, config, bags
 
 

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from stainmil.io import save_figure  # noqa: E402
+from stainmil.io import save_figure, subplots
 
 CLASS_COLOURS = ("#2b83ba", "#d7191c")  # benign blue, high-grade red
 
@@ -21,7 +17,7 @@ def effective_attention_distribution(patches: pd.DataFrame, cases: pd.DataFrame,
     """Per case: distribution of relative attention (log scale); misclassified cases hatched."""
     order = cases.sort_values(["label", "prob"])
     data = [patches.loc[patches["case"] == c, "relative_attention"].clip(lower=1e-4).to_numpy() for c in order["case"]]
-    fig, ax = plt.subplots(figsize=(max(6, 0.32 * len(order) + 2), 4))
+    fig, ax = subplots(figsize=(max(6, 0.32 * len(order) + 2), 4))
     boxes = ax.boxplot(data, patch_artist=True, showfliers=True, flierprops={"markersize": 2})
     for box, (_, row) in zip(boxes["boxes"], order.iterrows()):
         box.set_facecolor(CLASS_COLOURS[int(row["label"])] if row["label"] >= 0 else "grey")
@@ -40,7 +36,7 @@ def effective_attention_distribution(patches: pd.DataFrame, cases: pd.DataFrame,
 
 def concentration_vs_error(cases: pd.DataFrame, path: Path) -> Path:
     """Top-5% attention share and number of top-5% patches vs |p - y| (the old 'hyper-focus' plots)."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = subplots(1, 2, figsize=(10, 4))
     colours = [CLASS_COLOURS[int(y)] if y >= 0 else "grey" for y in cases["label"]]
     axes[0].scatter(cases["top5pct_share"], cases["abs_error"], c=colours, s=25)
     axes[0].set_xlabel("share of effective attention in the top 5% of patches")
@@ -59,7 +55,7 @@ def slice_attention_misclassified(slices: pd.DataFrame, cases: pd.DataFrame, pat
     wrong = cases[(cases["label"] >= 0) & (cases["pred"] != cases["label"])]
     if wrong.empty:
         return None
-    fig, axes = plt.subplots(1, len(wrong), figsize=(3.2 * len(wrong), 3.2), squeeze=False)
+    fig, axes = subplots(1, len(wrong), figsize=(3.2 * len(wrong), 3.2), squeeze=False)
     for ax, (_, case) in zip(axes[0], wrong.iterrows()):
         part = slices[slices["case"] == case["case"]]
         labels = [f"{s}\n{sl}" for s, sl in zip(part["stain"], part["slice"])]
@@ -81,7 +77,7 @@ def attention_along_slices(patches: pd.DataFrame, selected: pd.DataFrame, path: 
     n = len(selected)
     columns = min(n, 4)
     rows = int(np.ceil(n / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 2.6 * rows), squeeze=False)
+    fig, axes = subplots(rows, columns, figsize=(3.4 * columns, 2.6 * rows), squeeze=False)
     for ax, (_, s) in zip(axes.flat, selected.iterrows()):
         part = patches[(patches["case"] == s["case"]) & (patches["stain"] == s["stain"])
                        & (patches["slice"] == s["slice"])].sort_values("patch_index")
@@ -100,7 +96,7 @@ def patch_grid(part: pd.DataFrame, n: int, path: Path, title: str) -> Path:
     """Top and bottom ``n`` patches of one case by effective attention, labelled (stain, slice, weight)."""
     ordered = part.sort_values("effective_attention", ascending=False)
     rows = [("top", ordered.head(n)), ("bottom", ordered.tail(n).iloc[::-1])]
-    fig, axes = plt.subplots(2, n, figsize=(1.5 * n, 3.8), squeeze=False)
+    fig, axes = subplots(2, n, figsize=(1.5 * n, 3.8), squeeze=False)
     for r, (name, chosen) in enumerate(rows):
         for c in range(n):
             ax = axes[r][c]

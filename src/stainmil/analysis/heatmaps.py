@@ -14,15 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib import colors
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib import colors  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from stainmil.io import save_figure  # noqa: E402
+from stainmil.io import save_figure, subplots
 
 ATTENTION_NORM = colors.LogNorm(vmin=1 / 8, vmax=8)
 PROB_NORM = colors.Normalize(vmin=0, vmax=1)
@@ -102,7 +99,7 @@ def colour_scale(value: str) -> tuple[colors.Normalize, str, str]:
 def patch_colours(values: np.ndarray, value: str) -> np.ndarray:
     """RGBA (P, 4) in 0..1 of each patch's ``value`` on its fixed scale."""
     norm, cmap, _ = colour_scale(value)
-    return plt.get_cmap(cmap)(norm(np.clip(np.asarray(values, float), 1e-6, None)))
+    return matplotlib.colormaps[cmap](norm(np.clip(np.asarray(values, float), 1e-6, None)))
 
 
 def draw_heatmap(part: pd.DataFrame, template: str, path: str | Path, value: str = "relative_attention",
@@ -118,7 +115,7 @@ def draw_heatmap(part: pd.DataFrame, template: str, path: str | Path, value: str
         x0, y0 = int(x), int(y)
         overlay[y0:y0 + s, x0:x0 + s] = (*colour[:3], 0.5)
     aspect = image.shape[0] / image.shape[1]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 5 * aspect + 0.6))
+    fig, (left, right) = subplots(1, 2, figsize=(10, 5 * aspect + 0.6))
     left.imshow(image)
     left.set_title("slice", fontsize=9)
     right.imshow(image)
@@ -127,5 +124,5 @@ def draw_heatmap(part: pd.DataFrame, template: str, path: str | Path, value: str
     for ax in (left, right):
         ax.set_axis_off()
     fig.suptitle(title + f"  ({view.source})", fontsize=10)
-    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=right, fraction=0.04, pad=0.02)
+    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=right, fraction=0.04, pad=0.02)
     return save_figure(fig, path, dpi=100)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from stainmil.analysis.analyze import write_analysis
 from stainmil.analysis.heatmaps import ATTENTION_NORM, patch_colours, patch_side
 from stainmil.errors import DataError
 from stainmil.io import atomic_write, atomic_write_json, safe_name
@@ -123,7 +124,6 @@ def export_folder(folder: str | Path, split_name: str | None = None, out_dir: st
     (``stainmil predict``'s, already analysed) to ``<folder>/qupath/`` (or ``out_dir``)."""
     import json
 
-    from stainmil.analysis.analyze import write_analysis
 
     folder = Path(folder)
     table = folder / "attention" / "patches.csv"

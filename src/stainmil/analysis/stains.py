@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from stainmil.data.bags import CohortBags
-from stainmil.evaluate.calibration import apply_temperature
-from stainmil.evaluate.metrics import binary_metrics
+from stainmil.stats.metrics import binary_metrics
+from stainmil.train.run import calibrated
 
 
 def stain_contribution(model: nn.Module, bags: CohortBags, cases: list[str], device: torch.device,
@@ -50,8 +50,8 @@ def stain_contribution(model: nn.Module, bags: CohortBags, cases: list[str], dev
 
 
 def _probability(model: nn.Module, batch, device: torch.device, temperature: float) -> float:
-    prob = float(model(batch.to(device)).probabilities[0, 1])
-    return float(apply_temperature(np.array([prob]), temperature)[0]) if temperature != 1.0 else prob
+    probabilities = model(batch.to(device)).probabilities.cpu().numpy()   # (1, C)
+    return float(calibrated(probabilities, temperature)[0, 1])
 
 
 def stain_summary(contribution: pd.DataFrame, stains: list[str], class_names: list[str],

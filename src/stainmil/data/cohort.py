@@ -30,6 +30,7 @@ from PIL import Image
 
 from stainmil.config import Config, dump_config
 from stainmil.data.labels import Labels, normalize_case_id, read_labels
+from stainmil.data.tiling import load_tiles
 from stainmil.errors import ConfigError, DataError
 from stainmil.io import atomic_write, atomic_write_json, atomic_write_text, walk_files
 from stainmil.progress import progress_bar
@@ -206,7 +207,6 @@ def build_slide_index(config: Config, require_labels: bool = True) -> IndexResul
     there), ``size0`` (level-0 side), ``thumbnail`` and ``thumb_scale`` (thumbnail px per level-0 px) for
     the heatmaps. Slides the tiling skipped are listed in the report with the tiling's reason.
     """
-    from stainmil.data.tiling import load_tiles
 
     tiles, tiling_skipped = load_tiles(config)
     rules = CaseRules.from_config(config, require_labels)

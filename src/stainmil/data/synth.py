@@ -44,6 +44,7 @@ from stainmil.config import STAINS
 from stainmil.errors import ConfigError
 from stainmil.io import atomic_write_text, save_image
 from stainmil.progress import progress_bar
+from stainmil.slides.write import write_pyramidal_tiff
 
 STAIN_VECTORS = {"H": rgb_from_hed[0], "E": rgb_from_hed[1], "DAB": rgb_from_hed[2]}
 CLASS_WORDS = ("benign", "high_grade")
@@ -362,7 +363,6 @@ def write_slides(cohort: str | Path, mpp: float = 0.5, upsample: int = 1, aperio
     ``OUT/slides/case7/he/slice0.tiff`` (``.svs`` with ``aperio``) at ``mpp`` µm/px; ``upsample`` > 1 enlarges
     level 0 by pixel repetition (a "40x" scan of the 20x image when 2, so its 2x level is the original).
     """
-    from stainmil.slides.write import write_pyramidal_tiff
 
     cohort = Path(cohort).resolve()
     slices = sorted(p for p in (cohort / "slices").rglob("slice*.png") if "_" not in p.stem)

@@ -28,14 +28,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from stainmil.config import Config
 from stainmil.errors import ConfigError
-from stainmil.evaluate.metrics import paired_auc_difference
 from stainmil.experiments.cv import per_case_probabilities, pooled_out_of_fold, run_cv, shared_folds
-from stainmil.io import atomic_write, atomic_write_text, safe_name, save_figure
+from stainmil.io import atomic_write, atomic_write_text, safe_name, save_figure, subplots
 from stainmil.model.hierarchical import STAIN_IDENTITIES
 from stainmil.model.registry import ARCHITECTURES, build_model
+from stainmil.stats.metrics import paired_auc_difference
+from stainmil.train.checkpoint import load_checkpoint
 
 COMPARED = ("auc", "balanced_accuracy", "benign_recall", "high_grade_recall", "brier")
 
@@ -160,7 +162,6 @@ def _seconds_per_epoch(cv_dir: Path) -> list[float]:
 
 def _parameters(cv_dir: Path, config: Config) -> int:
     """Trainable parameters of the variant's model, built for the store's feature dimension."""
-    from stainmil.train.checkpoint import load_checkpoint
 
     first = sorted((cv_dir / "folds").glob("fold_*/checkpoints/best.pth"))[0]
     model = build_model(int(load_checkpoint(first)["in_dim"]), config.model, config.data.stains)
@@ -181,11 +182,7 @@ def models_markdown(table: pd.DataFrame, folds: int, seeds: list[int]) -> str:
 
 
 def _roc_plot(oof: dict[str, pd.DataFrame], path: Path) -> Path:
-    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    fig = Figure(figsize=(6, 6))
-    ax = fig.add_subplot()
+    fig, ax = subplots(figsize=(6, 6))
     for name, frame in oof.items():
         per_case = per_case_probabilities(frame)
         y, p = per_case["label"].to_numpy(), per_case["prob_1"].to_numpy()

@@ -29,9 +29,11 @@ from stainmil.config import Config, config_from_dict, config_to_dict, dump_confi
 from stainmil.data.cohort import case_labels, load_manifest
 from stainmil.data.splits import Split, load_split, make_splits, save_split
 from stainmil.errors import DataError
-from stainmil.evaluate.metrics import POINT_METRICS, binary_metrics, bootstrap_intervals
-from stainmil.experiments.launch import run_jobs
+from stainmil.evaluate.predict import evaluate_run
 from stainmil.io import atomic_write, atomic_write_json, atomic_write_text
+from stainmil.launch import run_jobs
+from stainmil.stats.metrics import POINT_METRICS, binary_metrics, bootstrap_intervals
+from stainmil.train.trainer import train
 
 SUMMARY_METRICS = ("benign_recall", "high_grade_recall", "balanced_accuracy", "auc")
 
@@ -43,8 +45,6 @@ class FoldJob:
         self.on_epoch_end = on_epoch_end
 
     def __call__(self, config_values: dict, split_path: str, fold_dir: str) -> dict:
-        from stainmil.evaluate.predict import evaluate_run
-        from stainmil.train.trainer import train
 
         fold = Path(fold_dir)
         if (fold / "metrics.json").is_file():

@@ -35,9 +35,9 @@ from stainmil.config import Config, config_from_dict, config_to_dict, dump_confi
 from stainmil.data.splits import Split, load_split
 from stainmil.errors import ConfigError
 from stainmil.experiments.cv import FoldJob, shared_folds, summarise_cv
-from stainmil.experiments.launch import run_jobs
 from stainmil.experiments.tune import Objective, apply_values, create_study
 from stainmil.io import atomic_write, atomic_write_json, atomic_write_text
+from stainmil.launch import run_jobs
 
 
 def _complete_trials(study) -> int:

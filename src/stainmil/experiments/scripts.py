@@ -6,8 +6,10 @@ from pathlib import Path
 
 from stainmil.config import Config, dump_config
 from stainmil.errors import ConfigError
-from stainmil.experiments.launch import sbatch_script
+from stainmil.experiments.cv import prepare_experiment
+from stainmil.experiments.tune import create_study
 from stainmil.io import atomic_write_text
+from stainmil.launch import sbatch_script
 
 
 def command_for(task: str, config_file: Path, shards: int, folds: int, workers: int, experiment: Path | None,
@@ -32,12 +34,10 @@ def write_sbatch(task: str, config: Config, config_path: Path | None, out: Path,
     config_file = out.with_suffix(".yaml")
     dump_config(config, config_file)
     if task == "cv" and experiment is None:
-        from stainmil.experiments.cv import prepare_experiment
 
         experiment, jobs = prepare_experiment(config, folds)
         folds = len(jobs)
     if task == "tune":
-        from stainmil.experiments.tune import create_study
 
         create_study(config)  # created before the workers start (SQLite needs that)
     command, array = command_for(task, config_file, shards, folds, workers, experiment, config.tune.trials)

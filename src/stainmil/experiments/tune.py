@@ -23,7 +23,9 @@ from stainmil.config import Config, config_from_dict, config_to_dict, dump_confi
 from stainmil.data.cohort import case_labels, load_manifest
 from stainmil.data.splits import Split, load_split
 from stainmil.errors import ConfigError
-from stainmil.io import atomic_write, atomic_write_text
+from stainmil.io import atomic_write, atomic_write_text, save_figure
+from stainmil.launch import run_jobs
+from stainmil.train.trainer import train
 
 DEFAULT_SPACE: dict[str, dict] = {
     "train.lr": {"type": "float", "low": 1e-5, "high": 3e-3, "log": True},
@@ -123,7 +125,6 @@ class Objective:
     def __call__(self, trial) -> float:
         import optuna
 
-        from stainmil.train.trainer import train
 
         config = apply_values(self.config, suggest(trial, self.space))
         config.train.runs_dir = str(tune_dir(self.config) / "trials" / f"trial_{trial.number:04d}")
@@ -164,7 +165,6 @@ def run_tune(config: Config, trials: int | None = None, workers: int = 1, launch
     """Add ``trials`` trials to the study with ``workers`` workers, then write the outputs."""
     import optuna
 
-    from stainmil.experiments.launch import run_jobs
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     trials = trials or config.tune.trials
@@ -200,12 +200,8 @@ def write_outputs(study, config: Config, out: Path) -> TuneResult:
 
 
 def _plots(study, out: Path) -> None:
-    import matplotlib
+    import optuna.visualization.matplotlib as ovm  # imported here: optuna's plotting pulls in pyplot
 
-    matplotlib.use("Agg")
-    import optuna.visualization.matplotlib as ovm
-
-    from stainmil.io import save_figure
 
     save_figure(ovm.plot_optimization_history(study).figure, out / "optimization_history.png")
     if len(study.trials) >= 2 and len({k for t in study.trials for k in t.params}) >= 1:

@@ -21,7 +21,10 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from stainmil.config import Config, dump_config
+from stainmil.config import Config, config_from_dict, config_to_dict, dump_config
+from stainmil.data.cohort import load_manifest
+from stainmil.device import resolve_device
+from stainmil.errors import ConfigError, StoreError
 from stainmil.features.augment import forward_images, make_view, view_jitter
 from stainmil.features.backbones import Backbone, build_backbone
 from stainmil.features.store import (
@@ -34,14 +37,9 @@ from stainmil.features.store import (
     view_settings,
     write_slice,
 )
+from stainmil.launch import run_jobs
 from stainmil.progress import progress_bar
 from stainmil.slides.reader import cached_slide, patch_refs, read_patch
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class PatchImages(Dataset):
@@ -111,7 +109,6 @@ def _prepare_store(config: Config, backbone: Backbone, store_dir: Path) -> Store
     if (store_dir / STORE_META).is_file():
         existing = check_store(store_dir, config, extracting=True)
         if existing.weights_hash != meta.weights_hash:
-            from stainmil.errors import StoreError
 
             raise StoreError(f"feature store {store_dir} was made with weights hash {existing.weights_hash} but the "
                              f"loaded weights hash to {meta.weights_hash}; use a new features.store_dir.")
@@ -202,9 +199,6 @@ class ExtractShardJob:
     """Extract one shard of slices; picklable, and requeued by submitit near a time limit (it resumes)."""
 
     def __call__(self, config_values: dict, shard: int, shards: int) -> ExtractSummary:
-        from stainmil.config import config_from_dict
-        from stainmil.data.cohort import load_manifest
-
         config = config_from_dict(config_values)
         return extract_features(config, load_manifest(config), shard=(shard, shards))
 
@@ -221,10 +215,6 @@ def extract_sharded(config: Config, shards: int = 1, launcher: str = "local", sh
     The store's settings file is written here first, so parallel shards never race on it; each slice
     file is written atomically, so two workers on the same slice cannot corrupt it.
     """
-    from stainmil.config import config_to_dict
-    from stainmil.data.cohort import load_manifest
-    from stainmil.errors import ConfigError
-    from stainmil.experiments.launch import run_jobs
 
     if shards < 1 or (shard is not None and not 0 <= shard < shards):
         raise ConfigError(f"--shard {shard} must be in 0..{shards - 1} (--shards {shards}).")

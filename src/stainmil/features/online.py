@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from stainmil.config import Config, FeaturesConfig
-from stainmil.errors import ConfigError
+from stainmil.errors import ConfigError, TrainingError
 from stainmil.features.augment import forward_images, train_augment
 from stainmil.features.backbones import Backbone, build_backbone, state_dict_hash
 from stainmil.features.encoder_modules import EncoderModule
@@ -119,7 +119,6 @@ class OnlineEncoder:
 
     def load_tail_state(self, state: dict[str, torch.Tensor]) -> None:
         if set(state) != set(self.tail_keys):
-            from stainmil.errors import TrainingError
 
             raise TrainingError("the checkpoint's backbone tail does not match features.trainable_blocks of the "
                                 "run's config; resume with the run's own config.yaml.")

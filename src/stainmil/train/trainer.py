@@ -31,24 +31,23 @@ import numpy as np
 import pandas as pd
 import torch
 
-from stainmil.analysis.plots import plot_history
 from stainmil.config import Config, config_to_dict, dump_config, load_config
 from stainmil.data.bags import CohortBags
-from stainmil.data.cohort import keep_stains, load_manifest
 from stainmil.data.splits import Split, load_split, save_split
 from stainmil.data.subcases import expand_subcases
-from stainmil.errors import DataError, TrainingError
-from stainmil.evaluate.metrics import binary_metrics
-from stainmil.features.extract import resolve_device
-from stainmil.features.sources import cohort_features
-from stainmil.features.store import STORE_META, check_store
+from stainmil.device import resolve_device
+from stainmil.errors import TrainingError
+from stainmil.features.extract import extract_features
 from stainmil.io import atomic_write, atomic_write_json
 from stainmil.model.registry import build_model
 from stainmil.model.regularizers import AttentionRegularizer
 from stainmil.progress import progress_bar
+from stainmil.stats.metrics import binary_metrics
+from stainmil.stats.plots import plot_history
 from stainmil.train.checkpoint import load_checkpoint, save_checkpoint
 from stainmil.train.losses import build_loss, class_weights, weighted_mean
 from stainmil.train.optim import build_optimizer
+from stainmil.train.run import infer, load_cohort
 
 
 @dataclass
@@ -71,42 +70,6 @@ def new_run_dir(runs_dir: Path) -> Path:
     return path
 
 
-TRAINING_COLUMNS = ["case", "stain", "slice", "patch", "patch_index", "label"]
-
-
-def load_cohort(config: Config, split: Split | None = None, training: bool = False) -> tuple[CohortBags, Split]:
-    """Manifest + split + patch features of ``config``, validated against each other.
-
-    ``training``: cached mode loads ``features.views`` views per patch; online mode loads no features
-    but an encoder that computes them from the images. Otherwise (evaluation, analysis) the plain
-    features of the store — for an online run, its own store of the trained backbone.
-    """
-    bounded = training and config.features.mode == "cached" and config.features.cache_mb > 0
-    # a bounded training process keeps only the index columns training uses: its memory stays small
-    manifest = load_manifest(config, TRAINING_COLUMNS if bounded else None)
-    cases = set(manifest["case"])
-    split = split or load_split(config.split_file, cases)
-    manifest = keep_stains(manifest, config.data.stains)  # a stain subset: cases without any of them drop out
-    if len(kept := set(manifest["case"])) < len(cases):
-        split = split.restricted_to(kept)
-    for name in ("train", "val"):
-        if not split.subset(name):
-            raise DataError(f"the {name} split of {config.split_file} is empty; re-split with more cases.")
-    online = config.features.mode == "online"
-    if online and training:
-        from stainmil.features.online import OnlineEncoder
-
-        encoder = OnlineEncoder(config, resolve_device(config.train.device))
-        return CohortBags(manifest, None, config.data.stains, encoder), split
-    if online and not (config.store_dir / STORE_META).is_file():
-        raise TrainingError(f"this online run has no store of its trained backbone's features yet "
-                            f"({config.store_dir}); finish training first: `stainmil train --resume <run folder>`.")
-    check_store(config.store_dir, config)
-    views = config.features.views if training else 1
-    features = cohort_features(config.store_dir, manifest, views, config.features.cache_mb)
-    return CohortBags(manifest, features, config.data.stains), split
-
-
 def _set_status(run_dir: Path, state: str, **extra: object) -> None:
     atomic_write_json(run_dir / "status.json", {"state": state, "updated": datetime.now().isoformat(), **extra})
 
@@ -118,16 +81,11 @@ def _rng_state(rng: np.random.Generator) -> str:
 def evaluate_loss(model: torch.nn.Module, bags: CohortBags, cases: list[str], loss_fn, weights, device,
                   batch_cases: int = 8) -> tuple[float, np.ndarray, np.ndarray]:
     """Mean loss over ``cases`` (every patch), their labels and P(class 1)."""
-    model.eval()
     losses, labels, probs = [], [], []
-    with torch.inference_mode():
-        for i in range(0, len(cases), batch_cases):
-            batch = bags.batch(cases[i:i + batch_cases]).to(device)
-            bags.prefetch(cases[i + batch_cases:i + 2 * batch_cases])
-            out = model(batch)
-            losses.append(loss_fn(out, batch.labels, weights).cpu())
-            labels.append(batch.labels.cpu())
-            probs.append(out.probabilities[:, 1].cpu())
+    for batch, out in infer(model, bags, cases, device, batch_cases):
+        losses.append(loss_fn(out, batch.labels, weights).cpu())
+        labels.append(batch.labels.cpu())
+        probs.append(out.probabilities[:, 1].cpu())
     all_labels = torch.cat(labels)
     loss = weighted_mean(torch.cat(losses), all_labels, weights.cpu() if weights is not None else None)
     return float(loss), all_labels.numpy(), torch.cat(probs).numpy()
@@ -275,8 +233,6 @@ def train(config: Config, resume_dir: str | Path | None = None, split: Split | N
 
 def extract_with_trained_backbone(config: Config, run_dir: Path, bags: CohortBags) -> None:
     """Online runs: the best checkpoint's backbone extracts every patch into the run's store (resumable)."""
-    from stainmil.features.extract import extract_features
-
     if bags.encoder.trainable_parameters():
         bags.encoder.load_tail_state(load_checkpoint(run_dir / "checkpoints" / "best.pth")["backbone"])
     extract_features(config, bags.manifest, backbone=bags.encoder.as_backbone())

@@ -1,8 +1,8 @@
 from pathlib import Path
 
 from stainmil.config import SlurmConfig
-from stainmil.experiments.launch import sbatch_script, slurm_parameters
 from stainmil.experiments.scripts import command_for
+from stainmil.launch import sbatch_script, slurm_parameters
 
 GOLDEN = Path(__file__).parent / "golden" / "cv_array.sbatch"
 SLURM = SlurmConfig(partition="gpu", time=240, gpus=1, mem=32, cpus=8, account="e32998", array_parallelism=4,

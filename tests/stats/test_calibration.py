@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from stainmil.evaluate.calibration import (
+from stainmil.stats.calibration import (
     apply_temperature,
     brier_score,
     expected_calibration_error,

@@ -14,7 +14,7 @@ import numpy as np
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score, roc_curve
 
 from stainmil.errors import ConfigError
-from stainmil.evaluate.calibration import calibration_metrics
+from stainmil.stats.calibration import calibration_metrics
 
 POINT_METRICS = ("benign_recall", "high_grade_recall", "balanced_accuracy", "accuracy", "f1", "auc", "brier", "ece")
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from stainmil.errors import ConfigError
-from stainmil.evaluate.metrics import binary_metrics, bootstrap_intervals, choose_threshold
+from stainmil.stats.metrics import binary_metrics, bootstrap_intervals, choose_threshold
 
 
 def test_point_metrics_by_hand():

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_curve
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
-
-from stainmil.io import save_figure  # noqa: E402
+from stainmil.io import save_figure, subplots
+from stainmil.stats.calibration import reliability_curve
 
 
 def plot_history(history: pd.DataFrame, path: str | Path) -> Path:
     """Loss and validation metrics per epoch (``curves.png``)."""
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax_loss, ax_metric) = subplots(1, 2, figsize=(10, 3.6))
     ax_loss.plot(history["epoch"], history["train_loss"], label="train loss")
     ax_loss.plot(history["epoch"], history["val_loss"], label="val loss")
     best = history.loc[history["val_loss"].idxmin()]
@@ -37,7 +34,7 @@ def plot_history(history: pd.DataFrame, path: str | Path) -> Path:
 
 def plot_confusion(matrix: np.ndarray, class_names: list[str], path: str | Path, title: str = "") -> Path:
     """Confusion matrix with counts and row-normalised recall."""
-    fig, ax = plt.subplots(figsize=(4, 3.6))
+    fig, ax = subplots(figsize=(4, 3.6))
     rows = matrix.sum(1, keepdims=True).clip(min=1)
     ax.imshow(matrix / rows, cmap="Blues", vmin=0, vmax=1)
     for i in range(matrix.shape[0]):
@@ -54,7 +51,7 @@ def plot_confusion(matrix: np.ndarray, class_names: list[str], path: str | Path,
 
 
 def plot_roc(labels: np.ndarray, probabilities: np.ndarray, path: str | Path, title: str = "") -> Path:
-    fig, ax = plt.subplots(figsize=(4, 4))
+    fig, ax = subplots(figsize=(4, 4))
     if len(np.unique(labels)) == 2:
         fpr, tpr, _ = roc_curve(labels, probabilities)
         ax.plot(fpr, tpr, lw=2)
@@ -69,9 +66,8 @@ def plot_roc(labels: np.ndarray, probabilities: np.ndarray, path: str | Path, ti
 def plot_reliability(labels: np.ndarray, curves: dict[str, np.ndarray], path: str | Path, title: str = "") -> Path:
     """Reliability diagram: observed high-grade share vs mean predicted P(high-grade) per bin, one line per
     set of probabilities in ``curves`` (e.g. before / after temperature scaling); marker area ~ cases."""
-    from stainmil.evaluate.calibration import reliability_curve
 
-    fig, ax = plt.subplots(figsize=(4, 4))
+    fig, ax = subplots(figsize=(4, 4))
     ax.plot([0, 1], [0, 1], color="grey", ls=":", label="perfectly calibrated")
     for name, probabilities in curves.items():
         predicted, observed, counts = reliability_curve(labels, probabilities)

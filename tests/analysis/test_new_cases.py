@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from stainmil.analysis.new_cases import predict_unlabelled
 from stainmil.analysis.qupath import export_folder
 from stainmil.data.splits import load_split
-from stainmil.evaluate.predict import predict_unlabelled
 from tests.conftest import trained_run
 
 

@@ -1,0 +1,73 @@
+"""New, unlabelled cases: indexed (or tiled), extracted with the run's encoder, predicted with the run's model
+and decision, and explained like a run (tables, heatmaps, report) — ``stainmil predict``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from stainmil.analysis.analyze import write_tables
+from stainmil.analysis.attention import compute_tables
+from stainmil.analysis.report import build_prediction_report
+from stainmil.config import Config
+from stainmil.data.bags import CohortBags
+from stainmil.data.cohort import build_index, keep_stains, write_index
+from stainmil.device import resolve_device
+from stainmil.features.extract import extract_features
+from stainmil.features.online import backbone_from_checkpoint
+from stainmil.features.sources import cohort_features
+from stainmil.features.store import check_store
+from stainmil.io import atomic_write, atomic_write_text
+from stainmil.train.checkpoint import load_checkpoint, model_from_checkpoint
+from stainmil.train.run import case_probabilities, run_decision
+
+
+def predict_unlabelled(checkpoint: str | Path, config: Config, out_dir: str | Path | None = None,
+                       threshold: float | None = None, explain: bool = True) -> Path:
+    """Index + extract (if needed) + predict every case of ``config``'s patch folder (or tiled slides); no
+    labels needed. Returns the prediction folder (default <output_dir>/predictions)::
+
+        predictions.csv  threshold.txt
+        attention/…      the same tables, heatmaps and patch grids as ``stainmil analyze`` (``explain``)
+        report.html      probabilities, threshold, stain and slice attention, slice viewers; no metrics
+
+    The threshold (and temperature, when the run calibrated) is ``threshold`` if given, else the run's
+    metrics.json next to the checkpoint, else 0.5.
+    """
+    state = load_checkpoint(checkpoint)
+    model, trained_config = model_from_checkpoint(state)
+    # the model only understands features made like its own; but they go to this config's own store, never
+    # into the training store (where a new case with a training case's id would find the old case's file)
+    store_dir, cache_mb = config.features.store_dir, config.features.cache_mb
+    config.features = dataclasses.replace(trained_config.features, store_dir=store_dir, views=1,  # plain view only
+                                          cache_mb=cache_mb)
+    trained_stains = list(trained_config.data.stains)
+    # indexed with every stain the config knows; only those the model was trained on are read (a stain subset)
+    config.data.stains = trained_stains + [s for s in config.data.stains if s not in trained_stains]
+    config.data.class_names = list(trained_config.data.class_names)
+    result = build_index(config, require_labels=False)
+    write_index(result, config)
+    manifest = keep_stains(result.manifest, trained_stains)
+    # an online run that fine-tuned its backbone saved it in the checkpoint; its features need that backbone
+    tuned = backbone_from_checkpoint(state, trained_config, resolve_device(config.features.device))
+    extract_features(config, manifest, backbone=tuned)
+    check_store(config.store_dir, config)
+    bags = CohortBags(manifest, cohort_features(config.store_dir, manifest, 1, cache_mb), trained_stains)
+    decision = run_decision(Path(checkpoint).resolve().parent.parent, threshold)  # the run folder's metrics.json
+    threshold, rule, temperature = decision.threshold, decision.rule, decision.temperature
+    predictions = case_probabilities(model, bags, bags.case_ids, resolve_device(config.train.device), temperature)
+    predictions["pred"] = (predictions["prob_1"] >= threshold).astype(int)
+    predictions["pred_label"] = [trained_config.data.class_names[k] for k in predictions["pred"]]
+    predictions["threshold"] = threshold
+    out = Path(out_dir) if out_dir else Path(config.output_dir) / "predictions"
+    (out / "predictions.csv").unlink(missing_ok=True)  # an earlier set's file must not sit beside new partial files
+    atomic_write_text(out / "threshold.txt", f"{threshold}\n{rule}\n")
+    if explain:
+        tables = compute_tables(model, config, bags, bags.case_ids, predictions, "prediction set", threshold,
+                                temperature)
+        analysis = write_tables(out / "attention", tables, config)
+        build_prediction_report(out, analysis, config, threshold, rule, checkpoint)
+    # written last: a folder with predictions.csv is a finished prediction set
+    atomic_write(out / "predictions.csv", lambda tmp: predictions.drop(columns=["label"]).to_csv(tmp, index=False))
+    return out
