@@ -1,15 +1,8 @@
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
+from stainmil.model import nested_reference as reference
 from tests.model.test_hierarchical import model_for, random_bags
-
-spec = importlib.util.spec_from_file_location(
-    "nested_loop_reference", Path(__file__).resolve().parents[1] / "benchmarks" / "nested_loop_reference.py")
-reference = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(reference)
 
 
 @pytest.mark.parametrize("attention", ["tanh", "gated"])

@@ -6,7 +6,7 @@
   caps — and online with the last dense block fine-tuned; online epochs are timed on ``old_cases``
   cases and scaled by patch count;
 * vectorised vs nested-loop forward+backward at 8 cases per batch (the loop is the old pseudocode, kept
-  in ``benchmarks/nested_loop_reference.py``; outputs must agree within 1e-5), and the projector alone
+  in ``stainmil/model/nested_reference.py``; outputs must agree within 1e-5), and the projector alone
   (forward+backward of its matmul over the same patches): the floor of a head step, and the ratio to it;
 * peak memory while training from the store and online (RSS; CUDA max allocated on a GPU), and the
   whole process's peak.
@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 import platform
 import resource
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stainmil.config import Config
 from stainmil.data.bags import CohortBags
 from stainmil.data.cohort import build_index, case_labels, write_index
 from stainmil.data.splits import make_splits
@@ -37,12 +37,13 @@ from stainmil.features.extract import extract_features
 from stainmil.features.online import OnlineEncoder
 from stainmil.features.store import load_features
 from stainmil.io import atomic_write_json
+from stainmil.model.nested_reference import nested_forward
 from stainmil.model.registry import build_model
+from stainmil.model.regularizers import AttentionRegularizer
 from stainmil.pipeline import demo_config, tile_cohort
 from stainmil.slides.reader import patch_refs, read_patch
-from stainmil.train.losses import class_weights, cross_entropy, weighted_mean
-
-REFERENCE = Path(__file__).resolve().parents[2] / "benchmarks" / "nested_loop_reference.py"
+from stainmil.train.losses import class_weights, cross_entropy
+from stainmil.train.trainer import TrainingStep
 
 
 def _sync(device: torch.device) -> None:
@@ -104,34 +105,28 @@ class PeakMemory:
             self.cuda_mb = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
 
 
-def training_epoch(model, optimizer, bags, cases, cap, rng, weights, device, cases_per_batch: int = 1) -> float:
-    """Seconds of one training epoch (as the trainer does it: augmented batches, one step per batch)."""
+def training_epoch(model, optimizer, bags, cases, cap, rng, weights, device, cases_per_batch: int = 1,
+                   config: Config | None = None) -> float:
+    """Seconds of one training epoch: the trainer's own :class:`TrainingStep` on augmented batches."""
+    config = config or Config()
+    step = TrainingStep(model, optimizer, cross_entropy, AttentionRegularizer(config.model, 1), weights, config)
     start = time.perf_counter()
     model.train()
     order = [cases[i] for i in rng.permutation(len(cases))]
     for i in range(0, len(order), cases_per_batch):
-        batch = bags.batch(order[i:i + cases_per_batch], None, cap, rng, augment=True).to(device)
-        loss = weighted_mean(cross_entropy(model(batch), batch.labels, weights), batch.labels, weights)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        step(bags.batch(order[i:i + cases_per_batch], None, cap, rng, augment=True).to(device), 1)
     _sync(device)
     return time.perf_counter() - start
 
 
 def vectorised_vs_loop(model, bags, cases, device, repeats: int = 5, compile_head: bool = False) -> dict:
-    if not REFERENCE.is_file():
-        return {"vectorised_vs_loop": "n/a (benchmarks/nested_loop_reference.py needs a source checkout)"}
-    spec = importlib.util.spec_from_file_location("nested_loop_reference", REFERENCE)
-    reference = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reference)
     batch = bags.batch(cases).to(device)
     model.eval()  # no dropout, so both paths compute the same function
     # same outputs: compared in float64, where summation order no longer shows
     exact, exact_batch = copy.deepcopy(model).double(), bags.batch(cases).to(device)
     exact_batch.features = exact_batch.features.double()
     with torch.no_grad():
-        difference = float((exact(exact_batch).logits - reference.nested_forward(exact, exact_batch)).abs().max())
+        difference = float((exact(exact_batch).logits - nested_forward(exact, exact_batch)).abs().max())
 
     def timed(forward) -> float:
         start = time.perf_counter()
@@ -143,7 +138,7 @@ def vectorised_vs_loop(model, bags, cases, device, repeats: int = 5, compile_hea
 
     timed(lambda: model(batch).logits)  # warm-up
     vectorised = timed(lambda: model(batch).logits)
-    loop = timed(lambda: reference.nested_forward(model, batch))
+    loop = timed(lambda: nested_forward(model, batch))
     floor = timed(lambda: model.embed(batch.features))  # the projector alone: the step's matmul floor
     compiled = compiled_step(model, batch, timed) if compile_head else {}
     return {**compiled, "fwd_bwd_ms_vectorised": round(vectorised * 1e3, 2),

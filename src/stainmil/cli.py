@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -465,8 +464,6 @@ def config_cmd(config: ConfigOpt = None, set_: SetOpt = None,
 @app.command()
 def backbones(markdown: Annotated[bool, typer.Option(help="Print the README's markdown table.")] = False) -> None:
     """List the registered patch encoders: architecture, input, normalisation, pooling, dimension, weights, licence."""
-    from rich.table import Table
-
     from stainmil.features.encoders import encoder_table, encoder_table_markdown
 
     if markdown:
@@ -489,6 +486,3 @@ def models() -> None:
         attention = "patch attention" if spec.patch_attention else "no patch attention"
         typer.echo(f"{name:<13} {attention:<19} {spec.reference}")
 
-
-def main() -> None:  # pragma: no cover
-    app(sys.argv[1:])

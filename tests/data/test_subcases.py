@@ -1,7 +1,11 @@
 import numpy as np
 import pandas as pd
 
-from stainmil.data.subcases import expand_subcases, parent_case
+from stainmil.data.subcases import SEPARATOR, expand_subcases
+
+
+def parent_case(case: str) -> str:
+    return case.split(SEPARATOR, 1)[0]
 
 
 def _manifest():

@@ -4,9 +4,13 @@ import numpy as np
 import pytest
 
 from stainmil.slides.reader import Slide
-from stainmil.slides.tissue import dice, tissue_mask
+from stainmil.slides.tissue import tissue_mask
 from stainmil.slides.write import write_pyramidal_tiff
 
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two boolean masks."""
+    return float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
 
 @pytest.mark.parametrize("stain", ["he", "melan", "sox10"])
 def test_tissue_dice_at_least_0_9_on_every_stain_through_openslide(stain, rendered, tmp_path):

@@ -36,8 +36,6 @@ class Split:
         """The same split over only ``cases`` (e.g. the cases that have one of the stains a model uses)."""
         return Split(*[[c for c in self.subset(name) if c in cases] for name in SUBSETS])
 
-    def subset_of(self) -> dict[str, str]:
-        return {case: name for name in SUBSETS for case in self.subset(name)}
 
 
 def _stratified_two_way(cases: np.ndarray, labels: np.ndarray, fraction: float, seed: int

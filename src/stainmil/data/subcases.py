@@ -3,7 +3,7 @@
 Within every slice, the patches are partitioned into k parts — contiguous patch-index ranges
 (``index``, as the team proposed: the same range of patch numbers from every slice) or at random
 (``random``) — and sub-case j takes part j of every slice. Sub-cases keep the parent's label and
-are named ``<case>::sub<j>``; :func:`parent_case` maps them back. Validation and test cases are
+are named ``<case>::sub<j>``. Validation and test cases are
 never split, and only rows of training cases are touched.
 """
 
@@ -13,10 +13,6 @@ import numpy as np
 import pandas as pd
 
 SEPARATOR = "::sub"
-
-
-def parent_case(case: str) -> str:
-    return case.split(SEPARATOR, 1)[0]
 
 
 def expand_subcases(manifest: pd.DataFrame, train_cases: list[str], k: int, mode: str,

@@ -49,7 +49,3 @@ def tissue_mask(rgb: np.ndarray, min_object_fraction: float = 0.001) -> np.ndarr
     mask = ndimage.binary_closing(mask, iterations=3)
     mask = ndimage.binary_fill_holes(mask) & ~ink
     return remove_small_objects(mask, max_size=max(16, int(min_object_fraction * mask.size)))
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))

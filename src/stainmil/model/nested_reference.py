@@ -1,9 +1,10 @@
-"""Reference only: the old pipeline's pseudocode as plain nested Python loops (for speed comparison).
+"""The old pipeline's pseudocode as plain nested Python loops: the reference `stainmil bench` times and checks
+the vectorised model against.
 
     for each case: for each stain: for each slice: pool patches; pool slices; pool stains; classify
 
 It reuses the modules of a :class:`HierarchicalMIL` (projector, score-based attention pools, classifier), so
-its logits must equal the vectorised forward pass within float tolerance. Not used by stainmil itself.
+its logits must equal the vectorised forward pass within float tolerance (for `model.stain_identity: none`).
 """
 
 from __future__ import annotations
