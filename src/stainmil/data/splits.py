@@ -47,6 +47,18 @@ def _stratified_two_way(cases: np.ndarray, labels: np.ndarray, fraction: float, 
     return np.sort(rest), np.sort(taken)
 
 
+def validation_folds(case_labels: pd.Series, folds: int, seed: int) -> list[Split]:
+    """Stratified folds where each fold is the validation set once and the rest trains (test empty): the inner
+    loop of tuning, over cases that exclude the held-out test set."""
+    cases = np.array(case_labels.index, dtype=object)
+    labels = case_labels.to_numpy(dtype=int)
+    if np.bincount(labels).min() < folds:
+        raise DataError(f"{folds} validation folds need at least {folds} cases per class; the cases have "
+                        f"{np.bincount(labels).tolist()} — lower tune.inner_folds.")
+    splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    return [Split(sorted(cases[tr]), sorted(cases[va]), []) for tr, va in splitter.split(cases, labels)]
+
+
 def make_splits(case_labels: pd.Series, config: SplitConfig) -> list[Split]:
     """Case-level stratified splits. ``case_labels``: case id -> class index.
 

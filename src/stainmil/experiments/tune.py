@@ -21,7 +21,7 @@ import yaml
 
 from stainmil.config import Config, config_from_dict, config_to_dict, dump_config
 from stainmil.data.cohort import case_labels, load_manifest
-from stainmil.data.splits import Split, load_split
+from stainmil.data.splits import Split, load_split, validation_folds
 from stainmil.errors import ConfigError
 from stainmil.io import atomic_write, atomic_write_text, save_figure
 from stainmil.launch import run_jobs
@@ -95,14 +95,10 @@ def apply_values(config: Config, values: dict[str, object]) -> Config:
 
 def inner_splits(config: Config) -> list[Split]:
     """Stratified folds over the non-test cases: val = one fold, train = the rest, test empty."""
-    from sklearn.model_selection import StratifiedKFold
-
     labels = case_labels(load_manifest(config))
     held_out = set(load_split(config.split_file, set(labels.index)).test) if config.split_file.is_file() else set()
-    dev = labels[[c not in held_out for c in labels.index]]
-    splitter = StratifiedKFold(config.tune.inner_folds, shuffle=True, random_state=config.tune.seed)
-    cases = np.array(dev.index, dtype=object)
-    return [Split(sorted(cases[tr]), sorted(cases[va]), []) for tr, va in splitter.split(cases, dev.to_numpy())]
+    return validation_folds(labels[[c not in held_out for c in labels.index]], config.tune.inner_folds,
+                            config.tune.seed)
 
 
 def objective_value(history: pd.DataFrame, metric: str) -> float:
