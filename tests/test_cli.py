@@ -73,3 +73,24 @@ def test_synth_command(tmp_path):
     assert len(pd.read_csv(tmp_path / "c" / "labels.csv")) == 4
     r = invoke("synth", tmp_path / "d", "--slices", "two")
     assert r.exit_code == 2 and "1-15" in r.output
+
+
+def test_tables_fit_80_columns_pipe_to_grep_and_have_machine_forms():
+    import subprocess
+    import sys
+
+    from stainmil.features.encoders import ENCODERS
+
+    piped = subprocess.run([sys.executable, "-m", "stainmil", "backbones"], capture_output=True, text=True, check=True)
+    lines = piped.stdout.splitlines()
+    assert max(map(len, lines)) <= 80 and "\x1b[" not in piped.stdout and "…" not in piped.stdout
+    assert [line.split()[0] for line in lines if "uni" in line][:2] == ["uni_v1", "uni_v2"]  # `| grep uni`
+    assert {line.split()[0] for line in lines[2:]} == set(ENCODERS)                          # every full name
+    wide = invoke("backbones", "--wide").output
+    assert "licence" in wide and "weights" in wide and max(map(len, wide.splitlines())) > 80
+    rows = json.loads(invoke("backbones", "--json").output)
+    assert {r["name"] for r in rows} == set(ENCODERS) and "licence" in rows[0]
+    assert invoke("backbones", "--markdown").output.startswith("| name | library |")
+    models = invoke("models").output.splitlines()
+    assert max(map(len, models)) <= 80 and models[2].split()[:2] == ["hierarchical", "yes"]
+    assert invoke("backbones", "--markdown", "--json").exit_code != 0

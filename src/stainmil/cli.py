@@ -12,12 +12,16 @@ from rich.table import Table
 
 from stainmil.config import load_config
 from stainmil.errors import StainmilError
+from stainmil.tables import render_table
 
 app = typer.Typer(help="stainmil: hierarchical multiple-instance learning on multi-stain pathology patches.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 console = Console(soft_wrap=True)  # never break paths across lines
 err = Console(stderr=True)
 
+WideOpt = Annotated[bool, typer.Option("--wide", help="Every column (wider than 80 characters).")]
+MarkdownOpt = Annotated[bool, typer.Option("--markdown", help="A markdown table.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="JSON, one object per row.")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override: section.key=value (repeatable).")]
 
@@ -120,7 +124,7 @@ def extract(config: ConfigOpt = None, set_: SetOpt = None, launcher: LauncherOpt
     from stainmil.features.extract import extract_sharded
 
     cfg = load_config(config, set_)
-    for summary in extract_sharded(cfg, shards, launcher, shard, log=console.print):
+    for summary in extract_sharded(cfg, shards, launcher, shard, log=plain_log):
         console.print(f"{summary.slices_written} slices written ({summary.slices_done_before} already done), "
                       f"{summary.patches_written} patches in {summary.seconds:.1f} s "
                       f"({summary.patches_per_second:.0f} patches/s); store: [bold]{summary.store_dir}[/]")
@@ -301,18 +305,18 @@ def cv(config: ConfigOpt = None, set_: SetOpt = None,
     if tune:
         from stainmil.experiments.nested import run_nested_cv
 
-        out = Path(run_nested_cv(cfg, tune, folds, splits_dir, launcher, resume, log=console.print)["out_dir"])
+        out = Path(run_nested_cv(cfg, tune, folds, splits_dir, launcher, resume, log=plain_log)["out_dir"])
         console.print((out / "nested_report.txt").read_text(), highlight=False, markup=False)
         console.print(f"experiment folder: [bold]{out}[/]")
         return
     if seeds > 1:
         from stainmil.experiments.seeds import run_cv_seeds
 
-        out = run_cv_seeds(cfg, seeds, folds, repeats, splits_dir, launcher, resume, log=console.print)[1]
+        out = run_cv_seeds(cfg, seeds, folds, repeats, splits_dir, launcher, resume, log=plain_log)[1]
         console.print((out / "seeds_report.txt").read_text(), highlight=False, markup=False)
         console.print(f"experiment folder: [bold]{out}[/]")
         return
-    result = run_cv(cfg, folds, repeats, splits_dir, launcher, resume, fold, log=console.print, workers=workers)
+    result = run_cv(cfg, folds, repeats, splits_dir, launcher, resume, fold, log=plain_log, workers=workers)
     if result is not None:
         console.print((result.out_dir / "cv_report.txt").read_text(), highlight=False, markup=False)
         console.print(f"experiment folder: [bold]{result.out_dir}[/]")
@@ -331,8 +335,10 @@ def compare_encoders_cmd(
 
     cfg = load_config(config, set_)
     names = [n.strip() for n in backbones.split(",") if n.strip()]
-    table = compare_encoders(cfg, names, folds, launcher, out, log=console.print)
-    console.print(table.to_string(index=False), highlight=False, markup=False)
+    table = compare_encoders(cfg, names, folds, launcher, out, log=plain_log)
+    shown = ["encoder", "dim", "extraction_img_s", "auc", "auc_ci95", "balanced_accuracy"]
+    typer.echo(render_table(table[shown].to_dict("records"), shown), nl=False)
+    typer.echo("every column: encoders.csv and encoders.md in the comparison folder")
 
 
 @app.command("compare-models")
@@ -363,9 +369,11 @@ def compare_models_cmd(
         raise ConfigError(f"--seeds '{seeds}' must be comma-separated integers, e.g. 0,1,2.") from exc
     table = compare_models(cfg, [m for m in models.split(",") if m.strip()], folds, seed_list or None,
                            [s for s in stain_sets.split(",") if s.strip()] or None, launcher, out, workers,
-                           log=console.print)
-    shown = ["model", "n_cases", "auc", "auc_ci95", "balanced_accuracy", "brier", "delta_auc", "delta_auc_ci95"]
-    console.print(table[shown].to_string(index=False), highlight=False, markup=False)
+                           log=plain_log)
+    shown = ["model", "n_cases", "auc", "auc_ci95", "delta_auc", "delta_auc_ci95"]
+    typer.echo(render_table(table[shown].to_dict("records"), shown), nl=False)
+    typer.echo("every column (balanced accuracy, recall per class, Brier, parameters, s/epoch): models.csv, "
+               "models.md, models.html in the comparison folder")
 
 
 @app.command()
@@ -382,7 +390,7 @@ def tune(config: ConfigOpt = None, set_: SetOpt = None,
     cfg = load_config(config, set_)
     if storage:
         cfg.tune.storage = storage
-    result = run_tune(cfg, trials, workers, launcher, log=console.print)
+    result = run_tune(cfg, trials, workers, launcher, log=plain_log)
     console.print(f"{result.n_trials} trials in the study; best {cfg.tune.metric} {result.best_value:.4f} with "
                   f"{result.best_params}; outputs in [bold]{result.out_dir}[/] (best_config.yaml is ready to train)")
 
@@ -433,11 +441,11 @@ def bench(preset: Annotated[str, typer.Option(help="Synthetic cohort: demo | tin
         from stainmil.bench_scale import run_scale, scale_markdown
 
         table = run_scale(out / "scale", tuple(int(v) for v in scales.split(",")), cache_mb, epochs, memory_up_to,
-                          log=console.print)
+                          log=plain_log)
         console.print(scale_markdown(table), highlight=False, markup=False)
         return
     figures = run_bench(out, preset, device, image_size, old_cases, weights, rounds, backbone, slides,
-                        extraction_only, compile_head, log=console.print)
+                        extraction_only, compile_head, log=plain_log)
     table = Table(title="stainmil bench")
     table.add_column("figure")
     table.add_column("value")
@@ -462,27 +470,32 @@ def config_cmd(config: ConfigOpt = None, set_: SetOpt = None,
 
 
 @app.command()
-def backbones(markdown: Annotated[bool, typer.Option(help="Print the README's markdown table.")] = False) -> None:
-    """List the registered patch encoders: architecture, input, normalisation, pooling, dimension, weights, licence."""
-    from stainmil.features.encoders import encoder_table, encoder_table_markdown
+@friendly
+def backbones(wide: WideOpt = False, markdown: MarkdownOpt = False, json_: JsonOpt = False) -> None:
+    """List the registered patch encoders (features.backbone): architecture, input, dimension, size, precision."""
+    from stainmil.features.encoders import encoder_table
 
-    if markdown:
-        typer.echo(encoder_table_markdown())
-        return
-    rows = encoder_table()
-    table = Table(*rows[0].keys(), title="patch encoders (features.backbone)")
-    for row in rows:
-        table.add_row(*(str(v) for v in row.values()))
-    console.print(table)
+    columns = None if wide or markdown or json_ else ["name", "architecture", "input", "dim", "params_M", "precision"]
+    typer.echo(render_table(encoder_table(), columns, _table_format(markdown, json_)), nl=False)
 
 
 @app.command()
 @friendly
-def models() -> None:
+def models(markdown: MarkdownOpt = False, json_: JsonOpt = False) -> None:
     """List the MIL architectures (model.architecture): patch attention or not, and the paper each follows."""
     from stainmil.model.registry import ARCHITECTURES
 
-    for name, spec in ARCHITECTURES.items():
-        attention = "patch attention" if spec.patch_attention else "no patch attention"
-        typer.echo(f"{name:<13} {attention:<19} {spec.reference}")
+    rows = [{"name": name, "attention": "yes" if spec.patch_attention else "no", "reference": spec.reference}
+            for name, spec in ARCHITECTURES.items()]
+    typer.echo(render_table(rows, None, _table_format(markdown, json_)), nl=False)
 
+
+def plain_log(message: str) -> None:
+    """Progress lines of long commands, printed as they are (a model name like 'abmil [he]' is not markup)."""
+    console.print(message, markup=False, highlight=False)
+
+
+def _table_format(markdown: bool, json_: bool) -> str:
+    if markdown and json_:
+        raise typer.BadParameter("choose one of --markdown and --json.")
+    return "markdown" if markdown else "json" if json_ else "text"

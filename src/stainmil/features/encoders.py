@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from stainmil.errors import ConfigError
+from stainmil.tables import render_table
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -181,8 +182,4 @@ def encoder_table() -> list[dict]:
 
 
 def encoder_table_markdown() -> str:
-    rows = encoder_table()
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(r[k]).replace("|", "\\|") for k in keys) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return render_table(encoder_table(), fmt="markdown")

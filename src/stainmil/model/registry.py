@@ -33,13 +33,13 @@ class Architecture:
 
 ARCHITECTURES: dict[str, Architecture] = {
     "hierarchical": Architecture(HierarchicalMIL, True, "stainmil: attention patch -> slice -> stain -> case"),
-    "abmil": Architecture(ABMIL, True, "Ilse et al. 2018, gated attention"),
-    "clam_sb": Architecture(CLAM, True, "Lu et al. 2021, single attention branch + instance clustering"),
+    "abmil": Architecture(ABMIL, True, "Ilse et al. 2018: gated attention"),
+    "clam_sb": Architecture(CLAM, True, "Lu et al. 2021: one branch, instance clustering"),
     "clam_mb": Architecture(partial(CLAM, multi_branch=True), True,
-                            "Lu et al. 2021, one attention branch per class + instance clustering"),
-    "dsmil": Architecture(DSMIL, True, "Li et al. 2021, max-instance + critical-instance attention streams"),
-    "dtfd_mil": Architecture(DTFDMIL, True, "Zhang et al. 2022, pseudo-bags, two tiers, AFS distillation"),
-    "transmil": Architecture(TransMIL, False, "Shao et al. 2021, transformer with PPEG"),
+                            "Lu et al. 2021: a branch per class, instance clustering"),
+    "dsmil": Architecture(DSMIL, True, "Li et al. 2021: max-instance + attention streams"),
+    "dtfd_mil": Architecture(DTFDMIL, True, "Zhang et al. 2022: two tiers of pseudo-bags, AFS"),
+    "transmil": Architecture(TransMIL, False, "Shao et al. 2021: transformer with PPEG"),
     "mean": Architecture(MeanPoolMIL, False, "floor: mean of the projected patches"),
     "max": Architecture(MaxPoolMIL, False, "floor: feature-wise max of the projected patches"),
 }
