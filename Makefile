@@ -7,7 +7,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stainmil-installed
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup test demo docs lint bench clean
 
 setup: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,docs]"
 	touch $(STAMP)
 
 # The SLURM tests share one real single-node cluster: they run in a second, single-process pass.
@@ -26,6 +26,10 @@ test: setup
 demo: setup
 	$(BIN)/stainmil demo --out demo_out
 
+# the documentation site (docs/ + reference pages generated from the code) -> site/; --strict: a broken link fails
+docs: setup
+	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(BIN)/mkdocs build --strict
+
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
 
@@ -33,4 +37,4 @@ bench: setup
 	$(BIN)/stainmil bench --preset demo
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) demo_out site .pytest_cache

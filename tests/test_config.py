@@ -77,14 +77,6 @@ def test_relative_paths_become_absolute(tmp_path, monkeypatch):
     assert Path(config.output_dir).is_absolute()
 
 
-def test_readme_config_reference_is_current():
-    readme = (ROOT / "README.md").read_text()
-    start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
-    assert start in readme and end in readme, "README lacks the generated config reference markers"
-    block = readme.split(start, 1)[1].split(end, 1)[0]
-    assert block == config_reference_markdown(), "README config reference is stale: run `stainmil config --reference`"
-
-
 def test_reference_lists_every_key():
     table = config_reference_markdown()
     flat = []

@@ -3,7 +3,7 @@
 Every field has a default equal to the team's previous pipeline where one existed
 (``per_slice_cap: 500``, ``max_slices_per_stain: 5``, Adam, ReduceLROnPlateau factor 0.3,
 ``early_stopping_patience: 8``, embed dim 512, attention hidden dim 128). Each field carries a
-one-line ``help`` that the README's config reference is generated from
+one-line ``help`` that the docs' configuration reference is generated from
 (:func:`config_reference_markdown`), so the documentation cannot drift.
 
 Relative paths in a YAML file are resolved against the current working directory when the
@@ -552,7 +552,7 @@ def dump_config(config: Config, path: str | Path) -> Path:
 
 
 def config_reference_markdown() -> str:
-    """The README's config reference: one table row per key, from the dataclasses."""
+    """The configuration reference (docs): one table row per key, from the dataclasses."""
     lines = ["| key | default | meaning |", "|---|---|---|"]
 
     def walk(cls: type, prefix: str) -> None:

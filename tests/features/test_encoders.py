@@ -133,10 +133,3 @@ def test_table_lists_every_encoder_with_its_dimension():
     table = encoder_table_markdown()
     for name, spec in ENCODERS.items():
         assert f"| {name} |" in table and f"| {spec.dim} |" in table
-
-
-def test_readme_encoder_table_is_current():
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert encoder_table_markdown() in readme, "run `stainmil backbones --markdown` and paste it into README.md"

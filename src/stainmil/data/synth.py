@@ -95,7 +95,7 @@ PRESETS: dict[str, SynthConfig] = {
     # the real cohort's shape: ~86 cases, 1/3 benign, 1-15 slices per stain, ~100-1,600 patches/case.
     "real-shape": SynthConfig(cases=86, slices_per_stain=(1, 15), slice_size=448, patch_size=32,
                               missing_stain_prob=0.05),
-    # stain identity: stains drawn alike, the label in SOX10 only, decoys in the others (README figures)
+    # stain identity: stains drawn alike, the label in SOX10 only, decoys in the others (figures in docs/baselines.md)
     "stain-key": SynthConfig(cases=240, benign_fraction=0.5, slices_per_stain=(1, 1), slice_size=288,
                              key_stain="sox10", missing_stain_prob=0.0),
     # its small version, for tests

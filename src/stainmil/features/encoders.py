@@ -3,7 +3,7 @@
 One :class:`EncoderSpec` per name. It states the architecture and its exact constructor kwargs in
 the library that builds it (torchvision, timm or transformers), the input size, the normalisation,
 how the embedding is pooled, the output dimension, the precision the authors run it in, where the
-weights live and under which licence. ``stainmil backbones`` prints this table; the README has it.
+weights live and under which licence. ``stainmil backbones`` prints this table; the docs' encoder reference is generated from it.
 
 Building (and loading weights) is :mod:`stainmil.features.backbones`; the modules that turn each
 architecture into ``(B, 3, H, W) -> (B, D)`` are in :mod:`stainmil.features.encoder_modules`.
@@ -164,7 +164,7 @@ def preprocessing(backbone: str, mean: list[float], std: list[float]) -> tuple[l
 
 
 def encoder_table() -> list[dict]:
-    """One row per registered encoder (for ``stainmil backbones`` and the README)."""
+    """One row per registered encoder (for ``stainmil backbones`` and the docs)."""
     rows = []
     for spec in ENCODERS.values():
         kwargs = {k: (v.rsplit(".", 1)[-1] if isinstance(v, str) and "." in v else v) for k, v in spec.kwargs.items()}
