@@ -54,6 +54,8 @@ def synth(out: Annotated[Path, typer.Argument(help="Output folder.")],
           key_stain: Annotated[str | None, typer.Option(
               help="Stain-keyed cohort: every stain drawn alike, the label shown in this stain only (he | melan | "
                    "sox10).")] = None,
+          classes: Annotated[int | None, typer.Option(
+              help="2 (benign, high_grade) or 3 (benign, intermediate, high_grade).")] = None,
           decoy_fraction: Annotated[float | None, typer.Option(
               help="Stain-keyed cohort: share of cases (both classes) whose other stains show the same evidence "
                    "as decoys.")] = None,
@@ -68,7 +70,8 @@ def synth(out: Annotated[Path, typer.Argument(help="Output folder.")],
         raise ConfigError(f"unknown preset '{preset}'; choose one of {sorted(PRESETS)}.")
     changes = {k: v for k, v in dict(cases=cases, benign_fraction=benign_fraction, patch_size=patch_size,
                                        slice_size=slice_size, signal=signal, missing_stain_prob=missing_stain_prob,
-                                       key_stain=key_stain, decoy_fraction=decoy_fraction, seed=seed).items()
+                                       key_stain=key_stain, decoy_fraction=decoy_fraction, classes=classes,
+                                       seed=seed).items()
                if v is not None}
     if slices:
         try:

@@ -66,7 +66,8 @@ class DataConfig:
         "Label word -> class index (0 = benign, 1 = high-grade); matched case-insensitively.",
         default_factory=lambda: {"benign": 0, "high_grade": 1, "high grade": 1, "high-grade": 1},
     )
-    class_names: list[str] = _help("Display name of each class index.",
+    class_names: list[str] = _help("Display name of each class index (default: benign, high_grade for two "
+                                   "classes, else each class's first word in label_values).",
                                    default_factory=lambda: ["benign", "high_grade"])
     exclude_cases: list[str] = _help("Case ids left out everywhere (the old pipeline removed 91).",
                                      default_factory=list)
@@ -202,7 +203,7 @@ class ModelConfig:
     transformer_max_group: int = _help("transformer: self-attention runs within chunks of at most this many rows "
                                        "(memory cap for big slices).", default=256)
     dropout: float = _help("Dropout in the projector and attention pools.", default=0.25)
-    n_classes: int = _help("Number of classes.", default=2)
+    n_classes: int = _help("Number of classes (follows data.label_values).", default=2)
     standardize_features: bool = _help(
         "Standardise features with training-split statistics (saved in the checkpoint).", default=True)
     reg: RegConfig = field(default_factory=RegConfig)
@@ -474,7 +475,33 @@ def _from_dict(cls: type, values: dict, prefix: str = "") -> Any:
 
 def config_from_dict(values: dict | None) -> Config:
     """Build a :class:`Config` from a nested dict, naming any unknown key or wrong type."""
-    return _from_dict(Config, values or {})
+    return _reconcile_classes(_from_dict(Config, values or {}))
+
+
+DEFAULT_CLASS_NAMES = ["benign", "high_grade"]
+
+
+def _reconcile_classes(config: Config) -> Config:
+    """Classes come from ``data.label_values`` (indices 0..k-1): with k != 2 and the default class names, each
+    class is named by its first label word; ``model.n_classes`` follows (an explicit mismatch is an error)."""
+    data = config.data
+    indices = sorted(set(data.label_values.values()))
+    k = len(indices)
+    if k < 2 or indices != list(range(k)):
+        raise ConfigError(f"data.label_values must map label words to class indices 0..k-1 with k >= 2, got "
+                          f"indices {indices}; number the classes from 0.")
+    if data.class_names == DEFAULT_CLASS_NAMES and k != 2:
+        data.class_names = [next(w for w, i in data.label_values.items() if i == c).strip().lower().replace(" ", "_")
+                            for c in range(k)]
+    if len(data.class_names) != k:
+        raise ConfigError(f"data.class_names has {len(data.class_names)} names but data.label_values has {k} classes; "
+                          "give one name per class index.")
+    if config.model.n_classes != k:
+        if config.model.n_classes != 2:  # 2 is the default: it follows the labels
+            raise ConfigError(f"model.n_classes is {config.model.n_classes} but data.label_values has {k} classes; "
+                              "leave model.n_classes out (it follows the labels).")
+        config.model.n_classes = k
+    return config
 
 
 def config_to_dict(config: Config) -> dict:

@@ -48,6 +48,7 @@ from stainmil.slides.write import write_pyramidal_tiff
 
 STAIN_VECTORS = {"H": rgb_from_hed[0], "E": rgb_from_hed[1], "DAB": rgb_from_hed[2]}
 CLASS_WORDS = ("benign", "high_grade")
+CLASS_WORDS_3 = ("benign", "intermediate", "high_grade")  # --classes 3: lesions drawn halfway between
 
 
 @dataclass
@@ -67,6 +68,12 @@ class SynthConfig:
     # only; in ``decoy_fraction`` of the cases of both classes the other stains carry the same evidence
     key_stain: str = ""
     decoy_fraction: float = 0.5
+    # 2: benign | high_grade; 3: benign | intermediate (lesions halfway) | high_grade
+    classes: int = 2
+
+    @property
+    def class_words(self) -> tuple[str, ...]:
+        return CLASS_WORDS if self.classes == 2 else CLASS_WORDS_3
 
     def __post_init__(self) -> None:
         lo, hi = self.slices_per_stain
@@ -83,6 +90,8 @@ class SynthConfig:
             raise ConfigError(f"synth: signal must be in [0, 1], got {self.signal}.")
         if self.key_stain and self.key_stain not in STAINS:
             raise ConfigError(f"synth: key stain '{self.key_stain}' is not one of {list(STAINS)}.")
+        if self.classes not in (2, 3):
+            raise ConfigError(f"synth: --classes must be 2 or 3, got {self.classes}.")
         if not 0 <= self.decoy_fraction <= 1:
             raise ConfigError(f"synth: decoy fraction must be in [0, 1], got {self.decoy_fraction}.")
 
@@ -121,16 +130,18 @@ HIGH_GRADE = LesionStyle(nests=(3, 6), nest_radius=(0.07, 0.12), cell_density=0.
                          nucleus_radius=(2.4, 3.6), pleomorphism=0.35, hyperchromasia=1.05, positive_fraction=0.95)
 
 
-def _style(label: int, signal: float) -> LesionStyle:
+def _style(label: int, signal: float, classes: int = 2) -> LesionStyle:
+    """Class ``label`` of ``classes``: benign (0) to high-grade (classes - 1), interpolated by ``signal``."""
     if label == 0:
         return BENIGN
+    step = signal * label / (classes - 1)
     mix = {}
     for f in dataclasses.fields(LesionStyle):
         b, h = getattr(BENIGN, f.name), getattr(HIGH_GRADE, f.name)
         if isinstance(b, tuple):
-            mix[f.name] = tuple(type(x)(x + signal * (y - x)) for x, y in zip(b, h))
+            mix[f.name] = tuple(type(x)(x + step * (y - x)) for x, y in zip(b, h))
         else:
-            mix[f.name] = b + signal * (h - b)
+            mix[f.name] = b + step * (h - b)
     return LesionStyle(**mix)
 
 
@@ -274,7 +285,8 @@ def _case_plan(config: SynthConfig) -> list[tuple[str, int]]:
     rng = np.random.default_rng([config.seed, 0])
     n_benign = int(round(config.cases * config.benign_fraction))
     n_benign = min(max(n_benign, 1), config.cases - 1)
-    labels = np.array([0] * n_benign + [1] * (config.cases - n_benign))
+    rest = config.cases - n_benign  # the other classes share the rest evenly
+    labels = np.array([0] * n_benign + [1 + i * (config.classes - 1) // rest for i in range(rest)])
     rng.shuffle(labels)
     return [(str(i + 1), int(label)) for i, label in enumerate(labels)]
 
@@ -287,7 +299,7 @@ def _n_slices(rng: np.random.Generator, lo: int, hi: int) -> int:
 def render_case(config: SynthConfig, out: Path, case: str, label: int) -> list[dict]:
     """Render every slice and patch of one case; return its per-patch truth rows."""
     rng = np.random.default_rng([config.seed, 1, int(case)])
-    style = _style(label, config.signal)
+    style = _style(label, config.signal, config.classes)
     stains = list(STAINS)
     if rng.random() < config.missing_stain_prob:
         stains.remove(stains[rng.integers(len(stains))])
@@ -340,12 +352,13 @@ def write_cohort(out: str | Path, config: SynthConfig | None = None, workers: in
                 for case_rows in pool.map(_render_case_job, jobs):
                     rows.extend(case_rows)
                     advance()
-    labels = pd.DataFrame({"case_id": [c for c, _ in plan], "label": [CLASS_WORDS[y] for _, y in plan]})
+    labels = pd.DataFrame({"case_id": [c for c, _ in plan], "label": [config.class_words[y] for _, y in plan]})
     atomic_write_text(out / "labels.csv", labels.to_csv(index=False))
     atomic_write_text(out / "patch_truth.csv", pd.DataFrame(rows).to_csv(index=False))
     cohort_yaml = {
         "output_dir": str(out.parent / f"{out.name}_work"),
-        "data": {"patches_dir": str(out / "patches"), "labels_csv": str(out / "labels.csv")},
+        "data": {"patches_dir": str(out / "patches"), "labels_csv": str(out / "labels.csv"),
+                 **({"label_values": {w: i for i, w in enumerate(config.class_words)}} if config.classes != 2 else {})},
         "features": {"image_size": config.patch_size},
         "analysis": {"slice_images": str(out / "slices" / "case{case}" / "{stain}" / "slice{slice}.png")},
     }

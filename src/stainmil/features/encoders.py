@@ -3,7 +3,8 @@
 One :class:`EncoderSpec` per name. It states the architecture and its exact constructor kwargs in
 the library that builds it (torchvision, timm or transformers), the input size, the normalisation,
 how the embedding is pooled, the output dimension, the precision the authors run it in, where the
-weights live and under which licence. ``stainmil backbones`` prints this table; the docs' encoder reference is generated from it.
+weights live and under which licence. ``stainmil backbones`` prints this table; the docs' encoder reference
+is generated from it.
 
 Building (and loading weights) is :mod:`stainmil.features.backbones`; the modules that turn each
 architecture into ``(B, 3, H, W) -> (B, D)`` are in :mod:`stainmil.features.encoder_modules`.

@@ -42,6 +42,18 @@ def calibration_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[s
     return {"brier": brier_score(labels, probabilities), "ece": expected_calibration_error(labels, probabilities)}
 
 
+def multiclass_calibration_metrics(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> dict[str, float]:
+    """k classes: Brier = mean over cases of sum_k (p_k - [y = k])^2 (0 = perfect; 2 = sure and wrong); ECE on the
+    top label (confidence = highest probability, correct = it is the true class)."""
+    labels, probabilities = np.asarray(labels, int), np.asarray(probabilities, float)
+    if not len(labels):
+        return {"brier": math.nan, "ece": math.nan}
+    onehot = np.eye(probabilities.shape[1])[labels]
+    correct = (probabilities.argmax(1) == labels).astype(float)
+    return {"brier": float(np.mean(((probabilities - onehot) ** 2).sum(1))),
+            "ece": expected_calibration_error(correct, probabilities.max(1), bins)}
+
+
 def reliability_curve(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(mean predicted, observed share, cases) per non-empty bin — the points of a reliability diagram."""

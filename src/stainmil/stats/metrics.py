@@ -1,9 +1,13 @@
 """Case-level metrics with case-level bootstrap confidence intervals, and threshold choice.
 
-Class 1 (high-grade) is the positive class; ``p`` is P(high-grade). ``benign_recall`` is the
+Two classes: class 1 (high-grade) is the positive class; ``p`` is P(high-grade). ``benign_recall`` is the
 specificity, ``high_grade_recall`` the sensitivity; ``brier`` and ``ece`` (expected calibration error,
 10 bins) say how far the probabilities are from observed risks. Thresholds are chosen on the validation split
 only (:func:`choose_threshold`) and then applied unchanged to the test split.
+
+k > 2 classes (:func:`multiclass_metrics`): the prediction is the most probable class; ``recall_<class>`` per
+class, balanced accuracy (their mean), macro F1, ``auc`` = macro one-vs-rest AUC and ``auc_<class>`` per class,
+multi-class Brier and top-label ECE. :func:`classification_metrics` and :func:`bootstrap_intervals` take either.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import numpy as np
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score, roc_curve
 
 from stainmil.errors import ConfigError
-from stainmil.stats.calibration import calibration_metrics
+from stainmil.stats.calibration import calibration_metrics, multiclass_calibration_metrics
 
 POINT_METRICS = ("benign_recall", "high_grade_recall", "balanced_accuracy", "accuracy", "f1", "auc", "brier", "ece")
 
@@ -40,21 +44,74 @@ def binary_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: flo
     }
 
 
+def point_metric_names(class_names: list[str]) -> list[str]:
+    """The point metrics (those with CIs) of a run with these classes, in display order."""
+    if len(class_names) <= 2:
+        return list(POINT_METRICS)
+    return ([f"recall_{c}" for c in class_names] + ["balanced_accuracy", "accuracy", "f1_macro", "auc"]
+            + [f"auc_{c}" for c in class_names] + ["brier", "ece"])
+
+
+def multiclass_metrics(labels: np.ndarray, probabilities: np.ndarray, class_names: list[str]) -> dict:
+    """Point metrics of (N, k) class probabilities; the prediction is the most probable class."""
+    labels = np.asarray(labels, dtype=int)
+    probabilities = np.asarray(probabilities, dtype=float)
+    k = probabilities.shape[1]
+    predictions = probabilities.argmax(1)
+    matrix = confusion_matrix(labels, predictions, labels=list(range(k)))
+    present = [c for c in range(k) if matrix[c].sum()]
+    out: dict = {}
+    aucs = []
+    for c, name in enumerate(class_names):
+        out[f"recall_{name}"] = matrix[c, c] / matrix[c].sum() if matrix[c].sum() else math.nan
+        positive = labels == c
+        out[f"auc_{name}"] = (float(roc_auc_score(positive, probabilities[:, c]))
+                              if 0 < positive.sum() < len(labels) else math.nan)
+        aucs.append(out[f"auc_{name}"])
+    out.update({
+        "balanced_accuracy": float(np.mean([out[f"recall_{class_names[c]}"] for c in present])) if len(present) > 1
+        else math.nan,
+        "accuracy": float((predictions == labels).mean()) if len(labels) else math.nan,
+        "f1_macro": float(f1_score(labels, predictions, labels=present, average="macro", zero_division=0))
+        if present else math.nan,
+        "auc": float(np.mean(aucs)) if len(present) == k else math.nan,
+        **multiclass_calibration_metrics(labels, probabilities),
+        "confusion_matrix": matrix.tolist(),
+        "n_cases": int(len(labels)),
+        "n_per_class": np.bincount(labels, minlength=k).tolist(),
+    })
+    return out
+
+
+def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float,
+                           class_names: list[str]) -> dict:
+    """Binary (``probabilities`` (N,) = P(class 1), or (N, 2)) at ``threshold``; k > 2: the most probable class."""
+    probabilities = np.asarray(probabilities, dtype=float)
+    if probabilities.ndim == 2 and probabilities.shape[1] == 2:
+        probabilities = probabilities[:, 1]
+    if probabilities.ndim == 1:
+        return binary_metrics(labels, probabilities, threshold)
+    return multiclass_metrics(labels, probabilities, class_names)
+
+
 def bootstrap_intervals(labels: np.ndarray, probabilities: np.ndarray, threshold: float, n_boot: int = 1000,
-                        level: float = 0.95, seed: int = 0) -> dict[str, list[float]]:
+                        level: float = 0.95, seed: int = 0, class_names: list[str] | None = None
+                        ) -> dict[str, list[float]]:
     """Percentile CIs of every point metric, resampling cases with replacement.
 
-    Resamples lacking a class are skipped for metrics that need both (AUC, balanced accuracy, recall of
-    the missing class), so each interval uses the resamples where it is defined.
+    ``probabilities``: (N,) P(class 1) of a binary run, or (N, k) with ``class_names``. Resamples lacking a class
+    are skipped for metrics that need it (AUC, balanced accuracy, recall of the missing class), so each interval
+    uses the resamples where it is defined.
     """
     labels = np.asarray(labels, dtype=int)
     probabilities = np.asarray(probabilities, dtype=float)
+    names = point_metric_names(class_names or []) if probabilities.ndim == 2 else list(POINT_METRICS)
     rng = np.random.default_rng(seed)
-    samples: dict[str, list[float]] = {m: [] for m in POINT_METRICS}
+    samples: dict[str, list[float]] = {m: [] for m in names}
     for _ in range(n_boot):
         idx = rng.integers(0, len(labels), len(labels))
-        m = binary_metrics(labels[idx], probabilities[idx], threshold)
-        for name in POINT_METRICS:
+        m = classification_metrics(labels[idx], probabilities[idx], threshold, class_names or [])
+        for name in names:
             if not math.isnan(m[name]):
                 samples[name].append(m[name])
     alpha = (1 - level) / 2
