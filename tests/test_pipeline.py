@@ -4,6 +4,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from stainmil.config import load_config
 from stainmil.pipeline import run_demo
 
 
@@ -89,3 +90,45 @@ def test_slide_route_from_slides_to_report_with_heatmaps_on_thumbnails(tmp_path)
     assert list((out / "attention" / "heatmaps").glob("*_attention.jpg"))
     assert "thumbnail" in pd.read_csv(out / "attention" / "patches.csv").columns
     assert "ROC AUC" not in (out / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_three_classes_from_demo_to_cv_and_report(tmp_path):
+    """benign / intermediate / high_grade: per-class metrics, figures, report, predictions and CV."""
+    import dataclasses
+
+    from stainmil.data.synth import PRESETS, write_cohort
+    from stainmil.experiments.cv import run_cv
+    from tests.analysis.test_report import opened
+
+    # 12 cases (4 per class), rendered first: the demo reuses a cohort it finds
+    write_cohort(tmp_path / "demo" / "cohort", dataclasses.replace(PRESETS["tiny"], cases=12, classes=3), workers=1)
+    result = run_demo(tmp_path / "demo", ["train.max_epochs=4", "features.image_size=32", "eval.bootstrap=30"],
+                      weights="random", log=lambda *_: None, preset="tiny", classes=3)
+    run = result.training.run_dir
+    metrics = json.loads((run / "metrics.json").read_text())
+    test = metrics["splits"]["test"]
+    for name in ("benign", "intermediate", "high_grade"):
+        assert f"recall_{name}" in test and f"auc_{name}" in test and f"recall_{name}" in test["ci95"]
+    assert len(test["confusion_matrix"]) == 3 and "most probable of 3 classes" in metrics["threshold_rule"]
+    predictions = pd.read_csv(run / "predictions.csv")
+    assert {"prob_0", "prob_1", "prob_2"} <= set(predictions.columns)
+    assert (predictions["pred"] == predictions[["prob_0", "prob_1", "prob_2"]].to_numpy().argmax(1)).all()
+    history = pd.read_csv(run / "history.csv")
+    assert {"val_recall_benign", "val_recall_intermediate", "val_recall_high_grade"} <= set(history.columns)
+    assert "recall_intermediate" in (run / "results.txt").read_text()
+    html = result.report.read_text()
+    assert "intermediate recall" in html and "P(predicted class)" in html and "P(high-grade)" not in html
+    with opened(result.report) as (page, errors):
+        assert errors == []
+    patches = pd.read_csv(run / "attention" / "patches.csv")
+    assert {"patch_prob_benign", "patch_prob_intermediate", "patch_prob_high_grade"} <= set(patches.columns)
+    new = pd.read_csv(result.predictions / "predictions.csv")
+    assert set(new["pred_label"]) <= {"benign", "intermediate", "high_grade"}
+    cv_config = load_config(run / "config.yaml")
+    cv_config.train.max_epochs, cv_config.train.runs_dir = 2, str(tmp_path / "cv")
+    cv = run_cv(cv_config, folds=2, log=lambda *_: None)
+    assert {"recall_benign", "recall_intermediate", "recall_high_grade", "auc"} <= set(cv.summary.columns)
+    pooled = cv.metrics["pooled_out_of_fold"]
+    assert pooled["n_cases"] == 12 and "recall_intermediate" in pooled["ci95"]
+    assert "the most probable class" in (cv.out_dir / "cv_report.txt").read_text()

@@ -154,11 +154,15 @@ def _print_evaluation(evaluation, run_dir: Path) -> None:
     metrics = evaluation.metrics
     split_name = metrics["evaluated_split"]
     m = metrics["splits"][split_name]
-    table = Table(title=f"{split_name}: {m['n_cases']} cases, threshold {metrics['threshold']:.3f} "
-                        f"({metrics['threshold_rule']})")
+    binary = "benign_recall" in m
+    decision = f"threshold {metrics['threshold']:.3f} ({metrics['threshold_rule']})" if binary else \
+        metrics["threshold_rule"]
+    table = Table(title=f"{split_name}: {m['n_cases']} cases, {decision}")
     for column in ("metric", "value", "95% CI"):
         table.add_column(column)
-    for key in ("benign_recall", "high_grade_recall", "balanced_accuracy", "auc", "f1"):
+    keys = ("benign_recall", "high_grade_recall", "balanced_accuracy", "auc", "f1") if binary else \
+        [k for k in m["ci95"] if k.startswith("recall_")] + ["balanced_accuracy", "auc", "f1_macro"]
+    for key in keys:
         lo, hi = m["ci95"][key]
         table.add_row(key, f"{m[key]:.3f}", f"[{lo:.3f}, {hi:.3f}]")
     console.print(table)
@@ -223,12 +227,14 @@ def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo_
          preset: Annotated[str, typer.Option(help="Synthetic cohort preset: demo | tiny | real-shape.")] = "demo",
          slides: Annotated[bool, typer.Option(help="The slide route: pyramidal TIFF slides -> tile -> extract "
                                                    "from the slides.")] = False,
+         classes: Annotated[int, typer.Option(help="2 (benign, high_grade) or 3 (benign, intermediate, "
+                                                   "high_grade).")] = 2,
          ) -> None:
     """synth -> index (or tile slides) -> split -> extract -> train -> evaluate -> report on a synthetic cohort."""
     from stainmil.pipeline import run_demo
 
     result = run_demo(out, set_, weights, log=lambda msg: console.print(msg, highlight=False), preset=preset,
-                      slides=slides)
+                      slides=slides, classes=classes)
     _print_evaluation(result.evaluation, result.training.run_dir)
     console.print(result.analysis_summary, highlight=False)
     console.print(f"report: [bold]{result.report}[/]  (open it in a browser)")

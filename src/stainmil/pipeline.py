@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,25 +73,29 @@ def demo_config(out_dir: Path, cohort_dir: Path, overrides: list[str], slides: b
 
 
 def run_demo(out_dir: str | Path = "demo_out", overrides: list[str] | None = None, weights: str = "auto",
-             log=print, preset: str = "demo", slides: bool = False) -> DemoResult:
+             log=print, preset: str = "demo", slides: bool = False, classes: int = 2) -> DemoResult:
     """synth -> index -> split -> extract -> train -> evaluate -> analyze + report on the synthetic cohort.
 
     ``slides=True`` runs the slide route: the slices are written as pyramidal TIFF slides, tiled (tissue
     masks + coordinates) and features are read straight from the slides; heatmaps go on their thumbnails.
 
     ``weights='auto'`` tries ImageNet weights and, when they cannot be had offline, falls back to
-    random weights *and says so* in the output and in results.txt.
+    random weights *and says so* in the output and in results.txt. ``classes=3``: benign, intermediate and
+    high-grade cases (metrics, reports and predictions per class).
     """
     out_dir = Path(out_dir).resolve()
+    synth = dataclasses.replace(PRESETS[preset], classes=classes)
     cohort_dir = out_dir / "cohort"
     if (cohort_dir / "labels.csv").is_file():
         log(f"[1/8] synthetic cohort already in {cohort_dir} (delete it to regenerate)")
     else:
         log(f"[1/8] rendering the synthetic cohort into {cohort_dir}")
-        write_cohort(cohort_dir, PRESETS[preset])
-    size = PRESETS[preset].patch_size
+        write_cohort(cohort_dir, synth)
+    size = synth.patch_size
+    words = ", ".join(f"{word}: {index}" for index, word in enumerate(synth.class_words))
+    classes_override = [f"data.label_values={{{words}}}"] if classes != 2 else []
     config = demo_config(out_dir, cohort_dir, [f"features.image_size={size}", f"tile.patch_size={size}",
-                                                *(overrides or [])], slides=slides)
+                                                *classes_override, *(overrides or [])], slides=slides)
     note = ""
     if weights == "auto":
 

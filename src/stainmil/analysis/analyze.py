@@ -86,13 +86,14 @@ def write_tables(out: Path, tables: AttentionTables, config: Config) -> Analysis
     atomic_write_text(out / "summary.txt", summary_text(tables.summary))
     made = {
         "distribution": figures.effective_attention_distribution(
-            tables.patches, tables.cases, out / "effective_attention_distribution.png"),
+            tables.patches, tables.cases, out / "effective_attention_distribution.png", len(config.data.class_names)),
         "along_slices": figures.attention_along_slices(
             tables.patches, figures.top_slices(tables.slices, config.analysis.top_slices),
             out / "attention_along_slices.png"),
     }
     if (tables.cases["label"] >= 0).any():
-        made["concentration"] = figures.concentration_vs_error(tables.cases, out / "concentration_vs_error.png")
+        made["concentration"] = figures.concentration_vs_error(tables.cases, out / "concentration_vs_error.png",
+                                                               len(config.data.class_names))
     misclassified = figures.slice_attention_misclassified(tables.slices, tables.cases,
                                                           out / "slice_attention_misclassified.png")
     if misclassified:
@@ -133,11 +134,12 @@ def _case_images(tables: AttentionTables, config: Config, out: Path):
             }
             advance()
         grids = {}
+        shown = "p(high-grade)" if len(config.data.class_names) == 2 else "p(predicted)"
         for case in chosen_cases:
             part = tables.patches[tables.patches["case"] == case]
             row = tables.cases[tables.cases["case"] == case].iloc[0]
             truth = f"true {row['label']}" if row["label"] >= 0 else "unlabelled"
             grids[case] = figures.patch_grid(part, a.grid_patches, out / "patches" / f"case{safe(case)}.jpg",
-                                             f"case {case}: {truth}, p(high-grade) {row['prob']:.2f}")
+                                             f"case {case}: {truth}, {shown} {row['prob']:.2f}")
             advance()
     return heatmaps, grids, views

@@ -5,7 +5,9 @@ of the case`` (column ``relative_attention``): 1.0 means "as much as a uniform s
 times that. Unlike per-image min-max scaling this is comparable across slices and cases.
 
 Patch-level predictions (``patch_prob``): P(high-grade) the model gives when the whole case is that
-one patch (all attention on it), i.e. the classifier applied to the patch's embedding.
+one patch (all attention on it), i.e. the classifier applied to the patch's embedding. With k > 2 classes,
+``patch_prob`` and ``case_prob`` are the probability of the class predicted for the case, and
+``patch_prob_<class>`` columns hold every class's.
 """
 
 from __future__ import annotations
@@ -51,7 +53,13 @@ def _normalised(entropy: float, n: int) -> float:
     return entropy / math.log(n) if n > 1 else float("nan")
 
 
-def patch_table(model: nn.Module, bags: CohortBags, cases: list[str], device: torch.device) -> pd.DataFrame:
+def shown_class(probabilities: torch.Tensor) -> int:
+    """The class whose probability the tables show for a case: high-grade (1) of two, else the predicted one."""
+    return 1 if len(probabilities) == 2 else int(probabilities.argmax())
+
+
+def patch_table(model: nn.Module, bags: CohortBags, cases: list[str], device: torch.device,
+                class_names: list[str] | None = None) -> pd.DataFrame:
     """One row per patch of ``cases`` with every attention weight and the patch-alone prediction."""
     frames = []
     model.eval().to(device)
@@ -60,7 +68,9 @@ def patch_table(model: nn.Module, bags: CohortBags, cases: list[str], device: to
             batch = bags.batch([case]).to(device)
             out = model(batch)
             group = batch.slice_group[batch.patch_slice]                       # (P,) stain group per patch
-            patch_probs = torch.softmax(model.patch_alone_logits(out.patch_embeddings), -1)[:, 1]
+            patch_all = torch.softmax(model.patch_alone_logits(out.patch_embeddings), -1)   # (P, C)
+            shown = shown_class(out.probabilities[0])
+            patch_probs = patch_all[:, shown]
             rows = bags.manifest.iloc[batch.patch_rows]
             frame = pd.DataFrame({
                 "case": case, "stain": rows["stain"].to_numpy(), "slice": rows["slice"].to_numpy(),
@@ -71,9 +81,12 @@ def patch_table(model: nn.Module, bags: CohortBags, cases: list[str], device: to
                 "stain_weight": out.stain_weights[group].cpu().numpy(),
                 "effective_attention": out.effective_attention.cpu().numpy(),
                 "patch_prob": patch_probs.cpu().numpy(),
-                "case_prob": float(out.probabilities[0, 1]),
+                "case_prob": float(out.probabilities[0, shown]),
                 **{c: rows[c].to_numpy() for c in SLIDE_COLUMNS if c in rows.columns},  # slide route: thumbnail
             })
+            if patch_all.shape[1] > 2:
+                for k, name in enumerate(class_names):
+                    frame[f"patch_prob_{name}"] = patch_all[:, k].cpu().numpy()
             frame["relative_attention"] = frame["effective_attention"] * len(frame)
             frame["rank_in_case"] = frame["effective_attention"].rank(ascending=False, method="first").astype(int)
             frames.append(frame)
@@ -96,6 +109,7 @@ def slice_table(patches: pd.DataFrame) -> pd.DataFrame:
 def case_table(patches: pd.DataFrame, slices: pd.DataFrame, predictions: pd.DataFrame, top_k: int) -> pd.DataFrame:
     rows = []
     preds = predictions.set_index("case")
+    multiclass = "prob_2" in preds.columns
     for case, part in patches.groupby("case", sort=False):
         case_slices = slices[slices["case"] == case]
         n = len(part)
@@ -109,8 +123,11 @@ def case_table(patches: pd.DataFrame, slices: pd.DataFrame, predictions: pd.Data
         slice_norm = [_normalised(_entropy(w), len(w)) for w in per_stain]
         pred = preds.loc[case]
         rows.append({
-            "case": case, "label": int(pred["label"]), "pred": int(pred["pred"]), "prob": float(pred["prob_1"]),
-            "abs_error": float(abs(pred["prob_1"] - pred["label"])) if pred["label"] >= 0 else float("nan"),
+            "case": case, "label": int(pred["label"]), "pred": int(pred["pred"]),
+            "prob": float(pred["prob_1"] if not multiclass else pred[f"prob_{int(pred['pred'])}"]),
+            # 1 - P(true class); with two classes |P(high-grade) - label|, the same number
+            "abs_error": (float(abs(pred["prob_1"] - pred["label"])) if not multiclass else
+                          1.0 - float(pred[f"prob_{int(pred['label'])}"])) if pred["label"] >= 0 else float("nan"),
             "split": pred.get("split", ""), "n_patches": n, "n_slices": len(case_slices), "n_stains": len(stains),
             "patch_entropy": float(case_slices["patch_entropy"].mean()),
             "patch_entropy_normalised": float(np.nanmean(case_slices["patch_entropy_normalised"]))
@@ -165,7 +182,9 @@ def deletion_check(model: nn.Module, bags: CohortBags, cases: list[str], patches
             if len(part) <= k:
                 continue
             base = bags.batch([case])
-            full_prob = float(model(base.to(device)).probabilities[0, 1])
+            full = model(base.to(device)).probabilities[0]
+            shown = shown_class(full)
+            full_prob = float(full[shown])
             n = len(part)  # rows of ``part`` are in the batch's patch order
             top = np.argsort(part["rank_in_case"].to_numpy())[:k]
             random = rng.choice(n, k, replace=False)
@@ -173,7 +192,7 @@ def deletion_check(model: nn.Module, bags: CohortBags, cases: list[str], patches
             for removed in (top, random):
                 keep = np.ones(n, dtype=bool)
                 keep[removed] = False
-                probs.append(float(model(base.subset(keep).to(device)).probabilities[0, 1]))
+                probs.append(float(model(base.subset(keep).to(device)).probabilities[0, shown]))
             rows.append({"case": case, "prob": full_prob, "prob_without_top_k": probs[0],
                          "prob_without_random_k": probs[1], "delta_top_k": abs(probs[0] - full_prob),
                          "delta_random_k": abs(probs[1] - full_prob)})
@@ -207,7 +226,7 @@ def compute_tables(model: nn.Module, config: Config, bags: CohortBags, cases: li
     ``predictions``: case, label, pred, prob_1 per case (as written by evaluate / predict).
     """
     device = resolve_device(config.train.device)
-    patches = patch_table(model, bags, cases, device)
+    patches = patch_table(model, bags, cases, device, config.data.class_names)
     slices = slice_table(patches)
     k = top_k or config.analysis.top_k
     case_frame = case_table(patches, slices, predictions, k)

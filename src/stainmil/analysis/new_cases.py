@@ -57,7 +57,12 @@ def predict_unlabelled(checkpoint: str | Path, config: Config, out_dir: str | Pa
     decision = run_decision(Path(checkpoint).resolve().parent.parent, threshold)  # the run folder's metrics.json
     threshold, rule, temperature = decision.threshold, decision.rule, decision.temperature
     predictions = case_probabilities(model, bags, bags.case_ids, resolve_device(config.train.device), temperature)
-    predictions["pred"] = (predictions["prob_1"] >= threshold).astype(int)
+    names = trained_config.data.class_names
+    if len(names) == 2:
+        predictions["pred"] = (predictions["prob_1"] >= threshold).astype(int)
+    else:  # the most probable class
+        predictions["pred"] = predictions[[f"prob_{k}" for k in range(len(names))]].to_numpy().argmax(1)
+        threshold, rule = float("nan"), f"most probable of {len(names)} classes (no threshold)"
     predictions["pred_label"] = [trained_config.data.class_names[k] for k in predictions["pred"]]
     predictions["threshold"] = threshold
     out = Path(out_dir) if out_dir else Path(config.output_dir) / "predictions"

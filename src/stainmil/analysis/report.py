@@ -97,6 +97,7 @@ def render_report(path: Path, analysis: AnalysisResult, config: Config, *, title
                   run_figures: list[tuple[str, str]] = (), source: str = "") -> Path:
     """The page itself, for a run (``metrics`` given) or a prediction set (no labels, no metrics)."""
     names = config.data.class_names
+    prob_label = "P(high-grade)" if len(names) == 2 else "P(predicted class)"
     tables = analysis.tables
     cases = tables.cases
     warnings = []
@@ -109,6 +110,9 @@ def render_report(path: Path, analysis: AnalysisResult, config: Config, *, title
     stain_columns = [(f"delta_{s}", f"ΔP without {s}") for s in config.data.stains
                      if delta is not None and delta[f"delta_{s}"].notna().any()]
     case_columns = [c for c in CASE_COLUMNS if metrics is not None or c[0] not in ("label", "abs_error", "split")]
+    if len(names) > 2:
+        case_columns = [(c, "p(predicted)" if c == "prob" else "1 − p(true)" if c == "abs_error" else label)
+                        for c, label in case_columns]
     case_columns += stain_columns
     case_rows = []
     for _, row in cases.iterrows():
@@ -129,15 +133,25 @@ def render_report(path: Path, analysis: AnalysisResult, config: Config, *, title
         n_cases=len(cases), backbone=f"{config.features.backbone} ({config.features.weights})", warnings=warnings,
         labelled=metrics is not None, source=source, threshold=threshold, threshold_rule=threshold_rule,
         best_epoch=(metrics or {}).get("best_epoch"), epochs_run=(metrics or {}).get("epochs_run"),
-        metric_names=METRIC_NAMES, metric_tables=[(n, splits[n]) for n in ("test", "val") if n in splits],
+        metric_names=METRIC_NAMES if len(names) == 2 else multiclass_metric_names(names),
+        metric_tables=[(n, splits[n]) for n in ("test", "val") if n in splits],
         run_figures=list(run_figures), attention_figures=attention_figures, summary_text=summary_text(tables.summary),
         case_columns=case_columns, case_rows=case_rows, n_sections=len(case_sections), case_sections=case_sections,
         stain_summary=tables.stain_summary.to_dict("records"), stain_sentences=tables.summary.get(
-            "stain_contribution", []), scales=colour_legends(),
+            "stain_contribution", []), scales=colour_legends(prob_label), binary=len(names) == 2, prob_label=prob_label,
+        class_labels=["benign", "high-grade"] if len(names) == 2 else names,
         patch_attention=tables.summary.get("patch_attention", True),
         architecture=tables.summary.get("architecture", config.model.architecture),
     )
     return atomic_write_text(path, html)
+
+
+def multiclass_metric_names(class_names: list[str]) -> list[tuple[str, str]]:
+    """(key, label) of the metric table rows of a run with k > 2 classes."""
+    return ([(f"recall_{c}", f"{c} recall") for c in class_names]
+            + [("balanced_accuracy", "balanced accuracy"), ("auc", "ROC AUC (macro, one-vs-rest)"),
+               ("f1_macro", "F1 (macro)")] + [(f"auc_{c}", f"ROC AUC {c} vs rest") for c in class_names]
+            + [("brier", "Brier score (multi-class; lower is better)"), ("ece", "top-label calibration error")])
 
 
 def _cell(row, column: str):
@@ -145,7 +159,7 @@ def _cell(row, column: str):
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def colour_legends() -> dict[str, dict]:
+def colour_legends(prob_label: str = "P(high-grade)") -> dict[str, dict]:
     """CSS gradients and tick labels of the two fixed heatmap scales (the viewer's legend)."""
     legends = {}
     for value, ticks in (("relative_attention", [(1 / 8, "⅛×"), (1, "1×"), (8, "8×")]),
@@ -153,6 +167,7 @@ def colour_legends() -> dict[str, dict]:
         norm, cmap, label = colour_scale(value)
         stops = np.linspace(0, 1, 11)
         colours = [_hex(c) for c in matplotlib.colormaps[cmap](stops)]
+        label = label.replace("P(high-grade)", prob_label)
         legends[value] = {"gradient": "linear-gradient(to right, " + ", ".join(colours) + ")", "label": label,
                           "ticks": [{"at": float(norm(v)) * 100, "text": t} for v, t in ticks]}
     return legends

@@ -8,6 +8,10 @@ would it say without SOX10?"), not a zeroed input. Per case and stain::
     delta_<stain>          prob_without - prob  (negative: the stain pushed towards high-grade)
     flips_<stain>          the decision at the run's threshold changes
 
+With k > 2 classes, ``prob`` is the probability of the class predicted with every stain, ``prob_without`` that
+of the same class without the stain, ``pred_without_<stain>`` the most probable class without it, and a flip
+is a change of the most probable class.
+
 ``stain_summary`` counts, per stain and class, how many cases change side and how much the
 probability moves, plus the ROC AUC of the whole set with that stain missing (labelled sets only).
 Probabilities pass through the run's temperature when it calibrated, as in ``predictions.csv``.
@@ -35,23 +39,32 @@ def stain_contribution(model: nn.Module, bags: CohortBags, cases: list[str], dev
             batch = bags.batch([case])
             patch_stain = batch.group_stain[batch.slice_group[batch.patch_slice]].numpy()  # (P,)
             present = sorted(set(patch_stain.tolist()))
-            prob = _probability(model, batch, device, temperature)
-            row = {"case": case, "label": int(batch.labels[0]), "prob": prob, "pred": int(prob >= threshold),
+            full = _probabilities(model, batch, device, temperature)                       # (C,)
+            binary = len(full) == 2
+            shown = 1 if binary else int(full.argmax())  # P(high-grade), or P(the predicted class)
+            prob = float(full[shown])
+            row = {"case": case, "label": int(batch.labels[0]), "prob": prob,
+                   "pred": int(prob >= threshold) if binary else shown,
                    "stains": ",".join(bags.stains[s] for s in present)}
             for index, stain in enumerate(bags.stains):
-                without = float("nan")
+                without = np.full(len(full), np.nan)
                 if index in present and len(present) > 1:
-                    without = _probability(model, batch.subset(patch_stain != index), device, temperature)
-                row[f"prob_without_{stain}"] = without
-                row[f"delta_{stain}"] = without - prob
-                row[f"flips_{stain}"] = bool(not np.isnan(without) and (without >= threshold) != (prob >= threshold))
+                    without = _probabilities(model, batch.subset(patch_stain != index), device, temperature)
+                row[f"prob_without_{stain}"] = float(without[shown])
+                row[f"delta_{stain}"] = float(without[shown]) - prob
+                if binary:
+                    row[f"flips_{stain}"] = bool(not np.isnan(without[1])
+                                                 and (without[1] >= threshold) != (prob >= threshold))
+                else:
+                    row[f"pred_without_{stain}"] = int(without.argmax()) if not np.isnan(without).any() else -1
+                    row[f"flips_{stain}"] = bool(row[f"pred_without_{stain}"] not in (-1, shown))
             rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _probability(model: nn.Module, batch, device: torch.device, temperature: float) -> float:
+def _probabilities(model: nn.Module, batch, device: torch.device, temperature: float) -> np.ndarray:
     probabilities = model(batch.to(device)).probabilities.cpu().numpy()   # (1, C)
-    return float(calibrated(probabilities, temperature)[0, 1])
+    return calibrated(probabilities, temperature)[0]
 
 
 def stain_summary(contribution: pd.DataFrame, stains: list[str], class_names: list[str],
@@ -65,7 +78,7 @@ def stain_summary(contribution: pd.DataFrame, stains: list[str], class_names: li
     for stain in stains:
         delta = contribution[f"delta_{stain}"]
         auc_without = auc_full = float("nan")
-        if labelled and contribution["label"].nunique() == 2:
+        if len(class_names) == 2 and labelled and contribution["label"].nunique() == 2:
             filled = contribution[f"prob_without_{stain}"].fillna(contribution["prob"])  # cases without it: as is
             y = contribution["label"].to_numpy()
             auc_full = binary_metrics(y, contribution["prob"].to_numpy(), 0.5)["auc"]
@@ -73,16 +86,21 @@ def stain_summary(contribution: pd.DataFrame, stains: list[str], class_names: li
         for k, name in enumerate(class_names):
             part = delta[(by == k) & delta.notna()]
             flips = contribution.loc[part.index, f"flips_{stain}"]
-            with_all = contribution.loc[part.index, "prob"] >= threshold
-            without = contribution.loc[part.index, f"prob_without_{stain}"] >= threshold
-            other_side = (lambda above: ~above) if k == 1 else (lambda above: above)
+            if len(class_names) == 2:
+                with_all = contribution.loc[part.index, "prob"] >= threshold
+                without = contribution.loc[part.index, f"prob_without_{stain}"] >= threshold
+                other_side = (lambda above: ~above) if k == 1 else (lambda above: above)
+                away_with, away_without = int(other_side(with_all).sum()), int(other_side(without).sum())
+            else:  # cases not predicted as their class, with every stain and without this one
+                away_with = int((contribution.loc[part.index, "pred"] != k).sum())
+                away_without = int((contribution.loc[part.index, f"pred_without_{stain}"] != k).sum())
             rows.append({"stain": stain, "class": name, "class_is": "true" if labelled else "predicted",
                          "cases": int((by == k).sum()), "cases_with_stain": len(part),
                          "mean_delta": float(part.mean()) if len(part) else float("nan"),
                          "median_delta": float(part.median()) if len(part) else float("nan"),
                          "flipped": int(flips.sum()),
-                         "other_side_with": int(other_side(with_all).sum()),
-                         "other_side_without": int(other_side(without).sum()),
+                         "other_side_with": away_with,
+                         "other_side_without": away_without,
                          "auc_all_stains": auc_full, "auc_without_stain": auc_without})
     return pd.DataFrame(rows)
 
@@ -95,9 +113,13 @@ def stain_sentences(summary: pd.DataFrame, class_names: list[str]) -> list[str]:
         for _, row in part.iterrows():
             if not row["cases_with_stain"]:
                 continue
-            side = "below" if class_names.index(row["class"]) == 1 else "above"
+            if len(class_names) == 2:
+                side = "below" if class_names.index(row["class"]) == 1 else "above"
+                where = f"{side} the threshold"
+            else:
+                where = f"not predicted {row['class']}"
             pieces.append(f"{row['other_side_without']} of {row['cases_with_stain']} {row['class_is']} "
-                          f"{row['class']} cases are {side} the threshold ({row['other_side_with']} with it; "
+                          f"{row['class']} cases are {where} ({row['other_side_with']} with it; "
                           f"mean ΔP {row['mean_delta']:+.3f})")
         if not pieces:
             continue

@@ -20,9 +20,31 @@ from stainmil.data.splits import SUBSETS
 from stainmil.errors import TrainingError
 from stainmil.io import atomic_write, atomic_write_json, atomic_write_text
 from stainmil.stats.calibration import calibration_metrics, fit_temperature, temperature_not_identifiable
-from stainmil.stats.metrics import binary_metrics, bootstrap_intervals, choose_threshold
-from stainmil.stats.plots import plot_confusion, plot_reliability, plot_roc
+from stainmil.stats.metrics import bootstrap_intervals, choose_threshold, classification_metrics, point_metric_names
+from stainmil.stats.plots import plot_confusion, plot_reliability, plot_roc, plot_roc_one_vs_rest
 from stainmil.train.run import calibrated, case_probabilities, open_run
+
+
+def _binary_decision(predictions: pd.DataFrame, config: Config) -> tuple[pd.DataFrame, dict, float, str]:
+    """Two classes: the temperature (``eval.calibrate``) and the threshold (``eval.threshold``), both fitted on the
+    validation split only; the predictions get ``pred`` and ``abs_error``."""
+    val = predictions[predictions["split"] == "val"]
+    calibration = {"method": config.eval.calibrate}
+    if config.eval.calibrate == "temperature":  # fitted on val only, applied before the threshold is chosen
+        temperature = fit_temperature(val["label"].to_numpy(), val["prob_1"].to_numpy())
+        predictions["prob_1_uncalibrated"] = predictions["prob_1"]
+        probs = calibrated(predictions[["prob_0", "prob_1"]].to_numpy(), temperature)
+        predictions["prob_0"], predictions["prob_1"] = probs[:, 0], probs[:, 1]
+        reason = temperature_not_identifiable(val["label"].to_numpy(), val["prob_1"].to_numpy())
+        calibration.update(temperature=temperature, fitted_on=f"val ({len(val)} cases)" + (
+            f"; not fitted, T = 1: {reason}" if reason else ""), uncalibrated={
+            name: calibration_metrics(part["label"].to_numpy(), part["prob_1_uncalibrated"].to_numpy())
+            for name, part in predictions.groupby("split")})
+        val = predictions[predictions["split"] == "val"]
+    threshold, how = choose_threshold(config.eval.threshold, val["label"].to_numpy(), val["prob_1"].to_numpy())
+    predictions["pred"] = (predictions["prob_1"] >= threshold).astype(int)
+    predictions["abs_error"] = (predictions["prob_1"] - predictions["label"]).abs()
+    return predictions, calibration, threshold, how
 
 
 @dataclass
@@ -43,35 +65,33 @@ def evaluate_run(run_dir: str | Path, split_name: str = "test", bags: CohortBags
             frame["split"] = name
             frames.append(frame)
     predictions = pd.concat(frames, ignore_index=True)
-    val = predictions[predictions["split"] == "val"]
-    calibration = {"method": config.eval.calibrate}
-    if config.eval.calibrate == "temperature":  # fitted on val only, applied before the threshold is chosen
-        temperature = fit_temperature(val["label"].to_numpy(), val["prob_1"].to_numpy())
-        predictions["prob_1_uncalibrated"] = predictions["prob_1"]
-        probs = calibrated(predictions[["prob_0", "prob_1"]].to_numpy(), temperature)
-        predictions["prob_0"], predictions["prob_1"] = probs[:, 0], probs[:, 1]
-        reason = temperature_not_identifiable(val["label"].to_numpy(), val["prob_1"].to_numpy())
-        calibration.update(temperature=temperature, fitted_on=f"val ({len(val)} cases)" + (
-            f"; not fitted, T = 1: {reason}" if reason else ""), uncalibrated={
-            name: calibration_metrics(part["label"].to_numpy(), part["prob_1_uncalibrated"].to_numpy())
-            for name, part in predictions.groupby("split")})
-        val = predictions[predictions["split"] == "val"]
-    threshold, how = choose_threshold(config.eval.threshold, val["label"].to_numpy(), val["prob_1"].to_numpy())
-    predictions["pred"] = (predictions["prob_1"] >= threshold).astype(int)
-    predictions["abs_error"] = (predictions["prob_1"] - predictions["label"]).abs()
+    names = config.data.class_names
+    if len(names) == 2:
+        predictions, calibration, threshold, how = _binary_decision(predictions, config)
+    else:  # k classes: the most probable one; temperature scaling is fitted for two classes only
+        threshold, how = 0.5, f"most probable of {len(names)} classes (no threshold)"
+        calibration = {"method": "none" if config.eval.calibrate == "none" else
+                       f"none ({config.eval.calibrate} is fitted for two classes only)"}
+        predictions["pred"] = predictions[[f"prob_{k}" for k in range(len(names))]].to_numpy().argmax(1)
+        true_prob = predictions[[f"prob_{k}" for k in range(len(names))]].to_numpy()[
+            range(len(predictions)), predictions["label"].clip(lower=0)]
+        predictions["abs_error"] = 1.0 - true_prob  # 1 - P(true class)
     history = run_dir / "history.csv"  # best.pth holds the best epoch, not how many ran
     epochs_run = len(pd.read_csv(history)) if history.is_file() else int(state["epoch"])
     metrics = {"threshold": threshold, "threshold_rule": how, "best_epoch": int(state["early_stopping"]["best_epoch"]),
                "epochs_run": epochs_run, "weights": config.features.weights, "calibration": calibration,
                "splits": {}}
+    prob_columns = ["prob_1"] if len(names) == 2 else [f"prob_{k}" for k in range(len(names))]
     for name in SUBSETS:
         part = predictions[predictions["split"] == name]
         if part.empty:
             continue
-        y, p = part["label"].to_numpy(), part["prob_1"].to_numpy()
-        metrics["splits"][name] = {**binary_metrics(y, p, threshold),
+        y, p = part["label"].to_numpy(), part[prob_columns].to_numpy().squeeze(1) if len(names) == 2 else \
+            part[prob_columns].to_numpy()
+        metrics["splits"][name] = {**classification_metrics(y, p, threshold, names),
                                    "ci95": bootstrap_intervals(y, p, threshold, config.eval.bootstrap,
-                                                               config.eval.ci, seed=config.train.seed)}
+                                                               config.eval.ci, seed=config.train.seed,
+                                                               class_names=names)}
     if split_name not in metrics["splits"]:
         raise TrainingError(f"split '{split_name}' of {run_dir} is empty; evaluate another split (--split val).")
     metrics["evaluated_split"] = split_name
@@ -82,20 +102,27 @@ def evaluate_run(run_dir: str | Path, split_name: str = "test", bags: CohortBags
 def _write_outputs(run_dir: Path, config: Config, predictions: pd.DataFrame, metrics: dict, split_name: str) -> None:
     names = config.data.class_names
     columns = ["case", "split", "label", "pred"] + [c for c in predictions if c.startswith("prob_")] + ["abs_error"]
-    curves = {"predicted": part_probabilities(predictions, split_name, "prob_1")}
-    if "prob_1_uncalibrated" in predictions:
-        curves = {"before temperature scaling": part_probabilities(predictions, split_name, "prob_1_uncalibrated"),
-                  f"after (T = {metrics['calibration']['temperature']:.2f})": curves["predicted"]}
-    plot_reliability(predictions.loc[predictions["split"] == split_name, "label"].to_numpy(), curves,
-                     run_dir / "reliability.png", title=f"{split_name} reliability")
     atomic_write(run_dir / "predictions.csv", lambda tmp: predictions[columns].to_csv(tmp, index=False))
     part = predictions[predictions["split"] == split_name]
     result = metrics["splits"][split_name]
-    plot_confusion(np.array(result["confusion_matrix"]), names, run_dir / "confusion_matrix.png",
-                   title=f"{split_name} (threshold {metrics['threshold']:.3f})")
-    plot_roc(part["label"].to_numpy(), part["prob_1"].to_numpy(), run_dir / "roc_curve.png",
-             title=f"{split_name} ROC, AUC {result['auc']:.3f}")
-    atomic_write_text(run_dir / "results.txt", results_text(metrics, split_name))
+    if len(names) > 2:
+        plot_confusion(np.array(result["confusion_matrix"]), names, run_dir / "confusion_matrix.png",
+                       title=f"{split_name} (most probable class)")
+        plot_roc_one_vs_rest(part["label"].to_numpy(), part[[f"prob_{k}" for k in range(len(names))]].to_numpy(),
+                             names, run_dir / "roc_curve.png", title=f"{split_name} one-vs-rest ROC, macro AUC "
+                             f"{result['auc']:.3f}")
+    else:
+        curves = {"predicted": part_probabilities(predictions, split_name, "prob_1")}
+        if "prob_1_uncalibrated" in predictions:
+            curves = {"before temperature scaling": part_probabilities(predictions, split_name, "prob_1_uncalibrated"),
+                      f"after (T = {metrics['calibration']['temperature']:.2f})": curves["predicted"]}
+        plot_reliability(part["label"].to_numpy(), curves, run_dir / "reliability.png",
+                         title=f"{split_name} reliability")
+        plot_confusion(np.array(result["confusion_matrix"]), names, run_dir / "confusion_matrix.png",
+                       title=f"{split_name} (threshold {metrics['threshold']:.3f})")
+        plot_roc(part["label"].to_numpy(), part["prob_1"].to_numpy(), run_dir / "roc_curve.png",
+                 title=f"{split_name} ROC, AUC {result['auc']:.3f}")
+    atomic_write_text(run_dir / "results.txt", results_text(metrics, split_name, names))
     atomic_write_json(run_dir / "metrics.json", metrics)
 
 
@@ -103,9 +130,10 @@ def part_probabilities(predictions: pd.DataFrame, split_name: str, column: str) 
     return predictions.loc[predictions["split"] == split_name, column].to_numpy()
 
 
-def results_text(metrics: dict, split_name: str) -> str:
+def results_text(metrics: dict, split_name: str, class_names: list[str]) -> str:
     lines = [f"stainmil results — split '{split_name}'",
-             f"threshold: {metrics['threshold']:.4f} ({metrics['threshold_rule']})",
+             f"threshold: {metrics['threshold']:.4f} ({metrics['threshold_rule']})" if len(class_names) == 2 else
+             f"decision: {metrics['threshold_rule']}",
              f"best epoch: {metrics['best_epoch']} of {metrics['epochs_run']}", ""]
     calibration = metrics.get("calibration", {})
     if calibration.get("method") == "temperature":
@@ -115,10 +143,14 @@ def results_text(metrics: dict, split_name: str) -> str:
                         f"ECE {before['ece']:.3f}")
     if str(metrics.get("weights")) == "random":
         lines.insert(1, "WARNING: backbone weights were RANDOM (no ImageNet weights available): a smoke test only.")
+    shown = ("benign_recall", "high_grade_recall", "balanced_accuracy", "auc", "f1", "brier", "ece") \
+        if len(class_names) == 2 else point_metric_names(class_names)
+    readable = ["benign", "high-grade"] if len(class_names) == 2 else class_names
     for name, m in metrics["splits"].items():
-        lines.append(f"[{name}] {m['n_cases']} cases (benign {m['n_per_class'][0]}, high-grade {m['n_per_class'][1]})")
-        for key in ("benign_recall", "high_grade_recall", "balanced_accuracy", "auc", "f1", "brier", "ece"):
+        counts = ", ".join(f"{c} {n}" for c, n in zip(readable, m["n_per_class"]))
+        lines.append(f"[{name}] {m['n_cases']} cases ({counts})")
+        for key in shown:
             lo, hi = m["ci95"][key]
             lines.append(f"  {key:<18} {m[key]:.3f}   95% CI [{lo:.3f}, {hi:.3f}]")
-        lines.append(f"  confusion (rows true benign/high-grade): {m['confusion_matrix']}")
+        lines.append(f"  confusion (rows true {'/'.join(readable)}): {m['confusion_matrix']}")
     return "\n".join(lines) + "\n"

@@ -42,6 +42,20 @@ from stainmil.train.checkpoint import load_checkpoint
 COMPARED = ("auc", "balanced_accuracy", "benign_recall", "high_grade_recall", "brier")
 
 
+def compared_metrics(class_names: list[str]) -> tuple[str, ...]:
+    """The table's metrics: two classes as COMPARED; k classes: macro AUC, balanced accuracy, recall per class,
+    Brier."""
+    if len(class_names) == 2:
+        return COMPARED
+    return ("auc", "balanced_accuracy", *[f"recall_{c}" for c in class_names], "brier")
+
+
+def case_probabilities_of(per_case: pd.DataFrame) -> np.ndarray:
+    """(N,) P(class 1) of a binary comparison, else (N, k) class probabilities."""
+    columns = [c for c in per_case.columns if c.startswith("prob_") and c[5:].isdigit()]
+    return per_case["prob_1"].to_numpy() if len(columns) == 2 else per_case[columns].to_numpy()
+
+
 @dataclass(frozen=True)
 class Variant:
     architecture: str
@@ -122,7 +136,7 @@ def compare_models(config: Config, models: list[str], folds: int = 5, seeds: lis
                "stain_identity": variant.configure(config).model.stain_identity,
                "stains": "+".join(variant.configure(config).data.stains), "n_cases": pooled["n_cases"],
                "seeds": len(seeds)}
-        for metric in COMPARED:
+        for metric in compared_metrics(config.data.class_names):
             lo, hi = pooled["ci95"][metric]
             row[metric], row[f"{metric}_ci95"] = round(pooled[metric], 3), f"[{lo:.3f}, {hi:.3f}]"
         row["parameters"] = _parameters(dirs[0], variant.configure(config))
@@ -131,9 +145,10 @@ def compare_models(config: Config, models: list[str], folds: int = 5, seeds: lis
     table = pd.DataFrame(rows)
     table = _paired_differences(table, oof, variants, config)
     atomic_write(out / "models.csv", lambda tmp: table.to_csv(tmp, index=False))
-    atomic_write_text(out / "models.md", models_markdown(table, folds, seeds))
-    roc = _roc_plot(oof, out / "models_roc.png")
-    atomic_write_text(out / "models.html", models_html(table, folds, seeds, roc))
+    metrics = compared_metrics(config.data.class_names)
+    atomic_write_text(out / "models.md", models_markdown(table, folds, seeds, metrics))
+    roc = _roc_plot(oof, out / "models_roc.png", config.data.class_names)
+    atomic_write_text(out / "models.html", models_html(table, folds, seeds, roc, metrics))
     log(f"model comparison in {out}")
     return table
 
@@ -144,10 +159,10 @@ def _paired_differences(table: pd.DataFrame, oof: dict[str, pd.DataFrame], varia
     deltas = []
     for variant in variants:
         other = per_case_probabilities(oof[variant.name])
-        common = reference.merge(other, left_index=True, right_index=True, suffixes=("_ref", ""))
-        d = paired_auc_difference(common["label"].to_numpy(), common["prob_1_ref"].to_numpy(),
-                                  common["prob_1"].to_numpy(), config.eval.bootstrap, config.eval.ci,
-                                  config.train.seed)
+        common = reference.join(other.drop(columns="label"), how="inner", rsuffix="_other")
+        d = paired_auc_difference(common["label"].to_numpy(), case_probabilities_of(reference.loc[common.index]),
+                                  case_probabilities_of(other.loc[common.index]), config.eval.bootstrap,
+                                  config.eval.ci, config.train.seed)
         deltas.append({"delta_auc": round(d["delta"], 3), "delta_auc_ci95": f"[{d['ci_low']:.3f}, {d['ci_high']:.3f}]",
                        "paired_cases": len(common)})
     return pd.concat([table, pd.DataFrame(deltas)], axis=1)
@@ -168,44 +183,48 @@ def _parameters(cv_dir: Path, config: Config) -> int:
     return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
-def models_markdown(table: pd.DataFrame, folds: int, seeds: list[int]) -> str:
+def models_markdown(table: pd.DataFrame, folds: int, seeds: list[int], metrics: tuple[str, ...] = COMPARED) -> str:
     first = table["model"].iloc[0]
-    header = ["model", "cases"] + [f"{m} [95% CI]" for m in COMPARED] + [f"ΔAUC vs {first} [95% CI]",
+    header = ["model", "cases"] + [f"{m} [95% CI]" for m in metrics] + [f"ΔAUC vs {first} [95% CI]",
                                                                           "parameters", "s/epoch"]
     lines = [f"{folds}-fold CV, seeds {', '.join(map(str, seeds))}; pooled out-of-fold, case-bootstrap CIs",
              "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, r in table.iterrows():
-        cells = [r["model"], r["n_cases"]] + [f"{r[m]:.3f} {r[f'{m}_ci95']}" for m in COMPARED]
+        cells = [r["model"], r["n_cases"]] + [f"{r[m]:.3f} {r[f'{m}_ci95']}" for m in metrics]
         cells += [f"{r['delta_auc']:+.3f} {r['delta_auc_ci95']}", f"{r['parameters']:,}", r["seconds_per_epoch"]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _roc_plot(oof: dict[str, pd.DataFrame], path: Path) -> Path:
+def _roc_plot(oof: dict[str, pd.DataFrame], path: Path, class_names: list[str]) -> Path:
+    """One pooled out-of-fold ROC curve per model (k classes: the last class, e.g. high-grade, vs the rest)."""
     fig, ax = subplots(figsize=(6, 6))
     for name, frame in oof.items():
         per_case = per_case_probabilities(frame)
-        y, p = per_case["label"].to_numpy(), per_case["prob_1"].to_numpy()
+        y, p = per_case["label"].to_numpy(), case_probabilities_of(per_case)
+        if p.ndim == 2:
+            y, p = (y == p.shape[1] - 1).astype(int), p[:, -1]
         if len(np.unique(y)) < 2:
             continue
         fpr, tpr, _ = roc_curve(y, p)
         ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(y, p):.3f})")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-    ax.set(xlabel="1 - benign recall (false positive rate)", ylabel="high-grade recall (true positive rate)",
-           title="pooled out-of-fold ROC")
+    positive = "high-grade" if len(class_names) == 2 else f"{class_names[-1]} vs the rest"
+    ax.set(xlabel="false positive rate", ylabel=f"recall of {positive}", title="pooled out-of-fold ROC")
     ax.legend(loc="lower right", fontsize=8)
     return save_figure(fig, path)
 
 
-def models_html(table: pd.DataFrame, folds: int, seeds: list[int], roc: Path) -> str:
+def models_html(table: pd.DataFrame, folds: int, seeds: list[int], roc: Path,
+                metrics: tuple[str, ...] = COMPARED) -> str:
     image = base64.b64encode(roc.read_bytes()).decode()
     first = html.escape(str(table["model"].iloc[0]))
-    columns = ["model", "n_cases"] + list(COMPARED) + ["delta_auc", "parameters", "seconds_per_epoch"]
+    columns = ["model", "n_cases"] + list(metrics) + ["delta_auc", "parameters", "seconds_per_epoch"]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = []
     for _, r in table.iterrows():
         cells = [html.escape(str(r["model"])), str(r["n_cases"])]
-        cells += [f"{r[m]:.3f}<br><small>{r[f'{m}_ci95']}</small>" for m in COMPARED]
+        cells += [f"{r[m]:.3f}<br><small>{r[f'{m}_ci95']}</small>" for m in metrics]
         cells += [f"{r['delta_auc']:+.3f}<br><small>{r['delta_auc_ci95']}</small>", f"{r['parameters']:,}",
                   str(r["seconds_per_epoch"])]
         body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")

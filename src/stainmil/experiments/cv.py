@@ -32,10 +32,17 @@ from stainmil.errors import DataError
 from stainmil.evaluate.predict import evaluate_run
 from stainmil.io import atomic_write, atomic_write_json, atomic_write_text
 from stainmil.launch import run_jobs
-from stainmil.stats.metrics import POINT_METRICS, binary_metrics, bootstrap_intervals
+from stainmil.stats.metrics import bootstrap_intervals, classification_metrics, point_metric_names
 from stainmil.train.trainer import train
 
 SUMMARY_METRICS = ("benign_recall", "high_grade_recall", "balanced_accuracy", "auc")
+
+
+def summary_metrics(class_names: list[str]) -> tuple[str, ...]:
+    """The per-fold metrics of a CV summary: recall per class, balanced accuracy, (macro) AUC."""
+    if len(class_names) == 2:
+        return SUMMARY_METRICS
+    return (*[f"recall_{c}" for c in class_names], "balanced_accuracy", "auc")
 
 
 class FoldJob:
@@ -137,7 +144,7 @@ def summarise_cv(out: Path, config: Config) -> CVResult:
     for fold_dir in sorted((out / "folds").glob("fold_*")):
         metrics = json.loads((fold_dir / "metrics.json").read_text())
         test = metrics["splits"]["test"]
-        rows.append({"fold": fold_dir.name, **{m: test[m] for m in SUMMARY_METRICS},
+        rows.append({"fold": fold_dir.name, **{m: test[m] for m in summary_metrics(config.data.class_names)},
                      "threshold": metrics["threshold"], "epochs": metrics["epochs_run"],
                      "best_epoch": metrics["best_epoch"], "n_test": test["n_cases"]})
         predictions = pd.read_csv(fold_dir / "predictions.csv", dtype={"case": str})
@@ -148,36 +155,44 @@ def summarise_cv(out: Path, config: Config) -> CVResult:
     atomic_write(out / "oof_predictions.csv", lambda tmp: oof_frame.to_csv(tmp, index=False))
     pooled = pooled_out_of_fold(oof_frame, float(summary["threshold"].median()), config)
     over_folds = {m: {"mean": float(np.nanmean(summary[m])), "sd": float(np.nanstd(summary[m], ddof=1))
-                      if len(summary) > 1 else 0.0} for m in SUMMARY_METRICS}
+                      if len(summary) > 1 else 0.0} for m in summary_metrics(config.data.class_names)}
     metrics = {"folds": len(summary), "over_folds": over_folds, "pooled_out_of_fold": pooled}
     atomic_write_json(out / "metrics.json", metrics)
-    atomic_write_text(out / "cv_report.txt", cv_report_text(summary, metrics))
+    atomic_write_text(out / "cv_report.txt", cv_report_text(summary, metrics, config.data.class_names))
     return CVResult(out, summary, metrics)
 
 
 def per_case_probabilities(oof: pd.DataFrame) -> pd.DataFrame:
-    """One row per case (index ``case``): its label and mean out-of-fold P(class 1) over repeats and seeds."""
-    return oof.groupby("case").agg(label=("label", "first"), prob_1=("prob_1", "mean"))
+    """One row per case (index ``case``): its label and mean out-of-fold probability of each class (``prob_<k>``)
+    over repeats and seeds."""
+    columns = sorted((c for c in oof.columns if c.startswith("prob_") and c[5:].isdigit()), key=lambda c: int(c[5:]))
+    return oof.groupby("case").agg(label=("label", "first"), **{c: (c, "mean") for c in columns})
 
 
 def pooled_out_of_fold(oof: pd.DataFrame, threshold: float, config: Config) -> dict:
-    """Metrics of the per-case mean out-of-fold probabilities at ``threshold``, with case-bootstrap CIs."""
+    """Metrics of the per-case mean out-of-fold probabilities at ``threshold`` (k > 2 classes: the most probable),
+    with case-bootstrap CIs."""
+    names = config.data.class_names
     per_case = per_case_probabilities(oof)
-    y, p = per_case["label"].to_numpy(), per_case["prob_1"].to_numpy()
-    return {**binary_metrics(y, p, threshold),
-            "ci95": bootstrap_intervals(y, p, threshold, config.eval.bootstrap, config.eval.ci, config.train.seed),
+    y = per_case["label"].to_numpy()
+    p = per_case["prob_1"].to_numpy() if len(names) == 2 else per_case[[f"prob_{k}" for k in range(len(names))]]\
+        .to_numpy()
+    return {**classification_metrics(y, p, threshold, names),
+            "ci95": bootstrap_intervals(y, p, threshold, config.eval.bootstrap, config.eval.ci, config.train.seed,
+                                        class_names=names),
             "threshold": threshold}
 
 
-def cv_report_text(summary: pd.DataFrame, metrics: dict) -> str:
+def cv_report_text(summary: pd.DataFrame, metrics: dict, class_names: list[str]) -> str:
     lines = [f"stainmil cross-validation — {metrics['folds']} folds", "", summary.round(3).to_string(index=False), "",
              "mean ± SD over folds:"]
     for m, v in metrics["over_folds"].items():
         lines.append(f"  {m:<18} {v['mean']:.3f} ± {v['sd']:.3f}")
     pooled = metrics["pooled_out_of_fold"]
-    lines += ["", f"pooled out-of-fold ({pooled['n_cases']} cases; per-case mean probability, threshold "
-                  f"{pooled['threshold']:.3f} = median of the folds'):"]
-    for m in POINT_METRICS:
+    decision = (f"threshold {pooled['threshold']:.3f} = median of the folds'" if len(class_names) == 2 else
+                "the most probable class")
+    lines += ["", f"pooled out-of-fold ({pooled['n_cases']} cases; per-case mean probability, {decision}):"]
+    for m in point_metric_names(class_names):
         if m in ("accuracy",):
             continue
         lo, hi = pooled["ci95"][m]

@@ -20,10 +20,8 @@ import pandas as pd
 
 from stainmil.config import Config
 from stainmil.errors import ConfigError
-from stainmil.experiments.cv import SUMMARY_METRICS, run_cv, shared_folds
+from stainmil.experiments.cv import run_cv, shared_folds, summary_metrics
 from stainmil.io import atomic_write, atomic_write_json, atomic_write_text
-
-SEED_METRICS = (*SUMMARY_METRICS, "brier", "ece")
 
 
 def run_cv_seeds(config: Config, seeds: int, folds: int = 5, repeats: int = 1, splits_dir: str | Path | None = None,
@@ -34,6 +32,8 @@ def run_cv_seeds(config: Config, seeds: int, folds: int = 5, repeats: int = 1, s
         raise ConfigError(f"--seeds must be at least 1, got {seeds}.")
     out = Path(out_dir) if out_dir else config.runs_dir / datetime.now().strftime("cv_seeds_%Y%m%d_%H%M%S")
     folds_dir = shared_folds(config, folds, repeats, out, splits_dir)
+    per_fold = summary_metrics(config.data.class_names)
+    seed_metrics = (*per_fold, "brier", "ece")
     rows = []
     for k in range(seeds):
         seeded = copy.deepcopy(config)
@@ -41,13 +41,13 @@ def run_cv_seeds(config: Config, seeds: int, folds: int = 5, repeats: int = 1, s
         log(f"seed {k + 1}/{seeds} (train.seed={seeded.train.seed})")
         result = run_cv(seeded, splits_dir=folds_dir, launcher=launcher, out_dir=out / f"seed_{k + 1}", log=log)
         pooled, over = result.metrics["pooled_out_of_fold"], result.metrics["over_folds"]
-        rows.append({"seed": seeded.train.seed, **{m: pooled[m] for m in SEED_METRICS},
-                     **{f"{m}_sd_over_folds": over[m]["sd"] for m in SUMMARY_METRICS}})
+        rows.append({"seed": seeded.train.seed, **{m: pooled[m] for m in seed_metrics},
+                     **{f"{m}_sd_over_folds": over[m]["sd"] for m in per_fold}})
     table = pd.DataFrame(rows)
     summary = {m: {"mean_over_seeds": float(table[m].mean()),
                    "sd_over_seeds": float(table[m].std(ddof=1)) if len(table) > 1 else 0.0,
                    **({"mean_sd_over_folds": float(table[f"{m}_sd_over_folds"].mean())}
-                      if f"{m}_sd_over_folds" in table else {})} for m in SEED_METRICS}
+                      if f"{m}_sd_over_folds" in table else {})} for m in seed_metrics}
     atomic_write(out / "seeds.csv", lambda tmp: table.to_csv(tmp, index=False))
     atomic_write_json(out / "seeds.json", {"seeds": len(table), "folds": len(list(folds_dir.glob("*.npz"))),
                                            "metrics": summary})

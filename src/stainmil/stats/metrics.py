@@ -123,21 +123,28 @@ def paired_auc_difference(labels: np.ndarray, probabilities_a: np.ndarray, proba
                           n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, float]:
     """AUC(b) - AUC(a) on the same cases, with a paired case-bootstrap percentile CI (both resampled alike).
 
-    Returns ``delta``, ``ci_low``, ``ci_high`` and ``p_not_better`` (share of resamples with delta <= 0).
+    Probabilities (N,) = P(class 1), or (N, k): then the macro one-vs-rest AUC. Returns ``delta``, ``ci_low``,
+    ``ci_high`` and ``p_not_better`` (share of resamples with delta <= 0).
     """
     labels = np.asarray(labels, dtype=int)
     a, b = np.asarray(probabilities_a, dtype=float), np.asarray(probabilities_b, dtype=float)
-    if len(np.unique(labels)) < 2:
+    k = 2 if a.ndim == 1 else a.shape[1]
+
+    def auc(y: np.ndarray, p: np.ndarray) -> float:  # binary, or macro one-vs-rest over k classes
+        return roc_auc_score(y, p) if p.ndim == 1 else float(np.mean([roc_auc_score(y == c, p[:, c])
+                                                                        for c in range(k)]))
+
+    if len(np.unique(labels)) < k:
         return {"delta": math.nan, "ci_low": math.nan, "ci_high": math.nan, "p_not_better": math.nan}
     rng = np.random.default_rng(seed)
     deltas = []
     for _ in range(n_boot):
         idx = rng.integers(0, len(labels), len(labels))
-        if len(np.unique(labels[idx])) == 2:
-            deltas.append(roc_auc_score(labels[idx], b[idx]) - roc_auc_score(labels[idx], a[idx]))
+        if len(np.unique(labels[idx])) == k:
+            deltas.append(auc(labels[idx], b[idx]) - auc(labels[idx], a[idx]))
     alpha = (1 - level) / 2
     deltas_arr = np.asarray(deltas)
-    return {"delta": float(roc_auc_score(labels, b) - roc_auc_score(labels, a)),
+    return {"delta": float(auc(labels, b) - auc(labels, a)),
             "ci_low": float(np.quantile(deltas_arr, alpha)), "ci_high": float(np.quantile(deltas_arr, 1 - alpha)),
             "p_not_better": float((deltas_arr <= 0).mean())}
 

@@ -63,6 +63,25 @@ def plot_roc(labels: np.ndarray, probabilities: np.ndarray, path: str | Path, ti
     return save_figure(fig, path)
 
 
+def plot_roc_one_vs_rest(labels: np.ndarray, probabilities: np.ndarray, class_names: list[str], path: str | Path,
+                         title: str = "") -> Path:
+    """k classes: one ROC curve per class against the rest (``probabilities`` (N, k))."""
+    fig, ax = subplots(figsize=(4.4, 4))
+    for k, name in enumerate(class_names):
+        positive = np.asarray(labels) == k
+        if 0 < positive.sum() < len(positive):
+            fpr, tpr, _ = roc_curve(positive, probabilities[:, k])
+            ax.plot(fpr, tpr, lw=2, label=name)
+    ax.plot([0, 1], [0, 1], color="grey", ls=":")
+    ax.set_xlabel("false positive rate (the rest called this class)")
+    ax.set_ylabel("recall of the class")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def plot_reliability(labels: np.ndarray, curves: dict[str, np.ndarray], path: str | Path, title: str = "") -> Path:
     """Reliability diagram: observed high-grade share vs mean predicted P(high-grade) per bin, one line per
     set of probabilities in ``curves`` (e.g. before / after temperature scaling); marker area ~ cases."""

@@ -42,7 +42,7 @@ from stainmil.io import atomic_write, atomic_write_json
 from stainmil.model.registry import build_model
 from stainmil.model.regularizers import AttentionRegularizer
 from stainmil.progress import progress_bar
-from stainmil.stats.metrics import binary_metrics
+from stainmil.stats.metrics import classification_metrics
 from stainmil.stats.plots import plot_history
 from stainmil.train.checkpoint import load_checkpoint, save_checkpoint
 from stainmil.train.losses import build_loss, class_weights, weighted_mean
@@ -80,12 +80,12 @@ def _rng_state(rng: np.random.Generator) -> str:
 
 def evaluate_loss(model: torch.nn.Module, bags: CohortBags, cases: list[str], loss_fn, weights, device,
                   batch_cases: int = 8) -> tuple[float, np.ndarray, np.ndarray]:
-    """Mean loss over ``cases`` (every patch), their labels and P(class 1)."""
+    """Mean loss over ``cases`` (every patch), their labels and class probabilities (B, C)."""
     losses, labels, probs = [], [], []
     for batch, out in infer(model, bags, cases, device, batch_cases):
         losses.append(loss_fn(out, batch.labels, weights).cpu())
         labels.append(batch.labels.cpu())
-        probs.append(out.probabilities[:, 1].cpu())
+        probs.append(out.probabilities.cpu())
     all_labels = torch.cat(labels)
     loss = weighted_mean(torch.cat(losses), all_labels, weights.cpu() if weights is not None else None)
     return float(loss), all_labels.numpy(), torch.cat(probs).numpy()
@@ -192,7 +192,11 @@ def train(config: Config, resume_dir: str | Path | None = None, split: Split | N
             _set_status(run_dir, "failed", epoch=epoch, reason="non-finite validation loss")
             raise TrainingError(f"validation loss became {val_loss} at epoch {epoch}; lower train.lr.")
         scheduler.step(val_loss)
-        metrics = binary_metrics(val_labels, val_probs, 0.5)
+        metrics = classification_metrics(val_labels, val_probs, 0.5, config.data.class_names)
+        names = config.data.class_names
+        recalls = ({"val_benign_recall": metrics["benign_recall"],
+                    "val_high_grade_recall": metrics["high_grade_recall"]} if len(names) == 2
+                   else {f"val_recall_{c}": metrics[f"recall_{c}"] for c in names})
         improved = val_loss < stopping["best_val_loss"] - 1e-6
         if improved:
             stopping.update(best_val_loss=val_loss, best_epoch=epoch, bad_epochs=0)
@@ -200,7 +204,7 @@ def train(config: Config, resume_dir: str | Path | None = None, split: Split | N
             stopping["bad_epochs"] += 1
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": terms.pop("total") / len(order),
                "val_loss": val_loss, "val_auc": metrics["auc"], "val_balanced_accuracy": metrics["balanced_accuracy"],
-               "val_benign_recall": metrics["benign_recall"], "val_high_grade_recall": metrics["high_grade_recall"],
+               **recalls,
                **{f"train_{name}": value / len(order) for name, value in terms.items()},
                "seconds": time.perf_counter() - started}
         # plain Python types, so the checkpoint loads with weights_only=True
