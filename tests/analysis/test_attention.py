@@ -66,3 +66,19 @@ def test_subset_drops_emptied_slices_and_keeps_structure():
     with torch.no_grad():
         out = model_for(bags).eval()(small)
     assert float(out.effective_attention.sum()) == pytest.approx(1, abs=1e-5)
+
+
+def test_stain_weight_table_averages_stain_attention_per_stain_and_class():
+    import pandas as pd
+
+    from stainmil.analysis.attention import stain_weight_table
+
+    slices = pd.DataFrame({"case": ["1", "1", "1", "2", "2", "3"], "stain": ["he", "he", "sox10", "he", "sox10", "he"],
+                           "stain_weight": [0.2, 0.2, 0.8, 0.6, 0.4, 1.0]})
+    cases = pd.DataFrame({"case": ["1", "2", "3"], "label": [1, 1, 0], "pred": [1, 0, 0]})
+    table = stain_weight_table(slices, cases, ["he", "sox10"], ["benign", "high_grade"]).set_index(["stain", "class"])
+    assert table.loc[("he", "high_grade"), "mean_stain_weight"] == pytest.approx(0.4)   # cases 1 and 2, once each
+    assert table.loc[("he", "high_grade"), "cases_with_stain"] == 2
+    assert table.loc[("sox10", "high_grade"), "mean_stain_weight"] == pytest.approx(0.6)
+    assert table.loc[("he", "benign"), "mean_stain_weight"] == pytest.approx(1.0)
+    assert table.loc[("sox10", "benign"), "cases_with_stain"] == 0 and (table["class_is"] == "true").all()

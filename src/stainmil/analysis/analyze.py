@@ -2,6 +2,7 @@
 
     patches.csv  slices.csv  cases.csv  summary.json  summary.txt
     stain_contribution.csv  stain_summary.csv    every case predicted again without each stain
+    stain_weights.csv                            mean stain attention per stain and class
     effective_attention_distribution.png  concentration_vs_error.png  slice_attention_misclassified.png
     attention_along_slices.png
     patches/case<id>.jpg                         top and bottom patches per case
@@ -80,7 +81,8 @@ def write_analysis(run_dir: str | Path, split_name: str = "test", top_k: int | N
 def write_tables(out: Path, tables: AttentionTables, config: Config) -> AnalysisResult:
     """Write every table and figure of ``tables`` under ``out`` (labels -1: the label-based figures are left out)."""
     for name, frame in (("patches", tables.patches), ("slices", tables.slices), ("cases", tables.cases),
-                        ("stain_contribution", tables.stains), ("stain_summary", tables.stain_summary)):
+                        ("stain_contribution", tables.stains), ("stain_summary", tables.stain_summary),
+                        ("stain_weights", tables.stain_weights)):
         atomic_write(out / f"{name}.csv", lambda tmp, frame=frame: frame.to_csv(tmp, index=False))
     atomic_write_json(out / "summary.json", tables.summary)
     atomic_write_text(out / "summary.txt", summary_text(tables.summary))

@@ -42,6 +42,25 @@ class AttentionTables:
     summary: dict = field(default_factory=dict)
     stains: pd.DataFrame = field(default_factory=pd.DataFrame)         # per case: ΔP without each stain
     stain_summary: pd.DataFrame = field(default_factory=pd.DataFrame)  # per stain x class
+    stain_weights: pd.DataFrame = field(default_factory=pd.DataFrame)  # per stain x class: mean stain attention
+
+
+def stain_weight_table(slices: pd.DataFrame, cases: pd.DataFrame, stains: list[str],
+                       class_names: list[str]) -> pd.DataFrame:
+    """Per stain x class (true class when labelled, else predicted): how much stain-level attention the stain gets
+    on average in the cases that have it — what a stain-aware model learns to weigh."""
+    labelled = bool((cases["label"] >= 0).all())
+    by = cases.set_index("case")["label" if labelled else "pred"]
+    weights = slices.drop_duplicates(["case", "stain"])[["case", "stain", "stain_weight"]]
+    weights = weights.assign(cls=weights["case"].map(by))
+    rows = []
+    for stain in stains:
+        for k, name in enumerate(class_names):
+            part = weights[(weights["stain"] == stain) & (weights["cls"] == k)]["stain_weight"]
+            rows.append({"stain": stain, "class": name, "class_is": "true" if labelled else "predicted",
+                         "cases_with_stain": len(part), "mean_stain_weight": float(part.mean()) if len(part) else
+                         float("nan"), "sd_stain_weight": float(part.std(ddof=1)) if len(part) > 1 else float("nan")})
+    return pd.DataFrame(rows)
 
 
 def _entropy(weights: np.ndarray) -> float:
@@ -256,4 +275,5 @@ def compute_tables(model: nn.Module, config: Config, bags: CohortBags, cases: li
     contribution = stain_contribution(model, bags, cases, device, threshold, temperature)
     by_stain = stain_summary(contribution, bags.stains, config.data.class_names, threshold)
     summary["stain_contribution"] = stain_sentences(by_stain, config.data.class_names)
-    return AttentionTables(patches, slices, case_frame, summary, contribution, by_stain)
+    stain_weights = stain_weight_table(slices, case_frame, bags.stains, config.data.class_names)
+    return AttentionTables(patches, slices, case_frame, summary, contribution, by_stain, stain_weights)

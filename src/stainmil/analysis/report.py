@@ -137,7 +137,8 @@ def render_report(path: Path, analysis: AnalysisResult, config: Config, *, title
         metric_tables=[(n, splits[n]) for n in ("test", "val") if n in splits],
         run_figures=list(run_figures), attention_figures=attention_figures, summary_text=summary_text(tables.summary),
         case_columns=case_columns, case_rows=case_rows, n_sections=len(case_sections), case_sections=case_sections,
-        stain_summary=tables.stain_summary.to_dict("records"), stain_sentences=tables.summary.get(
+        stain_summary=tables.stain_summary.to_dict("records"), stain_weights=tables.stain_weights.to_dict("records"),
+        stain_sentences=tables.summary.get(
             "stain_contribution", []), scales=colour_legends(prob_label), binary=len(names) == 2, prob_label=prob_label,
         class_labels=["benign", "high-grade"] if len(names) == 2 else names,
         patch_attention=tables.summary.get("patch_attention", True),
