@@ -183,6 +183,15 @@ class BaselineConfig:
     transmil_heads: int = _help("TransMIL: attention heads of its two layers (Shao et al. 2021: 8).", default=8)
     transmil_dropout: float = _help("TransMIL: attention dropout (paper: 0.1).", default=0.1)
 
+    def __post_init__(self) -> None:
+        if not 0 < self.clam_bag_weight <= 1:
+            raise ConfigError(f"model.baseline.clam_bag_weight must be in (0, 1], got {self.clam_bag_weight}.")
+        if self.clam_k_sample < 1 or self.dtfd_pseudo_bags < 1 or self.transmil_heads < 1:
+            raise ConfigError("model.baseline.clam_k_sample, dtfd_pseudo_bags and transmil_heads must be at least 1, "
+                              f"got {self.clam_k_sample}, {self.dtfd_pseudo_bags}, {self.transmil_heads}.")
+        if not 0 <= self.transmil_dropout < 1:
+            raise ConfigError(f"model.baseline.transmil_dropout must be in [0, 1), got {self.transmil_dropout}.")
+
 
 @dataclass
 class ModelConfig:

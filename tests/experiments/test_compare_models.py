@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from stainmil.config import Config
 from stainmil.errors import ConfigError
 from stainmil.experiments.compare_models import compare_models, parse_variants
 from stainmil.stats.metrics import paired_auc_difference
@@ -62,7 +63,7 @@ def test_bad_model_and_stain_specs_are_refused_before_any_work():
     with pytest.raises(ConfigError, match="ihc"):
         parse_variants(["abmil"], ["he+ihc"], ["he", "sox10"])
     variants = parse_variants(["hierarchical:embedding", "abmil"], ["he", "he+sox10"], ["he", "sox10"])
-    assert [v.name for v in variants] == ["hierarchical:embedding (he)", "abmil (he)",
+    assert [v.name(Config()) for v in variants] == ["hierarchical:embedding (he)", "abmil (he)",
                                           "hierarchical:embedding (he+sox10)", "abmil (he+sox10)"]
 
 

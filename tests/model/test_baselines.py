@@ -65,10 +65,12 @@ def test_case_alone_equals_case_in_batch_and_eval_is_deterministic(architecture)
             assert torch.allclose(alone.logits[0], together.logits[b], atol=1e-5), case
 
 
-@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("architecture", [*sorted(ARCHITECTURES), "hierarchical:embedding", "hierarchical:specific",
+                                          "abmil:embedding"])
 def test_patch_alone_logits_are_the_model_on_a_one_patch_case(architecture):
     bags = random_bags(n_cases=3, seed=1)
-    model = build(architecture, bags).eval()
+    name, _, identity = architecture.partition(":")
+    model = build(name, bags, stain_identity=identity or "none").eval()
     batch = bags.batch([bags.case_ids[0]])
     with torch.no_grad():
         out = model(batch)
@@ -206,3 +208,21 @@ def test_stain_embedding_tells_identical_groups_of_different_stains_apart():
         with torch.no_grad():
             weights = model(batch).stain_weights
         assert (not torch.allclose(weights, weights[0].expand_as(weights))) == differs, identity
+
+
+def test_dsmil_prediction_stays_finite_when_its_streams_disagree_completely():
+    from stainmil.model.baselines.dsmil import combined_logits
+
+    logits = combined_logits(torch.tensor([[120.0, -120.0]]), torch.tensor([[-120.0, 120.0]]))
+    assert torch.isfinite(logits).all() and torch.allclose(torch.softmax(logits, -1), torch.tensor([[0.5, 0.5]]))
+
+
+def test_flat_patch_weights_sum_to_one_per_slice_even_with_sharp_attention():
+    bags = random_bags(n_cases=2, seed=6)
+    model = build("abmil", bags).eval()
+    with torch.no_grad():
+        model.attention.out.weight.mul_(1e4)                                   # attention logits ~1e4 apart
+        batch = bags.batch(bags.case_ids)
+        out = model(batch)
+    sums = segment_sum(out.patch_weights[:, None], batch.patch_slice, len(batch.slice_group)).squeeze(1)
+    assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5)

@@ -59,13 +59,8 @@ def case_probabilities_of(per_case: pd.DataFrame) -> np.ndarray:
 @dataclass(frozen=True)
 class Variant:
     architecture: str
-    stain_identity: str | None  # None: the config's own
+    stain_identity: str | None  # None: the config's own (flat models take 'embedding' for 'specific')
     stains: tuple[str, ...] | None  # None: the config's data.stains
-
-    @property
-    def name(self) -> str:
-        name = self.architecture + (f":{self.stain_identity}" if self.stain_identity else "")
-        return name + (f" ({'+'.join(self.stains)})" if self.stains else "")
 
     def configure(self, config: Config) -> Config:
         config = copy.deepcopy(config)
@@ -77,6 +72,12 @@ class Variant:
         if self.stains:
             config.data.stains = list(self.stains)
         return config
+
+    def name(self, config: Config) -> str:
+        """``abmil``, ``hierarchical:embedding (he+sox10)``: the stain identity it trains with, when not none."""
+        identity = self.configure(config).model.stain_identity
+        name = self.architecture + (f":{identity}" if identity != "none" else "")
+        return name + (f" ({'+'.join(self.stains)})" if self.stains else "")
 
 
 def parse_variants(models: list[str], stain_sets: list[str] | None, known_stains: list[str]) -> list[Variant]:
@@ -122,17 +123,17 @@ def compare_models(config: Config, models: list[str], folds: int = 5, seeds: lis
         for seed in seeds:
             run_config = variant.configure(config)
             run_config.train.seed = seed
-            log(f"[{variant.name}] seed {seed}: cross-validating on the shared folds")
+            log(f"[{variant.name(config)}] seed {seed}: cross-validating on the shared folds")
             result = run_cv(run_config, splits_dir=splits_dir, launcher=launcher, workers=workers, log=log,
-                            out_dir=out / safe_name(variant.name) / f"seed_{seed}")
+                            out_dir=out / safe_name(variant.name(config)) / f"seed_{seed}")
             frames.append(pd.read_csv(result.out_dir / "oof_predictions.csv", dtype={"case": str}))
             thresholds += result.summary["threshold"].tolist()
             seconds += _seconds_per_epoch(result.out_dir)
             dirs.append(result.out_dir)
         frame = pd.concat(frames, ignore_index=True)
-        oof[variant.name] = frame
+        oof[variant.name(config)] = frame
         pooled = pooled_out_of_fold(frame, float(np.median(thresholds)), variant.configure(config))
-        row = {"model": variant.name, "architecture": variant.architecture,
+        row = {"model": variant.name(config), "architecture": variant.architecture,
                "stain_identity": variant.configure(config).model.stain_identity,
                "stains": "+".join(variant.configure(config).data.stains), "n_cases": pooled["n_cases"],
                "seeds": len(seeds)}
@@ -155,10 +156,10 @@ def compare_models(config: Config, models: list[str], folds: int = 5, seeds: lis
 
 def _paired_differences(table: pd.DataFrame, oof: dict[str, pd.DataFrame], variants: list[Variant],
                         config: Config) -> pd.DataFrame:
-    reference = per_case_probabilities(oof[variants[0].name])
+    reference = per_case_probabilities(oof[variants[0].name(config)])
     deltas = []
     for variant in variants:
-        other = per_case_probabilities(oof[variant.name])
+        other = per_case_probabilities(oof[variant.name(config)])
         common = reference.join(other.drop(columns="label"), how="inner", rsuffix="_other")
         d = paired_auc_difference(common["label"].to_numpy(), case_probabilities_of(reference.loc[common.index]),
                                   case_probabilities_of(other.loc[common.index]), config.eval.bootstrap,
@@ -209,7 +210,7 @@ def _roc_plot(oof: dict[str, pd.DataFrame], path: Path, class_names: list[str]) 
         fpr, tpr, _ = roc_curve(y, p)
         ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(y, p):.3f})")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-    positive = "high-grade" if len(class_names) == 2 else f"{class_names[-1]} vs the rest"
+    positive = "high-grade" if len(class_names) == 2 else f"{class_names[-1]} vs the rest (legend: its AUC)"
     ax.set(xlabel="false positive rate", ylabel=f"recall of {positive}", title="pooled out-of-fold ROC")
     ax.legend(loc="lower right", fontsize=8)
     return save_figure(fig, path)

@@ -95,10 +95,14 @@ class FlatMIL(StainAware):
         slice_mass = segment_sum(attention, batch.patch_slice, n_slices)        # (S,)
         group_mass = segment_sum(slice_mass, batch.slice_group, n_groups)       # (G,)
         tiny = torch.finfo(attention.dtype).tiny
+        if pooled.attention_weights is None and pooled.attention_logits is not None:
+            patch_weights = segment_softmax(scores, batch.patch_slice, n_slices)  # = a / m_s, without underflow
+        else:
+            patch_weights = attention / slice_mass[batch.patch_slice].clamp_min(tiny)
         return MILOutput(
             logits=pooled.logits,
             patch_attention_logits=scores,
-            patch_weights=attention / slice_mass[batch.patch_slice].clamp_min(tiny),
+            patch_weights=patch_weights,
             slice_attention_logits=torch.log(slice_mass.clamp_min(tiny)),
             slice_weights=slice_mass / group_mass[batch.slice_group].clamp_min(tiny),
             stain_attention_logits=torch.log(group_mass.clamp_min(tiny)),

@@ -12,9 +12,9 @@ over the patches of each case. Everything is vectorised over the batch (segment 
 Stain identity (``model.stain_identity``):
 
 * ``none``      — every level shared across stains; a stain is known only through what its features show.
-* ``embedding`` — a learned vector per stain (E,) is added to each slice embedding before the slice pool
-                  and to each stain embedding before the stain pool (so it also reaches the case embedding,
-                  weighted by the stain attention): the pools can weigh a stain by what it is.
+* ``embedding`` — a learned vector per stain (E,) is added to each slice embedding before the slice pool; the
+                  stain embeddings pooled from them carry it into the stain pool, and the case embedding
+                  carries it weighted by the stain attention: the pools can weigh a stain by what it is.
 * ``specific``  — each stain has its own projector and patch and slice pools; the stain pool and the
                   classifier are shared (more parameters: for cohorts large enough to afford them).
 
@@ -119,6 +119,8 @@ class HierarchicalMIL(StainAware):
         x = self.standardise(features)
         if self.stain_identity != "specific":
             return self.projector(x)
+        if patch_stain is None:
+            raise ValueError("stain_identity 'specific' embeds each patch with its stain's projector: pass patch_stain")
         out = x.new_empty((len(x), self.classifier.in_features))
         for k, project in enumerate(self.projector):
             rows = patch_stain == k
@@ -162,14 +164,11 @@ class HierarchicalMIL(StainAware):
                 logits = self._pool("patch", h, batch.patch_slice, n_slices, patch_stain, logits_only=True)
             drop = topk_drop(logits, batch.patch_slice, n_slices, *topk_mask)
         patch = self._pool("patch", h, batch.patch_slice, n_slices, patch_stain, drop)   # pooled (S, E)
-        slice_in, stain_in = patch.pooled, None
-        if self.stain_embedding is not None:
+        slice_in = patch.pooled
+        if self.stain_embedding is not None:  # once: the stain and case embeddings pooled from here carry it
             slice_in = slice_in + self.stain_embedding(slice_stain)                 # (S, E)
         slice_ = self._pool("slice", slice_in, batch.slice_group, n_groups, slice_stain)  # pooled (G, E)
-        stain_in = slice_.pooled
-        if self.stain_embedding is not None:
-            stain_in = stain_in + self.stain_embedding(batch.group_stain)           # (G, E)
-        stain = self.pools["stain"](stain_in, batch.group_case, batch.n_cases)     # pooled (B, E)
+        stain = self.pools["stain"](slice_.pooled, batch.group_case, batch.n_cases)  # pooled (B, E)
         logits = self.classifier(stain.pooled)                                      # (B, C)
         patch_group = batch.slice_group[batch.patch_slice]                          # (P,) stain group of each patch
         effective = stain.weights[patch_group] * slice_.weights[batch.patch_slice] * patch.weights  # (P,)
@@ -178,11 +177,14 @@ class HierarchicalMIL(StainAware):
             patch_attention_logits=patch.logits, patch_weights=patch.weights,
             slice_attention_logits=slice_.logits, slice_weights=slice_.weights,
             stain_attention_logits=stain.logits, stain_weights=stain.weights,
-            effective_attention=effective, patch_embeddings=h, case_embeddings=stain.pooled,
+            effective_attention=effective, case_embeddings=stain.pooled,
+            # what a one-patch case would pool to: the patch's embedding (+ its stain's vector)
+            patch_embeddings=h if self.stain_embedding is None else h + self.stain_embedding(patch_stain),
         )
 
     def patch_alone_logits(self, patch_embeddings: torch.Tensor) -> torch.Tensor:
-        """(P, E) -> (P, C): the case logits if the whole case were this one patch (all attention on it)."""
+        """(P, E) ``patch_embeddings`` of the output -> (P, C): the case logits if the whole case were this one
+        patch (all attention on it)."""
         return self.classifier(patch_embeddings)
 
 

@@ -144,6 +144,9 @@ def paired_auc_difference(labels: np.ndarray, probabilities_a: np.ndarray, proba
             deltas.append(auc(labels[idx], b[idx]) - auc(labels[idx], a[idx]))
     alpha = (1 - level) / 2
     deltas_arr = np.asarray(deltas)
+    if not len(deltas_arr):  # no resample held every class: a point estimate without an interval
+        return {"delta": float(auc(labels, b) - auc(labels, a)), "ci_low": math.nan, "ci_high": math.nan,
+                "p_not_better": math.nan}
     return {"delta": float(auc(labels, b) - auc(labels, a)),
             "ci_low": float(np.quantile(deltas_arr, alpha)), "ci_high": float(np.quantile(deltas_arr, 1 - alpha)),
             "p_not_better": float((deltas_arr <= 0).mean())}

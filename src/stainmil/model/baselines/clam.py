@@ -10,7 +10,8 @@ positive / negative for that class's binary instance classifier; with more than 
 paper's "subtyping") the most attended patches of every other class's branch are pseudo-labelled
 negative for that class too, and the loss is averaged over classes. Loss: smooth top-1 SVM (Berrada et
 al. 2018; tau = alpha = 1), or cross-entropy. The paper's total ``0.7 bag + 0.3 instance`` is given to the
-trainer as ``bag + (0.3 / 0.7) instance`` (the same gradients up to a constant factor, which Adam ignores).
+trainer as ``bag + (0.3 / 0.7) instance`` (the same gradients up to a constant factor, which Adam ignores;
+weight decay is then relatively 1/0.7 weaker than in the reference).
 A case with fewer than 2 patches adds no instance loss; ``k`` shrinks to half the case's patches.
 
 Reported patch attention: CLAM-SB its one branch; CLAM-MB the branch of the predicted class (as CLAM's own
@@ -70,7 +71,7 @@ class CLAM(FlatMIL):
         shown = logits.argmax(1)[patch_case] if self.multi_branch else torch.zeros_like(patch_case)  # (P,)
         aux = {}
         use = labelled(labels, self.training)
-        if bool(use.any()):
+        if bool(use.any()):  # 0.7 bag + 0.3 instance as bag + (0.3 / 0.7) instance (see the module docstring)
             aux["clam_instance_loss"] = (1 - self.bag_weight) / self.bag_weight * self._instance_loss(
                 h, branches, patch_case, n_cases, labels, use)
         case_embedding = pooled[:, 0] if not self.multi_branch else pooled.gather(
@@ -103,7 +104,8 @@ class CLAM(FlatMIL):
             per_case = per_case + torch.zeros_like(per_case).index_add(0, case_of, losses) / counts
         if subtyping:
             per_case = per_case / n_classes
-        return per_case[use].mean()
+        counted = use & (torch.bincount(patch_case, minlength=n_cases) >= 2)   # a 1-patch case has no top/bottom
+        return per_case[counted].mean() if bool(counted.any()) else per_case.sum() * 0.0
 
     def instance_logits(self, patch_embeddings: torch.Tensor) -> torch.Tensor:
         """One patch: every branch's attention is 1 on it, so each pooled embedding is the patch's own."""

@@ -9,8 +9,10 @@ On standardised patch features x (P, D), as the reference code (dsmil-wsi) runs 
   a Conv1d(C, C, kernel D) over the classes gives the bag logits (B, C).
 
 Training loss (paper): 0.5 CE(bag stream) + 0.5 CE(max-instance stream), given to the trainer as the case loss
-on the bag stream plus the max-instance CE (the same up to a factor of 2, which Adam ignores). Prediction
-(paper): the mean of the two streams' probabilities; in eval mode ``logits`` are their log.
+on the bag stream plus the max-instance CE (the same up to a factor of 2, which Adam ignores but weight decay
+does not). Prediction (paper): the mean of the two streams' probabilities; in eval mode ``logits`` are their log.
+Deviation: with two classes the reference code trains one positive output with BCE; here both classes have a
+logit and softmax CE (the same model family for any number of classes), so each class has a critical instance.
 Reported patch attention: the bag stream's attention to the predicted class's critical instance.
 """
 
@@ -40,11 +42,11 @@ class DSMIL(FlatMIL):
     def _streams(self, x: torch.Tensor, patch_case: torch.Tensor, n_cases: int):
         instance = self.instance_classifier(x)                                  # (P, C)
         n_classes = instance.shape[1]
-        critical = []
+        critical_rows = torch.zeros((n_cases, n_classes), dtype=torch.long, device=x.device)  # (B, C)
         for k in range(n_classes):
             rank, _ = case_ranks(patch_case, n_cases, instance[:, k].detach())
-            critical.append(torch.nonzero(rank == 0).squeeze(1))                # (B,) row of each case's top patch
-        critical_rows = torch.stack(critical, dim=1)                            # (B, C)
+            top = torch.nonzero(rank == 0).squeeze(1)                            # each case's top patch
+            critical_rows[patch_case[top], k] = top
         max_logits = instance[critical_rows, torch.arange(n_classes, device=x.device)]  # (B, C)
         q = self.query(x)                                                       # (P, Q)
         q_critical = q[critical_rows]                                           # (B, C, Q)
@@ -82,5 +84,7 @@ class DSMIL(FlatMIL):
 
 
 def combined_logits(bag_logits: torch.Tensor, max_logits: torch.Tensor) -> torch.Tensor:
-    """log of the mean of the two streams' class probabilities (B, C): its softmax is that mean."""
-    return torch.log(0.5 * torch.softmax(bag_logits, -1) + 0.5 * torch.softmax(max_logits, -1))
+    """log of the mean of the two streams' class probabilities (B, C), in log space (finite however far apart the
+    streams are): its softmax is that mean."""
+    both = torch.stack([torch.log_softmax(bag_logits, -1), torch.log_softmax(max_logits, -1)])  # (2, B, C)
+    return torch.logsumexp(both, dim=0) - math.log(2.0)
