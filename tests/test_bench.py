@@ -5,10 +5,10 @@ from stainmil.model import nested_reference as reference
 from tests.model.test_hierarchical import model_for, random_bags
 
 
-@pytest.mark.parametrize("attention", ["tanh", "gated"])
-def test_vectorised_forward_equals_the_old_nested_loops(attention):
+@pytest.mark.parametrize("attention,identity", [("tanh", "none"), ("gated", "none"), ("tanh", "embedding")])
+def test_vectorised_forward_equals_the_old_nested_loops(attention, identity):
     bags = random_bags(n_cases=8)
-    model = model_for(bags, attention).double().eval()
+    model = model_for(bags, attention, stain_identity=identity).double().eval()
     batch = bags.batch(bags.case_ids)
     batch.features = batch.features.double()
     with torch.no_grad():

@@ -25,9 +25,10 @@ def random_bags(n_cases=5, dim=16, seed=0, drop_stain_of=("2",)) -> CohortBags:
     return CohortBags(manifest, rng.standard_normal((len(manifest), dim)).astype(np.float32), ["he", "melan", "sox10"])
 
 
-def model_for(bags, attention="tanh", seed=0):
+def model_for(bags, attention="tanh", seed=0, stain_identity="none"):
     torch.manual_seed(seed)
-    return HierarchicalMIL(bags.feature_dim, ModelConfig(embed_dim=32, attention_hidden_dim=8, attention=attention))
+    config = ModelConfig(embed_dim=32, attention_hidden_dim=8, attention=attention, stain_identity=stain_identity)
+    return HierarchicalMIL(bags.feature_dim, config, bags.stains)
 
 
 def test_segment_softmax_matches_per_group_softmax():

@@ -4,7 +4,8 @@ the vectorised model against.
     for each case: for each stain: for each slice: pool patches; pool slices; pool stains; classify
 
 It reuses the modules of a :class:`HierarchicalMIL` (projector, score-based attention pools, classifier), so
-its logits must equal the vectorised forward pass within float tolerance (for `model.stain_identity: none`).
+its logits must equal the vectorised forward pass within float tolerance (``model.stain_identity`` none or
+embedding: the stain's vector is added to each slice embedding).
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ def nested_forward(model, batch) -> torch.Tensor:
         stain_embeddings = []
         for g in torch.nonzero(batch.group_case == b).flatten().tolist():
             slice_embeddings = []
+            stain_vector = 0.0 if model.stain_embedding is None else model.stain_embedding.weight[batch.group_stain[g]]
             for s in torch.nonzero(batch.slice_group == g).flatten().tolist():
                 h = model.embed(batch.features[batch.patch_slice == s])      # (n, E)
-                slice_embeddings.append(_pool(model.pools["patch"], h))
+                slice_embeddings.append(_pool(model.pools["patch"], h) + stain_vector)
             stain_embeddings.append(_pool(model.pools["slice"], torch.stack(slice_embeddings)))
         case_embedding = _pool(model.pools["stain"], torch.stack(stain_embeddings))
         logits.append(model.classifier(case_embedding))
