@@ -200,9 +200,9 @@ class ModelConfig:
         "transmil | clam_sb | clam_mb | dsmil | dtfd_mil | mean | max (`stainmil models` lists them).",
         default="hierarchical")
     stain_identity: Literal["none", "embedding", "specific"] = _help(
-        "What the model knows of which stain it looks at: none; embedding (a learned vector per stain added "
-        "before the slice and stain pools; flat baselines: to each patch); specific (hierarchical only: each "
-        "stain its own projector and patch/slice pools).", default="none")
+        "What the model knows of which stain it looks at: none; embedding (default: a learned vector per stain "
+        "added to each slice embedding; flat baselines: to each patch); specific (hierarchical only: each stain "
+        "its own projector and patch/slice pools). A stain no training case had is refused.", default="embedding")
     embed_dim: int = _help("Patch projector output size.", default=512)
     attention_hidden_dim: int = _help("Hidden size of each attention pool.", default=128)
     attention: str | list[str] = _help(

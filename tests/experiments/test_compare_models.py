@@ -22,8 +22,9 @@ def test_models_and_stain_sets_share_folds_and_seeds_and_resume(prepared, tmp_pa
     out = tmp_path / "models"
     table = compare_models(config, ["hierarchical", "abmil"], folds=3, seeds=[3, 4],
                            stain_sets=["he+melan+sox10", "he"], out_dir=out, log=lambda *_: None)
-    assert list(table["model"]) == ["hierarchical (he+melan+sox10)", "abmil (he+melan+sox10)",
-                                    "hierarchical (he)", "abmil (he)"]
+    # the default stain identity (embedding) is in every name
+    assert list(table["model"]) == ["hierarchical:embedding (he+melan+sox10)", "abmil:embedding (he+melan+sox10)",
+                                    "hierarchical:embedding (he)", "abmil:embedding (he)"]
     splits = sorted((out / "splits").glob("*.npz"))
     assert len(splits) == 3
     for folder in out.glob("*/seed_*"):  # every variant and seed trained on the same folds with its seed
@@ -31,7 +32,7 @@ def test_models_and_stain_sets_share_folds_and_seeds_and_resume(prepared, tmp_pa
             assert np.array_equal(np.load(fold)["test"], np.load(shared)["test"])
         seed = int(folder.name.split("_")[1])
         assert f"seed: {seed}" in (folder / "config.yaml").read_text()
-    he_only = out / "hierarchical_he_" / "seed_3" / "folds" / "fold_01"
+    he_only = out / "hierarchical_embedding_he_" / "seed_3" / "folds" / "fold_01"
     assert "- he\n" in (he_only / "config.yaml").read_text() and "- sox10" not in (he_only / "config.yaml").read_text()
     first = table.iloc[0]
     assert first["delta_auc"] == 0.0 and first["paired_cases"] == first["n_cases"] == 8
@@ -39,7 +40,7 @@ def test_models_and_stain_sets_share_folds_and_seeds_and_resume(prepared, tmp_pa
                    "seconds_per_epoch"):
         assert table[column].notna().all(), column
     # pooled AUC is that of the per-case mean probability over both seeds
-    oof = pd.concat([pd.read_csv(f, dtype={"case": str}) for f in (out / "abmil_he_melan_sox10_").glob(
+    oof = pd.concat([pd.read_csv(f, dtype={"case": str}) for f in (out / "abmil_embedding_he_melan_sox10_").glob(
         "seed_*/oof_predictions.csv")])
     per_case = oof.groupby("case").agg(label=("label", "first"), prob_1=("prob_1", "mean"))
     assert table.iloc[1]["auc"] == round(roc_auc_score(per_case["label"], per_case["prob_1"]), 3)
@@ -52,7 +53,7 @@ def test_models_and_stain_sets_share_folds_and_seeds_and_resume(prepared, tmp_pa
     again = compare_models(config, ["hierarchical", "abmil"], folds=3, seeds=[3, 4],
                            stain_sets=["he+melan+sox10", "he"], out_dir=out, log=lambda *_: None)
     pd.testing.assert_frame_equal(table, again)
-    assert json.loads((out / "hierarchical_he_" / "seed_3" / "metrics.json").read_text())["folds"] == 3
+    assert json.loads((out / "hierarchical_embedding_he_" / "seed_3" / "metrics.json").read_text())["folds"] == 3
 
 
 def test_bad_model_and_stain_specs_are_refused_before_any_work():
@@ -62,7 +63,7 @@ def test_bad_model_and_stain_specs_are_refused_before_any_work():
         parse_variants(["abmil:specific"], None, ["he"])
     with pytest.raises(ConfigError, match="ihc"):
         parse_variants(["abmil"], ["he+ihc"], ["he", "sox10"])
-    variants = parse_variants(["hierarchical:embedding", "abmil"], ["he", "he+sox10"], ["he", "sox10"])
+    variants = parse_variants(["hierarchical:embedding", "abmil:none"], ["he", "he+sox10"], ["he", "sox10"])
     assert [v.name(Config()) for v in variants] == ["hierarchical:embedding (he)", "abmil (he)",
                                           "hierarchical:embedding (he+sox10)", "abmil (he+sox10)"]
 

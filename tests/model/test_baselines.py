@@ -16,6 +16,7 @@ STAINS = ["he", "melan", "sox10"]
 
 
 def small_config(architecture, **kwargs) -> ModelConfig:
+    kwargs.setdefault("stain_identity", "none")  # the plain models; the identities are tested by name
     config = ModelConfig(architecture=architecture, embed_dim=32, attention_hidden_dim=8, dropout=0.0, **kwargs)
     config.baseline.clam_k_sample = 3
     config.baseline.clam_attention_dim = 8

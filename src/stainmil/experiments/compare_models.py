@@ -160,10 +160,11 @@ def _paired_differences(table: pd.DataFrame, oof: dict[str, pd.DataFrame], varia
     deltas = []
     for variant in variants:
         other = per_case_probabilities(oof[variant.name(config)])
-        common = reference.join(other.drop(columns="label"), how="inner", rsuffix="_other")
-        d = paired_auc_difference(common["label"].to_numpy(), case_probabilities_of(reference.loc[common.index]),
-                                  case_probabilities_of(other.loc[common.index]), config.eval.bootstrap,
-                                  config.eval.ci, config.train.seed)
+        common = reference.index.intersection(other.index)                 # e.g. a stain subset drops cases
+        labels = reference.loc[common, "label"].to_numpy()
+        d = paired_auc_difference(labels, case_probabilities_of(reference.loc[common]),
+                                  case_probabilities_of(other.loc[common]), config.eval.bootstrap, config.eval.ci,
+                                  config.train.seed)
         deltas.append({"delta_auc": round(d["delta"], 3), "delta_auc_ci95": f"[{d['ci_low']:.3f}, {d['ci_high']:.3f}]",
                        "paired_cases": len(common)})
     return pd.concat([table, pd.DataFrame(deltas)], axis=1)
