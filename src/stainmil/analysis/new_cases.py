@@ -19,6 +19,7 @@ from stainmil.features.online import backbone_from_checkpoint
 from stainmil.features.sources import cohort_features
 from stainmil.features.store import check_store
 from stainmil.io import atomic_write, atomic_write_text
+from stainmil.stats.metrics import probability_columns
 from stainmil.train.checkpoint import load_checkpoint, model_from_checkpoint
 from stainmil.train.run import case_probabilities, run_decision
 
@@ -61,7 +62,7 @@ def predict_unlabelled(checkpoint: str | Path, config: Config, out_dir: str | Pa
     if len(names) == 2:
         predictions["pred"] = (predictions["prob_1"] >= threshold).astype(int)
     else:  # the most probable class
-        predictions["pred"] = predictions[[f"prob_{k}" for k in range(len(names))]].to_numpy().argmax(1)
+        predictions["pred"] = predictions[probability_columns(len(names))].to_numpy().argmax(1)
         threshold, rule = float("nan"), f"most probable of {len(names)} classes (no threshold)"
     predictions["pred_label"] = [trained_config.data.class_names[k] for k in predictions["pred"]]
     predictions["threshold"] = threshold

@@ -20,7 +20,13 @@ from stainmil.data.splits import SUBSETS
 from stainmil.errors import TrainingError
 from stainmil.io import atomic_write, atomic_write_json, atomic_write_text
 from stainmil.stats.calibration import calibration_metrics, fit_temperature, temperature_not_identifiable
-from stainmil.stats.metrics import bootstrap_intervals, choose_threshold, classification_metrics, point_metric_names
+from stainmil.stats.metrics import (
+    bootstrap_intervals,
+    choose_threshold,
+    classification_metrics,
+    point_metric_names,
+    probability_columns,
+)
 from stainmil.stats.plots import plot_confusion, plot_reliability, plot_roc, plot_roc_one_vs_rest
 from stainmil.train.run import calibrated, case_probabilities, open_run
 
@@ -72,22 +78,19 @@ def evaluate_run(run_dir: str | Path, split_name: str = "test", bags: CohortBags
         threshold, how = 0.5, f"most probable of {len(names)} classes (no threshold)"
         calibration = {"method": "none" if config.eval.calibrate == "none" else
                        f"none ({config.eval.calibrate} is fitted for two classes only)"}
-        predictions["pred"] = predictions[[f"prob_{k}" for k in range(len(names))]].to_numpy().argmax(1)
-        true_prob = predictions[[f"prob_{k}" for k in range(len(names))]].to_numpy()[
-            range(len(predictions)), predictions["label"].clip(lower=0)]
-        predictions["abs_error"] = 1.0 - true_prob  # 1 - P(true class)
+        probs = predictions[probability_columns(len(names))].to_numpy()
+        predictions["pred"] = probs.argmax(1)
+        predictions["abs_error"] = 1.0 - probs[range(len(probs)), predictions["label"].clip(lower=0)]  # 1 - P(true)
     history = run_dir / "history.csv"  # best.pth holds the best epoch, not how many ran
     epochs_run = len(pd.read_csv(history)) if history.is_file() else int(state["epoch"])
     metrics = {"threshold": threshold, "threshold_rule": how, "best_epoch": int(state["early_stopping"]["best_epoch"]),
                "epochs_run": epochs_run, "weights": config.features.weights, "calibration": calibration,
                "splits": {}}
-    prob_columns = ["prob_1"] if len(names) == 2 else [f"prob_{k}" for k in range(len(names))]
     for name in SUBSETS:
         part = predictions[predictions["split"] == name]
         if part.empty:
             continue
-        y, p = part["label"].to_numpy(), part[prob_columns].to_numpy().squeeze(1) if len(names) == 2 else \
-            part[prob_columns].to_numpy()
+        y, p = part["label"].to_numpy(), part[probability_columns(len(names))].to_numpy()  # (N, k); 2: P(class 1)
         metrics["splits"][name] = {**classification_metrics(y, p, threshold, names),
                                    "ci95": bootstrap_intervals(y, p, threshold, config.eval.bootstrap,
                                                                config.eval.ci, seed=config.train.seed,
@@ -108,7 +111,7 @@ def _write_outputs(run_dir: Path, config: Config, predictions: pd.DataFrame, met
     if len(names) > 2:
         plot_confusion(np.array(result["confusion_matrix"]), names, run_dir / "confusion_matrix.png",
                        title=f"{split_name} (most probable class)")
-        plot_roc_one_vs_rest(part["label"].to_numpy(), part[[f"prob_{k}" for k in range(len(names))]].to_numpy(),
+        plot_roc_one_vs_rest(part["label"].to_numpy(), part[probability_columns(len(names))].to_numpy(),
                              names, run_dir / "roc_curve.png", title=f"{split_name} one-vs-rest ROC, macro AUC "
                              f"{result['auc']:.3f}")
     else:

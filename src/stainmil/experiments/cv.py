@@ -32,7 +32,7 @@ from stainmil.errors import DataError
 from stainmil.evaluate.predict import evaluate_run
 from stainmil.io import atomic_write, atomic_write_json, atomic_write_text
 from stainmil.launch import run_jobs
-from stainmil.stats.metrics import bootstrap_intervals, classification_metrics, point_metric_names
+from stainmil.stats.metrics import bootstrap_intervals, classification_metrics, point_metric_names, probability_columns
 from stainmil.train.trainer import train
 
 SUMMARY_METRICS = ("benign_recall", "high_grade_recall", "balanced_accuracy", "auc")
@@ -175,8 +175,7 @@ def pooled_out_of_fold(oof: pd.DataFrame, threshold: float, config: Config) -> d
     names = config.data.class_names
     per_case = per_case_probabilities(oof)
     y = per_case["label"].to_numpy()
-    p = per_case["prob_1"].to_numpy() if len(names) == 2 else per_case[[f"prob_{k}" for k in range(len(names))]]\
-        .to_numpy()
+    p = per_case[probability_columns(len(names))].to_numpy()                     # (N, k); 2: P(class 1)
     return {**classification_metrics(y, p, threshold, names),
             "ci95": bootstrap_intervals(y, p, threshold, config.eval.bootstrap, config.eval.ci, config.train.seed,
                                         class_names=names),

@@ -44,6 +44,11 @@ def binary_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: flo
     }
 
 
+def probability_columns(n_classes: int) -> list[str]:
+    """The class-probability columns of a predictions table: ``prob_0`` … ``prob_<k-1>``."""
+    return [f"prob_{k}" for k in range(n_classes)]
+
+
 def point_metric_names(class_names: list[str]) -> list[str]:
     """The point metrics (those with CIs) of a run with these classes, in display order."""
     if len(class_names) <= 2:
