@@ -284,6 +284,32 @@ def tile(config: ConfigOpt = None, set_: SetOpt = None) -> None:
                      "; PNG patches written (next: stainmil index with data.patches_dir set to that folder)"))
 
 
+@app.command("import-features")
+@friendly
+def import_features_cmd(
+        folder: Annotated[Path, typer.Argument(help="TRIDENT job or features_<encoder> folder; CLAM feature folder.")],
+        config: ConfigOpt = None, set_: SetOpt = None,
+        format_: Annotated[str, typer.Option("--format", help="auto | trident | clam.")] = "auto",
+        encoder: Annotated[str, typer.Option(help="TRIDENT: which features_<encoder> folder when there are several; "
+                                                  "CLAM: the encoder's name (default: the folder's).")] = "",
+        unlabelled: Annotated[bool, typer.Option(help="New cases for `stainmil predict`: no labels CSV.")] = False,
+) -> None:
+    """Features made by TRIDENT or CLAM -> a stainmil store and index, without re-extracting.
+
+    Slide names map to case/stain/slice through tile.filename_pattern; heatmaps draw on the slides when
+    tile.slices_dir holds them. Next: stainmil split / train / cv with the same config.
+    """
+    from stainmil.data.cohort import write_index
+    from stainmil.features.external import import_features
+
+    cfg = load_config(config, set_)
+    result = import_features(cfg, folder, format_, encoder, require_labels=not unlabelled)
+    index_dir = write_index(result.index, cfg)
+    console.print((result.store_dir / "import_report.txt").read_text(), highlight=False)
+    console.print(f"{len(result.slides)} slides, {len(result.index.manifest)} patches of {result.meta.backbone} "
+                  f"features in [bold]{result.store_dir}[/]; index in [bold]{index_dir}[/] (next: stainmil split)")
+
+
 @app.command()
 @friendly
 def cv(config: ConfigOpt = None, set_: SetOpt = None,

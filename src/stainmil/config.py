@@ -102,7 +102,8 @@ class FeaturesConfig:
     batch_size: int = _help("Patches per backbone forward pass.", default=32)
     num_workers: int = _help("DataLoader workers decoding PNGs (0 = in the main process).", default=2)
     dtype: Literal["float16", "float32"] = _help("Storage dtype of features.", default="float16")
-    store_dir: str = _help("Feature store folder; empty = <output_dir>/features/<backbone>-<weights>.",
+    store_dir: str = _help("Feature store folder; empty = <output_dir>/features/imported when `stainmil "
+                           "import-features` made one there, else <output_dir>/features/<backbone>-<weights>-<size>px.",
                            default="")
     cache_mb: float = _help("0 = read the whole store into memory (fastest while it fits); > 0 = read slices from "
                             "the store when a batch needs them, keeping at most this many MB of them cached "
@@ -305,9 +306,10 @@ class TileConfig:
     out_dir: str = _help("Where tiling goes: coords/ (CLAM/TRIDENT HDF5), masks/, thumbnails/, tiles.csv, "
                          "tile_report.txt; with data.source=patches also the PNG patches.", default="")
     filename_pattern: str = _help(
-        "Regex with named groups case, stain, slice, searched in each slide's path relative to slices_dir.",
+        "Regex with named groups case, stain, slice, searched in each slide's path relative to slices_dir (a "
+        "DICOM slide is its folder of .dcm files, matched without an extension).",
         default=r"case(?P<case>[^/_]+)/(?P<stain>[^/_]+)/slice(?P<slice>[^/_.]+)"
-                r"\.(?:png|jpe?g|tiff?|svs|ndpi|mrxs|scn|bif|vms|dcm)$")
+                r"(?:\.(?:png|jpe?g|tiff?|svs|ndpi|mrxs|scn|bif|vms|dcm))?$")
     patch_size: int = _help("Patch side in pixels at the target scale (tile.mpp / tile.magnification).", default=224)
     stride: int = _help("Grid step in target pixels; 0 = patch_size (no overlap).", default=0)
     min_tissue: float = _help("Keep patches whose tissue fraction is at least this.", default=0.5)
@@ -321,6 +323,16 @@ class TileConfig:
     mask_downsample: int = _help("Tissue detection runs on the slide shrunk at least this much.", default=4)
     mask_max_side: int = _help("... and at most this many pixels on its longest side.", default=2048)
     thumbnail_px: int = _help("Longest side of the saved slide thumbnail (heatmaps are drawn on it).", default=1024)
+    include_annotations: str = _help(
+        "QuPath GeoJSON of each slide to tile inside (level-0 px): a folder holding <slide stem>.geojson (or "
+        "stainmil's own QuPath export) or a template with {stem}, {case}, {stain}, {slice}; empty = the whole "
+        "tissue. Slides without a file fall back to the tissue mask (named in the tile report).", default="")
+    exclude_annotations: str = _help("The same, for regions never tiled (pen marks, folds, bubbles); may be the "
+                                     "same files as tile.include_annotations with other classes.", default="")
+    include_classes: list[str] = _help("Only included annotations of these QuPath classes (e.g. ['Tumor']; * "
+                                       "wildcards); empty = every annotation in the file.", default_factory=list)
+    exclude_classes: list[str] = _help("Only excluded annotations of these classes (e.g. ['Ignore*', 'Pen']); "
+                                       "empty = every annotation in the file.", default_factory=list)
 
 
 @dataclass
@@ -380,9 +392,16 @@ class Config:
         return self.index_dir / "manifest.parquet"
 
     @property
+    def imported_store_dir(self) -> Path:
+        """Where ``stainmil import-features`` puts its store when ``features.store_dir`` is empty."""
+        return Path(self.output_dir) / "features" / "imported"
+
+    @property
     def store_dir(self) -> Path:
         if self.features.store_dir:
             return Path(self.features.store_dir)
+        if (self.imported_store_dir / "store.json").is_file():  # features made elsewhere, imported here
+            return self.imported_store_dir
         weights = Path(self.features.weights).stem if self.features.weights not in ("pretrained", "imagenet",
                                                                                      "random") \
             else self.features.weights

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
+from stainmil.analysis.heatmaps import patch_pixels
 from stainmil.io import save_figure, subplots
 
 CLASS_COLOURS = ("#2b83ba", "#d7191c")  # benign blue, high-grade red
@@ -118,8 +118,11 @@ def patch_grid(part: pd.DataFrame, n: int, path: Path, title: str) -> Path:
             if c >= len(chosen):
                 continue
             patch = chosen.iloc[c]
-            with Image.open(patch["path"]) as image:
-                ax.imshow(image.convert("RGB"))
+            pixels = patch_pixels(patch)
+            if pixels is None:  # imported features without their slides
+                ax.text(0.5, 0.5, "no image", ha="center", va="center", fontsize=7, transform=ax.transAxes)
+            else:
+                ax.imshow(pixels)
             ax.set_title(f"{patch['stain']} s{patch['slice']}\n{patch['relative_attention']:.2g}x", fontsize=7)
         axes[r][0].text(-0.15, 0.5, name, transform=axes[r][0].transAxes, rotation=90, va="center", ha="right")
     fig.suptitle(title, fontsize=9)

@@ -3,7 +3,8 @@
 slice and case) or by its patch-alone P(high-grade) (0..1).
 
 On the slide route the heatmap is drawn on the slide's thumbnail saved by ``stainmil tile`` (patch
-squares scaled from level-0 coordinates). Otherwise the slice image comes from ``analysis.slice_images``
+squares scaled from level-0 coordinates); features imported from TRIDENT/CLAM draw on the slide's thumbnail when
+the slide was found, else on a plain canvas of their patch squares. Otherwise the slice image comes from ``analysis.slice_images``
 (a path template with {case}, {stain}, {slice}); when there is none, the slice is rebuilt from its
 patch files and their x, y.
 """
@@ -20,9 +21,21 @@ from matplotlib import colors
 from PIL import Image
 
 from stainmil.io import save_figure, subplots
+from stainmil.slides.reader import PatchRef, read_patch
 
 ATTENTION_NORM = colors.LogNorm(vmin=1 / 8, vmax=8)
 PROB_NORM = colors.Normalize(vmin=0, vmax=1)
+
+
+def patch_pixels(row: pd.Series, size: int = 128) -> np.ndarray | None:
+    """RGB (size, size, 3) of one patch of a patch table: read from its slide on the slide route, from its file on
+    the patch route; None when the cohort has no pixels (features imported without their slides: level -1)."""
+    if "level" in row.index and pd.notna(row["level"]):
+        if int(row["level"]) < 0:
+            return None
+        return read_patch(PatchRef(str(row["path"]), int(row["x"]), int(row["y"]), int(row["level"]),
+                                   int(row["read_size"])), size)
+    return read_patch(str(row["path"]), size)
 
 
 def patch_side(path: str) -> int:
@@ -50,8 +63,10 @@ def slice_canvas(part: pd.DataFrame, template: str) -> tuple[np.ndarray, np.ndar
         with Image.open(first["thumbnail"]) as image:
             canvas = np.asarray(image.convert("RGB"))
         scale = float(first["thumb_scale"])
+        source = "patch squares on a plain canvas (features imported without the slide)" \
+            if "level" in part.columns and int(first["level"]) < 0 else f"slide thumbnail, {1 / scale:.0f}x down"
         return (canvas, part["x"].to_numpy() * scale, part["y"].to_numpy() * scale, float(first["size0"]) * scale,
-                f"slide thumbnail, {1 / scale:.0f}x down")
+                source)
     side = patch_side(part["path"].iloc[0])
     xs, ys, source = patch_positions(part, side)
     if template:

@@ -12,12 +12,13 @@ from stainmil.analysis.attention import compute_tables
 from stainmil.analysis.report import build_prediction_report
 from stainmil.config import Config
 from stainmil.data.bags import CohortBags
-from stainmil.data.cohort import build_index, keep_stains, write_index
+from stainmil.data.cohort import build_index, keep_stains, load_manifest, write_index
 from stainmil.device import resolve_device
+from stainmil.errors import DataError, StoreError
 from stainmil.features.extract import extract_features
 from stainmil.features.online import backbone_from_checkpoint
 from stainmil.features.sources import cohort_features
-from stainmil.features.store import check_store
+from stainmil.features.store import StoreMeta, check_store, imported_store
 from stainmil.io import atomic_write, atomic_write_text
 from stainmil.stats.metrics import probability_columns
 from stainmil.train.checkpoint import load_checkpoint, model_from_checkpoint
@@ -47,12 +48,16 @@ def predict_unlabelled(checkpoint: str | Path, config: Config, out_dir: str | Pa
     # indexed with every stain the config knows; only those the model was trained on are read (a stain subset)
     config.data.stains = trained_stains + [s for s in config.data.stains if s not in trained_stains]
     config.data.class_names = list(trained_config.data.class_names)
-    result = build_index(config, require_labels=False)
-    write_index(result, config)
-    manifest = keep_stains(result.manifest, trained_stains)
-    # an online run that fine-tuned its backbone saved it in the checkpoint; its features need that backbone
-    tuned = backbone_from_checkpoint(state, trained_config, resolve_device(config.features.device))
-    extract_features(config, manifest, backbone=tuned)
+    if imported_store(config.store_dir):  # features made elsewhere: `stainmil import-features` indexed them
+        _same_encoder(config.store_dir, trained_config.store_dir)
+        manifest = keep_stains(load_manifest(config), trained_stains)
+    else:
+        result = build_index(config, require_labels=False)
+        write_index(result, config)
+        manifest = keep_stains(result.manifest, trained_stains)
+        # an online run that fine-tuned its backbone saved it in the checkpoint; its features need that backbone
+        tuned = backbone_from_checkpoint(state, trained_config, resolve_device(config.features.device))
+        extract_features(config, manifest, backbone=tuned)
     check_store(config.store_dir, config)
     bags = CohortBags(manifest, cohort_features(config.store_dir, manifest, 1, cache_mb), trained_stains)
     decision = run_decision(Path(checkpoint).resolve().parent.parent, threshold)  # the run folder's metrics.json
@@ -77,3 +82,16 @@ def predict_unlabelled(checkpoint: str | Path, config: Config, out_dir: str | Pa
     # written last: a folder with predictions.csv is a finished prediction set
     atomic_write(out / "predictions.csv", lambda tmp: predictions.drop(columns=["label"]).to_csv(tmp, index=False))
     return out
+
+
+def _same_encoder(store_dir: Path, trained_store: Path) -> None:
+    """Refuse imported features of another encoder than the run's store (when that store is still there)."""
+    meta = StoreMeta.read(store_dir)
+    try:
+        trained = StoreMeta.read(trained_store)
+    except StoreError:
+        return  # the training store moved; the model's own input check still applies
+    if (meta.backbone, meta.feature_dim) != (trained.backbone, trained.feature_dim):
+        raise DataError(f"the features imported into {store_dir} are {meta.backbone} (D={meta.feature_dim}) but the "
+                        f"run was trained on {trained.backbone} (D={trained.feature_dim}); import the new cases' "
+                        "features made with the run's encoder.")

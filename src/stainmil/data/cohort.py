@@ -227,13 +227,22 @@ def build_slide_index(config: Config, require_labels: bool = True) -> IndexResul
         "label": [rules.labels.by_case.get(c, -1) for c in rows["case"]],
         "width": config.tile.patch_size, "height": config.tile.patch_size, "mode": "RGB",
         **{c: rows[c] for c in SLIDE_COLUMNS}})
-    manifest = _finish_manifest(manifest)
     slides_total = int(tiles["slide"].nunique()) + sum(len(v) for v in tiling_skipped.values())
-    report = _make_report(config, manifest, rules.labels, dict(skipped), Counter(), slides_total, require_labels)
-    report["patches_dir"] = f"slides in {config.tile.slices_dir} (tiled into {config.tile.out_dir})"
+    return slide_index(config, manifest, rules, skipped, slides_total,
+                       f"slides in {config.tile.slices_dir} (tiled into {config.tile.out_dir})", "tile_report.txt")
+
+
+def slide_index(config: Config, manifest: pd.DataFrame, rules: CaseRules, skipped: dict[str, list[str]],
+                slides_total: int, source: str, see: str) -> IndexResult:
+    """Sort a slide-route manifest, report on it (``source``: where its patches come from) and refuse an empty
+    one (``see``: the report that says why)."""
+    manifest = _finish_manifest(manifest)
+    report = _make_report(config, manifest, rules.labels, dict(skipped), Counter(), slides_total,
+                          rules.require_labels)
+    report["patches_dir"] = source
     if manifest.empty:
-        raise DataError(f"no usable patch in the tiling of {config.tile.slices_dir}: {_reason_summary(skipped)}; "
-                        "check tile_report.txt, data.stain_aliases and data.labels_csv.")
+        raise DataError(f"no usable patch in {source}: {_reason_summary(skipped)}; check {see}, "
+                        "data.stain_aliases and data.labels_csv.")
     return IndexResult(manifest=manifest, report=report, files_total=slides_total, skipped=dict(skipped))
 
 

@@ -35,9 +35,10 @@ from stainmil.data.labels import normalize_case_id
 from stainmil.errors import ConfigError, DataError
 from stainmil.io import atomic_write, atomic_write_json, atomic_write_text, safe_name, save_image, walk_files
 from stainmil.progress import progress_bar
+from stainmil.slides.annotations import BadAnnotations, Region, find_annotation_file, read_region, region_mask
 from stainmil.slides.coords import read_coords, write_coords
 from stainmil.slides.grid import NoScale, mask_downsample, patch_grid, read_plan
-from stainmil.slides.reader import PatchRef, Slide, UnreadableSlide, read_patch
+from stainmil.slides.reader import PatchRef, Slide, UnreadableSlide, read_patch, slide_paths
 from stainmil.slides.tissue import tissue_mask
 
 NO_MATCH = "name does not match tile.filename_pattern"
@@ -45,6 +46,8 @@ UNREADABLE = "unreadable or truncated slide"
 NO_SCALE = "no scale metadata (set tile.slide_mpp)"
 NO_TISSUE = "no tissue found"
 BAD_REQUEST = "scale request does not fit the slide"
+BAD_ANNOTATIONS = "annotation file unusable (fix or remove it)"
+NO_ANNOTATIONS = "no include annotation file: tiled on the tissue mask"
 TILE_COLUMNS = ["case", "stain", "slice", "patch", "x", "y", "tissue_fraction", "slide", "level", "read_size",
                 "size0", "thumbnail", "thumb_scale", "file"]
 
@@ -55,6 +58,50 @@ class TileResult:
     table: pd.DataFrame
     skipped: dict[str, list[str]] = field(default_factory=dict)
     slides: list[dict] = field(default_factory=list)  # one entry per tiled slide: scale, level, patches
+    notes: dict[str, list[str]] = field(default_factory=dict)  # slides used with a remark (no annotations)
+
+
+@dataclass
+class Regions:
+    """Annotated regions of one slide: tile inside ``include`` (None: the whole tissue), outside ``exclude``."""
+
+    include: Region | None = None
+    exclude: Region | None = None
+
+    def describe(self) -> str:
+        parts = [f"{name} {r.file.name} ({r.polygons} polygon(s){''.join(', ' + c for c in r.classes if c)})"
+                 for name, r in (("inside", self.include), ("outside", self.exclude)) if r is not None]
+        return "tissue mask " + "; ".join(parts) if parts else "tissue mask"
+
+    def mask(self, shape_hw: tuple[int, int], scale0: float) -> np.ndarray:
+        """(H, W) bool: where tiling may go, at the tissue mask's resolution."""
+        keep = region_mask(self.include, shape_hw, scale0) if self.include else np.ones(shape_hw, bool)
+        if self.exclude:
+            keep &= ~region_mask(self.exclude, shape_hw, scale0)
+        return keep
+
+    def centres_inside(self, coords: np.ndarray, size0: int) -> np.ndarray:
+        """(N,) bool: patches (level-0 top-left corners) whose centre is inside include and outside exclude."""
+        cx, cy = coords[:, 0] + size0 / 2, coords[:, 1] + size0 / 2
+        keep = self.include.contains(cx, cy) if self.include else np.ones(len(coords), bool)
+        if self.exclude:
+            keep &= ~self.exclude.contains(cx, cy)
+        return keep
+
+
+def slide_regions(tile: TileConfig, stem: str, key: tuple[str, str, str]) -> Regions:
+    """The annotated regions of one slide (raises :class:`BadAnnotations`); a slide without an include file
+    is tiled on the whole tissue mask."""
+    include = find_annotation_file(tile.include_annotations, stem, key)
+    exclude = find_annotation_file(tile.exclude_annotations, stem, key)
+    regions = Regions(read_region(include, tile.include_classes) if include else None, None)
+    if exclude:
+        try:
+            regions.exclude = read_region(exclude, tile.exclude_classes)
+        except BadAnnotations:
+            if exclude != include:  # a shared file may hold no polygon of the excluded classes
+                raise
+    return regions
 
 
 def _compile(pattern: str) -> re.Pattern:
@@ -73,8 +120,9 @@ class _NoTissue(DataError):
     pass
 
 
-def _tile_one(path: Path, stem: str, key: tuple[str, str, str], config: TileConfig, out: Path) -> None:
-    """Tile one slide into ``coords/<stem>.h5`` (+ mask and thumbnail); returns its summary."""
+def _tile_one(path: Path, stem: str, key: tuple[str, str, str], config: TileConfig, out: Path,
+              regions: Regions) -> None:
+    """Tile one slide into ``coords/<stem>.h5`` (+ mask and thumbnail), inside its annotated ``regions``."""
     slide = Slide(path)
     try:
         plan = read_plan(slide, config)
@@ -82,10 +130,14 @@ def _tile_one(path: Path, stem: str, key: tuple[str, str, str], config: TileConf
         view = slide.thumbnail(down)
         mask = tissue_mask(view)
         scale0 = slide.dimensions[0] / mask.shape[1]  # level-0 px per mask px
+        mask &= regions.mask(mask.shape, scale0)
         coords, fractions = patch_grid(slide, plan, mask, scale0, config.min_tissue)
+        inside = regions.centres_inside(coords, plan.size0)  # exact: the mask is coarse at polygon edges
+        coords, fractions = coords[inside], fractions[inside]
         save_image(mask.astype(np.uint8) * 255, out / "masks" / f"{stem}_tissue.png")
         if len(coords) == 0:
-            raise _NoTissue(f"{path.name}: no {config.patch_size}-px square has {config.min_tissue:.0%} tissue")
+            where = "" if regions.include is None and regions.exclude is None else " inside the annotations"
+            raise _NoTissue(f"{path.name}: no {config.patch_size}-px square has {config.min_tissue:.0%} tissue{where}")
         for index in sorted({0, len(coords) // 2, len(coords) - 1}):  # a truncated file fails here, not later
             slide.read_region(*coords[index], plan.level, plan.read_size)
         thumb_scale = min(1.0, config.thumbnail_px / max(slide.dimensions))
@@ -94,7 +146,7 @@ def _tile_one(path: Path, stem: str, key: tuple[str, str, str], config: TileConf
         write_coords(out / "coords" / f"{stem}.h5", coords, fractions, plan, slide.level_dimensions[plan.level],
                      {"name": path.stem, "slide_path": str(path), "case": key[0], "stain": key[1], "slice": key[2],
                       "thumbnail": str(out / "thumbnails" / f"{stem}.jpg"),
-                      "thumb_scale": thumb.shape[1] / slide.dimensions[0]})
+                      "thumb_scale": thumb.shape[1] / slide.dimensions[0], "region": regions.describe()})
     finally:
         slide.close()
 
@@ -130,7 +182,8 @@ def _export_patches(rows: list[dict], out: Path, patch_size: int) -> None:
 def _slide_summary(attrs: dict, n: int) -> dict:
     keys = ("name", "case", "stain", "slice", "patch_level", "read_size", "patch_size_level0", "level0_mpp",
             "target_mpp", "level0_magnification", "target_magnification", "scale_source")
-    return {"patches": n, **{k: (attrs[k].item() if hasattr(attrs[k], "item") else attrs[k]) for k in keys}}
+    summary = {"patches": n, **{k: (attrs[k].item() if hasattr(attrs[k], "item") else attrs[k]) for k in keys}}
+    return {**summary, "region": str(attrs.get("region", "tissue mask"))}
 
 
 def tile_folder(config: Config) -> TileResult:
@@ -147,8 +200,9 @@ def tile_folder(config: Config) -> TileResult:
                           "both non-negative.")
     pattern = _compile(tile.filename_pattern)
     export = config.data.source == "patches"
-    files = walk_files(root)
+    files = slide_paths(walk_files(root))  # a DICOM slide (folder of .dcm instances) is one entry
     skipped: dict[str, list[str]] = {}
+    notes: dict[str, list[str]] = {}
     jobs = []
     for path in files:
         rel = path.relative_to(root).as_posix()
@@ -166,8 +220,12 @@ def tile_folder(config: Config) -> TileResult:
         for path, rel, key, stem in jobs:
             h5 = out / "coords" / f"{stem}.h5"
             try:
+                if tile.include_annotations and not find_annotation_file(tile.include_annotations, path.stem, key):
+                    notes.setdefault(NO_ANNOTATIONS, []).append(rel)
                 if not h5.is_file():
-                    _tile_one(path, stem, key, tile, out)
+                    _tile_one(path, stem, key, tile, out, slide_regions(tile, path.stem, key))
+            except BadAnnotations as exc:
+                skipped.setdefault(BAD_ANNOTATIONS, []).append(f"{rel}: {exc}")
             except UnreadableSlide as exc:
                 skipped.setdefault(UNREADABLE, []).append(f"{rel}: {exc}")
             except NoScale:
@@ -186,10 +244,10 @@ def tile_folder(config: Config) -> TileResult:
             advance()
     table = pd.DataFrame(rows, columns=TILE_COLUMNS)
     atomic_write(out / "tiles.csv", lambda tmp: table.to_csv(tmp, index=False))
-    result = TileResult(out, table, skipped, slides)
+    result = TileResult(out, table, skipped, slides, notes)
     atomic_write_json(out / "tile_report.json", {"slices_dir": str(root), "slides_found": len(jobs),
                                                  "slides_tiled": len(slides), "patches": len(table),
-                                                 "skipped": skipped, "slides": slides})
+                                                 "skipped": skipped, "notes": notes, "slides": slides})
     atomic_write_text(out / "tile_report.txt", tile_report_text(result, len(jobs)))
     return result
 
@@ -202,12 +260,15 @@ def tile_report_text(result: TileResult, found: int) -> str:
         lines += [f"  {name}" for name in names[:50]]
         if len(names) > 50:
             lines.append(f"  … and {len(names) - 50} more (all in tile_report.json)")
-    lines += ["", "per slide (file, patches, level read, read px -> patch px, µm/px level 0 -> target, scale from):"]
+    for note, names in result.notes.items():
+        lines.append(f"{note}: {len(names)}")
+        lines += [f"  {name}" for name in names[:50]]
+    lines += ["", "per slide (file, patches, level read, read px, µm/px level 0 -> target, scale from, region):"]
     for s in result.slides:
         mpp0 = f"{s['level0_mpp']:.3g}" if s["level0_mpp"] > 0 else "?"
         mpp = f"{s['target_mpp']:.3g}" if s["target_mpp"] > 0 else "?"
         lines.append(f"  {s['file']}  {s['patches']}  level {s['patch_level']}  {s['read_size']} px  "
-                     f"{mpp0} -> {mpp}  ({s['scale_source']})")
+                     f"{mpp0} -> {mpp}  ({s['scale_source']})  {s['region']}")
     return "\n".join(lines) + "\n"
 
 

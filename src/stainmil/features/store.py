@@ -43,6 +43,10 @@ class StoreMeta:
     views: int = 1           # feature views per patch (1 = plain store)
     view_jitter: float = 0.0  # HED jitter strength of views beyond 8 (0 when there are none)
     view_seed: int = 0        # seed of that jitter
+    imported_from: str = ""   # folder of features made by another tool (``stainmil import-features``); "" = extracted
+    import_format: str = ""   # trident | clam
+    magnification: float = 0.0  # objective power of the patches when known (imported stores)
+    patch_size_level0: int = 0  # side of a patch in level-0 pixels when known (imported stores)
 
     @classmethod
     def read(cls, store_dir: Path) -> StoreMeta:
@@ -54,6 +58,11 @@ class StoreMeta:
 
     def write(self, store_dir: Path) -> None:
         atomic_write_json(Path(store_dir) / STORE_META, asdict(self))
+
+
+def imported_store(store_dir: Path) -> bool:
+    """Whether ``store_dir`` holds features another tool made (``stainmil import-features``)."""
+    return (Path(store_dir) / STORE_META).is_file() and bool(StoreMeta.read(store_dir).imported_from)
 
 
 def weights_label(config: Config) -> str:
@@ -90,7 +99,15 @@ def check_store(store_dir: Path, config: Config, extracting: bool = False) -> St
     existing store needs the very same views.
     """
     meta = StoreMeta.read(store_dir)
-    for key, value in expected_settings(config).items():
+    if meta.imported_from:  # the encoder settings are the other tool's: the config's features.* do not apply
+        if extracting:
+            raise StoreError(f"feature store {store_dir} was imported from {meta.imported_from}; `stainmil extract` "
+                             "does not add to it — import the new slides' features with `stainmil import-features` "
+                             "(or point features.store_dir at another folder).")
+        settings: dict = {}
+    else:
+        settings = expected_settings(config)
+    for key, value in settings.items():
         if getattr(meta, key) != value:
             raise StoreError(f"feature store {store_dir} was made with {key}={getattr(meta, key)!r} but the config "
                              f"asks for {value!r}; re-run `stainmil extract` or point features.store_dir at a "

@@ -141,7 +141,40 @@ def _rgb_on_white(region: Image.Image) -> np.ndarray:
     return np.asarray(Image.alpha_composite(white, region).convert("RGB"))
 
 
+def slide_name(path: str | Path) -> str:
+    """A slide's name as TRIDENT and CLAM name their files: the file name without its extension (``.ome.tif(f)``
+    whole); a DICOM slide (a folder of .dcm instances) is named by its folder."""
+    name = Path(path).name
+    for double in (".ome.tiff", ".ome.tif", ".ome.zarr"):
+        if name.lower().endswith(double):
+            return name[: -len(double)]
+    return name if Path(path).is_dir() else Path(name).stem
+
+
+def slide_paths(files: list[Path]) -> list[Path]:
+    """The slides among ``files`` (a folder walk): each file, except that a DICOM slide's .dcm instances count
+    once, as their folder. Order kept."""
+    out, seen = [], set()
+    for path in files:
+        if path.suffix.lower() == ".dcm":
+            path = path.parent
+        if path not in seen:
+            seen.add(path)
+            out.append(path)
+    return out
+
+
+def dicom_instance(folder: Path) -> Path:
+    """One .dcm file of a DICOM slide folder (OpenSlide opens the whole series from any of its instances)."""
+    instances = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".dcm" and p.is_file())
+    if not instances:
+        raise UnreadableSlide(f"{folder} is a folder without .dcm files; a DICOM slide is a folder of its instances.")
+    return instances[0]
+
+
 def _open_wsi(path: Path):
+    if path.is_dir():
+        path = dicom_instance(path)
     errors = []
     try:
         import openslide

@@ -1,0 +1,136 @@
+"""Regions drawn by a pathologist (QuPath GeoJSON) that restrict tiling: inside the included polygons and outside
+the excluded ones, in level-0 pixels, holes and multipolygons included.
+
+One GeoJSON file per slide, as QuPath exports it ("Export objects as GeoJSON": a FeatureCollection, a bare list
+of features, or a single feature). ``tile.include_annotations`` / ``tile.exclude_annotations`` name where the file
+of a slide is: a folder (the file is ``<slide stem>.geojson`` or ``.json`` — or ``…__<slide stem>.geojson``, the
+name ``stainmil export qupath`` gives its files, so its export reads back) or a path template with ``{stem}``,
+``{case}``, ``{stain}``, ``{slice}``. ``tile.include_classes`` / ``tile.exclude_classes`` keep only the features
+whose QuPath classification is one of those names (``*`` wildcards allowed; empty: every feature).
+
+Points and lines are not regions and are ignored; a feature without a classification only passes an empty filter.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import shapely
+from shapely.geometry import shape
+
+from stainmil.errors import DataError
+
+SUFFIXES = (".geojson", ".json")
+
+
+class BadAnnotations(DataError):
+    """An annotation file that exists but cannot be used (not GeoJSON, or no region of the wanted classes)."""
+
+
+@dataclass
+class Region:
+    """The area of one slide's annotations (a shapely geometry in level-0 pixels) and where it came from."""
+
+    geometry: shapely.Geometry
+    file: Path
+    polygons: int
+    classes: list[str]
+
+    def contains(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        """(N,) bool: which level-0 points (x, y) lie inside the region (holes are outside)."""
+        return shapely.contains_xy(self.geometry, np.asarray(xs, float), np.asarray(ys, float))
+
+
+def find_annotation_file(where: str, stem: str, key: tuple[str, str, str]) -> Path | None:
+    """The GeoJSON of one slide under ``where`` (folder or template, see the module doc), or None."""
+    if not where:
+        return None
+    if "{" in where:
+        try:
+            path = Path(where.format(stem=stem, case=key[0], stain=key[1], slice=key[2]))
+        except (KeyError, IndexError, ValueError) as exc:
+            raise DataError(f"annotation path template '{where}' has an unknown field ({exc}); use {{stem}}, "
+                            "{case}, {stain} or {slice}.") from exc
+        return path if path.is_file() else None
+    folder = Path(where)
+    if not folder.is_dir():
+        raise DataError(f"annotation folder '{where}' does not exist; point tile.include_annotations / "
+                        "tile.exclude_annotations at the folder of QuPath GeoJSON exports (or a template with {stem}).")
+    for suffix in SUFFIXES:
+        if (folder / f"{stem}{suffix}").is_file():
+            return folder / f"{stem}{suffix}"
+    exported = sorted(p for suffix in SUFFIXES for p in folder.glob(f"*__{stem}{suffix}"))
+    return exported[0] if exported else None
+
+
+def _features(data: object) -> list[dict]:
+    if isinstance(data, list):
+        return [f for item in data for f in _features(item)]
+    if not isinstance(data, dict):
+        return []
+    if data.get("type") == "FeatureCollection":
+        return _features(data.get("features", []))
+    if data.get("type") == "Feature":
+        return [data]
+    if "coordinates" in data or data.get("type") == "GeometryCollection":  # a bare geometry
+        return [{"type": "Feature", "geometry": data, "properties": {}}]
+    return []
+
+
+def classification(feature: dict) -> str:
+    """QuPath's class name of a feature ('' when it has none; older exports wrote the name as a string)."""
+    props = feature.get("properties") or {}
+    value = props.get("classification", props.get("class", ""))
+    if isinstance(value, dict):
+        value = value.get("name") or (value.get("names") or [""])[0]
+    return str(value or "")
+
+
+def _wanted(name: str, classes: list[str]) -> bool:
+    return not classes or any(fnmatch.fnmatchcase(name.lower(), c.lower()) for c in classes)
+
+
+def read_region(path: Path, classes: list[str]) -> Region:
+    """The union of the polygons of ``path`` whose classification is in ``classes`` (empty: all)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadAnnotations(f"annotation file {path} is not readable GeoJSON ({exc})") from exc
+    areas, names = [], set()
+    for feature in _features(data):
+        geometry = feature.get("geometry")
+        if not geometry or not _wanted(classification(feature), classes):
+            continue
+        try:
+            geom = shape(geometry)
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+            raise BadAnnotations(f"annotation file {path} has a malformed geometry ({exc})") from exc
+        polygons = [g for g in getattr(geom, "geoms", [geom]) if g.geom_type in ("Polygon", "MultiPolygon")]
+        for poly in polygons:
+            areas.append(shapely.make_valid(poly))  # self-touching rings as QuPath's brush draws them
+        if polygons:
+            names.add(classification(feature))
+    if not areas:
+        wanted = f" of class {classes}" if classes else ""
+        raise BadAnnotations(f"annotation file {path} holds no polygon{wanted}")
+    merged = shapely.union_all(areas)
+    shapely.prepare(merged)
+    return Region(merged, Path(path), len(areas), sorted(names))
+
+
+def region_mask(region: Region, shape_hw: tuple[int, int], scale0: float) -> np.ndarray:
+    """(H, W) bool of the mask pixels whose centres lie in ``region`` (``scale0``: level-0 px per mask px)."""
+    h, w = shape_hw
+    out = np.zeros((h, w), bool)
+    x0, y0, x1, y1 = region.geometry.bounds  # only the pixels of its bounding box can be inside
+    c0, r0 = max(0, int(x0 / scale0) - 1), max(0, int(y0 / scale0) - 1)
+    c1, r1 = min(w, int(np.ceil(x1 / scale0)) + 1), min(h, int(np.ceil(y1 / scale0)) + 1)
+    if c1 <= c0 or r1 <= r0:
+        return out
+    ys, xs = np.mgrid[r0:r1, c0:c1]
+    out[r0:r1, c0:c1] = region.contains((xs.ravel() + 0.5) * scale0, (ys.ravel() + 0.5) * scale0).reshape(xs.shape)
+    return out
