@@ -59,15 +59,19 @@ def synth(out: Annotated[Path, typer.Argument(help="Output folder.")],
           decoy_fraction: Annotated[float | None, typer.Option(
               help="Stain-keyed cohort: share of cases (both classes) whose other stains show the same evidence "
                    "as decoys.")] = None,
-          seed: Annotated[int | None, typer.Option(help="Random seed (deterministic output).")] = None) -> None:
+          seed: Annotated[int | None, typer.Option(help="Random seed (deterministic output).")] = None,
+          slides: Annotated[str, typer.Option(help="Also write whole-slide images of the slices for the slide route "
+                                                   "(slides/ + slides.yaml): tiff | svs | dicom.")] = "") -> None:
     """Render a synthetic multi-stain cohort (slices, masks, patches, labels.csv, cohort.yaml)."""
     import dataclasses
 
-    from stainmil.data.synth import PRESETS, write_cohort
+    from stainmil.data.synth import PRESETS, SLIDE_FORMATS, write_cohort, write_slides
     from stainmil.errors import ConfigError
 
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset '{preset}'; choose one of {sorted(PRESETS)}.")
+    if slides and slides not in SLIDE_FORMATS:
+        raise ConfigError(f"--slides '{slides}' is not one of {', '.join(SLIDE_FORMATS)}.")
     changes = {k: v for k, v in dict(cases=cases, benign_fraction=benign_fraction, patch_size=patch_size,
                                        slice_size=slice_size, signal=signal, missing_stain_prob=missing_stain_prob,
                                        key_stain=key_stain, decoy_fraction=decoy_fraction, classes=classes,
@@ -82,6 +86,10 @@ def synth(out: Annotated[Path, typer.Argument(help="Output folder.")],
     config = dataclasses.replace(PRESETS[preset], **changes)
     path = write_cohort(out, config)
     console.print(f"synthetic cohort written to [bold]{path}[/]; next: stainmil index --config {path / 'cohort.yaml'}")
+    if slides:
+        write_slides(path, mpp=0.5, upsample=2, aperio=slides == "svs", dicom=slides == "dicom")
+        console.print(f"{slides} slides in [bold]{path / 'slides'}[/]; slide route: stainmil tile --config "
+                      f"{path / 'slides.yaml'}")
 
 
 @app.command()

@@ -125,3 +125,105 @@ def test_tile_errors_are_clear(tmp_path):
     with pytest.raises(ConfigError, match="one of tile.mpp and tile.magnification"):
         tile_folder(load_config(None, [f"tile.slices_dir={tmp_path / 's'}", f"tile.out_dir={tmp_path / 'o'}",
                                        "tile.mpp=0.5", "tile.magnification=20"]))
+
+
+def _polygon_file(path, rings, name="Tumor"):
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": rings},
+         "properties": {"objectType": "annotation", "classification": {"name": name, "color": [200, 0, 0]}}}]}))
+
+
+def test_annotations_restrict_tiling_to_inside_the_polygons_and_outside_their_holes(slide_cohort, tmp_path):
+    import shapely
+
+    plain = tile_folder(slide_config(slide_cohort, tmp_path / "plain")).table
+    ann = tmp_path / "ann"
+    template = str(ann / "case{case}_{stain}.geojson")
+    outer = [[10, 10], [310, 15], [305, 310], [12, 300], [10, 10]]  # level-0 px; the slides are 320 x 320
+    hole = [[100, 100], [230, 100], [230, 230], [100, 230], [100, 100]]  # holds the four central patch centres
+    for case in ("1", "2", "3"):
+        _polygon_file(ann / f"case{case}_he.geojson", [outer, hole])
+    _polygon_file(ann / "case1_melan.geojson", [outer], name="Stroma")  # not of the included class
+    (ann / "case2_melan.geojson").write_text("{broken")
+    _polygon_file(tmp_path / "ex" / "case3_he.geojson", [[[10, 10], [310, 10], [310, 70], [10, 70], [10, 10]]],
+                  name="Pen")
+    config = slide_config(slide_cohort, tmp_path / "a", f"tile.include_annotations={template}",
+                          "tile.include_classes=[tum*]", "tile.exclude_classes=[Pen]")
+    config.tile.exclude_annotations = str(tmp_path / "ex" / "case{case}_{stain}.geojson")
+    result = tile_folder(config)
+    table = result.table
+    region = shapely.Polygon(outer, [hole])
+    pen = shapely.box(10, 10, 310, 70)
+    inside_hole = shapely.Polygon(hole)
+    for case in ("1", "2", "3"):
+        part = table[(table["case"] == case) & (table["stain"] == "he")]
+        centres = part[["x", "y"]].to_numpy() + part["size0"].to_numpy()[:, None] / 2
+        assert len(part) >= 3
+        assert shapely.contains_xy(region, centres[:, 0], centres[:, 1]).all()  # inside, never in the hole
+        whole = plain[(plain["case"] == case) & (plain["stain"] == "he")]
+        plain_centres = whole[["x", "y"]].to_numpy() + 32
+        assert shapely.contains_xy(inside_hole, plain_centres[:, 0], plain_centres[:, 1]).any()  # the hole bites
+        if case == "3":
+            assert not shapely.contains_xy(pen, centres[:, 0], centres[:, 1]).any()
+        assert len(part) < len(plain[(plain["case"] == case) & (plain["stain"] == "he")])
+    # no file: the tissue mask, named in the report; another class only: skipped; a broken file: skipped
+    untouched = table[(table["case"] == "4") & (table["stain"] == "he")]
+    assert untouched[["x", "y"]].to_numpy().tolist() == plain[(plain["case"] == "4") & (plain["stain"] == "he")][
+        ["x", "y"]].to_numpy().tolist()
+    assert "case4/he/slice0.tiff" in result.notes[tiling.NO_ANNOTATIONS]
+    bad = result.skipped[tiling.BAD_ANNOTATIONS]
+    assert any(b.startswith("case1/melan/") and "no polygon of class" in b for b in bad)
+    assert any(b.startswith("case2/melan/") and "not readable GeoJSON" in b for b in bad)
+    text = (tmp_path / "a" / "tiles" / "tile_report.txt").read_text()
+    assert "no include annotation file" in text and "inside case1_he.geojson (1 polygon(s), Tumor)" in text
+
+
+def test_stainmils_qupath_export_reads_back_as_the_same_patches(slide_cohort, tmp_path):
+    from stainmil.analysis.qupath import MEASUREMENTS, export_qupath
+
+    table = tile_folder(slide_config(slide_cohort, tmp_path / "first")).table
+    patches = table.rename(columns={"slide": "path"}).assign(**{c: 1.0 for c in MEASUREMENTS},
+                                                             patch=table["patch"].astype(str))
+    export_qupath(patches, tmp_path / "qupath")
+    again = tile_folder(slide_config(slide_cohort, tmp_path / "second",
+                                     f"tile.include_annotations={tmp_path / 'qupath'}")).table
+    key = ["case", "stain", "slice", "x", "y"]
+    pd.testing.assert_frame_equal(again[key], table[key])
+
+
+def test_dicom_slides_are_found_tiled_and_extracted_and_broken_ones_named(tiny_cohort, slide_cohort, tmp_path):
+    from stainmil.data.cohort import load_manifest
+    from stainmil.data.synth import write_slides
+    from stainmil.features.extract import extract_features
+    from stainmil.features.store import load_features
+
+    cohort = tmp_path / "tiny"
+    for name in ("slices", "labels.csv", "synth.yaml"):
+        (shutil.copytree if (tiny_cohort / name).is_dir() else shutil.copy)(tiny_cohort / name, cohort / name)
+    write_slides(cohort, mpp=0.5, upsample=2, tile=64, dicom=True)  # a folder of .dcm instances per slide
+    broken = cohort / "slides" / "case1" / "he" / "slice5"
+    broken.mkdir()
+    (broken / "level0.dcm").write_bytes(b"DICM" * 10)
+    assert sum(1 for _ in (cohort / "slides").rglob("*.dcm")) > 24
+    config = slide_config(cohort, tmp_path / "dicom", "features.num_workers=0")
+    result, _ = tile_cohort(config)
+    assert len(result.slides) == 24 and list(result.skipped) == [tiling.UNREADABLE]
+    assert result.skipped[tiling.UNREADABLE][0].startswith("case1/he/slice5:")
+    assert [s["level0_mpp"] for s in result.slides] == pytest.approx([0.25] * 24)  # the DICOM pixel spacing
+    assert {s["patch_level"] for s in result.slides} == {1}
+    tiff = slide_config(slide_cohort, tmp_path / "tiff", "features.num_workers=0")
+    tile_cohort(tiff)
+    key = ["case", "stain", "slice", "x", "y"]
+    ours, theirs = load_manifest(config), load_manifest(tiff)
+    a, b = set(map(tuple, ours[key].to_numpy())), set(map(tuple, theirs[key].to_numpy()))
+    assert len(a & b) / len(a | b) >= 0.9  # the same tissue found through JPEG tiles
+    assert extract_features(config, ours).patches_written == len(ours)
+    joined = ours.reset_index().merge(theirs.reset_index(), on=key, suffixes=("_dcm", "_tif"))
+    f = load_features(config.store_dir, ours)[joined["index_dcm"]].astype(np.float32)
+    extract_features(tiff, theirs)
+    g = load_features(tiff.store_dir, theirs)[joined["index_tif"]].astype(np.float32)
+    cosine = (f * g).sum(1) / np.linalg.norm(f, axis=1) / np.linalg.norm(g, axis=1)
+    assert np.median(cosine) > 0.95  # the same pixels up to JPEG loss

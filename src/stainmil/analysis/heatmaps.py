@@ -4,9 +4,9 @@ slice and case) or by its patch-alone P(high-grade) (0..1).
 
 On the slide route the heatmap is drawn on the slide's thumbnail saved by ``stainmil tile`` (patch
 squares scaled from level-0 coordinates); features imported from TRIDENT/CLAM draw on the slide's thumbnail when
-the slide was found, else on a plain canvas of their patch squares. Otherwise the slice image comes from ``analysis.slice_images``
-(a path template with {case}, {stain}, {slice}); when there is none, the slice is rebuilt from its
-patch files and their x, y.
+the slide was found, else on a plain canvas of their patch squares. Otherwise the slice image comes from
+``analysis.slice_images`` (a path template with {case}, {stain}, {slice}); when there is none, the slice is
+rebuilt from its patch files and their x, y.
 """
 
 from __future__ import annotations

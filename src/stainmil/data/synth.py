@@ -44,7 +44,7 @@ from stainmil.config import STAINS
 from stainmil.errors import ConfigError
 from stainmil.io import atomic_write_text, save_image
 from stainmil.progress import progress_bar
-from stainmil.slides.write import write_pyramidal_tiff
+from stainmil.slides.write import write_dicom_slide, write_pyramidal_tiff
 
 STAIN_VECTORS = {"H": rgb_from_hed[0], "E": rgb_from_hed[1], "DAB": rgb_from_hed[2]}
 CLASS_WORDS = ("benign", "high_grade")
@@ -369,27 +369,34 @@ def write_cohort(out: str | Path, config: SynthConfig | None = None, workers: in
     return out
 
 
-def write_slides(cohort: str | Path, mpp: float = 0.5, upsample: int = 1, aperio: bool = False,
-                 tile: int = 128) -> Path:
-    """Every slice image of a synthetic cohort as a pyramidal TIFF slide, plus ``slides.yaml`` for the slide route.
+SLIDE_FORMATS = ("tiff", "svs", "dicom")
 
-    ``OUT/slides/case7/he/slice0.tiff`` (``.svs`` with ``aperio``) at ``mpp`` µm/px; ``upsample`` > 1 enlarges
-    level 0 by pixel repetition (a "40x" scan of the 20x image when 2, so its 2x level is the original).
+
+def write_slides(cohort: str | Path, mpp: float = 0.5, upsample: int = 1, aperio: bool = False,
+                 tile: int = 128, dicom: bool = False) -> Path:
+    """Every slice image of a synthetic cohort as a whole-slide image, plus ``slides.yaml`` for the slide route.
+
+    ``OUT/slides/case7/he/slice0.tiff`` (pyramidal TIFF; ``.svs`` with ``aperio``; with ``dicom`` the folder
+    ``slice0/`` of DICOM instances, JPEG tiles) at ``mpp`` µm/px; ``upsample`` > 1 enlarges level 0 by pixel
+    repetition (a "40x" scan of the 20x image when 2, so its 2x level is the original).
     """
 
     cohort = Path(cohort).resolve()
     slices = sorted(p for p in (cohort / "slices").rglob("slice*.png") if "_" not in p.stem)
-    suffix = ".svs" if aperio else ".tiff"
+    suffix = "" if dicom else ".svs" if aperio else ".tiff"
     level0_mpp = mpp / upsample
     with progress_bar("synth: writing slides", total=len(slices)) as advance:
         for png in slices:
             target = cohort / "slides" / png.relative_to(cohort / "slices").with_suffix(suffix)
-            if not target.is_file():
+            if not target.exists():
                 rgb = np.asarray(Image.open(png).convert("RGB"))
                 if upsample > 1:
                     rgb = rgb.repeat(upsample, 0).repeat(upsample, 1)
-                write_pyramidal_tiff(target, rgb, mpp=level0_mpp, magnification=10 / level0_mpp if aperio else None,
-                                     aperio=aperio, tile=tile)
+                if dicom:
+                    write_dicom_slide(target, rgb, mpp=level0_mpp, tile=tile)
+                else:
+                    write_pyramidal_tiff(target, rgb, mpp=level0_mpp,
+                                         magnification=10 / level0_mpp if aperio else None, aperio=aperio, tile=tile)
             advance()
     synth = yaml.safe_load((cohort / "synth.yaml").read_text())
     slide_yaml = {

@@ -3,8 +3,9 @@ the excluded ones, in level-0 pixels, holes and multipolygons included.
 
 One GeoJSON file per slide, as QuPath exports it ("Export objects as GeoJSON": a FeatureCollection, a bare list
 of features, or a single feature). ``tile.include_annotations`` / ``tile.exclude_annotations`` name where the file
-of a slide is: a folder (the file is ``<slide stem>.geojson`` or ``.json`` — or ``…__<slide stem>.geojson``, the
-name ``stainmil export qupath`` gives its files, so its export reads back) or a path template with ``{stem}``,
+of a slide is: a folder (the file is ``<slide stem>.geojson`` or ``.json`` — or
+``case<id>_<stain>_slice<id>__<slide stem>.geojson``, the name ``stainmil export qupath`` gives its files, so its
+export reads back) or a path template with ``{stem}``,
 ``{case}``, ``{stain}``, ``{slice}``. ``tile.include_classes`` / ``tile.exclude_classes`` keep only the features
 whose QuPath classification is one of those names (``*`` wildcards allowed; empty: every feature).
 
@@ -14,6 +15,7 @@ Points and lines are not regions and are ignored; a feature without a classifica
 from __future__ import annotations
 
 import fnmatch
+import glob
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ import shapely
 from shapely.geometry import shape
 
 from stainmil.errors import DataError
+from stainmil.io import safe_name
 
 SUFFIXES = (".geojson", ".json")
 
@@ -60,11 +63,13 @@ def find_annotation_file(where: str, stem: str, key: tuple[str, str, str]) -> Pa
     if not folder.is_dir():
         raise DataError(f"annotation folder '{where}' does not exist; point tile.include_annotations / "
                         "tile.exclude_annotations at the folder of QuPath GeoJSON exports (or a template with {stem}).")
-    for suffix in SUFFIXES:
-        if (folder / f"{stem}{suffix}").is_file():
-            return folder / f"{stem}{suffix}"
-    exported = sorted(p for suffix in SUFFIXES for p in folder.glob(f"*__{stem}{suffix}"))
-    return exported[0] if exported else None
+    ours = "_".join(safe_name(k) for k in (f"case{key[0]}", key[1], f"slice{key[2]}")) + f"__{safe_name(stem)}"
+    for name in (stem, ours):  # the slide's own file, then the name stainmil's QuPath export gives it
+        for suffix in SUFFIXES:
+            if (folder / f"{name}{suffix}").is_file():
+                return folder / f"{name}{suffix}"
+    exported = sorted(p for suffix in SUFFIXES for p in folder.glob(f"*__{glob.escape(stem)}{suffix}"))
+    return exported[0] if len(exported) == 1 else None  # several: slides of other cases share the name
 
 
 def _features(data: object) -> list[dict]:
