@@ -22,7 +22,7 @@ LAYERS = [
     ("evaluate", ["evaluate"]),
     ("analysis", ["analysis"]),
     ("experiments", ["experiments"]),
-    ("pipeline", ["pipeline", "bench", "bench_scale"]),
+    ("pipeline", ["pipeline", "bench", "bench_scale", "bench_feed"]),
     ("cli", ["cli", "__main__"]),
 ]
 
