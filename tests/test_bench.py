@@ -47,3 +47,53 @@ def test_scale_bench_trains_bounded_and_in_memory_in_fresh_processes(tmp_path):
     assert list(table["reading"]) == ["cache 1 MB", "whole store in memory", "cache 1 MB"]
     assert (table["epoch_s"] > 0).all() and (table["peak_rss_mb"] > 100).all()
     assert table["patches"].iloc[2] > table["patches"].iloc[0] and (tmp_path / "scale.md").is_file()
+
+
+def test_extraction_plan_sizes_itself_to_the_device_unless_told():
+    from stainmil.config import FeaturesConfig
+    from stainmil.features.plan import extraction_plan
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert extraction_plan(FeaturesConfig(), cpu, cores=2) == extraction_plan(FeaturesConfig(), cpu, cores=3)
+    plan = extraction_plan(FeaturesConfig(), cpu, cores=16)
+    assert (plan.batch_size, plan.workers, plan.precision) == (32, 4, "fp32")
+    assert extraction_plan(FeaturesConfig(), cpu, cores=2).workers == 1  # the encoder needs the other core
+    plan = extraction_plan(FeaturesConfig(), gpu, cores=16)
+    assert (plan.batch_size, plan.workers, plan.precision) == (256, 15, "fp32")  # DenseNet's card: fp32
+    assert extraction_plan(FeaturesConfig(backbone="uni_v1"), gpu, cores=64).workers == 16
+    assert extraction_plan(FeaturesConfig(backbone="uni_v1"), gpu).autocast == torch.float16  # as its card says
+    assert extraction_plan(FeaturesConfig(backbone="uni_v2"), gpu).autocast == torch.bfloat16
+    assert extraction_plan(FeaturesConfig(backbone="uni_v1"), cpu).autocast is None  # never half precision on CPU
+    told = FeaturesConfig(batch_size=8, num_workers=0, precision="bf16")
+    assert extraction_plan(told, gpu, cores=16) == type(plan)(8, 0, "bf16")
+
+
+def test_feed_only_counts_every_patch_with_each_worker_count(tiny_cohort):
+    from stainmil.bench_feed import feed_table, worker_counts
+
+    assert worker_counts(2) == [0, 1, 2] and worker_counts(6) == [0, 1, 2, 4, 6] and worker_counts(16)[-1] == 16
+    refs = sorted(str(p) for p in (tiny_cohort / "patches").rglob("*.png"))[:96]
+    table = feed_table({"PNGs": refs}, 32, 32, cores=2, log=lambda *_: None)
+    assert list(table["workers"]) == [0, 1, 2] and (table["img_s"] > 0).all()
+    assert table["speedup_vs_1"].iloc[1] == 1.0
+
+
+@pytest.mark.slow
+def test_gpu_check_script_prints_its_table_on_cpu(tmp_path):
+    """benchmarks/gpu_check.sh at toy sizes on CPU (the script a GPU machine runs as it is)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    result = subprocess.run([str(script), "--device", "cpu", "--small"], capture_output=True, text=True,
+                            env={**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout
+    for row in ("densenet121 bare forward", "extract densenet121 from PNGs", "extract densenet121 from slides",
+                "uni_v1 bare forward", "extract uni_v1 from PNGs", "extract uni_v1 from slides",
+                "feed alone from PNGs", "feed alone from slides", "store epoch vs the old way", "head step",
+                "1x (", "3x ("):
+        assert row in table, row
+    assert "CPU" in table and (tmp_path / "gpu_check.md").read_text() == table

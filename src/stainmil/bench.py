@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from stainmil.config import Config
@@ -35,6 +36,7 @@ from stainmil.device import resolve_device
 from stainmil.features.backbones import build_backbone
 from stainmil.features.extract import extract_features
 from stainmil.features.online import OnlineEncoder
+from stainmil.features.plan import available_cores, extraction_plan
 from stainmil.features.store import load_features
 from stainmil.io import atomic_write_json
 from stainmil.model.hierarchical import HierarchicalMIL
@@ -52,15 +54,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bare_forward(module, batch_size: int, image_size: int, device: torch.device, n_images: int) -> float:
-    """Images per second of the backbone alone on random input (channels_last, inference mode).
+def bare_forward(module, batch_size: int, image_size: int, device: torch.device, n_images: int,
+                 autocast: torch.dtype | None = None) -> float:
+    """Images per second of the backbone alone on random input (channels_last, inference mode, under
+    ``autocast`` on a GPU as extraction runs it).
 
     Runs as many images as extraction does (in full batches plus the remainder), so both are
     measured over the same stretch of time.
     """
     x = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
     sizes = [batch_size] * (n_images // batch_size) + ([n_images % batch_size] if n_images % batch_size else [])
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.inference_mode(), torch.autocast(device.type, dtype=autocast or torch.float32,
+                                                enabled=device.type == "cuda" and autocast is not None):
         module(x)  # warm-up
         _sync(device)
         start = time.perf_counter()
@@ -68,6 +73,22 @@ def bare_forward(module, batch_size: int, image_size: int, device: torch.device,
             module(x[:size])
         _sync(device)
     return n_images / (time.perf_counter() - start)
+
+
+def best_forward(module, image_size: int, device: torch.device, n_images: int, autocast: torch.dtype | None,
+                 batches: tuple[int, ...] = (32, 64, 128, 256, 512)) -> tuple[float, int]:
+    """(img/s, batch) of the fastest batch size for the bare forward (a batch that runs out of memory ends
+    the search)."""
+    best, best_batch = 0.0, batches[0]
+    for batch in batches:
+        try:
+            rate = bare_forward(module, batch, image_size, device, max(n_images, 4 * batch), autocast)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            break
+        if rate > best:
+            best, best_batch = rate, batch
+    return best, best_batch
 
 
 class PeakMemory:
@@ -196,9 +217,26 @@ def decode_rate(refs, size: int, limit: int = 400) -> float:
     return len(refs) / (time.perf_counter() - start)
 
 
-def decode_workers() -> int:
-    """PNG-decoding workers for extraction: one core is left to the forward pass (1 on 2 cores, at most 4)."""
-    return max(1, min(4, (os.cpu_count() or 2) - 1))
+def bench_cohort(out: Path, preset: str, size: int, tag: str, device: torch.device, slides: bool, log,
+                 overrides: list[str]) -> tuple[Config, pd.DataFrame]:
+    """The synthetic ``preset`` cohort (rendered once under ``out``), indexed from its PNG patches or, with
+    ``slides``, written as pyramidal TIFF slides and tiled: (config, manifest)."""
+    cohort = out / f"cohort-{preset}"
+    if not (cohort / "labels.csv").is_file():
+        log(f"rendering the {preset} synthetic cohort into {cohort}")
+        write_cohort(cohort, PRESETS[preset])
+    config = demo_config(out / tag, cohort, [
+        f"features.image_size={size}", f"features.store_dir={out / f'store-{tag}'}",
+        f"features.device={device.type}", f"train.device={device.type}",
+        f"tile.patch_size={PRESETS[preset].patch_size}", *overrides], slides=slides)
+    if slides:
+        log("writing the cohort's slices as pyramidal TIFF slides and tiling them")
+        write_slides(cohort, mpp=0.5, upsample=2, tile=128)
+        tile_cohort(config)
+        return config, build_index(config).manifest
+    result = build_index(config)
+    write_index(result, config)
+    return config, result.manifest
 
 
 def run_bench(out: str | Path = "demo_out/bench", preset: str = "demo", device_name: str = "auto",
@@ -210,26 +248,10 @@ def run_bench(out: str | Path = "demo_out/bench", preset: str = "demo", device_n
 
     device = resolve_device(device_name)
     out = Path(out).resolve()
-    cohort = out / f"cohort-{preset}"
-    if not (cohort / "labels.csv").is_file():
-        log(f"rendering the {preset} synthetic cohort into {cohort}")
-        write_cohort(cohort, PRESETS[preset])
     size = image_size or PRESETS[preset].patch_size
-    source = "slides" if slides else "patches"
-    tag = f"{preset}-{backbone_name}-{size}px-{source}"
-    config = demo_config(out / tag, cohort, [
-        f"features.backbone={backbone_name}", f"features.weights={weights}", f"features.image_size={size}",
-        f"features.store_dir={out / f'store-{tag}'}", f"features.device={device.type}", f"train.device={device.type}",
-        f"features.num_workers={decode_workers()}", f"tile.patch_size={PRESETS[preset].patch_size}"], slides=slides)
-    if slides:
-        log("writing the cohort's slices as pyramidal TIFF slides and tiling them")
-        write_slides(cohort, mpp=0.5, upsample=2, tile=128)
-        tile_cohort(config)
-        result = build_index(config)
-    else:
-        result = build_index(config)
-        write_index(result, config)
-    manifest = result.manifest
+    tag = f"{preset}-{backbone_name}-{size}px-{'slides' if slides else 'patches'}"
+    config, manifest = bench_cohort(out, preset, size, tag, device, slides, log, [
+        f"features.backbone={backbone_name}", f"features.weights={weights}"])
     backbone = build_backbone(config.features)
     frozen = backbone.module.to(device).to(memory_format=torch.channels_last)
     f = config.features
@@ -239,16 +261,25 @@ def run_bench(out: str | Path = "demo_out/bench", preset: str = "demo", device_n
         "cohort": f"{preset}: {manifest['case'].nunique()} cases, {len(manifest)} patches, {size} px input",
         "encoder": backbone_name, "patch_source": "pyramidal TIFF slides (OpenSlide)" if slides else "PNG files",
     }
+    plan = extraction_plan(f, device)
     bare, extraction = 0.0, 0.0
     for round_ in range(1, rounds + 1):  # alternated, best of each: shared machines are noisy
-        log(f"round {round_}/{rounds}: the backbone's bare forward throughput, then extraction into a fresh store")
-        bare = max(bare, bare_forward(frozen, f.batch_size, size, device, len(manifest)))
+        log(f"round {round_}/{rounds}: the backbone's bare forward throughput, then extraction into a fresh store "
+            f"({plan.describe()})")
+        bare = max(bare, bare_forward(frozen, plan.batch_size, size, device, len(manifest), plan.autocast))
         shutil.rmtree(config.store_dir, ignore_errors=True)
         extraction = max(extraction, extract_features(config, manifest, backbone=backbone).patches_per_second)
+    log("the bare forward at batch sizes 32 … 512: the encoder's best")
+    best, best_batch = best_forward(frozen, size, device, len(manifest), plan.autocast,
+                                    (32, 64, 128, 256, 512) if device.type == "cuda" else (plan.batch_size,))
+    best, best_batch = (bare, plan.batch_size) if bare >= best else (best, best_batch)
     decode = decode_rate(patch_refs(manifest), size)
-    cores = len(os.sched_getaffinity(0))
-    figures.update({"backbone_forward_img_s": round(bare, 1), "extraction_img_s": round(extraction, 1),
-                    "extraction_over_forward": round(extraction / bare, 3), "decode_workers": f.num_workers,
+    cores = available_cores()
+    figures.update({"backbone_forward_img_s": round(bare, 1), "best_forward_img_s": round(best, 1),
+                    "best_forward_batch": best_batch, "extraction_img_s": round(extraction, 1),
+                    "extraction_over_forward": round(extraction / bare, 3),
+                    "extraction_over_best": round(extraction / best, 3), "batch_size": plan.batch_size,
+                    "decode_workers": plan.workers, "precision": plan.precision,
                     "decode_img_s_one_core": round(decode, 1),
                     # decoding needs core time the forward pass would otherwise use: the best extraction can do
                     # when both share the cores and the forward scales over all of them

@@ -91,13 +91,16 @@ def train_process(config: Config, folder: Path, epochs: int, cache_mb: float) ->
 
 
 def run_scale(out: str | Path, scales: tuple[int, ...] = (1, 10, 30), cache_mb: float = 256, epochs: int = 2,
-              memory_up_to: int = 10, base_cases: int = REAL_SHAPE_CASES, log=print) -> pd.DataFrame:
-    """Every size (``scales`` x ``base_cases`` cases) trained bounded, and in memory up to ``memory_up_to``."""
+              memory_up_to: int = 10, base_cases: int = REAL_SHAPE_CASES, device: str = "auto",
+              log=print) -> pd.DataFrame:
+    """Every size (``scales`` x ``base_cases`` cases) trained bounded, and in memory up to ``memory_up_to``, on
+    ``device`` (train.device)."""
     out = Path(out)
     rows = []
     for scale in scales:
         folder = out / f"scale-{scale}x-{base_cases}"
         config, patches = write_random_store(folder, base_cases * scale, log=log)
+        config.train.device = device
         modes = [cache_mb] + ([0.0] if scale <= memory_up_to else [])
         for mode in modes:
             measured = train_process(config, folder, epochs, mode)

@@ -476,7 +476,10 @@ def bench(preset: Annotated[str, typer.Option(help="Synthetic cohort: demo | tin
           cache_mb: Annotated[float, typer.Option(help="scale: features.cache_mb of the bounded runs.")] = 256,
           epochs: Annotated[int, typer.Option(help="scale: epochs per training run.")] = 2,
           memory_up_to: Annotated[int, typer.Option(help="scale: also train with the whole store in memory up to "
-                                                         "this size.")] = 10) -> None:
+                                                         "this size.")] = 10,
+          scale_cases: Annotated[int, typer.Option(help="scale: cases at 1x (86 = the real-shape cohort).")] = 86,
+          feed_only: Annotated[bool, typer.Option(help="Only the data path (decode, collate, copies) with no encoder, "
+                                                       "by decode workers: will a GPU node be fed?")] = False) -> None:
     """Measure extraction, epoch (store vs the old way), vectorised vs loop, and memory; print one table."""
     from stainmil.bench import run_bench
 
@@ -484,8 +487,14 @@ def bench(preset: Annotated[str, typer.Option(help="Synthetic cohort: demo | tin
         from stainmil.bench_scale import run_scale, scale_markdown
 
         table = run_scale(out / "scale", tuple(int(v) for v in scales.split(",")), cache_mb, epochs, memory_up_to,
-                          log=plain_log)
+                          scale_cases, device, log=plain_log)
         console.print(scale_markdown(table), highlight=False, markup=False)
+        return
+    if feed_only:
+        from stainmil.bench_feed import run_feed
+
+        figures = run_feed(out, preset, device, image_size, slides, log=plain_log)
+        console.print(render_table(figures["rows"], fmt="markdown"), highlight=False, markup=False)
         return
     figures = run_bench(out, preset, device, image_size, old_cases, weights, rounds, backbone, slides,
                         extraction_only, compile_head, log=plain_log)

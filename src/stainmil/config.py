@@ -99,8 +99,14 @@ class FeaturesConfig:
                             "token size).", default=224)
     mean: list[float] = _help("Normalisation mean (RGB); empty = the encoder's own.", default_factory=list)
     std: list[float] = _help("Normalisation std (RGB); empty = the encoder's own.", default_factory=list)
-    batch_size: int = _help("Patches per backbone forward pass.", default=32)
-    num_workers: int = _help("DataLoader workers decoding PNGs (0 = in the main process).", default=2)
+    batch_size: int = _help("Patches per backbone forward pass; 0 = chosen for the device (256 on a GPU, 32 on a "
+                            "CPU).", default=0)
+    num_workers: int = _help("DataLoader workers decoding patches; -1 = sized to the machine (all cores but one, at "
+                             "most 16, on a GPU; half the cores, at most 4, on a CPU, where the encoder needs the "
+                             "rest); 0 = in the main process.", default=-1)
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = _help(
+        "Encoder arithmetic on a GPU: auto = the precision its model card states (`stainmil backbones`); a CPU "
+        "always computes in fp32.", default="auto")
     dtype: Literal["float16", "float32"] = _help("Storage dtype of features.", default="float16")
     store_dir: str = _help("Feature store folder; empty = <output_dir>/features/imported when `stainmil "
                            "import-features` made one there, else <output_dir>/features/<backbone>-<weights>-<size>px.",

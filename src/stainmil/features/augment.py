@@ -112,9 +112,12 @@ def normalise(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Ten
     return (x - m) / s
 
 
-def forward_images(forward, x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    """[0, 1] RGB (B, 3, S, S) -> ``forward``'s features (B, D) float32: normalised, channels_last, bf16
-    autocast on CUDA. The one way images enter a backbone (extraction, views, online mode)."""
+def forward_images(forward, x: torch.Tensor, mean: list[float], std: list[float],
+                   autocast: torch.dtype | None = torch.bfloat16) -> torch.Tensor:
+    """[0, 1] RGB (B, 3, S, S) -> ``forward``'s features (B, D) float32: normalised, channels_last, under
+    ``autocast`` (fp16/bf16; None = fp32) on CUDA. The one way images enter a backbone (extraction, views,
+    online mode)."""
     x = normalise(x, mean, std).contiguous(memory_format=torch.channels_last)
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+    with torch.autocast(x.device.type, dtype=autocast or torch.float32,
+                        enabled=x.device.type == "cuda" and autocast is not None):
         return forward(x).float()

@@ -27,6 +27,7 @@ from stainmil.device import resolve_device
 from stainmil.errors import ConfigError, StoreError
 from stainmil.features.augment import forward_images, make_view, view_jitter
 from stainmil.features.backbones import Backbone, build_backbone
+from stainmil.features.plan import ExtractionPlan, extraction_plan
 from stainmil.features.store import (
     STORE_META,
     StoreMeta,
@@ -65,7 +66,7 @@ class PatchImages(Dataset):
         return image, torch.from_numpy(view_jitter(self.keys[index], self.views, self.jitter, self.seed))
 
 
-def _fresh_slide_handles(worker_id: int) -> None:
+def fresh_slide_handles(worker_id: int) -> None:
     """Each DataLoader worker opens its own slide handles (never one inherited from the parent by fork)."""
     cached_slide.cache_clear()
 
@@ -76,16 +77,49 @@ def patch_keys(rows: pd.DataFrame) -> list[str]:
 
 
 def encode_views(model: torch.nn.Module, images: torch.Tensor, jitter: torch.Tensor | None, views: int,
-                 mean: list[float], std: list[float]) -> torch.Tensor:
+                 mean: list[float], std: list[float], autocast: torch.dtype | None = None) -> torch.Tensor:
     """uint8 images (B, 3, S, S) on the model's device -> features (B, D), or (views, B, D) with views > 1.
 
-    jitter: (B, views, 2, 3) from :func:`~stainmil.features.augment.view_jitter` (None with one view).
+    jitter: (B, views, 2, 3) from :func:`~stainmil.features.augment.view_jitter` (None with one view);
+    autocast: the encoder's precision on a GPU (None = fp32).
     """
     x = images.float().div_(255)
     out = []
     for view in range(views):
-        out.append(forward_images(model, x if view == 0 else make_view(x, view, jitter[:, view]), mean, std))
+        out.append(forward_images(model, x if view == 0 else make_view(x, view, jitter[:, view]), mean, std,
+                                  autocast))
     return out[0] if views == 1 else torch.stack(out)
+
+
+class DeviceToHost:
+    """Features leave the GPU without stalling it: each batch is copied into pinned host memory asynchronously
+    and handed over one batch later, when the next batch's forward has been queued (on a CPU: at once)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.pending = device, None
+
+    def push(self, features: torch.Tensor) -> torch.Tensor | None:
+        """Queue ``features`` (on the device); return the previous batch's, on the host (None for the first)."""
+        if self.device.type != "cuda":
+            return features
+        host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
+        host.copy_(features, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        previous, self.pending = self.pending, (host, done)
+        return self._wait(previous)
+
+    def flush(self) -> torch.Tensor | None:
+        previous, self.pending = self.pending, None
+        return self._wait(previous)
+
+    @staticmethod
+    def _wait(entry) -> torch.Tensor | None:
+        if entry is None:
+            return None
+        host, done = entry
+        done.synchronize()
+        return host
 
 
 @dataclass
@@ -96,6 +130,7 @@ class ExtractSummary:
     slices_written: int
     patches_written: int
     seconds: float
+    plan: ExtractionPlan | None = None  # batch size, workers and precision used (None: nothing to extract)
 
     @property
     def patches_per_second(self) -> float:
@@ -145,11 +180,12 @@ def extract_features(config: Config, manifest: pd.DataFrame, backbone: Backbone 
     device = resolve_device(config.features.device)
     model = backbone.module.to(device).to(memory_format=torch.channels_last)
     f = config.features
+    plan = extraction_plan(f, device)
+    summary.plan = plan
     dataset = PatchImages(paths, f.image_size, keys, meta.views, meta.view_jitter, meta.view_seed)
-    loader = DataLoader(dataset, batch_size=f.batch_size, shuffle=False,
-                        num_workers=f.num_workers, pin_memory=device.type == "cuda",
-                        prefetch_factor=4 if f.num_workers > 0 else None, persistent_workers=False,
-                        worker_init_fn=_fresh_slide_handles)
+    loader = DataLoader(dataset, batch_size=plan.batch_size, shuffle=False, num_workers=plan.workers,
+                        pin_memory=device.type == "cuda", prefetch_factor=4 if plan.workers > 0 else None,
+                        persistent_workers=False, worker_init_fn=fresh_slide_handles)
     dtype = np.dtype(meta.dtype)
     writer = ThreadPoolExecutor(max_workers=1)
     writes: list[Future] = []
@@ -175,18 +211,29 @@ def extract_features(config: Config, manifest: pd.DataFrame, backbone: Backbone 
             summary.slices_written += 1
             next_slice += 1
 
+    def take(host: torch.Tensor) -> None:
+        nonlocal n_buffered
+        buffered.append(host.numpy().astype(dtype, copy=False))
+        n = host.shape[-2]
+        n_buffered += n
+        summary.patches_written += n
+        flush_finished_slices()
+        advance(n)
+
+    copies = DeviceToHost(device)
     try:
         with torch.inference_mode(), progress_bar("extract: patches", total=len(paths)) as advance:
             for item in loader:
                 images, jitter = item if meta.views > 1 else (item, None)
                 images = images.to(device, non_blocking=True)
-                jitter = jitter.to(device) if jitter is not None else None
-                features = encode_views(model, images, jitter, meta.views, meta.mean, meta.std)  # (B, D) | (V, B, D)
-                buffered.append(features.cpu().numpy().astype(dtype, copy=False))
-                n_buffered += len(images)
-                summary.patches_written += len(images)
-                flush_finished_slices()
-                advance(len(images))
+                jitter = jitter.to(device, non_blocking=True) if jitter is not None else None
+                features = encode_views(model, images, jitter, meta.views, meta.mean, meta.std, plan.autocast)
+                ready = copies.push(features.to(torch.float16 if dtype == np.float16 else torch.float32))
+                if ready is not None:  # the previous batch's features, copied while this batch ran
+                    take(ready)
+            last = copies.flush()
+            if last is not None:
+                take(last)
     finally:
         writer.shutdown(wait=True)
     for future in writes:

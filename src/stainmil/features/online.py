@@ -32,6 +32,7 @@ from stainmil.features.augment import forward_images, train_augment
 from stainmil.features.backbones import Backbone, build_backbone, state_dict_hash
 from stainmil.features.encoder_modules import EncoderModule
 from stainmil.features.encoders import preprocessing
+from stainmil.features.plan import extraction_plan
 from stainmil.slides.reader import read_patch
 
 
@@ -72,7 +73,8 @@ class OnlineEncoder:
         self.tail_parameters = [p for name, p in self.module.named_parameters() if name.startswith(prefixes)]
         for p in self.tail_parameters:
             p.requires_grad_(True)
-        self.readers = ThreadPoolExecutor(max_workers=max(1, f.num_workers))  # PIL decodes without the GIL
+        self.plan = extraction_plan(f, device)
+        self.readers = ThreadPoolExecutor(max_workers=max(1, self.plan.workers))  # PIL decodes without the GIL
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.tail_parameters)
@@ -90,11 +92,12 @@ class OnlineEncoder:
         if augment and f.online_augment:
             generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
         out = []
-        for start in range(0, len(paths), f.batch_size):  # pixels of one batch in memory at a time
-            x = self.read(paths[start:start + f.batch_size]).to(self.device, non_blocking=True).float().div_(255)
+        batch = self.plan.batch_size
+        for start in range(0, len(paths), batch):  # pixels of one batch in memory at a time
+            x = self.read(paths[start:start + batch]).to(self.device, non_blocking=True).float().div_(255)
             if generator is not None:
                 x = train_augment(x, generator, hed_strength=f.augment_hed)
-            out.append(forward_images(self._forward, x, self.mean, self.std))
+            out.append(forward_images(self._forward, x, self.mean, self.std, self.plan.autocast))
         return torch.cat(out)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ walks the whole cohort uses (feature statistics), so both sources walk it in the
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +28,8 @@ import torch
 
 from stainmil.errors import StoreError
 from stainmil.features.store import StoreMeta, load_features, slice_file
+
+READERS = 4  # threads reading store files ahead of the training step (their reads release the GIL)
 
 
 @dataclass
@@ -147,12 +150,11 @@ class StoreFeatures:
                 yield int(lo), int(hi), self._block(int(files[lo]))
 
     def prefetch(self, rows: np.ndarray) -> None:
-        """Start reading, in a background thread, the files of manifest ``rows`` that are not cached: the next
-        batch's slices arrive while this one trains. h5py reads hold the GIL, but the training step spends its
-        time in torch kernels that release it."""
+        """Start reading, in background threads, the files of manifest ``rows`` that are not cached: the next
+        batch's slices arrive while this one trains."""
         wanted = np.unique(self.row_file[rows])
         if self._reader is None:
-            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stainmil-prefetch")
+            self._reader = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="stainmil-prefetch")
         with self._lock:
             todo = [int(f) for f in wanted if int(f) not in self._cache and int(f) not in self._pending]
             for f in todo:
@@ -192,15 +194,27 @@ class StoreFeatures:
         return block
 
     def _read(self, file_index: int) -> np.ndarray:
-        """(V, n, D) of one store file, its patch ids checked against the manifest's."""
+        """(V, n, D) of one store file, its patch ids checked against the manifest's.
+
+        The file's layout comes from h5py; a contiguous, uncompressed dataset (how stainmil writes its store)
+        is then read with ``os.preadv``, which releases the GIL, so several reader threads overlap their
+        reads with each other and with the training step. Chunked or compressed datasets (e.g. linked
+        TRIDENT files) are read through h5py.
+        """
         path = self.files[file_index]
         self.reads += 1
         with h5py.File(path, "r") as h5:
             features = h5["features"]
             block = np.empty((self.n_views, *features.shape), dtype=features.dtype)
-            features.read_direct(block, dest_sel=np.s_[0])
-            if self.n_views > 1:
-                h5["augmented_features"].read_direct(block, np.s_[:self.n_views - 1], np.s_[1:])
+            plain = [(features, np.s_[0], 0)] + ([(h5["augmented_features"], np.s_[1:], 1)] if self.n_views > 1
+                                                  else [])
+            direct = [(ds.id.get_offset(), dest, start) for ds, dest, start in plain
+                      if ds.chunks is None and ds.compression is None and ds.dtype == block.dtype]
+            if len(direct) != len(plain) or any(offset is None for offset, _, _ in direct):
+                direct = []
+                features.read_direct(block, dest_sel=np.s_[0])
+                if self.n_views > 1:
+                    h5["augmented_features"].read_direct(block, np.s_[:self.n_views - 1], np.s_[1:])
             if not self._verified[file_index]:
                 ids = h5["patch_ids"].asstr()[()] if "patch_ids" in h5 else np.arange(block.shape[1]).astype(str)
                 expected = self.patch_ids.take(self.file_rows[file_index]).tolist()
@@ -209,4 +223,14 @@ class StoreFeatures:
                                      f"{len(expected)} for this slice; the patch folder changed since "
                                      "extraction — delete the file and re-run `stainmil extract`.")
                 self._verified[file_index] = True
+        if direct:
+            views = memoryview(block.reshape(-1).view(np.uint8))
+            per_view = block[0].nbytes
+            with open(path, "rb") as handle:
+                for offset, _, start in direct:  # view 0, then views 1..V-1 stored together
+                    count = per_view * (1 if start == 0 else self.n_views - 1)
+                    wanted = views[start * per_view:start * per_view + count]
+                    if os.preadv(handle.fileno(), [wanted], offset) != count:
+                        raise StoreError(f"{path} is shorter than its features; the file is truncated — delete "
+                                         "it and re-run `stainmil extract`.")
         return block

@@ -154,7 +154,7 @@ def read_slice(path: Path, views: int = 1) -> tuple[np.ndarray, np.ndarray, list
             features = np.concatenate([features[None], h5["augmented_features"][:views - 1]])
         coords = h5["coords"][()] if "coords" in h5 else np.full((len(features), 2), -1)
         ids = [i.decode() if isinstance(i, bytes) else str(i) for i in h5["patch_ids"][()]] \
-            if "patch_ids" in h5 else [str(i) for i in range(len(features))]
+            if "patch_ids" in h5 else [str(i) for i in range(h5["features"].shape[0])]
     return features, coords, ids
 
 
