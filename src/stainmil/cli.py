@@ -43,7 +43,8 @@ def friendly(fn):
 @app.command()
 @friendly
 def synth(out: Annotated[Path, typer.Argument(help="Output folder.")],
-          preset: Annotated[str, typer.Option(help="demo | tiny | real-shape | stain-key | stain-key-tiny")] = "demo",
+          preset: Annotated[str, typer.Option(help="demo | tiny | real-shape | stain-key | stain-key-tiny | serial | "
+                                             "serial-tiny")] = "demo",
           cases: Annotated[int | None, typer.Option(help="Number of cases.")] = None,
           benign_fraction: Annotated[float | None, typer.Option(help="Share of benign cases.")] = None,
           slices: Annotated[str | None, typer.Option(help="Slices per stain, 'min-max' (e.g. 1-15).")] = None,
@@ -60,6 +61,9 @@ def synth(out: Annotated[Path, typer.Argument(help="Output folder.")],
               help="Stain-keyed cohort: share of cases (both classes) whose other stains show the same evidence "
                    "as decoys.")] = None,
           seed: Annotated[int | None, typer.Option(help="Random seed (deterministic output).")] = None,
+          serial: Annotated[bool | None, typer.Option("--serial", help="Serial sections: a case's stains cut from "
+                                                      "one block, each moved/flipped/stretched with known "
+                                                      "landmarks (for `stainmil register`).")] = None,
           slides: Annotated[str, typer.Option(help="Also write whole-slide images of the slices for the slide route "
                                                    "(slides/ + slides.yaml): tiff | svs | dicom.")] = "") -> None:
     """Render a synthetic multi-stain cohort (slices, masks, patches, labels.csv, cohort.yaml)."""
@@ -75,7 +79,7 @@ def synth(out: Annotated[Path, typer.Argument(help="Output folder.")],
     changes = {k: v for k, v in dict(cases=cases, benign_fraction=benign_fraction, patch_size=patch_size,
                                        slice_size=slice_size, signal=signal, missing_stain_prob=missing_stain_prob,
                                        key_stain=key_stain, decoy_fraction=decoy_fraction, classes=classes,
-                                       seed=seed).items()
+                                       seed=seed, serial=serial).items()
                if v is not None}
     if slices:
         try:

@@ -422,7 +422,12 @@ def load_manifest(config: Config, columns: list[str] | None = None) -> pd.DataFr
     path = config.manifest_path
     if not path.is_file():
         raise DataError(f"no manifest at {path}; run `stainmil index --config …` first.")
-    return pd.read_parquet(path, columns=columns)
+    manifest = pd.read_parquet(path, columns=columns)
+    if columns is not None:  # a lean index (a bounded training process): text in Arrow buffers, not 1 object a cell
+        for column in manifest.columns:
+            if manifest[column].dtype == object:
+                manifest[column] = manifest[column].astype("string[pyarrow]")
+    return manifest
 
 
 def keep_stains(manifest: pd.DataFrame, stains: list[str]) -> pd.DataFrame:

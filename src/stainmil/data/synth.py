@@ -22,6 +22,7 @@ On-disk layout written by :func:`write_cohort`::
     OUT/slices/case7/he/slice0.png                     slice image
     OUT/slices/case7/he/slice0_tissue.png              tissue mask (0/255)
     OUT/slices/case7/he/slice0_lesion.png              lesion mask (0/255)
+    OUT/slices/case7/he/slice0_landmarks.csv           serial sections only: landmark id, x, y (stainmil.data.serial)
     OUT/patches/case7/he/slice0/case7_he_slice0_patch12_x64_y128.png
 """
 
@@ -41,6 +42,7 @@ from skimage.color import rgb_from_hed
 from skimage.draw import ellipse
 
 from stainmil.config import STAINS
+from stainmil.data.serial import block_landmarks, random_warp, torn_piece, warp_to_section
 from stainmil.errors import ConfigError
 from stainmil.io import atomic_write_text, save_image
 from stainmil.progress import progress_bar
@@ -70,6 +72,8 @@ class SynthConfig:
     decoy_fraction: float = 0.5
     # 2: benign | high_grade; 3: benign | intermediate (lesions halfway) | high_grade
     classes: int = 2
+    # serial sections: a case's stains cut from one block, each with its own known deformation (registration)
+    serial: bool = False
 
     @property
     def class_words(self) -> tuple[str, ...]:
@@ -110,6 +114,10 @@ PRESETS: dict[str, SynthConfig] = {
     # its small version, for tests
     "stain-key-tiny": SynthConfig(cases=12, benign_fraction=0.5, slices_per_stain=(1, 1), slice_size=160,
                                   patch_size=32, key_stain="sox10", missing_stain_prob=0.0),
+    # serial sections (registration): every stain of a case from one block, each section moved, some flipped
+    "serial": SynthConfig(cases=24, slices_per_stain=(1, 1), missing_stain_prob=0.0, serial=True),
+    "serial-tiny": SynthConfig(cases=6, slices_per_stain=(1, 1), slice_size=256, patch_size=32,
+                               missing_stain_prob=0.0, serial=True),
 }
 
 
@@ -213,11 +221,14 @@ def _sample_points(rng: np.random.Generator, region: np.ndarray, density: float)
     return coords[rng.integers(len(coords), size=n)] + rng.uniform(-0.5, 0.5, (n, 2))
 
 
-def render_slice(rng: np.random.Generator, stain: str, size: int, style: LesionStyle
+def render_slice(rng: np.random.Generator, stain: str, size: int, style: LesionStyle,
+                 tissue: np.ndarray | None = None, lesion: np.ndarray | None = None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Render one slice. Returns (rgb uint8 (size, size, 3), tissue bool, lesion bool)."""
-    tissue = tissue_mask(rng, size)
-    lesion = lesion_mask(rng, tissue, style)
+    """Render one slice (on ``tissue`` and ``lesion`` when given: a serial section of a shared block). Returns
+    (rgb uint8 (size, size, 3), tissue bool, lesion bool)."""
+    if tissue is None:
+        tissue = tissue_mask(rng, size)
+        lesion = lesion_mask(rng, tissue, style)
     stroma = ndimage.gaussian_filter(rng.standard_normal((size, size)), (1, 4))  # fibrous texture
     stroma = (stroma - stroma.min()) / (np.ptp(stroma) + 1e-8)
 
@@ -270,6 +281,50 @@ def render_slice(rng: np.random.Generator, stain: str, size: int, style: LesionS
     return rgb, tissue, lesion
 
 
+@dataclass
+class Block:
+    """The tissue block every serial section of a case is cut from (block pixels)."""
+
+    tissue: np.ndarray      # (S, S) bool
+    lesion: np.ndarray      # (S, S) bool
+    landmarks: np.ndarray   # (L, 2) x, y inside the tissue
+
+
+def serial_block(rng: np.random.Generator, size: int, style: LesionStyle) -> Block:
+    """A case's block: tissue drawn smaller than the canvas (so any rotation keeps it on the glass) and its
+    lesion."""
+    inner = int(size * 0.68)
+    pad = (size - inner) // 2
+    tissue = np.zeros((size, size), bool)
+    tissue[pad:pad + inner, pad:pad + inner] = tissue_mask(rng, inner)
+    return Block(tissue, lesion_mask(rng, tissue, style), block_landmarks(rng, tissue))
+
+
+def serial_section(rng: np.random.Generator, stain: str, style: LesionStyle, block: Block, flip: bool
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, pd.DataFrame]:
+    """One section of ``block`` on its glass: rendered on the block, then rotated, shifted, elastically stretched,
+    flipped (IHC sections, sometimes: ``flip``) and sometimes torn. Returns (rgb, tissue, lesion, landmarks in
+    section pixels)."""
+    size = block.tissue.shape[0]
+    rgb_block, _, _ = render_slice(rng, stain, size, style, block.tissue, block.lesion)
+    warp = random_warp(rng, size, flip=flip and rng.random() < 0.4)
+    rgb = warp_to_section(rgb_block.astype(float), warp, order=1, fill=245.0)
+    tissue = warp_to_section(block.tissue.astype(float), warp, order=1, fill=0.0) > 0.5
+    lesion = warp_to_section(block.lesion.astype(float), warp, order=1, fill=0.0) > 0.5
+    if rng.random() < 0.3:
+        lost = torn_piece(rng, tissue)
+        tissue, lesion = tissue & ~lost, lesion & ~lost
+        rgb[lost] = 245.0
+    rgb = np.clip(rgb + rng.normal(0, 1.0, rgb.shape) * ~tissue[..., None], 0, 255).astype(np.uint8)
+    points = warp.to_section(block.landmarks)
+    inside = np.zeros(len(points), bool)
+    xi, yi = np.round(points).astype(int).T
+    on_canvas = (xi >= 0) & (yi >= 0) & (xi < size) & (yi < size)
+    inside[on_canvas] = tissue[yi[on_canvas], xi[on_canvas]]
+    landmarks = pd.DataFrame({"id": np.flatnonzero(inside), "x": points[inside, 0], "y": points[inside, 1]})
+    return rgb, tissue, lesion, landmarks
+
+
 def grid_patches(tissue: np.ndarray, patch_size: int, min_tissue: float) -> list[tuple[int, int]]:
     """Top-left (x, y) of grid patches whose tissue fraction is at least ``min_tissue``."""
     size_y, size_x = tissue.shape
@@ -304,6 +359,8 @@ def render_case(config: SynthConfig, out: Path, case: str, label: int) -> list[d
     if rng.random() < config.missing_stain_prob:
         stains.remove(stains[rng.integers(len(stains))])
     decoy = bool(np.random.default_rng([config.seed, 2, int(case)]).random() < config.decoy_fraction)
+    block = serial_block(np.random.default_rng([config.seed, 3, int(case)]), config.slice_size, style) \
+        if config.serial else None
     rows = []
     for stain in stains:
         look, stain_style = stain, style
@@ -311,8 +368,12 @@ def render_case(config: SynthConfig, out: Path, case: str, label: int) -> list[d
             look = config.key_stain
             stain_style = style if stain == config.key_stain else _style(int(decoy), config.signal)
         for slice_id in range(_n_slices(rng, *config.slices_per_stain)):
-            rgb, tissue, lesion = render_slice(rng, look, config.slice_size, stain_style)
             slice_dir = out / "slices" / f"case{case}" / stain
+            if block is not None:
+                rgb, tissue, lesion, landmarks = serial_section(rng, look, stain_style, block, flip=stain != "he")
+                atomic_write_text(slice_dir / f"slice{slice_id}_landmarks.csv", landmarks.to_csv(index=False))
+            else:
+                rgb, tissue, lesion = render_slice(rng, look, config.slice_size, stain_style)
             save_image(rgb, slice_dir / f"slice{slice_id}.png")
             save_image((tissue * 255).astype(np.uint8), slice_dir / f"slice{slice_id}_tissue.png")
             save_image((lesion * 255).astype(np.uint8), slice_dir / f"slice{slice_id}_lesion.png")

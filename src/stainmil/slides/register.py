@@ -1,0 +1,376 @@
+"""Register one serial section to another (an IHC slide to an H&E slide of the same case), coarse to fine, and
+say honestly how well it worked.
+
+Both slides are read as thumbnails at the same scale (``spacing`` µm per pixel) and turned into what the two
+stains share: the **hematoxylin optical density** (colour deconvolution, ``skimage.color.rgb2hed``: IHC
+counterstains nuclei with hematoxylin, as H&E does) inside the tissue mask.
+
+1. **Rigid, with flips** — a section may lie rotated anyhow and either way up. Both tissue masks are reduced to
+   ~128 px; every rotation in 10° steps, with and without a mirror flip, is tried about the masks' centroids and
+   scored by mask overlap and hematoxylin correlation; the best is kept.
+2. **Rigid → affine refinement** (SimpleITK, multi-resolution, Mattes mutual information on the hematoxylin
+   images): corrects the angle and shift to sub-pixel, then shear and scale (sections shrink unevenly).
+3. **Smooth non-rigid** (SimpleITK B-spline, a coarse 6 x 6 mesh, correlation): the elastic stretch of a
+   section on the glass.
+
+SimpleITK was chosen over scikit-image (no mutual-information or B-spline registration of its own) and
+itk-elastix (the same ITK underneath, a 10x larger install); measured on the synthetic serial sections, see
+docs/registration.md.
+
+The transform is kept in level-0 µm in both directions (:class:`PairTransform`)::
+
+    fixed -> moving:  p_m = A (p_f + u(p_f))        moving -> fixed:  p_f = q + v(q),  q = A^-1 p_m
+
+``A`` (3, 3) affine (with the flip), ``u`` and ``v`` (2, H, W) displacement fields on the fixed thumbnail grid
+(µm), ``v`` the inverse of ``u``.
+
+Quality (:class:`PairQuality`), measured after alignment on the fixed grid: tissue-mask overlap (Dice),
+hematoxylin correlation (Pearson, smoothed, over the tissue of both), an error estimate from matched features
+(ORB keypoints on both hematoxylin images; median distance of the mutually matched pairs that agree, in µm),
+and a verdict ``aligned | doubtful | failed`` with its reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+from skimage.color import rgb2hed
+from skimage.feature import ORB, match_descriptors
+
+from stainmil.slides.reader import Slide
+from stainmil.slides.tissue import tissue_mask
+
+COARSE_PX = 128
+MIN_TISSUE_PX = 50  # a thumbnail with less tissue than this is empty glass
+# verdict thresholds (see docs/registration.md for how they were chosen)
+ALIGNED = {"dice": 0.85, "outline": 0.02, "scale": 1.08, "feature_error_um": 60.0}
+FAILED = {"dice": 0.60, "outline": 0.03, "scale": 1.15}
+
+
+@dataclass
+class Section:
+    """One slide at the registration scale: RGB thumbnail, hematoxylin OD (0 off tissue), tissue mask."""
+
+    rgb: np.ndarray
+    hematoxylin: np.ndarray  # (H, W) float32
+    tissue: np.ndarray       # (H, W) bool
+    spacing: float           # µm per thumbnail pixel
+
+
+def read_section(path: str | Path, spacing: float) -> Section:
+    """A slide's thumbnail at ``spacing`` µm/px and what registration needs of it."""
+    slide = Slide(path)
+    try:
+        mpp = slide.mpp
+        if not mpp:
+            raise ValueError(f"{path} records no µm per pixel; registration needs the scale (set tile.slide_mpp)")
+        rgb = slide.thumbnail(spacing / mpp)
+    finally:
+        slide.close()
+    tissue = tissue_mask(rgb)
+    hed = np.clip(rgb2hed(rgb), 0, None)
+    h = (hed[..., 0] + hed[..., 2]).astype(np.float32)  # nuclei are blue (H) or brown (DAB, SOX10-positive)
+    h = ndimage.gaussian_filter(h, 1.0) * tissue
+    return Section(rgb, h, tissue, spacing)
+
+
+@dataclass
+class PairTransform:
+    """Moving <-> fixed in level-0 µm (see the module doc)."""
+
+    affine: np.ndarray       # (3, 3) fixed µm -> moving µm (before u)
+    u: np.ndarray            # (2, H, W) µm on the fixed grid: fixed -> moving non-rigid part
+    v: np.ndarray            # (2, H, W) µm on the fixed grid: its inverse
+    spacing: float           # µm per grid pixel
+    flipped: bool
+
+    def _sample(self, grid: np.ndarray, points: np.ndarray) -> np.ndarray:
+        ij = points[:, ::-1].T / self.spacing - 0.5  # (row, col) in grid pixels (pixel centres at (i + ½) s)
+        return np.stack([ndimage.map_coordinates(grid[k], ij, order=1, mode="nearest") for k in (0, 1)], axis=1)
+
+    def fixed_to_moving(self, points_um: np.ndarray) -> np.ndarray:
+        """(N, 2) x, y µm on the fixed slide -> µm on the moving slide."""
+        p = np.asarray(points_um, float)
+        q = p + self._sample(self.u, p)
+        return q @ self.affine[:2, :2].T + self.affine[:2, 2]
+
+    def moving_to_fixed(self, points_um: np.ndarray) -> np.ndarray:
+        """(N, 2) x, y µm on the moving slide -> µm on the fixed slide."""
+        inverse = np.linalg.inv(self.affine)
+        q = np.asarray(points_um, float) @ inverse[:2, :2].T + inverse[:2, 2]
+        return q + self._sample(self.v, q)
+
+
+@dataclass
+class PairQuality:
+    dice: float              # tissue overlap after alignment
+    outline: float           # median outline distance after the rigid fit, as a fraction of the tissue diameter
+    scale: float             # sqrt |det| of the affine: sections of one block keep their size (1.0)
+    h_correlation: float     # nuclear-stain correlation (informative: the optimiser maximised it)
+    feature_error_um: float  # nan when too few features matched
+    matched_features: int
+    verdict: str             # aligned | doubtful | failed
+    reason: str
+
+
+@dataclass
+class PairResult:
+    transform: PairTransform | None
+    quality: PairQuality
+    seconds: float = 0.0
+    stages: dict = field(default_factory=dict)  # score after each stage
+
+
+def _image(array: np.ndarray, spacing: float) -> sitk.Image:
+    image = sitk.GetImageFromArray(array.astype(np.float32))
+    image.SetSpacing((spacing, spacing))
+    image.SetOrigin((spacing / 2, spacing / 2))  # physical = level-0 µm of the pixel's centre
+    return image
+
+
+def _rotate_about(mask: np.ndarray, angle: float, flip: bool, centre_from: np.ndarray, centre_to: np.ndarray,
+                  shape: tuple[int, int]) -> np.ndarray:
+    """Resample ``mask`` rotated by ``angle`` (and mirrored) about its centroid onto the ``centre_to`` point."""
+    c, s = np.cos(angle), np.sin(angle)
+    matrix = np.array([[c, -s], [s, c]]) @ (np.diag([1.0, -1.0]) if flip else np.eye(2))  # (row, col) order
+    offset = centre_from - matrix @ centre_to
+    return ndimage.affine_transform(mask.astype(np.float32), matrix, offset, output_shape=shape, order=1)
+
+
+def _coarse_rigid(fixed: Section, moving: Section) -> tuple[bool, float, float]:
+    """(flip, angle, score) of the best rotation in 10° steps, with and without a mirror flip."""
+    zoom = min(1.0, COARSE_PX / max(*fixed.hematoxylin.shape, *moving.hematoxylin.shape))
+    f_mask = ndimage.zoom(fixed.tissue.astype(np.float32), zoom, order=1)
+    m_mask = ndimage.zoom(moving.tissue.astype(np.float32), zoom, order=1)
+    f_h = ndimage.zoom(fixed.hematoxylin, zoom, order=1)
+    m_h = ndimage.zoom(moving.hematoxylin, zoom, order=1)
+    centre_f = np.array(ndimage.center_of_mass(f_mask))
+    centre_m = np.array(ndimage.center_of_mass(m_mask))
+    best = (False, 0.0, -np.inf)
+    for flip in (False, True):
+        for angle in np.deg2rad(np.arange(0, 360, 10)):
+            mask = _rotate_about(m_mask, angle, flip, centre_m, centre_f, f_mask.shape)
+            h = _rotate_about(m_h, angle, flip, centre_m, centre_f, f_mask.shape)
+            dice = 2 * (mask * f_mask).sum() / (mask.sum() + f_mask.sum() + 1e-9)
+            score = dice + 0.5 * _correlation(f_h, h, (f_mask > 0.5) | (mask > 0.5))
+            if score > best[2]:
+                best = (flip, float(angle), float(score))
+    return best
+
+
+def _correlation(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
+    if where.sum() < 10:
+        return 0.0
+    x, y = a[where].astype(np.float64), b[where].astype(np.float64)
+    if x.std() < 1e-9 or y.std() < 1e-9:
+        return 0.0
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def structure_correlation(fixed_h: np.ndarray, fixed_tissue: np.ndarray, moved_h: np.ndarray,
+                          moved_tissue: np.ndarray, spacing: float, scale_um: float = 10.0) -> float:
+    """Pearson correlation of the two hematoxylin maps at ~``scale_um`` (cell clusters, not single nuclei), each
+    smoothed within its own tissue (normalised convolution: the tissue's edge does not count), over the tissue
+    both share away from its edge."""
+    sigma = max(1.0, scale_um / spacing)
+
+    def inside(h, tissue):
+        weight = ndimage.gaussian_filter(tissue.astype(np.float32), sigma)
+        return ndimage.gaussian_filter(h * tissue, sigma) / np.maximum(weight, 1e-3)
+
+    shared = ndimage.binary_erosion(fixed_tissue & moved_tissue, iterations=int(np.ceil(sigma)))
+    return _correlation(inside(fixed_h, fixed_tissue), inside(moved_h, moved_tissue), shared)
+
+
+def _mirror(section: Section) -> Section:
+    """The section mirrored left-right (the flip is then undone in the transform)."""
+    return Section(section.rgb[:, ::-1], section.hematoxylin[:, ::-1].copy(), section.tissue[:, ::-1].copy(),
+                   section.spacing)
+
+
+def _register(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, metric: str, shrink: list[int],
+              iterations: int, in_place: bool = True, moving_initial: sitk.Transform | None = None) -> sitk.Transform:
+    method = sitk.ImageRegistrationMethod()
+    if metric == "mattes":
+        method.SetMetricAsMattesMutualInformation(32)
+    else:
+        method.SetMetricAsCorrelation()
+    method.SetMetricSamplingStrategy(method.REGULAR)
+    method.SetMetricSamplingPercentage(0.5, seed=0)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=iterations,
+                                                    relaxationFactor=0.6, gradientMagnitudeTolerance=1e-8)
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel(shrink)
+    method.SetSmoothingSigmasPerLevel([max(0, s - 1) for s in shrink])
+    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+    if moving_initial is not None:
+        method.SetMovingInitialTransform(moving_initial)
+    method.SetInitialTransform(initial, inPlace=in_place)
+    return method.Execute(fixed, moving)
+
+
+def _field(transform: sitk.Transform, reference: sitk.Image) -> np.ndarray:
+    """(2, H, W) displacement (µm) of ``transform`` on ``reference``'s grid, x then y."""
+    displacement = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, reference.GetSize(),
+                                                     reference.GetOrigin(), reference.GetSpacing(),
+                                                     reference.GetDirection())
+    return np.moveaxis(sitk.GetArrayFromImage(displacement), -1, 0)
+
+
+def _matrix(transform: sitk.Transform, mirror_width: float | None) -> np.ndarray:
+    """(3, 3) fixed µm -> moving µm of a SimpleITK matrix transform, found on the mirrored moving image when
+    ``mirror_width`` (µm) is given (x' = width - x undone)."""
+    matrix = np.array(transform.GetMatrix()).reshape(2, 2)
+    centre, translation = np.array(transform.GetCenter()), np.array(transform.GetTranslation())
+    a = np.eye(3)
+    a[:2, :2] = matrix
+    a[:2, 2] = translation + centre - matrix @ centre
+    if mirror_width is not None:
+        a = np.array([[-1.0, 0, mirror_width], [0, 1, 0], [0, 0, 1]]) @ a
+    return a
+
+
+def outline_distance(fixed_tissue: np.ndarray, moved_tissue: np.ndarray) -> float:
+    """Median distance between the two tissue outlines, as a fraction of the fixed tissue's diameter (robust to
+    a torn-off piece: the median ignores a minority of the outline)."""
+    def edge(mask):
+        return mask & ~ndimage.binary_erosion(mask)
+
+    a, b = edge(fixed_tissue), edge(moved_tissue)
+    if not a.any() or not b.any():
+        return 1.0
+    distances = np.r_[ndimage.distance_transform_edt(~b)[a], ndimage.distance_transform_edt(~a)[b]]
+    diameter = 2 * np.sqrt(fixed_tissue.sum() / np.pi)
+    return float(np.median(distances) / diameter)
+
+
+def _invert(u: np.ndarray, spacing: float, iterations: int = 25) -> np.ndarray:
+    """v with v(q) = -u(q + v(q)): the inverse of a smooth displacement field (fixed-point iteration)."""
+    h, w = u.shape[1:]
+    rows, cols = np.mgrid[0:h, 0:w].astype(float)
+    v = -u.copy()
+    for _ in range(iterations):
+        at = [rows + v[1] / spacing, cols + v[0] / spacing]
+        v = -np.stack([ndimage.map_coordinates(u[k], at, order=1, mode="nearest") for k in (0, 1)])
+    return v
+
+
+def _warp(section: Section, transform: PairTransform, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The moving section's hematoxylin and tissue resampled onto the fixed grid (``shape``)."""
+    h, w = shape
+    rows, cols = np.mgrid[0:h, 0:w].astype(float)
+    points = (np.stack([cols.ravel(), rows.ravel()], axis=1) + 0.5) * transform.spacing
+    moved = transform.fixed_to_moving(points) / section.spacing - 0.5  # moving thumbnail px (x, y)
+    at = [moved[:, 1], moved[:, 0]]
+    hema = ndimage.map_coordinates(section.hematoxylin, at, order=1, mode="constant").reshape(h, w)
+    tissue = ndimage.map_coordinates(section.tissue.astype(np.float32), at, order=1, mode="constant").reshape(h, w)
+    return hema, tissue > 0.5
+
+
+def feature_error(fixed_h: np.ndarray, moved_h: np.ndarray, spacing: float) -> tuple[float, int]:
+    """(median distance in µm of mutually matched ORB keypoints that agree, how many) between two aligned
+    hematoxylin images; (nan, n) when fewer than 8 agree."""
+    def keypoints(image):
+        scaled = image / (np.percentile(image[image > 0], 99) if (image > 0).any() else 1.0)
+        orb = ORB(n_keypoints=300, fast_threshold=0.05)
+        try:
+            orb.detect_and_extract(np.clip(scaled, 0, 1))
+        except RuntimeError:  # no keypoint at all
+            return np.zeros((0, 2)), np.zeros((0, 256), bool)
+        return orb.keypoints, orb.descriptors
+
+    (kf, df), (km, dm) = keypoints(fixed_h), keypoints(moved_h)
+    if len(kf) < 8 or len(km) < 8:
+        return float("nan"), 0
+    matches = match_descriptors(df, dm, cross_check=True, max_ratio=0.85)
+    if len(matches) == 0:
+        return float("nan"), 0
+    distance = np.linalg.norm(kf[matches[:, 0]] - km[matches[:, 1]], axis=1) * spacing
+    agreeing = distance[distance < 150.0]  # matches further apart than this are wrong matches, not error
+    if len(agreeing) < 8:
+        return float("nan"), int(len(agreeing))
+    return float(np.median(agreeing)), int(len(agreeing))
+
+
+def verdict(dice: float, outline: float, scale: float, error: float) -> tuple[str, str]:
+    """aligned | doubtful | failed, and why (thresholds: ALIGNED, FAILED)."""
+    if outline > FAILED["outline"]:
+        return "failed", (f"the tissue outlines differ ({outline:.3f} of the diameter apart after a rigid fit, > "
+                          f"{FAILED['outline']}): not sections of one block?")
+    if abs(np.log(scale)) > np.log(FAILED["scale"]):
+        return "failed", f"the fit needs a {scale:.2f}x scale change (sections of one block keep their size)"
+    if dice < FAILED["dice"]:
+        return "failed", f"tissue overlap {dice:.2f} < {FAILED['dice']} after alignment"
+    weak = []
+    if outline > ALIGNED["outline"]:
+        weak.append(f"outlines {outline:.3f} of the diameter apart > {ALIGNED['outline']}")
+    if dice < ALIGNED["dice"]:
+        weak.append(f"tissue overlap {dice:.2f} < {ALIGNED['dice']}")
+    if abs(np.log(scale)) > np.log(ALIGNED["scale"]):
+        weak.append(f"scale change {scale:.2f}x")
+    if np.isfinite(error) and error > ALIGNED["feature_error_um"]:
+        weak.append(f"matched features {error:.0f} µm apart > {ALIGNED['feature_error_um']:.0f} µm")
+    return ("doubtful", "; ".join(weak)) if weak else ("aligned", "outlines, overlap and scale agree")
+
+
+def register_sections(fixed: Section, moving: Section, nonrigid: bool = True) -> PairResult:
+    """Register ``moving`` onto ``fixed`` (same spacing); never raises on bad tissue: the verdict says it."""
+    import time
+
+    started = time.perf_counter()
+    for name, section in (("fixed", fixed), ("moving", moving)):
+        if section.tissue.sum() < MIN_TISSUE_PX:
+            return PairResult(None, PairQuality(0.0, 1.0, 1.0, 0.0, float("nan"), 0, "failed",
+                                                f"no tissue on the {name} slide (empty glass?)"),
+                              time.perf_counter() - started)
+    flip, angle, coarse = _coarse_rigid(fixed, moving)
+    source = _mirror(moving) if flip else moving
+    spacing = fixed.spacing
+    f_img, m_img = _image(fixed.hematoxylin, spacing), _image(source.hematoxylin, spacing)
+    centre_f = (np.array(ndimage.center_of_mass(fixed.tissue))[::-1] + 0.5) * spacing
+    centre_m = (np.array(ndimage.center_of_mass(source.tissue))[::-1] + 0.5) * spacing
+    # the coarse search's map, fixed -> moving in (row, col): R(angle) F (o - c_f) + c_m; in (x, y) that rotation
+    # is R(-angle), and on the mirrored moving image the mirror conjugates it to R(+angle)
+    rigid = sitk.Euler2DTransform(tuple(centre_f), angle if flip else -angle, tuple(centre_m - centre_f))
+    rigid = _register(f_img, m_img, rigid, "mattes", [4, 2, 1], 200)
+    h, w = fixed.hematoxylin.shape
+    mirror_width = moving.tissue.shape[1] * moving.spacing if flip else None
+    # the outline test: sections of one block are congruent up to a small stretch, so after the *rigid* fit their
+    # outlines agree; another block's outline can only be forced on by scaling and shearing
+    rigid_only = PairTransform(_matrix(rigid, mirror_width), np.zeros((2, h, w)), np.zeros((2, h, w)), spacing, flip)
+    outline = outline_distance(fixed.tissue, _warp(moving, rigid_only, (h, w))[1])
+    affine = sitk.AffineTransform(2)
+    affine.SetMatrix(rigid.GetMatrix())
+    affine.SetTranslation(rigid.GetTranslation())
+    affine.SetCenter(rigid.GetCenter())
+    affine = _register(f_img, m_img, affine, "mattes", [2, 1], 200)
+    a = _matrix(affine, mirror_width)
+    scale = float(np.sqrt(abs(np.linalg.det(a[:2, :2]))))
+    u = np.zeros((2, h, w))
+    if nonrigid:
+        mesh = sitk.BSplineTransformInitializer(f_img, [6, 6], order=3)
+        try:
+            bspline = _register(f_img, m_img, mesh, "correlation", [2, 1], 60, moving_initial=affine)
+            u = _field(bspline, f_img)
+        except RuntimeError:  # the optimiser left the image: keep the affine result
+            u = np.zeros((2, h, w))
+    transform = PairTransform(a, u, _invert(u, spacing), spacing, flip)
+    moved_h, moved_tissue = _warp(moving, transform, (h, w))
+    dice = float(2 * (moved_tissue & fixed.tissue).sum() / (moved_tissue.sum() + fixed.tissue.sum() + 1e-9))
+    correlation = structure_correlation(fixed.hematoxylin, fixed.tissue, moved_h, moved_tissue, spacing)
+    error, matched = feature_error(fixed.hematoxylin, moved_h, spacing)
+    label, reason = verdict(dice, outline, scale, error)
+    quality = PairQuality(round(dice, 4), round(outline, 4), round(scale, 4), round(correlation, 4), error, matched,
+                          label, reason)
+    return PairResult(transform, quality, time.perf_counter() - started, {"coarse_score": round(coarse, 3)})
+
+
+def quality_dict(quality: PairQuality) -> dict:
+    out = asdict(quality)
+    out["feature_error_um"] = None if not np.isfinite(quality.feature_error_um) else round(quality.feature_error_um, 1)
+    return out
