@@ -73,6 +73,16 @@ def slide_cohort(tiny_cohort) -> Path:
     return tiny_cohort
 
 
+@pytest.fixture(scope="session")
+def serial_cohort(tmp_path_factory) -> Path:
+    """serial-tiny: 6 cases, every stain a section of one block (known landmarks), as 0.25 µm/px TIFF slides."""
+    from stainmil.data.synth import write_slides
+
+    cohort = write_cohort(tmp_path_factory.mktemp("serial") / "serial", PRESETS["serial-tiny"], workers=1)
+    write_slides(cohort, mpp=0.5, upsample=2, tile=64)
+    return cohort
+
+
 def slide_config(cohort: Path, work: Path, *overrides: str) -> Config:
     """The slide route on ``slide_cohort``: tile at 0.5 µm/px into ``work``, tiny-model settings."""
     return tiny_config(cohort, work, "data.source=slides", f"tile.slices_dir={cohort / 'slides'}",

@@ -296,6 +296,18 @@ def tile(config: ConfigOpt = None, set_: SetOpt = None) -> None:
                      "; PNG patches written (next: stainmil index with data.patches_dir set to that folder)"))
 
 
+@app.command()
+@friendly
+def register(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Register every IHC slice of a case to an H&E slice of the same case (after `tile`): transforms in µm both
+    ways, and a verdict (aligned | doubtful | failed) with its reason per pair. Resumable."""
+    from stainmil.data.registration import register_cohort
+
+    result = register_cohort(load_config(config, set_))
+    console.print((result.out_dir / "register_report.txt").read_text(), highlight=False)
+    console.print(f"{len(result.table)} slices registered; transforms and report in [bold]{result.out_dir}[/]")
+
+
 @app.command("import-features")
 @friendly
 def import_features_cmd(

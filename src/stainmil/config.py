@@ -357,6 +357,19 @@ class SlurmConfig:
 
 
 @dataclass
+class RegisterConfig:
+    reference_stain: str = _help("Stain every other stain of a case is registered to (canonical name).",
+                                 default="he")
+    max_side: int = _help("Longest side (px) of the thumbnails registered; their scale is the coarser of this and "
+                          "the slide's level 0 (raise it for whole slides: 2048 px of a 20 mm section = 10 µm/px).",
+                          default=384)
+    nonrigid: bool = _help("After the affine fit, a smooth B-spline stage (the sections' elastic stretch).",
+                           default=True)
+    out_dir: str = _help("Where transforms and register_report go; empty = <tile.out_dir>/registration.",
+                         default="")
+
+
+@dataclass
 class TuneConfig:
     trials: int = _help("Trials to add to the study.", default=50)
     study_name: str = _help("Optuna study name.", default="stainmil")
@@ -387,6 +400,7 @@ class Config:
     tile: TileConfig = field(default_factory=TileConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
 
     # ---- derived locations -------------------------------------------------------------
     @property

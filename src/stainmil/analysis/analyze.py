@@ -7,6 +7,7 @@
     attention_along_slices.png
     patches/case<id>.jpg                         top and bottom patches per case
     heatmaps/case<id>_<stain>_slice<id>_attention.jpg / _patchprob.jpg / _slice.jpg (the viewer's image)
+    colocated.csv  colocated_cases.csv           after `stainmil register`: IHC attention on the H&E patches
 
 The same code writes the analysis of a prediction set (new, unlabelled cases) under its own folder.
 """
@@ -20,8 +21,10 @@ import pandas as pd
 
 from stainmil.analysis import figures
 from stainmil.analysis.attention import AttentionTables, analyze_tables
+from stainmil.analysis.colocated import colocated_tables
 from stainmil.analysis.heatmaps import SliceView, draw_heatmap, slice_view
 from stainmil.config import Config
+from stainmil.data.registration import registration_dir
 from stainmil.io import atomic_write, atomic_write_json, atomic_write_text, safe_name, save_image
 from stainmil.progress import progress_bar
 
@@ -100,6 +103,14 @@ def write_tables(out: Path, tables: AttentionTables, config: Config) -> Analysis
                                                           out / "slice_attention_misclassified.png")
     if misclassified:
         made["slices_misclassified"] = misclassified
+    registrations = registration_dir(config) / "registrations.csv"
+    if registrations.is_file():  # `stainmil register` ran: attention where the stains meet
+        per_patch, per_case = colocated_tables(
+            tables.patches, pd.read_csv(registrations, dtype={"case": str, "slice": str, "fixed_slice": str}),
+            config.register.reference_stain)
+        for name, frame in (("colocated", per_patch), ("colocated_cases", per_case)):
+            if len(frame):
+                atomic_write(out / f"{name}.csv", lambda tmp, frame=frame: frame.to_csv(tmp, index=False))
     heatmaps, grids, views = _case_images(tables, config, out)
     return AnalysisResult(out, tables, heatmaps, grids, made, views)
 

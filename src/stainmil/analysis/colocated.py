@@ -1,0 +1,88 @@
+"""Attention where the stains meet: each IHC patch mapped through its slice's registration onto the H&E slice,
+and the H&E patch it lands on (``stainmil register`` first; only pairs whose verdict is ``aligned`` are used —
+``doubtful`` and ``failed`` pairs are listed, not mapped).
+
+``attention/colocated.csv`` — one row per H&E patch of a registered slice::
+
+    case, slice, patch, x, y, relative_attention, patch_prob        the H&E patch
+    <stain>_patches, <stain>_relative_attention, <stain>_patch_prob  the IHC patches landing on it (count, means)
+
+``attention/colocated_cases.csv`` — per case and IHC stain: the pair's verdict, the share of the stain's
+attention that lands on H&E patches (``landed``), and ``overlap``: the attention both put on the same tissue
+(the sum over H&E patches of the smaller of the two attention shares, each normalised over the landed patches:
+1 = the two stains attend to the same places in the same proportions, 0 = to different places).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stainmil.data.registration import read_pair
+
+
+def _grid_step(values: np.ndarray, size0: float) -> float:
+    steps = np.diff(np.unique(values))
+    return float(steps.min()) if len(steps) else float(size0)
+
+
+def map_patches(ihc: pd.DataFrame, he: pd.DataFrame, transform_file: str | Path) -> np.ndarray:
+    """For each IHC patch (rows of a patch table), the row position in ``he`` of the H&E patch its centre lands
+    on, or -1 (off the H&E patches)."""
+    transform, attrs = read_pair(transform_file)
+    size_ihc = ihc["size0"].to_numpy(float)
+    centres = (ihc[["x", "y"]].to_numpy(float) + size_ihc[:, None] / 2) * float(attrs["moving_mpp"])  # µm
+    landed = transform.moving_to_fixed(centres) / float(attrs["fixed_mpp"])  # H&E level-0 px
+    size0 = float(he["size0"].iloc[0])
+    step_x, step_y = _grid_step(he["x"].to_numpy(), size0), _grid_step(he["y"].to_numpy(), size0)
+    origin_x, origin_y = he["x"].min() % step_x, he["y"].min() % step_y
+    corners = {(int(x), int(y)): i for i, (x, y) in enumerate(he[["x", "y"]].to_numpy())}
+    out = np.full(len(ihc), -1, dtype=np.int64)
+    for k, (px, py) in enumerate(landed):
+        cx = origin_x + np.floor((px - origin_x) / step_x) * step_x
+        cy = origin_y + np.floor((py - origin_y) / step_y) * step_y
+        hit = corners.get((int(round(cx)), int(round(cy))))
+        if hit is not None and px < cx + size0 and py < cy + size0:
+            out[k] = hit
+    return out
+
+
+def colocated_tables(patches: pd.DataFrame, registrations: pd.DataFrame, reference: str = "he"
+                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per H&E patch, per case and stain) tables (see the module doc) of an attention patch table."""
+    if "size0" not in patches.columns:
+        return pd.DataFrame(), pd.DataFrame()
+    keyed = {k: part.reset_index(drop=True) for k, part in patches.groupby(["case", "stain", "slice"], sort=False)}
+    per_patch: dict[tuple, pd.DataFrame] = {}
+    cases = []
+    for reg in registrations.itertuples(index=False):
+        case, stain, slice_id = str(reg.case), str(reg.stain), str(reg.slice)
+        he_key, ihc_key = (case, reference, str(reg.fixed_slice)), (case, stain, slice_id)
+        if he_key not in keyed or ihc_key not in keyed:
+            continue  # not in this analysis's split
+        row = {"case": case, "stain": stain, "slice": slice_id, "he_slice": he_key[2], "verdict": reg.verdict}
+        if reg.verdict != "aligned":
+            cases.append({**row, "landed": np.nan, "overlap": np.nan})
+            continue
+        he, ihc = keyed[he_key], keyed[ihc_key]
+        hits = map_patches(ihc, he, reg.transform)
+        table = per_patch.setdefault(he_key, he[["case", "slice", "patch", "x", "y", "relative_attention",
+                                                 "patch_prob"]].copy())
+        on = hits >= 0
+        grouped = pd.DataFrame({"hit": hits[on], "relative_attention": ihc["relative_attention"].to_numpy()[on],
+                                "patch_prob": ihc["patch_prob"].to_numpy()[on]}).groupby("hit")
+        table[f"{stain}_patches"] = grouped.size().reindex(range(len(he)), fill_value=0).to_numpy()
+        for column in ("relative_attention", "patch_prob"):
+            table[f"{stain}_{column}"] = grouped[column].mean().reindex(range(len(he))).to_numpy()
+        mass = ihc["effective_attention"].to_numpy(float)
+        landed_mass = np.bincount(hits[on], weights=mass[on], minlength=len(he))
+        he_mass = he["effective_attention"].to_numpy(float)
+        share = landed_mass / landed_mass.sum() if landed_mass.sum() > 0 else landed_mass
+        overlap = float(np.minimum(share, he_mass / he_mass.sum()).sum()) if he_mass.sum() > 0 else np.nan
+        cases.append({**row, "landed": float(mass[on].sum() / mass.sum()) if mass.sum() > 0 else np.nan,
+                      "overlap": overlap})
+    frames = [frame.assign(stain=reference) for frame in per_patch.values()]
+    per_patch_table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return per_patch_table, pd.DataFrame(cases)

@@ -1,0 +1,206 @@
+"""``stainmil register``: every IHC slice of a case registered to an H&E slice of the same case (after ``tile``).
+
+For each case, each slice of another stain is registered to each slice of ``register.reference_stain``
+(:func:`stainmil.slides.register.register_sections`); the best-matching one is kept (verdict first, then tissue
+overlap) and the choice recorded. Output in ``register.out_dir`` (default ``<tile.out_dir>/registration``)::
+
+    transforms/<moving stem>__to__<fixed stem>.h5   one per registered pair (layout below)
+    registrations.csv                               one row per IHC slice: its H&E slice, verdict, quality
+    register_report.txt/.json                       every pair, its verdict and reason; every failure named
+
+Transform file (level-0 µm of each slide; µm = level-0 px x the slide's µm/px)::
+
+    affine          (3, 3)     fixed µm -> moving µm, before the non-rigid part (a mirror flip included)
+    u, v            (2, H, W)  displacement (x, y) in µm on the fixed grid: p_m = affine (p_f + u(p_f));
+                               p_f = q + v(q) with q = affine^-1 p_m
+    attrs           spacing_um (grid pixel), flipped, fixed_slide, moving_slide, fixed_mpp, moving_mpp, case,
+                    fixed_stain/slice, moving_stain/slice, verdict, reason, dice, outline, scale,
+                    h_correlation, feature_error_um, seconds
+
+A pair whose file exists is done: re-running resumes. A pair that raises (an unreadable slide) is named in the
+report with its error; the others go on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from stainmil.config import Config
+from stainmil.data.tiling import load_tiles
+from stainmil.errors import DataError
+from stainmil.io import atomic_path, atomic_write, atomic_write_json, atomic_write_text, safe_name
+from stainmil.progress import progress_bar
+from stainmil.slides.reader import Slide, UnreadableSlide
+from stainmil.slides.register import PairTransform, quality_dict, read_section, register_sections
+
+VERDICT_RANK = {"aligned": 0, "doubtful": 1, "failed": 2}
+
+
+@dataclass
+class SlideRef:
+    case: str
+    stain: str
+    slice: str
+    path: str
+
+    @property
+    def stem(self) -> str:
+        return f"case{safe_name(self.case)}_{safe_name(self.stain)}_slice{safe_name(self.slice)}"
+
+
+@dataclass
+class RegisterResult:
+    out_dir: Path
+    table: pd.DataFrame                  # one row per IHC slice (its chosen H&E slice)
+    pairs: list[dict]                    # every pair tried
+    errors: dict[str, str] = field(default_factory=dict)  # pair -> why it could not be registered
+
+
+def registration_dir(config: Config) -> Path:
+    return Path(config.register.out_dir) if config.register.out_dir else Path(config.tile.out_dir) / "registration"
+
+
+def transform_file(out: Path, moving: SlideRef, fixed: SlideRef) -> Path:
+    return out / "transforms" / f"{moving.stem}__to__{fixed.stem}.h5"
+
+
+def write_pair(path: Path, transform: PairTransform | None, attrs: dict) -> None:
+    """One pair's transform (or only its verdict, when it failed before one existed) atomically."""
+    with atomic_path(path, suffix=".h5") as tmp:
+        with h5py.File(tmp, "w") as h5:
+            if transform is not None:
+                h5.create_dataset("affine", data=transform.affine)
+                h5.create_dataset("u", data=transform.u.astype(np.float32), compression="gzip")
+                h5.create_dataset("v", data=transform.v.astype(np.float32), compression="gzip")
+                attrs = {**attrs, "spacing_um": transform.spacing, "flipped": transform.flipped}
+            for key, value in attrs.items():
+                h5.attrs[key] = "" if value is None else value
+
+
+def read_pair(path: str | Path) -> tuple[PairTransform | None, dict]:
+    """(transform or None, attrs) of a transform file."""
+    with h5py.File(path, "r") as h5:
+        attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in h5.attrs.items()}
+        if "affine" not in h5:
+            return None, attrs
+        transform = PairTransform(h5["affine"][()], h5["u"][()].astype(np.float64), h5["v"][()].astype(np.float64),
+                                  float(attrs["spacing_um"]), bool(attrs["flipped"]))
+    return transform, attrs
+
+
+def _slides(config: Config) -> dict[str, list[SlideRef]]:
+    tiles, _ = load_tiles(config)
+    firsts = tiles.drop_duplicates(["case", "stain", "slice"])
+    by_case: dict[str, list[SlideRef]] = {}
+    for row in firsts.itertuples(index=False):
+        by_case.setdefault(str(row.case), []).append(SlideRef(str(row.case), str(row.stain), str(row.slice),
+                                                              str(row.slide)))
+    return by_case
+
+
+def _mpp(path: str) -> float:
+    slide = Slide(path)
+    try:
+        if not slide.mpp:
+            raise DataError(f"{path} records no µm per pixel; registration needs the scale")
+        return float(slide.mpp)
+    finally:
+        slide.close()
+
+
+def _extent_um(path: str) -> float:
+    slide = Slide(path)
+    try:
+        return max(slide.dimensions) * float(slide.mpp or 0)
+    finally:
+        slide.close()
+
+
+def _register_pair(moving: SlideRef, fixed: SlideRef, config: Config, path: Path) -> dict:
+    """Register (or read back, when its file exists) one pair; its row."""
+    if not path.is_file():
+        mpps = {"fixed_mpp": _mpp(fixed.path), "moving_mpp": _mpp(moving.path)}
+        extent = max(_extent_um(fixed.path), _extent_um(moving.path))
+        spacing = max(mpps["fixed_mpp"], mpps["moving_mpp"], extent / config.register.max_side)
+        result = register_sections(read_section(fixed.path, spacing), read_section(moving.path, spacing),
+                                   nonrigid=config.register.nonrigid)
+        write_pair(path, result.transform, {
+            "case": moving.case, "fixed_slide": fixed.path, "moving_slide": moving.path, **mpps,
+            "fixed_stain": fixed.stain, "fixed_slice": fixed.slice, "moving_stain": moving.stain,
+            "moving_slice": moving.slice, **quality_dict(result.quality), "seconds": round(result.seconds, 2)})
+    _, attrs = read_pair(path)
+    return {"case": moving.case, "stain": moving.stain, "slice": moving.slice, "fixed_stain": fixed.stain,
+            "fixed_slice": fixed.slice, **{k: (None if attrs.get(k) == "" else attrs.get(k)) for k in (
+                "verdict", "reason", "dice", "outline", "scale", "h_correlation", "feature_error_um",
+                "matched_features", "seconds")},
+            "transform": str(path)}
+
+
+def register_cohort(config: Config) -> RegisterResult:
+    """Register every non-reference slice of every case to its best reference slice (see the module doc)."""
+    reference = config.register.reference_stain
+    out = registration_dir(config)
+    by_case = _slides(config)
+    jobs = []
+    errors: dict[str, str] = {}
+    for case, slides in by_case.items():
+        fixed = [s for s in slides if s.stain == reference]
+        for moving in (s for s in slides if s.stain != reference):
+            if not fixed:
+                errors[f"case {case} {moving.stain} slice {moving.slice}"] = f"case {case} has no {reference} slice"
+                continue
+            jobs.append((moving, fixed))
+    if not jobs and not errors:
+        raise DataError(f"nothing to register in {config.tile.out_dir}: no case has a {reference} slice and another "
+                        "stain; run `stainmil tile` first, or set register.reference_stain.")
+    pairs, chosen = [], []
+    with progress_bar("register: pairs", total=sum(len(f) for _, f in jobs)) as advance:
+        for moving, fixed_slides in jobs:
+            rows = []
+            for fixed in fixed_slides:
+                name = f"case {moving.case} {moving.stain} slice {moving.slice} -> {fixed.stain} slice {fixed.slice}"
+                try:
+                    rows.append(_register_pair(moving, fixed, config, transform_file(out, moving, fixed)))
+                except (UnreadableSlide, DataError, OSError, ValueError, RuntimeError) as exc:
+                    errors[name] = f"{type(exc).__name__}: {exc}"
+                advance()
+            pairs.extend(rows)
+            if rows:
+                best = min(rows, key=lambda r: (VERDICT_RANK.get(r["verdict"], 3), -(r["dice"] or 0)))
+                chosen.append({**best, "candidates": len(rows)})
+    table = pd.DataFrame(chosen, columns=["case", "stain", "slice", "fixed_stain", "fixed_slice", "verdict",
+                                          "reason", "dice", "outline", "scale", "h_correlation",
+                                          "feature_error_um", "matched_features", "seconds", "transform",
+                                          "candidates"])
+    result = RegisterResult(out, table, pairs, errors)
+    atomic_write(out / "registrations.csv", lambda tmp: table.to_csv(tmp, index=False))
+    counts = table["verdict"].value_counts().to_dict() if len(table) else {}
+    atomic_write_json(out / "register_report.json", {"reference_stain": reference, "verdicts": counts,
+                                                     "chosen": chosen, "pairs": pairs, "errors": errors})
+    atomic_write_text(out / "register_report.txt", report_text(result, reference))
+    return result
+
+
+def report_text(result: RegisterResult, reference: str) -> str:
+    table = result.table
+    counts = table["verdict"].value_counts().to_dict() if len(table) else {}
+    lines = ["stainmil registration report", f"reference stain : {reference}",
+             f"slices registered: {len(table)}  " + "  ".join(f"{k}: {v}" for k, v in sorted(counts.items())),
+             f"pairs tried      : {len(result.pairs)}"]
+    if result.errors:
+        lines.append(f"not registered   : {len(result.errors)}")
+        lines += [f"  {name}: {why}" for name, why in result.errors.items()]
+    lines += ["", "per slice (case, stain, slice -> reference slice, verdict, overlap, outline, scale, feature error "
+              "µm, s; reason):"]
+    for r in table.itertuples(index=False):
+        error = "-" if r.feature_error_um is None or math.isnan(float(r.feature_error_um)) else \
+            f"{float(r.feature_error_um):.0f}"
+        lines.append(f"  {r.case} {r.stain} {r.slice} -> {r.fixed_slice}  {r.verdict:<8} {float(r.dice):.2f} "
+                     f"{float(r.outline):.3f} {float(r.scale):.2f} {error} {float(r.seconds):.1f}s; {r.reason}")
+    return "\n".join(lines) + "\n"
