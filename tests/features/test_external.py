@@ -103,13 +103,17 @@ def test_trident_import_links_every_good_slide_and_names_the_bad(trident_import,
         check_store(result.store_dir, config, extracting=True)
 
 
-def test_import_resumes_without_rewriting(trident_import):
+def test_import_resumes_without_rewriting(trident_import, tmp_path):
     root, config, result = trident_import
     before = {p: os.lstat(p).st_ino for p in result.store_dir.rglob("*.h5")}
     again = import_features(config, root / "job")
     assert {p: os.lstat(p).st_ino for p in again.store_dir.rglob("*.h5")} == before
     pd.testing.assert_frame_equal(again.index.manifest, result.index.manifest)
     assert {s["store"] for s in again.slides} == {"kept"}
+    other = copy.deepcopy(config)  # another source folder never resumes this store
+    shutil.copytree(root / "job", tmp_path / "other", symlinks=True)
+    with pytest.raises(DataError, match="imported from"):
+        import_features(other, tmp_path / "other")
 
 
 @pytest.mark.slow
@@ -149,19 +153,29 @@ def test_imported_features_train_analyze_report_qupath_and_predict(trident_impor
 def test_clam_h5_and_pt_files_import_with_coordinates_from_patches(prepared, tmp_path):
     slides = store_slides(prepared)
     names = sorted(slides)
-    # half the slides as h5_files, the other half only as pt_files (coordinates from create_patches' patches/)
-    write_clam(tmp_path / "clam", tmp_path / "clam" / "feats", {n: slides[n] for n in names[:12]}, patch_size=16,
-               patch_level=1, downsample=2.0, pt=False)
-    write_clam(tmp_path / "clam", tmp_path / "clam" / "feats", {n: slides[n] for n in names[12:]}, patch_size=16,
-               patch_level=1, downsample=2.0, h5=False)
+    # 12 slides as CLAM writes them (h5 + pt), 11 with only pt_files kept (coordinates from create_patches'
+    # patches/), 1 whose .pt is missing (extraction still running or killed: incomplete)
+    kw = {"patch_size": 16, "patch_level": 1, "downsample": 2.0}
+    write_clam(tmp_path / "clam", tmp_path / "clam" / "feats", {n: slides[n] for n in names[:12]}, **kw)
+    write_clam(tmp_path / "clam", tmp_path / "clam" / "feats", {n: slides[n] for n in names[12:23]}, h5=False, **kw)
+    write_clam(tmp_path / "clam", tmp_path / "clam" / "feats", {names[23]: slides[names[23]]}, pt=False, **kw)
     config = import_config(prepared, tmp_path / "work")
     source = find_source(tmp_path / "clam" / "feats", encoder="resnet50_trunc")
-    assert source.format == "clam" and len(source.slides) == 24
+    assert source.format == "clam" and len(source.slides) == 23 and source.incomplete == [names[23]]
     result = import_features(config, tmp_path / "clam" / "feats" / "pt_files", encoder="resnet50_trunc")
-    assert not result.skipped and result.meta.backbone == "resnet50_trunc"
+    assert result.skipped == {external.INCOMPLETE: [names[23]]} and result.meta.backbone == "resnet50_trunc"
     assert {s["store"] for s in result.slides} == {"linked", "copied"}
     assert all(s["patch_size_level0"] == 32 for s in result.slides)  # patch_size x downsample
-    assert same_features(prepared, result.index.manifest, result.store_dir)  # float32 copies of fp16 features
+    manifest = result.index.manifest
+    kept = load_manifest(prepared)
+    kept = kept[~(kept["case"] + kept["stain"] + kept["slice"]).isin(
+        ["".join(names[23].replace("case", "").replace("slice", "").split("_"))])]
+    assert len(manifest) == len(kept)
+    original = load_features(prepared.store_dir, kept)
+    key = ["case", "stain", "slice", "x", "y"]
+    joined = manifest.reset_index().merge(kept.reset_index(drop=True).reset_index(), on=key)
+    assert np.array_equal(load_features(result.store_dir, manifest)[joined["index_x"]].astype(np.float32),
+                          original[joined["index_y"]].astype(np.float32))  # float32 copies of fp16 features
 
 
 def test_folder_errors_are_named(prepared, tmp_path):

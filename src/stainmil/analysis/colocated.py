@@ -56,6 +56,7 @@ def colocated_tables(patches: pd.DataFrame, registrations: pd.DataFrame, referen
         return pd.DataFrame(), pd.DataFrame()
     keyed = {k: part.reset_index(drop=True) for k, part in patches.groupby(["case", "stain", "slice"], sort=False)}
     per_patch: dict[tuple, pd.DataFrame] = {}
+    landing: dict[tuple, np.ndarray] = {}  # (H&E slice, stain) -> (count, sum of relative attention, sum of P)
     cases = []
     for reg in registrations.itertuples(index=False):
         case, stain, slice_id = str(reg.case), str(reg.stain), str(reg.slice)
@@ -68,14 +69,13 @@ def colocated_tables(patches: pd.DataFrame, registrations: pd.DataFrame, referen
             continue
         he, ihc = keyed[he_key], keyed[ihc_key]
         hits = map_patches(ihc, he, reg.transform)
-        table = per_patch.setdefault(he_key, he[["case", "slice", "patch", "x", "y", "relative_attention",
-                                                 "patch_prob"]].copy())
+        per_patch.setdefault(he_key, he[["case", "slice", "patch", "x", "y", "relative_attention", "patch_prob"]])
         on = hits >= 0
-        grouped = pd.DataFrame({"hit": hits[on], "relative_attention": ihc["relative_attention"].to_numpy()[on],
-                                "patch_prob": ihc["patch_prob"].to_numpy()[on]}).groupby("hit")
-        table[f"{stain}_patches"] = grouped.size().reindex(range(len(he)), fill_value=0).to_numpy()
-        for column in ("relative_attention", "patch_prob"):
-            table[f"{stain}_{column}"] = grouped[column].mean().reindex(range(len(he))).to_numpy()
+        # several slices of one stain may land on one H&E slice: counts and sums add up, means come at the end
+        sums = landing.setdefault((he_key, stain), np.zeros((3, len(he))))
+        sums[0] += np.bincount(hits[on], minlength=len(he))
+        sums[1] += np.bincount(hits[on], weights=ihc["relative_attention"].to_numpy(float)[on], minlength=len(he))
+        sums[2] += np.bincount(hits[on], weights=ihc["patch_prob"].to_numpy(float)[on], minlength=len(he))
         mass = ihc["effective_attention"].to_numpy(float)
         landed_mass = np.bincount(hits[on], weights=mass[on], minlength=len(he))
         he_mass = he["effective_attention"].to_numpy(float)
@@ -83,6 +83,12 @@ def colocated_tables(patches: pd.DataFrame, registrations: pd.DataFrame, referen
         overlap = float(np.minimum(share, he_mass / he_mass.sum()).sum()) if he_mass.sum() > 0 else np.nan
         cases.append({**row, "landed": float(mass[on].sum() / mass.sum()) if mass.sum() > 0 else np.nan,
                       "overlap": overlap})
+    for (he_key, stain), (count, attention, prob) in landing.items():
+        table = per_patch[he_key] = per_patch[he_key].copy()
+        table[f"{stain}_patches"] = count.astype(int)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            table[f"{stain}_relative_attention"] = np.where(count > 0, attention / count, np.nan)
+            table[f"{stain}_patch_prob"] = np.where(count > 0, prob / count, np.nan)
     frames = [frame.assign(stain=reference) for frame in per_patch.values()]
     per_patch_table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     return per_patch_table, pd.DataFrame(cases)

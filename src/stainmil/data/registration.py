@@ -104,34 +104,38 @@ def _slides(config: Config) -> dict[str, list[SlideRef]]:
     return by_case
 
 
-def _mpp(path: str) -> float:
+def _scale(path: str, slide_mpp: float) -> tuple[float, float]:
+    """(level-0 µm/px, longest side in µm) of a slide; ``slide_mpp`` stands in for missing metadata."""
     slide = Slide(path)
     try:
-        if not slide.mpp:
-            raise DataError(f"{path} records no µm per pixel; registration needs the scale")
-        return float(slide.mpp)
+        mpp = float(slide.mpp or slide_mpp)
+        if not mpp:
+            raise DataError(f"{path} records no µm per pixel; registration needs the scale (set tile.slide_mpp)")
+        return mpp, max(slide.dimensions) * mpp
     finally:
         slide.close()
 
 
-def _extent_um(path: str) -> float:
-    slide = Slide(path)
-    try:
-        return max(slide.dimensions) * float(slide.mpp or 0)
-    finally:
-        slide.close()
+def _settings(moving: SlideRef, fixed: SlideRef, config: Config) -> dict:
+    """What a pair's registration depends on: a transform file made under other settings is made again."""
+    return {"fixed_slide": fixed.path, "moving_slide": moving.path, "max_side": config.register.max_side,
+            "nonrigid": config.register.nonrigid}
 
 
 def _register_pair(moving: SlideRef, fixed: SlideRef, config: Config, path: Path) -> dict:
-    """Register (or read back, when its file exists) one pair; its row."""
+    """Register (or read back, when its file exists with the same settings) one pair; its row."""
+    settings = _settings(moving, fixed, config)
+    if path.is_file() and any(read_pair(path)[1].get(k) != v for k, v in settings.items()):
+        path.unlink()  # the slides or the registration settings changed since
     if not path.is_file():
-        mpps = {"fixed_mpp": _mpp(fixed.path), "moving_mpp": _mpp(moving.path)}
-        extent = max(_extent_um(fixed.path), _extent_um(moving.path))
-        spacing = max(mpps["fixed_mpp"], mpps["moving_mpp"], extent / config.register.max_side)
-        result = register_sections(read_section(fixed.path, spacing), read_section(moving.path, spacing),
-                                   nonrigid=config.register.nonrigid)
+        slide_mpp = config.tile.slide_mpp
+        (fixed_mpp, fixed_extent), (moving_mpp, moving_extent) = (_scale(fixed.path, slide_mpp),
+                                                                  _scale(moving.path, slide_mpp))
+        spacing = max(fixed_mpp, moving_mpp, max(fixed_extent, moving_extent) / config.register.max_side)
+        result = register_sections(read_section(fixed.path, spacing, slide_mpp),
+                                   read_section(moving.path, spacing, slide_mpp), nonrigid=config.register.nonrigid)
         write_pair(path, result.transform, {
-            "case": moving.case, "fixed_slide": fixed.path, "moving_slide": moving.path, **mpps,
+            "case": moving.case, **settings, "fixed_mpp": fixed_mpp, "moving_mpp": moving_mpp,
             "fixed_stain": fixed.stain, "fixed_slice": fixed.slice, "moving_stain": moving.stain,
             "moving_slice": moving.slice, **quality_dict(result.quality), "seconds": round(result.seconds, 2)})
     _, attrs = read_pair(path)

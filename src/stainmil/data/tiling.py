@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,11 +90,24 @@ class Regions:
         return keep
 
 
-def slide_regions(tile: TileConfig, stem: str, key: tuple[str, str, str]) -> Regions:
+def annotation_files(tile: TileConfig, stem: str, key: tuple[str, str, str], stem_unique: bool
+                     ) -> tuple[Path | None, Path | None]:
+    """(include, exclude) GeoJSON files of one slide, None where there is none."""
+    return (find_annotation_file(tile.include_annotations, stem, key, stem_unique),
+            find_annotation_file(tile.exclude_annotations, stem, key, stem_unique))
+
+
+def region_key(tile: TileConfig, files: tuple[Path | None, Path | None]) -> str:
+    """What a slide's tiling region depends on (files, their modification times, class filters): a coordinates
+    file made under another key is tiled again."""
+    parts = [f"{p}@{p.stat().st_mtime_ns}" if p else "-" for p in files]
+    return "|".join(parts + [",".join(tile.include_classes), ",".join(tile.exclude_classes)])
+
+
+def slide_regions(tile: TileConfig, files: tuple[Path | None, Path | None]) -> Regions:
     """The annotated regions of one slide (raises :class:`BadAnnotations`); a slide without an include file
     is tiled on the whole tissue mask."""
-    include = find_annotation_file(tile.include_annotations, stem, key)
-    exclude = find_annotation_file(tile.exclude_annotations, stem, key)
+    include, exclude = files
     regions = Regions(read_region(include, tile.include_classes) if include else None, None)
     if exclude:
         try:
@@ -121,7 +135,7 @@ class _NoTissue(DataError):
 
 
 def _tile_one(path: Path, stem: str, key: tuple[str, str, str], config: TileConfig, out: Path,
-              regions: Regions) -> None:
+              regions: Regions, key_text: str) -> None:
     """Tile one slide into ``coords/<stem>.h5`` (+ mask and thumbnail), inside its annotated ``regions``."""
     slide = Slide(path)
     try:
@@ -146,7 +160,8 @@ def _tile_one(path: Path, stem: str, key: tuple[str, str, str], config: TileConf
         write_coords(out / "coords" / f"{stem}.h5", coords, fractions, plan, slide.level_dimensions[plan.level],
                      {"name": path.stem, "slide_path": str(path), "case": key[0], "stain": key[1], "slice": key[2],
                       "thumbnail": str(out / "thumbnails" / f"{stem}.jpg"),
-                      "thumb_scale": thumb.shape[1] / slide.dimensions[0], "region": regions.describe()})
+                      "thumb_scale": thumb.shape[1] / slide.dimensions[0], "region": regions.describe(),
+                      "region_key": key_text})
     finally:
         slide.close()
 
@@ -216,14 +231,19 @@ def tile_folder(config: Config) -> TileResult:
         raise DataError(f"no slide in {root} matches tile.filename_pattern ({len(files)} files looked at); "
                         "set tile.filename_pattern to a regex with groups case, stain and slice.")
     rows, slides = [], []
+    stems = Counter(path.stem for path, _, _, _ in jobs)
     with progress_bar("tile: slides", total=len(jobs)) as advance:
         for path, rel, key, stem in jobs:
             h5 = out / "coords" / f"{stem}.h5"
+            files = annotation_files(tile, path.stem, key, stems[path.stem] == 1)  # ConfigError: stops the run
+            if tile.include_annotations and files[0] is None:
+                notes.setdefault(NO_ANNOTATIONS, []).append(rel)
+            key_text = region_key(tile, files)
+            if h5.is_file() and read_coords(h5)[1].get("region_key", region_key(tile, (None, None))) != key_text:
+                h5.unlink()  # annotations or filters changed since this slide was tiled: tile it again
             try:
-                if tile.include_annotations and not find_annotation_file(tile.include_annotations, path.stem, key):
-                    notes.setdefault(NO_ANNOTATIONS, []).append(rel)
                 if not h5.is_file():
-                    _tile_one(path, stem, key, tile, out, slide_regions(tile, path.stem, key))
+                    _tile_one(path, stem, key, tile, out, slide_regions(tile, files), key_text)
             except BadAnnotations as exc:
                 skipped.setdefault(BAD_ANNOTATIONS, []).append(f"{rel}: {exc}")
             except UnreadableSlide as exc:

@@ -64,6 +64,8 @@ NO_MATCH = "slide name does not match tile.filename_pattern"
 LOCKED = "still being written (a .lock file beside it)"
 UNREADABLE = "feature file unreadable"
 EMPTY = "no patches (zero feature rows)"
+NOT_A_TABLE = "features are not an (N, D) table"
+INCOMPLETE = "incomplete (CLAM writes pt_files/<slide>.pt last: it is missing)"
 NO_COORDS = "no coordinates (none in the file and no patches file)"
 COUNT = "feature count differs from its coordinates"
 DIMENSION = "feature dimension differs from the other slides'"
@@ -90,7 +92,8 @@ class SourceFolder:
     magnification: float = 0.0  # from TRIDENT's folder name, 0 = unknown
     patch_size: int = 0         # px at the target scale, 0 = unknown
     overlap: int = 0
-    locked: list[str] = field(default_factory=list)
+    locked: list[str] = field(default_factory=list)      # TRIDENT: still being written (.lock)
+    incomplete: list[str] = field(default_factory=list)  # CLAM: an .h5 without its .pt
 
 
 @dataclass
@@ -156,11 +159,14 @@ def _clam(folder: Path, encoder: str) -> SourceFolder:
     h5s = {p.stem: p for p in sorted((folder / "h5_files").glob("*.h5"))}
     pts = {p.stem: p for p in sorted((folder / "pt_files").glob("*.pt"))}
     patches = next((d for d in (folder / "patches", folder.parent / "patches") if d.is_dir()), None)
-    slides = []
+    slides, incomplete = [], []
     for name in sorted(set(h5s) | set(pts)):
+        if pts and name not in pts:  # extract_features_fp writes the .h5 batch by batch and the .pt when done
+            incomplete.append(name)
+            continue
         coords = patches / f"{name}.h5" if patches is not None and (patches / f"{name}.h5").is_file() else None
         slides.append(SourceSlide(name, h5s.get(name) or pts[name], coords))
-    return SourceFolder("clam", folder, encoder or folder.name, slides)
+    return SourceFolder("clam", folder, encoder or folder.name, slides, incomplete=incomplete)
 
 
 def source_attrs(slide: SourceSlide) -> dict:
@@ -198,10 +204,20 @@ def read_source_slide(slide: SourceSlide) -> SlideFeatures:
 
 
 def _grid_step(coords: np.ndarray) -> int:
-    """The smallest positive spacing of the patch grid (a patch side when patches do not overlap)."""
-    steps = [np.diff(np.unique(coords[:, k])) for k in (0, 1)]
-    positive = np.concatenate([s[s > 0] for s in steps])
-    return int(positive.min()) if len(positive) else 0
+    """The patch grid's step: the most common positive distance between neighbouring patches of a row or a column
+    (CLAM lays a grid per tissue contour, so distances between grids are no step)."""
+    steps = []
+    for along, other in ((0, 1), (1, 0)):
+        order = np.lexsort((coords[:, along], coords[:, other]))
+        ordered = coords[order]
+        same_line = ordered[1:, other] == ordered[:-1, other]
+        steps.append(np.diff(ordered[:, along])[same_line])
+    positive = np.concatenate(steps)
+    positive = positive[positive > 0]
+    if not len(positive):
+        return 0
+    values, counts = np.unique(positive, return_counts=True)
+    return int(values[np.argmax(counts)])
 
 
 def patch_geometry(source: SourceFolder, attrs: dict, coords: np.ndarray, fallback: int) -> tuple[int, int]:
@@ -232,7 +248,8 @@ def _slide_files(config: Config) -> dict[str, list[Path]]:
     found: dict[str, list[Path]] = {}
     for path in slide_paths(walk_files(root)):
         if path.is_dir() or path.suffix.lower() in WSI_SUFFIXES | PLAIN_SUFFIXES:
-            found.setdefault(slide_name(path), []).append(path)
+            for name in {slide_name(path), path.stem}:  # 'x.ome.tiff': TRIDENT says 'x', os.path.splitext 'x.ome'
+                found.setdefault(name, []).append(path)
     return found
 
 
@@ -300,9 +317,17 @@ def import_features(config: Config, root: str | Path, fmt: str = "auto", encoder
         if Path(held.imported_from) != source.root.resolve():
             raise DataError(f"{store_dir} holds features imported from {held.imported_from}, not {source.root}; "
                             "import into another folder (features.store_dir).")
+    marker = store_dir / "import_source.txt"  # written first: a half-done import resumes only from its own folder
+    if marker.is_file() and marker.read_text().strip() != str(source.root.resolve()):
+        raise DataError(f"{store_dir} holds a partial import from {marker.read_text().strip()}, not {source.root}; "
+                        "finish that one or import into another folder (features.store_dir).")
+    atomic_write_text(marker, f"{source.root.resolve()}\n")
     rules = CaseRules.from_config(config, require_labels)
+    n_found = len(source.slides) + len(source.locked) + len(source.incomplete)
     slides_on_disk = _slide_files(config)
-    skipped: dict[str, list[str]] = {LOCKED: list(source.locked)} if source.locked else {}
+    skipped: dict[str, list[str]] = {reason: names for reason, names in ((LOCKED, list(source.locked)),
+                                                                         (INCOMPLETE, list(source.incomplete)))
+                                     if names}
     keyed: dict[tuple[str, str, str], SourceSlide] = {}
     for slide in source.slides:
         paths = slides_on_disk.get(slide.name, [])
@@ -326,7 +351,9 @@ def import_features(config: Config, root: str | Path, fmt: str = "auto", encoder
         for key, slide in keyed.items():
             target = slice_file(store_dir, *key)
             try:
-                if target.is_file():  # resumed: the store's own copy or link
+                if target.is_file() and not _made_from(target, slide.features):
+                    target.unlink()  # another slide's features under this case/stain/slice (the mapping changed)
+                if target.is_file():  # resumed: the store's own copy or link of this very slide
                     features, coords, _ = read_slice(target)
                     data = SlideFeatures(features, coords, source_attrs(slide))
                 else:
@@ -335,7 +362,7 @@ def import_features(config: Config, root: str | Path, fmt: str = "auto", encoder
                 skipped.setdefault(UNREADABLE, []).append(f"{slide.name}: {type(exc).__name__}: {exc}")
                 advance()
                 continue
-            reason = (EMPTY if data.features.ndim != 2 or len(data.features) == 0
+            reason = (EMPTY if len(data.features) == 0 else NOT_A_TABLE if data.features.ndim != 2
                       else NO_COORDS if len(data.coords) == 0
                       else COUNT if len(data.coords) != len(data.features) else None)
             if reason:
@@ -387,22 +414,31 @@ def import_features(config: Config, root: str | Path, fmt: str = "auto", encoder
     manifest = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
         columns=["path", "case", "stain", "slice", "patch", "x", "y", "label", "width", "height", "mode", "level",
                  "read_size", "size0", "thumbnail", "thumb_scale"])
-    index = slide_index(config, manifest, rules, skipped, len(source.slides) + len(source.locked),
-                        f"{source.format.upper()} features in {source.root}", "import_report.txt")
     first = summaries[0] if summaries else {}
     meta = StoreMeta(backbone=source.encoder, weights="imported", weights_hash="", image_size=int(first.get(
-        "patch_size", 0)), mean=[], std=[], feature_dim=int(dim), dtype=dtypes.most_common(1)[0][0],
-        imported_from=str(source.root.resolve()), import_format=source.format, magnification=source.magnification,
+        "patch_size", 0)), mean=[], std=[], feature_dim=int(dim),
+        dtype=dtypes.most_common(1)[0][0] if dtypes else "float32", imported_from=str(source.root.resolve()),
+        import_format=source.format, magnification=source.magnification,
         patch_size_level0=int(first.get("patch_size_level0", 0)))
-    meta.write(store_dir)
-    result = ImportResult(index, store_dir, meta, summaries, skipped)
+    # the report first: when nothing could be imported, the error below points at it
     atomic_write_json(store_dir / "import_report.json", {"source": str(source.root), "format": source.format,
                                                          "encoder": source.encoder, "feature_dim": dim,
-                                                         "slides_found": len(source.slides) + len(source.locked),
+                                                         "slides_found": n_found,
                                                          "slides_imported": len(summaries), "skipped": skipped,
                                                          "slides": summaries})
-    atomic_write_text(store_dir / "import_report.txt", import_report_text(result, source))
-    return result
+    atomic_write_text(store_dir / "import_report.txt", import_report_text(store_dir, meta, summaries, skipped, source))
+    index = slide_index(config, manifest, rules, skipped, n_found,
+                        f"{source.format.upper()} features in {source.root}", str(store_dir / "import_report.txt"))
+    meta.write(store_dir)
+    return ImportResult(index, store_dir, meta, summaries, skipped)
+
+
+def _made_from(target: Path, source: Path) -> bool:
+    """Whether a store file is the link to, or the copy of, ``source``."""
+    if target.is_symlink():
+        return Path(os.readlink(target)) == source.resolve()
+    with h5py.File(target, "r") as h5:
+        return str(h5.attrs.get("source", "")) == str(source)
 
 
 def _h5_reads_as_store(path: Path, n: int) -> bool:
@@ -412,16 +448,18 @@ def _h5_reads_as_store(path: Path, n: int) -> bool:
                 and "patch_ids" not in h5)
 
 
-def import_report_text(result: ImportResult, source: SourceFolder) -> str:
+def import_report_text(store_dir: Path, meta: StoreMeta, slides: list[dict], skipped: dict[str, list[str]],
+                       source: SourceFolder) -> str:
     lines = ["stainmil import report", f"source   : {source.root} ({source.format})",
-             f"encoder  : {source.encoder}  (D = {result.meta.feature_dim}, {result.meta.dtype})",
-             f"store    : {result.store_dir}",
-             f"slides   : {len(source.slides) + len(source.locked)} found, {len(result.slides)} imported"]
-    for reason, names in result.skipped.items():
+             f"encoder  : {source.encoder}  (D = {meta.feature_dim}, {meta.dtype})",
+             f"store    : {store_dir}",
+             f"slides   : {len(source.slides) + len(source.locked) + len(source.incomplete)} found, "
+             f"{len(slides)} imported"]
+    for reason, names in skipped.items():
         lines.append(f"skipped ({reason}): {len(names)}")
         lines += [f"  {name}" for name in names[:50]]
     lines += ["", "per slide (slide, case, stain, slice, patches, patch px / level-0 px, store, heatmaps on):"]
-    for s in result.slides:
+    for s in slides:
         lines.append(f"  {s['slide']}  {s['case']} {s['stain']} {s['slice']}  {s['patches']}  {s['patch_size']}/"
                      f"{s['patch_size_level0']}  {s['store']}  {s['drawn_on']}")
     return "\n".join(lines) + "\n"

@@ -137,12 +137,16 @@ class ExtractSummary:
         return self.patches_written / self.seconds if self.seconds > 0 else float("nan")
 
 
-def _prepare_store(config: Config, backbone: Backbone, store_dir: Path) -> StoreMeta:
+def _prepare_store(config: Config, backbone: Backbone, store_dir: Path, precision: str) -> StoreMeta:
     settings = expected_settings(config)
     meta = StoreMeta(**settings, weights_hash=backbone.weights_hash, feature_dim=backbone.out_dim,
-                     dtype=config.features.dtype, **view_settings(config))
+                     dtype=config.features.dtype, **view_settings(config), precision=precision)
     if (store_dir / STORE_META).is_file():
         existing = check_store(store_dir, config, extracting=True)
+        if existing.precision and existing.precision != precision:
+            raise StoreError(f"feature store {store_dir} was extracted in {existing.precision} but this machine would "
+                             f"compute in {precision}; set features.precision={existing.precision} (on a GPU) or "
+                             "extract into a new features.store_dir, so one store never mixes both.")
         if existing.weights_hash != meta.weights_hash:
 
             raise StoreError(f"feature store {store_dir} was made with weights hash {existing.weights_hash} but the "
@@ -165,7 +169,9 @@ def extract_features(config: Config, manifest: pd.DataFrame, backbone: Backbone 
     start = time.perf_counter()
     backbone = backbone or build_backbone(config.features)
     store_dir = config.store_dir
-    meta = _prepare_store(config, backbone, store_dir)
+    device = resolve_device(config.features.device)
+    plan = extraction_plan(config.features, device)
+    meta = _prepare_store(config, backbone, store_dir, plan.precision)
     groups = slice_groups(manifest)
     if shard is not None:
         groups = groups[shard[0]::shard[1]]
@@ -177,14 +183,13 @@ def extract_features(config: Config, manifest: pd.DataFrame, backbone: Backbone 
         summary.seconds = time.perf_counter() - start
         return summary
 
-    device = resolve_device(config.features.device)
     model = backbone.module.to(device).to(memory_format=torch.channels_last)
     f = config.features
-    plan = extraction_plan(f, device)
     summary.plan = plan
     dataset = PatchImages(paths, f.image_size, keys, meta.views, meta.view_jitter, meta.view_seed)
     loader = DataLoader(dataset, batch_size=plan.batch_size, shuffle=False, num_workers=plan.workers,
-                        pin_memory=device.type == "cuda", prefetch_factor=4 if plan.workers > 0 else None,
+                        pin_memory=device.type == "cuda",
+                        prefetch_factor=(4 if plan.workers <= 4 else 2) if plan.workers > 0 else None,
                         persistent_workers=False, worker_init_fn=fresh_slide_handles)
     dtype = np.dtype(meta.dtype)
     writer = ThreadPoolExecutor(max_workers=1)
@@ -213,7 +218,7 @@ def extract_features(config: Config, manifest: pd.DataFrame, backbone: Backbone 
 
     def take(host: torch.Tensor) -> None:
         nonlocal n_buffered
-        buffered.append(host.numpy().astype(dtype, copy=False))
+        buffered.append(host.numpy().astype(dtype, copy=True))  # pageable: the pinned buffer goes back to torch
         n = host.shape[-2]
         n_buffered += n
         summary.patches_written += n
@@ -270,7 +275,8 @@ def extract_sharded(config: Config, shards: int = 1, launcher: str = "local", sh
         return [extract_features(config, manifest, shard=(shard, shards))]
     if shards == 1 and launcher == "local":
         return [extract_features(config, manifest)]
-    _prepare_store(config, build_backbone(config.features), config.store_dir)
+    # the jobs' machines decide the precision (the submitting node may have no GPU): not recorded for shards
+    _prepare_store(config, build_backbone(config.features), config.store_dir, "")
     values = config_to_dict(config)
     return run_jobs(ExtractShardJob(), [(values, i, shards) for i in range(shards)], launcher, config.store_dir,
                     config.slurm, name="stainmil-extract", log=log)

@@ -74,6 +74,8 @@ class OnlineEncoder:
         for p in self.tail_parameters:
             p.requires_grad_(True)
         self.plan = extraction_plan(f, device)
+        # a fine-tuned tail trains in bf16 (fp16 gradients would need a GradScaler); a frozen encoder as its card says
+        self.autocast = torch.bfloat16 if f.trainable_blocks and self.plan.precision == "fp16" else self.plan.autocast
         self.readers = ThreadPoolExecutor(max_workers=max(1, self.plan.workers))  # PIL decodes without the GIL
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -97,7 +99,7 @@ class OnlineEncoder:
             x = self.read(paths[start:start + batch]).to(self.device, non_blocking=True).float().div_(255)
             if generator is not None:
                 x = train_augment(x, generator, hed_strength=f.augment_hed)
-            out.append(forward_images(self._forward, x, self.mean, self.std, self.plan.autocast))
+            out.append(forward_images(self._forward, x, self.mean, self.std, self.autocast))
         return torch.cat(out)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,22 @@ from stainmil.features.store import StoreMeta, load_features, slice_file
 READERS = 4  # threads reading store files ahead of the training step (their reads release the GIL)
 
 
+def _read_fully(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
+    """Fill ``buffer`` from ``offset`` of the file (a read may return less than asked: large or network files)."""
+    done = 0
+    while done < len(buffer):
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, [buffer[done:]], offset + done)
+        else:  # no preadv (Windows): an ordinary positioned read
+            chunk = os.pread(fd, len(buffer) - done, offset + done)
+            buffer[done:done + len(chunk)] = chunk
+            got = len(chunk)
+        if got == 0:
+            raise StoreError(f"{path} is shorter than its features; the file is truncated — delete it and re-run "
+                             "`stainmil extract`.")
+        done += got
+
+
 @dataclass
 class StoreRequest:
     """Read features from the store on demand (bounded memory) instead of loading them all."""
@@ -229,8 +245,5 @@ class StoreFeatures:
             with open(path, "rb") as handle:
                 for offset, _, start in direct:  # view 0, then views 1..V-1 stored together
                     count = per_view * (1 if start == 0 else self.n_views - 1)
-                    wanted = views[start * per_view:start * per_view + count]
-                    if os.preadv(handle.fileno(), [wanted], offset) != count:
-                        raise StoreError(f"{path} is shorter than its features; the file is truncated — delete "
-                                         "it and re-run `stainmil extract`.")
+                    _read_fully(handle.fileno(), views[start * per_view:start * per_view + count], offset, path)
         return block

@@ -47,6 +47,7 @@ class StoreMeta:
     import_format: str = ""   # trident | clam
     magnification: float = 0.0  # objective power of the patches when known (imported stores)
     patch_size_level0: int = 0  # side of a patch in level-0 pixels when known (imported stores)
+    precision: str = ""       # the encoder's arithmetic when extracted (fp32 | fp16 | bf16; "" = before it was kept)
 
     @classmethod
     def read(cls, store_dir: Path) -> StoreMeta:

@@ -9,7 +9,9 @@ export reads back) or a path template with ``{stem}``,
 ``{case}``, ``{stain}``, ``{slice}``. ``tile.include_classes`` / ``tile.exclude_classes`` keep only the features
 whose QuPath classification is one of those names (``*`` wildcards allowed; empty: every feature).
 
-Points and lines are not regions and are ignored; a feature without a classification only passes an empty filter.
+Points and lines are not regions and are ignored, and so are QuPath's detections and cells (``objectType``
+detection | cell: an export with thousands of cell outlines is not an outline of the lesion); a feature without
+a classification only passes an empty filter.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 import shapely
 from shapely.geometry import shape
 
-from stainmil.errors import DataError
+from stainmil.errors import ConfigError, DataError
 from stainmil.io import safe_name
 
 SUFFIXES = (".geojson", ".json")
@@ -48,26 +50,34 @@ class Region:
         return shapely.contains_xy(self.geometry, np.asarray(xs, float), np.asarray(ys, float))
 
 
-def find_annotation_file(where: str, stem: str, key: tuple[str, str, str]) -> Path | None:
-    """The GeoJSON of one slide under ``where`` (folder or template, see the module doc), or None."""
+def find_annotation_file(where: str, stem: str, key: tuple[str, str, str], stem_unique: bool = True) -> Path | None:
+    """The GeoJSON of one slide under ``where`` (folder or template, see the module doc), or None.
+
+    In a folder, stainmil's export name for this case/stain/slice comes first; the bare ``<stem>.geojson`` only
+    when ``stem_unique`` (no other slide of the cohort has the same file name: ``case3/he/slice0.svs`` and
+    ``case4/he/slice0.svs`` would otherwise share one outline). Raises ConfigError for a setting that cannot work.
+    """
     if not where:
         return None
     if "{" in where:
         try:
             path = Path(where.format(stem=stem, case=key[0], stain=key[1], slice=key[2]))
         except (KeyError, IndexError, ValueError) as exc:
-            raise DataError(f"annotation path template '{where}' has an unknown field ({exc}); use {{stem}}, "
-                            "{case}, {stain} or {slice}.") from exc
+            raise ConfigError(f"annotation path template '{where}' has an unknown field ({exc}); use {{stem}}, "
+                              "{case}, {stain} or {slice}.") from exc
         return path if path.is_file() else None
     folder = Path(where)
     if not folder.is_dir():
-        raise DataError(f"annotation folder '{where}' does not exist; point tile.include_annotations / "
-                        "tile.exclude_annotations at the folder of QuPath GeoJSON exports (or a template with {stem}).")
+        raise ConfigError(f"annotation folder '{where}' does not exist; point tile.include_annotations / "
+                          "tile.exclude_annotations at the folder of QuPath GeoJSON exports (or a template with "
+                          "{stem}).")
     ours = "_".join(safe_name(k) for k in (f"case{key[0]}", key[1], f"slice{key[2]}")) + f"__{safe_name(stem)}"
-    for name in (stem, ours):  # the slide's own file, then the name stainmil's QuPath export gives it
+    for name in (ours, stem) if stem_unique else (ours,):
         for suffix in SUFFIXES:
             if (folder / f"{name}{suffix}").is_file():
                 return folder / f"{name}{suffix}"
+    if not stem_unique:
+        return None
     exported = sorted(p for suffix in SUFFIXES for p in folder.glob(f"*__{glob.escape(stem)}{suffix}"))
     return exported[0] if len(exported) == 1 else None  # several: slides of other cases share the name
 
@@ -108,8 +118,9 @@ def read_region(path: Path, classes: list[str]) -> Region:
     areas, names = [], set()
     for feature in _features(data):
         geometry = feature.get("geometry")
-        if not geometry or not _wanted(classification(feature), classes):
-            continue
+        kind = str((feature.get("properties") or {}).get("objectType", "annotation")).lower()
+        if kind in ("detection", "cell") or not geometry or not _wanted(classification(feature), classes):
+            continue  # QuPath's cell/detection objects are not regions drawn by the pathologist
         try:
             geom = shape(geometry)
         except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:

@@ -47,8 +47,8 @@ from stainmil.slides.tissue import tissue_mask
 COARSE_PX = 128
 MIN_TISSUE_PX = 50  # a thumbnail with less tissue than this is empty glass
 # verdict thresholds (see docs/registration.md for how they were chosen)
-ALIGNED = {"dice": 0.85, "outline": 0.02, "scale": 1.08, "feature_error_um": 60.0}
-FAILED = {"dice": 0.60, "outline": 0.03, "scale": 1.15}
+ALIGNED = {"dice": 0.85, "outline": 0.015, "scale": 1.08, "feature_error_um": 60.0}
+FAILED = {"dice": 0.60, "outline": 0.02, "scale": 1.15}
 
 
 @dataclass
@@ -61,21 +61,24 @@ class Section:
     spacing: float           # µm per thumbnail pixel
 
 
-def read_section(path: str | Path, spacing: float) -> Section:
-    """A slide's thumbnail at ``spacing`` µm/px and what registration needs of it."""
+def read_section(path: str | Path, spacing: float, slide_mpp: float = 0.0) -> Section:
+    """A slide's thumbnail at about ``spacing`` µm/px and what registration needs of it. ``slide_mpp``: the
+    level-0 µm/px of a slide whose metadata lacks it (``tile.slide_mpp``). The section's spacing is the one the
+    thumbnail really has (its size is rounded to whole pixels)."""
     slide = Slide(path)
     try:
-        mpp = slide.mpp
+        mpp = slide.mpp or slide_mpp
         if not mpp:
             raise ValueError(f"{path} records no µm per pixel; registration needs the scale (set tile.slide_mpp)")
         rgb = slide.thumbnail(spacing / mpp)
+        width_um = slide.dimensions[0] * mpp
     finally:
         slide.close()
     tissue = tissue_mask(rgb)
     hed = np.clip(rgb2hed(rgb), 0, None)
     h = (hed[..., 0] + hed[..., 2]).astype(np.float32)  # nuclei are blue (H) or brown (DAB, SOX10-positive)
     h = ndimage.gaussian_filter(h, 1.0) * tissue
-    return Section(rgb, h, tissue, spacing)
+    return Section(rgb, h, tissue, width_um / rgb.shape[1])
 
 
 @dataclass
@@ -319,7 +322,8 @@ def verdict(dice: float, outline: float, scale: float, error: float) -> tuple[st
 
 
 def register_sections(fixed: Section, moving: Section, nonrigid: bool = True) -> PairResult:
-    """Register ``moving`` onto ``fixed`` (same spacing); never raises on bad tissue: the verdict says it."""
+    """Register ``moving`` onto ``fixed`` (thumbnails of about the same spacing); never raises on bad tissue: the
+    verdict says it."""
     import time
 
     started = time.perf_counter()
@@ -330,10 +334,10 @@ def register_sections(fixed: Section, moving: Section, nonrigid: bool = True) ->
                               time.perf_counter() - started)
     flip, angle, coarse = _coarse_rigid(fixed, moving)
     source = _mirror(moving) if flip else moving
-    spacing = fixed.spacing
-    f_img, m_img = _image(fixed.hematoxylin, spacing), _image(source.hematoxylin, spacing)
+    spacing = fixed.spacing  # the grid of the result; each image keeps its own spacing
+    f_img, m_img = _image(fixed.hematoxylin, spacing), _image(source.hematoxylin, moving.spacing)
     centre_f = (np.array(ndimage.center_of_mass(fixed.tissue))[::-1] + 0.5) * spacing
-    centre_m = (np.array(ndimage.center_of_mass(source.tissue))[::-1] + 0.5) * spacing
+    centre_m = (np.array(ndimage.center_of_mass(source.tissue))[::-1] + 0.5) * moving.spacing
     # the coarse search's map, fixed -> moving in (row, col): R(angle) F (o - c_f) + c_m; in (x, y) that rotation
     # is R(-angle), and on the mirrored moving image the mirror conjugates it to R(+angle)
     rigid = sitk.Euler2DTransform(tuple(centre_f), angle if flip else -angle, tuple(centre_m - centre_f))

@@ -67,7 +67,7 @@ VL_WHOLE_SLIDE = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy I
 
 def _jpeg(tile: np.ndarray, quality: int) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(tile).save(buffer, format="JPEG", quality=quality)
+    Image.fromarray(tile).save(buffer, format="JPEG", quality=quality, subsampling=1)  # 4:2:2 = YBR_FULL_422
     return buffer.getvalue()
 
 
