@@ -1,8 +1,10 @@
 """`stainmil register` on a tiled serial cohort: one transform per IHC slice, a verdict and reason for each,
 resumable, an unreadable slide named and the others registered."""
 
+import json
 import os
 
+import numpy as np
 import pandas as pd
 
 from stainmil.data.registration import read_pair, register_cohort
@@ -65,3 +67,38 @@ def test_analysis_maps_ihc_attention_onto_the_he_patches(serial_cohort, tmp_path
     for stain in set(aligned["stain"]):
         assert per_patch[f"{stain}_patches"].sum() > 0
     assert set(registered.table["case"]) >= tested
+    # QuPath: the aligned IHC slices' attention also drawn on their H&E slide, in its level-0 pixels
+    from stainmil.analysis.qupath import export_folder
+    from stainmil.slides.reader import Slide
+
+    exported = export_folder(run, "test")
+    on_he = [p for p in exported.files if "__on_he_slice" in p.name]
+    assert len(on_he) == len(aligned)
+    index = pd.read_csv(exported.out_dir / "index.csv", dtype={"case": str})
+    for path in on_he:
+        collection = json.loads(path.read_text())
+        row = index[index["file"] == path.name].iloc[0]
+        width, height = Slide(row["image"]).dimensions
+        ring = np.array([f["geometry"]["coordinates"][0] for f in collection["features"]]).reshape(-1, 2)
+        assert row["coordinates"].startswith("level-0 pixels of the he slide")
+        assert (ring > -64).all() and (ring[:, 0] < width + 64).all() and (ring[:, 1] < height + 64).all()
+    # the report: each H&E slice with the registered IHC attention on it, in viewers that pan and zoom together
+    from stainmil.analysis.report import build_report
+    from tests.analysis.test_report import opened
+
+    html = build_report(run, result)
+    text = html.read_text()
+    assert "attention mapped onto it" in text
+    with opened(html) as (page, errors):
+        linked = page.evaluate("""() => {
+            const groups = {};
+            document.querySelectorAll('figure.viewer').forEach(f => (groups[f.dataset.link] ||= []).push(f.id));
+            return Object.values(groups).filter(g => g.length > 1)[0];
+        }""")
+        assert linked and len(linked) >= 2
+        page.click(f"#{linked[0]} .zoom-in")
+        zooms = [page.eval_on_selector(f"#{v} .stage", "s => s.dataset.zoom") for v in linked]
+        assert float(zooms[0]) > 1 and len(set(zooms)) == 1  # the registered viewers followed the H&E one
+        page.click(f"#{linked[-1]} .zoom-reset")
+        assert {page.eval_on_selector(f"#{v} .stage", "s => s.dataset.zoom") for v in linked} == {"1.000"}
+        assert not errors, errors

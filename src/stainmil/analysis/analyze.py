@@ -39,6 +39,7 @@ class AnalysisResult:
     grids: dict[str, Path]
     figures: dict[str, Path]
     views: dict[tuple[str, str, str], tuple[Path, SliceView]] = field(default_factory=dict)  # viewer images
+    colocated: pd.DataFrame = field(default_factory=pd.DataFrame)  # IHC attention on the H&E patches (register)
 
 
 def report_cases(cases: pd.DataFrame, limit: int) -> list[str]:
@@ -104,6 +105,7 @@ def write_tables(out: Path, tables: AttentionTables, config: Config) -> Analysis
     if misclassified:
         made["slices_misclassified"] = misclassified
     registrations = registration_dir(config) / "registrations.csv"
+    per_patch = pd.DataFrame()
     if registrations.is_file():  # `stainmil register` ran: attention where the stains meet
         per_patch, per_case = colocated_tables(
             tables.patches, pd.read_csv(registrations, dtype={"case": str, "slice": str, "fixed_slice": str}),
@@ -112,7 +114,7 @@ def write_tables(out: Path, tables: AttentionTables, config: Config) -> Analysis
             if len(frame):
                 atomic_write(out / f"{name}.csv", lambda tmp, frame=frame: frame.to_csv(tmp, index=False))
     heatmaps, grids, views = _case_images(tables, config, out)
-    return AnalysisResult(out, tables, heatmaps, grids, made, views)
+    return AnalysisResult(out, tables, heatmaps, grids, made, views, per_patch)
 
 
 def _case_images(tables: AttentionTables, config: Config, out: Path):

@@ -23,6 +23,8 @@ import pandas as pd
 
 from stainmil.analysis.analyze import write_analysis
 from stainmil.analysis.heatmaps import ATTENTION_NORM, patch_colours, patch_side
+from stainmil.config import load_config
+from stainmil.data.registration import read_pair, registration_dir
 from stainmil.errors import DataError
 from stainmil.io import atomic_write, atomic_write_json, safe_name
 
@@ -63,8 +65,9 @@ def attention_band(relative: np.ndarray) -> tuple[list[str], np.ndarray]:
     return [names[k] for k in index], colours[index]
 
 
-def slice_features(part: pd.DataFrame) -> dict:
-    """The FeatureCollection of one slice (``part``: its rows of the patch table, in any order)."""
+def slice_features(part: pd.DataFrame, to_reference=None) -> dict:
+    """The FeatureCollection of one slice (``part``: its rows of the patch table, in any order); with
+    ``to_reference`` (level-0 px (N, 2) -> px of another slide) each square is drawn where it lands there."""
     if "size0" in part.columns and part["size0"].notna().all():
         xs, ys, sides = part["x"].to_numpy(float), part["y"].to_numpy(float), part["size0"].to_numpy(float)
     else:
@@ -77,6 +80,8 @@ def slice_features(part: pd.DataFrame) -> dict:
     for i, row in enumerate(part.itertuples(index=False)):
         x, y, s = xs[i], ys[i], sides[i]
         ring = [[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]
+        if to_reference is not None:
+            ring = [[round(float(a), 2), round(float(b), 2)] for a, b in to_reference(np.array(ring, float))]
         key = f"{row.case}/{row.stain}/{row.slice}/{row.patch}"
         features.append({
             "type": "Feature", "id": str(uuid.uuid5(_NAMESPACE, key)),
@@ -91,9 +96,11 @@ def slice_features(part: pd.DataFrame) -> dict:
     return {"type": "FeatureCollection", "features": features}
 
 
-def export_qupath(patches: pd.DataFrame, out_dir: str | Path) -> QuPathExport:
+def export_qupath(patches: pd.DataFrame, out_dir: str | Path, registrations: pd.DataFrame | None = None,
+                  reference: str = "he") -> QuPathExport:
     """One ``.geojson`` per slice of ``patches`` (an attention patch table) plus ``index.csv`` naming, per file,
-    the image to open it on."""
+    the image to open it on; with ``registrations`` (``stainmil register``'s table) also each aligned IHC slice's
+    patches drawn where they land on its H&E slide (``…__on_<reference>_slice<id>__<slide>.geojson``)."""
     out = QuPathExport(Path(out_dir))
     rows = []
     for (case, stain, slice_id), part in patches.groupby(["case", "stain", "slice"], sort=False):
@@ -111,11 +118,37 @@ def export_qupath(patches: pd.DataFrame, out_dir: str | Path) -> QuPathExport:
         rows.append({"file": name, "case": case, "stain": stain, "slice": slice_id, "patches": len(part),
                      "image": part["path"].iloc[0] if on_slide else "slice image the patches were cut from",
                      "coordinates": "level-0 pixels of the slide" if on_slide else "slice image pixels (x, y)"})
+    if registrations is not None:
+        rows += _on_reference(patches, registrations, reference, out)
     if not rows:
         raise DataError(f"no slice could be exported to {out.out_dir}: " + "; ".join(
             f"{k}: {v}" for k, v in list(out.skipped.items())[:3]) + ".")
     atomic_write(out.out_dir / "index.csv", lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
     return out
+
+
+def _on_reference(patches: pd.DataFrame, registrations: pd.DataFrame, reference: str, out: QuPathExport
+                  ) -> list[dict]:
+    """Files of the aligned IHC slices' attention in their H&E slide's level-0 pixels; their index rows."""
+    rows = []
+    keyed = dict(tuple(patches.groupby(["case", "stain", "slice"], sort=False)))
+    for reg in registrations[registrations["verdict"] == "aligned"].itertuples(index=False):
+        part = keyed.get((str(reg.case), str(reg.stain), str(reg.slice)))
+        if part is None or "size0" not in part.columns:
+            continue
+        transform, attrs = read_pair(reg.transform)
+        moving_mpp, fixed_mpp = float(attrs["moving_mpp"]), float(attrs["fixed_mpp"])
+
+        def to_reference(points, transform=transform, moving_mpp=moving_mpp, fixed_mpp=fixed_mpp):
+            return transform.moving_to_fixed(points * moving_mpp) / fixed_mpp
+
+        fixed_slide = str(attrs["fixed_slide"])
+        name = (f"case{safe_name(reg.case)}_{safe_name(reg.stain)}_slice{safe_name(reg.slice)}__on_{reference}_slice"
+                f"{safe_name(reg.fixed_slice)}__{safe_name(Path(fixed_slide).stem)}.geojson")
+        out.files.append(atomic_write_json(out.out_dir / name, slice_features(part, to_reference)))
+        rows.append({"file": name, "case": reg.case, "stain": reg.stain, "slice": reg.slice, "patches": len(part),
+                     "image": fixed_slide, "coordinates": f"level-0 pixels of the {reference} slide (registered)"})
+    return rows
 
 
 def export_folder(folder: str | Path, split_name: str | None = None, out_dir: str | Path | None = None
@@ -140,4 +173,11 @@ def export_folder(folder: str | Path, split_name: str | None = None, out_dir: st
     elif split_name:
         raise DataError(f"{folder} is a prediction folder (no splits); leave out --split.")
     patches = pd.read_csv(table, dtype={"case": str, "stain": str, "slice": str, "patch": str})
-    return export_qupath(patches, Path(out_dir) if out_dir else folder / "qupath")
+    registrations, reference = None, "he"
+    if is_run:  # `stainmil register` ran on this cohort: IHC attention on the H&E slides too
+        config = load_config(folder / "config.yaml")
+        found = registration_dir(config) / "registrations.csv"
+        if config.tile.out_dir and found.is_file():
+            registrations = pd.read_csv(found, dtype={"case": str, "slice": str, "fixed_slice": str})
+            reference = config.register.reference_stain
+    return export_qupath(patches, Path(out_dir) if out_dir else folder / "qupath", registrations, reference)

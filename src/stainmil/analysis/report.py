@@ -196,8 +196,37 @@ def _viewer_data(analysis: AnalysisResult, cases: set[str]) -> dict[tuple, dict]
                                                    att, prob, part["patch"])]
         viewers[key] = {"src": data_uri(image_path), "width": int(view.image.shape[1]),
                         "height": int(view.image.shape[0]), "side": round(view.side, 2), "source": view.source,
-                        "patches": rows}
+                        "patches": rows, "link": f"{key[0]}/{key[1]}/{key[2]}"}
+    viewers.update(_registered_viewers(analysis, viewers))
     return viewers
+
+
+def _registered_viewers(analysis: AnalysisResult, viewers: dict[tuple, dict]) -> dict[tuple, dict]:
+    """Per H&E slice with registered IHC slices (``stainmil register``): one more viewer per IHC stain — the H&E
+    image, each H&E patch coloured by the IHC patches that land on it — linked to the H&E viewer (they pan and
+    zoom together). Keyed (case, reference stain, slice, IHC stain)."""
+    table = analysis.colocated
+    out: dict[tuple, dict] = {}
+    if table.empty:
+        return out
+    for (case, stain, slice_id), part in table.groupby(["case", "stain", "slice"], sort=False):
+        key = (str(case), str(stain), str(slice_id))
+        if key not in viewers:
+            continue
+        base, view = viewers[key], analysis.views[key][1]
+        xy = {str(p[6]): (p[0], p[1]) for p in base["patches"]}
+        for column in [c for c in part.columns if c.endswith("_patches")]:
+            ihc = column.removesuffix("_patches")
+            landed = part[part[column] > 0]
+            att, prob = landed[f"{ihc}_relative_attention"].to_numpy(), landed[f"{ihc}_patch_prob"].to_numpy()
+            colours_a = [_hex(c) for c in patch_colours(att, "relative_attention")]
+            colours_p = [_hex(c) for c in patch_colours(prob, "patch_prob")]
+            rows = [[*xy[str(pid)], round(float(a), 4), round(float(p), 4), ca, cp, f"{pid} ({int(n)} {ihc})"]
+                    for pid, a, p, ca, cp, n in zip(landed["patch"], att, prob, colours_a, colours_p, landed[column])
+                    if str(pid) in xy]
+            out[(*key, ihc)] = {**base, "patches": rows, "title_suffix": f"{ihc} attention mapped onto it",
+                                "source": f"{ihc} registered onto {stain} ({view.source})"}
+    return out
 
 
 def _case_section(case: str, anchor: str, tables, analysis: AnalysisResult, names: list[str],
@@ -205,8 +234,9 @@ def _case_section(case: str, anchor: str, tables, analysis: AnalysisResult, name
     row = tables.cases[tables.cases["case"] == case].iloc[0]
     slices = tables.slices[tables.slices["case"] == case]
     stains = slices.drop_duplicates("stain")
-    views = [{"id": f"view-{anchor}-{i}", "title": f"{key[1]} slice {key[2]}", **viewers[key]}
-             for i, key in enumerate(k for k in viewers if k[0] == case)]
+    views = [{"id": f"view-{anchor}-{i}", "title": f"{key[1]} slice {key[2]}"
+              + (f": {viewers[key]['title_suffix']}" if len(key) > 3 else ""), **viewers[key]}
+             for i, key in enumerate(sorted((k for k in viewers if k[0] == case), key=lambda k: (k[1:3], len(k))))]
     lesion = row.get("attention_lesion_auc") if "attention_lesion_auc" in row else None
     without = []
     if not tables.stains.empty:
