@@ -179,6 +179,15 @@ def test_annotations_restrict_tiling_to_inside_the_polygons_and_outside_their_ho
     assert any(b.startswith("case2/melan/") and "not readable GeoJSON" in b for b in bad)
     text = (tmp_path / "a" / "tiles" / "tile_report.txt").read_text()
     assert "no include annotation file" in text and "inside case1_he.geojson (1 polygon(s), Tumor)" in text
+    # the pathologist redraws case 1's outline: re-running tiles that slide again (the others resume)
+    small = [[10, 10], [170, 10], [170, 170], [10, 170], [10, 10]]
+    _polygon_file(ann / "case1_he.geojson", [small])
+    again = tile_folder(config).table
+    part = again[(again["case"] == "1") & (again["stain"] == "he")]
+    centres = part[["x", "y"]].to_numpy() + 32
+    assert len(part) and shapely.contains_xy(shapely.Polygon(small), centres[:, 0], centres[:, 1]).all()
+    unchanged = again[(again["case"] == "2")][["stain", "x", "y"]].to_numpy().tolist()
+    assert unchanged == table[(table["case"] == "2")][["stain", "x", "y"]].to_numpy().tolist()
 
 
 def test_stainmils_qupath_export_reads_back_as_the_same_patches(slide_cohort, tmp_path):
