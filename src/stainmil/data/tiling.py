@@ -118,7 +118,7 @@ def slide_regions(tile: TileConfig, files: tuple[Path | None, Path | None]) -> R
     return regions
 
 
-def _compile(pattern: str) -> re.Pattern:
+def compile_slide_pattern(pattern: str) -> re.Pattern:
     try:
         compiled = re.compile(pattern)
     except re.error as exc:
@@ -213,7 +213,7 @@ def tile_folder(config: Config) -> TileResult:
     if tile.mpp < 0 or tile.magnification < 0 or (tile.mpp > 0 and tile.magnification > 0):
         raise ConfigError("set one of tile.mpp and tile.magnification (or neither, for pixels of tile.level), "
                           "both non-negative.")
-    pattern = _compile(tile.filename_pattern)
+    pattern = compile_slide_pattern(tile.filename_pattern)
     export = config.data.source == "patches"
     files = slide_paths(walk_files(root))  # a DICOM slide (folder of .dcm instances) is one entry
     skipped: dict[str, list[str]] = {}

@@ -42,6 +42,7 @@ from PIL import Image, ImageDraw
 from stainmil.config import Config
 from stainmil.data.cohort import CaseRules, IndexResult, slide_index
 from stainmil.data.labels import normalize_case_id
+from stainmil.data.tiling import compile_slide_pattern
 from stainmil.errors import ConfigError, DataError
 from stainmil.features.store import StoreMeta, read_slice, slice_file, write_slice
 from stainmil.io import atomic_path, atomic_write_json, atomic_write_text, safe_name, save_image, walk_files
@@ -253,8 +254,7 @@ def _slide_files(config: Config) -> dict[str, list[Path]]:
     return found
 
 
-def _match(config: Config, name: str, slide: Path | None) -> re.Match | None:
-    pattern = re.compile(config.tile.filename_pattern)
+def _match(config: Config, pattern: re.Pattern, name: str, slide: Path | None) -> re.Match | None:
     candidates = [slide.relative_to(config.tile.slices_dir).as_posix()] if slide is not None else []
     candidates += [name] + [name + suffix for suffix in sorted(WSI_SUFFIXES)]
     for text in candidates:
@@ -323,6 +323,7 @@ def import_features(config: Config, root: str | Path, fmt: str = "auto", encoder
                         "finish that one or import into another folder (features.store_dir).")
     atomic_write_text(marker, f"{source.root.resolve()}\n")
     rules = CaseRules.from_config(config, require_labels)
+    pattern = compile_slide_pattern(config.tile.filename_pattern)  # a bad regex: one ConfigError, not a traceback
     n_found = len(source.slides) + len(source.locked) + len(source.incomplete)
     slides_on_disk = _slide_files(config)
     skipped: dict[str, list[str]] = {reason: names for reason, names in ((LOCKED, list(source.locked)),
@@ -331,7 +332,7 @@ def import_features(config: Config, root: str | Path, fmt: str = "auto", encoder
     keyed: dict[tuple[str, str, str], SourceSlide] = {}
     for slide in source.slides:
         paths = slides_on_disk.get(slide.name, [])
-        match = _match(config, slide.name, paths[0] if len(paths) == 1 else None)
+        match = _match(config, pattern, slide.name, paths[0] if len(paths) == 1 else None)
         if not match:
             skipped.setdefault(NO_MATCH, []).append(slide.name)
             continue
