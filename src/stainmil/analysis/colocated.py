@@ -21,11 +21,7 @@ import numpy as np
 import pandas as pd
 
 from stainmil.data.registration import read_pair
-
-
-def _grid_step(values: np.ndarray, size0: float) -> float:
-    steps = np.diff(np.unique(values))
-    return float(steps.min()) if len(steps) else float(size0)
+from stainmil.slides.coords import grid_step
 
 
 def map_patches(ihc: pd.DataFrame, he: pd.DataFrame, transform_file: str | Path) -> np.ndarray:
@@ -36,7 +32,7 @@ def map_patches(ihc: pd.DataFrame, he: pd.DataFrame, transform_file: str | Path)
     centres = (ihc[["x", "y"]].to_numpy(float) + size_ihc[:, None] / 2) * float(attrs["moving_mpp"])  # µm
     landed = transform.moving_to_fixed(centres) / float(attrs["fixed_mpp"])  # H&E level-0 px
     size0 = float(he["size0"].iloc[0])
-    step_x, step_y = _grid_step(he["x"].to_numpy(), size0), _grid_step(he["y"].to_numpy(), size0)
+    step_x = step_y = float(grid_step(he[["x", "y"]].to_numpy()) or size0)
     origin_x, origin_y = he["x"].min() % step_x, he["y"].min() % step_y
     corners = {(int(x), int(y)): i for i, (x, y) in enumerate(he[["x", "y"]].to_numpy())}
     out = np.full(len(ihc), -1, dtype=np.int64)

@@ -37,7 +37,7 @@ from stainmil.errors import ConfigError, DataError
 from stainmil.io import atomic_write, atomic_write_json, atomic_write_text, safe_name, save_image, walk_files
 from stainmil.progress import progress_bar
 from stainmil.slides.annotations import BadAnnotations, Region, find_annotation_file, read_region, region_mask
-from stainmil.slides.coords import read_coords, write_coords
+from stainmil.slides.coords import coords_attrs, read_coords, write_coords
 from stainmil.slides.grid import NoScale, mask_downsample, patch_grid, read_plan
 from stainmil.slides.reader import PatchRef, Slide, UnreadableSlide, read_patch, slide_paths
 from stainmil.slides.tissue import tissue_mask
@@ -239,7 +239,7 @@ def tile_folder(config: Config) -> TileResult:
             if tile.include_annotations and files[0] is None:
                 notes.setdefault(NO_ANNOTATIONS, []).append(rel)
             key_text = region_key(tile, files)
-            if h5.is_file() and read_coords(h5)[1].get("region_key", region_key(tile, (None, None))) != key_text:
+            if h5.is_file() and coords_attrs(h5).get("region_key", region_key(tile, (None, None))) != key_text:
                 h5.unlink()  # annotations or filters changed since this slide was tiled: tile it again
             try:
                 if not h5.is_file():

@@ -47,7 +47,7 @@ from stainmil.errors import ConfigError, DataError
 from stainmil.features.store import StoreMeta, read_slice, slice_file, write_slice
 from stainmil.io import atomic_path, atomic_write_json, atomic_write_text, safe_name, save_image, walk_files
 from stainmil.progress import progress_bar
-from stainmil.slides.coords import read_coords
+from stainmil.slides.coords import coords_attrs, grid_step
 from stainmil.slides.reader import (
     PLAIN_SUFFIXES,
     WSI_SUFFIXES,
@@ -175,10 +175,7 @@ def source_attrs(slide: SourceSlide) -> dict:
     attrs: dict = {}
     for path in (slide.features, slide.coords):
         if path is not None and path.suffix == ".h5":
-            with h5py.File(path, "r") as h5:
-                has_coords = "coords" in h5
-            if has_coords:
-                attrs.update(read_coords(path)[1])
+            attrs.update(coords_attrs(path))
     return attrs
 
 
@@ -204,23 +201,6 @@ def read_source_slide(slide: SourceSlide) -> SlideFeatures:
     return SlideFeatures(features, coords, source_attrs(slide))
 
 
-def _grid_step(coords: np.ndarray) -> int:
-    """The patch grid's step: the most common positive distance between neighbouring patches of a row or a column
-    (CLAM lays a grid per tissue contour, so distances between grids are no step)."""
-    steps = []
-    for along, other in ((0, 1), (1, 0)):
-        order = np.lexsort((coords[:, along], coords[:, other]))
-        ordered = coords[order]
-        same_line = ordered[1:, other] == ordered[:-1, other]
-        steps.append(np.diff(ordered[:, along])[same_line])
-    positive = np.concatenate(steps)
-    positive = positive[positive > 0]
-    if not len(positive):
-        return 0
-    values, counts = np.unique(positive, return_counts=True)
-    return int(values[np.argmax(counts)])
-
-
 def patch_geometry(source: SourceFolder, attrs: dict, coords: np.ndarray, fallback: int) -> tuple[int, int]:
     """(patch side at the target scale, patch side in level-0 px) from the coordinates' attrs, the folder name,
     or (CLAM without a patches file) the grid step."""
@@ -228,7 +208,7 @@ def patch_geometry(source: SourceFolder, attrs: dict, coords: np.ndarray, fallba
     size0 = attrs.get("patch_size_level0")
     if not size0 and "downsample" in attrs and size:  # CLAM: side at patch_level x that level's downsample
         size0 = size * float(np.ravel(attrs["downsample"])[0])
-    size0 = int(round(float(size0 or 0))) or _grid_step(coords) or size or fallback
+    size0 = int(round(float(size0 or 0))) or grid_step(coords) or size or fallback
     return size or size0, size0
 
 

@@ -52,12 +52,39 @@ def write_coords(path: Path, coords: np.ndarray, tissue: np.ndarray, plan: ReadP
     return path
 
 
+def _attrs(dataset: h5py.Dataset) -> dict:
+    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in dataset.attrs.items()}
+
+
 def read_coords(path: Path) -> tuple[np.ndarray, dict, np.ndarray]:
     """(coords (N, 2) level 0, attrs, tissue fractions (N,)) of a coordinates file — stainmil's, CLAM's or
     TRIDENT's (which carry no tissue fractions: ones)."""
     with h5py.File(path, "r") as h5:
         dataset = h5["coords"]
-        attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in dataset.attrs.items()}
         coords = dataset[()].astype(np.int64).reshape(-1, 2)
         tissue = h5["tissue_fraction"][()] if "tissue_fraction" in h5 else np.ones(len(coords), np.float32)
-        return coords, attrs, tissue
+        return coords, _attrs(dataset), tissue
+
+
+def coords_attrs(path: Path) -> dict:
+    """The attrs of a file's ``coords`` dataset without reading the coordinates ({} when it has none)."""
+    with h5py.File(path, "r") as h5:
+        return _attrs(h5["coords"]) if "coords" in h5 else {}
+
+
+def grid_step(coords: np.ndarray) -> int:
+    """The patch grid's step in level-0 px: the most common positive distance between neighbouring patches of a
+    row or a column (CLAM lays a grid per tissue contour, so distances between grids are no step); 0 when no
+    two patches share a row or column."""
+    steps = []
+    for along, other in ((0, 1), (1, 0)):
+        order = np.lexsort((coords[:, along], coords[:, other]))
+        ordered = coords[order]
+        same_line = ordered[1:, other] == ordered[:-1, other]
+        steps.append(np.diff(ordered[:, along])[same_line])
+    positive = np.concatenate(steps)
+    positive = positive[positive > 0]
+    if not len(positive):
+        return 0
+    values, counts = np.unique(positive, return_counts=True)
+    return int(values[np.argmax(counts)])
