@@ -203,8 +203,9 @@ class BaselineConfig:
 @dataclass
 class ModelConfig:
     architecture: str = _help(
-        "hierarchical (patch -> slice -> stain -> case) or a flat baseline over all patches of a case: abmil | "
-        "transmil | clam_sb | clam_mb | dsmil | dtfd_mil | mean | max (`stainmil models` lists them).",
+        "hierarchical (patch -> slice -> stain -> case); aligned (the hierarchy over registered places: each H&E "
+        "patch with the IHC patches lying on it, after `stainmil register`); or a flat baseline over all patches "
+        "of a case: abmil | transmil | clam_sb | clam_mb | dsmil | dtfd_mil | mean | max (`stainmil models`).",
         default="hierarchical")
     stain_identity: Literal["none", "embedding", "specific"] = _help(
         "What the model knows of which stain it looks at: none; embedding (default: a learned vector per stain "

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from stainmil.data.registration import read_pair, register_cohort
 from stainmil.pipeline import tile_cohort
@@ -102,3 +103,60 @@ def test_analysis_maps_ihc_attention_onto_the_he_patches(serial_cohort, tmp_path
         page.click(f"#{linked[-1]} .zoom-reset")
         assert {page.eval_on_selector(f"#{v} .stage", "s => s.dataset.zoom") for v in linked} == {"1.000"}
         assert not errors, errors
+
+
+def test_the_aligned_model_trains_predicts_and_explains_on_registered_slices(serial_cohort, tmp_path):
+    """Registered slices place each IHC patch on an H&E patch; `model.architecture: aligned` trains on those
+    places, is evaluated, analysed and predicts new cases; without a registration it says what to run."""
+    from stainmil.analysis.analyze import write_analysis
+    from stainmil.data.cohort import load_manifest
+    from stainmil.data.registration import patch_alignment
+    from stainmil.errors import ConfigError
+    from stainmil.evaluate.predict import evaluate_run
+    from stainmil.features.extract import extract_features
+    from stainmil.pipeline import predict_as_new, split_cohort
+    from stainmil.train.trainer import train
+
+    config = slide_config(serial_cohort, tmp_path, "register.max_side=192", "register.nonrigid=false",
+                          "split.method=holdout", "split.val_fraction=0.34", "split.test_fraction=0.34",
+                          "train.max_epochs=2", "model.architecture=aligned")
+    tile_cohort(config)
+    manifest = load_manifest(config)
+    with pytest.raises(ConfigError, match="stainmil register"):
+        patch_alignment(config, manifest)
+    registered = register_cohort(config).table
+    alignment = patch_alignment(config, manifest)
+    stains = manifest["stain"].to_numpy()
+    assert (alignment.anchor[stains == "he"] == np.flatnonzero(stains == "he")).all()
+    aligned = registered[registered["verdict"] == "aligned"]
+    assert len(aligned) >= 4
+    for reg in aligned.itertuples():
+        rows = np.flatnonzero((manifest["case"] == reg.case) & (manifest["stain"] == reg.stain)
+                              & (manifest["slice"] == reg.slice))
+        he_rows = np.flatnonzero((manifest["case"] == reg.case) & (stains == "he"))
+        assert (alignment.target[rows] >= 0).all()
+        placed = alignment.anchor[rows] >= 0
+        assert placed.mean() > 0.6 and np.isin(alignment.anchor[rows][placed], he_rows).all()
+    unaligned = registered[registered["verdict"] != "aligned"]
+    for reg in unaligned.itertuples():
+        rows = (manifest["case"] == reg.case) & (manifest["stain"] == reg.stain) & (manifest["slice"] == reg.slice)
+        assert (alignment.anchor[rows.to_numpy()] == -1).all()
+
+    extract_features(config, manifest)
+    split_cohort(config)
+    config.train.runs_dir = str(tmp_path / "runs")
+    run = train(config).run_dir
+    assert "aligned" in (run / "config.yaml").read_text()
+    evaluation = evaluate_run(run)
+    assert evaluation.predictions["prob_1"].between(0, 1).all() and len(evaluation.predictions) == 6
+    analysis = write_analysis(run, "test")
+    patches = analysis.tables.patches
+    from stainmil.analysis.report import build_report
+    assert "attention mapped onto it" in build_report(run, analysis).read_text()
+    per_case = patches.groupby("case")["effective_attention"].sum()
+    assert np.allclose(per_case, 1, atol=1e-4)
+    # an IHC patch folded into its H&E place carries no attention of its own: its place does
+    folded = patches[(patches["stain"] != "he") & (patches["effective_attention"] == 0)]
+    assert len(folded) > 0
+    predictions = pd.read_csv(predict_as_new(config, run, tmp_path / "new") / "predictions.csv")
+    assert len(predictions) > 0 and predictions["prob_1"].between(0, 1).all()

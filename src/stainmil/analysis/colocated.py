@@ -15,34 +15,10 @@ attention that lands on H&E patches (``landed``), and ``overlap``: the attention
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
-from stainmil.data.registration import read_pair
-from stainmil.slides.coords import grid_step
-
-
-def map_patches(ihc: pd.DataFrame, he: pd.DataFrame, transform_file: str | Path) -> np.ndarray:
-    """For each IHC patch (rows of a patch table), the row position in ``he`` of the H&E patch its centre lands
-    on, or -1 (off the H&E patches)."""
-    transform, attrs = read_pair(transform_file)
-    size_ihc = ihc["size0"].to_numpy(float)
-    centres = (ihc[["x", "y"]].to_numpy(float) + size_ihc[:, None] / 2) * float(attrs["moving_mpp"])  # µm
-    landed = transform.moving_to_fixed(centres) / float(attrs["fixed_mpp"])  # H&E level-0 px
-    size0 = float(he["size0"].iloc[0])
-    step_x = step_y = float(grid_step(he[["x", "y"]].to_numpy()) or size0)
-    origin_x, origin_y = he["x"].min() % step_x, he["y"].min() % step_y
-    corners = {(int(x), int(y)): i for i, (x, y) in enumerate(he[["x", "y"]].to_numpy())}
-    out = np.full(len(ihc), -1, dtype=np.int64)
-    for k, (px, py) in enumerate(landed):
-        cx = origin_x + np.floor((px - origin_x) / step_x) * step_x
-        cy = origin_y + np.floor((py - origin_y) / step_y) * step_y
-        hit = corners.get((int(round(cx)), int(round(cy))))
-        if hit is not None and px < cx + size0 and py < cy + size0:
-            out[k] = hit
-    return out
+from stainmil.data.registration import map_patches
 
 
 def colocated_tables(patches: pd.DataFrame, registrations: pd.DataFrame, reference: str = "he"

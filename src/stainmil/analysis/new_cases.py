@@ -13,6 +13,7 @@ from stainmil.analysis.report import build_prediction_report
 from stainmil.config import Config
 from stainmil.data.bags import CohortBags
 from stainmil.data.cohort import build_index, keep_stains, load_manifest, write_index
+from stainmil.data.registration import patch_alignment
 from stainmil.device import resolve_device
 from stainmil.errors import DataError, StoreError
 from stainmil.features.extract import extract_features
@@ -59,7 +60,10 @@ def predict_unlabelled(checkpoint: str | Path, config: Config, out_dir: str | Pa
         tuned = backbone_from_checkpoint(state, trained_config, resolve_device(config.features.device))
         extract_features(config, manifest, backbone=tuned)
     check_store(config.store_dir, config)
-    bags = CohortBags(manifest, cohort_features(config.store_dir, manifest, 1, cache_mb), trained_stains)
+    # an aligned model places the new cases' patches through their own registrations (`stainmil register`)
+    alignment = patch_alignment(config, manifest) if trained_config.model.architecture == "aligned" else None
+    bags = CohortBags(manifest, cohort_features(config.store_dir, manifest, 1, cache_mb), trained_stains,
+                      alignment=alignment)
     decision = run_decision(Path(checkpoint).resolve().parent.parent, threshold)  # the run folder's metrics.json
     threshold, rule, temperature = decision.threshold, decision.rule, decision.temperature
     predictions = case_probabilities(model, bags, bags.case_ids, resolve_device(config.train.device), temperature)

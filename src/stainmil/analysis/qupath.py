@@ -24,7 +24,7 @@ import pandas as pd
 from stainmil.analysis.analyze import write_analysis
 from stainmil.analysis.heatmaps import ATTENTION_NORM, patch_colours, patch_side
 from stainmil.config import load_config
-from stainmil.data.registration import read_pair, registration_dir
+from stainmil.data.registration import read_pair, read_registrations
 from stainmil.errors import DataError
 from stainmil.io import atomic_write, atomic_write_json, safe_name
 
@@ -176,8 +176,6 @@ def export_folder(folder: str | Path, split_name: str | None = None, out_dir: st
     registrations, reference = None, "he"
     if is_run:  # `stainmil register` ran on this cohort: IHC attention on the H&E slides too
         config = load_config(folder / "config.yaml")
-        found = registration_dir(config) / "registrations.csv"
-        if config.tile.out_dir and found.is_file():
-            registrations = pd.read_csv(found, dtype={"case": str, "slice": str, "fixed_slice": str})
+        if config.tile.out_dir and (registrations := read_registrations(config)) is not None:
             reference = config.register.reference_stain
     return export_qupath(patches, Path(out_dir) if out_dir else folder / "qupath", registrations, reference)

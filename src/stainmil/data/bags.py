@@ -7,8 +7,15 @@ A :class:`CaseBatch` holds several cases as one flat feature matrix and three in
     slice_group  (S,)    stain group of each slice      in [0, G)   (a stain group = one stain of one case)
     group_case   (G,)    case of each stain group       in [0, B)
     group_stain  (G,)    canonical stain index of each group (he=0, melan=1, sox10=2 by default)
+    patch_anchor (P,)    only with registered slices (``model.architecture: aligned``): the batch row of the
+                         reference-stain patch each patch lies on (a reference patch: itself), -1 for none
 
 A missing stain or slice is simply absent; softmaxes run over what exists.
+
+With a :class:`~stainmil.data.registration.PatchAlignment`, a slice whose registration is ``aligned`` *folds*
+into its reference slice when both are in the batch: only its patches that land on a reference patch of the
+batch come along (its own patch cap and dropout do not apply: the reference slice's decide). A folded slice
+whose reference slice is not in the batch (dropped, or another slice chosen) is pooled as usual.
 
 Patch embeddings come from one of two sources, and nothing downstream can tell them apart:
 
@@ -29,6 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from stainmil.data.registration import PatchAlignment
 from stainmil.errors import DataError
 from stainmil.features.sources import FeatureSource, InMemoryFeatures, StoreFeatures, StoreRequest
 from stainmil.slides.reader import patch_refs
@@ -45,6 +53,7 @@ class CaseBatch:
     case_ids: list[str]
     patch_rows: np.ndarray     # (P,) manifest row of each patch
     slice_rows: np.ndarray     # (S,) cohort slice index of each slice
+    patch_anchor: torch.Tensor | None = None  # (P,) long: batch row of the reference patch under each patch, or -1
 
     @property
     def n_cases(self) -> int:
@@ -64,10 +73,16 @@ class CaseBatch:
         used_slices, new_slice = torch.unique(patch_slice, return_inverse=True)
         slice_group = self.slice_group[used_slices]
         used_groups, new_group = torch.unique(slice_group, return_inverse=True)
+        anchor = None
+        if self.patch_anchor is not None:  # renumbered; a patch whose anchor left the batch has no place now
+            position = torch.cumsum(keep_t.long(), 0) - 1
+            old = self.patch_anchor[keep_t]
+            placed = (old >= 0) & keep_t[old.clamp_min(0)]
+            anchor = torch.where(placed, position[old.clamp_min(0)], torch.full_like(old, -1))
         return CaseBatch(features=self.features[keep_t], patch_slice=new_slice, slice_group=new_group,
                          group_case=self.group_case[used_groups], group_stain=self.group_stain[used_groups],
                          labels=self.labels, case_ids=self.case_ids, patch_rows=self.patch_rows[np.asarray(keep)],
-                         slice_rows=self.slice_rows[used_slices.cpu().numpy()])
+                         slice_rows=self.slice_rows[used_slices.cpu().numpy()], patch_anchor=anchor)
 
 
 class PatchEncoder(Protocol):
@@ -85,11 +100,13 @@ class CohortBags:
     ``features``: (N, D) array or a view bank (V, N, D) held in memory (float16 from the store is kept as is;
     batches are cast to float32); a :class:`StoreRequest` to read the store on demand with a bounded cache;
     an existing :class:`~stainmil.features.sources.FeatureSource`; or ``None`` with an ``encoder`` that
-    computes them from the images.
+    computes them from the images. ``alignment``: each patch's place on its case's reference slice (``stainmil
+    register``; the ``aligned`` architecture): batches then carry ``patch_anchor`` and fold aligned slices.
     """
 
     def __init__(self, manifest: pd.DataFrame, features: np.ndarray | FeatureSource | StoreRequest | None,
-                 stains: list[str], encoder: PatchEncoder | None = None) -> None:
+                 stains: list[str], encoder: PatchEncoder | None = None,
+                 alignment: PatchAlignment | None = None) -> None:
         if (features is None) == (encoder is None):
             raise ValueError("CohortBags needs either features or an encoder")
         if isinstance(features, np.ndarray) and features.shape[-2] != len(manifest):
@@ -119,6 +136,12 @@ class CohortBags:
         self.case_slices: dict[str, list[int]] = {c: [] for c in self.case_ids}
         for s, case in enumerate(self.slice_case):
             self.case_slices[case].append(s)
+        self.alignment = alignment
+        if alignment is not None:
+            if len(alignment.anchor) != len(manifest):
+                raise ValueError("the alignment must have one row per manifest row")
+            target = alignment.target[[rows[0] for rows in self.slice_patches]]
+            self.fold_target = np.where(target >= 0, codes[np.maximum(target, 0)], -1)  # (S,) reference slice or -1
         if isinstance(features, StoreRequest):
             position = np.empty(len(manifest), dtype=np.int32)      # each row's place in its slice's store file
             position[order] = np.arange(len(manifest)) - np.repeat(bounds[:-1], np.diff(bounds))
@@ -138,7 +161,7 @@ class CohortBags:
 
     def with_manifest(self, manifest: pd.DataFrame) -> CohortBags:
         """The same patches (rows, features, encoder) under another hierarchy, e.g. sub-cases."""
-        return CohortBags(manifest, self.source, self.stains, self.encoder)
+        return CohortBags(manifest, self.source, self.stains, self.encoder, self.alignment)
 
     def patch_features(self, rows: np.ndarray, augment: bool = False,
                        rng: np.random.Generator | None = None) -> torch.Tensor:
@@ -186,8 +209,22 @@ class CohortBags:
         stain would go, one drawn at random stays). ``patch_dropout`` then drops that share of each slice's
         patches at random (keeping at least one).
         ``augment`` (training): one random feature view per patch, or augmented images online.
+        With an alignment, aligned slices fold into their reference slice (see the module doc).
         """
         patch_rows, patch_slice, slice_group, slice_rows, group_case, group_stain = [], [], [], [], [], []
+
+        def add(b: int, stain_groups: dict[int, int], s: int, rows: np.ndarray) -> None:
+            """Slice ``s`` of the ``b``-th case with its patches ``rows`` (a stain's first slice opens its group)."""
+            stain = int(self.slice_stain[s])
+            if stain not in stain_groups:
+                stain_groups[stain] = len(group_case)
+                group_case.append(b)
+                group_stain.append(stain)
+            patch_slice.append(np.full(len(rows), len(slice_rows)))
+            patch_rows.append(rows)
+            slice_group.append(stain_groups[stain])
+            slice_rows.append(s)
+
         for b, case in enumerate(cases):
             case_slices = slices[case] if slices is not None else self.case_slices[case]
             if not case_slices:
@@ -195,24 +232,31 @@ class CohortBags:
                                 "and the index report.")
             if stain_dropout:
                 case_slices = self._drop_stains(case_slices, stain_dropout, rng)
-            stain_groups: dict[int, int] = {}
+            stain_groups: dict[int, int] = {}  # stain -> its group in the batch
+            present = set(case_slices)
+            folded, taken = [], {}
             for s in sorted(case_slices, key=lambda s: (self.slice_stain[s], s)):
-                stain = int(self.slice_stain[s])
-                if stain not in stain_groups:
-                    stain_groups[stain] = len(group_case)
-                    group_case.append(b)
-                    group_stain.append(stain)
+                if self.alignment is not None and self.fold_target[s] in present:
+                    folded.append(s)  # after its reference slice has drawn its patches
+                    continue
                 rows = self.slice_patches[s]
                 keep = min(len(rows), per_slice_cap) if per_slice_cap else len(rows)
                 if patch_dropout:
                     keep = max(1, int(round(keep * (1 - patch_dropout))))
                 if keep < len(rows):
                     rows = np.sort(rng.choice(rows, keep, replace=False))
-                patch_slice.append(np.full(len(rows), len(slice_rows)))
-                patch_rows.append(rows)
-                slice_group.append(stain_groups[stain])
-                slice_rows.append(s)
+                taken[s] = rows
+                add(b, stain_groups, s, rows)
+            for s in folded:
+                rows = self.slice_patches[s]
+                rows = rows[np.isin(self.alignment.anchor[rows], taken[int(self.fold_target[s])])]
+                if len(rows):
+                    add(b, stain_groups, s, rows)
         rows = np.concatenate(patch_rows)
+        anchor = None
+        if self.alignment is not None:
+            position = {int(r): i for i, r in enumerate(rows)}
+            anchor = torch.tensor([position.get(int(a), -1) for a in self.alignment.anchor[rows]], dtype=torch.long)
         return CaseBatch(
             features=self.patch_features(rows, augment, rng),
             patch_slice=torch.from_numpy(np.concatenate(patch_slice)).long(),
@@ -220,7 +264,7 @@ class CohortBags:
             group_case=torch.tensor(group_case, dtype=torch.long),
             group_stain=torch.tensor(group_stain, dtype=torch.long),
             labels=torch.tensor([self.case_label(c) for c in cases], dtype=torch.long),
-            case_ids=list(cases), patch_rows=rows, slice_rows=np.array(slice_rows),
+            case_ids=list(cases), patch_rows=rows, slice_rows=np.array(slice_rows), patch_anchor=anchor,
         )
 
     def _drop_stains(self, slices: list[int], chance: float, rng: np.random.Generator) -> list[int]:

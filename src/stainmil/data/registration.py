@@ -33,9 +33,10 @@ import pandas as pd
 
 from stainmil.config import Config
 from stainmil.data.tiling import load_tiles
-from stainmil.errors import DataError
+from stainmil.errors import ConfigError, DataError
 from stainmil.io import atomic_path, atomic_write, atomic_write_json, atomic_write_text, safe_name
 from stainmil.progress import progress_bar
+from stainmil.slides.coords import grid_step
 from stainmil.slides.reader import Slide, UnreadableSlide
 from stainmil.slides.register import PairTransform, quality_dict, read_section, register_sections
 
@@ -92,6 +93,96 @@ def read_pair(path: str | Path) -> tuple[PairTransform | None, dict]:
         transform = PairTransform(h5["affine"][()], h5["u"][()].astype(np.float64), h5["v"][()].astype(np.float64),
                                   float(attrs["spacing_um"]), bool(attrs["flipped"]))
     return transform, attrs
+
+
+def map_patches(ihc: pd.DataFrame, he: pd.DataFrame, transform_file: str | Path) -> np.ndarray:
+    """For each IHC patch (rows of a patch table), the row position in ``he`` of the H&E patch its centre lands
+    on, or -1 (off the H&E patches)."""
+    transform, attrs = read_pair(transform_file)
+    size_ihc = ihc["size0"].to_numpy(float)
+    centres = (ihc[["x", "y"]].to_numpy(float) + size_ihc[:, None] / 2) * float(attrs["moving_mpp"])  # µm
+    landed = transform.moving_to_fixed(centres) / float(attrs["fixed_mpp"])  # H&E level-0 px
+    size0 = float(he["size0"].iloc[0])
+    step_x = step_y = float(grid_step(he[["x", "y"]].to_numpy()) or size0)
+    origin_x, origin_y = he["x"].min() % step_x, he["y"].min() % step_y
+    corners = {(int(x), int(y)): i for i, (x, y) in enumerate(he[["x", "y"]].to_numpy())}
+    out = np.full(len(ihc), -1, dtype=np.int64)
+    for k, (px, py) in enumerate(landed):
+        cx = origin_x + np.floor((px - origin_x) / step_x) * step_x
+        cy = origin_y + np.floor((py - origin_y) / step_y) * step_y
+        hit = corners.get((int(round(cx)), int(round(cy))))
+        if hit is not None and px < cx + size0 and py < cy + size0:
+            out[k] = hit
+    return out
+
+
+def read_registrations(config: Config) -> pd.DataFrame | None:
+    """``registrations.csv`` of ``config``'s cohort (transform paths resolved in its folder), or None before
+    ``stainmil register``."""
+    out = registration_dir(config)
+    if not (out / "registrations.csv").is_file():
+        return None
+    table = pd.read_csv(out / "registrations.csv", dtype={"case": str, "stain": str, "slice": str,
+                                                          "fixed_stain": str, "fixed_slice": str})
+    # found where they are now, even when the cohort's folder moved since `register` wrote the table
+    table["transform"] = [str(out / "transforms" / Path(p).name) for p in table["transform"]]
+    return table
+
+
+@dataclass
+class PatchAlignment:
+    """Where each patch of a cohort lies on its case's reference-stain slice (``model.architecture: aligned``).
+
+    ::
+
+        anchor  (N,) int64  manifest row of the reference patch this patch's centre lands on through its slice's
+                            ``aligned`` registration; a reference-stain patch: its own row; -1: no place
+        target  (N,) int64  a patch of an aligned slice: a manifest row of the reference slice it folds into;
+                            -1 for every other patch (reference patches, slices whose pair is not ``aligned``)
+    """
+
+    anchor: np.ndarray
+    target: np.ndarray
+
+    @property
+    def aligned_rows(self) -> int:
+        """Patches of other stains placed on a reference patch."""
+        return int(((self.anchor >= 0) & (self.target >= 0)).sum())
+
+
+def patch_alignment(config: Config, manifest: pd.DataFrame) -> PatchAlignment:
+    """Every manifest row's place on its case's reference slice, from ``stainmil register``'s aligned pairs
+    (``doubtful`` and ``failed`` pairs leave their slices unplaced: the model pools them as the hierarchy does)."""
+    found = registration_dir(config) / "registrations.csv"
+    registrations = read_registrations(config)
+    if registrations is None:
+        raise ConfigError(f"model.architecture 'aligned' needs this cohort's registered slices, but {found} does not "
+                          "exist; run `stainmil register --config <config>` after `stainmil tile`.")
+    missing = [c for c in ("x", "y", "size0") if c not in manifest.columns]
+    if missing:
+        raise ConfigError(f"model.architecture 'aligned' needs each patch's place on its slide, but the index has no "
+                          f"{missing}; tile whole slides with `stainmil tile` (patch-image cohorts cannot be aligned).")
+    manifest = manifest.reset_index(drop=True)
+    reference = config.register.reference_stain
+    keys = list(zip(manifest["case"].astype(str), manifest["stain"].astype(str), manifest["slice"].astype(str)))
+    slices: dict[tuple[str, str, str], list[int]] = {}
+    for row, key in enumerate(keys):
+        slices.setdefault(key, []).append(row)
+    anchor = np.full(len(manifest), -1, dtype=np.int64)
+    target = np.full(len(manifest), -1, dtype=np.int64)
+    for (_, stain, _), rows in slices.items():
+        if stain == reference:
+            anchor[rows] = rows
+    for reg in registrations[registrations["verdict"] == "aligned"].itertuples(index=False):
+        he_rows = slices.get((reg.case, reference, reg.fixed_slice))
+        ihc_rows = slices.get((reg.case, reg.stain, reg.slice))
+        if he_rows is None or ihc_rows is None:
+            continue  # a slice the index left out (a stain subset, an excluded slice)
+        he_rows, ihc_rows = np.array(he_rows), np.array(ihc_rows)
+        hits = map_patches(manifest.iloc[ihc_rows], manifest.iloc[he_rows], reg.transform)
+        anchor[ihc_rows] = np.where(hits >= 0, he_rows[np.maximum(hits, 0)], -1)
+        target[ihc_rows] = he_rows[0]
+    return PatchAlignment(anchor, target)
 
 
 def _slides(config: Config) -> dict[str, list[SlideRef]]:

@@ -154,10 +154,14 @@ class HierarchicalMIL(StainAware):
         """``topk_mask=(k, ratio)`` (training only): mask that share of each slice's k top patches (ACMIL)."""
         if self.stain_identity != "none":
             self.check_stains(batch)
+        patch_stain = batch.group_stain[batch.slice_group][batch.patch_slice]        # (P,)
+        return self.pool(self.embed(batch.features, patch_stain), batch, topk_mask)
+
+    def pool(self, h: torch.Tensor, batch: CaseBatch, topk_mask: tuple[int, float] | None = None) -> MILOutput:
+        """Pool the patch embeddings ``h`` (P, E) of ``batch``'s patches up the hierarchy (its features unused)."""
         n_slices, n_groups = len(batch.slice_group), len(batch.group_case)
         slice_stain = batch.group_stain[batch.slice_group]                          # (S,)
         patch_stain = slice_stain[batch.patch_slice]                                # (P,)
-        h = self.embed(batch.features, patch_stain)                                 # (P, E)
         drop = None
         if topk_mask is not None and topk_mask[0] > 0:
             with torch.no_grad():

@@ -1,4 +1,5 @@
-"""Architectures by name (``model.architecture``): the hierarchical model and the flat baselines.
+"""Architectures by name (``model.architecture``): the hierarchical model, its aligned variant and the flat
+baselines.
 
 Every entry builds an ``nn.Module`` with the same interface — ``forward(batch) -> MILOutput``,
 ``set_feature_statistics``, ``set_seen_stains``, ``patch_alone_logits`` — so the one trainer, evaluation,
@@ -15,6 +16,7 @@ from torch import nn
 
 from stainmil.config import ModelConfig
 from stainmil.errors import ConfigError
+from stainmil.model.aligned import AlignedMIL
 from stainmil.model.baselines.abmil import ABMIL
 from stainmil.model.baselines.clam import CLAM
 from stainmil.model.baselines.dsmil import DSMIL
@@ -33,6 +35,8 @@ class Architecture:
 
 ARCHITECTURES: dict[str, Architecture] = {
     "hierarchical": Architecture(HierarchicalMIL, True, "stainmil: attention patch -> slice -> stain -> case"),
+    "aligned": Architecture(AlignedMIL, True, "stainmil: the hierarchy over registered places (each H&E patch with "
+                            "the IHC patches lying on it; `stainmil register` first)"),
     "abmil": Architecture(ABMIL, True, "Ilse et al. 2018: gated attention"),
     "clam_sb": Architecture(CLAM, True, "Lu et al. 2021: one branch, instance clustering"),
     "clam_mb": Architecture(partial(CLAM, multi_branch=True), True,

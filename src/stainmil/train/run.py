@@ -23,6 +23,7 @@ from torch import nn
 from stainmil.config import Config
 from stainmil.data.bags import CaseBatch, CohortBags
 from stainmil.data.cohort import keep_stains, load_manifest
+from stainmil.data.registration import patch_alignment
 from stainmil.data.splits import Split, load_split
 from stainmil.device import resolve_device
 from stainmil.errors import DataError, TrainingError
@@ -34,6 +35,7 @@ from stainmil.stats.calibration import apply_temperature
 from stainmil.train.checkpoint import load_checkpoint, model_from_checkpoint
 
 TRAINING_COLUMNS = ["case", "stain", "slice", "patch", "patch_index", "label"]
+PLACE_COLUMNS = ["x", "y", "size0"]  # where a patch lies on its slide: the aligned architecture places patches
 
 
 def load_cohort(config: Config, split: Split | None = None, training: bool = False) -> tuple[CohortBags, Split]:
@@ -45,8 +47,9 @@ def load_cohort(config: Config, split: Split | None = None, training: bool = Fal
     (``data.stains``) the cases that have none of its stains drop out of the split.
     """
     bounded = training and config.features.mode == "cached" and config.features.cache_mb > 0
+    aligned = config.model.architecture == "aligned"
     # a bounded training process keeps only the index columns training uses: its memory stays small
-    manifest = load_manifest(config, TRAINING_COLUMNS if bounded else None)
+    manifest = load_manifest(config, (TRAINING_COLUMNS + (PLACE_COLUMNS if aligned else [])) if bounded else None)
     cases = set(manifest["case"])
     split = split or load_split(config.split_file, cases)
     manifest = keep_stains(manifest, config.data.stains)
@@ -55,17 +58,18 @@ def load_cohort(config: Config, split: Split | None = None, training: bool = Fal
     for name in ("train", "val"):
         if not split.subset(name):
             raise DataError(f"the {name} split of {config.split_file} is empty; re-split with more cases.")
+    alignment = patch_alignment(config, manifest) if aligned else None
     online = config.features.mode == "online"
     if online and training:
         encoder = OnlineEncoder(config, resolve_device(config.train.device))
-        return CohortBags(manifest, None, config.data.stains, encoder), split
+        return CohortBags(manifest, None, config.data.stains, encoder, alignment), split
     if online and not (config.store_dir / STORE_META).is_file():
         raise TrainingError(f"this online run has no store of its trained backbone's features yet "
                             f"({config.store_dir}); finish training first: `stainmil train --resume <run folder>`.")
     check_store(config.store_dir, config)
     views = config.features.views if training else 1
     features = cohort_features(config.store_dir, manifest, views, config.features.cache_mb)
-    return CohortBags(manifest, features, config.data.stains), split
+    return CohortBags(manifest, features, config.data.stains, alignment=alignment), split
 
 
 @dataclass
