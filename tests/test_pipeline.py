@@ -132,3 +132,21 @@ def test_three_classes_from_demo_to_cv_and_report(tmp_path):
     pooled = cv.metrics["pooled_out_of_fold"]
     assert pooled["n_cases"] == 12 and "recall_intermediate" in pooled["ci95"]
     assert "the most probable class" in (cv.out_dir / "cv_report.txt").read_text()
+
+
+@pytest.mark.slow
+def test_serial_demo_registers_and_trains_the_aligned_model(tmp_path):
+    """`stainmil demo --serial`: serial sections registered after tiling; the aligned model trains on the places."""
+    logs = []
+    result = run_demo(tmp_path / "demo", ["train.max_epochs=2", "eval.bootstrap=10", "model.architecture=aligned",
+                                          "register.max_side=192", "register.nonrigid=false", "split.method=holdout",
+                                          "split.val_fraction=0.34", "split.test_fraction=0.34"],
+                      weights="random", log=logs.append, preset="serial-tiny", serial=True)
+    assert any("registering every IHC slice" in line for line in logs)
+    assert any("training the aligned attention model" in line for line in logs)
+    registrations = pd.read_csv(result.config.tile.out_dir + "/registration/registrations.csv")
+    assert len(registrations) == 12 and (registrations["verdict"] == "aligned").sum() >= 4
+    run = result.training.run_dir
+    assert (run / "attention" / "colocated_cases.csv").is_file()
+    assert "attention mapped onto it" in result.report.read_text()
+    assert (result.predictions / "predictions.csv").is_file()

@@ -236,17 +236,23 @@ def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo_
          set_: SetOpt = None,
          weights: Annotated[str, typer.Option(help="auto (pretrained, else random with a warning) | pretrained | "
                                                    "random | path")] = "auto",
-         preset: Annotated[str, typer.Option(help="Synthetic cohort preset: demo | tiny | real-shape.")] = "demo",
+         preset: Annotated[str, typer.Option(help="Synthetic cohort preset: demo | tiny | real-shape | serial | "
+                                                  "serial-tiny.")] = "demo",
          slides: Annotated[bool, typer.Option(help="The slide route: pyramidal TIFF slides -> tile -> extract "
                                                    "from the slides.")] = False,
          classes: Annotated[int, typer.Option(help="2 (benign, high_grade) or 3 (benign, intermediate, "
                                                    "high_grade).")] = 2,
+         serial: Annotated[bool, typer.Option(help="Serial sections (the slide route), registered after tiling: the "
+                                                   "report maps the IHC attention onto the H&E slices (default "
+                                                   "preset: serial).")] = False,
          ) -> None:
     """synth -> index (or tile slides) -> split -> extract -> train -> evaluate -> report on a synthetic cohort."""
     from stainmil.pipeline import run_demo
 
+    if serial and preset == "demo":
+        preset = "serial"
     result = run_demo(out, set_, weights, log=lambda msg: console.print(msg, highlight=False), preset=preset,
-                      slides=slides, classes=classes)
+                      slides=slides, classes=classes, serial=serial)
     _print_evaluation(result.evaluation, result.training.run_dir)
     console.print(result.analysis_summary, highlight=False)
     console.print(f"report: [bold]{result.report}[/]  (open it in a browser)")

@@ -14,6 +14,7 @@ from stainmil.analysis.qupath import export_folder
 from stainmil.analysis.report import build_report
 from stainmil.config import Config, dump_config, load_config
 from stainmil.data.cohort import build_index, case_labels, load_manifest, write_index
+from stainmil.data.registration import register_cohort
 from stainmil.data.splits import load_split, make_splits, write_splits
 from stainmil.data.synth import PRESETS, write_cohort, write_slides
 from stainmil.data.tiling import TileResult, tile_folder
@@ -73,7 +74,8 @@ def demo_config(out_dir: Path, cohort_dir: Path, overrides: list[str], slides: b
 
 
 def run_demo(out_dir: str | Path = "demo_out", overrides: list[str] | None = None, weights: str = "auto",
-             log=print, preset: str = "demo", slides: bool = False, classes: int = 2) -> DemoResult:
+             log=print, preset: str = "demo", slides: bool = False, classes: int = 2,
+             serial: bool = False) -> DemoResult:
     """synth -> index -> split -> extract -> train -> evaluate -> analyze + report on the synthetic cohort.
 
     ``slides=True`` runs the slide route: the slices are written as pyramidal TIFF slides, tiled (tissue
@@ -81,10 +83,14 @@ def run_demo(out_dir: str | Path = "demo_out", overrides: list[str] | None = Non
 
     ``weights='auto'`` tries ImageNet weights and, when they cannot be had offline, falls back to
     random weights *and says so* in the output and in results.txt. ``classes=3``: benign, intermediate and
-    high-grade cases (metrics, reports and predictions per class).
+    high-grade cases (metrics, reports and predictions per class). ``serial=True`` (implies ``slides``): each
+    case's stains are serial sections of one block, registered after tiling (``stainmil register``): the report
+    shows the IHC attention on the H&E slices in linked viewers (``model.architecture=aligned`` in
+    ``overrides`` trains the model that fuses them).
     """
     out_dir = Path(out_dir).resolve()
-    synth = dataclasses.replace(PRESETS[preset], classes=classes)
+    slides = slides or serial
+    synth = dataclasses.replace(PRESETS[preset], classes=classes, serial=serial or PRESETS[preset].serial)
     cohort_dir = out_dir / "cohort"
     if (cohort_dir / "labels.csv").is_file():
         log(f"[1/8] synthetic cohort already in {cohort_dir} (delete it to regenerate)")
@@ -118,6 +124,13 @@ def run_demo(out_dir: str | Path = "demo_out", overrides: list[str] | None = Non
         tiled, index_dir = tile_cohort(config)
         report = json.loads((index_dir / "index_report.json").read_text())
         log(f"      {len(tiled.slides)} slides tiled; report: {tiled.out_dir / 'tile_report.txt'}")
+        if synth.serial:
+            log("      registering every IHC slice to the H&E slice of its case (rigid with flips -> affine -> "
+                "B-spline)")
+            registered = register_cohort(config)
+            verdicts = registered.table["verdict"].value_counts().to_dict()
+            log(f"      {len(registered.table)} slices: " + ", ".join(f"{n} {v}" for v, n in sorted(verdicts.items()))
+                + f"; report: {registered.out_dir / 'register_report.txt'}")
     else:
         log("[2/8] indexing and validating the patch folder")
         index_dir, report = index_cohort(config)
@@ -134,7 +147,7 @@ def run_demo(out_dir: str | Path = "demo_out", overrides: list[str] | None = Non
         summary = extract_features(config, load_manifest(config), backbone=backbone)
         log(f"      {summary.patches_written} patches in {summary.seconds:.1f} s "
             f"({summary.slices_done_before} slices were already done)")
-    log("[5/8] training the hierarchical attention model")
+    log(f"[5/8] training the {config.model.architecture} attention model")
     trained = train(config)
     log(f"      {trained.epochs_run} epochs, best epoch {trained.best_epoch}; run folder {trained.run_dir}")
     log("[6/8] evaluating on the held-out test cases")

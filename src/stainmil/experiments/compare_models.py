@@ -67,7 +67,7 @@ class Variant:
         config.model.architecture = self.architecture
         if self.stain_identity:
             config.model.stain_identity = self.stain_identity
-        elif config.model.stain_identity == "specific" and self.architecture != "hierarchical":
+        elif config.model.stain_identity == "specific" and not ARCHITECTURES[self.architecture].stain_specific:
             config.model.stain_identity = "embedding"  # the flat models' counterpart of a stain-specific run
         if self.stains:
             config.data.stains = list(self.stains)
@@ -92,8 +92,9 @@ def parse_variants(models: list[str], stain_sets: list[str] | None, known_stains
         if identity and identity not in STAIN_IDENTITIES:
             raise ConfigError(f"--models: '{spec}' asks for stain identity '{identity}'; choose one of "
                               f"{list(STAIN_IDENTITIES)}.")
-        if identity == "specific" and name != "hierarchical":
-            raise ConfigError(f"--models: '{spec}': stain identity 'specific' is for the hierarchical model only.")
+        if identity == "specific" and not ARCHITECTURES[name].stain_specific:
+            raise ConfigError(f"--models: '{spec}': stain identity 'specific' is for the hierarchical models only "
+                              f"({', '.join(n for n, a in ARCHITECTURES.items() if a.stain_specific)}).")
         parsed.append((name, identity or None))
     sets: list[tuple[str, ...] | None] = [None]
     if stain_sets:
