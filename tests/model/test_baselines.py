@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from stainmil.config import ModelConfig
+from stainmil.data.bags import CohortBags
+from stainmil.data.registration import PatchAlignment
 from stainmil.errors import ConfigError, DataError
 from stainmil.model.baselines.clam import smooth_top1_svm
 from stainmil.model.registry import ARCHITECTURES, build_model
@@ -13,6 +15,25 @@ from stainmil.model.segment import segment_sum
 from tests.model.test_hierarchical import random_bags
 
 STAINS = ["he", "melan", "sox10"]
+
+
+def placed_bags(n_cases=5, seed=0) -> CohortBags:
+    """Ragged cases (tests/model/test_hierarchical.py) whose IHC slices were registered onto their case's first H&E
+    slice at random: half of the slices aligned (a patch on a random H&E patch, or one in four on none), the rest
+    not — every architecture sees the places; only ``aligned`` reads them."""
+    bags = random_bags(n_cases=n_cases, seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    m = bags.manifest
+    anchor = np.where(m["stain"] == "he", np.arange(len(m)), -1)
+    target = np.full(len(m), -1)
+    for (case, stain, _), rows in m.groupby(["case", "stain", "slice"]).indices.items():
+        he = np.flatnonzero((m["case"] == case) & (m["stain"] == "he") & (m["slice"] == "0"))
+        if stain == "he" or rng.random() < 0.5:
+            continue
+        target[rows] = he[0]
+        anchor[rows] = np.where(rng.random(len(rows)) < 0.75, rng.choice(he, len(rows)), -1)
+    features = bags.source.gather(np.arange(len(m)), None).numpy()
+    return CohortBags(m, features, bags.stains, alignment=PatchAlignment(anchor, target))
 
 
 def small_config(architecture, **kwargs) -> ModelConfig:
@@ -35,7 +56,7 @@ def case_of_patch(batch):
 
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
 def test_forward_backward_on_ragged_cases(architecture):
-    bags = random_bags(n_cases=6)
+    bags = placed_bags(n_cases=6)
     model = build(architecture, bags).train()
     batch = bags.batch(bags.case_ids)
     out = model(batch)
@@ -55,7 +76,7 @@ def test_forward_backward_on_ragged_cases(architecture):
 
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
 def test_case_alone_equals_case_in_batch_and_eval_is_deterministic(architecture):
-    bags = random_bags(n_cases=5, seed=3)
+    bags = placed_bags(n_cases=5, seed=3)
     model = build(architecture, bags).eval()
     with torch.no_grad():
         together = model(bags.batch(bags.case_ids))
@@ -69,7 +90,7 @@ def test_case_alone_equals_case_in_batch_and_eval_is_deterministic(architecture)
 @pytest.mark.parametrize("architecture", [*sorted(ARCHITECTURES), "hierarchical:embedding", "hierarchical:specific",
                                           "abmil:embedding"])
 def test_patch_alone_logits_are_the_model_on_a_one_patch_case(architecture):
-    bags = random_bags(n_cases=3, seed=1)
+    bags = placed_bags(n_cases=3, seed=1)
     name, _, identity = architecture.partition(":")
     model = build(name, bags, stain_identity=identity or "none").eval()
     batch = bags.batch([bags.case_ids[0]])
@@ -79,13 +100,15 @@ def test_patch_alone_logits_are_the_model_on_a_one_patch_case(architecture):
         for i in (0, len(batch.patch_slice) - 1):
             keep = np.zeros(len(batch.patch_slice), dtype=bool)
             keep[i] = True
+            if name == "aligned":  # a place alone is the H&E patch with the IHC patches lying on it
+                keep |= (batch.patch_anchor == i).numpy()
             single = model(batch.subset(keep))
             assert torch.allclose(torch.softmax(single.logits[0], -1), torch.softmax(alone[i], -1), atol=1e-5)
 
 
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
 def test_same_seed_same_model_and_training_step(architecture):
-    bags = random_bags(n_cases=4)
+    bags = placed_bags(n_cases=4)
     batch = bags.batch(bags.case_ids)
     logits = []
     for _ in range(2):
@@ -96,7 +119,7 @@ def test_same_seed_same_model_and_training_step(architecture):
 
 
 def test_three_classes_for_every_architecture():
-    bags = random_bags(n_cases=6)
+    bags = placed_bags(n_cases=6)
     batch = bags.batch(bags.case_ids)
     batch.labels = torch.tensor([0, 1, 2, 0, 1, 2])
     for architecture in ARCHITECTURES:

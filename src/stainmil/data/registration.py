@@ -153,15 +153,15 @@ class PatchAlignment:
 def patch_alignment(config: Config, manifest: pd.DataFrame) -> PatchAlignment:
     """Every manifest row's place on its case's reference slice, from ``stainmil register``'s aligned pairs
     (``doubtful`` and ``failed`` pairs leave their slices unplaced: the model pools them as the hierarchy does)."""
+    missing = [c for c in ("x", "y", "size0") if c not in manifest.columns]
+    if missing:
+        raise ConfigError(f"model.architecture 'aligned' needs each patch's place on its slide, but the index has no "
+                          f"{missing}; tile whole slides with `stainmil tile` (patch-image cohorts cannot be aligned).")
     found = registration_dir(config) / "registrations.csv"
     registrations = read_registrations(config)
     if registrations is None:
         raise ConfigError(f"model.architecture 'aligned' needs this cohort's registered slices, but {found} does not "
                           "exist; run `stainmil register --config <config>` after `stainmil tile`.")
-    missing = [c for c in ("x", "y", "size0") if c not in manifest.columns]
-    if missing:
-        raise ConfigError(f"model.architecture 'aligned' needs each patch's place on its slide, but the index has no "
-                          f"{missing}; tile whole slides with `stainmil tile` (patch-image cohorts cannot be aligned).")
     manifest = manifest.reset_index(drop=True)
     reference = config.register.reference_stain
     keys = list(zip(manifest["case"].astype(str), manifest["stain"].astype(str), manifest["slice"].astype(str)))
