@@ -218,6 +218,8 @@ def _registered_viewers(analysis: AnalysisResult, viewers: dict[tuple, dict]) ->
         for column in [c for c in part.columns if c.endswith("_patches")]:
             ihc = column.removesuffix("_patches")
             landed = part[part[column] > 0]
+            if landed.empty:  # that stain's slice of this case was not aligned (only other cases' were)
+                continue
             att, prob = landed[f"{ihc}_relative_attention"].to_numpy(), landed[f"{ihc}_patch_prob"].to_numpy()
             colours_a = [_hex(c) for c in patch_colours(att, "relative_attention")]
             colours_p = [_hex(c) for c in patch_colours(prob, "patch_prob")]
