@@ -97,3 +97,35 @@ def test_gpu_check_script_prints_its_table_on_cpu(tmp_path):
                 "1x (", "3x ("):
         assert row in table, row
     assert "CPU" in table and (tmp_path / "gpu_check.md").read_text() == table
+
+
+def test_aligned_by_verdict_splits_a_comparison_by_registration_verdict(tmp_path):
+    """benchmarks/aligned_by_verdict.py: each model's out-of-fold scores for fully aligned cases and the others."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+    import yaml
+
+    (tmp_path / "tiles" / "registration").mkdir(parents=True)
+    pd.DataFrame({"case": ["1", "1", "2", "3"], "stain": ["melan", "sox10", "melan", "melan"], "slice": "0",
+                  "fixed_stain": "he", "fixed_slice": "0", "verdict": ["aligned", "failed", "aligned", "aligned"],
+                  "transform": "x.h5"}).to_csv(tmp_path / "tiles" / "registration" / "registrations.csv", index=False)
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump({"output_dir": str(tmp_path), "tile": {"out_dir": str(tmp_path / "tiles")}}))
+    for model, probs in (("hierarchical", [0.2, 0.9, 0.1]), ("aligned", [0.6, 0.8, 0.3])):
+        for seed in (0, 1):
+            (tmp_path / "cmp" / model / f"seed_{seed}").mkdir(parents=True)
+            pd.DataFrame({"case": ["1", "2", "3"], "label": [0, 1, 0], "prob_0": [1 - p for p in probs],
+                          "prob_1": probs}).to_csv(tmp_path / "cmp" / model / f"seed_{seed}" / "oof_predictions.csv",
+                                                   index=False)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "aligned_by_verdict.py"
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "cmp"), str(config)], capture_output=True,
+                         text=True, check=True).stdout
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines()[2:]}
+    assert rows["every IHC slice aligned"][0].strip() == "2" and rows["a pair doubtful or failed"][0].strip() == "1"
+    # case 1 (label 0) alone in the failed group: aligned 0.6 -> Brier 0.36, hierarchical 0.2 -> 0.04
+    failed = [cell.strip() for cell in rows["a pair doubtful or failed"][1:]]
+    assert failed[0] == "0.360" and failed[3] == "0.040"  # models sorted: aligned, hierarchical
+    assert rows["all"][0].strip() == "3"
