@@ -59,7 +59,7 @@ def test_models_and_stain_sets_share_folds_and_seeds_and_resume(prepared, tmp_pa
 def test_bad_model_and_stain_specs_are_refused_before_any_work():
     with pytest.raises(ConfigError, match="transmill"):
         parse_variants(["transmill"], None, ["he"])
-    with pytest.raises(ConfigError, match="hierarchical model only"):
+    with pytest.raises(ConfigError, match="hierarchical models only"):
         parse_variants(["abmil:specific"], None, ["he"])
     with pytest.raises(ConfigError, match="ihc"):
         parse_variants(["abmil"], ["he+ihc"], ["he", "sox10"])

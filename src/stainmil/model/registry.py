@@ -37,8 +37,8 @@ class Architecture:
 ARCHITECTURES: dict[str, Architecture] = {
     "hierarchical": Architecture(HierarchicalMIL, True, "stainmil: attention patch -> slice -> stain -> case",
                                  stain_specific=True),
-    "aligned": Architecture(AlignedMIL, True, "stainmil: the hierarchy over registered places (each H&E patch with "
-                            "the IHC patches lying on it; `stainmil register` first)", stain_specific=True),
+    "aligned": Architecture(AlignedMIL, True, "stainmil: hierarchy over registered H&E+IHC places",
+                            stain_specific=True),
     "abmil": Architecture(ABMIL, True, "Ilse et al. 2018: gated attention"),
     "clam_sb": Architecture(CLAM, True, "Lu et al. 2021: one branch, instance clustering"),
     "clam_mb": Architecture(partial(CLAM, multi_branch=True), True,
