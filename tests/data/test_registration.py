@@ -115,6 +115,7 @@ def test_the_aligned_model_trains_predicts_and_explains_on_registered_slices(ser
     from stainmil.evaluate.predict import evaluate_run
     from stainmil.features.extract import extract_features
     from stainmil.pipeline import predict_as_new, split_cohort
+    from stainmil.train.checkpoint import load_checkpoint
     from stainmil.train.trainer import train
 
     config = slide_config(serial_cohort, tmp_path, "register.max_side=192", "register.nonrigid=false",
@@ -134,7 +135,6 @@ def test_the_aligned_model_trains_predicts_and_explains_on_registered_slices(ser
         rows = np.flatnonzero((manifest["case"] == reg.case) & (manifest["stain"] == reg.stain)
                               & (manifest["slice"] == reg.slice))
         he_rows = np.flatnonzero((manifest["case"] == reg.case) & (stains == "he"))
-        assert (alignment.target[rows] >= 0).all()
         placed = alignment.anchor[rows] >= 0
         assert placed.mean() > 0.6 and np.isin(alignment.anchor[rows][placed], he_rows).all()
     unaligned = registered[registered["verdict"] != "aligned"]
@@ -155,8 +155,7 @@ def test_the_aligned_model_trains_predicts_and_explains_on_registered_slices(ser
     assert "attention mapped onto it" in build_report(run, analysis).read_text()
     per_case = patches.groupby("case")["effective_attention"].sum()
     assert np.allclose(per_case, 1, atol=1e-4)
-    # an IHC patch folded into its H&E place carries no attention of its own: its place does
-    folded = patches[(patches["stain"] != "he") & (patches["effective_attention"] == 0)]
-    assert len(folded) > 0
+    assert (patches["effective_attention"] > 0).all()  # IHC slices keep their own attention beside the places
+    assert "place_gate" in load_checkpoint(run / "checkpoints" / "best.pth")["model"]
     predictions = pd.read_csv(predict_as_new(config, run, tmp_path / "new") / "predictions.csv")
     assert len(predictions) > 0 and predictions["prob_1"].between(0, 1).all()

@@ -64,9 +64,8 @@ def stain_weight_table(slices: pd.DataFrame, cases: pd.DataFrame, stains: list[s
 
 
 def _entropy(weights: np.ndarray) -> float:
-    """-sum w log w; NaN for a group with no attention at all (slices the aligned model folded into H&E places)."""
     w = weights[weights > 0]
-    return float(-(w * np.log(w)).sum()) if len(w) else float("nan")
+    return float(-(w * np.log(w)).sum())
 
 
 def _normalised(entropy: float, n: int) -> float:
@@ -137,8 +136,7 @@ def case_table(patches: pd.DataFrame, slices: pd.DataFrame, predictions: pd.Data
         n_top = max(1, math.ceil(TOP_SHARE * n))
         top = ordered.head(top_k)
         stains = case_slices.drop_duplicates("stain")
-        attended = stains[stains["stain_weight"] > 0]  # all of them, but for stains folded into H&E places
-        stain_entropy = _entropy(attended["stain_weight"].to_numpy())
+        stain_entropy = _entropy(stains["stain_weight"].to_numpy())
         per_stain = [g["slice_weight"].to_numpy() for _, g in case_slices.groupby("stain")]
         slice_entropies = [_entropy(w) for w in per_stain]
         slice_norm = [_normalised(_entropy(w), len(w)) for w in per_stain]
@@ -153,11 +151,10 @@ def case_table(patches: pd.DataFrame, slices: pd.DataFrame, predictions: pd.Data
             "patch_entropy": float(case_slices["patch_entropy"].mean()),
             "patch_entropy_normalised": float(np.nanmean(case_slices["patch_entropy_normalised"]))
             if case_slices["patch_entropy_normalised"].notna().any() else float("nan"),
-            "slice_entropy": float(np.nanmean(slice_entropies)) if not all(map(math.isnan, slice_entropies))
-            else float("nan"),
+            "slice_entropy": float(np.mean(slice_entropies)),
             "slice_entropy_normalised": float(np.nanmean(slice_norm)) if not all(map(math.isnan, slice_norm))
             else float("nan"),
-            "stain_entropy": stain_entropy, "stain_entropy_normalised": _normalised(stain_entropy, len(attended)),
+            "stain_entropy": stain_entropy, "stain_entropy_normalised": _normalised(stain_entropy, len(stains)),
             "effective_entropy_normalised": _normalised(_entropy(part["effective_attention"].to_numpy()), n),
             "top5pct_n_patches": n_top,
             "top5pct_share": float(ordered["effective_attention"].head(n_top).sum()),

@@ -52,7 +52,7 @@ def colocated_tables(patches: pd.DataFrame, registrations: pd.DataFrame, referen
         landed_mass = np.bincount(hits[on], weights=mass[on], minlength=len(he))
         he_mass = he["effective_attention"].to_numpy(float)
         share = landed_mass / landed_mass.sum() if landed_mass.sum() > 0 else landed_mass
-        # NaN where either side has no attention (the aligned model folds aligned IHC patches into H&E places)
+        # NaN where either side has no attention on the shared tissue (every IHC patch landed off the H&E ones)
         overlap = float(np.minimum(share, he_mass / he_mass.sum()).sum()) \
             if he_mass.sum() > 0 and landed_mass.sum() > 0 else np.nan
         cases.append({**row, "landed": float(mass[on].sum() / mass.sum()) if mass.sum() > 0 else np.nan,

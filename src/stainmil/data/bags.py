@@ -12,11 +12,6 @@ A :class:`CaseBatch` holds several cases as one flat feature matrix and three in
 
 A missing stain or slice is simply absent; softmaxes run over what exists.
 
-With a :class:`~stainmil.data.registration.PatchAlignment`, a slice whose registration is ``aligned`` *folds*
-into its reference slice when both are in the batch: only its patches that land on a reference patch of the
-batch come along (its own patch cap and dropout do not apply: the reference slice's decide). A folded slice
-whose reference slice is not in the batch (dropped, or another slice chosen) is pooled as usual.
-
 Patch embeddings come from one of two sources, and nothing downstream can tell them apart:
 
 * cached (default): rows of the feature store — held in memory, (N, D) or a view bank (V, N, D), or read
@@ -101,7 +96,7 @@ class CohortBags:
     batches are cast to float32); a :class:`StoreRequest` to read the store on demand with a bounded cache;
     an existing :class:`~stainmil.features.sources.FeatureSource`; or ``None`` with an ``encoder`` that
     computes them from the images. ``alignment``: each patch's place on its case's reference slice (``stainmil
-    register``; the ``aligned`` architecture): batches then carry ``patch_anchor`` and fold aligned slices.
+    register``; the ``aligned`` architecture): batches then carry ``patch_anchor``.
     """
 
     def __init__(self, manifest: pd.DataFrame, features: np.ndarray | FeatureSource | StoreRequest | None,
@@ -140,8 +135,6 @@ class CohortBags:
         if alignment is not None:
             if len(alignment.anchor) != len(manifest):
                 raise ValueError("the alignment must have one row per manifest row")
-            target = alignment.target[[rows[0] for rows in self.slice_patches]]
-            self.fold_target = np.where(target >= 0, codes[np.maximum(target, 0)], -1)  # (S,) reference slice or -1
         if isinstance(features, StoreRequest):
             position = np.empty(len(manifest), dtype=np.int32)      # each row's place in its slice's store file
             position[order] = np.arange(len(manifest)) - np.repeat(bounds[:-1], np.diff(bounds))
@@ -209,22 +202,9 @@ class CohortBags:
         stain would go, one drawn at random stays). ``patch_dropout`` then drops that share of each slice's
         patches at random (keeping at least one).
         ``augment`` (training): one random feature view per patch, or augmented images online.
-        With an alignment, aligned slices fold into their reference slice (see the module doc).
+        With an alignment, ``patch_anchor`` places each patch on a reference patch of the batch (or -1).
         """
         patch_rows, patch_slice, slice_group, slice_rows, group_case, group_stain = [], [], [], [], [], []
-
-        def add(b: int, stain_groups: dict[int, int], s: int, rows: np.ndarray) -> None:
-            """Slice ``s`` of the ``b``-th case with its patches ``rows`` (a stain's first slice opens its group)."""
-            stain = int(self.slice_stain[s])
-            if stain not in stain_groups:
-                stain_groups[stain] = len(group_case)
-                group_case.append(b)
-                group_stain.append(stain)
-            patch_slice.append(np.full(len(rows), len(slice_rows)))
-            patch_rows.append(rows)
-            slice_group.append(stain_groups[stain])
-            slice_rows.append(s)
-
         for b, case in enumerate(cases):
             case_slices = slices[case] if slices is not None else self.case_slices[case]
             if not case_slices:
@@ -232,26 +212,23 @@ class CohortBags:
                                 "and the index report.")
             if stain_dropout:
                 case_slices = self._drop_stains(case_slices, stain_dropout, rng)
-            stain_groups: dict[int, int] = {}  # stain -> its group in the batch
-            present = set(case_slices)
-            folded, taken = [], {}
+            stain_groups: dict[int, int] = {}
             for s in sorted(case_slices, key=lambda s: (self.slice_stain[s], s)):
-                if self.alignment is not None and self.fold_target[s] in present:
-                    folded.append(s)  # after its reference slice has drawn its patches
-                    continue
+                stain = int(self.slice_stain[s])
+                if stain not in stain_groups:
+                    stain_groups[stain] = len(group_case)
+                    group_case.append(b)
+                    group_stain.append(stain)
                 rows = self.slice_patches[s]
                 keep = min(len(rows), per_slice_cap) if per_slice_cap else len(rows)
                 if patch_dropout:
                     keep = max(1, int(round(keep * (1 - patch_dropout))))
                 if keep < len(rows):
                     rows = np.sort(rng.choice(rows, keep, replace=False))
-                taken[s] = rows
-                add(b, stain_groups, s, rows)
-            for s in folded:
-                rows = self.slice_patches[s]
-                rows = rows[np.isin(self.alignment.anchor[rows], taken[int(self.fold_target[s])])]
-                if len(rows):
-                    add(b, stain_groups, s, rows)
+                patch_slice.append(np.full(len(rows), len(slice_rows)))
+                patch_rows.append(rows)
+                slice_group.append(stain_groups[stain])
+                slice_rows.append(s)
         rows = np.concatenate(patch_rows)
         anchor = None
         if self.alignment is not None:

@@ -136,18 +136,11 @@ class PatchAlignment:
     ::
 
         anchor  (N,) int64  manifest row of the reference patch this patch's centre lands on through its slice's
-                            ``aligned`` registration; a reference-stain patch: its own row; -1: no place
-        target  (N,) int64  a patch of an aligned slice: a manifest row of the reference slice it folds into;
-                            -1 for every other patch (reference patches, slices whose pair is not ``aligned``)
+                            ``aligned`` registration; a reference-stain patch: its own row; -1: no place (a slice
+                            whose pair is ``doubtful`` or ``failed``, or a patch landing off the reference patches)
     """
 
     anchor: np.ndarray
-    target: np.ndarray
-
-    @property
-    def aligned_rows(self) -> int:
-        """Patches of other stains placed on a reference patch."""
-        return int(((self.anchor >= 0) & (self.target >= 0)).sum())
 
 
 def patch_alignment(config: Config, manifest: pd.DataFrame) -> PatchAlignment:
@@ -169,7 +162,6 @@ def patch_alignment(config: Config, manifest: pd.DataFrame) -> PatchAlignment:
     for row, key in enumerate(keys):
         slices.setdefault(key, []).append(row)
     anchor = np.full(len(manifest), -1, dtype=np.int64)
-    target = np.full(len(manifest), -1, dtype=np.int64)
     for (_, stain, _), rows in slices.items():
         if stain == reference:
             anchor[rows] = rows
@@ -181,8 +173,7 @@ def patch_alignment(config: Config, manifest: pd.DataFrame) -> PatchAlignment:
         he_rows, ihc_rows = np.array(he_rows), np.array(ihc_rows)
         hits = map_patches(manifest.iloc[ihc_rows], manifest.iloc[he_rows], reg.transform)
         anchor[ihc_rows] = np.where(hits >= 0, he_rows[np.maximum(hits, 0)], -1)
-        target[ihc_rows] = he_rows[0]
-    return PatchAlignment(anchor, target)
+    return PatchAlignment(anchor)
 
 
 def _slides(config: Config) -> dict[str, list[SlideRef]]:
