@@ -203,8 +203,8 @@ class BaselineConfig:
 @dataclass
 class ModelConfig:
     architecture: str = _help(
-        "hierarchical (patch -> slice -> stain -> case); aligned (the hierarchy over registered places: each H&E "
-        "patch with the IHC patches lying on it, after `stainmil register`); or a flat baseline over all patches "
+        "hierarchical (patch -> slice -> stain -> case); aligned (the hierarchy with each H&E patch fused with the "
+        "IHC patches registered onto it, after `stainmil register`); or a flat baseline over all patches "
         "of a case: abmil | transmil | clam_sb | clam_mb | dsmil | dtfd_mil | mean | max (`stainmil models`).",
         default="hierarchical")
     stain_identity: Literal["none", "embedding", "specific"] = _help(
