@@ -5,9 +5,9 @@
     python benchmarks/aligned_by_verdict.py cmp serial/slides.yaml
 
 Prints, for the cases whose every IHC slice registered ``aligned`` and for those with a ``doubtful`` or ``failed``
-pair (where the aligned model falls back to the hierarchy for that slice), each model's out-of-fold Brier score,
-log-loss and AUC (per-case probabilities averaged over seeds, as compare-models pools them) — the question
-being whether the aligned model is worse anywhere.
+pair or no registered IHC slice at all (where the aligned model has no places for that slice), each model's
+out-of-fold Brier score, log-loss and AUC (per-case probabilities averaged over seeds, as compare-models pools
+them) — the question being whether the aligned model is worse anywhere.
 """
 
 from __future__ import annotations
@@ -34,12 +34,15 @@ def main() -> None:
     for variant in sorted(p for p in folder.iterdir() if p.is_dir() and list(p.glob("seed_*/oof_predictions.csv"))):
         frames = [pd.read_csv(f, dtype={"case": str}) for f in sorted(variant.glob("seed_*/oof_predictions.csv"))]
         models[variant.name] = per_case_probabilities(pd.concat(frames, ignore_index=True))
+    if not models:
+        sys.exit(f"no seed_*/oof_predictions.csv under {folder}: is it a finished `stainmil compare-models` folder?")
+    shared = sorted(set.intersection(*(set(per_case.index) for per_case in models.values())))
     print("| cases | n | " + " | ".join(f"{m} Brier | {m} log-loss | {m} AUC" for m in models) + " |")
     print("|---|---|" + "---|" * 3 * len(models))
     for name, keep in (("every IHC slice aligned", True), ("a pair doubtful or failed", False), ("all", None)):
         cells = []
+        cases = [c for c in shared if keep is None or all_aligned.get(c, False) == keep]  # cases every model has
         for per_case in models.values():
-            cases = [c for c in per_case.index if keep is None or all_aligned.get(c, False) == keep]
             y, p = per_case.loc[cases, "label"].to_numpy(), per_case.loc[cases, "prob_1"].to_numpy()
             clipped = np.clip(p, 1e-6, 1 - 1e-6)
             loss = float(-np.mean(y * np.log(clipped) + (1 - y) * np.log(1 - clipped)))

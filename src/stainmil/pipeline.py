@@ -89,8 +89,9 @@ def run_demo(out_dir: str | Path = "demo_out", overrides: list[str] | None = Non
     ``overrides`` trains the model that fuses them).
     """
     out_dir = Path(out_dir).resolve()
+    serial = serial or PRESETS[preset].serial  # a serial preset is registered: it needs the slide route
     slides = slides or serial
-    synth = dataclasses.replace(PRESETS[preset], classes=classes, serial=serial or PRESETS[preset].serial)
+    synth = dataclasses.replace(PRESETS[preset], classes=classes, serial=serial)
     cohort_dir = out_dir / "cohort"
     if (cohort_dir / "labels.csv").is_file():
         log(f"[1/8] synthetic cohort already in {cohort_dir} (delete it to regenerate)")

@@ -124,15 +124,33 @@ def test_batches_and_subsets_renumber_the_places():
     drawn = np.isin(cohort_anchor, batch.patch_rows[stain == "he"])  # lies on an H&E patch that was drawn
     assert ((anchor >= 0) == drawn | (stain == "he")).all()
     assert (batch.patch_rows[anchor[anchor >= 0]] == cohort_anchor[anchor >= 0]).all()
+    # a capped IHC slice brings first the patches lying on the drawn H&E places (here: all of them)
+    for ihc in ("melan", "sox10"):
+        rows = bags.slice_patches[bags.case_slices["1"][STAINS.index(ihc)]]
+        lying = rows[np.isin(bags.alignment.anchor[rows], batch.patch_rows[stain == "he"])]
+        assert len(lying) and np.isin(lying, batch.patch_rows).all()
     full = bags.batch(["1"])
     without_he = full.subset(bags.manifest["stain"].to_numpy()[full.patch_rows] != "he")
     assert (without_he.patch_anchor == -1).all()
     keep = np.ones(len(full.patch_rows), dtype=bool)
     keep[0] = False
     sub = full.subset(keep)
-    assert (sub.patch_anchor[full.patch_anchor[keep] == 0] == -1).all()
+    lost = full.patch_anchor[keep] == 0  # lay on the dropped H&E patch
+    assert lost.any() and (sub.patch_anchor[lost] == -1).all()
     assert (full.patch_rows[keep][sub.patch_anchor[sub.patch_anchor >= 0]]
             == bags.alignment.anchor[full.patch_rows[keep]][sub.patch_anchor.numpy() >= 0]).all()
+
+
+def test_sub_cases_never_fuse_across_bags():
+    """Sub-cases split a case's slices: an IHC patch lying on an H&E patch of another sub-case has no place."""
+    bags = aligned_bags(n_cases=2, failed=())
+    manifest = bags.manifest.copy()
+    manifest["case"] = [f"{c}::{'a' if s == 'he' else 'b'}" for c, s in zip(manifest["case"], manifest["stain"])]
+    split = bags.with_manifest(manifest)
+    batch = split.batch(split.case_ids)
+    rows = torch.arange(len(batch.patch_anchor))
+    assert ((batch.patch_anchor == rows) | (batch.patch_anchor == -1)).all()
+    assert (bags.batch(bags.case_ids).patch_anchor != -1).sum() > (batch.patch_anchor != -1).sum()
 
 
 def test_a_batch_without_places_is_refused():

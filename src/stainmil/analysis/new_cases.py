@@ -13,9 +13,9 @@ from stainmil.analysis.report import build_prediction_report
 from stainmil.config import Config
 from stainmil.data.bags import CohortBags
 from stainmil.data.cohort import build_index, keep_stains, load_manifest, write_index
-from stainmil.data.registration import patch_alignment
+from stainmil.data.registration import patch_alignment, read_registrations
 from stainmil.device import resolve_device
-from stainmil.errors import DataError, StoreError
+from stainmil.errors import ConfigError, DataError, StoreError
 from stainmil.features.extract import extract_features
 from stainmil.features.online import backbone_from_checkpoint
 from stainmil.features.sources import cohort_features
@@ -49,6 +49,12 @@ def predict_unlabelled(checkpoint: str | Path, config: Config, out_dir: str | Pa
     # indexed with every stain the config knows; only those the model was trained on are read (a stain subset)
     config.data.stains = trained_stains + [s for s in config.data.stains if s not in trained_stains]
     config.data.class_names = list(trained_config.data.class_names)
+    aligned = trained_config.model.architecture == "aligned"
+    if aligned:  # said before any extraction: the new slides' registrations place their patches
+        config.register.reference_stain = trained_config.register.reference_stain
+        if read_registrations(config) is None:
+            raise ConfigError(f"this model ({checkpoint}) is 'aligned': it needs the new slides registered; run "
+                              f"`stainmil tile` and `stainmil register --config <config>` on them first.")
     if imported_store(config.store_dir):  # features made elsewhere: `stainmil import-features` indexed them
         _same_encoder(config.store_dir, trained_config.store_dir)
         manifest = keep_stains(load_manifest(config), trained_stains)
@@ -61,7 +67,7 @@ def predict_unlabelled(checkpoint: str | Path, config: Config, out_dir: str | Pa
         extract_features(config, manifest, backbone=tuned)
     check_store(config.store_dir, config)
     # an aligned model places the new cases' patches through their own registrations (`stainmil register`)
-    alignment = patch_alignment(config, manifest) if trained_config.model.architecture == "aligned" else None
+    alignment = patch_alignment(config, manifest) if aligned else None
     bags = CohortBags(manifest, cohort_features(config.store_dir, manifest, 1, cache_mb), trained_stains,
                       alignment=alignment)
     decision = run_decision(Path(checkpoint).resolve().parent.parent, threshold)  # the run folder's metrics.json

@@ -202,7 +202,9 @@ class CohortBags:
         stain would go, one drawn at random stays). ``patch_dropout`` then drops that share of each slice's
         patches at random (keeping at least one).
         ``augment`` (training): one random feature view per patch, or augmented images online.
-        With an alignment, ``patch_anchor`` places each patch on a reference patch of the batch (or -1).
+        With an alignment, ``patch_anchor`` places each patch on a reference patch of the same case in the batch
+        (or -1), and a capped slice draws first the patches lying on the reference patches already drawn (slices
+        come in stain order: the reference stain's first when it leads ``data.stains``).
         """
         patch_rows, patch_slice, slice_group, slice_rows, group_case, group_stain = [], [], [], [], [], []
         for b, case in enumerate(cases):
@@ -213,6 +215,7 @@ class CohortBags:
             if stain_dropout:
                 case_slices = self._drop_stains(case_slices, stain_dropout, rng)
             stain_groups: dict[int, int] = {}
+            drawn: list[np.ndarray] = []  # this case's rows so far (capped slices prefer patches lying on them)
             for s in sorted(case_slices, key=lambda s: (self.slice_stain[s], s)):
                 stain = int(self.slice_stain[s])
                 if stain not in stain_groups:
@@ -224,16 +227,22 @@ class CohortBags:
                 if patch_dropout:
                     keep = max(1, int(round(keep * (1 - patch_dropout))))
                 if keep < len(rows):
-                    rows = np.sort(rng.choice(rows, keep, replace=False))
+                    rows = self._draw(rows, keep, rng, drawn)
+                drawn.append(rows)
                 patch_slice.append(np.full(len(rows), len(slice_rows)))
                 patch_rows.append(rows)
                 slice_group.append(stain_groups[stain])
                 slice_rows.append(s)
         rows = np.concatenate(patch_rows)
         anchor = None
-        if self.alignment is not None:
-            position = {int(r): i for i, r in enumerate(rows)}
-            anchor = torch.tensor([position.get(int(a), -1) for a in self.alignment.anchor[rows]], dtype=torch.long)
+        if self.alignment is not None:  # each anchor's batch row, when it is in the batch and in the same case
+            position = np.full(len(self.manifest), -1, dtype=np.int64)
+            position[rows] = np.arange(len(rows))
+            cohort = self.alignment.anchor[rows]
+            placed = np.where(cohort >= 0, position[np.maximum(cohort, 0)], -1)
+            case_of = np.asarray(group_case)[np.asarray(slice_group)][np.concatenate(patch_slice)]  # (P,)
+            placed[(placed >= 0) & (case_of[np.maximum(placed, 0)] != case_of)] = -1  # sub-cases: not across
+            anchor = torch.from_numpy(placed)
         return CaseBatch(
             features=self.patch_features(rows, augment, rng),
             patch_slice=torch.from_numpy(np.concatenate(patch_slice)).long(),
@@ -243,6 +252,17 @@ class CohortBags:
             labels=torch.tensor([self.case_label(c) for c in cases], dtype=torch.long),
             case_ids=list(cases), patch_rows=rows, slice_rows=np.array(slice_rows), patch_anchor=anchor,
         )
+
+    def _draw(self, rows: np.ndarray, keep: int, rng: np.random.Generator, drawn: list[np.ndarray]) -> np.ndarray:
+        """``keep`` of a slice's ``rows`` at random; with an alignment, those lying on the case's ``drawn`` rows
+        first (a capped IHC slice then brings what lies on the capped H&E places)."""
+        if self.alignment is None or not drawn:
+            return np.sort(rng.choice(rows, keep, replace=False))
+        lying = np.isin(self.alignment.anchor[rows], np.concatenate(drawn))
+        first, rest = rows[lying], rows[~lying]
+        if len(first) >= keep:
+            return np.sort(rng.choice(first, keep, replace=False))
+        return np.sort(np.concatenate([first, rng.choice(rest, keep - len(first), replace=False)]))
 
     def _drop_stains(self, slices: list[int], chance: float, rng: np.random.Generator) -> list[int]:
         """``slices`` without the stains that lose a draw of ``chance`` (at least one stain always stays)."""

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 from PIL import Image
 
 from stainmil.config import Config, dump_config
@@ -422,6 +423,9 @@ def load_manifest(config: Config, columns: list[str] | None = None) -> pd.DataFr
     path = config.manifest_path
     if not path.is_file():
         raise DataError(f"no manifest at {path}; run `stainmil index --config …` first.")
+    if columns is not None:  # the columns asked for that this index has (a patch-image index has no slide places)
+        present = set(pq.read_schema(path).names)
+        columns = [c for c in columns if c in present]
     manifest = pd.read_parquet(path, columns=columns)
     if columns is not None:  # a lean index (a bounded training process): text in Arrow buffers, not 1 object a cell
         for column in manifest.columns:

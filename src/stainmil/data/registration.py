@@ -157,6 +157,10 @@ def patch_alignment(config: Config, manifest: pd.DataFrame) -> PatchAlignment:
                           "exist; run `stainmil register --config <config>` after `stainmil tile`.")
     manifest = manifest.reset_index(drop=True)
     reference = config.register.reference_stain
+    made_onto = set(registrations["fixed_stain"].astype(str))
+    if made_onto - {reference}:
+        raise ConfigError(f"the registrations in {found} were made onto {sorted(made_onto)}, but "
+                          f"register.reference_stain is '{reference}'; re-run `stainmil register --config <config>`.")
     keys = list(zip(manifest["case"].astype(str), manifest["stain"].astype(str), manifest["slice"].astype(str)))
     slices: dict[tuple[str, str, str], list[int]] = {}
     for row, key in enumerate(keys):
@@ -166,7 +170,7 @@ def patch_alignment(config: Config, manifest: pd.DataFrame) -> PatchAlignment:
         if stain == reference:
             anchor[rows] = rows
     for reg in registrations[registrations["verdict"] == "aligned"].itertuples(index=False):
-        he_rows = slices.get((reg.case, reference, reg.fixed_slice))
+        he_rows = slices.get((reg.case, reg.fixed_stain, reg.fixed_slice))
         ihc_rows = slices.get((reg.case, reg.stain, reg.slice))
         if he_rows is None or ihc_rows is None:
             continue  # a slice the index left out (a stain subset, an excluded slice)

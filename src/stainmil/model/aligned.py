@@ -15,8 +15,11 @@ Needs registered serial sections (``stainmil register``; batches carry ``patch_a
 
 So the aligned model starts as the hierarchy (alpha = 0: the same output, weight for weight) and only moves
 away where co-location helps; IHC slices keep their own attention (heatmaps, tables, QuPath as for the
-hierarchy), and a case whose pairs failed sees its H&E patches with every other slot a token: the hierarchy
-plus a learned constant.
+hierarchy), and a case whose pairs failed sees each H&E patch with every other slot a token (h + alpha *
+MLP([h, t_1, t_2]): a learned function of the H&E patch alone).
+
+``patch_alone_logits`` of an H&E patch reads its place z: the case as that spot of tissue, with what the other
+stains show there (not the patch cut out of its case, whose slots would all be tokens).
 """
 
 from __future__ import annotations
