@@ -63,6 +63,9 @@ def test_bad_model_and_stain_specs_are_refused_before_any_work():
         parse_variants(["abmil:specific"], None, ["he"])
     with pytest.raises(ConfigError, match="ihc"):
         parse_variants(["abmil"], ["he+ihc"], ["he", "sox10"])
+    for sets in (["melan+sox10"], ["he"]):  # aligned needs the reference stain and another one in every set
+        with pytest.raises(ConfigError, match="reference stain 'he'"):
+            parse_variants(["hierarchical", "aligned"], sets, ["he", "melan", "sox10"])
     variants = parse_variants(["hierarchical:embedding", "abmil:none"], ["he", "he+sox10"], ["he", "sox10"])
     assert [v.name(Config()) for v in variants] == ["hierarchical:embedding (he)", "abmil (he)",
                                           "hierarchical:embedding (he+sox10)", "abmil (he+sox10)"]

@@ -80,8 +80,10 @@ class Variant:
         return name + (f" ({'+'.join(self.stains)})" if self.stains else "")
 
 
-def parse_variants(models: list[str], stain_sets: list[str] | None, known_stains: list[str]) -> list[Variant]:
-    """``models``: ``name`` or ``name:stain_identity``; ``stain_sets``: ``he+sox10`` … (None: the config's)."""
+def parse_variants(models: list[str], stain_sets: list[str] | None, known_stains: list[str],
+                   reference: str = "he") -> list[Variant]:
+    """``models``: ``name`` or ``name:stain_identity``; ``stain_sets``: ``he+sox10`` … (None: the config's);
+    ``reference``: the registration's reference stain (``aligned`` needs it and another stain in every set)."""
     if not models:
         raise ConfigError("--models is empty; name at least one architecture (`stainmil models` lists them).")
     parsed = []
@@ -106,14 +108,21 @@ def parse_variants(models: list[str], stain_sets: list[str] | None, known_stains
                 raise ConfigError(f"--stain-sets: '{spec}' names stain(s) {unknown or '(none)'} not in data.stains "
                                   f"{known_stains}; join known stains with '+', e.g. he+sox10.")
             sets.append(stains)
-    return [Variant(name, identity, stains) for stains in sets for name, identity in parsed]
+    variants = [Variant(name, identity, stains) for stains in sets for name, identity in parsed]
+    for v in variants:
+        stains = list(v.stains or known_stains)
+        if v.architecture == "aligned" and (reference not in stains or len(stains) < 2):
+            raise ConfigError(f"--models aligned places other stains on the reference stain '{reference}', but the "
+                              f"stain set {'+'.join(stains)} lacks it or another stain; give aligned sets like "
+                              f"{reference}+sox10.")
+    return variants
 
 
 def compare_models(config: Config, models: list[str], folds: int = 5, seeds: list[int] | None = None,
                    stain_sets: list[str] | None = None, launcher: str = "local", out_dir: str | Path | None = None,
                    workers: int = 1, log=print) -> pd.DataFrame:
     """Cross-validate every variant on the same folds and seeds; return (and write) the comparison table."""
-    variants = parse_variants(models, stain_sets, config.data.stains)
+    variants = parse_variants(models, stain_sets, config.data.stains, config.register.reference_stain)
     seeds = seeds or [config.train.seed]
     out = Path(out_dir) if out_dir else config.runs_dir / datetime.now().strftime("models_%Y%m%d_%H%M%S")
     splits_dir = shared_folds(config, folds, 1, out, None)
