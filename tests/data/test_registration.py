@@ -160,3 +160,14 @@ def test_the_aligned_model_trains_predicts_and_explains_on_registered_slices(ser
     assert "place_gate" in load_checkpoint(run / "checkpoints" / "best.pth")["model"]
     predictions = pd.read_csv(predict_as_new(config, run, tmp_path / "new") / "predictions.csv")
     assert len(predictions) > 0 and predictions["prob_1"].between(0, 1).all()
+    # registered again (other verdicts): the run's patches would move, so it says so instead of evaluating
+    registered_file = tmp_path / "tiles" / "registration" / "registrations.csv"
+    original = registered_file.read_text()
+    table = pd.read_csv(registered_file, dtype=str)
+    table["verdict"] = "failed"
+    table.to_csv(registered_file, index=False)
+    from stainmil.errors import DataError
+    with pytest.raises(DataError, match="other registrations"):
+        evaluate_run(run)
+    registered_file.write_text(original)
+    assert len(evaluate_run(run).predictions) == 6

@@ -23,6 +23,7 @@ report with its error; the others go on.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +128,13 @@ def read_registrations(config: Config) -> pd.DataFrame | None:
     # found where they are now, even when the cohort's folder moved since `register` wrote the table
     table["transform"] = [str(out / "transforms" / Path(p).name) for p in table["transform"]]
     return table
+
+
+def registrations_digest(config: Config) -> str | None:
+    """SHA-256 of the cohort's ``registrations.csv`` (None before ``register``): a run records the one it was
+    trained with, so a later ``register`` cannot silently move its patches."""
+    found = registration_dir(config) / "registrations.csv"
+    return hashlib.sha256(found.read_bytes()).hexdigest() if found.is_file() else None
 
 
 @dataclass

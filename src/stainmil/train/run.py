@@ -23,7 +23,7 @@ from torch import nn
 from stainmil.config import Config
 from stainmil.data.bags import CaseBatch, CohortBags
 from stainmil.data.cohort import keep_stains, load_manifest
-from stainmil.data.registration import patch_alignment
+from stainmil.data.registration import patch_alignment, registration_dir, registrations_digest
 from stainmil.data.splits import Split, load_split
 from stainmil.device import resolve_device
 from stainmil.errors import DataError, TrainingError
@@ -121,6 +121,11 @@ def open_run(run_dir: str | Path, checkpoint: str = "best", bags: CohortBags | N
     model, config = model_from_checkpoint(state)
     split = load_split(run_dir / "data_splits.npz")
     if bags is None and with_cohort:
+        trained_on = state.get("registrations")
+        if trained_on and registrations_digest(config) != trained_on:
+            raise DataError(f"{run_dir} was trained on other registrations than {registration_dir(config)} holds now "
+                            "(`stainmil register` ran again since?), so its patches would be placed differently; "
+                            "train the run again, or restore the registrations it was trained with.")
         bags, split = load_cohort(config, split)
     device = resolve_device(config.train.device)
     return OpenRun(run_dir, config, model.to(device), state, split, bags, run_decision(run_dir), device)

@@ -33,6 +33,7 @@ import torch
 
 from stainmil.config import Config, config_to_dict, dump_config, load_config
 from stainmil.data.bags import CohortBags
+from stainmil.data.registration import registrations_digest
 from stainmil.data.splits import Split, load_split, save_split
 from stainmil.data.subcases import expand_subcases
 from stainmil.device import resolve_device
@@ -216,6 +217,8 @@ def train(config: Config, resume_dir: str | Path | None = None, split: Split | N
             "rng": {"numpy": _rng_state(rng), "torch": torch.get_rng_state()},
             "config": config_to_dict(config), "in_dim": bags.feature_dim,
             "finished": stopped_early or epoch == t.max_epochs,
+            # the aligned model's places come from these registrations (open_run refuses others)
+            "registrations": registrations_digest(config) if config.model.architecture == "aligned" else None,
         }
         if tuned:
             state["backbone"] = encoder.tail_state()
