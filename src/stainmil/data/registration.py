@@ -169,10 +169,8 @@ def patch_alignment(config: Config, manifest: pd.DataFrame) -> PatchAlignment:
     if made_onto - {reference}:
         raise ConfigError(f"the registrations in {found} were made onto {sorted(made_onto)}, but "
                           f"register.reference_stain is '{reference}'; re-run `stainmil register --config <config>`.")
-    keys = list(zip(manifest["case"].astype(str), manifest["stain"].astype(str), manifest["slice"].astype(str)))
-    slices: dict[tuple[str, str, str], list[int]] = {}
-    for row, key in enumerate(keys):
-        slices.setdefault(key, []).append(row)
+    names = manifest[["case", "stain", "slice"]].astype(str)
+    slices = {tuple(key): rows for key, rows in names.groupby(["case", "stain", "slice"], sort=False).indices.items()}
     anchor = np.full(len(manifest), -1, dtype=np.int64)
     for (_, stain, _), rows in slices.items():
         if stain == reference:
@@ -182,7 +180,6 @@ def patch_alignment(config: Config, manifest: pd.DataFrame) -> PatchAlignment:
         ihc_rows = slices.get((reg.case, reg.stain, reg.slice))
         if he_rows is None or ihc_rows is None:
             continue  # a slice the index left out (a stain subset, an excluded slice)
-        he_rows, ihc_rows = np.array(he_rows), np.array(ihc_rows)
         hits = map_patches(manifest.iloc[ihc_rows], manifest.iloc[he_rows], reg.transform)
         anchor[ihc_rows] = np.where(hits >= 0, he_rows[np.maximum(hits, 0)], -1)
     return PatchAlignment(anchor)
