@@ -91,3 +91,19 @@ def test_reference_lists_every_key():
     walk(yaml.safe_load(yaml.safe_dump(config_to_dict(Config()))))
     for key in flat:
         assert f"`{key}`" in table
+
+
+@pytest.mark.parametrize("name, stain", [
+    ("he", "he"), ("HE", "he"), ("H&E", "he"), ("h_e", "he"), (" HnE ", "he"),
+    ("MelanA", "melan"), ("Melan-A", "melan"), ("melan a", "melan"), ("MART-1", "melan"), ("MELAN", "melan"),
+    ("SOX10", "sox10"), ("Sox-10", "sox10"), ("sox_10", "sox10"),
+    ("CD3", None), ("", None), ("HEX", None),
+])
+def test_every_stain_name_goes_through_one_rule(name, stain):
+    assert load_config(None).data.canonical_stain(name) == stain
+
+
+def test_user_aliases_and_canonical_names_both_count():
+    data = load_config(None, ["data.stain_aliases={PRAME: melan}"]).data
+    assert data.canonical_stain("prame") == "melan" and data.canonical_stain("Sox10") == "sox10"
+    assert data.canonical_stain("Melan-A") is None  # not an alias any more, nor a canonical name

@@ -14,6 +14,7 @@ folder can be re-evaluated from anywhere.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,6 +35,11 @@ DEFAULT_FILENAME_PATTERN = (
 )
 
 
+def stain_key(name: object) -> str:
+    """A stain name as compared: lower case, letters and digits only (``Melan-A`` -> ``melana``, ``H&E`` -> ``he``)."""
+    return re.sub(r"[^0-9a-z]", "", str(name).lower())
+
+
 def _help(text: str, **kwargs: Any) -> Any:
     """A dataclass field with a one-line help text (used for the config reference)."""
     return field(metadata={"help": text}, **kwargs)
@@ -52,7 +58,8 @@ class DataConfig:
         "Apply filename_pattern to the file name or to its path relative to patches_dir.", default="name"
     )
     stain_aliases: dict[str, str] = _help(
-        "Spelling -> canonical stain (he, melan, sox10); matched case-insensitively.",
+        "Spelling -> canonical stain (he, melan, sox10); matched ignoring case, spaces and punctuation (H&E = HE = "
+        "h_e); a canonical name always stands for itself.",
         default_factory=lambda: {
             "he": "he", "h&e": "he", "hne": "he", "h_e": "he",
             "melan": "melan", "melana": "melan", "melan-a": "melan", "mart1": "melan",
@@ -86,6 +93,20 @@ class DataConfig:
     source: Literal["patches", "slides"] = _help(
         "patches: index the PNG patches in patches_dir; slides: read patches straight from the slides tiled by "
         "`stainmil tile` (coordinates in tile.out_dir, no PNG written).", default="patches")
+
+    def canonical_stain(self, name: object) -> str | None:
+        """The canonical stain (one of ``stains``) a file's, table's or setting's stain name stands for, or None.
+
+        Matched through ``stain_aliases`` ignoring case, spaces and punctuation (``H&E``, ``HE``, ``h_e``;
+        ``Melan-A``, ``MelanA``, ``Melan A``); a canonical name stands for itself. The one rule every reader of
+        stain names uses: the index, tiles.csv, imported features, registrations, ``register.reference_stain``.
+        """
+        key = stain_key(name)
+        for alias, stain in self.stain_aliases.items():
+            if stain_key(alias) == key:
+                return stain
+        return next((stain for stain in self.stains if stain_key(stain) == key), None)
+
 
 
 @dataclass

@@ -171,3 +171,86 @@ def test_the_aligned_model_trains_predicts_and_explains_on_registered_slices(ser
         evaluate_run(run)
     registered_file.write_text(original)
     assert len(evaluate_run(run).predictions) == 6
+
+
+SCANNER_NAMES = {"he": ["HE", "H&E"], "melan": ["MelanA", "Melan-A"], "sox10": ["SOX10", "Sox10"]}
+
+
+def scanner_named(serial_cohort, folder, stains=("he", "melan", "sox10")):
+    """The serial cohort's slides as a scanner/LIS export names them: ``C0003_H&E_S0.tiff`` (leading zeros, stains
+    spelled each way by turns)."""
+    folder.mkdir()
+    for path in sorted((serial_cohort / "slides").rglob("*.tiff")):
+        case, stain = path.parent.parent.name.removeprefix("case"), path.parent.name
+        if stain in stains:
+            spelling = SCANNER_NAMES[stain][int(case) % 2]
+            (folder / f"C{int(case):04d}_{spelling}_S{path.stem.removeprefix('slice')}.tiff").symlink_to(path)
+    return folder
+
+
+def test_stains_named_as_scanners_write_them_register_align_and_explain(serial_cohort, tmp_path):
+    """Slides called HE, H&E, SOX10, MelanA, Melan-A with leading-zero case ids: registered onto the H&E slices,
+    the aligned model trains on them, co-located attention and the QuPath export on the H&E slide follow."""
+    from stainmil.analysis.analyze import write_analysis
+    from stainmil.analysis.qupath import export_folder
+    from stainmil.data.cohort import load_manifest
+    from stainmil.data.registration import patch_alignment
+    from stainmil.evaluate.predict import evaluate_run
+    from stainmil.features.extract import extract_features
+    from stainmil.pipeline import split_cohort
+    from stainmil.train.trainer import train
+
+    slides = scanner_named(serial_cohort, tmp_path / "export")
+    assert {p.name.split("_")[1] for p in slides.iterdir()} == {"HE", "H&E", "MelanA", "Melan-A", "SOX10", "Sox10"}
+    config = slide_config(serial_cohort, tmp_path, f"tile.slices_dir={slides}",
+                          r"tile.filename_pattern=C(?P<case>\d+)_(?P<stain>[^_]+)_S(?P<slice>\d+)",
+                          "register.reference_stain=H&E", "register.max_side=192", "register.nonrigid=false",
+                          "split.method=holdout", "split.val_fraction=0.34", "split.test_fraction=0.34",
+                          "train.max_epochs=2", "model.architecture=aligned")
+    tile_cohort(config)
+    assert set(pd.read_csv(tmp_path / "tiles" / "tiles.csv", dtype=str)["stain"]) == {
+        "HE", "H&E", "MelanA", "Melan-A", "SOX10", "Sox10"}  # tiles.csv keeps what the files say
+    registered = register_cohort(config).table
+    assert len(registered) == 12 and set(registered["stain"]) == {"melan", "sox10"}
+    assert (registered["fixed_stain"] == "he").all() and set(registered["case"]) == {str(c) for c in range(1, 7)}
+    assert (registered["verdict"] == "aligned").sum() >= 4
+    manifest = load_manifest(config)
+    assert set(manifest["stain"]) == {"he", "melan", "sox10"}
+    placed = patch_alignment(config, manifest).anchor
+    assert (placed[(manifest["stain"] != "he").to_numpy()] >= 0).mean() > 0.3  # IHC patches found their places
+    extract_features(config, manifest)
+    split_cohort(config)
+    config.train.runs_dir = str(tmp_path / "runs")
+    run = train(config).run_dir
+    evaluate_run(run)
+    analysis = write_analysis(run, "test")
+    per_case = pd.read_csv(analysis.out_dir / "colocated_cases.csv", dtype={"case": str})
+    assert set(per_case["stain"]) <= {"melan", "sox10"} and (per_case["verdict"] == "aligned").any()
+    assert per_case.loc[per_case["verdict"] == "aligned", "landed"].gt(0.5).all()
+    on_he = [p for p in export_folder(run, "test").files if "__on_he_slice" in p.name]
+    assert len(on_he) == (per_case["verdict"] == "aligned").sum()
+
+
+def test_register_says_what_it_looked_for_when_it_registers_nothing(serial_cohort, tmp_path):
+    """IHC slides but no H&E slide in any case: one sentence naming the stain looked for and those found, a
+    non-zero exit, no registrations.csv that would look finished."""
+    from typer.testing import CliRunner
+
+    from stainmil.cli import app
+    from stainmil.config import dump_config
+    from stainmil.errors import DataError
+
+    slides = scanner_named(serial_cohort, tmp_path / "export", stains=("melan", "sox10"))
+    config = slide_config(serial_cohort, tmp_path, f"tile.slices_dir={slides}",
+                          r"tile.filename_pattern=C(?P<case>\d+)_(?P<stain>[^_]+)_S(?P<slice>\d+)")
+    tile_cohort(config)
+    with pytest.raises(DataError, match=r"looked for he slices .*found the stains \['melan', 'sox10'\]"):
+        register_cohort(config)
+    out = tmp_path / "tiles" / "registration"
+    assert not (out / "registrations.csv").exists() and "case 1 has no he slice" in (
+        out / "register_report.txt").read_text()
+    result = CliRunner().invoke(app, ["register", "--config", str(dump_config(config, tmp_path / "c.yaml"))])
+    assert result.exit_code != 0 and "no slice registered" in result.output
+    config.register.reference_stain = "CD3"
+    with pytest.raises(Exception, match="register.reference_stain 'CD3'"):
+        register_cohort(config)

@@ -24,7 +24,7 @@ from stainmil.analysis.attention import AttentionTables, analyze_tables
 from stainmil.analysis.colocated import colocated_tables
 from stainmil.analysis.heatmaps import SliceView, draw_heatmap, slice_view
 from stainmil.config import Config
-from stainmil.data.registration import read_registrations
+from stainmil.data.registration import read_registrations, reference_stain
 from stainmil.io import atomic_write, atomic_write_json, atomic_write_text, safe_name, save_image
 from stainmil.progress import progress_bar
 
@@ -107,7 +107,7 @@ def write_tables(out: Path, tables: AttentionTables, config: Config) -> Analysis
     registrations = read_registrations(config)
     per_patch = pd.DataFrame()
     if registrations is not None:  # `stainmil register` ran: attention where the stains meet
-        per_patch, per_case = colocated_tables(tables.patches, registrations, config.register.reference_stain)
+        per_patch, per_case = colocated_tables(tables.patches, registrations, reference_stain(config))
         for name, frame in (("colocated", per_patch), ("colocated_cases", per_case)):
             if len(frame):
                 atomic_write(out / f"{name}.csv", lambda tmp, frame=frame: frame.to_csv(tmp, index=False))

@@ -24,7 +24,7 @@ import pandas as pd
 from stainmil.analysis.analyze import write_analysis
 from stainmil.analysis.heatmaps import ATTENTION_NORM, patch_colours, patch_side
 from stainmil.config import load_config
-from stainmil.data.registration import read_pair, read_registrations
+from stainmil.data.registration import read_pair, read_registrations, reference_stain
 from stainmil.errors import DataError
 from stainmil.io import atomic_write, atomic_write_json, safe_name
 
@@ -177,5 +177,5 @@ def export_folder(folder: str | Path, split_name: str | None = None, out_dir: st
     if is_run:  # `stainmil register` ran on this cohort: IHC attention on the H&E slides too
         config = load_config(folder / "config.yaml")
         if config.tile.out_dir and (registrations := read_registrations(config)) is not None:
-            reference = config.register.reference_stain
+            reference = reference_stain(config)
     return export_qupath(patches, Path(out_dir) if out_dir else folder / "qupath", registrations, reference)

@@ -29,7 +29,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from PIL import Image
 
-from stainmil.config import Config, dump_config
+from stainmil.config import Config, DataConfig, dump_config
 from stainmil.data.labels import Labels, normalize_case_id, read_labels
 from stainmil.data.tiling import load_tiles
 from stainmil.errors import ConfigError, DataError
@@ -101,7 +101,7 @@ def _decode_all(paths: list[str], workers: int) -> list[tuple[str, int, int, str
 class CaseRules:
     """Stain aliases, exclusions and labels: what decides whether a file (patch or slide) is used."""
 
-    aliases: dict[str, str]
+    data: DataConfig  # its canonical_stain: the one stain-naming rule
     excluded: set[str]
     labels: Labels
     require_labels: bool
@@ -110,13 +110,12 @@ class CaseRules:
     @classmethod
     def from_config(cls, config: Config, require_labels: bool) -> CaseRules:
         data = config.data
-        aliases = {k.strip().lower(): v for k, v in data.stain_aliases.items()}
-        unknown_canonical = sorted(set(aliases.values()) - set(data.stains))
+        unknown_canonical = sorted(set(data.stain_aliases.values()) - set(data.stains))
         if unknown_canonical:
             raise ConfigError(f"data.stain_aliases maps to {unknown_canonical}, which are not in data.stains "
                               f"{data.stains}; add them there or fix the aliases.")
         labels = read_labels(data) if require_labels else Labels(by_case={})
-        return cls(aliases, {normalize_case_id(c) for c in data.exclude_cases}, labels, require_labels,
+        return cls(data, {normalize_case_id(c) for c in data.exclude_cases}, labels, require_labels,
                    {normalize_case_id(c) for c in data.include_cases})
 
     def classify(self, case_text: str | None, stain_text: str | None) -> tuple[str, str | None, str | None]:
@@ -124,7 +123,7 @@ class CaseRules:
         case = normalize_case_id(case_text or "")
         if not case:
             return case, None, BLANK_CASE
-        stain = self.aliases.get((stain_text or "").strip().lower())
+        stain = self.data.canonical_stain(stain_text or "")
         if stain is None:
             return case, None, UNKNOWN_STAIN + f" ('{stain_text}')"
         if case in self.excluded:

@@ -125,6 +125,8 @@ def read_registrations(config: Config) -> pd.DataFrame | None:
         return None
     table = pd.read_csv(out / "registrations.csv", dtype={"case": str, "stain": str, "slice": str,
                                                           "fixed_stain": str, "fixed_slice": str})
+    for column in ("stain", "fixed_stain"):  # canonical, whatever an older `register` wrote
+        table[column] = [config.data.canonical_stain(name) or name for name in table[column]]
     # found where they are now, even when the cohort's folder moved since `register` wrote the table
     table["transform"] = [str(out / "transforms" / Path(p).name) for p in table["transform"]]
     return table
@@ -164,7 +166,7 @@ def patch_alignment(config: Config, manifest: pd.DataFrame) -> PatchAlignment:
         raise ConfigError(f"model.architecture 'aligned' needs this cohort's registered slices, but {found} does not "
                           "exist; run `stainmil register --config <config>` after `stainmil tile`.")
     manifest = manifest.reset_index(drop=True)
-    reference = config.register.reference_stain
+    reference = reference_stain(config)
     made_onto = set(registrations["fixed_stain"].astype(str))
     if made_onto - {reference}:
         raise ConfigError(f"the registrations in {found} were made onto {sorted(made_onto)}, but "
@@ -185,14 +187,29 @@ def patch_alignment(config: Config, manifest: pd.DataFrame) -> PatchAlignment:
     return PatchAlignment(anchor)
 
 
-def _slides(config: Config) -> dict[str, list[SlideRef]]:
+def reference_stain(config: Config) -> str:
+    """``register.reference_stain`` as a canonical stain (``HE`` and ``H&E`` are ``he``), or a ConfigError."""
+    reference = config.data.canonical_stain(config.register.reference_stain)
+    if reference is None:
+        raise ConfigError(f"register.reference_stain '{config.register.reference_stain}' is none of data.stains "
+                          f"{config.data.stains} nor an alias of one (data.stain_aliases); set it to one of them.")
+    return reference
+
+
+def _slides(config: Config) -> tuple[dict[str, list[SlideRef]], dict[str, str]]:
+    """The tiled slides by case, stains canonical (data.stain_aliases), and the slides left out: name -> why."""
     tiles, _ = load_tiles(config)
     firsts = tiles.drop_duplicates(["case", "stain", "slice"])
     by_case: dict[str, list[SlideRef]] = {}
+    unknown: dict[str, str] = {}
     for row in firsts.itertuples(index=False):
-        by_case.setdefault(str(row.case), []).append(SlideRef(str(row.case), str(row.stain), str(row.slice),
-                                                              str(row.slide)))
-    return by_case
+        stain = config.data.canonical_stain(row.stain)
+        if stain is None:
+            unknown[Path(str(row.slide)).name] = (f"stain '{row.stain}' is not in data.stain_aliases (nor one of "
+                                                  f"data.stains {config.data.stains})")
+            continue
+        by_case.setdefault(str(row.case), []).append(SlideRef(str(row.case), stain, str(row.slice), str(row.slide)))
+    return by_case, unknown
 
 
 def _scale(path: str, slide_mpp: float) -> tuple[float, float]:
@@ -239,11 +256,10 @@ def _register_pair(moving: SlideRef, fixed: SlideRef, config: Config, path: Path
 
 def register_cohort(config: Config) -> RegisterResult:
     """Register every non-reference slice of every case to its best reference slice (see the module doc)."""
-    reference = config.register.reference_stain
+    reference = reference_stain(config)
     out = registration_dir(config)
-    by_case = _slides(config)
+    by_case, errors = _slides(config)
     jobs = []
-    errors: dict[str, str] = {}
     for case, slides in by_case.items():
         fixed = [s for s in slides if s.stain == reference]
         for moving in (s for s in slides if s.stain != reference):
@@ -274,12 +290,24 @@ def register_cohort(config: Config) -> RegisterResult:
                                           "feature_error_um", "matched_features", "seconds", "transform",
                                           "candidates"])
     result = RegisterResult(out, table, pairs, errors)
-    atomic_write(out / "registrations.csv", lambda tmp: table.to_csv(tmp, index=False))
     counts = table["verdict"].value_counts().to_dict() if len(table) else {}
     atomic_write_json(out / "register_report.json", {"reference_stain": reference, "verdicts": counts,
                                                      "chosen": chosen, "pairs": pairs, "errors": errors})
     atomic_write_text(out / "register_report.txt", report_text(result, reference))
+    if table.empty:  # no registrations.csv: nothing downstream may take an empty table for a finished one
+        raise DataError(nothing_registered(by_case, errors, reference, out))
+    atomic_write(out / "registrations.csv", lambda tmp: table.to_csv(tmp, index=False))
     return result
+
+
+def nothing_registered(by_case: dict[str, list[SlideRef]], errors: dict[str, str], reference: str, out: Path) -> str:
+    """The sentence for a ``register`` that registered no slice: what it looked for, what it found."""
+    found = sorted({s.stain for slides in by_case.values() for s in slides})
+    first = next(iter(errors.items()), ("", ""))
+    return (f"no slice registered: looked for {reference} slices (register.reference_stain) to register the other "
+            f"stains onto and found the stains {found} in {sum(map(len, by_case.values()))} tiled slides, "
+            f"{len(errors)} not registered (first: {first[0]}: {first[1]}); check data.stain_aliases and "
+            f"register.reference_stain, the whole list is in {out / 'register_report.txt'}.")
 
 
 def report_text(result: RegisterResult, reference: str) -> str:

@@ -31,6 +31,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from stainmil.config import Config
+from stainmil.data.registration import reference_stain
 from stainmil.errors import ConfigError
 from stainmil.experiments.cv import per_case_probabilities, pooled_out_of_fold, run_cv, shared_folds
 from stainmil.io import atomic_write, atomic_write_text, safe_name, save_figure, subplots
@@ -122,7 +123,10 @@ def compare_models(config: Config, models: list[str], folds: int = 5, seeds: lis
                    stain_sets: list[str] | None = None, launcher: str = "local", out_dir: str | Path | None = None,
                    workers: int = 1, log=print) -> pd.DataFrame:
     """Cross-validate every variant on the same folds and seeds; return (and write) the comparison table."""
-    variants = parse_variants(models, stain_sets, config.data.stains, config.register.reference_stain)
+    if stain_sets:  # the stains as users write them: HE+SOX10 is he+sox10
+        stain_sets = ["+".join(config.data.canonical_stain(s) or s.strip() for s in spec.split("+") if s.strip())
+                      for spec in stain_sets]
+    variants = parse_variants(models, stain_sets, config.data.stains, reference_stain(config))
     seeds = seeds or [config.train.seed]
     out = Path(out_dir) if out_dir else config.runs_dir / datetime.now().strftime("models_%Y%m%d_%H%M%S")
     splits_dir = shared_folds(config, folds, 1, out, None)
