@@ -65,12 +65,27 @@ def synth(out: Annotated[Path, typer.Argument(help="Output folder.")],
                                                       "one block, each moved/flipped/stretched with known "
                                                       "landmarks (for `stainmil register`).")] = None,
           slides: Annotated[str, typer.Option(help="Also write whole-slide images of the slices for the slide route "
-                                                   "(slides/ + slides.yaml): tiff | svs | dicom.")] = "") -> None:
+                                                   "(slides/ + slides.yaml): tiff | svs | dicom.")] = "",
+          section_mm: Annotated[float, typer.Option(help="With --serial: real-size serial sections of this many mm, "
+                                                         "streamed tile by tile into pyramidal TIFFs named as a "
+                                                         "scanner names them (C001_HE_S0.tiff), landmarks in µm "
+                                                         "(--cases, default 2; --seed).")] = 0.0,
+          mpp: Annotated[float, typer.Option(help="With --section-mm: level-0 µm per pixel.")] = 0.5) -> None:
     """Render a synthetic multi-stain cohort (slices, masks, patches, labels.csv, cohort.yaml)."""
     import dataclasses
 
     from stainmil.data.synth import PRESETS, SLIDE_FORMATS, write_cohort, write_slides
     from stainmil.errors import ConfigError
+
+    if section_mm:
+        from stainmil.data.serial_wsi import write_serial_wsi
+
+        if not serial:
+            raise ConfigError("--section-mm writes serial sections; add --serial.")
+        folder = write_serial_wsi(out, section_mm, mpp, cases=cases or 2, seed=seed or 0)
+        console.print(f"real-size serial sections in [bold]{folder}[/]; next: stainmil tile --config "
+                      f"{folder.parent / 'slides.yaml'} and stainmil register --config {folder.parent / 'slides.yaml'}")
+        return
 
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset '{preset}'; choose one of {sorted(PRESETS)}.")

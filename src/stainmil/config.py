@@ -380,11 +380,16 @@ class SlurmConfig:
 
 @dataclass
 class RegisterConfig:
-    reference_stain: str = _help("Stain every other stain of a case is registered to (canonical name).",
-                                 default="he")
-    max_side: int = _help("Longest side (px) of the thumbnails registered; their scale is the coarser of this and "
-                          "the slide's level 0 (raise it for whole slides: 2048 px of a 20 mm section = 10 µm/px).",
-                          default=384)
+    reference_stain: str = _help("Stain every other stain of a case is registered to (a canonical name or an "
+                                 "alias: HE, H&E).", default="he")
+    spacing_um: float = _help("Resolution (µm per pixel) of the affine and non-rigid stages, whatever the section's "
+                              "size: 8 µm/px is 1,000 px across an 8 mm section, 2,500 px across 20 mm.", default=8.0)
+    min_side: int = _help("A small section is registered at least this many pixels across (finer than spacing_um), "
+                          "never finer than its level 0.", default=384)
+    max_side: int = _help("Cap on the pixels across a section (time and memory; old configs' 384 keeps their "
+                          "thumbnails).", default=4096)
+    mesh_um: float = _help("Spacing (µm) of the non-rigid B-spline mesh's nodes (6 to 24 nodes across a section).",
+                           default=1000.0)
     nonrigid: bool = _help("After the affine fit, a smooth B-spline stage (the sections' elastic stretch).",
                            default=True)
     out_dir: str = _help("Where transforms and register_report go; empty = <tile.out_dir>/registration.",

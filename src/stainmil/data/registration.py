@@ -32,7 +32,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from stainmil.config import Config
+from stainmil.config import Config, RegisterConfig
 from stainmil.data.tiling import load_tiles
 from stainmil.errors import ConfigError, DataError
 from stainmil.io import atomic_path, atomic_write, atomic_write_json, atomic_write_text, safe_name
@@ -226,8 +226,18 @@ def _scale(path: str, slide_mpp: float) -> tuple[float, float]:
 
 def _settings(moving: SlideRef, fixed: SlideRef, config: Config) -> dict:
     """What a pair's registration depends on: a transform file made under other settings is made again."""
-    return {"fixed_slide": fixed.path, "moving_slide": moving.path, "max_side": config.register.max_side,
-            "nonrigid": config.register.nonrigid}
+    register = config.register
+    return {"fixed_slide": fixed.path, "moving_slide": moving.path, "max_side": register.max_side,
+            "nonrigid": register.nonrigid, "spacing_setting_um": register.spacing_um, "min_side": register.min_side,
+            "mesh_um": register.mesh_um}
+
+
+def registration_scale(register: RegisterConfig, mpp: float, extent_um: float) -> tuple[float, int]:
+    """(µm per pixel, B-spline mesh nodes across) for a pair whose coarser level 0 is ``mpp`` and whose larger
+    section is ``extent_um`` across: ``register.spacing_um`` (finer for a section under ``min_side`` px at it,
+    never finer than level 0, at most ``max_side`` px across); a mesh node every ``mesh_um``, 6 to 24."""
+    spacing = max(mpp, extent_um / register.max_side, min(register.spacing_um, extent_um / register.min_side))
+    return spacing, int(np.clip(round(extent_um / register.mesh_um), 6, 24))
 
 
 def _register_pair(moving: SlideRef, fixed: SlideRef, config: Config, path: Path) -> dict:
@@ -239,9 +249,11 @@ def _register_pair(moving: SlideRef, fixed: SlideRef, config: Config, path: Path
         slide_mpp = config.tile.slide_mpp
         (fixed_mpp, fixed_extent), (moving_mpp, moving_extent) = (_scale(fixed.path, slide_mpp),
                                                                   _scale(moving.path, slide_mpp))
-        spacing = max(fixed_mpp, moving_mpp, max(fixed_extent, moving_extent) / config.register.max_side)
+        spacing, mesh = registration_scale(config.register, max(fixed_mpp, moving_mpp),
+                                           max(fixed_extent, moving_extent))
         result = register_sections(read_section(fixed.path, spacing, slide_mpp),
-                                   read_section(moving.path, spacing, slide_mpp), nonrigid=config.register.nonrigid)
+                                   read_section(moving.path, spacing, slide_mpp), nonrigid=config.register.nonrigid,
+                                   mesh_nodes=mesh)
         write_pair(path, result.transform, {
             "case": moving.case, **settings, "fixed_mpp": fixed_mpp, "moving_mpp": moving_mpp,
             "fixed_stain": fixed.stain, "fixed_slice": fixed.slice, "moving_stain": moving.stain,

@@ -7,7 +7,9 @@ counterstains nuclei with hematoxylin, as H&E does) inside the tissue mask.
 
 1. **Rigid, with flips** — a section may lie rotated anyhow and either way up. Both tissue masks are reduced to
    ~128 px; every rotation in 10° steps, with and without a mirror flip, is tried about the masks' centroids and
-   scored by mask overlap and hematoxylin correlation; the best is kept.
+   scored by mask overlap and hematoxylin correlation; the four best rotations unflipped and flipped go on to
+   step 2, and the one whose tissue outline agrees best after it is kept (a torn piece or a round section can
+   make the coarse score prefer a wrong rotation or mirror).
 2. **Rigid → affine refinement** (SimpleITK, multi-resolution, Mattes mutual information on the hematoxylin
    images): corrects the angle and shift to sub-pixel, then shear and scale (sections shrink unevenly).
 3. **Smooth non-rigid** (SimpleITK B-spline, a coarse 6 x 6 mesh, correlation): the elastic stretch of a
@@ -21,8 +23,8 @@ The transform is kept in level-0 µm in both directions (:class:`PairTransform`)
 
     fixed -> moving:  p_m = A (p_f + u(p_f))        moving -> fixed:  p_f = q + v(q),  q = A^-1 p_m
 
-``A`` (3, 3) affine (with the flip), ``u`` and ``v`` (2, H, W) displacement fields on the fixed thumbnail grid
-(µm), ``v`` the inverse of ``u``.
+``A`` (3, 3) affine (with the flip), ``u`` and ``v`` (2, H, W) displacement fields (µm) on a grid over the fixed
+section (its thumbnail's, or coarser: at most :data:`FIELD_PX` across), ``v`` the inverse of ``u``.
 
 Quality (:class:`PairQuality`), measured after alignment on the fixed grid: tissue-mask overlap (Dice),
 hematoxylin correlation (Pearson, smoothed, over the tissue of both), an error estimate from matched features
@@ -45,7 +47,10 @@ from stainmil.slides.reader import Slide
 from stainmil.slides.tissue import tissue_mask
 
 COARSE_PX = 128
+COARSE_CANDIDATES = 4  # rotations per mirror hypothesis refined by the rigid stage
 MIN_TISSUE_PX = 50  # a thumbnail with less tissue than this is empty glass
+SAMPLE_BUDGET_PX = 384 * 384  # metric samples per level are drawn from at most this many pixels' worth
+FIELD_PX = 512  # the displacement fields are kept on a grid at most this many pixels across (they are smooth)
 # verdict thresholds (see docs/registration.md for how they were chosen)
 ALIGNED = {"dice": 0.85, "outline": 0.015, "scale": 1.08, "feature_error_um": 60.0}
 FAILED = {"dice": 0.60, "outline": 0.02, "scale": 1.15}
@@ -144,8 +149,10 @@ def _rotate_about(mask: np.ndarray, angle: float, flip: bool, centre_from: np.nd
     return ndimage.affine_transform(mask.astype(np.float32), matrix, offset, output_shape=shape, order=1)
 
 
-def _coarse_rigid(fixed: Section, moving: Section) -> tuple[bool, float, float]:
-    """(flip, angle, score) of the best rotation in 10° steps, with and without a mirror flip."""
+def _coarse_rigid(fixed: Section, moving: Section, per_flip: int = COARSE_CANDIDATES
+                  ) -> list[tuple[bool, float, float]]:
+    """(flip, angle, score) of the ``per_flip`` best rotations (10° steps, at least 60° apart) without and with a
+    mirror flip, best first."""
     zoom = min(1.0, COARSE_PX / max(*fixed.hematoxylin.shape, *moving.hematoxylin.shape))
     f_mask = ndimage.zoom(fixed.tissue.astype(np.float32), zoom, order=1)
     m_mask = ndimage.zoom(moving.tissue.astype(np.float32), zoom, order=1)
@@ -153,16 +160,21 @@ def _coarse_rigid(fixed: Section, moving: Section) -> tuple[bool, float, float]:
     m_h = ndimage.zoom(moving.hematoxylin, zoom, order=1)
     centre_f = np.array(ndimage.center_of_mass(f_mask))
     centre_m = np.array(ndimage.center_of_mass(m_mask))
-    best = (False, 0.0, -np.inf)
+    chosen = []
     for flip in (False, True):
-        for angle in np.deg2rad(np.arange(0, 360, 10)):
+        scored = []
+        for degrees in range(0, 360, 10):
+            angle = np.deg2rad(degrees)
             mask = _rotate_about(m_mask, angle, flip, centre_m, centre_f, f_mask.shape)
             h = _rotate_about(m_h, angle, flip, centre_m, centre_f, f_mask.shape)
             dice = 2 * (mask * f_mask).sum() / (mask.sum() + f_mask.sum() + 1e-9)
-            score = dice + 0.5 * _correlation(f_h, h, (f_mask > 0.5) | (mask > 0.5))
-            if score > best[2]:
-                best = (flip, float(angle), float(score))
-    return best
+            scored.append((float(dice + 0.5 * _correlation(f_h, h, (f_mask > 0.5) | (mask > 0.5))), degrees))
+        kept: list[int] = []
+        for score, degrees in sorted(scored, reverse=True):
+            if len(kept) < per_flip and all(min(abs(degrees - k), 360 - abs(degrees - k)) >= 60 for k in kept):
+                kept.append(degrees)
+                chosen.append((flip, float(np.deg2rad(degrees)), score))
+    return sorted(chosen, key=lambda c: -c[2])
 
 
 def _correlation(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
@@ -198,7 +210,8 @@ def _mirror(section: Section) -> Section:
 def _register(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, metric: str, shrink: list[int],
               iterations: int, in_place: bool = True, moving_initial: sitk.Transform | None = None,
               sampling: float = 0.5) -> sitk.Transform:
-    """One SimpleITK stage: ``metric`` mattes | correlation on a regular sample (``sampling`` of the pixels),
+    """One SimpleITK stage: ``metric`` mattes | correlation on a regular sample (``sampling`` of the pixels, at
+    most ``sampling`` x :data:`SAMPLE_BUDGET_PX` at each level: a large section costs no more per iteration),
     multi-resolution (``shrink`` per level), regular-step gradient descent."""
     method = sitk.ImageRegistrationMethod()
     if metric == "mattes":
@@ -206,7 +219,9 @@ def _register(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, me
     else:
         method.SetMetricAsCorrelation()
     method.SetMetricSamplingStrategy(method.REGULAR)
-    method.SetMetricSamplingPercentage(sampling, seed=0)
+    pixels = fixed.GetNumberOfPixels()
+    method.SetMetricSamplingPercentagePerLevel(
+        [sampling * min(1.0, SAMPLE_BUDGET_PX * s * s / pixels) for s in shrink], seed=0)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=iterations,
                                                     relaxationFactor=0.6, gradientMagnitudeTolerance=1e-8)
@@ -220,12 +235,19 @@ def _register(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, me
     return method.Execute(fixed, moving)
 
 
-def _field(transform: sitk.Transform, reference: sitk.Image) -> np.ndarray:
-    """(2, H, W) displacement (µm) of ``transform`` on ``reference``'s grid, x then y."""
-    displacement = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, reference.GetSize(),
-                                                     reference.GetOrigin(), reference.GetSpacing(),
-                                                     reference.GetDirection())
+def _field(transform: sitk.Transform, shape: tuple[int, int], spacing: float) -> np.ndarray:
+    """(2, H, W) displacement (µm) of ``transform`` on the grid of ``shape`` pixels ``spacing`` µm apart (pixel
+    centres at (i + ½) spacing), x then y."""
+    displacement = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, (shape[1], shape[0]),
+                                                     (spacing / 2, spacing / 2), (spacing, spacing))
     return np.moveaxis(sitk.GetArrayFromImage(displacement), -1, 0)
+
+
+def field_grid(shape: tuple[int, int], spacing: float) -> tuple[tuple[int, int], float]:
+    """(shape, spacing) of the displacement fields of a fixed image of ``shape`` at ``spacing``: the same extent,
+    at most :data:`FIELD_PX` across (a smooth field loses nothing; a 2,500 px section's fields stay small)."""
+    factor = max(1.0, max(shape) / FIELD_PX)
+    return (max(1, int(np.ceil(shape[0] / factor))), max(1, int(np.ceil(shape[1] / factor)))), spacing * factor
 
 
 def _matrix(transform: sitk.Transform, mirror_width: float | None) -> np.ndarray:
@@ -266,11 +288,12 @@ def _invert(u: np.ndarray, spacing: float, iterations: int = 25) -> np.ndarray:
     return v
 
 
-def _warp(section: Section, transform: PairTransform, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """The moving section's hematoxylin and tissue resampled onto the fixed grid (``shape``)."""
+def _warp(section: Section, transform: PairTransform, shape: tuple[int, int], spacing: float
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """The moving section's hematoxylin and tissue resampled onto the fixed grid (``shape`` at ``spacing``)."""
     h, w = shape
     rows, cols = np.mgrid[0:h, 0:w].astype(float)
-    points = (np.stack([cols.ravel(), rows.ravel()], axis=1) + 0.5) * transform.spacing
+    points = (np.stack([cols.ravel(), rows.ravel()], axis=1) + 0.5) * spacing
     moved = transform.fixed_to_moving(points) / section.spacing - 0.5  # moving thumbnail px (x, y)
     at = [moved[:, 1], moved[:, 0]]
     hema = ndimage.map_coordinates(section.hematoxylin, at, order=1, mode="constant").reshape(h, w)
@@ -324,9 +347,31 @@ def verdict(dice: float, outline: float, scale: float, error: float) -> tuple[st
     return ("doubtful", "; ".join(weak)) if weak else ("aligned", "outlines, overlap and scale agree")
 
 
-def register_sections(fixed: Section, moving: Section, nonrigid: bool = True) -> PairResult:
-    """Register ``moving`` onto ``fixed`` (thumbnails of about the same spacing); never raises on bad tissue: the
-    verdict says it."""
+def _rigid_fit(fixed: Section, moving: Section, f_img: sitk.Image, flip: bool, angle: float,
+               grid: tuple[int, int], grid_spacing: float, shrink: list[int], iterations: int,
+               start: sitk.Transform | None = None) -> tuple[sitk.Transform, sitk.Image, bool, float, float]:
+    """(rigid transform, moving image it was fitted on, flip, outline distance after it, angle) from a coarse
+    guess (or from ``start``, a rigid fit of the same guess to refine)."""
+    spacing = fixed.spacing
+    source = _mirror(moving) if flip else moving
+    m_img = _image(source.hematoxylin, moving.spacing)
+    if start is None:
+        centre_f = (np.array(ndimage.center_of_mass(fixed.tissue))[::-1] + 0.5) * spacing
+        centre_m = (np.array(ndimage.center_of_mass(source.tissue))[::-1] + 0.5) * moving.spacing
+        # the coarse search's map, fixed -> moving in (row, col): R(angle) F (o - c_f) + c_m; in (x, y) that
+        # rotation is R(-angle), and on the mirrored moving image the mirror conjugates it to R(+angle)
+        start = sitk.Euler2DTransform(tuple(centre_f), angle if flip else -angle, tuple(centre_m - centre_f))
+    rigid = _register(f_img, m_img, start, "mattes", shrink, iterations)
+    mirror_width = moving.tissue.shape[1] * moving.spacing if flip else None
+    rigid_only = PairTransform(_matrix(rigid, mirror_width), np.zeros((2, *grid)), np.zeros((2, *grid)),
+                               grid_spacing, flip)
+    outline = outline_distance(fixed.tissue, _warp(moving, rigid_only, fixed.tissue.shape, spacing)[1])
+    return rigid, m_img, flip, outline, angle
+
+
+def register_sections(fixed: Section, moving: Section, nonrigid: bool = True, mesh_nodes: int = 6) -> PairResult:
+    """Register ``moving`` onto ``fixed`` (thumbnails of about the same spacing; ``mesh_nodes`` across the
+    B-spline mesh); never raises on bad tissue: the verdict says it."""
     import time
 
     started = time.perf_counter()
@@ -335,22 +380,23 @@ def register_sections(fixed: Section, moving: Section, nonrigid: bool = True) ->
             return PairResult(None, PairQuality(0.0, 1.0, 1.0, 0.0, float("nan"), 0, "failed",
                                                 f"no tissue on the {name} slide (empty glass?)"),
                               time.perf_counter() - started)
-    flip, angle, coarse = _coarse_rigid(fixed, moving)
-    source = _mirror(moving) if flip else moving
     spacing = fixed.spacing  # the grid of the result; each image keeps its own spacing
-    f_img, m_img = _image(fixed.hematoxylin, spacing), _image(source.hematoxylin, moving.spacing)
-    centre_f = (np.array(ndimage.center_of_mass(fixed.tissue))[::-1] + 0.5) * spacing
-    centre_m = (np.array(ndimage.center_of_mass(source.tissue))[::-1] + 0.5) * moving.spacing
-    # the coarse search's map, fixed -> moving in (row, col): R(angle) F (o - c_f) + c_m; in (x, y) that rotation
-    # is R(-angle), and on the mirrored moving image the mirror conjugates it to R(+angle)
-    rigid = sitk.Euler2DTransform(tuple(centre_f), angle if flip else -angle, tuple(centre_m - centre_f))
-    rigid = _register(f_img, m_img, rigid, "mattes", [4, 2, 1], 200)
     h, w = fixed.hematoxylin.shape
+    grid, grid_spacing = field_grid((h, w), spacing)
+    f_img = _image(fixed.hematoxylin, spacing)
+    # several rotations of both mirror hypotheses are refined (a torn piece can make a wrong one win the coarse
+    # search); the one whose outline then agrees best is kept: sections of one block are congruent up to a small
+    # stretch, so after the *rigid* fit their outlines agree, and another block's outline can only be forced on by
+    # scaling and shearing
+    # (screened at a quarter and half resolution, briefly; the winner then refined at full resolution)
+    guesses = _coarse_rigid(fixed, moving)
+    fits = [_rigid_fit(fixed, moving, f_img, flip, angle, grid, grid_spacing, [4, 2], 100)
+            for flip, angle, _ in guesses]
+    best = min(range(len(fits)), key=lambda k: fits[k][3])
+    flip, angle, coarse = guesses[best]
+    rigid, m_img, flip, outline, _ = _rigid_fit(fixed, moving, f_img, flip, angle, grid, grid_spacing, [2, 1],
+                                                200, start=fits[best][0])
     mirror_width = moving.tissue.shape[1] * moving.spacing if flip else None
-    # the outline test: sections of one block are congruent up to a small stretch, so after the *rigid* fit their
-    # outlines agree; another block's outline can only be forced on by scaling and shearing
-    rigid_only = PairTransform(_matrix(rigid, mirror_width), np.zeros((2, h, w)), np.zeros((2, h, w)), spacing, flip)
-    outline = outline_distance(fixed.tissue, _warp(moving, rigid_only, (h, w))[1])
     affine = sitk.AffineTransform(2)
     affine.SetMatrix(rigid.GetMatrix())
     affine.SetTranslation(rigid.GetTranslation())
@@ -358,18 +404,18 @@ def register_sections(fixed: Section, moving: Section, nonrigid: bool = True) ->
     affine = _register(f_img, m_img, affine, "mattes", [2, 1], 200)
     a = _matrix(affine, mirror_width)
     scale = float(np.sqrt(abs(np.linalg.det(a[:2, :2]))))
-    u = np.zeros((2, h, w))
+    u = np.zeros((2, *grid))
     if nonrigid:
-        mesh = sitk.BSplineTransformInitializer(f_img, [6, 6], order=3)
+        mesh = sitk.BSplineTransformInitializer(f_img, [mesh_nodes, mesh_nodes], order=3)
         try:
             # a fifth of the pixels: the B-spline's cost is its metric derivative; 0.5 -> 0.2 took the slowest pair
             # of the serial preset from 13 s to 7 s at the same landmark error (2.8 µm median)
             bspline = _register(f_img, m_img, mesh, "correlation", [2, 1], 60, moving_initial=affine, sampling=0.2)
-            u = _field(bspline, f_img)
+            u = _field(bspline, grid, grid_spacing)
         except RuntimeError:  # the optimiser left the image: keep the affine result
-            u = np.zeros((2, h, w))
-    transform = PairTransform(a, u, _invert(u, spacing), spacing, flip)
-    moved_h, moved_tissue = _warp(moving, transform, (h, w))
+            u = np.zeros((2, *grid))
+    transform = PairTransform(a, u, _invert(u, grid_spacing), grid_spacing, flip)
+    moved_h, moved_tissue = _warp(moving, transform, (h, w), spacing)
     dice = float(2 * (moved_tissue & fixed.tissue).sum() / (moved_tissue.sum() + fixed.tissue.sum() + 1e-9))
     correlation = structure_correlation(fixed.hematoxylin, fixed.tissue, moved_h, moved_tissue, spacing)
     error, matched = feature_error(fixed.hematoxylin, moved_h, spacing)
