@@ -94,3 +94,24 @@ def test_tables_fit_80_columns_pipe_to_grep_and_have_machine_forms():
     models = invoke("models").output.splitlines()
     assert max(map(len, models)) <= 80 and models[2].split()[:2] == ["hierarchical", "yes"]
     assert invoke("backbones", "--markdown", "--json").exit_code != 0
+
+
+def test_synth_section_mm_writes_scanner_named_real_size_sections(tmp_path):
+    """`synth --serial --section-mm`: pyramidal TIFFs named as a scanner export names them, landmarks in µm, a
+    slides.yaml whose pattern reads those names; without --serial it says what to add."""
+    from stainmil.config import load_config
+    from stainmil.data.tiling import compile_slide_pattern
+
+    refused = runner.invoke(app, ["synth", str(tmp_path / "no"), "--section-mm", "1"])
+    assert refused.exit_code != 0 and "add --serial" in refused.output
+    result = runner.invoke(app, ["synth", str(tmp_path / "real"), "--serial", "--section-mm", "0.6", "--mpp", "1.0"])
+    assert result.exit_code == 0, result.output
+    slides = sorted(p.name for p in (tmp_path / "real" / "slides").glob("*.tiff"))
+    assert slides == [f"C00{c}_{s}_S0.tiff" for c in (1, 2) for s in ("HE", "MelanA", "SOX10")]
+    landmarks = pd.read_csv(tmp_path / "real" / "slides" / "C001_SOX10_S0_landmarks.csv")
+    assert list(landmarks.columns) == ["id", "x_um", "y_um"] and landmarks[["x_um", "y_um"]].le(600).all().all()
+    config = load_config(tmp_path / "real" / "slides.yaml")
+    match = compile_slide_pattern(config.tile.filename_pattern).search("C001_MelanA_S0.tiff")
+    assert match and config.data.canonical_stain(match["stain"]) == "melan"
+    labels = pd.read_csv(tmp_path / "real" / "labels.csv", dtype=str)
+    assert list(labels["case_id"]) == ["001", "002"]  # leading zeros, as the file names have them

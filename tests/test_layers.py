@@ -106,3 +106,15 @@ def test_importing_the_library_leaves_the_matplotlib_backend_alone():
             "stainmil.experiments.tune; print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["pdf", "False"]
+
+
+def test_tiling_and_registering_do_not_load_the_deep_learning_stack():
+    """`stainmil tile` and `stainmil register` on a whole cohort: their memory is the slides', not torch's
+    (~800 MB of RSS before a slide is opened)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import stainmil.data.slide_route, stainmil.data.registration, stainmil.data.serial_wsi; "
+            "print(','.join(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "", f"tiling/registering loads {loaded}"

@@ -307,7 +307,7 @@ def tile(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     data.source=slides (the slide route) also writes the index, so `extract` reads straight from the slides;
     data.source=patches writes PNG patches for `stainmil index`.
     """
-    from stainmil.pipeline import tile_cohort
+    from stainmil.data.slide_route import tile_cohort
 
     cfg = load_config(config, set_)
     result, index_dir = tile_cohort(cfg)

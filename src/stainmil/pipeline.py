@@ -15,9 +15,9 @@ from stainmil.analysis.report import build_report
 from stainmil.config import Config, dump_config, load_config
 from stainmil.data.cohort import build_index, case_labels, load_manifest, write_index
 from stainmil.data.registration import register_cohort
+from stainmil.data.slide_route import tile_cohort
 from stainmil.data.splits import load_split, make_splits, write_splits
 from stainmil.data.synth import PRESETS, write_cohort, write_slides
-from stainmil.data.tiling import TileResult, tile_folder
 from stainmil.errors import StoreError
 from stainmil.evaluate.predict import Evaluation, evaluate_run
 from stainmil.features.backbones import build_backbone
@@ -28,15 +28,6 @@ from stainmil.train.trainer import TrainResult, train
 def index_cohort(config: Config) -> tuple[Path, dict]:
     result = build_index(config)
     return write_index(result, config), result.report
-
-
-def tile_cohort(config: Config) -> tuple[TileResult, Path | None]:
-    """Tile the slides; on the slide route also index them (labels when data.labels_csv is set)."""
-    result = tile_folder(config)
-    if config.data.source != "slides":
-        return result, None
-    index = build_index(config, require_labels=bool(config.data.labels_csv))
-    return result, write_index(index, config)
 
 
 def split_cohort(config: Config, out_dir: str | Path | None = None) -> list[Path]:

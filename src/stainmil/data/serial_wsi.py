@@ -29,6 +29,7 @@ import pandas as pd
 import yaml
 from scipy import ndimage
 
+from stainmil.data.registration import read_pair
 from stainmil.data.serial import SectionWarp, block_landmarks, random_warp, torn_piece, warp_to_section
 from stainmil.data.synth import BENIGN, HIGH_GRADE, STAIN_VECTORS, LesionStyle, _cpu_count, lesion_mask, tissue_mask
 from stainmil.errors import ConfigError
@@ -326,8 +327,6 @@ def landmarks_of(slide: str | Path) -> pd.DataFrame | None:
 def landmark_errors(registrations: pd.DataFrame) -> pd.DataFrame:
     """One row per shared landmark of every registered pair whose two slides carry landmarks: ``case, stain,
     verdict, error_um`` — how far the IHC landmark lands (through the pair's transform) from the H&E one."""
-    from stainmil.data.registration import read_pair
-
     frames = []
     for row in registrations.itertuples(index=False):
         transform, attrs = read_pair(row.transform)
