@@ -161,3 +161,15 @@ def test_numeric_case_ids_lose_leading_zeros(tmp_path):
                                 f"data.filename_pattern={PATTERN}"])
     assert list(build_index(config).manifest["case"]) == ["7"]
     assert np.all(build_index(config).manifest["label"] == 0)
+
+
+def test_a_lean_index_holds_the_same_rows_without_a_python_object_a_cell(prepared):
+    """What a bounded training process reads: only its columns, text in Arrow buffers (its memory does not grow
+    with an object per patch id), every value as in the full index."""
+    from stainmil.data.cohort import load_manifest
+    from stainmil.train.run import TRAINING_COLUMNS
+
+    full, lean = load_manifest(prepared), load_manifest(prepared, TRAINING_COLUMNS + ["no_such_column"])
+    assert list(lean.columns) == TRAINING_COLUMNS and not (lean.dtypes == object).any()
+    assert str(lean["patch"].dtype).startswith("string") and lean["label"].dtype == full["label"].dtype
+    pd.testing.assert_frame_equal(lean.astype(str), full[TRAINING_COLUMNS].astype(str))

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -425,12 +426,13 @@ def load_manifest(config: Config, columns: list[str] | None = None) -> pd.DataFr
     if columns is not None:  # the columns asked for that this index has (a patch-image index has no slide places)
         present = set(pq.read_schema(path).names)
         columns = [c for c in columns if c in present]
-    manifest = pd.read_parquet(path, columns=columns)
-    if columns is not None:  # a lean index (a bounded training process): text in Arrow buffers, not 1 object a cell
-        for column in manifest.columns:
-            if manifest[column].dtype == object:
-                manifest[column] = manifest[column].astype("string[pyarrow]")
-    return manifest
+    if columns is None:
+        return pd.read_parquet(path)
+    # a lean index (a bounded training process): text stays in Arrow buffers, never one Python object a cell —
+    # not even for a moment (converting an object column afterwards held both copies at its peak)
+    text = pd.StringDtype("pyarrow")
+    return pq.read_table(path, columns=columns).to_pandas(
+        types_mapper=lambda kind: text if kind in (pa.string(), pa.large_string()) else None)
 
 
 def keep_stains(manifest: pd.DataFrame, stains: list[str]) -> pd.DataFrame:

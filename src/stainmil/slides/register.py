@@ -48,6 +48,7 @@ from stainmil.slides.tissue import tissue_mask
 
 COARSE_PX = 128
 COARSE_CANDIDATES = 4  # rotations per mirror hypothesis refined by the rigid stage
+SCREEN_PX = 256  # ... on a view about this many pixels across, to choose among them
 MIN_TISSUE_PX = 50  # a thumbnail with less tissue than this is empty glass
 SAMPLE_BUDGET_PX = 384 * 384  # metric samples per level are drawn from at most this many pixels' worth
 FIELD_PX = 512  # the displacement fields are kept on a grid at most this many pixels across (they are smooth)
@@ -209,7 +210,7 @@ def _mirror(section: Section) -> Section:
 
 def _register(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, metric: str, shrink: list[int],
               iterations: int, in_place: bool = True, moving_initial: sitk.Transform | None = None,
-              sampling: float = 0.5) -> sitk.Transform:
+              sampling: float = 0.5, step_px: float = 2.0) -> sitk.Transform:
     """One SimpleITK stage: ``metric`` mattes | correlation on a regular sample (``sampling`` of the pixels, at
     most ``sampling`` x :data:`SAMPLE_BUDGET_PX` at each level: a large section costs no more per iteration),
     multi-resolution (``shrink`` per level), regular-step gradient descent."""
@@ -223,8 +224,13 @@ def _register(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, me
     method.SetMetricSamplingPercentagePerLevel(
         [sampling * min(1.0, SAMPLE_BUDGET_PX * s * s / pixels) for s in shrink], seed=0)
     method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=iterations,
-                                                    relaxationFactor=0.6, gradientMagnitudeTolerance=1e-8)
+    # first steps of ``step_px`` pixels (in µm, at least 1): the same iterations then move a section as many
+    # *pixels* whatever its µm per pixel — the serial preset (0.5 µm/px) keeps its 1 µm steps, an 8 mm section
+    # (8 µm/px) is no longer held to ~1 µm steps (its rigid fit has millimetres to cover)
+    step = max(1.0, step_px * fixed.GetSpacing()[0])
+    method.SetOptimizerAsRegularStepGradientDescent(learningRate=step, minStep=1e-4 * step,
+                                                    numberOfIterations=iterations, relaxationFactor=0.6,
+                                                    gradientMagnitudeTolerance=1e-8)
     method.SetOptimizerScalesFromPhysicalShift()
     method.SetShrinkFactorsPerLevel(shrink)
     method.SetSmoothingSigmasPerLevel([max(0, s - 1) for s in shrink])
@@ -349,9 +355,11 @@ def verdict(dice: float, outline: float, scale: float, error: float) -> tuple[st
 
 def _rigid_fit(fixed: Section, moving: Section, f_img: sitk.Image, flip: bool, angle: float,
                grid: tuple[int, int], grid_spacing: float, shrink: list[int], iterations: int,
-               start: sitk.Transform | None = None) -> tuple[sitk.Transform, sitk.Image, bool, float, float]:
+               start: sitk.Transform | None = None, outline_px: int = 0
+               ) -> tuple[sitk.Transform, sitk.Image, bool, float, float]:
     """(rigid transform, moving image it was fitted on, flip, outline distance after it, angle) from a coarse
-    guess (or from ``start``, a rigid fit of the same guess to refine)."""
+    guess (or from ``start``, a rigid fit of the same guess to refine); ``outline_px`` > 0: the outline measured
+    on a view of the fixed tissue at most that many pixels across (a screening)."""
     spacing = fixed.spacing
     source = _mirror(moving) if flip else moving
     m_img = _image(source.hematoxylin, moving.spacing)
@@ -365,7 +373,12 @@ def _rigid_fit(fixed: Section, moving: Section, f_img: sitk.Image, flip: bool, a
     mirror_width = moving.tissue.shape[1] * moving.spacing if flip else None
     rigid_only = PairTransform(_matrix(rigid, mirror_width), np.zeros((2, *grid)), np.zeros((2, *grid)),
                                grid_spacing, flip)
-    outline = outline_distance(fixed.tissue, _warp(moving, rigid_only, fixed.tissue.shape, spacing)[1])
+    tissue, view_spacing = fixed.tissue, spacing
+    if outline_px and max(tissue.shape) > outline_px:
+        factor = max(tissue.shape) / outline_px
+        tissue = ndimage.zoom(tissue.astype(np.float32), 1 / factor, order=1) > 0.5
+        view_spacing = spacing * fixed.tissue.shape[1] / tissue.shape[1]
+    outline = outline_distance(tissue, _warp(moving, rigid_only, tissue.shape, view_spacing)[1])
     return rigid, m_img, flip, outline, angle
 
 
@@ -388,9 +401,10 @@ def register_sections(fixed: Section, moving: Section, nonrigid: bool = True, me
     # search); the one whose outline then agrees best is kept: sections of one block are congruent up to a small
     # stretch, so after the *rigid* fit their outlines agree, and another block's outline can only be forced on by
     # scaling and shearing
-    # (screened at a quarter and half resolution, briefly; the winner then refined at full resolution)
+    # (screened at ~SCREEN_PX across; the winner then refined at half and full resolution)
     guesses = _coarse_rigid(fixed, moving)
-    fits = [_rigid_fit(fixed, moving, f_img, flip, angle, grid, grid_spacing, [4, 2], 100)
+    screen = [max(2, int(round(max(h, w) / SCREEN_PX)))]  # one level of about SCREEN_PX across
+    fits = [_rigid_fit(fixed, moving, f_img, flip, angle, grid, grid_spacing, screen, 100, outline_px=SCREEN_PX)
             for flip, angle, _ in guesses]
     best = min(range(len(fits)), key=lambda k: fits[k][3])
     flip, angle, coarse = guesses[best]
@@ -410,7 +424,8 @@ def register_sections(fixed: Section, moving: Section, nonrigid: bool = True, me
         try:
             # a fifth of the pixels: the B-spline's cost is its metric derivative; 0.5 -> 0.2 took the slowest pair
             # of the serial preset from 13 s to 7 s at the same landmark error (2.8 µm median)
-            bspline = _register(f_img, m_img, mesh, "correlation", [2, 1], 60, moving_initial=affine, sampling=0.2)
+            bspline = _register(f_img, m_img, mesh, "correlation", [2, 1], 60, moving_initial=affine, sampling=0.2,
+                                step_px=0.5)
             u = _field(bspline, grid, grid_spacing)
         except RuntimeError:  # the optimiser left the image: keep the affine result
             u = np.zeros((2, *grid))
