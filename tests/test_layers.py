@@ -9,7 +9,7 @@ import stainmil
 PACKAGE = Path(stainmil.__file__).parent
 # lowest first; a module may import its own layer and those below it (see the README's picture)
 LAYERS = [
-    ("base", ["", "io", "errors", "progress", "device", "tables"]),
+    ("base", ["", "io", "errors", "progress", "device", "tables", "cores"]),
     ("config", ["config"]),
     ("launch", ["launch"]),
     ("stats", ["stats"]),

@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 
 from stainmil.config import Config
+from stainmil.cores import available_cores
 from stainmil.data.bags import CohortBags
 from stainmil.data.cohort import build_index, case_labels, write_index
 from stainmil.data.splits import make_splits
@@ -36,7 +37,7 @@ from stainmil.device import resolve_device
 from stainmil.features.backbones import build_backbone
 from stainmil.features.extract import extract_features
 from stainmil.features.online import OnlineEncoder
-from stainmil.features.plan import available_cores, extraction_plan
+from stainmil.features.plan import extraction_plan
 from stainmil.features.store import load_features
 from stainmil.io import atomic_write_json
 from stainmil.model.hierarchical import HierarchicalMIL

@@ -16,10 +16,11 @@ import pandas as pd
 from torch.utils.data import DataLoader
 
 from stainmil.bench import bench_cohort
+from stainmil.cores import available_cores
 from stainmil.data.synth import PRESETS
 from stainmil.device import resolve_device
 from stainmil.features.extract import PatchImages, fresh_slide_handles
-from stainmil.features.plan import available_cores, extraction_plan
+from stainmil.features.plan import extraction_plan
 from stainmil.io import atomic_write_json
 from stainmil.slides.reader import patch_refs
 

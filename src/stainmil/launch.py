@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from stainmil.config import SlurmConfig
+from stainmil.cores import available_cores
 from stainmil.errors import ConfigError
 
 
@@ -76,10 +77,9 @@ def run_jobs(fn: Callable, arg_lists: Sequence[Sequence[Any]], launcher: str, fo
 
 def _run_processes(fn: Callable, arg_lists: Sequence[Sequence[Any]], workers: int, log) -> list[Any]:
     import multiprocessing
-    import os
     from concurrent.futures import ProcessPoolExecutor
 
-    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    threads = max(1, available_cores() // workers)
     log(f"running {len(arg_lists)} job(s) in {workers} processes, {threads} thread(s) each")
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_use_threads,
                              initargs=(threads,)) as pool:

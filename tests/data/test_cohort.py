@@ -170,6 +170,6 @@ def test_a_lean_index_holds_the_same_rows_without_a_python_object_a_cell(prepare
     from stainmil.train.run import TRAINING_COLUMNS
 
     full, lean = load_manifest(prepared), load_manifest(prepared, TRAINING_COLUMNS + ["no_such_column"])
-    assert list(lean.columns) == TRAINING_COLUMNS and not (lean.dtypes == object).any()
+    assert list(lean.columns) == TRAINING_COLUMNS and lean.select_dtypes(include="object").empty
     assert str(lean["patch"].dtype).startswith("string") and lean["label"].dtype == full["label"].dtype
     pd.testing.assert_frame_equal(lean.astype(str), full[TRAINING_COLUMNS].astype(str))

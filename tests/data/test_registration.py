@@ -13,6 +13,23 @@ from stainmil.pipeline import tile_cohort
 from tests.conftest import slide_config
 
 
+def trained_and_analysed(config, tmp_path):
+    """Extract, split, train, evaluate and analyse (test cases) ``config``'s tiled cohort: (run folder, analysis)."""
+    from stainmil.analysis.analyze import write_analysis
+    from stainmil.data.cohort import load_manifest
+    from stainmil.evaluate.predict import evaluate_run
+    from stainmil.features.extract import extract_features
+    from stainmil.pipeline import split_cohort
+    from stainmil.train.trainer import train
+
+    extract_features(config, load_manifest(config))
+    split_cohort(config)
+    config.train.runs_dir = str(tmp_path / "runs")
+    run = train(config).run_dir
+    evaluate_run(run)
+    return run, write_analysis(run, "test")
+
+
 def test_register_every_ihc_slice_resumably_and_name_failures(serial_cohort, tmp_path):
     config = slide_config(serial_cohort, tmp_path, "register.max_side=192", "register.nonrigid=false")
     tile_cohort(config)
@@ -38,23 +55,11 @@ def test_register_every_ihc_slice_resumably_and_name_failures(serial_cohort, tmp
 
 
 def test_analysis_maps_ihc_attention_onto_the_he_patches(serial_cohort, tmp_path):
-    from stainmil.analysis.analyze import write_analysis
-    from stainmil.data.cohort import load_manifest
-    from stainmil.evaluate.predict import evaluate_run
-    from stainmil.features.extract import extract_features
-    from stainmil.pipeline import split_cohort
-    from stainmil.train.trainer import train
-
     config = slide_config(serial_cohort, tmp_path, "register.max_side=192", "split.method=holdout",
                           "split.val_fraction=0.34", "split.test_fraction=0.34", "train.max_epochs=2")
     tile_cohort(config)
     registered = register_cohort(config)
-    extract_features(config, load_manifest(config))
-    split_cohort(config)
-    config.train.runs_dir = str(tmp_path / "runs")
-    run = train(config).run_dir
-    evaluate_run(run)
-    result = write_analysis(run, "test")
+    run, result = trained_and_analysed(config, tmp_path)
     per_case = pd.read_csv(result.out_dir / "colocated_cases.csv", dtype={"case": str})
     tested = set(result.tables.cases["case"])
     assert set(per_case["case"]) == tested and set(per_case["stain"]) == {"melan", "sox10"}
@@ -191,14 +196,9 @@ def scanner_named(serial_cohort, folder, stains=("he", "melan", "sox10")):
 def test_stains_named_as_scanners_write_them_register_align_and_explain(serial_cohort, tmp_path):
     """Slides called HE, H&E, SOX10, MelanA, Melan-A with leading-zero case ids: registered onto the H&E slices,
     the aligned model trains on them, co-located attention and the QuPath export on the H&E slide follow."""
-    from stainmil.analysis.analyze import write_analysis
     from stainmil.analysis.qupath import export_folder
     from stainmil.data.cohort import load_manifest
     from stainmil.data.registration import patch_alignment
-    from stainmil.evaluate.predict import evaluate_run
-    from stainmil.features.extract import extract_features
-    from stainmil.pipeline import split_cohort
-    from stainmil.train.trainer import train
 
     slides = scanner_named(serial_cohort, tmp_path / "export")
     assert {p.name.split("_")[1] for p in slides.iterdir()} == {"HE", "H&E", "MelanA", "Melan-A", "SOX10", "Sox10"}
@@ -218,12 +218,7 @@ def test_stains_named_as_scanners_write_them_register_align_and_explain(serial_c
     assert set(manifest["stain"]) == {"he", "melan", "sox10"}
     placed = patch_alignment(config, manifest).anchor
     assert (placed[(manifest["stain"] != "he").to_numpy()] >= 0).mean() > 0.3  # IHC patches found their places
-    extract_features(config, manifest)
-    split_cohort(config)
-    config.train.runs_dir = str(tmp_path / "runs")
-    run = train(config).run_dir
-    evaluate_run(run)
-    analysis = write_analysis(run, "test")
+    run, analysis = trained_and_analysed(config, tmp_path)
     per_case = pd.read_csv(analysis.out_dir / "colocated_cases.csv", dtype={"case": str})
     assert set(per_case["stain"]) <= {"melan", "sox10"} and (per_case["verdict"] == "aligned").any()
     assert per_case.loc[per_case["verdict"] == "aligned", "landed"].gt(0.5).all()

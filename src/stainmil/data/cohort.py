@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from stainmil.config import Config, DataConfig, dump_config
+from stainmil.cores import available_cores
 from stainmil.data.labels import Labels, normalize_case_id, read_labels
 from stainmil.data.tiling import load_tiles
 from stainmil.errors import ConfigError, DataError
@@ -174,7 +175,7 @@ def build_index(config: Config, require_labels: bool = True) -> IndexResult:
             continue
         candidates.append((path, rel, case, stain, groups))
 
-    workers = data.index_workers or min(8, len(os.sched_getaffinity(0)))
+    workers = data.index_workers or min(8, available_cores())
     decoded = _decode_all([str(c[0]) for c in candidates], workers)
     rows = []
     slice_files: Counter = Counter()

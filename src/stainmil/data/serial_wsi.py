@@ -29,9 +29,10 @@ import pandas as pd
 import yaml
 from scipy import ndimage
 
+from stainmil.cores import available_cores
 from stainmil.data.registration import read_pair
 from stainmil.data.serial import SectionWarp, block_landmarks, random_warp, torn_piece, warp_to_section
-from stainmil.data.synth import BENIGN, HIGH_GRADE, STAIN_VECTORS, LesionStyle, _cpu_count, lesion_mask, tissue_mask
+from stainmil.data.synth import BENIGN, HIGH_GRADE, STAIN_VECTORS, LesionStyle, lesion_mask, tissue_mask
 from stainmil.errors import ConfigError
 from stainmil.io import atomic_path, atomic_write, atomic_write_text
 from stainmil.progress import progress_bar
@@ -290,7 +291,7 @@ def write_serial_wsi(out: str | Path, section_mm: float, mpp: float = 0.5, cases
     out = Path(out).resolve()
     slides = out / "slides"
     slides.mkdir(parents=True, exist_ok=True)
-    workers = workers or _cpu_count()
+    workers = workers or available_cores()
     labels = []
     for number in range(1, cases + 1):
         label = number % 2  # odd cases high-grade

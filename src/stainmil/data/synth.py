@@ -42,6 +42,7 @@ from skimage.color import rgb_from_hed
 from skimage.draw import ellipse
 
 from stainmil.config import STAINS
+from stainmil.cores import available_cores
 from stainmil.data.serial import block_landmarks, random_warp, torn_piece, warp_to_section
 from stainmil.errors import ConfigError
 from stainmil.io import atomic_write_text, save_image
@@ -402,7 +403,7 @@ def write_cohort(out: str | Path, config: SynthConfig | None = None, workers: in
     plan = _case_plan(config)
     jobs = [(config, out, case, label) for case, label in plan]
     rows: list[dict] = []
-    workers = workers or min(len(jobs), _cpu_count())
+    workers = workers or min(len(jobs), available_cores())
     with progress_bar("synth: rendering cases", total=len(jobs)) as advance:
         if workers <= 1:
             for job in jobs:
@@ -474,7 +475,3 @@ def write_slides(cohort: str | Path, mpp: float = 0.5, upsample: int = 1, aperio
     return cohort / "slides"
 
 
-def _cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

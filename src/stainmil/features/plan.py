@@ -6,22 +6,17 @@ nor a 16-core GPU node needs tuning.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
 from stainmil.config import FeaturesConfig
+from stainmil.cores import available_cores
 from stainmil.features.encoders import ENCODERS
 
 GPU_BATCH, CPU_BATCH = 256, 32
 MAX_GPU_WORKERS, MAX_CPU_WORKERS = 16, 4
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def available_cores() -> int:
-    """Cores this process may run on (the SLURM allocation / cgroup, not the machine's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
