@@ -16,8 +16,8 @@ LAYERS = [
     ("slides", ["slides"]),
     ("data", ["data"]),
     ("features", ["features"]),
-    ("bags", ["data.bags"]),
-    ("model", ["model"]),
+    ("model", ["model"]),  # torch only: its input CaseBatch is defined here, not by the data layers
+    ("bags", ["bags"]),    # batches of cases drawn from the store (features) into the model's CaseBatch
     ("train", ["train"]),
     ("evaluate", ["evaluate"]),
     ("analysis", ["analysis"]),
@@ -28,7 +28,7 @@ LAYERS = [
 
 
 def layer_of(module: str) -> int:
-    """Index in LAYERS of ``stainmil.<module>`` (the longest matching prefix wins: data.bags over data)."""
+    """Index in LAYERS of ``stainmil.<module>`` (the longest matching prefix wins)."""
     name = module.removeprefix("stainmil").lstrip(".")
     best, best_len = None, -1
     for index, (_, prefixes) in enumerate(LAYERS):
@@ -88,14 +88,67 @@ def test_no_function_level_imports_of_stainmil_outside_the_cli():
     assert not hidden, "\n".join(hidden)
 
 
-def test_importing_the_model_does_not_pull_in_the_data_stack():
+FORBIDDEN_IN_MODEL = ("pandas", "h5py", "openslide", "matplotlib")
+
+
+def module_level_imports(path: Path) -> set[str]:
+    """Every module imported at module level by the file (functions excluded; ``if TYPE_CHECKING`` excluded)."""
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from pkg import module`
+    return found
+
+
+def test_the_model_layer_stands_alone():
+    """Every ``stainmil.model.*`` module — with everything of stainmil it imports, followed through — imports
+    neither the data stack (pandas, h5py, OpenSlide, matplotlib) nor anything of ``stainmil.data``; and the whole
+    package, imported in a fresh interpreter, loads none of the data stack (third-party imports included)."""
     import subprocess
     import sys
 
-    code = ("import sys; import stainmil.model.registry; "
-            "print(','.join(m for m in ('pandas', 'h5py', 'openslide', 'matplotlib') if m in sys.modules))")
+    files = dict(modules())
+    bad = {}
+    for start in [m for m in files if m == "stainmil.model" or m.startswith("stainmil.model.")]:
+        seen, todo = set(), [start]
+        while todo:
+            module = todo.pop()
+            if module in seen or module not in files:
+                continue
+            seen.add(module)
+            for imported in module_level_imports(files[module]):
+                if imported.split(".")[0] in FORBIDDEN_IN_MODEL or imported.startswith("stainmil.data"):
+                    bad.setdefault(start, set()).add(f"{imported} (via {module})")
+                elif imported.startswith("stainmil"):
+                    todo.append(imported)
+    assert not bad, f"model modules that reach the data stack: {bad}"
+
+    code = ("import sys; import stainmil.model, stainmil.model.registry; print(','.join(m for m in sys.modules "
+            f"if m.split('.')[0] in {FORBIDDEN_IN_MODEL!r} or m.startswith('stainmil.data')))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "", f"importing the model loads {loaded}"
+
+
+def test_no_architecture_name_is_compared_outside_the_registry():
+    """What an architecture can do is a capability of its registry entry (``needs_registration``,
+    ``patch_attention``, ``stain_specific``), never ``architecture == "aligned"`` in the code that uses it."""
+    from stainmil.model.registry import list_architectures
+
+    names = set(list_architectures())
+    found = []
+    for module, path in modules():
+        if module.startswith("stainmil.model"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Eq, ast.NotEq, ast.In, ast.NotIn))
+                                                     for op in node.ops):
+                for side in [node.left, *node.comparators]:
+                    if isinstance(side, ast.Constant) and side.value in names and "architecture" in ast.unparse(node):
+                        found.append(f"{module}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, "\n".join(found)
 
 
 def test_importing_the_library_leaves_the_matplotlib_backend_alone():

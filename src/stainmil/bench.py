@@ -27,9 +27,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from stainmil.bags.cohort import CohortBags
 from stainmil.config import Config
 from stainmil.cores import available_cores
-from stainmil.data.bags import CohortBags
 from stainmil.data.cohort import build_index, case_labels, write_index
 from stainmil.data.splits import make_splits
 from stainmil.data.synth import PRESETS, write_cohort, write_slides

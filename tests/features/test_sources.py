@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stainmil.data.bags import CohortBags
+from stainmil.bags.cohort import CohortBags
 from stainmil.errors import StoreError
 from stainmil.features.sources import StoreRequest
 from stainmil.features.store import StoreMeta, load_features, slice_file, write_slice

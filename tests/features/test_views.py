@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from stainmil.data.bags import CohortBags
+from stainmil.bags.cohort import CohortBags
 from stainmil.data.cohort import load_manifest
 from stainmil.errors import ConfigError, StoreError
 from stainmil.features.extract import extract_features

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
+from stainmil.bags.cohort import CohortBags
 from stainmil.config import ModelConfig
-from stainmil.data.bags import CohortBags
 from stainmil.data.registration import PatchAlignment
 from stainmil.errors import DataError
 from stainmil.model.aligned import AlignedMIL

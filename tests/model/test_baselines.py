@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from stainmil.bags.cohort import CohortBags
 from stainmil.config import ModelConfig
-from stainmil.data.bags import CohortBags
 from stainmil.data.registration import PatchAlignment
 from stainmil.errors import ConfigError, DataError
 from stainmil.model.baselines.clam import smooth_top1_svm

@@ -3,8 +3,8 @@ import pandas as pd
 import pytest
 import torch
 
+from stainmil.bags.cohort import CohortBags
 from stainmil.config import ModelConfig
-from stainmil.data.bags import CohortBags
 from stainmil.model.attention import ATTENTION_POOLS
 from stainmil.model.hierarchical import HierarchicalMIL
 from stainmil.model.segment import segment_softmax

@@ -8,8 +8,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from stainmil.bags.cohort import CohortBags
 from stainmil.config import Config, ModelConfig
-from stainmil.data.bags import CohortBags
 from stainmil.model.registry import build_model
 from stainmil.model.regularizers import AttentionRegularizer
 from stainmil.train.losses import cross_entropy

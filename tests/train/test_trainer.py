@@ -226,7 +226,7 @@ def test_metrics_report_the_epochs_actually_run(prepared, tmp_path):
 def test_bounded_memory_store_gives_a_bit_identical_run(prepared, tmp_path):
     """features.cache_mb: slices read from the store on demand through a cache smaller than the store (so it
     evicts and re-reads) — the same seed gives the very same history, weights and predictions."""
-    from stainmil.data.bags import CohortBags
+    from stainmil.bags.cohort import CohortBags
     from stainmil.features.store import StoreMeta
     from stainmil.train.run import load_cohort
 

@@ -23,12 +23,12 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from stainmil.analysis.stains import stain_contribution, stain_sentences, stain_summary
+from stainmil.bags.cohort import CohortBags
 from stainmil.config import Config
-from stainmil.data.bags import CohortBags
 from stainmil.data.cohort import SLIDE_COLUMNS
 from stainmil.device import resolve_device
 from stainmil.errors import TrainingError
-from stainmil.model.registry import ARCHITECTURES
+from stainmil.model.registry import architecture
 from stainmil.train.run import open_run
 
 TOP_SHARE = 0.05
@@ -249,7 +249,7 @@ def compute_tables(model: nn.Module, config: Config, bags: CohortBags, cases: li
     slices = slice_table(patches)
     k = top_k or config.analysis.top_k
     case_frame = case_table(patches, slices, predictions, k)
-    patch_attention = ARCHITECTURES[config.model.architecture].patch_attention
+    patch_attention = architecture(config.model.architecture).patch_attention
     summary: dict = {"split": split_name, "n_cases": len(cases), "top_k": k, "threshold": threshold,
                      "architecture": config.model.architecture, "patch_attention": patch_attention,
                      "labelled": bool((case_frame["label"] >= 0).all()),

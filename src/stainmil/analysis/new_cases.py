@@ -10,8 +10,8 @@ from pathlib import Path
 from stainmil.analysis.analyze import write_tables
 from stainmil.analysis.attention import compute_tables
 from stainmil.analysis.report import build_prediction_report
+from stainmil.bags.cohort import CohortBags
 from stainmil.config import Config
-from stainmil.data.bags import CohortBags
 from stainmil.data.cohort import build_index, keep_stains, load_manifest, write_index
 from stainmil.data.registration import patch_alignment, read_registrations
 from stainmil.device import resolve_device
@@ -21,6 +21,7 @@ from stainmil.features.online import backbone_from_checkpoint
 from stainmil.features.sources import cohort_features
 from stainmil.features.store import StoreMeta, check_store, imported_store
 from stainmil.io import atomic_write, atomic_write_text
+from stainmil.model.registry import architecture
 from stainmil.stats.metrics import probability_columns
 from stainmil.train.checkpoint import load_checkpoint, model_from_checkpoint
 from stainmil.train.run import case_probabilities, run_decision
@@ -49,7 +50,7 @@ def predict_unlabelled(checkpoint: str | Path, config: Config, out_dir: str | Pa
     # indexed with every stain the config knows; only those the model was trained on are read (a stain subset)
     config.data.stains = trained_stains + [s for s in config.data.stains if s not in trained_stains]
     config.data.class_names = list(trained_config.data.class_names)
-    aligned = trained_config.model.architecture == "aligned"
+    aligned = architecture(trained_config.model.architecture).needs_registration
     if aligned:  # said before any extraction: the new slides' registrations place their patches
         config.register.reference_stain = trained_config.register.reference_stain
         if read_registrations(config) is None:

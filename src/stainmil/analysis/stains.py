@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from stainmil.data.bags import CohortBags
+from stainmil.bags.cohort import CohortBags
 from stainmil.stats.metrics import binary_metrics
 from stainmil.train.run import calibrated
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from stainmil.bags.cohort import CohortBags
 from stainmil.config import Config
-from stainmil.data.bags import CohortBags
 from stainmil.data.splits import SUBSETS
 from stainmil.errors import TrainingError
 from stainmil.io import atomic_write, atomic_write_json, atomic_write_text

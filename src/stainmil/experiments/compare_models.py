@@ -36,7 +36,7 @@ from stainmil.errors import ConfigError
 from stainmil.experiments.cv import per_case_probabilities, pooled_out_of_fold, run_cv, shared_folds
 from stainmil.io import atomic_write, atomic_write_text, safe_name, save_figure, subplots
 from stainmil.model.hierarchical import STAIN_IDENTITIES
-from stainmil.model.registry import ARCHITECTURES, build_model
+from stainmil.model.registry import architecture, build_model, list_architectures
 from stainmil.stats.metrics import paired_auc_difference
 from stainmil.train.checkpoint import load_checkpoint
 
@@ -68,7 +68,7 @@ class Variant:
         config.model.architecture = self.architecture
         if self.stain_identity:
             config.model.stain_identity = self.stain_identity
-        elif config.model.stain_identity == "specific" and not ARCHITECTURES[self.architecture].stain_specific:
+        elif config.model.stain_identity == "specific" and not architecture(self.architecture).stain_specific:
             config.model.stain_identity = "embedding"  # the flat models' counterpart of a stain-specific run
         if self.stains:
             config.data.stains = list(self.stains)
@@ -90,14 +90,14 @@ def parse_variants(models: list[str], stain_sets: list[str] | None, known_stains
     parsed = []
     for spec in models:
         name, _, identity = spec.strip().partition(":")
-        if name not in ARCHITECTURES:
-            raise ConfigError(f"--models: '{name}' is not an architecture; choose from {sorted(ARCHITECTURES)}.")
+        if name not in list_architectures():
+            raise ConfigError(f"--models: '{name}' is not an architecture; choose from {list_architectures()}.")
         if identity and identity not in STAIN_IDENTITIES:
             raise ConfigError(f"--models: '{spec}' asks for stain identity '{identity}'; choose one of "
                               f"{list(STAIN_IDENTITIES)}.")
-        if identity == "specific" and not ARCHITECTURES[name].stain_specific:
+        if identity == "specific" and not architecture(name).stain_specific:
             raise ConfigError(f"--models: '{spec}': stain identity 'specific' is for the hierarchical models only "
-                              f"({', '.join(n for n, a in ARCHITECTURES.items() if a.stain_specific)}).")
+                              f"({', '.join(n for n in list_architectures() if architecture(n).stain_specific)}).")
         parsed.append((name, identity or None))
     sets: list[tuple[str, ...] | None] = [None]
     if stain_sets:
@@ -112,10 +112,10 @@ def parse_variants(models: list[str], stain_sets: list[str] | None, known_stains
     variants = [Variant(name, identity, stains) for stains in sets for name, identity in parsed]
     for v in variants:
         stains = list(v.stains or known_stains)
-        if v.architecture == "aligned" and (reference not in stains or len(stains) < 2):
-            raise ConfigError(f"--models aligned places other stains on the reference stain '{reference}', but the "
-                              f"stain set {'+'.join(stains)} lacks it or another stain; give aligned sets like "
-                              f"{reference}+sox10.")
+        if architecture(v.architecture).needs_registration and (reference not in stains or len(stains) < 2):
+            raise ConfigError(f"--models {v.architecture} places other stains on the reference stain "
+                              f"'{reference}', but the stain set {'+'.join(stains)} lacks it or another stain; "
+                              f"give sets like {reference}+sox10.")
     return variants
 
 

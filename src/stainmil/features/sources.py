@@ -69,7 +69,7 @@ def _malloc_trim():
 
 
 def cohort_features(store_dir: str | Path, manifest, views: int, cache_mb: float) -> np.ndarray | StoreRequest:
-    """What :class:`~stainmil.data.bags.CohortBags` gets: the whole store read now (``cache_mb`` 0), or a request
+    """What :class:`~stainmil.bags.cohort.CohortBags` gets: the whole store read now (``cache_mb`` 0), or a request
     to read it on demand through a cache of ``cache_mb`` MB."""
     if cache_mb > 0:
         return StoreRequest(str(store_dir), views, cache_mb)

@@ -2,7 +2,7 @@
 same spot.
 
 Needs registered serial sections (``stainmil register``; batches carry ``patch_anchor``, see
-:mod:`stainmil.data.bags`)::
+:mod:`stainmil.bags.cohort`)::
 
     patch embeddings h (P, E), as in the hierarchy (standardise -> projector)
     at each reference patch a, K slots (K, E), one per stain (model order):
@@ -24,20 +24,19 @@ stains show there (not the patch cut out of its case, whose slots would all be t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from stainmil.config import ModelConfig
 from stainmil.errors import ConfigError, DataError
+from stainmil.model.batch import CaseBatch
 from stainmil.model.hierarchical import HierarchicalMIL
 from stainmil.model.output import MILOutput
-
-if TYPE_CHECKING:
-    from stainmil.data.bags import CaseBatch
+from stainmil.model.registry import register_architecture
 
 
+@register_architecture("aligned", reference="stainmil: hierarchy over registered H&E+IHC places",
+                       stain_specific=True, needs_registration=True)
 class AlignedMIL(HierarchicalMIL):
     def __init__(self, in_dim: int, config: ModelConfig, stains: list[str] | None = None) -> None:
         super().__init__(in_dim, config, stains)

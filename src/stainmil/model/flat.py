@@ -15,19 +15,16 @@ patch attention ``a`` (sums to 1 per case)::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from stainmil.config import ModelConfig
 from stainmil.errors import ConfigError
-from stainmil.model.hierarchical import StainAware
+from stainmil.model.base import StainAware
+from stainmil.model.batch import CaseBatch
 from stainmil.model.output import MILOutput
 from stainmil.model.segment import group_sizes, segment_softmax, segment_sum
-
-if TYPE_CHECKING:
-    from stainmil.data.bags import CaseBatch
 
 
 @dataclass
@@ -113,25 +110,6 @@ class FlatMIL(StainAware):
             auxiliary_losses=pooled.auxiliary_losses,
             has_patch_attention=self.has_patch_attention,
         )
-
-
-def projector(in_dim: int, config: ModelConfig) -> nn.Sequential:
-    """The first layer every baseline's paper puts on pre-extracted features: Linear -> ReLU -> Dropout."""
-    return nn.Sequential(nn.Linear(in_dim, config.embed_dim), nn.ReLU(), nn.Dropout(config.dropout))
-
-
-def case_ranks(patch_case: torch.Tensor, n_cases: int, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank of each row within its case by ``keys`` descending (0 = highest) and the case sizes.
-
-    Returns ``rank`` (P,) long and ``sizes`` (B,) long.
-    """
-    order = torch.argsort(keys, descending=True, stable=True)
-    order = order[torch.argsort(patch_case[order], stable=True)]            # case-major, key-descending
-    sorted_case = patch_case[order]
-    starts = torch.searchsorted(sorted_case, torch.arange(n_cases, device=keys.device))
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(len(keys), device=keys.device) - starts[sorted_case]
-    return rank, group_sizes(patch_case, n_cases)
 
 
 def labelled(labels: torch.Tensor, training: bool) -> torch.Tensor:

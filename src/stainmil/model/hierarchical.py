@@ -24,64 +24,23 @@ had is refused at prediction (its vector or projector never learned anything).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from stainmil.config import LEVELS, ModelConfig
-from stainmil.errors import ConfigError, DataError
+from stainmil.errors import ConfigError
 from stainmil.model.attention import PoolOutput, build_attention
+from stainmil.model.base import StainAware, projector
+from stainmil.model.batch import CaseBatch
 from stainmil.model.output import MILOutput
-from stainmil.model.segment import group_sizes
-
-if TYPE_CHECKING:
-    from stainmil.data.bags import CaseBatch
+from stainmil.model.registry import register_architecture
+from stainmil.model.segment import group_ranks
 
 STAIN_IDENTITIES = ("none", "embedding", "specific")
 
 
-HierarchicalOutput = MILOutput  # the name before flat baselines shared it
-
-
-class StainAware(nn.Module):
-    """What every architecture shares: feature standardisation and the stains it was trained on.
-
-    ``stains``: the canonical stain names in model order (``data.stains``); ``seen_stains`` (K,) marks those
-    that training cases had (set by the trainer, saved in the checkpoint).
-    """
-
-    def __init__(self, in_dim: int, stains: list[str]) -> None:
-        super().__init__()
-        self.in_dim = in_dim
-        self.stains = list(stains)
-        self.register_buffer("feature_mean", torch.zeros(in_dim))
-        self.register_buffer("feature_std", torch.ones(in_dim))
-        self.register_buffer("seen_stains", torch.ones(max(len(self.stains), 1), dtype=torch.bool))
-
-    def set_feature_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        self.feature_mean.copy_(mean)
-        self.feature_std.copy_(std)
-
-    def set_seen_stains(self, stain_indices: torch.Tensor) -> None:
-        """Mark the stains (indices into ``stains``) that the training cases have."""
-        self.seen_stains.zero_()
-        self.seen_stains[stain_indices.long().unique()] = True
-
-    def standardise(self, features: torch.Tensor) -> torch.Tensor:
-        return (features - self.feature_mean) / self.feature_std           # (P, D)
-
-    def check_stains(self, batch: CaseBatch) -> None:
-        """Refuse a batch with a stain no training case had (only where the model tells stains apart)."""
-        unseen = ~self.seen_stains[batch.group_stain]                       # (G,)
-        if bool(unseen.any()):
-            g = int(torch.nonzero(unseen)[0])
-            stain = self.stains[int(batch.group_stain[g])] if self.stains else str(int(batch.group_stain[g]))
-            raise DataError(f"case {batch.case_ids[int(batch.group_case[g])]} has stain '{stain}', which no training "
-                            f"case of this model had, so its stain-specific weights never learned anything; drop "
-                            f"that stain (data.stains) or retrain with cases that have it.")
-
-
+@register_architecture("hierarchical", reference="stainmil: attention patch -> slice -> stain -> case",
+                       stain_specific=True)
 class HierarchicalMIL(StainAware):
     def __init__(self, in_dim: int, config: ModelConfig, stains: list[str] | None = None) -> None:
         stains = list(stains) if stains is not None else []
@@ -101,11 +60,9 @@ class HierarchicalMIL(StainAware):
         def pool(level: str, name: str) -> nn.Module:
             return build_attention(name, e, h, p, heads=config.attention_heads, max_group=config.transformer_max_group)
 
-        def projector() -> nn.Module:
-            return nn.Sequential(nn.Linear(in_dim, e), nn.ReLU(), nn.Dropout(p))
-
         specific = self.stain_identity == "specific"
-        self.projector = nn.ModuleList([projector() for _ in stains]) if specific else projector()
+        self.projector = nn.ModuleList([projector(in_dim, config) for _ in stains]) if specific \
+            else projector(in_dim, config)
         self.pools = nn.ModuleDict({
             level: nn.ModuleList([pool(level, name) for _ in stains]) if specific and level != "stain"
             else pool(level, name) for level, name in zip(LEVELS, names)})
@@ -198,14 +155,8 @@ def topk_drop(logits: torch.Tensor, groups: torch.Tensor, n_groups: int, k: int,
     Among the k highest-logit rows of each group, each is masked with probability ``ratio``; the
     group's lowest-ranked row is never eligible, so every group keeps at least one row.
     """
-    order = torch.argsort(logits, descending=True, stable=True)
-    order = order[torch.argsort(groups[order], stable=True)]             # group-major, logit-descending
-    sorted_groups = groups[order]
-    starts = torch.searchsorted(sorted_groups, torch.arange(n_groups, device=logits.device))
-    rank = torch.arange(len(logits), device=logits.device) - starts[sorted_groups]
-    sizes = group_sizes(groups, n_groups)[sorted_groups]
-    eligible = (rank < k) & (rank < sizes - 1)
-    drop_sorted = eligible & (torch.rand(len(logits), device=logits.device) < ratio)
-    drop = torch.zeros_like(drop_sorted)
-    drop[order] = drop_sorted
-    return drop
+    rank, sizes = group_ranks(logits, groups, n_groups)                   # (N,), (n_groups,)
+    eligible = (rank < k) & (rank < sizes[groups] - 1)
+    # one uniform draw per row, taken in group-major rank order (the order the draws were always taken in)
+    position = torch.cumsum(sizes, 0)[groups] - sizes[groups] + rank
+    return eligible & (torch.rand(len(logits), device=logits.device)[position] < ratio)

@@ -1,59 +1,72 @@
-"""Architectures by name (``model.architecture``): the hierarchical model, its aligned variant and the flat
-baselines.
+"""Architectures by name (``model.architecture``), in the style of timm's model registry.
 
-Every entry builds an ``nn.Module`` with the same interface — ``forward(batch) -> MILOutput``,
-``set_feature_statistics``, ``set_seen_stains``, ``patch_alone_logits`` — so the one trainer, evaluation,
-analysis, report and QuPath export treat them all alike. A new architecture plugs in here.
+An architecture registers itself where it is defined::
+
+    @register_architecture("clam_sb", reference="Lu et al. 2021: ...", patch_attention=True)
+    class CLAM(FlatMIL): ...
+
+and is then built by name with :func:`build_model`, listed by :func:`list_architectures` and described by
+:func:`architecture` (its capabilities: what the trainer, analysis and experiments ask instead of comparing
+names). Every entry builds an ``nn.Module`` satisfying :class:`stainmil.model.base.MILModel`, so the one trainer,
+evaluation, analysis, report and QuPath export treat them all alike. ``stainmil.model`` imports the built-in
+architectures, so importing anything from the package fills the registry.
 """
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 from torch import nn
 
 from stainmil.config import ModelConfig
 from stainmil.errors import ConfigError
-from stainmil.model.aligned import AlignedMIL
-from stainmil.model.baselines.abmil import ABMIL
-from stainmil.model.baselines.clam import CLAM
-from stainmil.model.baselines.dsmil import DSMIL
-from stainmil.model.baselines.dtfd import DTFDMIL
-from stainmil.model.baselines.pooling import MaxPoolMIL, MeanPoolMIL
-from stainmil.model.baselines.transmil import TransMIL
-from stainmil.model.hierarchical import HierarchicalMIL
 
 
 @dataclass(frozen=True)
-class Architecture:
+class ArchitectureSpec:
+    """One registered architecture and what it can do."""
+
+    name: str
     build: Callable[[int, ModelConfig, list[str]], nn.Module]
-    patch_attention: bool
     reference: str
-    stain_specific: bool = False  # takes model.stain_identity 'specific' (its own projector and pools per stain)
+    patch_attention: bool = True       # attention over patches (heatmaps, top patches); else uniform weights
+    stain_specific: bool = False       # takes model.stain_identity 'specific' (own projector and pools per stain)
+    needs_registration: bool = False   # batches must carry patch_anchor (`stainmil register` first)
 
 
-ARCHITECTURES: dict[str, Architecture] = {
-    "hierarchical": Architecture(HierarchicalMIL, True, "stainmil: attention patch -> slice -> stain -> case",
-                                 stain_specific=True),
-    "aligned": Architecture(AlignedMIL, True, "stainmil: hierarchy over registered H&E+IHC places",
-                            stain_specific=True),
-    "abmil": Architecture(ABMIL, True, "Ilse et al. 2018: gated attention"),
-    "clam_sb": Architecture(CLAM, True, "Lu et al. 2021: one branch, instance clustering"),
-    "clam_mb": Architecture(partial(CLAM, multi_branch=True), True,
-                            "Lu et al. 2021: a branch per class, instance clustering"),
-    "dsmil": Architecture(DSMIL, True, "Li et al. 2021: max-instance + attention streams"),
-    "dtfd_mil": Architecture(DTFDMIL, True, "Zhang et al. 2022: two tiers of pseudo-bags, AFS"),
-    "transmil": Architecture(TransMIL, False, "Shao et al. 2021: transformer with PPEG"),
-    "mean": Architecture(MeanPoolMIL, False, "floor: mean of the projected patches"),
-    "max": Architecture(MaxPoolMIL, False, "floor: feature-wise max of the projected patches"),
-}
+ARCHITECTURES: dict[str, ArchitectureSpec] = {}  # name -> spec, in registration order
+
+
+def register_architecture(name: str, *, reference: str, patch_attention: bool = True, stain_specific: bool = False,
+                          needs_registration: bool = False, **build_kwargs: Any) -> Callable:
+    """Class (or factory) decorator: register ``name``; ``build_kwargs`` are passed to the constructor (so one
+    class can register several variants, e.g. CLAM's single- and multi-branch)."""
+    def decorator(cls: Callable) -> Callable:
+        if name in ARCHITECTURES:
+            raise ValueError(f"architecture '{name}' is registered twice")
+        build = partial(cls, **build_kwargs) if build_kwargs else cls
+        ARCHITECTURES[name] = ArchitectureSpec(name, build, reference, patch_attention, stain_specific,
+                                               needs_registration)
+        return cls
+    return decorator
+
+
+def list_architectures(pattern: str = "*") -> list[str]:
+    """Registered names matching the shell-style ``pattern`` (e.g. ``"clam*"``), in registration order."""
+    return [name for name in ARCHITECTURES if fnmatch.fnmatchcase(name, pattern)]
+
+
+def architecture(name: str) -> ArchitectureSpec:
+    """The spec of ``name``; a ConfigError naming the choices when it is not registered."""
+    if name not in ARCHITECTURES:
+        raise ConfigError(f"model.architecture '{name}' is not registered; choose one of {list_architectures()}.")
+    return ARCHITECTURES[name]
 
 
 def build_model(in_dim: int, config: ModelConfig, stains: list[str]) -> nn.Module:
     """The ``config.architecture`` model for ``in_dim``-dimensional features and the stains ``stains`` (model order)."""
-    if config.architecture not in ARCHITECTURES:
-        raise ConfigError(f"model.architecture '{config.architecture}' is not registered; choose one of "
-                          f"{sorted(ARCHITECTURES)}.")
-    return ARCHITECTURES[config.architecture].build(in_dim, config, list(stains))
+    return architecture(config.architecture).build(in_dim, config, list(stains))

@@ -18,8 +18,8 @@ import math
 import torch
 
 from stainmil.config import LEVELS, ModelConfig, PerLevelFloat
-from stainmil.data.bags import CaseBatch
 from stainmil.errors import ConfigError
+from stainmil.model.batch import CaseBatch
 from stainmil.model.output import MILOutput
 from stainmil.model.segment import group_sizes, segment_entropy
 

@@ -34,3 +34,17 @@ def segment_entropy(weights: torch.Tensor, groups: torch.Tensor, n_groups: int) 
 def group_sizes(groups: torch.Tensor, n_groups: int) -> torch.Tensor:
     """Number of rows in each group -> (n_groups,) long."""
     return torch.bincount(groups, minlength=n_groups)
+
+
+def group_ranks(keys: torch.Tensor, groups: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank of each row within its group by ``keys`` (N,) descending (0 = highest; ties by row order).
+
+    Returns ``rank`` (N,) long and the group sizes (n_groups,) long.
+    """
+    order = torch.argsort(keys, descending=True, stable=True)
+    order = order[torch.argsort(groups[order], stable=True)]                # group-major, key-descending
+    sorted_groups = groups[order]
+    starts = torch.searchsorted(sorted_groups, torch.arange(n_groups, device=keys.device))
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(keys), device=keys.device) - starts[sorted_groups]
+    return rank, group_sizes(groups, n_groups)

@@ -20,8 +20,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from stainmil.bags.cohort import CohortBags
 from stainmil.config import Config
-from stainmil.data.bags import CaseBatch, CohortBags
 from stainmil.data.cohort import keep_stains, load_manifest
 from stainmil.data.registration import patch_alignment, registration_dir, registrations_digest
 from stainmil.data.splits import Split, load_split
@@ -30,7 +30,9 @@ from stainmil.errors import DataError, TrainingError
 from stainmil.features.online import OnlineEncoder
 from stainmil.features.sources import cohort_features
 from stainmil.features.store import STORE_META, check_store
+from stainmil.model.batch import CaseBatch
 from stainmil.model.output import MILOutput
+from stainmil.model.registry import architecture
 from stainmil.stats.calibration import apply_temperature
 from stainmil.train.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -47,7 +49,7 @@ def load_cohort(config: Config, split: Split | None = None, training: bool = Fal
     (``data.stains``) the cases that have none of its stains drop out of the split.
     """
     bounded = training and config.features.mode == "cached" and config.features.cache_mb > 0
-    aligned = config.model.architecture == "aligned"
+    aligned = architecture(config.model.architecture).needs_registration
     # a bounded training process keeps only the index columns training uses: its memory stays small
     manifest = load_manifest(config, (TRAINING_COLUMNS + (PLACE_COLUMNS if aligned else [])) if bounded else None)
     cases = set(manifest["case"])

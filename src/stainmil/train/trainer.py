@@ -31,8 +31,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from stainmil.bags.cohort import CohortBags
 from stainmil.config import Config, config_to_dict, dump_config, load_config
-from stainmil.data.bags import CohortBags
 from stainmil.data.registration import registrations_digest
 from stainmil.data.splits import Split, load_split, save_split
 from stainmil.data.subcases import expand_subcases
@@ -40,7 +40,7 @@ from stainmil.device import resolve_device
 from stainmil.errors import TrainingError
 from stainmil.features.extract import extract_features
 from stainmil.io import atomic_write, atomic_write_json
-from stainmil.model.registry import build_model
+from stainmil.model.registry import architecture, build_model
 from stainmil.model.regularizers import AttentionRegularizer
 from stainmil.progress import progress_bar
 from stainmil.stats.metrics import classification_metrics
@@ -217,8 +217,9 @@ def train(config: Config, resume_dir: str | Path | None = None, split: Split | N
             "rng": {"numpy": _rng_state(rng), "torch": torch.get_rng_state()},
             "config": config_to_dict(config), "in_dim": bags.feature_dim,
             "finished": stopped_early or epoch == t.max_epochs,
-            # the aligned model's places come from these registrations (open_run refuses others)
-            "registrations": registrations_digest(config) if config.model.architecture == "aligned" else None,
+            # a registered model's places come from these registrations (open_run refuses others)
+            "registrations": registrations_digest(config) if architecture(config.model.architecture).needs_registration
+            else None,
         }
         if tuned:
             state["backbone"] = encoder.tail_state()

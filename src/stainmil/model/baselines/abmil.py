@@ -12,10 +12,13 @@ from torch import nn
 
 from stainmil.config import ModelConfig
 from stainmil.model.attention import GatedAttention
-from stainmil.model.flat import CasePooling, FlatMIL, projector
+from stainmil.model.base import projector
+from stainmil.model.flat import CasePooling, FlatMIL
+from stainmil.model.registry import register_architecture
 from stainmil.model.segment import segment_softmax, segment_sum
 
 
+@register_architecture("abmil", reference="Ilse et al. 2018: gated attention")
 class ABMIL(FlatMIL):
     def __init__(self, in_dim: int, config: ModelConfig, stains: list[str]) -> None:
         super().__init__(in_dim, config, stains)

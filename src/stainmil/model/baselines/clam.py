@@ -26,8 +26,10 @@ from torch import nn
 
 from stainmil.config import ModelConfig
 from stainmil.model.attention import GatedAttention
-from stainmil.model.flat import CasePooling, FlatMIL, case_ranks, labelled, projector
-from stainmil.model.segment import segment_softmax, segment_sum
+from stainmil.model.base import projector
+from stainmil.model.flat import CasePooling, FlatMIL, labelled
+from stainmil.model.registry import register_architecture
+from stainmil.model.segment import group_ranks, segment_softmax, segment_sum
 
 
 def smooth_top1_svm(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
@@ -36,6 +38,9 @@ def smooth_top1_svm(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 
     return torch.logsumexp(logits + margin, dim=-1) - logits.gather(1, targets[:, None]).squeeze(1)
 
 
+@register_architecture("clam_mb", reference="Lu et al. 2021: a branch per class, instance clustering",
+                       multi_branch=True)
+@register_architecture("clam_sb", reference="Lu et al. 2021: one branch, instance clustering")
 class CLAM(FlatMIL):
     def __init__(self, in_dim: int, config: ModelConfig, stains: list[str], multi_branch: bool = False) -> None:
         super().__init__(in_dim, config, stains)
@@ -86,7 +91,7 @@ class CLAM(FlatMIL):
         per_case = h.new_zeros(n_cases)
         for k in range(n_classes):
             branch = branches[:, k if self.multi_branch else 0]
-            rank, sizes = case_ranks(patch_case, n_cases, branch)              # 0 = most attended
+            rank, sizes = group_ranks(branch, patch_case, n_cases)     # 0 = most attended
             k_case = torch.clamp(sizes // 2, max=self.k_sample)                # (B,)
             top = rank < k_case[patch_case]
             bottom = (sizes[patch_case] - 1 - rank) < k_case[patch_case]

@@ -25,12 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from stainmil.config import ModelConfig
-from stainmil.model.flat import CasePooling, FlatMIL, case_ranks, labelled
-from stainmil.model.segment import segment_softmax, segment_sum
+from stainmil.model.flat import CasePooling, FlatMIL, labelled
+from stainmil.model.registry import register_architecture
+from stainmil.model.segment import group_ranks, segment_softmax, segment_sum
 
 QUERY_DIM = 128
 
 
+@register_architecture("dsmil", reference="Li et al. 2021: max-instance + attention streams")
 class DSMIL(FlatMIL):
     def __init__(self, in_dim: int, config: ModelConfig, stains: list[str]) -> None:
         super().__init__(in_dim, config, stains)
@@ -44,7 +46,7 @@ class DSMIL(FlatMIL):
         n_classes = instance.shape[1]
         critical_rows = torch.zeros((n_cases, n_classes), dtype=torch.long, device=x.device)  # (B, C)
         for k in range(n_classes):
-            rank, _ = case_ranks(patch_case, n_cases, instance[:, k].detach())
+            rank, _ = group_ranks(instance[:, k].detach(), patch_case, n_cases)
             top = torch.nonzero(rank == 0).squeeze(1)                            # each case's top patch
             critical_rows[patch_case[top], k] = top
         max_logits = instance[critical_rows, torch.arange(n_classes, device=x.device)]  # (B, C)

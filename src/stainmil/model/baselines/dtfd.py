@@ -23,10 +23,12 @@ from torch import nn
 
 from stainmil.config import ModelConfig
 from stainmil.model.attention import GatedAttention
-from stainmil.model.flat import CasePooling, FlatMIL, case_ranks, labelled
-from stainmil.model.segment import segment_softmax, segment_sum
+from stainmil.model.flat import CasePooling, FlatMIL, labelled
+from stainmil.model.registry import register_architecture
+from stainmil.model.segment import group_ranks, segment_softmax, segment_sum
 
 
+@register_architecture("dtfd_mil", reference="Zhang et al. 2022: two tiers of pseudo-bags, AFS")
 class DTFDMIL(FlatMIL):
     def __init__(self, in_dim: int, config: ModelConfig, stains: list[str]) -> None:
         super().__init__(in_dim, config, stains)
@@ -42,7 +44,7 @@ class DTFDMIL(FlatMIL):
         """(P,) pseudo-bag of each patch in [0, Q) and (Q,) case of each pseudo-bag."""
         keys = torch.rand(len(patch_case), device=patch_case.device) if self.training else \
             -torch.arange(len(patch_case), device=patch_case.device, dtype=torch.float32)
-        rank, sizes = case_ranks(patch_case, n_cases, keys)                      # random | patch order
+        rank, sizes = group_ranks(keys, patch_case, n_cases)        # random | patch order
         n_bags = torch.clamp(sizes, max=self.pseudo_bags)                       # (B,)
         offsets = torch.cumsum(n_bags, 0) - n_bags                              # first pseudo-bag of each case
         within = rank % n_bags[patch_case]                                      # (P,)

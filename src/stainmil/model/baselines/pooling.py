@@ -6,10 +6,13 @@ import torch
 from torch import nn
 
 from stainmil.config import ModelConfig
-from stainmil.model.flat import CasePooling, FlatMIL, projector
+from stainmil.model.base import projector
+from stainmil.model.flat import CasePooling, FlatMIL
+from stainmil.model.registry import register_architecture
 from stainmil.model.segment import group_sizes, segment_sum
 
 
+@register_architecture("mean", reference="floor: mean of the projected patches", patch_attention=False)
 class MeanPoolMIL(FlatMIL):
     has_patch_attention = False
 
@@ -31,6 +34,7 @@ class MeanPoolMIL(FlatMIL):
         return self.classifier(patch_embeddings)
 
 
+@register_architecture("max", reference="floor: feature-wise max of the projected patches", patch_attention=False)
 class MaxPoolMIL(MeanPoolMIL):
     def reduce(self, h: torch.Tensor, patch_case: torch.Tensor, n_cases: int) -> torch.Tensor:
         """(P, E) -> (B, E) feature-wise max over each case's patches."""

@@ -21,6 +21,7 @@ from torch import nn
 from stainmil.config import ModelConfig
 from stainmil.errors import ConfigError
 from stainmil.model.flat import CasePooling, FlatMIL
+from stainmil.model.registry import register_architecture
 
 
 class TransLayer(nn.Module):
@@ -50,6 +51,7 @@ class PPEG(nn.Module):
         return torch.cat([cls, grid.flatten(2).transpose(1, 2)], dim=1)
 
 
+@register_architecture("transmil", reference="Shao et al. 2021: transformer with PPEG", patch_attention=False)
 class TransMIL(FlatMIL):
     has_patch_attention = False
 

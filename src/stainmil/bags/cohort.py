@@ -1,14 +1,5 @@
-"""Nested bags: the cohort's patch features plus the patch -> slice -> stain -> case structure.
-
-A :class:`CaseBatch` holds several cases as one flat feature matrix and three index vectors::
-
-    features     (P, D)  patch features of every case in the batch
-    patch_slice  (P,)    slice of each patch           in [0, S)
-    slice_group  (S,)    stain group of each slice      in [0, G)   (a stain group = one stain of one case)
-    group_case   (G,)    case of each stain group       in [0, B)
-    group_stain  (G,)    canonical stain index of each group (he=0, melan=1, sox10=2 by default)
-    patch_anchor (P,)    only with registered slices (``model.architecture: aligned``): the batch row of the
-                         reference-stain patch each patch lies on (a reference patch: itself), -1 for none
+"""Batches of cases from the cohort: the manifest's patch -> slice -> stain -> case structure plus the patch
+features, drawn into :class:`~stainmil.model.batch.CaseBatch` objects for the models.
 
 A missing stain or slice is simply absent; softmaxes run over what exists.
 
@@ -24,60 +15,18 @@ Patch embeddings come from one of two sources, and nothing downstream can tell t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import pandas as pd
 import torch
 
+from stainmil.bags.moments import RunningMoments
 from stainmil.data.registration import PatchAlignment
 from stainmil.errors import DataError
 from stainmil.features.sources import FeatureSource, InMemoryFeatures, StoreFeatures, StoreRequest
+from stainmil.model.batch import CaseBatch
 from stainmil.slides.reader import patch_refs
-
-
-@dataclass
-class CaseBatch:
-    features: torch.Tensor     # (P, D) float32
-    patch_slice: torch.Tensor  # (P,) long
-    slice_group: torch.Tensor  # (S,) long
-    group_case: torch.Tensor   # (G,) long
-    group_stain: torch.Tensor  # (G,) long
-    labels: torch.Tensor       # (B,) long; -1 when unlabelled
-    case_ids: list[str]
-    patch_rows: np.ndarray     # (P,) manifest row of each patch
-    slice_rows: np.ndarray     # (S,) cohort slice index of each slice
-    patch_anchor: torch.Tensor | None = None  # (P,) long: batch row of the reference patch under each patch, or -1
-
-    @property
-    def n_cases(self) -> int:
-        return len(self.case_ids)
-
-    def to(self, device: torch.device) -> CaseBatch:
-        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
-        return CaseBatch(**moved)
-
-    def subset(self, keep: np.ndarray) -> CaseBatch:
-        """The batch with only the patches where ``keep`` (P,) is true; emptied slices and stains are dropped.
-
-        Every case must keep at least one patch (a case with none has nothing to predict from).
-        """
-        keep_t = torch.from_numpy(np.asarray(keep, dtype=bool)).to(self.patch_slice.device)
-        patch_slice = self.patch_slice[keep_t]
-        used_slices, new_slice = torch.unique(patch_slice, return_inverse=True)
-        slice_group = self.slice_group[used_slices]
-        used_groups, new_group = torch.unique(slice_group, return_inverse=True)
-        anchor = None
-        if self.patch_anchor is not None:  # renumbered; a patch whose anchor left the batch has no place now
-            position = torch.cumsum(keep_t.long(), 0) - 1
-            old = self.patch_anchor[keep_t]
-            placed = (old >= 0) & keep_t[old.clamp_min(0)]
-            anchor = torch.where(placed, position[old.clamp_min(0)], torch.full_like(old, -1))
-        return CaseBatch(features=self.features[keep_t], patch_slice=new_slice, slice_group=new_group,
-                         group_case=self.group_case[used_groups], group_stain=self.group_stain[used_groups],
-                         labels=self.labels, case_ids=self.case_ids, patch_rows=self.patch_rows[np.asarray(keep)],
-                         slice_rows=self.slice_rows[used_slices.cpu().numpy()], patch_anchor=anchor)
 
 
 class PatchEncoder(Protocol):
@@ -296,29 +245,3 @@ class CohortBags:
                 moments.add(self.source.all_views(self.slice_patches[s]).reshape(-1, self.feature_dim))
         mean, std = moments.result()
         return mean.float(), std.clamp_min(1e-6).float()
-
-
-class RunningMoments:
-    """Mean and unbiased std (D,) over rows added in chunks (Chan et al.'s pairwise update, float64)."""
-
-    def __init__(self, dim: int) -> None:
-        self.n = 0
-        self.mean = torch.zeros(dim, dtype=torch.float64)
-        self.m2 = torch.zeros(dim, dtype=torch.float64)
-
-    def add(self, chunk: torch.Tensor) -> None:
-        """``chunk``: (n, D) rows."""
-        if not len(chunk):
-            return
-        x = chunk.double()
-        n_b = len(x)
-        mean_b = x.mean(0)
-        m2_b = ((x - mean_b) ** 2).sum(0)
-        n = self.n + n_b
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (n_b / n)
-        self.m2 = self.m2 + m2_b + delta ** 2 * (self.n * n_b / n)
-        self.n = n
-
-    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.mean, (self.m2 / max(self.n - 1, 1)).sqrt()

@@ -1,0 +1,65 @@
+"""The models' input: several cases of nested bags as one flat feature matrix and three index vectors.
+
+A :class:`CaseBatch` holds::
+
+    features     (P, D)  patch features of every case in the batch
+    patch_slice  (P,)    slice of each patch           in [0, S)
+    slice_group  (S,)    stain group of each slice      in [0, G)   (a stain group = one stain of one case)
+    group_case   (G,)    case of each stain group       in [0, B)
+    group_stain  (G,)    canonical stain index of each group (he=0, melan=1, sox10=2 by default)
+    patch_anchor (P,)    only for architectures that need a registration (``aligned``): the batch row of the
+                         reference-stain patch each patch lies on (a reference patch: itself), -1 for none
+
+A missing stain or slice is simply absent; softmaxes run over what exists. Built by
+:class:`stainmil.bags.cohort.CohortBags` (or by hand: it is plain torch and numpy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class CaseBatch:
+    features: torch.Tensor     # (P, D) float32
+    patch_slice: torch.Tensor  # (P,) long
+    slice_group: torch.Tensor  # (S,) long
+    group_case: torch.Tensor   # (G,) long
+    group_stain: torch.Tensor  # (G,) long
+    labels: torch.Tensor       # (B,) long; -1 when unlabelled
+    case_ids: list[str]
+    patch_rows: np.ndarray     # (P,) manifest row of each patch
+    slice_rows: np.ndarray     # (S,) cohort slice index of each slice
+    patch_anchor: torch.Tensor | None = None  # (P,) long: batch row of the reference patch under each patch, or -1
+
+    @property
+    def n_cases(self) -> int:
+        return len(self.case_ids)
+
+    def to(self, device: torch.device) -> CaseBatch:
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()}
+        return CaseBatch(**moved)
+
+    def subset(self, keep: np.ndarray) -> CaseBatch:
+        """The batch with only the patches where ``keep`` (P,) is true; emptied slices and stains are dropped.
+
+        Every case must keep at least one patch (a case with none has nothing to predict from).
+        """
+        keep_t = torch.from_numpy(np.asarray(keep, dtype=bool)).to(self.patch_slice.device)
+        patch_slice = self.patch_slice[keep_t]
+        used_slices, new_slice = torch.unique(patch_slice, return_inverse=True)
+        slice_group = self.slice_group[used_slices]
+        used_groups, new_group = torch.unique(slice_group, return_inverse=True)
+        anchor = None
+        if self.patch_anchor is not None:  # renumbered; a patch whose anchor left the batch has no place now
+            position = torch.cumsum(keep_t.long(), 0) - 1
+            old = self.patch_anchor[keep_t]
+            placed = (old >= 0) & keep_t[old.clamp_min(0)]
+            anchor = torch.where(placed, position[old.clamp_min(0)], torch.full_like(old, -1))
+        return CaseBatch(features=self.features[keep_t], patch_slice=new_slice, slice_group=new_group,
+                         group_case=self.group_case[used_groups], group_stain=self.group_stain[used_groups],
+                         labels=self.labels, case_ids=self.case_ids, patch_rows=self.patch_rows[np.asarray(keep)],
+                         slice_rows=self.slice_rows[used_slices.cpu().numpy()], patch_anchor=anchor)
