@@ -100,8 +100,8 @@ def main() -> None:
             tables, _, _ = analyze_tables(result.run_dir, "test", bags=bags)
             test = evaluation.metrics["splits"]["test"]
             s = tables.summary
-            rows.append({"variant": name, "seed": seed, "benign_recall": test["benign_recall"],
-                         "high_grade_recall": test["high_grade_recall"], "auc": test["auc"],
+            rows.append({"variant": name, "seed": seed, "recall_benign": test["recall_benign"],
+                         "recall_high_grade": test["recall_high_grade"], "auc": test["auc"],
                          "balanced_accuracy": test["balanced_accuracy"],
                          "entropy_patch": s["patch_entropy_normalised_mean"],
                          "entropy_slice": s["slice_entropy_normalised_mean"],
@@ -112,7 +112,7 @@ def main() -> None:
                          "epochs": result.epochs_run, "seconds": round(time.perf_counter() - t0, 1),
                          "run": result.run_dir.name})
             pd.DataFrame(rows).to_csv(rows_file, index=False)
-            print(f"{name:<28} seed {seed}: AUC {test['auc']:.3f}, benign recall {test['benign_recall']:.2f}, "
+            print(f"{name:<28} seed {seed}: AUC {test['auc']:.3f}, benign recall {test["recall_benign"]:.2f}, "
                   f"{result.epochs_run} epochs, {time.perf_counter() - t0:.0f} s", flush=True)
     table = summarise(pd.DataFrame(rows))
     (out / "ablation.md").write_text(table)
@@ -120,7 +120,7 @@ def main() -> None:
 
 
 def summarise(runs: pd.DataFrame) -> str:
-    metrics = ["benign_recall", "high_grade_recall", "auc", "entropy_patch", "entropy_slice", "entropy_stain",
+    metrics = ["recall_benign", "recall_high_grade", "auc", "entropy_patch", "entropy_slice", "entropy_stain",
                "attention_lesion_auc"] + [m for m in STAIN_METRICS if m in runs and runs[m].notna().any()]
     lines = ["| variant | seeds | " + " | ".join(m.replace("_", " ") for m in metrics) + " |",
              "|---|---|" + "---|" * len(metrics)]

@@ -2,7 +2,7 @@
 # One device check: does stainmil feed the GPU? Prints one table (figures in $OUT/*.json, $OUT/gpu_check.md).
 #
 #   benchmarks/gpu_check.sh                 # on a GPU machine: demo preset, 224 px, random weights (~5 min)
-#   benchmarks/gpu_check.sh --device cpu --small    # the same steps at toy sizes (what the tests run)
+#   benchmarks/gpu_check.sh --device cpu --small    # the same steps at toy sizes, a ViT-S for the ViT-L (the tests)
 #
 # Needs the repository and a Python with torch and stainmil's dependencies (PYTHON=..., default python3); no
 # network: every encoder has random weights. Rows: bare forward at the extraction batch and at the best batch,
@@ -24,9 +24,9 @@ PY="${PYTHON:-python3}"
 OUT="${OUT:-$HERE/gpu_check_out}"
 export PYTHONPATH="$HERE/src${PYTHONPATH:+:$PYTHONPATH}" STAINMIL_PROGRESS=0
 if [ "$SMALL" = 1 ]; then
-  PRESET=tiny; SIZE=32; ROUNDS=1; SCALE_CASES=12; OLD=2
+  PRESET=tiny; SIZE=32; ROUNDS=1; SCALE_CASES=12; OLD=2; VIT=kaiko_vits16
 else
-  PRESET=demo; SIZE=224; ROUNDS=2; SCALE_CASES=86; OLD=4
+  PRESET=demo; SIZE=224; ROUNDS=2; SCALE_CASES=86; OLD=4; VIT=uni_v1
 fi
 step() {  # step LOG ARGS…: one bench run, its output in $OUT/LOG; a failure shows the log's end and stops
   local log="$OUT/$1"; shift
@@ -42,8 +42,8 @@ mkdir -p "$OUT"
 start=$SECONDS
 step log-densenet-pngs.txt   --preset "$PRESET" --backbone densenet121 --old-cases "$OLD"
 step log-densenet-slides.txt --preset "$PRESET" --backbone densenet121 --slides --extraction-only
-step log-uni-pngs.txt        --preset "$PRESET" --backbone uni_v1 --extraction-only
-step log-uni-slides.txt      --preset "$PRESET" --backbone uni_v1 --slides --extraction-only
+step log-vit-pngs.txt        --preset "$PRESET" --backbone "$VIT" --extraction-only
+step log-vit-slides.txt      --preset "$PRESET" --backbone "$VIT" --slides --extraction-only
 step log-feed.txt            --preset "$PRESET" --feed-only --slides
 step log-scale.txt           --preset scale --scales 1,3 --scale-cases "$SCALE_CASES" --epochs 2
-"$PY" "$HERE/benchmarks/gpu_table.py" "$OUT" "$DEVICE" "$PRESET" "$SIZE" $((SECONDS - start))
+"$PY" "$HERE/benchmarks/gpu_table.py" "$OUT" "$DEVICE" "$PRESET" "$SIZE" $((SECONDS - start)) "$VIT"

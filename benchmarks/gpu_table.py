@@ -1,6 +1,6 @@
 """The one table of benchmarks/gpu_check.sh, from the JSON/CSV files its bench runs wrote into OUT.
 
-usage: python benchmarks/gpu_table.py OUT DEVICE PRESET SIZE SECONDS  (prints markdown; also OUT/gpu_check.md)
+usage: python benchmarks/gpu_table.py OUT DEVICE PRESET SIZE SECONDS [VIT]  (prints markdown; also OUT/gpu_check.md)
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ def _load(out: Path, pattern: str) -> dict:
     return json.loads(found[-1].read_text())
 
 
-def rows(out: Path, device: str, preset: str, size: int) -> list[tuple[str, str]]:
+def rows(out: Path, device: str, preset: str, size: int, vit: str = "uni_v1") -> list[tuple[str, str]]:
     table: list[tuple[str, str]] = []
     first = None
-    for backbone in ("densenet121", "uni_v1"):
+    for backbone in ("densenet121", vit):
         for source, label in (("patches", "PNGs"), ("slides", "slides")):
             b = _load(out, f"bench-{preset}-{backbone}-{size}px-{source}-{device}.json")
             first = first or b
@@ -55,8 +55,9 @@ def rows(out: Path, device: str, preset: str, size: int) -> list[tuple[str, str]
 
 def main() -> None:
     out, device, preset, size, seconds = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+    vit = sys.argv[6] if len(sys.argv) > 6 else "uni_v1"
     lines = [f"| figure ({preset} preset, {size} px, random weights; {seconds} s in all) | measured |", "|---|---|"]
-    lines += [f"| {name} | {value} |" for name, value in rows(out, device, preset, size)]
+    lines += [f"| {name} | {value} |" for name, value in rows(out, device, preset, size, vit)]
     text = "\n".join(lines) + "\n"
     (out / "gpu_check.md").write_text(text)
     print(text, end="")

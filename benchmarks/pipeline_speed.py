@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from stainmil.bench import run_bench
+from stainmil.bench.training import run_bench
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

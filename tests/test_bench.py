@@ -15,8 +15,34 @@ def test_vectorised_forward_equals_the_old_nested_loops(attention, identity):
         assert torch.allclose(model(batch).logits, reference.nested_forward(model, batch), atol=1e-10)
 
 
+def test_bench_times_the_trainers_own_epoch(monkeypatch, tmp_path):
+    """`stainmil bench`'s epoch figure is the trainer's run_epoch (not a second loop that skips slice choice,
+    dropout and prefetch): replaced here, the bench calls the replacement with the run's plan."""
+    import numpy as np
+
+    from stainmil.bench.training import training_epoch
+    from stainmil.config import Config
+    from stainmil.train import trainer
+
+    bags = random_bags(n_cases=4)
+    config = Config()
+    config.train.patch_dropout, config.train.cases_per_batch = 0.25, 2
+    model = model_for(bags, "tanh")
+    calls = []
+    real = trainer.run_epoch
+
+    def spy(plan, epoch, rng):
+        calls.append((plan.config.train.patch_dropout, plan.config.train.cases_per_batch, sorted(plan.cases)))
+        return real(plan, epoch, rng)
+
+    monkeypatch.setattr(trainer, "run_epoch", spy)
+    seconds = training_epoch(model, torch.optim.Adam(model.parameters()), bags, bags.case_ids,
+                             np.random.default_rng(0), None, torch.device("cpu"), config)
+    assert seconds > 0 and calls == [(0.25, 2, sorted(bags.case_ids))]
+
+
 def test_bench_runs_end_to_end_on_the_tiny_preset(tmp_path):
-    from stainmil.bench import run_bench
+    from stainmil.bench.training import run_bench
 
     figures = run_bench(tmp_path, "tiny", "cpu", old_cases=2, rounds=1, log=lambda *_: None)
     for key in ("backbone_forward_img_s", "extraction_img_s", "extraction_over_forward", "epoch_s_feature_store",
@@ -29,7 +55,7 @@ def test_bench_runs_end_to_end_on_the_tiny_preset(tmp_path):
 
 
 def test_bench_extraction_from_slides_with_a_vit(tmp_path):
-    from stainmil.bench import run_bench
+    from stainmil.bench.training import run_bench
 
     figures = run_bench(tmp_path, "tiny", "cpu", rounds=1, backbone_name="kaiko_vits16", slides=True,
                         extraction_only=True, log=lambda *_: None)
@@ -39,7 +65,7 @@ def test_bench_extraction_from_slides_with_a_vit(tmp_path):
 
 
 def test_scale_bench_trains_bounded_and_in_memory_in_fresh_processes(tmp_path):
-    from stainmil.bench_scale import run_scale
+    from stainmil.bench.scale import run_scale
 
     table = run_scale(tmp_path, scales=(1, 2), cache_mb=1, epochs=1, memory_up_to=1, base_cases=6,
                       log=lambda *_: None)
@@ -69,7 +95,7 @@ def test_extraction_plan_sizes_itself_to_the_device_unless_told():
 
 
 def test_feed_only_counts_every_patch_with_each_worker_count(tiny_cohort):
-    from stainmil.bench_feed import feed_table, worker_counts
+    from stainmil.bench.feed import feed_table, worker_counts
 
     assert worker_counts(2) == [0, 1, 2] and worker_counts(6) == [0, 1, 2, 4, 6] and worker_counts(16)[-1] == 16
     refs = sorted(str(p) for p in (tiny_cohort / "patches").rglob("*.png"))[:96]
@@ -80,7 +106,8 @@ def test_feed_only_counts_every_patch_with_each_worker_count(tiny_cohort):
 
 @pytest.mark.slow
 def test_gpu_check_script_prints_its_table_on_cpu(tmp_path):
-    """benchmarks/gpu_check.sh at toy sizes on CPU (the script a GPU machine runs as it is)."""
+    """benchmarks/gpu_check.sh at toy sizes on CPU (the script a GPU machine runs as it is; a ViT-S stands in for
+    the ViT-L). No wall-clock limit: a busy machine makes it slower, not wrong."""
     import os
     import subprocess
     import sys
@@ -88,11 +115,11 @@ def test_gpu_check_script_prints_its_table_on_cpu(tmp_path):
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
     result = subprocess.run([str(script), "--device", "cpu", "--small"], capture_output=True, text=True,
-                            env={**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}, timeout=900)
+                            env={**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout
     for row in ("densenet121 bare forward", "extract densenet121 from PNGs", "extract densenet121 from slides",
-                "uni_v1 bare forward", "extract uni_v1 from PNGs", "extract uni_v1 from slides",
+                "kaiko_vits16 bare forward", "extract kaiko_vits16 from PNGs", "extract kaiko_vits16 from slides",
                 "feed alone from PNGs", "feed alone from slides", "store epoch vs the old way", "head step",
                 "1x (", "3x ("):
         assert row in table, row

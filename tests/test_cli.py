@@ -34,7 +34,7 @@ def test_full_cli_pipeline_on_a_user_yaml(tiny_cohort, tmp_path):
     r = invoke("extract", "--config", config)
     assert r.exit_code == 0 and "patches/s" in r.output, r.output
     r = invoke("train", "--config", config, "--set", "train.lr=0.001", "--set", "model.attention=gated")
-    assert r.exit_code == 0 and "benign_recall" in r.output, r.output
+    assert r.exit_code == 0 and "recall_benign" in r.output, r.output
     (run,) = (tmp_path / "work" / "runs").glob("run_*")
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["train"]["lr"] == 0.001 and saved["model"]["attention"] == "gated"

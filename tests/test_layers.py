@@ -10,7 +10,7 @@ PACKAGE = Path(stainmil.__file__).parent
 # lowest first; a module may import its own layer and those below it (see the README's picture)
 LAYERS = [
     ("base", ["", "io", "errors", "progress", "device", "tables", "cores"]),
-    ("config", ["config"]),
+    ("config", ["config", "classes"]),
     ("launch", ["launch"]),
     ("stats", ["stats"]),
     ("slides", ["slides"]),
@@ -22,7 +22,7 @@ LAYERS = [
     ("evaluate", ["evaluate"]),
     ("analysis", ["analysis"]),
     ("experiments", ["experiments"]),
-    ("pipeline", ["pipeline", "bench", "bench_scale", "bench_feed"]),
+    ("pipeline", ["pipeline", "bench"]),
     ("cli", ["cli", "__main__"]),
 ]
 

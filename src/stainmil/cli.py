@@ -178,18 +178,15 @@ def train_cmd(config: ConfigOpt = None, set_: SetOpt = None,
 
 
 def _print_evaluation(evaluation, run_dir: Path) -> None:
-    metrics = evaluation.metrics
+    metrics, classes = evaluation.metrics, evaluation.classes
     split_name = metrics["evaluated_split"]
     m = metrics["splits"][split_name]
-    binary = "benign_recall" in m
-    decision = f"threshold {metrics['threshold']:.3f} ({metrics['threshold_rule']})" if binary else \
+    decision = f"threshold {metrics['threshold']:.3f} ({metrics['threshold_rule']})" if classes.binary else \
         metrics["threshold_rule"]
     table = Table(title=f"{split_name}: {m['n_cases']} cases, {decision}")
     for column in ("metric", "value", "95% CI"):
         table.add_column(column)
-    keys = ("benign_recall", "high_grade_recall", "balanced_accuracy", "auc", "f1") if binary else \
-        [k for k in m["ci95"] if k.startswith("recall_")] + ["balanced_accuracy", "auc", "f1_macro"]
-    for key in keys:
+    for key in classes.shown_metrics:
         lo, hi = m["ci95"][key]
         table.add_row(key, f"{m[key]:.3f}", f"[{lo:.3f}, {hi:.3f}]")
     console.print(table)
@@ -518,17 +515,17 @@ def bench(preset: Annotated[str, typer.Option(help="Synthetic cohort: demo | tin
           feed_only: Annotated[bool, typer.Option(help="Only the data path (decode, collate, copies) with no encoder, "
                                                        "by decode workers: will a GPU node be fed?")] = False) -> None:
     """Measure extraction, epoch (store vs the old way), vectorised vs loop, and memory; print one table."""
-    from stainmil.bench import run_bench
+    from stainmil.bench.training import run_bench
 
     if preset == "scale":
-        from stainmil.bench_scale import run_scale, scale_markdown
+        from stainmil.bench.scale import run_scale, scale_markdown
 
         table = run_scale(out / "scale", tuple(int(v) for v in scales.split(",")), cache_mb, epochs, memory_up_to,
                           scale_cases, device, log=plain_log)
         console.print(scale_markdown(table), highlight=False, markup=False)
         return
     if feed_only:
-        from stainmil.bench_feed import run_feed
+        from stainmil.bench.feed import run_feed
 
         figures = run_feed(out, preset, device, image_size, slides, log=plain_log)
         console.print(render_table(figures["rows"], fmt="markdown"), highlight=False, markup=False)

@@ -23,6 +23,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from stainmil.classes import ClassScheme
 from stainmil.errors import ConfigError
 from stainmil.io import atomic_write_text
 
@@ -93,6 +94,11 @@ class DataConfig:
     source: Literal["patches", "slides"] = _help(
         "patches: index the PNG patches in patches_dir; slides: read patches straight from the slides tiled by "
         "`stainmil tile` (coordinates in tile.out_dir, no PNG written).", default="patches")
+
+    @property
+    def classes(self) -> ClassScheme:
+        """The class scheme of ``class_names`` (metric names, probability columns, the decision)."""
+        return ClassScheme.of(self.class_names)
 
     def canonical_stain(self, name: object) -> str | None:
         """The canonical stain (one of ``stains``) a file's, table's or setting's stain name stands for, or None.
@@ -305,7 +311,8 @@ class SplitConfig:
 @dataclass
 class EvalConfig:
     threshold: float | str = _help(
-        "Decision threshold on P(high-grade): a number, 'youden', or 'benign_recall=0.8' — chosen on "
+        "Decision threshold on P(class 1): a number, 'youden', or 'recall_<class>=R' (e.g. 'recall_benign=0.8': the "
+        "lowest threshold whose validation recall of that class is at least R) — chosen on "
         "the validation split only.", default=0.5)
     bootstrap: int = _help("Case-level bootstrap resamples for 95% CIs.", default=1000)
     ci: float = _help("Confidence level of the intervals.", default=0.95)

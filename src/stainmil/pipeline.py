@@ -33,7 +33,7 @@ def index_cohort(config: Config) -> tuple[Path, dict]:
 def split_cohort(config: Config, out_dir: str | Path | None = None) -> list[Path]:
     out = Path(out_dir) if out_dir else config.splits_dir
     manifest = load_manifest(config)
-    paths = write_splits(make_splits(case_labels(manifest), config.split), out)
+    paths = write_splits(make_splits(case_labels(manifest), config.split, config.data.class_names), out)
     dump_config(config, out / "config.yaml")
     return paths
 

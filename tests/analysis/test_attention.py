@@ -6,6 +6,7 @@ import torch
 
 from stainmil.analysis.analyze import write_analysis
 from stainmil.analysis.attention import attention_vs_lesion
+from stainmil.classes import ClassScheme
 from tests.conftest import trained_run
 
 
@@ -76,7 +77,8 @@ def test_stain_weight_table_averages_stain_attention_per_stain_and_class():
     slices = pd.DataFrame({"case": ["1", "1", "1", "2", "2", "3"], "stain": ["he", "he", "sox10", "he", "sox10", "he"],
                            "stain_weight": [0.2, 0.2, 0.8, 0.6, 0.4, 1.0]})
     cases = pd.DataFrame({"case": ["1", "2", "3"], "label": [1, 1, 0], "pred": [1, 0, 0]})
-    table = stain_weight_table(slices, cases, ["he", "sox10"], ["benign", "high_grade"]).set_index(["stain", "class"])
+    classes = ClassScheme.of(["benign", "high_grade"])
+    table = stain_weight_table(slices, cases, ["he", "sox10"], classes).set_index(["stain", "class"])
     assert table.loc[("he", "high_grade"), "mean_stain_weight"] == pytest.approx(0.4)   # cases 1 and 2, once each
     assert table.loc[("he", "high_grade"), "cases_with_stain"] == 2
     assert table.loc[("sox10", "high_grade"), "mean_stain_weight"] == pytest.approx(0.6)

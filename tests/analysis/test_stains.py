@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from stainmil.analysis.stains import stain_contribution, stain_sentences, stain_summary
+from stainmil.classes import ClassScheme
 from tests.model.test_hierarchical import model_for, random_bags
 
 
@@ -13,7 +14,8 @@ def test_prob_without_a_stain_is_the_model_on_the_other_stains():
     bags = random_bags()
     model = model_for(bags).eval()
     cases = bags.case_ids
-    table = stain_contribution(model, bags, cases, torch.device("cpu"), threshold=0.5)
+    table = stain_contribution(model, bags, cases, torch.device("cpu"), threshold=0.5,
+                               classes=ClassScheme.of(["benign", "high_grade"]))
     assert list(table["case"]) == cases
     for case in cases:
         row = table[table["case"] == case].iloc[0]
@@ -39,7 +41,7 @@ def test_summary_counts_cases_on_the_other_side_by_hand():
         "case": list("abcd"), "label": [1, 1, 0, 0], "prob": [0.9, 0.7, 0.2, 0.6],
         "prob_without_sox10": [0.3, 0.8, 0.1, np.nan], "delta_sox10": [-0.6, 0.1, -0.1, np.nan],
         "flips_sox10": [True, False, False, False]})
-    summary = stain_summary(contribution, ["sox10"], ["benign", "high_grade"], threshold=0.5)
+    summary = stain_summary(contribution, ["sox10"], ClassScheme.of(["benign", "high_grade"]), threshold=0.5)
     high = summary[summary["class"] == "high_grade"].iloc[0]
     benign = summary[summary["class"] == "benign"].iloc[0]
     assert (high["cases_with_stain"], high["flipped"], high["other_side_with"], high["other_side_without"]) == \
@@ -48,7 +50,7 @@ def test_summary_counts_cases_on_the_other_side_by_hand():
     assert (benign["cases_with_stain"], benign["other_side_without"]) == (1, 0)  # d lacks sox10: not counted
     # AUC with all stains: 0.9, 0.7 vs 0.2, 0.6 -> 1.0; without sox10 (d as it is): 0.3, 0.8 vs 0.1, 0.6 -> 0.75
     assert high["auc_all_stains"] == pytest.approx(1.0) and high["auc_without_stain"] == pytest.approx(0.75)
-    line = stain_sentences(summary, ["benign", "high_grade"])[0]
+    line = stain_sentences(summary, ClassScheme.of(["benign", "high_grade"]))[0]
     assert line.startswith("without sox10: ") and "1 of 2 true high_grade cases are below the threshold" in line
 
 

@@ -54,3 +54,20 @@ def test_overlap_and_unknown_cases_are_refused_by_id(tmp_path):
     np.savez(tmp_path / "bad.npz", train=np.array(["1", "999"]), val=np.array(["2"]), test=np.array(["3"]))
     with pytest.raises(DataError, match="999"):
         load_split(tmp_path / "bad.npz", {"1", "2", "3"})
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_every_class_reaches_training_and_validation_on_a_tiny_three_class_cohort(seed):
+    """`synth --preset tiny --classes 3`: 3 benign, 3 intermediate, 2 high-grade cases. Unstratified, the two
+    high-grade cases used to land in validation together and training stopped for want of the class."""
+    labels = pd.Series([0, 0, 0, 1, 1, 1, 2, 2], index=[f"{i:03d}" for i in range(8)])
+    split = make_splits(labels, SplitConfig(seed=seed), ["benign", "intermediate", "high_grade"])[0]
+    assert sorted(set(labels[split.train])) == [0, 1, 2] and sorted(set(labels[split.val])) == [0, 1, 2]
+    assert set(labels[split.test]) == {0, 1}  # the two-case class: one trains, one validates
+    assert sorted(split.train + split.val + split.test) == sorted(labels.index)
+
+
+def test_a_class_no_case_has_is_named_at_split_time():
+    labels = pd.Series([0, 0, 0, 1, 1, 1], index=list("abcdef"))
+    with pytest.raises(DataError, match="intermediate"):
+        make_splits(labels, SplitConfig(), ["benign", "high_grade", "intermediate"])

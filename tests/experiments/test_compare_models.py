@@ -36,7 +36,7 @@ def test_models_and_stain_sets_share_folds_and_seeds_and_resume(prepared, tmp_pa
     assert "- he\n" in (he_only / "config.yaml").read_text() and "- sox10" not in (he_only / "config.yaml").read_text()
     first = table.iloc[0]
     assert first["delta_auc"] == 0.0 and first["paired_cases"] == first["n_cases"] == 8
-    for column in ("auc", "balanced_accuracy", "benign_recall", "high_grade_recall", "brier", "parameters",
+    for column in ("auc", "balanced_accuracy", "recall_benign", "recall_high_grade", "brier", "parameters",
                    "seconds_per_epoch"):
         assert table[column].notna().all(), column
     # pooled AUC is that of the per-case mean probability over both seeds

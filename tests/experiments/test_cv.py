@@ -24,7 +24,7 @@ def test_cv_end_to_end_and_resume(prepared, tmp_path):
     assert out.name.startswith("cv_")
     summary = pd.read_csv(out / "cv_summary.csv")
     assert list(summary["fold"]) == ["fold_01", "fold_02", "fold_03"]
-    for column in ("benign_recall", "high_grade_recall", "balanced_accuracy", "auc", "threshold", "epochs"):
+    for column in ("recall_benign", "recall_high_grade", "balanced_accuracy", "auc", "threshold", "epochs"):
         assert column in summary
     oof = pd.read_csv(out / "oof_predictions.csv", dtype={"case": str})
     assert sorted(oof["case"]) == sorted(set(oof["case"])) and len(oof) == 8  # every case tested exactly once
@@ -33,7 +33,7 @@ def test_cv_end_to_end_and_resume(prepared, tmp_path):
         assert not set(split.val) & set(split.test) and not set(split.train) & set(split.test)
         assert (out / "folds" / fold / "checkpoints" / "best.pth").is_file()
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["over_folds"]) >= {"benign_recall", "auc"}
+    assert set(metrics["over_folds"]) >= {"recall_benign", "auc"}
     assert "ci95" in metrics["pooled_out_of_fold"]
     assert "pooled out-of-fold" in (out / "cv_report.txt").read_text()
 

@@ -3,46 +3,52 @@ import math
 import numpy as np
 import pytest
 
+from stainmil.classes import ClassScheme
 from stainmil.errors import ConfigError
 from stainmil.stats.metrics import binary_metrics, bootstrap_intervals, choose_threshold
+
+TWO = ClassScheme.of(["benign", "high_grade"])
 
 
 def test_point_metrics_by_hand():
     labels = np.array([0, 0, 0, 1, 1, 1, 1])
     probs = np.array([0.1, 0.6, 0.3, 0.8, 0.4, 0.9, 0.7])
-    m = binary_metrics(labels, probs, 0.5)
+    m = binary_metrics(labels, probs, 0.5, TWO)
     assert m["confusion_matrix"] == [[2, 1], [1, 3]]
-    assert m["benign_recall"] == pytest.approx(2 / 3)
-    assert m["high_grade_recall"] == pytest.approx(3 / 4)
+    assert m["recall_benign"] == pytest.approx(2 / 3)
+    assert m["recall_high_grade"] == pytest.approx(3 / 4)
     assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 3 / 4) / 2)
     assert m["auc"] == pytest.approx(11 / 12)  # 11 of 12 (benign, high-grade) pairs ordered
 
 
 def test_auc_is_nan_with_one_class():
-    m = binary_metrics(np.array([1, 1]), np.array([0.2, 0.9]), 0.5)
-    assert math.isnan(m["auc"]) and math.isnan(m["benign_recall"])
+    m = binary_metrics(np.array([1, 1]), np.array([0.2, 0.9]), 0.5, TWO)
+    assert math.isnan(m["auc"]) and math.isnan(m["recall_benign"])
 
 
 def test_bootstrap_interval_brackets_the_point_estimate():
     rng = np.random.default_rng(0)
     labels = np.array([0] * 6 + [1] * 12)
     probs = np.clip(labels * 0.4 + rng.uniform(0, 0.6, 18), 0, 1)
-    point = binary_metrics(labels, probs, 0.5)
-    ci = bootstrap_intervals(labels, probs, 0.5, n_boot=300)
-    for key in ("auc", "balanced_accuracy", "benign_recall"):
+    point = binary_metrics(labels, probs, 0.5, TWO)
+    ci = bootstrap_intervals(labels, probs, 0.5, TWO, n_boot=300)
+    for key in ("auc", "balanced_accuracy", "recall_benign"):
         lo, hi = ci[key]
         assert lo <= point[key] <= hi and hi - lo > 0
-    assert ci == bootstrap_intervals(labels, probs, 0.5, n_boot=300)  # seeded
+    assert ci == bootstrap_intervals(labels, probs, 0.5, TWO, n_boot=300)  # seeded
 
 
 def test_threshold_rules_use_validation_only():
     labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     probs = np.array([0.55, 0.6, 0.62, 0.7, 0.65, 0.8, 0.9, 0.95])
-    assert choose_threshold(0.5, labels, probs)[0] == 0.5
-    t, _ = choose_threshold("youden", labels, probs)
-    m = binary_metrics(labels, probs, t)
-    assert m["benign_recall"] + m["high_grade_recall"] - 1 >= 0.5
-    t, _ = choose_threshold("benign_recall=0.75", labels, probs)
-    assert binary_metrics(labels, probs, t)["benign_recall"] >= 0.75
+    assert choose_threshold(0.5, labels, probs, TWO)[0] == 0.5
+    t, _ = choose_threshold("youden", labels, probs, TWO)
+    m = binary_metrics(labels, probs, t, TWO)
+    assert m["recall_benign"] + m["recall_high_grade"] - 1 >= 0.5
+    t, _ = choose_threshold("recall_benign=0.75", labels, probs, TWO)
+    assert binary_metrics(labels, probs, t, TWO)["recall_benign"] >= 0.75
+    assert choose_threshold("benign_recall=0.75", labels, probs, TWO)[0] == t  # an old config's spelling
+    t, how = choose_threshold("recall_high_grade=1", labels, probs, TWO)  # the highest t keeping every positive
+    assert binary_metrics(labels, probs, t, TWO)["recall_high_grade"] == 1 and t == 0.65 and "high-grade" in how
     with pytest.raises(ConfigError):
-        choose_threshold("median", labels, probs)
+        choose_threshold("median", labels, probs, TWO)

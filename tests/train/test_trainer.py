@@ -42,7 +42,7 @@ def test_run_folder_and_evaluation(prepared, tmp_path):
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     assert set(metrics["splits"]) == {"train", "val", "test"}
     assert metrics["threshold"] == evaluation.threshold == 0.5
-    assert "benign_recall" in metrics["splits"]["test"]["ci95"]
+    assert "recall_benign" in metrics["splits"]["test"]["ci95"]
     history = pd.read_csv(result.run_dir / "history.csv")
     assert list(history.columns[:5]) == ["epoch", "lr", "train_loss", "val_loss", "val_auc"]
 

@@ -92,14 +92,14 @@ def write_tables(out: Path, tables: AttentionTables, config: Config) -> Analysis
     atomic_write_text(out / "summary.txt", summary_text(tables.summary))
     made = {
         "distribution": figures.effective_attention_distribution(
-            tables.patches, tables.cases, out / "effective_attention_distribution.png", len(config.data.class_names)),
+            tables.patches, tables.cases, out / "effective_attention_distribution.png", config.data.classes),
         "along_slices": figures.attention_along_slices(
             tables.patches, figures.top_slices(tables.slices, config.analysis.top_slices),
             out / "attention_along_slices.png"),
     }
     if (tables.cases["label"] >= 0).any():
         made["concentration"] = figures.concentration_vs_error(tables.cases, out / "concentration_vs_error.png",
-                                                               len(config.data.class_names))
+                                                               config.data.classes)
     misclassified = figures.slice_attention_misclassified(tables.slices, tables.cases,
                                                           out / "slice_attention_misclassified.png")
     if misclassified:
@@ -147,7 +147,7 @@ def _case_images(tables: AttentionTables, config: Config, out: Path):
             }
             advance()
         grids = {}
-        shown = "p(high-grade)" if len(config.data.class_names) == 2 else "p(predicted)"
+        shown = config.data.classes.probability_label.replace("P(", "p(")
         for case in chosen_cases:
             part = tables.patches[tables.patches["case"] == case]
             row = tables.cases[tables.cases["case"] == case].iloc[0]

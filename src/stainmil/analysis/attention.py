@@ -24,6 +24,7 @@ from torch import nn
 
 from stainmil.analysis.stains import stain_contribution, stain_sentences, stain_summary
 from stainmil.bags.cohort import CohortBags
+from stainmil.classes import ClassScheme
 from stainmil.config import Config
 from stainmil.data.cohort import SLIDE_COLUMNS
 from stainmil.device import resolve_device
@@ -46,7 +47,7 @@ class AttentionTables:
 
 
 def stain_weight_table(slices: pd.DataFrame, cases: pd.DataFrame, stains: list[str],
-                       class_names: list[str]) -> pd.DataFrame:
+                       classes: ClassScheme) -> pd.DataFrame:
     """Per stain x class (true class when labelled, else predicted): how much stain-level attention the stain gets
     on average in the cases that have it — what a stain-aware model learns to weigh."""
     labelled = bool((cases["label"] >= 0).all())
@@ -55,7 +56,7 @@ def stain_weight_table(slices: pd.DataFrame, cases: pd.DataFrame, stains: list[s
     weights = weights.assign(cls=weights["case"].map(by))
     rows = []
     for stain in stains:
-        for k, name in enumerate(class_names):
+        for k, name in enumerate(classes.names):
             part = weights[(weights["stain"] == stain) & (weights["cls"] == k)]["stain_weight"]
             rows.append({"stain": stain, "class": name, "class_is": "true" if labelled else "predicted",
                          "cases_with_stain": len(part), "mean_stain_weight": float(part.mean()) if len(part) else
@@ -72,13 +73,8 @@ def _normalised(entropy: float, n: int) -> float:
     return entropy / math.log(n) if n > 1 else float("nan")
 
 
-def shown_class(probabilities: torch.Tensor) -> int:
-    """The class whose probability the tables show for a case: high-grade (1) of two, else the predicted one."""
-    return 1 if len(probabilities) == 2 else int(probabilities.argmax())
-
-
 def patch_table(model: nn.Module, bags: CohortBags, cases: list[str], device: torch.device,
-                class_names: list[str] | None = None) -> pd.DataFrame:
+                classes: ClassScheme) -> pd.DataFrame:
     """One row per patch of ``cases`` with every attention weight and the patch-alone prediction."""
     frames = []
     model.eval().to(device)
@@ -88,7 +84,7 @@ def patch_table(model: nn.Module, bags: CohortBags, cases: list[str], device: to
             out = model(batch)
             group = batch.slice_group[batch.patch_slice]                       # (P,) stain group per patch
             patch_all = torch.softmax(model.patch_alone_logits(out.patch_embeddings), -1)   # (P, C)
-            shown = shown_class(out.probabilities[0])
+            shown = classes.shown_class(out.probabilities[0].cpu().numpy())
             patch_probs = patch_all[:, shown]
             rows = bags.manifest.iloc[batch.patch_rows]
             frame = pd.DataFrame({
@@ -104,7 +100,7 @@ def patch_table(model: nn.Module, bags: CohortBags, cases: list[str], device: to
                 **{c: rows[c].to_numpy() for c in SLIDE_COLUMNS if c in rows.columns},  # slide route: thumbnail
             })
             if patch_all.shape[1] > 2:
-                for k, name in enumerate(class_names):
+                for k, name in enumerate(classes.names):
                     frame[f"patch_prob_{name}"] = patch_all[:, k].cpu().numpy()
             frame["relative_attention"] = frame["effective_attention"] * len(frame)
             frame["rank_in_case"] = frame["effective_attention"].rank(ascending=False, method="first").astype(int)
@@ -187,7 +183,7 @@ def attention_vs_lesion(patches: pd.DataFrame, truth: pd.DataFrame) -> tuple[pd.
 
 
 def deletion_check(model: nn.Module, bags: CohortBags, cases: list[str], patches: pd.DataFrame, k: int,
-                   device: torch.device, seed: int = 0) -> pd.DataFrame:
+                   device: torch.device, classes: ClassScheme, seed: int = 0) -> pd.DataFrame:
     """Change in P(high-grade) when the top-k attended patches are removed vs k random patches.
 
     A faithful attention map moves the prediction more when its top patches go than when random ones do.
@@ -202,7 +198,7 @@ def deletion_check(model: nn.Module, bags: CohortBags, cases: list[str], patches
                 continue
             base = bags.batch([case])
             full = model(base.to(device)).probabilities[0]
-            shown = shown_class(full)
+            shown = classes.shown_class(full.cpu().numpy())
             full_prob = float(full[shown])
             n = len(part)  # rows of ``part`` are in the batch's patch order
             top = np.argsort(part["rank_in_case"].to_numpy())[:k]
@@ -245,7 +241,8 @@ def compute_tables(model: nn.Module, config: Config, bags: CohortBags, cases: li
     ``predictions``: case, label, pred, prob_1 per case (as written by evaluate / predict).
     """
     device = resolve_device(config.train.device)
-    patches = patch_table(model, bags, cases, device, config.data.class_names)
+    classes = config.data.classes
+    patches = patch_table(model, bags, cases, device, classes)
     slices = slice_table(patches)
     k = top_k or config.analysis.top_k
     case_frame = case_table(patches, slices, predictions, k)
@@ -262,7 +259,8 @@ def compute_tables(model: nn.Module, config: Config, bags: CohortBags, cases: li
         summary["attention_lesion_auc_mean"] = mean_auc
         summary["attention_lesion_auc_cases"] = int(per_case["attention_lesion_auc"].notna().sum())
         summary["truth_file"] = str(truth_path)
-    deletion = deletion_check(model, bags, cases, patches, config.analysis.deletion_k, device, config.train.seed) \
+    deletion = deletion_check(model, bags, cases, patches, config.analysis.deletion_k, device, classes,
+                              config.train.seed) \
         if patch_attention else pd.DataFrame()  # uniform shares have no top patches to delete
     if not deletion.empty:
         case_frame = case_frame.merge(deletion[["case", "delta_top_k", "delta_random_k"]], on="case", how="left")
@@ -272,8 +270,8 @@ def compute_tables(model: nn.Module, config: Config, bags: CohortBags, cases: li
     for level in ("patch", "slice", "stain"):
         summary[f"{level}_entropy_normalised_mean"] = float(case_frame[f"{level}_entropy_normalised"].mean())
     summary["top5pct_share_mean"] = float(case_frame["top5pct_share"].mean())
-    contribution = stain_contribution(model, bags, cases, device, threshold, temperature)
-    by_stain = stain_summary(contribution, bags.stains, config.data.class_names, threshold)
-    summary["stain_contribution"] = stain_sentences(by_stain, config.data.class_names)
-    stain_weights = stain_weight_table(slices, case_frame, bags.stains, config.data.class_names)
+    contribution = stain_contribution(model, bags, cases, device, threshold, classes, temperature)
+    by_stain = stain_summary(contribution, bags.stains, classes, threshold)
+    summary["stain_contribution"] = stain_sentences(by_stain, classes)
+    stain_weights = stain_weight_table(slices, case_frame, bags.stains, classes)
     return AttentionTables(patches, slices, case_frame, summary, contribution, by_stain, stain_weights)

@@ -8,33 +8,35 @@ import numpy as np
 import pandas as pd
 
 from stainmil.analysis.heatmaps import patch_pixels
+from stainmil.classes import ClassScheme
 from stainmil.io import save_figure, subplots
 
 CLASS_COLOURS = ("#2b83ba", "#d7191c")  # benign blue, high-grade red
 MORE_CLASS_COLOURS = ("#2b83ba", "#fdae61", "#d7191c", "#1a9641", "#7b3294", "#636363")  # k > 2 classes
 
 
-def class_colour(label: int, n_classes: int) -> str:
-    """Two classes: blue benign, red high-grade; k classes: blue, orange, red, green, purple, grey; unlabelled grey."""
+def class_colour(label: int, classes: ClassScheme) -> str:
+    """Two classes: blue class 0 (benign), red class 1 (high-grade); k classes: blue, orange, red, green, purple,
+    grey; unlabelled grey."""
     if label < 0:
         return "grey"
-    colours = CLASS_COLOURS if n_classes <= 2 else MORE_CLASS_COLOURS
+    colours = CLASS_COLOURS if classes.binary else MORE_CLASS_COLOURS
     return colours[label % len(colours)]
 
 
-def _class_legend(n_classes: int) -> str:
-    return "blue benign, red high-grade" if n_classes <= 2 else "colour = true class"
+def _class_legend(classes: ClassScheme) -> str:
+    return f"blue {classes.readable[0]}, red {classes.readable[1]}" if classes.binary else "colour = true class"
 
 
 def effective_attention_distribution(patches: pd.DataFrame, cases: pd.DataFrame, path: Path,
-                                     n_classes: int = 2) -> Path:
+                                     classes: ClassScheme) -> Path:
     """Per case: distribution of relative attention (log scale); misclassified cases hatched."""
     order = cases.sort_values(["label", "prob"])
     data = [patches.loc[patches["case"] == c, "relative_attention"].clip(lower=1e-4).to_numpy() for c in order["case"]]
     fig, ax = subplots(figsize=(max(6, 0.32 * len(order) + 2), 4))
     boxes = ax.boxplot(data, patch_artist=True, showfliers=True, flierprops={"markersize": 2})
     for box, (_, row) in zip(boxes["boxes"], order.iterrows()):
-        box.set_facecolor(class_colour(int(row["label"]), n_classes))
+        box.set_facecolor(class_colour(int(row["label"]), classes))
         box.set_alpha(0.6)
         if row["label"] >= 0 and row["pred"] != row["label"]:
             box.set_hatch("///")
@@ -42,16 +44,16 @@ def effective_attention_distribution(patches: pd.DataFrame, cases: pd.DataFrame,
     ax.axhline(1, color="grey", ls=":", lw=1)
     ax.set_xticks(range(1, len(order) + 1), order["case"], rotation=90, fontsize=7)
     ax.set_ylabel("relative attention (1 = uniform)")
-    ax.set_xlabel(f"case ({_class_legend(n_classes)}; hatched = misclassified)")
+    ax.set_xlabel(f"case ({_class_legend(classes)}; hatched = misclassified)")
     ax.set_title("Effective attention distribution per case")
     fig.tight_layout()
     return save_figure(fig, path)
 
 
-def concentration_vs_error(cases: pd.DataFrame, path: Path, n_classes: int = 2) -> Path:
+def concentration_vs_error(cases: pd.DataFrame, path: Path, classes: ClassScheme) -> Path:
     """Top-5% attention share and number of top-5% patches vs |p - y| (the old 'hyper-focus' plots)."""
     fig, axes = subplots(1, 2, figsize=(10, 4))
-    colours = [class_colour(int(y), n_classes) for y in cases["label"]]
+    colours = [class_colour(int(y), classes) for y in cases["label"]]
     axes[0].scatter(cases["top5pct_share"], cases["abs_error"], c=colours, s=25)
     axes[0].set_xlabel("share of effective attention in the top 5% of patches")
     axes[1].scatter(cases["top5pct_n_patches"], cases["abs_error"], c=colours, s=25)
@@ -59,7 +61,7 @@ def concentration_vs_error(cases: pd.DataFrame, path: Path, n_classes: int = 2) 
     for ax in axes:
         ax.set_ylabel("|p - y|")
         ax.set_ylim(-0.02, 1.02)
-    fig.suptitle(f"Attention concentration vs prediction error ({_class_legend(n_classes)})")
+    fig.suptitle(f"Attention concentration vs prediction error ({_class_legend(classes)})")
     fig.tight_layout()
     return save_figure(fig, path)
 

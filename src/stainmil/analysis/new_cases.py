@@ -22,7 +22,6 @@ from stainmil.features.sources import cohort_features
 from stainmil.features.store import StoreMeta, check_store, imported_store
 from stainmil.io import atomic_write, atomic_write_text
 from stainmil.model.registry import architecture
-from stainmil.stats.metrics import probability_columns
 from stainmil.train.checkpoint import load_checkpoint, model_from_checkpoint
 from stainmil.train.run import case_probabilities, run_decision
 
@@ -43,16 +42,19 @@ def predict_unlabelled(checkpoint: str | Path, config: Config, out_dir: str | Pa
     model, trained_config = model_from_checkpoint(state)
     # the model only understands features made like its own; but they go to this config's own store, never
     # into the training store (where a new case with a training case's id would find the old case's file)
-    store_dir, cache_mb = config.features.store_dir, config.features.cache_mb
-    config.features = dataclasses.replace(trained_config.features, store_dir=store_dir, views=1,  # plain view only
-                                          cache_mb=cache_mb)
+    # (the caller's config is left as it was: this prediction set's config is a new one)
+    features = dataclasses.replace(trained_config.features, store_dir=config.features.store_dir, views=1,
+                                   cache_mb=config.features.cache_mb)                   # plain view only
     trained_stains = list(trained_config.data.stains)
     # indexed with every stain the config knows; only those the model was trained on are read (a stain subset)
-    config.data.stains = trained_stains + [s for s in config.data.stains if s not in trained_stains]
-    config.data.class_names = list(trained_config.data.class_names)
+    data = dataclasses.replace(config.data, class_names=list(trained_config.data.class_names),
+                               stains=trained_stains + [s for s in config.data.stains if s not in trained_stains])
     aligned = architecture(trained_config.model.architecture).needs_registration
-    if aligned:  # said before any extraction: the new slides' registrations place their patches
-        config.register.reference_stain = trained_config.register.reference_stain
+    # said before any extraction: the new slides' registrations place their patches
+    register = dataclasses.replace(config.register, reference_stain=trained_config.register.reference_stain) \
+        if aligned else config.register
+    config = dataclasses.replace(config, features=features, data=data, register=register)
+    if aligned:
         if read_registrations(config) is None:
             raise ConfigError(f"this model ({checkpoint}) is 'aligned': it needs the new slides registered; run "
                               f"`stainmil tile` and `stainmil register --config <config>` on them first.")
@@ -69,17 +71,15 @@ def predict_unlabelled(checkpoint: str | Path, config: Config, out_dir: str | Pa
     check_store(config.store_dir, config)
     # an aligned model places the new cases' patches through their own registrations (`stainmil register`)
     alignment = patch_alignment(config, manifest) if aligned else None
-    bags = CohortBags(manifest, cohort_features(config.store_dir, manifest, 1, cache_mb), trained_stains,
-                      alignment=alignment)
+    features = cohort_features(config.store_dir, manifest, 1, config.features.cache_mb)
+    bags = CohortBags(manifest, features, trained_stains, alignment=alignment)
     decision = run_decision(Path(checkpoint).resolve().parent.parent, threshold)  # the run folder's metrics.json
     threshold, rule, temperature = decision.threshold, decision.rule, decision.temperature
     predictions = case_probabilities(model, bags, bags.case_ids, resolve_device(config.train.device), temperature)
-    names = trained_config.data.class_names
-    if len(names) == 2:
-        predictions["pred"] = (predictions["prob_1"] >= threshold).astype(int)
-    else:  # the most probable class
-        predictions["pred"] = predictions[probability_columns(len(names))].to_numpy().argmax(1)
-        threshold, rule = float("nan"), f"most probable of {len(names)} classes (no threshold)"
+    classes = trained_config.data.classes
+    predictions["pred"] = classes.decide(predictions[classes.probability_columns].to_numpy(), threshold)
+    if not classes.binary:
+        threshold, rule = float("nan"), classes.decision_rule()
     predictions["pred_label"] = [trained_config.data.class_names[k] for k in predictions["pred"]]
     predictions["threshold"] = threshold
     out = Path(out_dir) if out_dir else Path(config.output_dir) / "predictions"

@@ -12,7 +12,6 @@ from a file name or a CSV is HTML-escaped by Jinja2's autoescaping.
 from __future__ import annotations
 
 import base64
-import json
 import math
 import re
 from datetime import datetime
@@ -25,14 +24,12 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from stainmil.analysis.analyze import AnalysisResult, report_cases, summary_text, write_analysis
 from stainmil.analysis.heatmaps import colour_scale, patch_colours
+from stainmil.classes import ClassScheme, read_metrics
 from stainmil.config import Config, load_config
 from stainmil.errors import TrainingError
 from stainmil.io import atomic_write_text
 
-METRIC_NAMES = [("benign_recall", "benign recall"), ("high_grade_recall", "high-grade recall"),
-                ("balanced_accuracy", "balanced accuracy"), ("auc", "ROC AUC"), ("f1", "F1"),
-                ("brier", "Brier score (lower is better)"), ("ece", "expected calibration error")]
-CASE_COLUMNS = [("case", "case"), ("split", "split"), ("label", "true"), ("pred", "pred"), ("prob", "p(high-grade)"),
+CASE_COLUMNS = [("case", "case"), ("split", "split"), ("label", "true"), ("pred", "pred"), ("prob", "p(shown class)"),
                 ("abs_error", "|p − y|"), ("n_patches", "patches"), ("n_slices", "slices"),
                 ("top5pct_share", "top-5% share"), ("patch_entropy_normalised", "patch H/log n"),
                 ("slice_entropy_normalised", "slice H/log n"), ("stain_entropy_normalised", "stain H/log n"),
@@ -70,10 +67,10 @@ def build_report(run_dir: str | Path, analysis: AnalysisResult | None = None, sp
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.json").is_file():
         raise TrainingError(f"{run_dir} has no metrics.json; run `stainmil evaluate {run_dir}` first.")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    config = load_config(run_dir / "config.yaml")
+    metrics = read_metrics(run_dir / "metrics.json", config.data.classes)
     if analysis is None:
         analysis = write_analysis(run_dir, metrics.get("evaluated_split", split_name))
-    config = load_config(run_dir / "config.yaml")
     run_figures = [(title, data_uri(run_dir / name)) for title, name in (
         ("training curves", "curves.png"), ("confusion matrix", "confusion_matrix.png"), ("ROC curve", "roc_curve.png"),
         ("reliability diagram", "reliability.png"))
@@ -96,8 +93,9 @@ def render_report(path: Path, analysis: AnalysisResult, config: Config, *, title
                   threshold_rule: str, weights: str, metrics: dict | None = None,
                   run_figures: list[tuple[str, str]] = (), source: str = "") -> Path:
     """The page itself, for a run (``metrics`` given) or a prediction set (no labels, no metrics)."""
-    names = config.data.class_names
-    prob_label = "P(high-grade)" if len(names) == 2 else "P(predicted class)"
+    classes = config.data.classes
+    names = list(classes.names)
+    prob_label = classes.probability_label
     tables = analysis.tables
     cases = tables.cases
     warnings = []
@@ -110,9 +108,8 @@ def render_report(path: Path, analysis: AnalysisResult, config: Config, *, title
     stain_columns = [(f"delta_{s}", f"ΔP without {s}") for s in config.data.stains
                      if delta is not None and delta[f"delta_{s}"].notna().any()]
     case_columns = [c for c in CASE_COLUMNS if metrics is not None or c[0] not in ("label", "abs_error", "split")]
-    if len(names) > 2:
-        case_columns = [(c, "p(predicted)" if c == "prob" else "1 − p(true)" if c == "abs_error" else label)
-                        for c, label in case_columns]
+    case_columns = [(c, prob_label.replace("P(", "p(") if c == "prob" else
+                     "1 − p(true)" if c == "abs_error" and not classes.binary else label) for c, label in case_columns]
     case_columns += stain_columns
     case_rows = []
     for _, row in cases.iterrows():
@@ -133,26 +130,33 @@ def render_report(path: Path, analysis: AnalysisResult, config: Config, *, title
         n_cases=len(cases), backbone=f"{config.features.backbone} ({config.features.weights})", warnings=warnings,
         labelled=metrics is not None, source=source, threshold=threshold, threshold_rule=threshold_rule,
         best_epoch=(metrics or {}).get("best_epoch"), epochs_run=(metrics or {}).get("epochs_run"),
-        metric_names=METRIC_NAMES if len(names) == 2 else multiclass_metric_names(names),
+        metric_names=metric_rows(classes),
         metric_tables=[(n, splits[n]) for n in ("test", "val") if n in splits],
         run_figures=list(run_figures), attention_figures=attention_figures, summary_text=summary_text(tables.summary),
         case_columns=case_columns, case_rows=case_rows, n_sections=len(case_sections), case_sections=case_sections,
         stain_summary=tables.stain_summary.to_dict("records"), stain_weights=tables.stain_weights.to_dict("records"),
         stain_sentences=tables.summary.get(
-            "stain_contribution", []), scales=colour_legends(prob_label), binary=len(names) == 2, prob_label=prob_label,
-        class_labels=["benign", "high-grade"] if len(names) == 2 else names,
+            "stain_contribution", []), scales=colour_legends(prob_label), binary=classes.binary, prob_label=prob_label,
+        class_labels=classes.readable,
         patch_attention=tables.summary.get("patch_attention", True),
         architecture=tables.summary.get("architecture", config.model.architecture),
     )
     return atomic_write_text(path, html)
 
 
-def multiclass_metric_names(class_names: list[str]) -> list[tuple[str, str]]:
-    """(key, label) of the metric table rows of a run with k > 2 classes."""
-    return ([(f"recall_{c}", f"{c} recall") for c in class_names]
-            + [("balanced_accuracy", "balanced accuracy"), ("auc", "ROC AUC (macro, one-vs-rest)"),
-               ("f1_macro", "F1 (macro)")] + [(f"auc_{c}", f"ROC AUC {c} vs rest") for c in class_names]
-            + [("brier", "Brier score (multi-class; lower is better)"), ("ece", "top-label calibration error")])
+METRIC_LABELS = {"balanced_accuracy": "balanced accuracy", "auc": "ROC AUC", "f1": "F1", "f1_macro": "F1 (macro)",
+                 "brier": "Brier score (lower is better)", "ece": "expected calibration error"}
+MULTICLASS_LABELS = {"auc": "ROC AUC (macro, one-vs-rest)", "brier": "Brier score (multi-class; lower is better)",
+                     "ece": "top-label calibration error"}
+
+
+def metric_rows(classes: ClassScheme) -> list[tuple[str, str]]:
+    """(key, label) of the report's metric table: the class scheme's metrics, a recall per class."""
+    keys = classes.shown_metrics if classes.binary else [
+        *classes.recall_metrics, "balanced_accuracy", "auc", "f1_macro", *[f"auc_{c}" for c in classes.names],
+        "brier", "ece"]
+    labels = METRIC_LABELS if classes.binary else {**METRIC_LABELS, **MULTICLASS_LABELS}
+    return [(key, labels.get(key, classes.metric_label(key))) for key in keys]
 
 
 def _cell(row, column: str):

@@ -25,12 +25,13 @@ import torch
 from torch import nn
 
 from stainmil.bags.cohort import CohortBags
+from stainmil.classes import ClassScheme
 from stainmil.stats.metrics import binary_metrics
 from stainmil.train.run import calibrated
 
 
 def stain_contribution(model: nn.Module, bags: CohortBags, cases: list[str], device: torch.device,
-                       threshold: float, temperature: float = 1.0) -> pd.DataFrame:
+                       threshold: float, classes: ClassScheme, temperature: float = 1.0) -> pd.DataFrame:
     """One row per case: prob (all stains) and, per stain of ``bags.stains``, the columns above."""
     rows = []
     model.eval().to(device)
@@ -40,11 +41,10 @@ def stain_contribution(model: nn.Module, bags: CohortBags, cases: list[str], dev
             patch_stain = batch.group_stain[batch.slice_group[batch.patch_slice]].numpy()  # (P,)
             present = sorted(set(patch_stain.tolist()))
             full = _probabilities(model, batch, device, temperature)                       # (C,)
-            binary = len(full) == 2
-            shown = 1 if binary else int(full.argmax())  # P(high-grade), or P(the predicted class)
+            shown = classes.shown_class(full)  # P(class 1) of two, or P(the predicted class)
             prob = float(full[shown])
             row = {"case": case, "label": int(batch.labels[0]), "prob": prob,
-                   "pred": int(prob >= threshold) if binary else shown,
+                   "pred": int(classes.decide(full[None], threshold)[0]),
                    "stains": ",".join(bags.stains[s] for s in present)}
             for index, stain in enumerate(bags.stains):
                 without = np.full(len(full), np.nan)
@@ -52,7 +52,7 @@ def stain_contribution(model: nn.Module, bags: CohortBags, cases: list[str], dev
                     without = _probabilities(model, batch.subset(patch_stain != index), device, temperature)
                 row[f"prob_without_{stain}"] = float(without[shown])
                 row[f"delta_{stain}"] = float(without[shown]) - prob
-                if binary:
+                if classes.binary:
                     row[f"flips_{stain}"] = bool(not np.isnan(without[1])
                                                  and (without[1] >= threshold) != (prob >= threshold))
                 else:
@@ -67,7 +67,7 @@ def _probabilities(model: nn.Module, batch, device: torch.device, temperature: f
     return calibrated(probabilities, temperature)[0]
 
 
-def stain_summary(contribution: pd.DataFrame, stains: list[str], class_names: list[str],
+def stain_summary(contribution: pd.DataFrame, stains: list[str], classes: ClassScheme,
                   threshold: float) -> pd.DataFrame:
     """Per stain x class (true class when labelled, else the predicted one): cases with the stain, mean and
     median ΔP, cases whose decision flips, cases on the other class's side of the threshold with and
@@ -78,15 +78,15 @@ def stain_summary(contribution: pd.DataFrame, stains: list[str], class_names: li
     for stain in stains:
         delta = contribution[f"delta_{stain}"]
         auc_without = auc_full = float("nan")
-        if len(class_names) == 2 and labelled and contribution["label"].nunique() == 2:
+        if classes.binary and labelled and contribution["label"].nunique() == 2:
             filled = contribution[f"prob_without_{stain}"].fillna(contribution["prob"])  # cases without it: as is
             y = contribution["label"].to_numpy()
-            auc_full = binary_metrics(y, contribution["prob"].to_numpy(), 0.5)["auc"]
-            auc_without = binary_metrics(y, filled.to_numpy(), 0.5)["auc"]
-        for k, name in enumerate(class_names):
+            auc_full = binary_metrics(y, contribution["prob"].to_numpy(), 0.5, classes)["auc"]
+            auc_without = binary_metrics(y, filled.to_numpy(), 0.5, classes)["auc"]
+        for k, name in enumerate(classes.names):
             part = delta[(by == k) & delta.notna()]
             flips = contribution.loc[part.index, f"flips_{stain}"]
-            if len(class_names) == 2:
+            if classes.binary:
                 with_all = contribution.loc[part.index, "prob"] >= threshold
                 without = contribution.loc[part.index, f"prob_without_{stain}"] >= threshold
                 other_side = (lambda above: ~above) if k == 1 else (lambda above: above)
@@ -105,7 +105,7 @@ def stain_summary(contribution: pd.DataFrame, stains: list[str], class_names: li
     return pd.DataFrame(rows)
 
 
-def stain_sentences(summary: pd.DataFrame, class_names: list[str]) -> list[str]:
+def stain_sentences(summary: pd.DataFrame, classes: ClassScheme) -> list[str]:
     """'without sox10: 4 of 6 true high_grade cases are below the threshold (1 with it; mean ΔP -0.310); …'."""
     lines = []
     for stain, part in summary.groupby("stain", sort=False):
@@ -113,8 +113,8 @@ def stain_sentences(summary: pd.DataFrame, class_names: list[str]) -> list[str]:
         for _, row in part.iterrows():
             if not row["cases_with_stain"]:
                 continue
-            if len(class_names) == 2:
-                side = "below" if class_names.index(row["class"]) == 1 else "above"
+            if classes.binary:
+                side = "below" if classes.names.index(row["class"]) == 1 else "above"
                 where = f"{side} the threshold"
             else:
                 where = f"not predicted {row['class']}"

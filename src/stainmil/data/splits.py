@@ -38,13 +38,38 @@ class Split:
 
 
 
-def _stratified_two_way(cases: np.ndarray, labels: np.ndarray, fraction: float, seed: int
+def _stratified_two_way(cases: np.ndarray, labels: np.ndarray, fraction: float, seed: int, keep: int = 1
                         ) -> tuple[np.ndarray, np.ndarray]:
-    """Split off ``fraction`` of the cases, stratified by label (falls back to unstratified if a class is tiny)."""
+    """Split off ``fraction`` of the cases, stratified by label; ``keep``: cases of each class that stay on the
+    first side where the class has them (1: training keeps every class; 2 before a validation split follows).
+
+    sklearn's stratified split when every class is large enough for it; otherwise (a class of one or two cases,
+    more classes than cases to take) each class is allocated by hand, so a small class is never lost to chance.
+    """
     n_take = max(1, int(round(fraction * len(cases))))
-    stratify = labels if np.bincount(labels).min() >= 2 and n_take >= len(np.unique(labels)) else None
-    rest, taken = train_test_split(cases, test_size=n_take, stratify=stratify, random_state=seed)
-    return np.sort(rest), np.sort(taken)
+    counts = np.bincount(labels)
+    if counts[counts > 0].min() >= 2 and n_take >= len(np.unique(labels)):
+        rest, taken = train_test_split(cases, test_size=n_take, stratify=labels, random_state=seed)
+        rest_counts = np.bincount(labels[np.isin(cases, rest)], minlength=len(counts))
+        if (rest_counts >= np.minimum(counts, keep)).all():
+            return np.sort(rest), np.sort(taken)
+    take = _allocate(counts, n_take, fraction, keep)
+    rng = np.random.default_rng(seed)
+    taken = np.concatenate([rng.permutation(cases[labels == c])[:take[c]] for c in range(len(counts))])
+    return np.sort(np.setdiff1d(cases, taken)), np.sort(taken)
+
+
+def _allocate(counts: np.ndarray, n_take: int, fraction: float, keep: int) -> np.ndarray:
+    """Cases to take of each class: at most ``count - keep`` (the rest keeps ``keep`` of every class that has
+    them), one of every class that can spare one first (even past ``n_take``), then by largest share."""
+    room = np.maximum(counts - keep, 0)
+    take = np.minimum(room, 1)
+    for _ in range(max(0, n_take - int(take.sum()))):
+        want = np.where(take < room, fraction * counts - take, -np.inf)
+        if not np.isfinite(want).any():
+            break
+        take[int(np.argmax(want))] += 1
+    return take
 
 
 def validation_folds(case_labels: pd.Series, folds: int, seed: int) -> list[Split]:
@@ -59,8 +84,12 @@ def validation_folds(case_labels: pd.Series, folds: int, seed: int) -> list[Spli
     return [Split(sorted(cases[tr]), sorted(cases[va]), []) for tr, va in splitter.split(cases, labels)]
 
 
-def make_splits(case_labels: pd.Series, config: SplitConfig) -> list[Split]:
+def make_splits(case_labels: pd.Series, config: SplitConfig, class_names: list[str] | None = None) -> list[Split]:
     """Case-level stratified splits. ``case_labels``: case id -> class index.
+
+    Every class reaches training, and validation and test where its cases allow (a class of two cases: one
+    trains, one validates); ``class_names`` (``data.class_names``): a class that no case has is named here,
+    not when training finds it missing.
 
     * ``holdout``: the old 60/20/20 (test split off first, then val from the rest) -> one split.
     * ``kfold``: each fold is the test set once; val is ``val_fraction`` of the remaining cases.
@@ -70,8 +99,15 @@ def make_splits(case_labels: pd.Series, config: SplitConfig) -> list[Split]:
     labels = case_labels.to_numpy(dtype=int)
     if len(cases) < 3:
         raise DataError(f"only {len(cases)} labelled case(s); a train/val/test split needs at least 3.")
+    if class_names is not None:
+        counts = np.bincount(labels, minlength=len(class_names))
+        empty = [class_names[k] for k in range(len(class_names)) if counts[k] == 0]
+        if empty:
+            raise DataError(f"no labelled case has class(es) {empty} (cases per class: "
+                            f"{dict(zip(class_names, counts.tolist()))}); label some cases with them or remove "
+                            "them from data.label_values / data.class_names.")
     if config.method == "holdout":
-        train_val, test = _stratified_two_way(cases, labels, config.test_fraction, config.seed)
+        train_val, test = _stratified_two_way(cases, labels, config.test_fraction, config.seed, keep=2)
         tv_labels = case_labels.loc[list(train_val)].to_numpy(dtype=int)
         val_share = config.val_fraction / (1 - config.test_fraction)
         train, val = _stratified_two_way(train_val, tv_labels, val_share, config.seed + 1)

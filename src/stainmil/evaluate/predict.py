@@ -15,18 +15,13 @@ import numpy as np
 import pandas as pd
 
 from stainmil.bags.cohort import CohortBags
+from stainmil.classes import ClassScheme
 from stainmil.config import Config
 from stainmil.data.splits import SUBSETS
 from stainmil.errors import TrainingError
 from stainmil.io import atomic_write, atomic_write_json, atomic_write_text
 from stainmil.stats.calibration import calibration_metrics, fit_temperature, temperature_not_identifiable
-from stainmil.stats.metrics import (
-    bootstrap_intervals,
-    choose_threshold,
-    classification_metrics,
-    point_metric_names,
-    probability_columns,
-)
+from stainmil.stats.metrics import bootstrap_intervals, choose_threshold, classification_metrics
 from stainmil.stats.plots import plot_confusion, plot_reliability, plot_roc, plot_roc_one_vs_rest
 from stainmil.train.run import calibrated, case_probabilities, open_run
 
@@ -47,17 +42,21 @@ def _binary_decision(predictions: pd.DataFrame, config: Config) -> tuple[pd.Data
             name: calibration_metrics(part["label"].to_numpy(), part["prob_1_uncalibrated"].to_numpy())
             for name, part in predictions.groupby("split")})
         val = predictions[predictions["split"] == "val"]
-    threshold, how = choose_threshold(config.eval.threshold, val["label"].to_numpy(), val["prob_1"].to_numpy())
-    predictions["pred"] = (predictions["prob_1"] >= threshold).astype(int)
+    threshold, how = choose_threshold(config.eval.threshold, val["label"].to_numpy(), val["prob_1"].to_numpy(),
+                                      config.data.classes)
+    predictions["pred"] = config.data.classes.decide(predictions[["prob_0", "prob_1"]].to_numpy(), threshold)
     predictions["abs_error"] = (predictions["prob_1"] - predictions["label"]).abs()
     return predictions, calibration, threshold, how
 
 
 @dataclass
 class Evaluation:
-    predictions: pd.DataFrame
-    metrics: dict
-    threshold: float
+    """A run's evaluation: every case's prediction, the metrics of every split and the decision threshold."""
+
+    predictions: pd.DataFrame   # case, split, label, pred, prob_<k>…, abs_error
+    metrics: dict               # what metrics.json holds
+    threshold: float            # on P(class 1) (two classes; 0.5 and unused with k classes)
+    classes: ClassScheme        # the run's class scheme (metric names, decision)
 
 
 def evaluate_run(run_dir: str | Path, split_name: str = "test", bags: CohortBags | None = None) -> Evaluation:
@@ -71,15 +70,15 @@ def evaluate_run(run_dir: str | Path, split_name: str = "test", bags: CohortBags
             frame["split"] = name
             frames.append(frame)
     predictions = pd.concat(frames, ignore_index=True)
-    names = config.data.class_names
-    if len(names) == 2:
+    classes = config.data.classes
+    if classes.binary:
         predictions, calibration, threshold, how = _binary_decision(predictions, config)
     else:  # k classes: the most probable one; temperature scaling is fitted for two classes only
-        threshold, how = 0.5, f"most probable of {len(names)} classes (no threshold)"
+        threshold, how = 0.5, classes.decision_rule()
         calibration = {"method": "none" if config.eval.calibrate == "none" else
                        f"none ({config.eval.calibrate} is fitted for two classes only)"}
-        probs = predictions[probability_columns(len(names))].to_numpy()
-        predictions["pred"] = probs.argmax(1)
+        probs = predictions[classes.probability_columns].to_numpy()
+        predictions["pred"] = classes.decide(probs, threshold)
         predictions["abs_error"] = 1.0 - probs[range(len(probs)), predictions["label"].clip(lower=0)]  # 1 - P(true)
     history = run_dir / "history.csv"  # best.pth holds the best epoch, not how many ran
     epochs_run = len(pd.read_csv(history)) if history.is_file() else int(state["epoch"])
@@ -90,42 +89,41 @@ def evaluate_run(run_dir: str | Path, split_name: str = "test", bags: CohortBags
         part = predictions[predictions["split"] == name]
         if part.empty:
             continue
-        y, p = part["label"].to_numpy(), part[probability_columns(len(names))].to_numpy()  # (N, k); 2: P(class 1)
-        metrics["splits"][name] = {**classification_metrics(y, p, threshold, names),
-                                   "ci95": bootstrap_intervals(y, p, threshold, config.eval.bootstrap,
-                                                               config.eval.ci, seed=config.train.seed,
-                                                               class_names=names)}
+        y, p = part["label"].to_numpy(), part[classes.probability_columns].to_numpy()  # (N, k)
+        metrics["splits"][name] = {**classification_metrics(y, p, threshold, classes),
+                                   "ci95": bootstrap_intervals(y, p, threshold, classes, config.eval.bootstrap,
+                                                               config.eval.ci, seed=config.train.seed)}
     if split_name not in metrics["splits"]:
         raise TrainingError(f"split '{split_name}' of {run_dir} is empty; evaluate another split (--split val).")
     metrics["evaluated_split"] = split_name
     _write_outputs(run_dir, config, predictions, metrics, split_name)
-    return Evaluation(predictions, metrics, threshold)
+    return Evaluation(predictions, metrics, threshold, classes)
 
 
 def _write_outputs(run_dir: Path, config: Config, predictions: pd.DataFrame, metrics: dict, split_name: str) -> None:
-    names = config.data.class_names
+    classes = config.data.classes
     columns = ["case", "split", "label", "pred"] + [c for c in predictions if c.startswith("prob_")] + ["abs_error"]
     atomic_write(run_dir / "predictions.csv", lambda tmp: predictions[columns].to_csv(tmp, index=False))
     part = predictions[predictions["split"] == split_name]
     result = metrics["splits"][split_name]
-    if len(names) > 2:
-        plot_confusion(np.array(result["confusion_matrix"]), names, run_dir / "confusion_matrix.png",
+    if not classes.binary:
+        plot_confusion(np.array(result["confusion_matrix"]), list(classes.names), run_dir / "confusion_matrix.png",
                        title=f"{split_name} (most probable class)")
-        plot_roc_one_vs_rest(part["label"].to_numpy(), part[probability_columns(len(names))].to_numpy(),
-                             names, run_dir / "roc_curve.png", title=f"{split_name} one-vs-rest ROC, macro AUC "
-                             f"{result['auc']:.3f}")
+        plot_roc_one_vs_rest(part["label"].to_numpy(), part[classes.probability_columns].to_numpy(),
+                             list(classes.names), run_dir / "roc_curve.png",
+                             title=f"{split_name} one-vs-rest ROC, macro AUC {result['auc']:.3f}")
     else:
         curves = {"predicted": part_probabilities(predictions, split_name, "prob_1")}
         if "prob_1_uncalibrated" in predictions:
             curves = {"before temperature scaling": part_probabilities(predictions, split_name, "prob_1_uncalibrated"),
                       f"after (T = {metrics['calibration']['temperature']:.2f})": curves["predicted"]}
         plot_reliability(part["label"].to_numpy(), curves, run_dir / "reliability.png",
-                         title=f"{split_name} reliability")
-        plot_confusion(np.array(result["confusion_matrix"]), names, run_dir / "confusion_matrix.png",
+                         title=f"{split_name} reliability", positive=classes.positive)
+        plot_confusion(np.array(result["confusion_matrix"]), list(classes.names), run_dir / "confusion_matrix.png",
                        title=f"{split_name} (threshold {metrics['threshold']:.3f})")
         plot_roc(part["label"].to_numpy(), part["prob_1"].to_numpy(), run_dir / "roc_curve.png",
-                 title=f"{split_name} ROC, AUC {result['auc']:.3f}")
-    atomic_write_text(run_dir / "results.txt", results_text(metrics, split_name, names))
+                 title=f"{split_name} ROC, AUC {result['auc']:.3f}", readable=classes.readable)
+    atomic_write_text(run_dir / "results.txt", results_text(metrics, split_name, classes))
     atomic_write_json(run_dir / "metrics.json", metrics)
 
 
@@ -133,9 +131,10 @@ def part_probabilities(predictions: pd.DataFrame, split_name: str, column: str) 
     return predictions.loc[predictions["split"] == split_name, column].to_numpy()
 
 
-def results_text(metrics: dict, split_name: str, class_names: list[str]) -> str:
+def results_text(metrics: dict, split_name: str, classes: ClassScheme) -> str:
+    metrics = classes.upgrade_metrics(metrics)
     lines = [f"stainmil results — split '{split_name}'",
-             f"threshold: {metrics['threshold']:.4f} ({metrics['threshold_rule']})" if len(class_names) == 2 else
+             f"threshold: {metrics['threshold']:.4f} ({metrics['threshold_rule']})" if classes.binary else
              f"decision: {metrics['threshold_rule']}",
              f"best epoch: {metrics['best_epoch']} of {metrics['epochs_run']}", ""]
     calibration = metrics.get("calibration", {})
@@ -146,9 +145,8 @@ def results_text(metrics: dict, split_name: str, class_names: list[str]) -> str:
                         f"ECE {before['ece']:.3f}")
     if str(metrics.get("weights")) == "random":
         lines.insert(1, "WARNING: backbone weights were RANDOM (no ImageNet weights available): a smoke test only.")
-    shown = ("benign_recall", "high_grade_recall", "balanced_accuracy", "auc", "f1", "brier", "ece") \
-        if len(class_names) == 2 else point_metric_names(class_names)
-    readable = ["benign", "high-grade"] if len(class_names) == 2 else class_names
+    shown = classes.shown_metrics if classes.binary else classes.point_metrics
+    readable = classes.readable
     for name, m in metrics["splits"].items():
         counts = ", ".join(f"{c} {n}" for c, n in zip(readable, m["n_per_class"]))
         lines.append(f"[{name}] {m['n_cases']} cases ({counts})")

@@ -27,8 +27,6 @@ from stainmil.features.encoders import ENCODERS, check_image_size
 from stainmil.features.extract import extract_features
 from stainmil.io import atomic_write, atomic_write_text, safe_name
 
-COMPARED = ("auc", "balanced_accuracy", "benign_recall", "high_grade_recall")
-
 
 def compare_encoders(config: Config, backbones: list[str], folds: int = 5, launcher: str = "local",
                      out_dir: str | Path | None = None, log=print) -> pd.DataFrame:
@@ -58,7 +56,7 @@ def compare_encoders(config: Config, backbones: list[str], folds: int = 5, launc
         spec = ENCODERS.get(name)
         row = {"encoder": name, "dim": spec.dim if spec else None, "weights": encoder_config.features.weights,
                "extraction_img_s": speed}
-        for metric in COMPARED:
+        for metric in encoder_metrics(config):
             lo, hi = pooled["ci95"][metric]
             row[metric] = round(pooled[metric], 3)
             row[f"{metric}_ci95"] = f"[{lo:.3f}, {hi:.3f}]"
@@ -66,17 +64,23 @@ def compare_encoders(config: Config, backbones: list[str], folds: int = 5, launc
         rows.append(row)
     table = pd.DataFrame(rows)
     atomic_write(out / "encoders.csv", lambda tmp: table.to_csv(tmp, index=False))
-    atomic_write_text(out / "encoders.md", comparison_markdown(table, len(list(splits_dir.glob("*.npz")))))
+    atomic_write_text(out / "encoders.md", comparison_markdown(table, len(list(splits_dir.glob("*.npz"))),
+                                                                   encoder_metrics(config)))
     log(f"encoder comparison in {out}")
     return table
 
 
-def comparison_markdown(table: pd.DataFrame, folds: int) -> str:
-    header = ["encoder", "dim", "weights", "extraction img/s"] + [f"{m} [95% CI]" for m in COMPARED] + \
+def encoder_metrics(config: Config) -> list[str]:
+    """The comparison's columns: the class scheme's compared metrics but the Brier score."""
+    return [m for m in config.data.classes.compared_metrics if m != "brier"]
+
+
+def comparison_markdown(table: pd.DataFrame, folds: int, metrics: list[str]) -> str:
+    header = ["encoder", "dim", "weights", "extraction img/s"] + [f"{m} [95% CI]" for m in metrics] + \
         [f"AUC over {folds} folds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, r in table.iterrows():
         cells = [r["encoder"], r["dim"], r["weights"], r["extraction_img_s"]]
-        cells += [f"{r[m]:.3f} {r[f'{m}_ci95']}" for m in COMPARED] + [r["auc_over_folds"]]
+        cells += [f"{r[m]:.3f} {r[f'{m}_ci95']}" for m in metrics] + [r["auc_over_folds"]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from stainmil.classes import ClassScheme
 from stainmil.config import Config
 from stainmil.data.registration import reference_stain
 from stainmil.errors import ConfigError
@@ -39,16 +40,6 @@ from stainmil.model.hierarchical import STAIN_IDENTITIES
 from stainmil.model.registry import architecture, build_model, list_architectures
 from stainmil.stats.metrics import paired_auc_difference
 from stainmil.train.checkpoint import load_checkpoint
-
-COMPARED = ("auc", "balanced_accuracy", "benign_recall", "high_grade_recall", "brier")
-
-
-def compared_metrics(class_names: list[str]) -> tuple[str, ...]:
-    """The table's metrics: two classes as COMPARED; k classes: macro AUC, balanced accuracy, recall per class,
-    Brier."""
-    if len(class_names) == 2:
-        return COMPARED
-    return ("auc", "balanced_accuracy", *[f"recall_{c}" for c in class_names], "brier")
 
 
 def case_probabilities_of(per_case: pd.DataFrame) -> np.ndarray:
@@ -151,7 +142,7 @@ def compare_models(config: Config, models: list[str], folds: int = 5, seeds: lis
                "stain_identity": variant.configure(config).model.stain_identity,
                "stains": "+".join(variant.configure(config).data.stains), "n_cases": pooled["n_cases"],
                "seeds": len(seeds)}
-        for metric in compared_metrics(config.data.class_names):
+        for metric in config.data.classes.compared_metrics:
             lo, hi = pooled["ci95"][metric]
             row[metric], row[f"{metric}_ci95"] = round(pooled[metric], 3), f"[{lo:.3f}, {hi:.3f}]"
         row["parameters"] = _parameters(dirs[0], variant.configure(config))
@@ -160,9 +151,9 @@ def compare_models(config: Config, models: list[str], folds: int = 5, seeds: lis
     table = pd.DataFrame(rows)
     table = _paired_differences(table, oof, variants, config)
     atomic_write(out / "models.csv", lambda tmp: table.to_csv(tmp, index=False))
-    metrics = compared_metrics(config.data.class_names)
+    metrics = config.data.classes.compared_metrics
     atomic_write_text(out / "models.md", models_markdown(table, folds, seeds, metrics))
-    roc = _roc_plot(oof, out / "models_roc.png", config.data.class_names)
+    roc = _roc_plot(oof, out / "models_roc.png", config.data.classes)
     atomic_write_text(out / "models.html", models_html(table, folds, seeds, roc, metrics))
     log(f"model comparison in {out}")
     return table
@@ -199,7 +190,7 @@ def _parameters(cv_dir: Path, config: Config) -> int:
     return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
-def models_markdown(table: pd.DataFrame, folds: int, seeds: list[int], metrics: tuple[str, ...] = COMPARED) -> str:
+def models_markdown(table: pd.DataFrame, folds: int, seeds: list[int], metrics: list[str]) -> str:
     first = table["model"].iloc[0]
     header = ["model", "cases"] + [f"{m} [95% CI]" for m in metrics] + [f"ΔAUC vs {first} [95% CI]",
                                                                           "parameters", "s/epoch"]
@@ -212,7 +203,7 @@ def models_markdown(table: pd.DataFrame, folds: int, seeds: list[int], metrics: 
     return "\n".join(lines) + "\n"
 
 
-def _roc_plot(oof: dict[str, pd.DataFrame], path: Path, class_names: list[str]) -> Path:
+def _roc_plot(oof: dict[str, pd.DataFrame], path: Path, classes: ClassScheme) -> Path:
     """One pooled out-of-fold ROC curve per model (k classes: the last class, e.g. high-grade, vs the rest)."""
     fig, ax = subplots(figsize=(6, 6))
     for name, frame in oof.items():
@@ -225,14 +216,13 @@ def _roc_plot(oof: dict[str, pd.DataFrame], path: Path, class_names: list[str]) 
         fpr, tpr, _ = roc_curve(y, p)
         ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(y, p):.3f})")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-    positive = "high-grade" if len(class_names) == 2 else f"{class_names[-1]} vs the rest (legend: its AUC)"
+    positive = classes.positive if classes.binary else f"{classes.positive} vs the rest (legend: its AUC)"
     ax.set(xlabel="false positive rate", ylabel=f"recall of {positive}", title="pooled out-of-fold ROC")
     ax.legend(loc="lower right", fontsize=8)
     return save_figure(fig, path)
 
 
-def models_html(table: pd.DataFrame, folds: int, seeds: list[int], roc: Path,
-                metrics: tuple[str, ...] = COMPARED) -> str:
+def models_html(table: pd.DataFrame, folds: int, seeds: list[int], roc: Path, metrics: list[str]) -> str:
     image = base64.b64encode(roc.read_bytes()).decode()
     first = html.escape(str(table["model"].iloc[0]))
     columns = ["model", "n_cases"] + list(metrics) + ["delta_auc", "parameters", "seconds_per_epoch"]

@@ -15,8 +15,7 @@ folds (metrics.json present) are skipped and an interrupted fold continues from 
 
 from __future__ import annotations
 
-import copy
-import json
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,24 +24,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stainmil.config import Config, config_from_dict, config_to_dict, dump_config, load_config
+from stainmil.classes import ClassScheme, read_metrics
+from stainmil.config import Config, SplitConfig, config_from_dict, config_to_dict, dump_config, load_config
 from stainmil.data.cohort import case_labels, load_manifest
 from stainmil.data.splits import Split, load_split, make_splits, save_split
 from stainmil.errors import DataError
 from stainmil.evaluate.predict import evaluate_run
 from stainmil.io import atomic_write, atomic_write_json, atomic_write_text
 from stainmil.launch import run_jobs
-from stainmil.stats.metrics import bootstrap_intervals, classification_metrics, point_metric_names, probability_columns
+from stainmil.stats.metrics import bootstrap_intervals, classification_metrics
 from stainmil.train.trainer import train
-
-SUMMARY_METRICS = ("benign_recall", "high_grade_recall", "balanced_accuracy", "auc")
-
-
-def summary_metrics(class_names: list[str]) -> tuple[str, ...]:
-    """The per-fold metrics of a CV summary: recall per class, balanced accuracy, (macro) AUC."""
-    if len(class_names) == 2:
-        return SUMMARY_METRICS
-    return (*[f"recall_{c}" for c in class_names], "balanced_accuracy", "auc")
 
 
 class FoldJob:
@@ -54,9 +45,9 @@ class FoldJob:
     def __call__(self, config_values: dict, split_path: str, fold_dir: str) -> dict:
 
         fold = Path(fold_dir)
-        if (fold / "metrics.json").is_file():
-            return json.loads((fold / "metrics.json").read_text())
         config = config_from_dict(config_values)
+        if (fold / "metrics.json").is_file():
+            return read_metrics(fold / "metrics.json", config.data.classes)
         split = load_split(split_path)
         if (fold / "checkpoints" / "last.pth").is_file():
             train(config, resume_dir=fold, on_epoch_end=self.on_epoch_end)
@@ -86,9 +77,13 @@ def cv_splits(config: Config, folds: int, repeats: int, splits_dir: str | Path |
         if not files:
             raise DataError(f"no data_splits*.npz files in {splits_dir}; pass the folder holding the split files.")
         return [load_split(f, cases) for f in files]
-    config.split.method = "repeated_kfold" if repeats > 1 else "kfold"
-    config.split.folds, config.split.repeats = folds, repeats
-    return make_splits(case_labels(manifest), config.split)
+    return make_splits(case_labels(manifest), kfold_split_config(config, folds, repeats), config.data.class_names)
+
+
+def kfold_split_config(config: Config, folds: int, repeats: int) -> SplitConfig:
+    """``config.split`` as a (repeated) k-fold of ``folds`` folds (a new object: ``config`` is left alone)."""
+    return dataclasses.replace(config.split, method="repeated_kfold" if repeats > 1 else "kfold", folds=folds,
+                               repeats=repeats)
 
 
 def shared_folds(config: Config, folds: int, repeats: int, out: Path, splits_dir: str | Path | None) -> Path:
@@ -97,9 +92,7 @@ def shared_folds(config: Config, folds: int, repeats: int, out: Path, splits_dir
         return Path(splits_dir)
     target = out / "splits"
     if not list(target.glob("data_splits*.npz")):
-        split_config = copy.deepcopy(config.split)
-        split_config.method = "repeated_kfold" if repeats > 1 else "kfold"
-        split_config.folds, split_config.repeats = folds, repeats
+        split_config = kfold_split_config(config, folds, repeats)
         for i, split in enumerate(make_splits(case_labels(load_manifest(config)), split_config), start=1):
             save_split(split, target / f"data_splits_fold_{i:02d}.npz")
     return target
@@ -142,9 +135,9 @@ def run_cv(config: Config, folds: int = 5, repeats: int = 1, splits_dir: str | P
 def summarise_cv(out: Path, config: Config) -> CVResult:
     rows, oof = [], []
     for fold_dir in sorted((out / "folds").glob("fold_*")):
-        metrics = json.loads((fold_dir / "metrics.json").read_text())
+        metrics = read_metrics(fold_dir / "metrics.json", config.data.classes)
         test = metrics["splits"]["test"]
-        rows.append({"fold": fold_dir.name, **{m: test[m] for m in summary_metrics(config.data.class_names)},
+        rows.append({"fold": fold_dir.name, **{m: test[m] for m in config.data.classes.summary_metrics},
                      "threshold": metrics["threshold"], "epochs": metrics["epochs_run"],
                      "best_epoch": metrics["best_epoch"], "n_test": test["n_cases"]})
         predictions = pd.read_csv(fold_dir / "predictions.csv", dtype={"case": str})
@@ -155,10 +148,10 @@ def summarise_cv(out: Path, config: Config) -> CVResult:
     atomic_write(out / "oof_predictions.csv", lambda tmp: oof_frame.to_csv(tmp, index=False))
     pooled = pooled_out_of_fold(oof_frame, float(summary["threshold"].median()), config)
     over_folds = {m: {"mean": float(np.nanmean(summary[m])), "sd": float(np.nanstd(summary[m], ddof=1))
-                      if len(summary) > 1 else 0.0} for m in summary_metrics(config.data.class_names)}
+                      if len(summary) > 1 else 0.0} for m in config.data.classes.summary_metrics}
     metrics = {"folds": len(summary), "over_folds": over_folds, "pooled_out_of_fold": pooled}
     atomic_write_json(out / "metrics.json", metrics)
-    atomic_write_text(out / "cv_report.txt", cv_report_text(summary, metrics, config.data.class_names))
+    atomic_write_text(out / "cv_report.txt", cv_report_text(summary, metrics, config.data.classes))
     return CVResult(out, summary, metrics)
 
 
@@ -172,26 +165,26 @@ def per_case_probabilities(oof: pd.DataFrame) -> pd.DataFrame:
 def pooled_out_of_fold(oof: pd.DataFrame, threshold: float, config: Config) -> dict:
     """Metrics of the per-case mean out-of-fold probabilities at ``threshold`` (k > 2 classes: the most probable),
     with case-bootstrap CIs."""
-    names = config.data.class_names
+    classes = config.data.classes
     per_case = per_case_probabilities(oof)
     y = per_case["label"].to_numpy()
-    p = per_case[probability_columns(len(names))].to_numpy()                     # (N, k); 2: P(class 1)
-    return {**classification_metrics(y, p, threshold, names),
-            "ci95": bootstrap_intervals(y, p, threshold, config.eval.bootstrap, config.eval.ci, config.train.seed,
-                                        class_names=names),
+    p = per_case[classes.probability_columns].to_numpy()                         # (N, k)
+    return {**classification_metrics(y, p, threshold, classes),
+            "ci95": bootstrap_intervals(y, p, threshold, classes, config.eval.bootstrap, config.eval.ci,
+                                        config.train.seed),
             "threshold": threshold}
 
 
-def cv_report_text(summary: pd.DataFrame, metrics: dict, class_names: list[str]) -> str:
+def cv_report_text(summary: pd.DataFrame, metrics: dict, classes: ClassScheme) -> str:
     lines = [f"stainmil cross-validation — {metrics['folds']} folds", "", summary.round(3).to_string(index=False), "",
              "mean ± SD over folds:"]
     for m, v in metrics["over_folds"].items():
         lines.append(f"  {m:<18} {v['mean']:.3f} ± {v['sd']:.3f}")
     pooled = metrics["pooled_out_of_fold"]
-    decision = (f"threshold {pooled['threshold']:.3f} = median of the folds'" if len(class_names) == 2 else
+    decision = (f"threshold {pooled['threshold']:.3f} = median of the folds'" if classes.binary else
                 "the most probable class")
     lines += ["", f"pooled out-of-fold ({pooled['n_cases']} cases; per-case mean probability, {decision}):"]
-    for m in point_metric_names(class_names):
+    for m in classes.point_metrics:
         if m in ("accuracy",):
             continue
         lo, hi = pooled["ci95"][m]

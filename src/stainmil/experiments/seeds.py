@@ -20,7 +20,7 @@ import pandas as pd
 
 from stainmil.config import Config
 from stainmil.errors import ConfigError
-from stainmil.experiments.cv import run_cv, shared_folds, summary_metrics
+from stainmil.experiments.cv import run_cv, shared_folds
 from stainmil.io import atomic_write, atomic_write_json, atomic_write_text
 
 
@@ -32,7 +32,7 @@ def run_cv_seeds(config: Config, seeds: int, folds: int = 5, repeats: int = 1, s
         raise ConfigError(f"--seeds must be at least 1, got {seeds}.")
     out = Path(out_dir) if out_dir else config.runs_dir / datetime.now().strftime("cv_seeds_%Y%m%d_%H%M%S")
     folds_dir = shared_folds(config, folds, repeats, out, splits_dir)
-    per_fold = summary_metrics(config.data.class_names)
+    per_fold = config.data.classes.summary_metrics
     seed_metrics = (*per_fold, "brier", "ece")
     rows = []
     for k in range(seeds):

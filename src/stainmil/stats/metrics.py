@@ -1,7 +1,8 @@
 """Case-level metrics with case-level bootstrap confidence intervals, and threshold choice.
 
-Two classes: class 1 (high-grade) is the positive class; ``p`` is P(high-grade). ``benign_recall`` is the
-specificity, ``high_grade_recall`` the sensitivity; ``brier`` and ``ece`` (expected calibration error,
+The metric names come from the cohort's :class:`~stainmil.classes.ClassScheme` (``recall_<class>`` for every
+class). Two classes: class 1 is the positive class; ``p`` is P(class 1). The recall of class 0 is the
+specificity, that of class 1 the sensitivity; ``brier`` and ``ece`` (expected calibration error,
 10 bins) say how far the probabilities are from observed risks. Thresholds are chosen on the validation split
 only (:func:`choose_threshold`) and then applied unchanged to the test split.
 
@@ -17,22 +18,21 @@ import math
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score, roc_curve
 
+from stainmil.classes import ClassScheme
 from stainmil.errors import ConfigError
 from stainmil.stats.calibration import calibration_metrics, multiclass_calibration_metrics
 
-POINT_METRICS = ("benign_recall", "high_grade_recall", "balanced_accuracy", "accuracy", "f1", "auc", "brier", "ece")
 
-
-def binary_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> dict:
-    """Point metrics at ``threshold``; AUC is NaN when only one class is present."""
+def binary_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float, scheme: ClassScheme) -> dict:
+    """Point metrics of (N,) P(class 1) at ``threshold``; AUC is NaN when only one class is present."""
     labels = np.asarray(labels, dtype=int)
     predictions = (np.asarray(probabilities) >= threshold).astype(int)
     matrix = confusion_matrix(labels, predictions, labels=[0, 1])
     recall = [matrix[k, k] / matrix[k].sum() if matrix[k].sum() else math.nan for k in (0, 1)]
     both = len(np.unique(labels)) == 2
     return {
-        "benign_recall": recall[0],
-        "high_grade_recall": recall[1],
+        scheme.recall(0): recall[0],
+        scheme.recall(1): recall[1],
         "balanced_accuracy": float(balanced_accuracy_score(labels, predictions)) if both else math.nan,
         "accuracy": float((predictions == labels).mean()) if len(labels) else math.nan,
         "f1": float(f1_score(labels, predictions, zero_division=0)),
@@ -44,20 +44,7 @@ def binary_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: flo
     }
 
 
-def probability_columns(n_classes: int) -> list[str]:
-    """The class-probability columns of a predictions table: ``prob_0`` … ``prob_<k-1>``."""
-    return [f"prob_{k}" for k in range(n_classes)]
-
-
-def point_metric_names(class_names: list[str]) -> list[str]:
-    """The point metrics (those with CIs) of a run with these classes, in display order."""
-    if len(class_names) <= 2:
-        return list(POINT_METRICS)
-    return ([f"recall_{c}" for c in class_names] + ["balanced_accuracy", "accuracy", "f1_macro", "auc"]
-            + [f"auc_{c}" for c in class_names] + ["brier", "ece"])
-
-
-def multiclass_metrics(labels: np.ndarray, probabilities: np.ndarray, class_names: list[str]) -> dict:
+def multiclass_metrics(labels: np.ndarray, probabilities: np.ndarray, scheme: ClassScheme) -> dict:
     """Point metrics of (N, k) class probabilities; the prediction is the most probable class."""
     labels = np.asarray(labels, dtype=int)
     probabilities = np.asarray(probabilities, dtype=float)
@@ -67,14 +54,14 @@ def multiclass_metrics(labels: np.ndarray, probabilities: np.ndarray, class_name
     present = [c for c in range(k) if matrix[c].sum()]
     out: dict = {}
     aucs = []
-    for c, name in enumerate(class_names):
-        out[f"recall_{name}"] = matrix[c, c] / matrix[c].sum() if matrix[c].sum() else math.nan
+    for c, name in enumerate(scheme.names):
+        out[scheme.recall(c)] = matrix[c, c] / matrix[c].sum() if matrix[c].sum() else math.nan
         positive = labels == c
         out[f"auc_{name}"] = (float(roc_auc_score(positive, probabilities[:, c]))
                               if 0 < positive.sum() < len(labels) else math.nan)
         aucs.append(out[f"auc_{name}"])
     out.update({
-        "balanced_accuracy": float(np.mean([out[f"recall_{class_names[c]}"] for c in present])) if len(present) > 1
+        "balanced_accuracy": float(np.mean([out[scheme.recall(c)] for c in present])) if len(present) > 1
         else math.nan,
         "accuracy": float((predictions == labels).mean()) if len(labels) else math.nan,
         "f1_macro": float(f1_score(labels, predictions, labels=present, average="macro", zero_division=0))
@@ -89,33 +76,32 @@ def multiclass_metrics(labels: np.ndarray, probabilities: np.ndarray, class_name
 
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float,
-                           class_names: list[str]) -> dict:
+                           scheme: ClassScheme) -> dict:
     """Binary (``probabilities`` (N,) = P(class 1), or (N, 2)) at ``threshold``; k > 2: the most probable class."""
     probabilities = np.asarray(probabilities, dtype=float)
     if probabilities.ndim == 2 and probabilities.shape[1] == 2:
         probabilities = probabilities[:, 1]
     if probabilities.ndim == 1:
-        return binary_metrics(labels, probabilities, threshold)
-    return multiclass_metrics(labels, probabilities, class_names)
+        return binary_metrics(labels, probabilities, threshold, scheme)
+    return multiclass_metrics(labels, probabilities, scheme)
 
 
-def bootstrap_intervals(labels: np.ndarray, probabilities: np.ndarray, threshold: float, n_boot: int = 1000,
-                        level: float = 0.95, seed: int = 0, class_names: list[str] | None = None
-                        ) -> dict[str, list[float]]:
+def bootstrap_intervals(labels: np.ndarray, probabilities: np.ndarray, threshold: float, scheme: ClassScheme,
+                        n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, list[float]]:
     """Percentile CIs of every point metric, resampling cases with replacement.
 
-    ``probabilities``: (N,) P(class 1) of a binary run, or (N, k) with ``class_names``. Resamples lacking a class
+    ``probabilities``: (N,) P(class 1) of a binary run, or (N, k). Resamples lacking a class
     are skipped for metrics that need it (AUC, balanced accuracy, recall of the missing class), so each interval
     uses the resamples where it is defined.
     """
     labels = np.asarray(labels, dtype=int)
     probabilities = np.asarray(probabilities, dtype=float)
-    names = point_metric_names(class_names or []) if probabilities.ndim == 2 else list(POINT_METRICS)
+    names = scheme.point_metrics
     rng = np.random.default_rng(seed)
     samples: dict[str, list[float]] = {m: [] for m in names}
     for _ in range(n_boot):
         idx = rng.integers(0, len(labels), len(labels))
-        m = classification_metrics(labels[idx], probabilities[idx], threshold, class_names or [])
+        m = classification_metrics(labels[idx], probabilities[idx], threshold, scheme)
         for name in names:
             if not math.isnan(m[name]):
                 samples[name].append(m[name])
@@ -157,11 +143,13 @@ def paired_auc_difference(labels: np.ndarray, probabilities_a: np.ndarray, proba
             "p_not_better": float((deltas_arr <= 0).mean())}
 
 
-def choose_threshold(spec: float | str, val_labels: np.ndarray, val_probabilities: np.ndarray) -> tuple[float, str]:
-    """Decision threshold from the validation split. Returns (threshold, how it was chosen).
+def choose_threshold(spec: float | str, val_labels: np.ndarray, val_probabilities: np.ndarray,
+                     scheme: ClassScheme) -> tuple[float, str]:
+    """Decision threshold on P(class 1) from the validation split. Returns (threshold, how it was chosen).
 
     ``spec``: a number in (0, 1) — used as is; ``youden`` — maximises TPR - FPR on val;
-    ``benign_recall=R`` — the lowest threshold whose val benign recall is at least R.
+    ``recall_<class 0>=R`` — the lowest threshold whose val recall of class 0 is at least R;
+    ``recall_<class 1>=R`` — the highest threshold whose val recall of class 1 is at least R.
     """
     if isinstance(spec, (int, float)):
         if not 0 < spec < 1:
@@ -175,10 +163,16 @@ def choose_threshold(spec: float | str, val_labels: np.ndarray, val_probabilitie
         fpr, tpr, thresholds = roc_curve(labels, probabilities)
         best = int(np.argmax(tpr - fpr))
         return float(min(thresholds[best], 1.0)), "youden on validation"
-    if spec.startswith("benign_recall="):
-        target = float(spec.split("=", 1)[1])
-        benign = np.sort(probabilities[labels == 0])
-        # predicted benign when p < t: benign recall = share of benign p below t
-        k = min(len(benign) - 1, max(0, math.ceil(target * len(benign)) - 1))
-        return float(np.nextafter(benign[k], 1.0)), f"benign recall >= {target:g} on validation"
-    raise ConfigError(f"eval.threshold '{spec}' must be a number, 'youden' or 'benign_recall=R'.")
+    target = scheme.threshold_target(spec)
+    if target is not None and 0 < target[1] <= 1:
+        index, share = target
+        if index == 0:  # predicted class 0 when p < t: its recall = share of its p below t
+            negative = np.sort(probabilities[labels == 0])
+            k = min(len(negative) - 1, max(0, math.ceil(share * len(negative)) - 1))
+            return float(np.nextafter(negative[k], 1.0)), f"{scheme.metric_label(scheme.recall(0))} >= {share:g} " \
+                "on validation"
+        positive = np.sort(probabilities[labels == 1])[::-1]  # predicted class 1 when p >= t
+        k = min(len(positive) - 1, max(0, math.ceil(share * len(positive)) - 1))
+        return float(positive[k]), f"{scheme.metric_label(scheme.recall(1))} >= {share:g} on validation"
+    raise ConfigError(f"eval.threshold '{spec}' must be a number, 'youden' or '{scheme.recall(0)}=R' / "
+                      f"'{scheme.recall(1)}=R' with R in (0, 1].")

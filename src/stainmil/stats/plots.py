@@ -50,14 +50,17 @@ def plot_confusion(matrix: np.ndarray, class_names: list[str], path: str | Path,
     return save_figure(fig, path)
 
 
-def plot_roc(labels: np.ndarray, probabilities: np.ndarray, path: str | Path, title: str = "") -> Path:
+def plot_roc(labels: np.ndarray, probabilities: np.ndarray, path: str | Path, title: str = "",
+             readable: list[str] | None = None) -> Path:
+    """Two classes: ROC of P(class 1); ``readable``: the two class names for the axes."""
+    negative, positive = readable or ["benign", "high-grade"]
     fig, ax = subplots(figsize=(4, 4))
     if len(np.unique(labels)) == 2:
         fpr, tpr, _ = roc_curve(labels, probabilities)
         ax.plot(fpr, tpr, lw=2)
     ax.plot([0, 1], [0, 1], color="grey", ls=":")
-    ax.set_xlabel("1 - benign recall (false positive rate)")
-    ax.set_ylabel("high-grade recall (true positive rate)")
+    ax.set_xlabel(f"1 - {negative} recall (false positive rate)")
+    ax.set_ylabel(f"{positive} recall (true positive rate)")
     ax.set_title(title)
     fig.tight_layout()
     return save_figure(fig, path)
@@ -82,9 +85,10 @@ def plot_roc_one_vs_rest(labels: np.ndarray, probabilities: np.ndarray, class_na
     return save_figure(fig, path)
 
 
-def plot_reliability(labels: np.ndarray, curves: dict[str, np.ndarray], path: str | Path, title: str = "") -> Path:
-    """Reliability diagram: observed high-grade share vs mean predicted P(high-grade) per bin, one line per
-    set of probabilities in ``curves`` (e.g. before / after temperature scaling); marker area ~ cases."""
+def plot_reliability(labels: np.ndarray, curves: dict[str, np.ndarray], path: str | Path, title: str = "",
+                     positive: str = "high-grade") -> Path:
+    """Reliability diagram: observed share of class 1 (``positive``) vs mean predicted P(class 1) per bin, one
+    line per set of probabilities in ``curves`` (e.g. before / after temperature scaling); marker area ~ cases."""
 
     fig, ax = subplots(figsize=(4, 4))
     ax.plot([0, 1], [0, 1], color="grey", ls=":", label="perfectly calibrated")
@@ -94,8 +98,8 @@ def plot_reliability(labels: np.ndarray, curves: dict[str, np.ndarray], path: st
         ax.scatter(predicted, observed, s=12 * counts, alpha=0.3)
     ax.set_xlim(0, 1)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("mean predicted P(high-grade)")
-    ax.set_ylabel("observed high-grade share")
+    ax.set_xlabel(f"mean predicted P({positive})")
+    ax.set_ylabel(f"observed {positive} share")
     ax.legend(fontsize=8)
     ax.set_title(title)
     fig.tight_layout()

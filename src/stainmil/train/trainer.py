@@ -143,6 +143,7 @@ def train(config: Config, resume_dir: str | Path | None = None, split: Split | N
     slices = train_bags.choose_slices(train_cases, config.data.max_slices_per_stain,
                                       np.random.default_rng([t.seed, 1]))
     step = TrainingStep(model, optimizer, loss_fn, regularizer, weights, config)
+    plan = EpochPlan(train_bags, train_cases, slices, step, config, device, then=(bags, split.val[:8]))
     history: list[dict] = []
     stopping = {"best_val_loss": math.inf, "best_epoch": 0, "bad_epochs": 0}
     start_epoch = 1
@@ -169,44 +170,26 @@ def train(config: Config, resume_dir: str | Path | None = None, split: Split | N
         if stopped_early:
             break
         started = time.perf_counter()
-        model.train()
-        order = epoch_order(train_cases, train_bags, t.sampler, rng)
-        batches = [order[i:i + t.cases_per_batch] for i in range(0, len(order), t.cases_per_batch)]
-        terms: dict[str, float] = {}
-        with progress_bar(f"epoch {epoch}", total=len(batches)) as advance:
-            for k, cases in enumerate(batches):
-                batch = train_bags.batch(cases, slices, config.data.per_slice_cap, rng, t.patch_dropout,
-                                         augment=True, stain_dropout=t.stain_dropout).to(device)
-                if k + 1 < len(batches):  # a store-backed cohort reads the next batch while this one trains
-                    train_bags.prefetch(batches[k + 1], slices)
-                else:
-                    bags.prefetch(split.val[:8])
-                try:
-                    for name, value in step(batch, epoch).items():
-                        terms[name] = terms.get(name, 0.0) + value * len(cases)
-                except TrainingError:
-                    _set_status(run_dir, "failed", epoch=epoch, reason="non-finite loss")
-                    raise
-                advance()
+        try:
+            terms = run_epoch(plan, epoch, rng)
+        except TrainingError:
+            _set_status(run_dir, "failed", epoch=epoch, reason="non-finite loss")
+            raise
         val_loss, val_labels, val_probs = evaluate_loss(model, bags, split.val, loss_fn, weights, device)
         if not math.isfinite(val_loss):
             _set_status(run_dir, "failed", epoch=epoch, reason="non-finite validation loss")
             raise TrainingError(f"validation loss became {val_loss} at epoch {epoch}; lower train.lr.")
         scheduler.step(val_loss)
-        metrics = classification_metrics(val_labels, val_probs, 0.5, config.data.class_names)
-        names = config.data.class_names
-        recalls = ({"val_benign_recall": metrics["benign_recall"],
-                    "val_high_grade_recall": metrics["high_grade_recall"]} if len(names) == 2
-                   else {f"val_recall_{c}": metrics[f"recall_{c}"] for c in names})
+        metrics = classification_metrics(val_labels, val_probs, 0.5, config.data.classes)
         improved = val_loss < stopping["best_val_loss"] - 1e-6
         if improved:
             stopping.update(best_val_loss=val_loss, best_epoch=epoch, bad_epochs=0)
         else:
             stopping["bad_epochs"] += 1
-        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": terms.pop("total") / len(order),
+        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": terms.pop("total"),
                "val_loss": val_loss, "val_auc": metrics["auc"], "val_balanced_accuracy": metrics["balanced_accuracy"],
-               **recalls,
-               **{f"train_{name}": value / len(order) for name, value in terms.items()},
+               **{f"val_{name}": metrics[name] for name in config.data.classes.recall_metrics},
+               **{f"train_{name}": value for name, value in terms.items()},
                "seconds": time.perf_counter() - started}
         # plain Python types, so the checkpoint loads with weights_only=True
         history.append({k: float(v) if k != "epoch" else int(v) for k, v in row.items()})
@@ -244,6 +227,43 @@ def extract_with_trained_backbone(config: Config, run_dir: Path, bags: CohortBag
     if bags.encoder.trainable_parameters():
         bags.encoder.load_tail_state(load_checkpoint(run_dir / "checkpoints" / "best.pth")["backbone"])
     extract_features(config, bags.manifest, backbone=bags.encoder.as_backbone())
+
+
+@dataclass
+class EpochPlan:
+    """What every training epoch of a run draws from (set up once per run)."""
+
+    bags: CohortBags                      # the training cohort (sub-cases expanded)
+    cases: list[str]                      # its training cases
+    slices: dict[str, list[int]] | None   # slices chosen once per run (data.max_slices_per_stain); None: all
+    step: TrainingStep
+    config: Config
+    device: torch.device
+    then: tuple[CohortBags, list[str]] | None = None  # prefetched while the last batch trains (validation)
+
+
+def run_epoch(plan: EpochPlan, epoch: int, rng: np.random.Generator) -> dict[str, float]:
+    """One training epoch — the one every run, tuning trial and benchmark times: the cases in epoch order
+    (``train.sampler``), batches of ``train.cases_per_batch`` with ``data.per_slice_cap`` patches drawn per slice,
+    patch and stain dropout, one random feature view (or augmented images online) per patch, the next batch
+    prefetched while this one trains. Returns each loss term's mean over the epoch's cases (``total`` included)."""
+    t = plan.config.train
+    plan.step.model.train()
+    order = epoch_order(plan.cases, plan.bags, t.sampler, rng)
+    batches = [order[i:i + t.cases_per_batch] for i in range(0, len(order), t.cases_per_batch)]
+    terms: dict[str, float] = {}
+    with progress_bar(f"epoch {epoch}", total=len(batches)) as advance:
+        for k, cases in enumerate(batches):
+            batch = plan.bags.batch(cases, plan.slices, plan.config.data.per_slice_cap, rng, t.patch_dropout,
+                                    augment=True, stain_dropout=t.stain_dropout).to(plan.device)
+            if k + 1 < len(batches):  # a store-backed cohort reads the next batch while this one trains
+                plan.bags.prefetch(batches[k + 1], plan.slices)
+            elif plan.then is not None:
+                plan.then[0].prefetch(plan.then[1])
+            for name, value in plan.step(batch, epoch).items():
+                terms[name] = terms.get(name, 0.0) + value * len(cases)
+            advance()
+    return {name: value / len(order) for name, value in terms.items()}
 
 
 class TrainingStep:

@@ -46,8 +46,9 @@ from stainmil.model.registry import build_model
 from stainmil.model.regularizers import AttentionRegularizer
 from stainmil.pipeline import demo_config, tile_cohort
 from stainmil.slides.reader import patch_refs, read_patch
-from stainmil.train.losses import class_weights, cross_entropy
-from stainmil.train.trainer import TrainingStep
+from stainmil.train import trainer
+from stainmil.train.losses import build_loss, class_weights
+from stainmil.train.trainer import EpochPlan, TrainingStep
 
 
 def _sync(device: torch.device) -> None:
@@ -128,16 +129,17 @@ class PeakMemory:
             self.cuda_mb = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
 
 
-def training_epoch(model, optimizer, bags, cases, cap, rng, weights, device, cases_per_batch: int = 1,
-                   config: Config | None = None) -> float:
-    """Seconds of one training epoch: the trainer's own :class:`TrainingStep` on augmented batches."""
-    config = config or Config()
-    step = TrainingStep(model, optimizer, cross_entropy, AttentionRegularizer(config.model, 1), weights, config)
+def training_epoch(model, optimizer, bags: CohortBags, cases: list[str], rng: np.random.Generator, weights,
+                   device: torch.device, config: Config) -> float:
+    """Seconds of one training epoch through the trainer's own :func:`~stainmil.train.trainer.run_epoch` (epoch
+    order, slices chosen as a run chooses them, the per-slice cap, patch and stain dropout, augmentation,
+    prefetch, the loss and regularisers of ``config``): what users run, not a second loop."""
+    step = TrainingStep(model, optimizer, build_loss(config.train), AttentionRegularizer(config.model, 1), weights,
+                        config)
+    slices = bags.choose_slices(cases, config.data.max_slices_per_stain, rng)
+    plan = EpochPlan(bags, list(cases), slices, step, config, device)
     start = time.perf_counter()
-    model.train()
-    order = [cases[i] for i in rng.permutation(len(cases))]
-    for i in range(0, len(order), cases_per_batch):
-        step(bags.batch(order[i:i + cases_per_batch], None, cap, rng, augment=True).to(device), 1)
+    trainer.run_epoch(plan, 1, rng)
     _sync(device)
     return time.perf_counter() - start
 
@@ -300,9 +302,9 @@ def run_bench(out: str | Path = "demo_out/bench", preset: str = "demo", device_n
     class_w = class_weights(config.train, np.array([bags.case_label(c) for c in split.train]), 2).to(device)
     cap, rng = config.data.per_slice_cap, np.random.default_rng(0)
     log("timing training epochs from the feature store")
-    training_epoch(model, optimizer, bags, split.train, cap, rng, class_w, device)  # warm-up
+    training_epoch(model, optimizer, bags, split.train, rng, class_w, device, config)  # warm-up
     with PeakMemory(device) as cached_memory:
-        cached = float(np.mean([training_epoch(model, optimizer, bags, split.train, cap, rng, class_w, device)
+        cached = float(np.mean([training_epoch(model, optimizer, bags, split.train, rng, class_w, device, config)
                                 for _ in range(3)]))
     timed_cases = split.train[:old_cases] if old_cases else split.train
 
@@ -316,7 +318,7 @@ def run_bench(out: str | Path = "demo_out/bench", preset: str = "demo", device_n
         online_bags = CohortBags(manifest, None, config.data.stains, encoder)
         groups = [{"params": encoder.trainable_parameters(), "lr": 1e-5}] if trainable_blocks else []
         online_optimizer = torch.optim.Adam([{"params": model.parameters()}, *groups], lr=1e-4)
-        seconds = training_epoch(model, online_optimizer, online_bags, timed_cases, cap, rng, class_w, device)
+        seconds = training_epoch(model, online_optimizer, online_bags, timed_cases, rng, class_w, device, online)
         return seconds * n_patches(split.train) / n_patches(timed_cases)
 
     log(f"timing the old way (online mode, frozen backbone on every augmented patch image) on {len(timed_cases)} "

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 from torch.utils.data import DataLoader
 
-from stainmil.bench import bench_cohort
+from stainmil.bench.training import bench_cohort
 from stainmil.cores import available_cores
 from stainmil.data.synth import PRESETS
 from stainmil.device import resolve_device
