@@ -1,9 +1,7 @@
 """Reference pages generated from the code at every build (mkdocs-gen-files): they cannot go stale."""
 
-import click
 import mkdocs_gen_files
 import typer
-import typer.core
 
 from stainmil.cli import app
 from stainmil.config import config_reference_markdown
@@ -29,12 +27,36 @@ with mkdocs_gen_files.open("reference/configuration.md", "w") as page:
                "`--set key=value`.\n\n")
     page.write(config_reference_markdown())
 
-typer.core.HAS_RICH = False  # plain click help text, not rich's boxes
-command = typer.main.get_command(app)
+command = typer.main.get_command(app)  # plain help text (the app sets no rich markup)
+
+
+def leaf_commands(group, prefix=()):
+    """(`name`, command) of every command, `export qupath` included, in the order `stainmil --help` lists them."""
+    for name in group.list_commands(None):
+        sub = group.get_command(None, name)
+        if hasattr(sub, "list_commands"):
+            yield from leaf_commands(sub, (*prefix, name))
+        else:
+            yield " ".join((*prefix, name)), sub
+
+
+def takes_config(sub) -> str:
+    options = {o for param in sub.params for o in param.opts}
+    return {(True, True): "yes", (False, True): "--set only", (True, False): "--config only"}.get(
+        ("--config" in options, "--set" in options), "no")
+
+
 with mkdocs_gen_files.open("reference/cli.md", "w") as page:
-    page.write("# Command reference\n\nGenerated from the CLI (`stainmil COMMAND --help`).\n\n")
-    root = click.Context(command, info_name="stainmil")
-    for name in sorted(command.list_commands(root)):
-        sub = command.get_command(root, name)
-        with click.Context(sub, info_name=f"stainmil {name}", parent=root, terminal_width=100) as ctx:
+    page.write("# Command reference\n\nGenerated from the CLI (`stainmil COMMAND --help`). An option means the same "
+               "thing in every command that takes it. Commands that read a config take `--config FILE` and any "
+               "number of `--set section.key=value` ([configuration reference](configuration.md)); the others "
+               "work on folders a command made before.\n\n")
+    rows = [{"command": f"[`stainmil {name}`](#stainmil-{name.replace(' ', '-')})",
+             "takes --config/--set": takes_config(sub),
+             "what it does": " ".join(sub.help.split("\n\n")[0].split()).replace("<", "&lt;")}
+            for name, sub in leaf_commands(command)]
+    page.write(render_table(rows, fmt="markdown") + "\n")
+    root = typer.Context(command, info_name="stainmil")
+    for name, sub in leaf_commands(command):
+        with typer.Context(sub, info_name=name, parent=root, terminal_width=100) as ctx:
             page.write(f"## `stainmil {name}`\n\n```text\n{sub.get_help(ctx)}\n```\n\n")

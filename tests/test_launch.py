@@ -26,6 +26,6 @@ def test_submitit_parameters():
 
 def test_extract_and_tune_commands():
     assert command_for("extract", Path("c.yaml"), 8, 5, 4, None, 50) == (
-        "stainmil extract --config c.yaml --shards 8 --shard $SLURM_ARRAY_TASK_ID", 8)
+        "stainmil extract --config c.yaml --shards 8 --shard-index $SLURM_ARRAY_TASK_ID", 8)
     assert command_for("tune", Path("c.yaml"), 8, 5, 4, None, 50) == (
         "stainmil tune --config c.yaml --trials 13 --workers 1", 4)

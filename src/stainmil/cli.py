@@ -1,4 +1,9 @@
-"""Command line: parse -> call one library function -> print. Errors are one sentence, exit code 2."""
+"""Command line: parse -> call one library function -> print. Errors are one sentence, exit code 2.
+
+One grammar: an option means the same thing in every command that takes it (the shared options below, defined
+once; tests/test_cli.py walks every command to hold that). `stainmil --help` answers without importing the
+library: every command imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +12,80 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from stainmil.config import load_config
-from stainmil.errors import StainmilError
-from stainmil.tables import render_table
+from stainmil.errors import ConfigError, StainmilError
 
 app = typer.Typer(help="stainmil: hierarchical multiple-instance learning on multi-stain pathology patches.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-console = Console(soft_wrap=True)  # never break paths across lines
-err = Console(stderr=True)
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  rich_markup_mode=None)
 
+
+class _LazyConsole:
+    """A rich Console made on first use, so that `--help` never imports rich's console."""
+
+    def __init__(self, **options) -> None:
+        self._options, self._console = options, None
+
+    def __getattr__(self, name: str):
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return getattr(self._console, name)
+
+
+console = _LazyConsole(soft_wrap=True)  # never break paths across lines
+err = _LazyConsole(stderr=True)
+
+# The shared options: one spelling, one type, one help text in every command that takes one (every `...Opt`
+# alias here; tests/test_cli.py walks the commands to check).
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override: section.key=value (repeatable).")]
+OutOpt = Annotated[Path | None, typer.Option("--out", help="Output folder.")]
+ResumeOpt = Annotated[Path | None, typer.Option(
+    "--resume", help="Folder of an interrupted run or experiment to continue (finished parts are skipped).")]
+SeedsOpt = Annotated[str, typer.Option("--seeds", help="Comma-separated training seeds, e.g. 0,1,2 (default: "
+                                                      "train.seed).")]
+FoldsOpt = Annotated[int, typer.Option("--folds", help="Number of stratified folds by case.")]
+WorkersOpt = Annotated[int, typer.Option(
+    "--workers", help="How many jobs run at once (folds; tune: Optuna workers on one study), each its own process "
+                      "or SLURM task; bound each one's memory with features.cache_mb.")]
+ShardsOpt = Annotated[int, typer.Option("--shards", help="Split the slices into this many shards (array tasks).")]
+LauncherOpt = Annotated[str, typer.Option("--launcher", help="local | slurm (through submitit, settings in slurm.*)")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
+WeightsOpt = Annotated[str, typer.Option("--weights", help="Backbone weights: pretrained | random | a path; demo also "
+                                                           "auto (pretrained, else random with a warning).")]
+ClassesOpt = Annotated[int, typer.Option("--classes", help="2 (benign, high_grade) or 3 (benign, intermediate, "
+                                                           "high_grade).")]
+SerialOpt = Annotated[bool, typer.Option(
+    "--serial", help="Serial sections: a case's stains cut from one block, each moved/flipped/stretched with known "
+                     "landmarks (for `stainmil register`).")]
+SplitOpt = Annotated[str, typer.Option("--split", help="The run's cases to use: train | val | test, or all (analyze, "
+                                                       "export qupath).")]
 WideOpt = Annotated[bool, typer.Option("--wide", help="Every column (wider than 80 characters).")]
 MarkdownOpt = Annotated[bool, typer.Option("--markdown", help="A markdown table.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="JSON, one object per row.")]
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override: section.key=value (repeatable).")]
+
+
+def deprecated(old: str, new: str) -> None:
+    """The one deprecation notice: an old spelling still works for this release; one line on stderr says what
+    to write instead."""
+    typer.echo(f"deprecated: {old}; write {new} instead (the old form goes in the next release).", err=True)
+
+
+def effective_config(config: Path | None, overrides: list[str] | None):
+    """Defaults + the YAML file + the --set overrides (the config module is imported here, not at start-up)."""
+    from stainmil.config import load_config
+
+    return load_config(config, overrides)
+
+
+def seed_list(text: str) -> list[int]:
+    """`--seeds 0,1,2` -> [0, 1, 2]; empty -> []."""
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"--seeds '{text}' must be comma-separated integers, e.g. 0,1,2.") from exc
 
 
 def friendly(fn):
@@ -40,9 +102,10 @@ def friendly(fn):
     return wrapper
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True})  # the old `synth FOLDER`, kept out of the usage line
 @friendly
-def synth(out: Annotated[Path, typer.Argument(help="Output folder.")],
+def synth(ctx: typer.Context,
+          out: OutOpt = None,
           preset: Annotated[str, typer.Option(help="demo | tiny | real-shape | stain-key | stain-key-tiny | serial | "
                                              "serial-tiny")] = "demo",
           cases: Annotated[int | None, typer.Option(help="Number of cases.")] = None,
@@ -55,15 +118,12 @@ def synth(out: Annotated[Path, typer.Argument(help="Output folder.")],
           key_stain: Annotated[str | None, typer.Option(
               help="Stain-keyed cohort: every stain drawn alike, the label shown in this stain only (he | melan | "
                    "sox10).")] = None,
-          classes: Annotated[int | None, typer.Option(
-              help="2 (benign, high_grade) or 3 (benign, intermediate, high_grade).")] = None,
+          classes: ClassesOpt = None,
           decoy_fraction: Annotated[float | None, typer.Option(
               help="Stain-keyed cohort: share of cases (both classes) whose other stains show the same evidence "
                    "as decoys.")] = None,
           seed: Annotated[int | None, typer.Option(help="Random seed (deterministic output).")] = None,
-          serial: Annotated[bool | None, typer.Option("--serial", help="Serial sections: a case's stains cut from "
-                                                      "one block, each moved/flipped/stretched with known "
-                                                      "landmarks (for `stainmil register`).")] = None,
+          serial: SerialOpt = None,
           slides: Annotated[str, typer.Option(help="Also write whole-slide images of the slices for the slide route "
                                                    "(slides/ + slides.yaml): tiff | svs | dicom.")] = "",
           section_mm: Annotated[float, typer.Option(help="With --serial: real-size serial sections of this many mm, "
@@ -71,12 +131,20 @@ def synth(out: Annotated[Path, typer.Argument(help="Output folder.")],
                                                          "scanner names them (C001_HE_S0.tiff), landmarks in µm "
                                                          "(--cases, default 2; --seed).")] = 0.0,
           mpp: Annotated[float, typer.Option(help="With --section-mm: level-0 µm per pixel.")] = 0.5) -> None:
-    """Render a synthetic multi-stain cohort (slices, masks, patches, labels.csv, cohort.yaml)."""
+    """Render a synthetic multi-stain cohort (slices, masks, patches, labels.csv, cohort.yaml) into --out."""
     import dataclasses
 
     from stainmil.data.synth import PRESETS, SLIDE_FORMATS, write_cohort, write_slides
-    from stainmil.errors import ConfigError
 
+    if ctx.args:
+        old_out = Path(ctx.args[0])
+        if out is not None or len(ctx.args) > 1:
+            raise ConfigError(f"more than one output folder ({' '.join(ctx.args)}{f' --out {out}' if out else ''}); "
+                              "give one, as --out FOLDER.")
+        deprecated(f"stainmil synth {old_out} (the folder as an argument)", f"stainmil synth --out {old_out}")
+        out = old_out
+    if out is None:
+        raise ConfigError("stainmil synth needs an output folder: add --out FOLDER.")
     if section_mm:
         from stainmil.data.serial_wsi import write_serial_wsi
 
@@ -118,7 +186,7 @@ def index(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     from stainmil.data.cohort import report_text
     from stainmil.pipeline import index_cohort
 
-    cfg = load_config(config, set_)
+    cfg = effective_config(config, set_)
     out, report = index_cohort(cfg)
     console.print(report_text(report), highlight=False)
     console.print(f"manifest and report in [bold]{out}[/]")
@@ -126,14 +194,16 @@ def index(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 @app.command()
 @friendly
-def split(config: ConfigOpt = None, set_: SetOpt = None,
-          out: Annotated[Path | None, typer.Option(help="Folder for data_splits*.npz.")] = None) -> None:
-    """Case-level stratified splits (holdout 60/20/20, kfold, repeated_kfold) -> data_splits*.npz."""
+def split(config: ConfigOpt = None, set_: SetOpt = None, out: OutOpt = None) -> None:
+    """Case-level stratified splits (holdout 60/20/20, kfold, repeated_kfold) -> data_splits*.npz.
+
+    Written to --out (default <output_dir>/splits).
+    """
     from stainmil.data.cohort import case_labels, load_manifest
     from stainmil.data.splits import load_split, split_table
     from stainmil.pipeline import split_cohort
 
-    cfg = load_config(config, set_)
+    cfg = effective_config(config, set_)
     paths = split_cohort(cfg, out)
     labels = case_labels(load_manifest(cfg))
     for path in paths:
@@ -141,20 +211,25 @@ def split(config: ConfigOpt = None, set_: SetOpt = None,
         console.print(split_table(load_split(path), labels, cfg.data.class_names).to_string(index=False))
 
 
-LauncherOpt = Annotated[str, typer.Option(help="local | slurm (through submitit, settings in slurm.*)")]
-
-
 @app.command()
 @friendly
 def extract(config: ConfigOpt = None, set_: SetOpt = None, launcher: LauncherOpt = "local",
-            shards: Annotated[int, typer.Option(help="Split the slices into this many array tasks.")] = 1,
-            shard: Annotated[int | None, typer.Option(help="Run only this shard (0-based) of --shards.")] = None
+            shards: ShardsOpt = 1,
+            shard_index: Annotated[int | None, typer.Option(
+                help="Run only the shard with this index, counted from 0 (0 .. --shards - 1), as "
+                     "$SLURM_ARRAY_TASK_ID counts.")] = None,
+            shard: Annotated[int | None, typer.Option(hidden=True, help="Deprecated: --shard-index.")] = None
             ) -> None:
     """Extract backbone features once per patch into the feature store (resumes where it stopped)."""
     from stainmil.features.extract import extract_sharded
 
-    cfg = load_config(config, set_)
-    for summary in extract_sharded(cfg, shards, launcher, shard, log=plain_log):
+    if shard is not None:
+        if shard_index is not None:
+            raise ConfigError("--shard is the old spelling of --shard-index; give only --shard-index.")
+        deprecated(f"--shard {shard}", f"--shard-index {shard}")
+        shard_index = shard
+    cfg = effective_config(config, set_)
+    for summary in extract_sharded(cfg, shards, launcher, shard_index, log=plain_log):
         console.print(f"{summary.slices_written} slices written ({summary.slices_done_before} already done), "
                       f"{summary.patches_written} patches in {summary.seconds:.1f} s "
                       f"({summary.patches_per_second:.0f} patches/s); store: [bold]{summary.store_dir}[/]")
@@ -163,13 +238,13 @@ def extract(config: ConfigOpt = None, set_: SetOpt = None, launcher: LauncherOpt
 @app.command("train")
 @friendly
 def train_cmd(config: ConfigOpt = None, set_: SetOpt = None,
-              resume: Annotated[Path | None, typer.Option(help="Run folder to continue.")] = None,
+              resume: ResumeOpt = None,
               evaluate: Annotated[bool, typer.Option(help="Evaluate on the test split afterwards.")] = True) -> None:
     """Train one run on one split -> runs/run_YYYYMMDD_HHMMSS/ (or continue one with --resume)."""
     from stainmil.evaluate.predict import evaluate_run
     from stainmil.train.trainer import train
 
-    cfg = load_config(config, set_)
+    cfg = effective_config(config, set_)
     result = train(cfg, resume_dir=resume)
     console.print(f"trained {result.epochs_run} epochs (best {result.best_epoch}, val loss "
                   f"{result.best_val_loss:.4f}); run folder: [bold]{result.run_dir}[/]")
@@ -178,6 +253,8 @@ def train_cmd(config: ConfigOpt = None, set_: SetOpt = None,
 
 
 def _print_evaluation(evaluation, run_dir: Path) -> None:
+    from rich.table import Table
+
     metrics, classes = evaluation.metrics, evaluation.classes
     split_name = metrics["evaluated_split"]
     m = metrics["splits"][split_name]
@@ -196,7 +273,7 @@ def _print_evaluation(evaluation, run_dir: Path) -> None:
 @app.command("evaluate")
 @friendly
 def evaluate_cmd(run: Annotated[Path, typer.Argument(help="Run folder.")],
-                 split_name: Annotated[str, typer.Option("--split", help="train | val | test")] = "test") -> None:
+                 split_name: SplitOpt = "test") -> None:
     """Re-evaluate a finished run (best checkpoint; threshold chosen on val)."""
     from stainmil.evaluate.predict import evaluate_run
 
@@ -207,14 +284,17 @@ def evaluate_cmd(run: Annotated[Path, typer.Argument(help="Run folder.")],
 @friendly
 def predict(checkpoint: Annotated[Path, typer.Option(help="A run's checkpoints/best.pth.")],
             config: ConfigOpt = None, set_: SetOpt = None,
-            out: Annotated[Path | None, typer.Option(help="Output folder.")] = None,
+            out: OutOpt = None,
             threshold: Annotated[float | None, typer.Option(help="Override the run's threshold.")] = None,
             explain: Annotated[bool, typer.Option(help="Attention tables, heatmaps and report.html too.")] = True
             ) -> None:
-    """Predict (and explain) the unlabelled cases of a patch folder or tiled slides with a trained checkpoint."""
+    """Predict (and explain) the unlabelled cases of a patch folder or tiled slides with a trained checkpoint.
+
+    Written to --out (default <output_dir>/predictions).
+    """
     from stainmil.analysis.new_cases import predict_unlabelled
 
-    folder = predict_unlabelled(checkpoint, load_config(config, set_), out, threshold, explain)
+    folder = predict_unlabelled(checkpoint, effective_config(config, set_), out, threshold, explain)
     console.print(f"predictions: [bold]{folder / 'predictions.csv'}[/]")
     if explain:
         console.print(f"report: [bold]{folder / 'report.html'}[/]  (heatmaps and tables in {folder / 'attention'})")
@@ -227,12 +307,12 @@ app.add_typer(export_app, name="export")
 @export_app.command("qupath")
 @friendly
 def export_qupath_cmd(folder: Annotated[Path, typer.Argument(help="Run folder or `stainmil predict` folder.")],
-                      split_name: Annotated[str | None, typer.Option(
-                          "--split", help="Run folders: train | val | test | all (default: the analysed one, "
-                                          "else test).")] = None,
-                      out: Annotated[Path | None, typer.Option(help="Output folder (default <folder>/qupath).")] = None
-                      ) -> None:
-    """One GeoJSON per slice for QuPath (File > Import objects): a tile per patch with its attention."""
+                      split_name: SplitOpt = None,
+                      out: OutOpt = None) -> None:
+    """One GeoJSON per slice for QuPath (File > Import objects): a tile per patch with its attention.
+
+    Written to --out (default <folder>/qupath). Run folders: --split defaults to the analysed cases, else test.
+    """
     from stainmil.analysis.qupath import export_folder
 
     result = export_folder(folder, split_name, out)
@@ -244,21 +324,21 @@ def export_qupath_cmd(folder: Annotated[Path, typer.Argument(help="Run folder or
 
 @app.command()
 @friendly
-def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo_out"),
+def demo(out: OutOpt = Path("demo_out"),
          set_: SetOpt = None,
-         weights: Annotated[str, typer.Option(help="auto (pretrained, else random with a warning) | pretrained | "
-                                                   "random | path")] = "auto",
+         weights: WeightsOpt = "auto",
          preset: Annotated[str, typer.Option(help="Synthetic cohort preset: demo | tiny | real-shape | serial | "
                                                   "serial-tiny.")] = "demo",
          slides: Annotated[bool, typer.Option(help="The slide route: pyramidal TIFF slides -> tile -> extract "
                                                    "from the slides.")] = False,
-         classes: Annotated[int, typer.Option(help="2 (benign, high_grade) or 3 (benign, intermediate, "
-                                                   "high_grade).")] = 2,
-         serial: Annotated[bool, typer.Option(help="Serial sections (the slide route), registered after tiling: the "
-                                                   "report maps the IHC attention onto the H&E slices (default "
-                                                   "preset: serial).")] = False,
+         classes: ClassesOpt = 2,
+         serial: SerialOpt = False,
          ) -> None:
-    """synth -> index (or tile slides) -> split -> extract -> train -> evaluate -> report on a synthetic cohort."""
+    """synth -> index (or tile slides) -> split -> extract -> train -> evaluate -> report on a synthetic cohort.
+
+    --serial runs the slide route on serial sections (default preset: serial), registered after tiling: the
+    report maps the IHC attention onto the H&E slices.
+    """
     from stainmil.pipeline import run_demo
 
     if serial and preset == "demo":
@@ -277,7 +357,7 @@ def demo(out: Annotated[Path, typer.Option(help="Output folder.")] = Path("demo_
 @app.command()
 @friendly
 def analyze(run: Annotated[Path, typer.Argument(help="Run folder.")],
-            split_name: Annotated[str, typer.Option("--split", help="train | val | test | all")] = "test",
+            split_name: SplitOpt = "test",
             top_k: Annotated[int | None, typer.Option(help="Top-k patches counted per case.")] = None) -> None:
     """Attention tables, figures and heatmaps of a run -> <run>/attention/."""
     from stainmil.analysis.analyze import summary_text, write_analysis
@@ -306,7 +386,7 @@ def tile(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """
     from stainmil.data.slide_route import tile_cohort
 
-    cfg = load_config(config, set_)
+    cfg = effective_config(config, set_)
     result, index_dir = tile_cohort(cfg)
     console.print((Path(result.out_dir) / "tile_report.txt").read_text(), highlight=False)
     console.print(f"{len(result.slides)} slides -> {len(result.table)} patches in [bold]{result.out_dir}[/]"
@@ -321,7 +401,7 @@ def register(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     ways, and a verdict (aligned | doubtful | failed) with its reason per pair. Resumable."""
     from stainmil.data.registration import register_cohort
 
-    result = register_cohort(load_config(config, set_))
+    result = register_cohort(effective_config(config, set_))
     console.print((result.out_dir / "register_report.txt").read_text(), highlight=False)
     console.print(f"{len(result.table)} slices registered; transforms and report in [bold]{result.out_dir}[/]")
 
@@ -344,7 +424,7 @@ def import_features_cmd(
     from stainmil.data.cohort import write_index
     from stainmil.features.external import import_features
 
-    cfg = load_config(config, set_)
+    cfg = effective_config(config, set_)
     result = import_features(cfg, folder, format_, encoder, require_labels=not unlabelled)
     index_dir = write_index(result.index, cfg)
     console.print((result.store_dir / "import_report.txt").read_text(), highlight=False)
@@ -355,48 +435,77 @@ def import_features_cmd(
 @app.command()
 @friendly
 def cv(config: ConfigOpt = None, set_: SetOpt = None,
-       folds: Annotated[int, typer.Option(help="Stratified folds by case.")] = 5,
+       folds: FoldsOpt = 5,
        repeats: Annotated[int, typer.Option(help="Repeats of the k-fold (reshuffled).")] = 1,
        splits_dir: Annotated[Path | None, typer.Option(help="Use these data_splits_*.npz instead.")] = None,
        launcher: LauncherOpt = "local",
-       resume: Annotated[Path | None, typer.Option(help="Experiment folder to continue (finished folds are "
-                                                        "skipped).")] = None,
-       fold: Annotated[int | None, typer.Option(help="Run only this fold (1-based) of --resume's experiment.")] = None,
+       resume: ResumeOpt = None,
+       fold_index: Annotated[int | None, typer.Option(
+           help="Run only the fold with this index of --resume's experiment, counted from 0 (fold_01 is 0), as "
+                "$SLURM_ARRAY_TASK_ID counts.")] = None,
+       fold: Annotated[int | None, typer.Option(hidden=True, help="Deprecated: --fold-index (from 0).")] = None,
        tune: Annotated[int, typer.Option(help="Nested CV: this many Optuna trials per outer fold, tuned on its "
                                               "non-test cases only (0 = off).")] = 0,
-       seeds: Annotated[int, typer.Option(help="Repeat the whole CV with this many training seeds on the same "
-                                               "folds and report the spread (1 = off).")] = 1,
-       workers: Annotated[int, typer.Option(help="Local launcher: train this many folds at once in separate "
-                                                 "processes (bound each one's memory with features.cache_mb).")] = 1,
+       seeds: SeedsOpt = "",
+       workers: WorkersOpt = 1,
        ) -> None:
     """Cross-validation by case -> cv_summary.csv, cv_report.txt, pooled out-of-fold metrics with CIs.
 
-    --tune N: nested CV beside the optimistic non-nested estimate; --seeds K: seed spread next to fold spread.
+    --seeds 0,1,2: the whole CV once per seed on the same folds, the spread over seeds next to the spread over
+    folds (one seed: a plain CV with that train.seed). --tune N: nested CV beside the optimistic non-nested
+    estimate.
     """
-    from stainmil.errors import ConfigError
     from stainmil.experiments.cv import run_cv
 
-    cfg = load_config(config, set_)
-    if tune and seeds > 1:
-        raise ConfigError("--tune and --seeds are separate experiments; run one, then the other.")
+    if fold is not None:
+        if fold_index is not None:
+            raise ConfigError("--fold is the old spelling of --fold-index; give only --fold-index (counted from 0).")
+        deprecated(f"--fold {fold} (counted from 1)", f"--fold-index {fold - 1} (counted from 0)")
+        fold_index = fold - 1
+    cfg = effective_config(config, set_)
+    seed_values = cv_seed_list(seeds, cfg.train.seed)
+    if len(seed_values) == 1:
+        cfg.train.seed = seed_values[0]
+    several_seeds = len(seed_values) > 1
+    if tune and several_seeds:
+        raise ConfigError("--tune and several --seeds are separate experiments; run one, then the other.")
+    if fold_index is not None and (tune or several_seeds):
+        raise ConfigError("--fold-index runs one fold of a plain CV experiment, not of --tune or several --seeds.")
     if tune:
         from stainmil.experiments.nested import run_nested_cv
 
+        if workers > 1:
+            raise ConfigError("--tune trains one outer fold at a time; drop --workers (or use --launcher slurm).")
         out = Path(run_nested_cv(cfg, tune, folds, splits_dir, launcher, resume, log=plain_log)["out_dir"])
         console.print((out / "nested_report.txt").read_text(), highlight=False, markup=False)
         console.print(f"experiment folder: [bold]{out}[/]")
         return
-    if seeds > 1:
+    if several_seeds:
         from stainmil.experiments.seeds import run_cv_seeds
 
-        out = run_cv_seeds(cfg, seeds, folds, repeats, splits_dir, launcher, resume, log=plain_log)[1]
+        out = run_cv_seeds(cfg, seed_values, folds, repeats, splits_dir, launcher, resume, log=plain_log,
+                           workers=workers)[1]
         console.print((out / "seeds_report.txt").read_text(), highlight=False, markup=False)
         console.print(f"experiment folder: [bold]{out}[/]")
         return
-    result = run_cv(cfg, folds, repeats, splits_dir, launcher, resume, fold, log=plain_log, workers=workers)
+    result = run_cv(cfg, folds, repeats, splits_dir, launcher, resume, fold_index, log=plain_log, workers=workers)
     if result is not None:
         console.print((result.out_dir / "cv_report.txt").read_text(), highlight=False, markup=False)
         console.print(f"experiment folder: [bold]{result.out_dir}[/]")
+
+
+def cv_seed_list(text: str, base_seed: int) -> list[int]:
+    """cv's --seeds: a list like every command's; a bare integer N is, for this release, the old count (the
+    seeds base_seed .. base_seed + N - 1, as before), with a deprecation line."""
+    if not text.strip().isdigit():
+        return seed_list(text)
+    count = int(text)
+    if count < 1:
+        raise ConfigError(f"--seeds {count} as a count must be at least 1; write the seeds, e.g. --seeds 0,1,2.")
+    seeds = list(range(base_seed, base_seed + count))
+    deprecated(f"cv --seeds {count} (a count of seeds)", f"--seeds {','.join(map(str, seeds))}" if count > 1
+               else "no --seeds (one seed: train.seed)")
+    return seeds
 
 
 @app.command("compare-encoders")
@@ -404,15 +513,21 @@ def cv(config: ConfigOpt = None, set_: SetOpt = None,
 def compare_encoders_cmd(
         config: ConfigOpt = None, set_: SetOpt = None,
         backbones: Annotated[str, typer.Option(help="Comma-separated encoder names (see `stainmil backbones`).")] = "",
-        folds: Annotated[int, typer.Option(help="Stratified folds by case, shared by every encoder.")] = 5,
+        folds: FoldsOpt = 5,
         launcher: LauncherOpt = "local",
-        out: Annotated[Path | None, typer.Option(help="Comparison folder (re-use it to resume).")] = None) -> None:
-    """Extract + cross-validate several encoders on the same folds and seeds -> one table with CIs and img/s."""
-    from stainmil.experiments.compare import compare_encoders
+        out: OutOpt = None,
+        resume: ResumeOpt = None) -> None:
+    """Extract + cross-validate several encoders on the same folds and seeds -> one table with CIs and img/s.
 
-    cfg = load_config(config, set_)
+    Written to --out (default <output_dir>/runs/encoders_YYYYMMDD_HHMMSS/); --resume FOLDER continues an
+    interrupted comparison (finished folds are skipped).
+    """
+    from stainmil.experiments.compare import compare_encoders
+    from stainmil.tables import render_table
+
+    cfg = effective_config(config, set_)
     names = [n.strip() for n in backbones.split(",") if n.strip()]
-    table = compare_encoders(cfg, names, folds, launcher, out, log=plain_log)
+    table = compare_encoders(cfg, names, folds, launcher, out_or_resume(out, resume), log=plain_log)
     shown = ["encoder", "dim", "extraction_img_s", "auc", "auc_ci95", "balanced_accuracy"]
     typer.echo(render_table(table[shown].to_dict("records"), shown), nl=False)
     typer.echo("every column: encoders.csv and encoders.md in the comparison folder")
@@ -426,31 +541,43 @@ def compare_models_cmd(
             help="Comma-separated architectures, each optionally with a stain identity: "
                  "hierarchical,hierarchical:embedding,abmil,transmil,clam_sb,clam_mb,dsmil,dtfd_mil,mean,max "
                  "(`stainmil models`).")] = "hierarchical,abmil,transmil,clam_sb,clam_mb,dsmil,dtfd_mil,mean,max",
-        folds: Annotated[int, typer.Option(help="Stratified folds by case, shared by every model.")] = 5,
-        seeds: Annotated[str, typer.Option(help="Comma-separated training seeds, shared by every model "
-                                                "(default train.seed).")] = "",
+        folds: FoldsOpt = 5,
+        seeds: SeedsOpt = "",
         stain_sets: Annotated[str, typer.Option(
             help="Comma-separated stain sets, stains joined by '+', e.g. he,he+melan+sox10 (default data.stains).")
         ] = "",
         launcher: LauncherOpt = "local",
-        workers: Annotated[int, typer.Option(help="Folds trained at once (local launcher).")] = 1,
-        out: Annotated[Path | None, typer.Option(help="Comparison folder (re-use it to resume).")] = None) -> None:
-    """Cross-validate MIL architectures (x stain sets) on the same folds and seeds -> models.csv/.md/.html."""
-    from stainmil.errors import ConfigError
-    from stainmil.experiments.compare_models import compare_models
+        workers: WorkersOpt = 1,
+        out: OutOpt = None,
+        resume: ResumeOpt = None) -> None:
+    """Cross-validate MIL architectures (x stain sets) on the same folds and seeds -> models.csv/.md/.html.
 
-    cfg = load_config(config, set_)
-    try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-    except ValueError as exc:
-        raise ConfigError(f"--seeds '{seeds}' must be comma-separated integers, e.g. 0,1,2.") from exc
-    table = compare_models(cfg, [m for m in models.split(",") if m.strip()], folds, seed_list or None,
-                           [s for s in stain_sets.split(",") if s.strip()] or None, launcher, out, workers,
-                           log=plain_log)
+    Written to --out (default <output_dir>/runs/models_YYYYMMDD_HHMMSS/); --resume FOLDER continues an
+    interrupted comparison (finished folds are skipped).
+    """
+    from stainmil.experiments.compare_models import compare_models
+    from stainmil.tables import render_table
+
+    cfg = effective_config(config, set_)
+    table = compare_models(cfg, [m for m in models.split(",") if m.strip()], folds, seed_list(seeds) or None,
+                           [s for s in stain_sets.split(",") if s.strip()] or None, launcher,
+                           out_or_resume(out, resume), workers, log=plain_log)
     shown = ["model", "n_cases", "auc", "auc_ci95", "delta_auc", "delta_auc_ci95"]
     typer.echo(render_table(table[shown].to_dict("records"), shown), nl=False)
     typer.echo("every column (balanced accuracy, recall per class, Brier, parameters, s/epoch): models.csv, "
                "models.md, models.html in the comparison folder")
+
+
+def out_or_resume(out: Path | None, resume: Path | None) -> Path | None:
+    """The comparison folder: a new one (--out, or a dated one when None) or an interrupted one (--resume)."""
+    if resume is None:
+        return out
+    if out is not None:
+        raise ConfigError("--out starts a new comparison and --resume continues one; give only one of them.")
+    if not (resume / "splits").is_dir():
+        raise ConfigError(f"{resume} is not a comparison folder (no splits/); pass the folder an earlier "
+                          "compare-encoders or compare-models printed.")
+    return resume
 
 
 @app.command()
@@ -459,12 +586,25 @@ def tune(config: ConfigOpt = None, set_: SetOpt = None,
          trials: Annotated[int | None, typer.Option(help="Trials to add (default tune.trials).")] = None,
          storage: Annotated[str | None, typer.Option(help="Journal file or Optuna URL (default "
                                                           "<output_dir>/tune/<study>/study.journal).")] = None,
-         workers: Annotated[int, typer.Option(help="Parallel workers on the same study.")] = 1,
-         launcher: LauncherOpt = "local") -> None:
-    """Optuna search (TPE + median pruning) -> trials.csv, best_config.yaml, plots; re-run to continue."""
+         workers: WorkersOpt = 1,
+         launcher: LauncherOpt = "local",
+         resume: ResumeOpt = None) -> None:
+    """Optuna search (TPE + median pruning) -> trials.csv, best_config.yaml, plots; re-run to continue.
+
+    Written to <output_dir>/tune/<study>/; re-running the same command, or --resume with that folder (its own
+    config.yaml), adds trials to the same study.
+    """
     from stainmil.experiments.tune import run_tune
 
-    cfg = load_config(config, set_)
+    if resume is not None:
+        if config is not None:
+            raise ConfigError("--resume continues a study with its own config.yaml; drop --config.")
+        if not (resume / "config.yaml").is_file():
+            raise ConfigError(f"{resume} is not a tune folder (no config.yaml); pass <output_dir>/tune/<study>/.")
+        config = resume / "config.yaml"
+    cfg = effective_config(config, set_)
+    if resume is not None:
+        cfg.tune.dir = str(resume)  # its journal, even if the folder was moved
     if storage:
         cfg.tune.storage = storage
     result = run_tune(cfg, trials, workers, launcher, log=plain_log)
@@ -476,17 +616,26 @@ def tune(config: ConfigOpt = None, set_: SetOpt = None,
 @friendly
 def slurm_script(task: Annotated[str, typer.Argument(help="extract | cv | tune")],
                  config: ConfigOpt = None, set_: SetOpt = None,
-                 out: Annotated[Path, typer.Option(help="Where to write the script.")] = Path("stainmil.sbatch"),
-                 shards: Annotated[int, typer.Option(help="extract: array size.")] = 8,
-                 folds: Annotated[int, typer.Option(help="cv: number of folds (array size).")] = 5,
-                 workers: Annotated[int, typer.Option(help="tune: number of workers (array size).")] = 4,
+                 out: OutOpt = Path("."),
+                 shards: ShardsOpt = 8,
+                 folds: FoldsOpt = 5,
+                 workers: WorkersOpt = 4,
                  experiment: Annotated[Path | None, typer.Option(help="cv: experiment folder made by `stainmil cv "
                                                                       "--launcher local` or prepared before.")] = None
                  ) -> None:
-    """Write the equivalent sbatch script, for users who prefer to submit by hand."""
+    """Write the equivalent sbatch script, for users who prefer to submit by hand.
+
+    Written to --out/stainmil-TASK.sbatch, with the config it runs with beside it (stainmil-TASK.yaml). One array
+    task per shard (extract: --shards), per fold (cv: --folds) or per worker (tune: --workers).
+    """
     from stainmil.experiments.scripts import write_sbatch
 
-    path = write_sbatch(task, load_config(config, set_), config, out, shards, folds, workers, experiment)
+    script = out / f"stainmil-{task}.sbatch"
+    if out.suffix in (".sbatch", ".sh", ".slurm") or out.is_file():
+        deprecated(f"--out {out} (the script's file name)", f"--out {out.parent} (a folder; the script is named "
+                                                           f"{script.name})")
+        script = out
+    path = write_sbatch(task, effective_config(config, set_), config, script, shards, folds, workers, experiment)
     console.print(f"sbatch script: [bold]{path}[/]  (submit with: sbatch {path})")
 
 
@@ -495,11 +644,11 @@ def slurm_script(task: Annotated[str, typer.Argument(help="extract | cv | tune")
 def bench(preset: Annotated[str, typer.Option(help="Synthetic cohort: demo | tiny | real-shape; or scale (random-"
                                                     "feature stores at 1x, 10x, 30x real-shape: epoch time and "
                                                     "peak memory).")] = "demo",
-          device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-          out: Annotated[Path, typer.Option(help="Working folder (cohort, store, JSON).")] = Path("demo_out/bench"),
+          device: DeviceOpt = "auto",
+          out: OutOpt = Path("demo_out/bench"),
           image_size: Annotated[int, typer.Option(help="Backbone input side (0 = patch size).")] = 0,
           old_cases: Annotated[int, typer.Option(help="Time the old way on this many cases (0 = all).")] = 0,
-          weights: Annotated[str, typer.Option(help="Backbone weights.")] = "random",
+          weights: WeightsOpt = "random",
           rounds: Annotated[int, typer.Option(help="Forward/extraction rounds, best of each.")] = 2,
           backbone: Annotated[str, typer.Option(help="Encoder (see `stainmil backbones`).")] = "densenet121",
           slides: Annotated[bool, typer.Option(help="Extract from pyramidal TIFF slides (the slide route).")] = False,
@@ -514,8 +663,14 @@ def bench(preset: Annotated[str, typer.Option(help="Synthetic cohort: demo | tin
           scale_cases: Annotated[int, typer.Option(help="scale: cases at 1x (86 = the real-shape cohort).")] = 86,
           feed_only: Annotated[bool, typer.Option(help="Only the data path (decode, collate, copies) with no encoder, "
                                                        "by decode workers: will a GPU node be fed?")] = False) -> None:
-    """Measure extraction, epoch (store vs the old way), vectorised vs loop, and memory; print one table."""
+    """Measure extraction, epoch (store vs the old way), vectorised vs loop, and memory; print one table.
+
+    The cohort, store and JSON figures go to --out.
+    """
+    from rich.table import Table
+
     from stainmil.bench.training import run_bench
+    from stainmil.tables import render_table
 
     if preset == "scale":
         from stainmil.bench.scale import run_scale, scale_markdown
@@ -552,7 +707,7 @@ def config_cmd(config: ConfigOpt = None, set_: SetOpt = None,
     if reference:
         typer.echo(config_reference_markdown())
         return
-    typer.echo(yaml.safe_dump(config_to_dict(load_config(config, set_)), sort_keys=False, allow_unicode=True))
+    typer.echo(yaml.safe_dump(config_to_dict(effective_config(config, set_)), sort_keys=False, allow_unicode=True))
 
 
 @app.command()
@@ -560,6 +715,7 @@ def config_cmd(config: ConfigOpt = None, set_: SetOpt = None,
 def backbones(wide: WideOpt = False, markdown: MarkdownOpt = False, json_: JsonOpt = False) -> None:
     """List the registered patch encoders (features.backbone): architecture, input, dimension, size, precision."""
     from stainmil.features.encoders import encoder_table
+    from stainmil.tables import render_table
 
     columns = None if wide or markdown or json_ else ["name", "architecture", "input", "dim", "params_M", "precision"]
     typer.echo(render_table(encoder_table(), columns, _table_format(markdown, json_)), nl=False)
@@ -570,6 +726,7 @@ def backbones(wide: WideOpt = False, markdown: MarkdownOpt = False, json_: JsonO
 def models(markdown: MarkdownOpt = False, json_: JsonOpt = False) -> None:
     """List the MIL architectures (model.architecture): patch attention or not, and the paper each follows."""
     from stainmil.model.registry import ARCHITECTURES
+    from stainmil.tables import render_table
 
     rows = [{"name": name, "attention": "yes" if spec.patch_attention else "no", "reference": spec.reference}
             for name, spec in ARCHITECTURES.items()]

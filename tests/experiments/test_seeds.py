@@ -12,8 +12,9 @@ from stainmil.experiments.seeds import run_cv_seeds
 def test_cv_with_two_seeds_on_the_same_folds(prepared, tmp_path):
     config = copy.deepcopy(prepared)
     config.train.max_epochs = 2
-    table, out = run_cv_seeds(config, seeds=2, folds=3, out_dir=tmp_path / "seeds", log=lambda *_: None)
-    assert list(table["seed"]) == [config.train.seed, config.train.seed + 1]
+    seeds = [config.train.seed, config.train.seed + 1]
+    table, out = run_cv_seeds(config, seeds=seeds, folds=3, out_dir=tmp_path / "seeds", log=lambda *_: None)
+    assert list(table["seed"]) == seeds
     for fold in ("fold_01", "fold_02", "fold_03"):
         a = load_split(out / "seed_1" / "splits" / f"{fold}.npz")
         b = load_split(out / "seed_2" / "splits" / f"{fold}.npz")

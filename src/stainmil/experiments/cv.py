@@ -118,13 +118,15 @@ def prepare_experiment(config: Config, folds: int = 5, repeats: int = 1, splits_
 def run_cv(config: Config, folds: int = 5, repeats: int = 1, splits_dir: str | Path | None = None,
            launcher: str = "local", out_dir: str | Path | None = None, only_fold: int | None = None,
            job: FoldJob | None = None, log=print, workers: int = 1) -> CVResult | None:
-    """Run every fold (skipping finished ones) and write the summaries; ``only_fold`` runs one fold (1-based)."""
+    """Run every fold (skipping finished ones) and write the summaries; ``only_fold`` runs one fold, counted
+    from 0 (fold_01 is 0, as ``$SLURM_ARRAY_TASK_ID`` counts)."""
     out, jobs = prepare_experiment(config, folds, repeats, splits_dir, out_dir)
     config = load_config(out / "config.yaml")
     if only_fold is not None:
-        if not 1 <= only_fold <= len(jobs):
-            raise DataError(f"--fold {only_fold} is out of range: the experiment has folds 1..{len(jobs)}.")
-        (job or FoldJob())(*jobs[only_fold - 1])
+        if not 0 <= only_fold < len(jobs):
+            raise DataError(f"--fold-index {only_fold} is out of range: the experiment {out} has fold indices "
+                            f"0..{len(jobs) - 1} (fold_01 is 0).")
+        (job or FoldJob())(*jobs[only_fold])
         return None
     pending = [args for args in jobs if not (Path(args[2]) / "metrics.json").is_file()]
     log(f"cross-validation in {out}: {len(jobs)} folds, {len(jobs) - len(pending)} already finished")

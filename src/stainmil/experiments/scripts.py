@@ -16,11 +16,11 @@ def command_for(task: str, config_file: Path, shards: int, folds: int, workers: 
                 trials: int) -> tuple[str, int]:
     """(command run by each array task, array size) — pure."""
     if task == "extract":
-        return f"stainmil extract --config {config_file} --shards {shards} --shard $SLURM_ARRAY_TASK_ID", shards
+        return f"stainmil extract --config {config_file} --shards {shards} --shard-index $SLURM_ARRAY_TASK_ID", shards
     if task == "cv":
         if experiment is None:
             raise ConfigError("slurm-script cv needs the experiment folder (--experiment).")
-        return f"stainmil cv --resume {experiment} --fold $((SLURM_ARRAY_TASK_ID + 1))", folds
+        return f"stainmil cv --resume {experiment} --fold-index $SLURM_ARRAY_TASK_ID", folds
     if task == "tune":
         per_worker = max(1, -(-trials // workers))
         return f"stainmil tune --config {config_file} --trials {per_worker} --workers 1", workers

@@ -1,10 +1,10 @@
 """Seed spread: the whole cross-validation repeated with K training seeds on the same folds.
 
 A difference between two settings means something only when it is larger than what changing the seed
-alone does. ``stainmil cv --seeds K`` writes (``<runs_dir>/cv_seeds_…/``)::
+alone does. ``stainmil cv --seeds 0,1,2`` writes (``<runs_dir>/cv_seeds_…/``)::
 
     splits/data_splits_fold_NN.npz   the folds, shared by every seed
-    seed_1/ … seed_K/                a normal CV experiment per seed (train.seed = base + k - 1; resumable)
+    seed_1/ … seed_K/                a normal CV experiment per seed, the k-th of --seeds in seed_k (resumable)
     seeds.csv                        one row per seed: pooled out-of-fold metrics and AUC SD over folds
     seeds_report.txt, seeds.json     mean ± SD across seeds of the pooled metrics, next to the mean
                                      across-fold SD (the two kinds of spread side by side)
@@ -18,28 +18,33 @@ from pathlib import Path
 
 import pandas as pd
 
-from stainmil.config import Config
+from stainmil.config import Config, load_config
 from stainmil.errors import ConfigError
 from stainmil.experiments.cv import run_cv, shared_folds
 from stainmil.io import atomic_write, atomic_write_json, atomic_write_text
 
 
-def run_cv_seeds(config: Config, seeds: int, folds: int = 5, repeats: int = 1, splits_dir: str | Path | None = None,
-                 launcher: str = "local", out_dir: str | Path | None = None, log=print) -> tuple[pd.DataFrame, Path]:
-    """Cross-validate with ``seeds`` training seeds on the same folds; return (and write) one row per seed, and
-    the experiment folder."""
-    if seeds < 1:
-        raise ConfigError(f"--seeds must be at least 1, got {seeds}.")
+def run_cv_seeds(config: Config, seeds: list[int], folds: int = 5, repeats: int = 1,
+                 splits_dir: str | Path | None = None, launcher: str = "local", out_dir: str | Path | None = None,
+                 log=print, workers: int = 1) -> tuple[pd.DataFrame, Path]:
+    """Cross-validate once per training seed in ``seeds`` on the same folds (``workers`` folds at once); return
+    (and write) one row per seed, and the experiment folder."""
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds must name at least one seed, each once, e.g. 0,1,2; got {seeds}.")
     out = Path(out_dir) if out_dir else config.runs_dir / datetime.now().strftime("cv_seeds_%Y%m%d_%H%M%S")
     folds_dir = shared_folds(config, folds, repeats, out, splits_dir)
     per_fold = config.data.classes.summary_metrics
     seed_metrics = (*per_fold, "brier", "ece")
     rows = []
-    for k in range(seeds):
+    for k, seed in enumerate(seeds):
         seeded = copy.deepcopy(config)
-        seeded.train.seed = config.train.seed + k
-        log(f"seed {k + 1}/{seeds} (train.seed={seeded.train.seed})")
-        result = run_cv(seeded, splits_dir=folds_dir, launcher=launcher, out_dir=out / f"seed_{k + 1}", log=log)
+        seeded.train.seed = seed
+        log(f"seed {k + 1}/{len(seeds)} (train.seed={seed})")
+        seed_dir = out / f"seed_{k + 1}"
+        if (seed_dir / "config.yaml").is_file() and (was := load_config(seed_dir / "config.yaml").train.seed) != seed:
+            raise ConfigError(f"{seed_dir} was trained with train.seed={was}, not {seed}; resume {out} with the "
+                              "--seeds it was started with, in the same order.")
+        result = run_cv(seeded, splits_dir=folds_dir, launcher=launcher, out_dir=seed_dir, log=log, workers=workers)
         pooled, over = result.metrics["pooled_out_of_fold"], result.metrics["over_folds"]
         rows.append({"seed": seeded.train.seed, **{m: pooled[m] for m in seed_metrics},
                      **{f"{m}_sd_over_folds": over[m]["sd"] for m in per_fold}})

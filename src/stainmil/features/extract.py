@@ -269,7 +269,7 @@ def extract_sharded(config: Config, shards: int = 1, launcher: str = "local", sh
     """
 
     if shards < 1 or (shard is not None and not 0 <= shard < shards):
-        raise ConfigError(f"--shard {shard} must be in 0..{shards - 1} (--shards {shards}).")
+        raise ConfigError(f"--shard-index {shard} must be in 0..{shards - 1} (--shards {shards}).")
     manifest = load_manifest(config)
     if shard is not None:
         return [extract_features(config, manifest, shard=(shard, shards))]
