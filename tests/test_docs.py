@@ -25,6 +25,10 @@ def test_site_builds_strict_with_generated_reference_pages(tmp_path):
     assert "uni_v1" in encoders and "licence" in encoders
     config = (tmp_path / "site" / "reference" / "configuration" / "index.html").read_text()
     assert "model.architecture" in config and "model.stain_identity" in config
+    api = (tmp_path / "site" / "api" / "index.html").read_text()  # mkdocstrings: rendered from the docstrings
+    assert 'id="stainmil.train.run.open_run"' in api and 'id="stainmil.analysis.heatmaps.draw_heatmap"' in api
+    assert ":func:" not in api and "(B, C)" in api  # docs/griffe_docstrings.py: roles gone, shape comments shown
+    assert not (tmp_path / "site" / "griffe_docstrings.py").exists()
     assert not (tmp_path / "site" / "gen_reference.py").exists()
 
 
