@@ -112,7 +112,7 @@ def main() -> None:
                          "epochs": result.epochs_run, "seconds": round(time.perf_counter() - t0, 1),
                          "run": result.run_dir.name})
             pd.DataFrame(rows).to_csv(rows_file, index=False)
-            print(f"{name:<28} seed {seed}: AUC {test['auc']:.3f}, benign recall {test["recall_benign"]:.2f}, "
+            print(f"{name:<28} seed {seed}: AUC {test['auc']:.3f}, benign recall {test['recall_benign']:.2f}, "
                   f"{result.epochs_run} epochs, {time.perf_counter() - t0:.0f} s", flush=True)
     table = summarise(pd.DataFrame(rows))
     (out / "ablation.md").write_text(table)
