@@ -54,7 +54,7 @@ def main() -> None:
     from stainmil.data.cohort import build_index, case_labels, write_index
     from stainmil.data.splits import make_splits
     from stainmil.data.synth import PRESETS, write_cohort
-    from stainmil.evaluate.predict import evaluate_run
+    from stainmil.evaluate.evaluation import evaluate_run
     from stainmil.features.extract import extract_features
     from stainmil.train.run import load_cohort
     from stainmil.train.trainer import train

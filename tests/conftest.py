@@ -51,7 +51,7 @@ def trained_run(prepared: Config, folder: Path, max_epochs: int, **analysis) -> 
     """Train and evaluate a run on the tiny cohort (``analysis`` overrides config.analysis fields)."""
     import copy
 
-    from stainmil.evaluate.predict import evaluate_run
+    from stainmil.evaluate.evaluation import evaluate_run
     from stainmil.train.trainer import train
 
     config = copy.deepcopy(prepared)

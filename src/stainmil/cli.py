@@ -241,7 +241,7 @@ def train_cmd(config: ConfigOpt = None, set_: SetOpt = None,
               resume: ResumeOpt = None,
               evaluate: Annotated[bool, typer.Option(help="Evaluate on the test split afterwards.")] = True) -> None:
     """Train one run on one split -> runs/run_YYYYMMDD_HHMMSS/ (or continue one with --resume)."""
-    from stainmil.evaluate.predict import evaluate_run
+    from stainmil.evaluate.evaluation import evaluate_run
     from stainmil.train.trainer import train
 
     cfg = effective_config(config, set_)
@@ -275,7 +275,7 @@ def _print_evaluation(evaluation, run_dir: Path) -> None:
 def evaluate_cmd(run: Annotated[Path, typer.Argument(help="Run folder.")],
                  split_name: SplitOpt = "test") -> None:
     """Re-evaluate a finished run (best checkpoint; threshold chosen on val)."""
-    from stainmil.evaluate.predict import evaluate_run
+    from stainmil.evaluate.evaluation import evaluate_run
 
     _print_evaluation(evaluate_run(run, split_name), run)
 

@@ -19,7 +19,7 @@ from stainmil.data.slide_route import tile_cohort
 from stainmil.data.splits import load_split, make_splits, write_splits
 from stainmil.data.synth import PRESETS, write_cohort, write_slides
 from stainmil.errors import StoreError
-from stainmil.evaluate.predict import Evaluation, evaluate_run
+from stainmil.evaluate.evaluation import Evaluation, evaluate_run
 from stainmil.features.backbones import build_backbone
 from stainmil.features.extract import ExtractSummary, extract_features
 from stainmil.train.trainer import TrainResult, train

@@ -17,7 +17,7 @@ def trained_and_analysed(config, tmp_path):
     """Extract, split, train, evaluate and analyse (test cases) ``config``'s tiled cohort: (run folder, analysis)."""
     from stainmil.analysis.analyze import write_analysis
     from stainmil.data.cohort import load_manifest
-    from stainmil.evaluate.predict import evaluate_run
+    from stainmil.evaluate.evaluation import evaluate_run
     from stainmil.features.extract import extract_features
     from stainmil.pipeline import split_cohort
     from stainmil.train.trainer import train
@@ -117,7 +117,7 @@ def test_the_aligned_model_trains_predicts_and_explains_on_registered_slices(ser
     from stainmil.data.cohort import load_manifest
     from stainmil.data.registration import patch_alignment
     from stainmil.errors import ConfigError
-    from stainmil.evaluate.predict import evaluate_run
+    from stainmil.evaluate.evaluation import evaluate_run
     from stainmil.features.extract import extract_features
     from stainmil.pipeline import predict_as_new, split_cohort
     from stainmil.train.checkpoint import load_checkpoint

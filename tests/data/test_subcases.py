@@ -62,7 +62,7 @@ def test_no_val_or_test_patch_reaches_training_through_subcases(prepared, tmp_pa
     train_rows = expanded["case"].isin(set(train_cases))
     assert not manifest.loc[train_rows, "case"].isin(held_out).any()
     assert {parent_case(c) for c in train_cases} == set(split.train)
-    from stainmil.evaluate.predict import evaluate_run
+    from stainmil.evaluate.evaluation import evaluate_run
 
     predictions = evaluate_run(run).predictions  # outputs speak of parent cases only
     assert not predictions["case"].str.contains("::sub").any()

@@ -122,7 +122,7 @@ def test_imported_features_train_analyze_report_qupath_and_predict(trident_impor
     from stainmil.analysis.new_cases import predict_unlabelled
     from stainmil.analysis.qupath import export_folder
     from stainmil.analysis.report import build_report
-    from stainmil.evaluate.predict import evaluate_run
+    from stainmil.evaluate.evaluation import evaluate_run
     from stainmil.train.trainer import train
 
     root, config, _ = trident_import

@@ -15,7 +15,7 @@ from stainmil.analysis.qupath import export_folder
 from stainmil.analysis.report import build_report
 from stainmil.data.splits import load_split
 from stainmil.errors import ConfigError
-from stainmil.evaluate.predict import evaluate_run
+from stainmil.evaluate.evaluation import evaluate_run
 from stainmil.model.registry import ARCHITECTURES
 from stainmil.train.checkpoint import load_checkpoint
 from stainmil.train.trainer import train

@@ -72,7 +72,7 @@ def test_zero_coefficients_train_bit_identically(prepared, tmp_path):
 def test_entropy_regularisation_raises_attention_entropy(prepared, tmp_path):
     """Same seed; lambda > 0 at the patch level gives flatter patch attention after training."""
     from stainmil.analysis.attention import analyze_tables
-    from stainmil.evaluate.predict import evaluate_run
+    from stainmil.evaluate.evaluation import evaluate_run
 
     entropies = []
     for name, weight in (("base", 0.0), ("entropy", 2.0)):

@@ -50,7 +50,7 @@ def test_temperature_scaling_lowers_ece_on_held_out_cases_and_keeps_the_ranking(
 
 
 def test_run_evaluated_with_temperature_fits_on_val_only(prepared, tmp_path):
-    from stainmil.evaluate.predict import evaluate_run
+    from stainmil.evaluate.evaluation import evaluate_run
     from tests.conftest import trained_run
 
     config = copy.deepcopy(prepared)

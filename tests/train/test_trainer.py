@@ -12,7 +12,7 @@ import torch
 from stainmil.config import dump_config
 from stainmil.data.splits import Split, load_split
 from stainmil.errors import DataError, TrainingError
-from stainmil.evaluate.predict import evaluate_run
+from stainmil.evaluate.evaluation import evaluate_run
 from stainmil.train.checkpoint import load_checkpoint, model_from_checkpoint
 from stainmil.train.trainer import train
 

@@ -29,7 +29,7 @@ from stainmil.config import Config, SplitConfig, config_from_dict, config_to_dic
 from stainmil.data.cohort import case_labels, load_manifest
 from stainmil.data.splits import Split, load_split, make_splits, save_split
 from stainmil.errors import DataError
-from stainmil.evaluate.predict import evaluate_run
+from stainmil.evaluate.evaluation import evaluate_run
 from stainmil.io import atomic_write, atomic_write_json, atomic_write_text
 from stainmil.launch import run_jobs
 from stainmil.stats.metrics import bootstrap_intervals, classification_metrics

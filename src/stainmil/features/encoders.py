@@ -114,13 +114,20 @@ _vit("gigapath", "vit_giant_patch14_dinov2", "prov-gigapath/prov-gigapath", 1536
 _vit("lunit_vits8", "vit_small_patch8_224", "1aurent/vit_small_patch8_224.lunit_dino", 384, 21.7,
      "non-commercial (Lunit)", token=8, precision="fp32", gated=False, mean=LUNIT_MEAN, std=LUNIT_STD,
      weights_file="model.safetensors")
-for _size, _arch, _dim, _params, _patch in (("vits16", "vit_small_patch16_224", 384, 21.7, 16),
-                                             ("vits8", "vit_small_patch8_224", 384, 21.7, 8),
-                                             ("vitb16", "vit_base_patch16_224", 768, 85.8, 16),
-                                             ("vitb8", "vit_base_patch8_224", 768, 85.8, 8)):
-    _vit(f"kaiko_{_size}", _arch, f"1aurent/{_arch}.kaiko_ai_towards_large_pathology_fms", _dim, _params,
-         "Apache-2.0", token=_patch, precision="fp32", gated=False, mean=KAIKO_MEAN, std=KAIKO_STD,
-         weights_file="model.safetensors")
+
+
+def _register_kaiko() -> None:
+    """kaiko.ai's ViT-S/B at 16 and 8 px tokens (one registration per size; no names left at module level)."""
+    for size, arch, dim, params, patch in (("vits16", "vit_small_patch16_224", 384, 21.7, 16),
+                                           ("vits8", "vit_small_patch8_224", 384, 21.7, 8),
+                                           ("vitb16", "vit_base_patch16_224", 768, 85.8, 16),
+                                           ("vitb8", "vit_base_patch8_224", 768, 85.8, 8)):
+        _vit(f"kaiko_{size}", arch, f"1aurent/{arch}.kaiko_ai_towards_large_pathology_fms", dim, params,
+             "Apache-2.0", token=patch, precision="fp32", gated=False, mean=KAIKO_MEAN, std=KAIKO_STD,
+             weights_file="model.safetensors")
+
+
+_register_kaiko()
 _vit("kaiko_vitl14", "vit_large_patch14_reg4_dinov2", "1aurent/vit_large_patch14_reg4_dinov2"
      ".kaiko_ai_towards_large_pathology_fms", 1024, 304.4, "Apache-2.0", token=14, precision="fp32",
      gated=False, mean=KAIKO_MEAN, std=KAIKO_STD, weights_file="model.safetensors")

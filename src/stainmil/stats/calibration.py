@@ -13,7 +13,6 @@ import math
 import numpy as np
 from scipy.optimize import minimize_scalar
 
-CALIBRATION_METRICS = ("brier", "ece")
 _EPS = 1e-7
 
 
