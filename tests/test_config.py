@@ -107,3 +107,32 @@ def test_user_aliases_and_canonical_names_both_count():
     data = load_config(None, ["data.stain_aliases={PRAME: melan}"]).data
     assert data.canonical_stain("prame") == "melan" and data.canonical_stain("Sox10") == "sox10"
     assert data.canonical_stain("Melan-A") is None  # not an alias any more, nor a canonical name
+
+
+def test_every_path_valued_setting_is_written_absolute(tmp_path, monkeypatch):
+    """A run folder's config.yaml read from another working directory (a SLURM job, a colleague) finds the same
+    files: every path-valued setting is absolute; names, URLs and encoder files keep their form."""
+    import yaml
+
+    from stainmil.config import PATH_FIELDS, Config, dump_config
+
+    monkeypatch.chdir(tmp_path)
+    config = Config()  # built in code, never through load_config: dump_config resolves too
+    config.output_dir, config.register.out_dir = "out", "reg"
+    config.tile.include_annotations, config.tile.exclude_annotations = "annotations/{stem}.geojson", "pen"
+    config.data.patches_dir, config.data.labels_csv, config.tile.slices_dir = "patches", "labels.csv", "slides"
+    config.features.store_dir, config.train.runs_dir, config.train.split_file = "store", "runs", "s.npz"
+    config.tile.out_dir, config.tune.dir, config.tune.storage = "tiles", "tune", "tune/study.journal"
+    config.features.weights, config.features.backbone = "weights/enc.pth", "file:encoders/mine.py:build"
+    written = yaml.safe_load(dump_config(config, tmp_path / "config.yaml").read_text())
+    for section, *key in sorted(PATH_FIELDS):
+        value = written[section] if not key else written[section][key[0]]
+        assert value.startswith(str(tmp_path)), (section, key, value)
+    assert written["tile"]["include_annotations"] == str(tmp_path / "annotations" / "{stem}.geojson")
+    assert written["features"]["weights"] == str(tmp_path / "weights" / "enc.pth")
+    assert written["features"]["backbone"] == f"file:{tmp_path / 'encoders' / 'mine.py'}:build"
+    assert written["tune"]["storage"] == str(tmp_path / "tune" / "study.journal")
+    assert config.output_dir == "out"  # dumping left the caller's config alone
+    config.features.weights, config.tune.storage = "pretrained", "sqlite:///study.db"
+    written = yaml.safe_load(dump_config(config, tmp_path / "config.yaml").read_text())
+    assert written["features"]["weights"] == "pretrained" and written["tune"]["storage"] == "sqlite:///study.db"

@@ -13,6 +13,7 @@ folder can be re-evaluated from anywhere.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import types
@@ -477,7 +478,10 @@ class Config:
 PATH_FIELDS = {
     ("output_dir",), ("data", "patches_dir"), ("data", "labels_csv"), ("features", "store_dir"),
     ("train", "runs_dir"), ("train", "split_file"), ("tile", "slices_dir"), ("tile", "out_dir"), ("tune", "dir"),
+    ("tile", "include_annotations"), ("tile", "exclude_annotations"), ("register", "out_dir"),
 }
+# settings that are a path only in some of their forms (a name, a URL or a path)
+NAMED_OR_PATH = {("features", "weights"): ("pretrained", "imagenet", "random"), ("tune", "storage"): ()}
 
 
 # ---- conversion ----------------------------------------------------------------------------
@@ -591,13 +595,25 @@ def config_to_dict(config: Config) -> dict:
 
 
 def _resolve_paths(config: Config) -> Config:
-    for path in PATH_FIELDS:
+    """Every path-valued setting made absolute (in place): a config read back elsewhere (a run folder's
+    config.yaml, a SLURM job in another working directory) points at the same files. Names (``pretrained``), URLs
+    (``sqlite:///…``) and ``file:`` encoders keep their form, with the path inside made absolute."""
+    def absolute(value: str) -> str:
+        return str(Path(value).expanduser().resolve())
+
+    for path in PATH_FIELDS | set(NAMED_OR_PATH):
         obj = config
         for part in path[:-1]:
             obj = getattr(obj, part)
         value = getattr(obj, path[-1])
-        if value:
-            setattr(obj, path[-1], str(Path(value).expanduser().resolve()))
+        if not value or value in NAMED_OR_PATH.get(path, ()) or "://" in value:
+            continue
+        setattr(obj, path[-1], absolute(value))
+    backbone = config.features.backbone
+    if backbone.startswith("file:"):  # file:/path/encoder.py:build
+        file, sep, factory = backbone[5:].rpartition(":")
+        if sep and file:
+            config.features.backbone = f"file:{absolute(file)}:{factory}"
     return config
 
 
@@ -655,8 +671,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def dump_config(config: Config, path: str | Path) -> Path:
-    """Write ``config`` as YAML atomically and return the path."""
-    text = yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True)
+    """Write ``config`` as YAML atomically, every path-valued setting absolute, and return the path."""
+    text = yaml.safe_dump(config_to_dict(_resolve_paths(copy.deepcopy(config))), sort_keys=False, allow_unicode=True)
     return atomic_write_text(Path(path), text)
 
 

@@ -22,7 +22,10 @@ def predicted(prepared, tmp_path_factory):
     new = copy.deepcopy(prepared)
     new.data.labels_csv, new.data.include_cases = "", list(test_cases)
     new.output_dir, new.features.store_dir = str(work / "new"), str(work / "new" / "store")
-    return run, test_cases, predict_unlabelled(run / "checkpoints" / "best.pth", new, work / "predictions")
+    before = copy.deepcopy(new)
+    out = predict_unlabelled(run / "checkpoints" / "best.pth", new, work / "predictions")
+    assert new == before, "predict_unlabelled changed the config it was given"
+    return run, test_cases, out
 
 
 def test_predictions_equal_the_runs_on_the_same_cases(predicted):

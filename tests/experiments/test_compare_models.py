@@ -20,8 +20,10 @@ def test_models_and_stain_sets_share_folds_and_seeds_and_resume(prepared, tmp_pa
     config = copy.deepcopy(prepared)
     config.train.max_epochs, config.eval.bootstrap = 2, 20
     out = tmp_path / "models"
+    before = copy.deepcopy(config)
     table = compare_models(config, ["hierarchical", "abmil"], folds=3, seeds=[3, 4],
                            stain_sets=["he+melan+sox10", "he"], out_dir=out, log=lambda *_: None)
+    assert config == before, "compare_models changed the config it was given"
     # the default stain identity (embedding) is in every name
     assert list(table["model"]) == ["hierarchical:embedding (he+melan+sox10)", "abmil:embedding (he+melan+sox10)",
                                     "hierarchical:embedding (he)", "abmil:embedding (he)"]

@@ -19,7 +19,9 @@ def _config(prepared, tmp_path):
 def test_cv_end_to_end_and_resume(prepared, tmp_path):
     config = _config(prepared, tmp_path)
     logs = []
+    before = copy.deepcopy(config)
     result = run_cv(config, folds=3, log=logs.append)
+    assert config == before, "run_cv changed the config it was given"
     out = result.out_dir
     assert out.name.startswith("cv_")
     summary = pd.read_csv(out / "cv_summary.csv")

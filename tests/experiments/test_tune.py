@@ -25,7 +25,9 @@ def _config(prepared, tmp_path):
 
 def test_tune_writes_outputs_and_continues_the_study(prepared, tmp_path):
     config = _config(prepared, tmp_path)
+    before = copy.deepcopy(config)
     result = run_tune(config, trials=3, log=lambda *_: None)
+    assert config == before, "run_tune changed the config it was given"
     assert result.n_trials == 3
     for name in ("trials.csv", "best_config.yaml", "optimization_history.png"):
         assert (result.out_dir / name).is_file(), name
