@@ -93,19 +93,25 @@ def test_slide_route_from_slides_to_report_with_heatmaps_on_thumbnails(tmp_path)
 
 
 @pytest.mark.slow
-def test_three_classes_from_demo_to_cv_and_report(tmp_path):
-    """benign / intermediate / high_grade: per-class metrics, figures, report, predictions and CV."""
+def test_three_classes_from_demo_to_cv_compare_models_and_report(tmp_path):
+    """benign / intermediate / high_grade: per-class metrics, figures, report, predictions, CV and compare-models,
+    on `synth --preset tiny --classes 3` (8 cases: 3, 3 and 2), every class in training."""
     import dataclasses
 
+    from stainmil.data.splits import load_split
     from stainmil.data.synth import PRESETS, write_cohort
+    from stainmil.experiments.compare_models import compare_models
     from stainmil.experiments.cv import run_cv
     from tests.analysis.test_report import opened
 
-    # 12 cases (4 per class), rendered first: the demo reuses a cohort it finds
-    write_cohort(tmp_path / "demo" / "cohort", dataclasses.replace(PRESETS["tiny"], cases=12, classes=3), workers=1)
+    # rendered first: the demo reuses a cohort it finds
+    write_cohort(tmp_path / "demo" / "cohort", dataclasses.replace(PRESETS["tiny"], classes=3), workers=1)
     result = run_demo(tmp_path / "demo", ["train.max_epochs=4", "features.image_size=32", "eval.bootstrap=30"],
                       weights="random", log=lambda *_: None, preset="tiny", classes=3)
     run = result.training.run_dir
+    labels = pd.read_csv(result.cohort_dir / "labels.csv", dtype=str).set_index("case_id")["label"]
+    assert labels.value_counts().to_dict() == {"benign": 3, "intermediate": 3, "high_grade": 2}
+    assert set(labels[load_split(run / "data_splits.npz").train]) == {"benign", "intermediate", "high_grade"}
     metrics = json.loads((run / "metrics.json").read_text())
     test = metrics["splits"]["test"]
     for name in ("benign", "intermediate", "high_grade"):
@@ -130,8 +136,11 @@ def test_three_classes_from_demo_to_cv_and_report(tmp_path):
     cv = run_cv(cv_config, folds=2, log=lambda *_: None)
     assert {"recall_benign", "recall_intermediate", "recall_high_grade", "auc"} <= set(cv.summary.columns)
     pooled = cv.metrics["pooled_out_of_fold"]
-    assert pooled["n_cases"] == 12 and "recall_intermediate" in pooled["ci95"]
+    assert pooled["n_cases"] == 8 and "recall_intermediate" in pooled["ci95"]
     assert "the most probable class" in (cv.out_dir / "cv_report.txt").read_text()
+    table = compare_models(cv_config, ["hierarchical", "mean"], folds=2, seeds=[0], out_dir=tmp_path / "models",
+                           log=lambda *_: None)
+    assert {"recall_benign", "recall_intermediate", "recall_high_grade", "delta_auc"} <= set(table.columns)
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 from stainmil.analysis.analyze import write_analysis
 from stainmil.analysis.new_cases import predict_unlabelled
@@ -37,13 +38,21 @@ def _config(prepared, folder, architecture, **model):
 
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
 def test_pipeline_for_every_architecture(prepared, tmp_path, architecture):
-    if architecture == "aligned":  # places need registered slides: its pipeline is in tests/data/test_registration.py
+    if ARCHITECTURES[architecture].needs_registration:  # places need registered slides: see test_registration.py
         with pytest.raises(ConfigError, match="patch-image cohorts cannot be aligned"):
             train(_config(prepared, tmp_path / "runs", architecture))
         return
     run = train(_config(prepared, tmp_path / "runs", architecture)).run_dir
-    metrics = evaluate_run(run).metrics
-    assert 0 <= metrics["splits"]["test"]["auc"] <= 1 or np.isnan(metrics["splits"]["test"]["auc"])
+    evaluation = evaluate_run(run)
+    test = evaluation.metrics["splits"]["test"]
+    part = evaluation.predictions[evaluation.predictions["split"] == "test"]
+    test_cases = load_split(run / "data_splits.npz").test
+    assert test["n_cases"] == len(part) == len(test_cases) and np.sum(test["confusion_matrix"]) == len(part)
+    assert np.allclose(part[["prob_0", "prob_1"]].sum(axis=1), 1.0) and set(part["pred"]) <= {0, 1}
+    if part["label"].nunique() == 2:  # the metric is the one of the predictions written beside it
+        assert test["auc"] == pytest.approx(roc_auc_score(part["label"], part["prob_1"]))
+    else:
+        assert np.isnan(test["auc"])
     analysis = write_analysis(run)
     summary = json.loads((run / "attention" / "summary.json").read_text())
     has_attention = ARCHITECTURES[architecture].patch_attention
@@ -61,7 +70,6 @@ def test_pipeline_for_every_architecture(prepared, tmp_path, architecture):
             values = [radios.nth(i).get_attribute("value") for i in range(radios.count())]
             assert errors == [] and values and ("attention" in values) == has_attention
     assert (run / "qupath" / "index.csv").is_file() or export_folder(run).files
-    test_cases = load_split(run / "data_splits.npz").test
     new = copy.deepcopy(prepared)
     new.data.labels_csv, new.data.include_cases = "", list(test_cases)
     new.output_dir, new.features.store_dir = str(tmp_path / "new"), str(tmp_path / "new" / "store")
