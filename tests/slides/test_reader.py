@@ -74,3 +74,29 @@ def test_thumbnail_of_a_slide_without_pyramid_is_read_in_bands(tmp_path):
     reference = np.asarray(Image.fromarray(rgb).resize((75, 50), Image.BILINEAR)).astype(int)
     assert banded.shape == (50, 75, 3)
     assert np.abs(banded.astype(int) - reference).mean() < 3  # seams between bands are the only difference
+
+
+def test_a_reader_keeps_its_own_bounded_handles_and_a_copy_starts_empty(tmp_path):
+    """No process-wide cache of open slides: each reader owns a SlideHandles, closes the least recently used past
+    its limit, and a pickled copy (a DataLoader worker) opens its own."""
+    import pickle
+
+    from stainmil.slides.reader import SlideHandles
+
+    paths = []
+    for i in range(3):
+        rgb = np.full((64, 64, 3), 40 * (i + 1), dtype=np.uint8)
+        paths.append(str(tmp_path / f"s{i}.png"))
+        Image.fromarray(rgb).save(paths[-1])
+    slides = SlideHandles(limit=2)
+    first = slides.get(paths[0])
+    assert slides.get(paths[0]) is first and len(slides) == 1
+    slides.get(paths[1])
+    slides.get(paths[2])                       # past the limit: s0, least recently used, is closed
+    assert len(slides) == 2 and slides.get(paths[0]) is not first
+    ref = PatchRef(paths[1], 0, 0, 0, 64)
+    assert np.array_equal(read_patch(ref, 64, slides), read_patch(ref, 64))  # through handles = opened once
+    copy = pickle.loads(pickle.dumps(slides))
+    assert len(copy) == 0 and copy.limit == 2
+    slides.close()
+    assert len(slides) == 0

@@ -10,6 +10,7 @@ import pandas as pd
 from stainmil.analysis.heatmaps import patch_pixels
 from stainmil.classes import ClassScheme
 from stainmil.io import save_figure, subplots
+from stainmil.slides.reader import SlideHandles
 
 CLASS_COLOURS = ("#2b83ba", "#d7191c")  # benign blue, high-grade red
 MORE_CLASS_COLOURS = ("#2b83ba", "#fdae61", "#d7191c", "#1a9641", "#7b3294", "#636363")  # k > 2 classes
@@ -113,6 +114,7 @@ def patch_grid(part: pd.DataFrame, n: int, path: Path, title: str) -> Path:
     ordered = part.sort_values("effective_attention", ascending=False)
     rows = [("top", ordered.head(n)), ("bottom", ordered.tail(n).iloc[::-1])]
     fig, axes = subplots(2, n, figsize=(1.5 * n, 3.8), squeeze=False)
+    slides = SlideHandles()  # a case's patches come from a few slides: each opened once
     for r, (name, chosen) in enumerate(rows):
         for c in range(n):
             ax = axes[r][c]
@@ -120,13 +122,14 @@ def patch_grid(part: pd.DataFrame, n: int, path: Path, title: str) -> Path:
             if c >= len(chosen):
                 continue
             patch = chosen.iloc[c]
-            pixels = patch_pixels(patch)
+            pixels = patch_pixels(patch, slides=slides)
             if pixels is None:  # imported features without their slides
                 ax.text(0.5, 0.5, "no image", ha="center", va="center", fontsize=7, transform=ax.transAxes)
             else:
                 ax.imshow(pixels)
             ax.set_title(f"{patch['stain']} s{patch['slice']}\n{patch['relative_attention']:.2g}x", fontsize=7)
         axes[r][0].text(-0.15, 0.5, name, transform=axes[r][0].transAxes, rotation=90, va="center", ha="right")
+    slides.close()
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path, dpi=100)

@@ -21,20 +21,21 @@ from matplotlib import colors
 from PIL import Image
 
 from stainmil.io import save_figure, subplots
-from stainmil.slides.reader import PatchRef, read_patch
+from stainmil.slides.reader import PatchRef, SlideHandles, read_patch
 
 ATTENTION_NORM = colors.LogNorm(vmin=1 / 8, vmax=8)
 PROB_NORM = colors.Normalize(vmin=0, vmax=1)
 
 
-def patch_pixels(row: pd.Series, size: int = 128) -> np.ndarray | None:
-    """RGB (size, size, 3) of one patch of a patch table: read from its slide on the slide route, from its file on
-    the patch route; None when the cohort has no pixels (features imported without their slides: level -1)."""
+def patch_pixels(row: pd.Series, size: int = 128, slides: SlideHandles | None = None) -> np.ndarray | None:
+    """RGB (size, size, 3) of one patch of a patch table: read from its slide on the slide route (through
+    ``slides``, the caller's open handles), from its file on the patch route; None when the cohort has no pixels
+    (features imported without their slides: level -1)."""
     if "level" in row.index and pd.notna(row["level"]):
         if int(row["level"]) < 0:
             return None
         return read_patch(PatchRef(str(row["path"]), int(row["x"]), int(row["y"]), int(row["level"]),
-                                   int(row["read_size"])), size)
+                                   int(row["read_size"])), size, slides)
     return read_patch(str(row["path"]), size)
 
 

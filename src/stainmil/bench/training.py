@@ -45,7 +45,7 @@ from stainmil.model.nested_reference import nested_forward
 from stainmil.model.registry import build_model
 from stainmil.model.regularizers import AttentionRegularizer
 from stainmil.pipeline import demo_config, tile_cohort
-from stainmil.slides.reader import patch_refs, read_patch
+from stainmil.slides.reader import SlideHandles, patch_refs, read_patch
 from stainmil.train import trainer
 from stainmil.train.losses import build_loss, class_weights
 from stainmil.train.trainer import EpochPlan, TrainingStep
@@ -212,12 +212,14 @@ def head_profile(model, batch, path: Path, repeats: int = 20) -> str:
 
 def decode_rate(refs, size: int, limit: int = 400) -> float:
     """Patches decoded (and resized to ``size``) per second on one core, as extraction workers do it."""
-    refs = refs[:limit]
-    read_patch(refs[0], size)
+    refs, slides = refs[:limit], SlideHandles()
+    read_patch(refs[0], size, slides)
     start = time.perf_counter()
     for ref in refs:
-        read_patch(ref, size)
-    return len(refs) / (time.perf_counter() - start)
+        read_patch(ref, size, slides)
+    seconds = time.perf_counter() - start
+    slides.close()
+    return len(refs) / seconds
 
 
 def bench_cohort(out: Path, preset: str, size: int, tag: str, device: torch.device, slides: bool, log,

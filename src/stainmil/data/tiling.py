@@ -39,7 +39,7 @@ from stainmil.progress import progress_bar
 from stainmil.slides.annotations import BadAnnotations, Region, find_annotation_file, read_region, region_mask
 from stainmil.slides.coords import coords_attrs, read_coords, write_coords
 from stainmil.slides.grid import NoScale, mask_downsample, patch_grid, read_plan
-from stainmil.slides.reader import PatchRef, Slide, UnreadableSlide, read_patch, slide_paths
+from stainmil.slides.reader import PatchRef, Slide, SlideHandles, UnreadableSlide, read_patch, slide_paths
 from stainmil.slides.tissue import tissue_mask
 
 NO_MATCH = "name does not match tile.filename_pattern"
@@ -186,12 +186,16 @@ def _rows_from_coords(coords: np.ndarray, attrs: dict, fractions: np.ndarray, ke
 
 def _export_patches(rows: list[dict], out: Path, patch_size: int) -> None:
     """Write each patch as a PNG (the patch route); files that exist are done."""
-    for row in rows:
-        target = out / row["file"]
-        if target.is_file():
-            continue
-        pixels = read_patch(PatchRef(row["slide"], row["x"], row["y"], row["level"], row["read_size"]), patch_size)
-        save_image(pixels, target)
+    slides = SlideHandles()
+    try:
+        for row in rows:
+            target = out / row["file"]
+            if target.is_file():
+                continue
+            ref = PatchRef(row["slide"], row["x"], row["y"], row["level"], row["read_size"])
+            save_image(read_patch(ref, patch_size, slides), target)
+    finally:
+        slides.close()
 
 
 def _slide_summary(attrs: dict, n: int) -> dict:

@@ -40,7 +40,7 @@ from stainmil.features.store import (
 )
 from stainmil.launch import run_jobs
 from stainmil.progress import progress_bar
-from stainmil.slides.reader import cached_slide, patch_refs, read_patch
+from stainmil.slides.reader import SlideHandles, patch_refs, read_patch
 
 
 class PatchImages(Dataset):
@@ -55,12 +55,14 @@ class PatchImages(Dataset):
                  jitter: float = 0.0, seed: int = 0) -> None:
         self.paths, self.image_size = paths, image_size
         self.keys, self.views, self.jitter, self.seed = keys, views, jitter, seed
+        self.slides = SlideHandles()  # this reader's open slides (a worker gets its own: fresh_slide_handles)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        image = torch.from_numpy(read_patch(self.paths[index], self.image_size)).permute(2, 0, 1)  # (3, S, S)
+        image = torch.from_numpy(read_patch(self.paths[index], self.image_size, self.slides))
+        image = image.permute(2, 0, 1)                                                      # (3, S, S)
         if self.views == 1:
             return image
         return image, torch.from_numpy(view_jitter(self.keys[index], self.views, self.jitter, self.seed))
@@ -68,7 +70,9 @@ class PatchImages(Dataset):
 
 def fresh_slide_handles(worker_id: int) -> None:
     """Each DataLoader worker opens its own slide handles (never one inherited from the parent by fork)."""
-    cached_slide.cache_clear()
+    info = torch.utils.data.get_worker_info()
+    if info is not None and hasattr(info.dataset, "slides"):
+        info.dataset.slides.forget()
 
 
 def patch_keys(rows: pd.DataFrame) -> list[str]:

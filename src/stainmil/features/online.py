@@ -33,7 +33,7 @@ from stainmil.features.backbones import Backbone, build_backbone, state_dict_has
 from stainmil.features.encoder_modules import EncoderModule
 from stainmil.features.encoders import preprocessing
 from stainmil.features.plan import extraction_plan
-from stainmil.slides.reader import read_patch
+from stainmil.slides.reader import SlideHandles, read_patch
 
 
 def split_backbone(module: nn.Module, trainable_blocks: int) -> tuple[nn.Module, nn.Module | None, list[nn.Module]]:
@@ -77,6 +77,7 @@ class OnlineEncoder:
         # a fine-tuned tail trains in bf16 (fp16 gradients would need a GradScaler); a frozen encoder as its card says
         self.autocast = torch.bfloat16 if f.trainable_blocks and self.plan.precision == "fp16" else self.plan.autocast
         self.readers = ThreadPoolExecutor(max_workers=max(1, self.plan.workers))  # PIL decodes without the GIL
+        self.slides = SlideHandles()  # the slides the readers share (slide-route cohorts)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.tail_parameters)
@@ -84,7 +85,7 @@ class OnlineEncoder:
     def read(self, paths: Sequence[str]) -> torch.Tensor:
         """uint8 images (P, 3, S, S) of patch files or slide regions, decoded by a thread pool."""
         size = self.config.image_size
-        arrays = list(self.readers.map(lambda p: read_patch(p, size), paths))
+        arrays = list(self.readers.map(lambda p: read_patch(p, size, self.slides), paths))
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
     def encode(self, paths: Sequence[str], augment: bool, rng: np.random.Generator | None) -> torch.Tensor:

@@ -2,14 +2,16 @@
 images through Pillow — one :class:`Slide` interface for both, plus the scale read from the metadata.
 
 A patch in a slide is a :class:`PatchRef`: the slide, the top-left corner at level 0, the pyramid level
-read and the side read there (resized to the encoder's input afterwards). Each process (DataLoader
-worker) keeps its own open handles (:func:`cached_slide`); handles are never shared across processes.
+read and the side read there (resized to the encoder's input afterwards). A reader that reads many patches
+(an extraction dataset, the online encoder, a tiling loop) owns a :class:`SlideHandles` of open slides; there is
+no process-wide cache, and a DataLoader worker starts with handles of its own.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -215,16 +217,60 @@ class PatchRef:
     read_size: int
 
 
-@lru_cache(maxsize=32)
-def cached_slide(path: str) -> Slide:
-    """An open slide, one handle per process and path (DataLoader workers each build their own cache)."""
-    return Slide(path)
+class SlideHandles:
+    """Open slides by path for one reader, at most ``limit`` at once (the least recently used is closed first).
+
+    Thread-safe (a thread pool of decoders shares one); never shared across processes: a pickled copy starts
+    empty, and :meth:`forget` drops the handles a forked DataLoader worker inherited without closing them.
+    """
+
+    def __init__(self, limit: int = 32) -> None:
+        self.limit = limit
+        self._open: OrderedDict[str, Slide] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, path: str) -> Slide:
+        with self._lock:
+            slide = self._open.pop(path, None)
+            if slide is None:
+                slide = Slide(path)
+            self._open[path] = slide                          # most recently used last
+            while len(self._open) > self.limit:
+                self._open.popitem(last=False)[1].close()
+            return slide
+
+    def close(self) -> None:
+        with self._lock:
+            while self._open:
+                self._open.popitem()[1].close()
+
+    def forget(self) -> None:
+        """Drop every handle without closing it (a forked child must not close its parent's files)."""
+        with self._lock:
+            self._open = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def __getstate__(self) -> dict:
+        return {"limit": self.limit}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["limit"])
 
 
-def read_patch(ref: PatchRef | str, image_size: int) -> np.ndarray:
-    """RGB uint8 (image_size, image_size, 3) of a patch: a PNG/JPEG file path, or a :class:`PatchRef`."""
+def read_patch(ref: PatchRef | str, image_size: int, slides: SlideHandles | None = None) -> np.ndarray:
+    """RGB uint8 (image_size, image_size, 3) of a patch: a PNG/JPEG file path, or a :class:`PatchRef` read
+    through ``slides`` (the reader's open handles; None: the slide is opened for this read and closed)."""
     if isinstance(ref, PatchRef):
-        region = cached_slide(ref.path).read_region(ref.x, ref.y, ref.level, ref.read_size)
+        if slides is not None:
+            region = slides.get(ref.path).read_region(ref.x, ref.y, ref.level, ref.read_size)
+        else:
+            slide = Slide(ref.path)
+            try:
+                region = slide.read_region(ref.x, ref.y, ref.level, ref.read_size)
+            finally:
+                slide.close()
         image = Image.fromarray(region)
     else:
         with Image.open(ref) as opened:
