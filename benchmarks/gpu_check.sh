@@ -2,7 +2,9 @@
 # One device check: does stainmil feed the GPU? Prints one table (figures in $OUT/*.json, $OUT/gpu_check.md).
 #
 #   benchmarks/gpu_check.sh                 # on a GPU machine: demo preset, 224 px, random weights (~5 min)
-#   benchmarks/gpu_check.sh --device cpu --small    # the same steps at toy sizes, a ViT-S for the ViT-L (the tests)
+#   benchmarks/gpu_check.sh --device cpu --small    # the same steps at toy sizes, a ViT-S for the ViT-L
+#   benchmarks/gpu_check.sh --dry-run ...           # print each step's `stainmil bench` arguments, run nothing
+#                                                   # (the tests run those steps in one process, then the table)
 #
 # Needs the repository and a Python with torch and stainmil's dependencies (PYTHON=..., default python3); no
 # network: every encoder has random weights. Rows: bare forward at the extraction batch and at the best batch,
@@ -12,11 +14,13 @@
 set -euo pipefail
 DEVICE=cuda
 SMALL=0
+DRY=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE="$2"; shift 2 ;;
     --small) SMALL=1; shift ;;
-    *) echo "usage: $0 [--device cuda|cpu] [--small]" >&2; exit 2 ;;
+    --dry-run) DRY=1; shift ;;
+    *) echo "usage: $0 [--device cuda|cpu] [--small] [--dry-run]" >&2; exit 2 ;;
   esac
 done
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
@@ -24,12 +28,16 @@ PY="${PYTHON:-python3}"
 OUT="${OUT:-$HERE/gpu_check_out}"
 export PYTHONPATH="$HERE/src${PYTHONPATH:+:$PYTHONPATH}" STAINMIL_PROGRESS=0
 if [ "$SMALL" = 1 ]; then
-  PRESET=tiny; SIZE=32; ROUNDS=1; SCALE_CASES=12; OLD=2; VIT=kaiko_vits16
+  PRESET=tiny; SIZE=32; ROUNDS=1; SCALE_CASES=12; OLD=2; VIT=kaiko_vits16; IN_MEMORY=1
 else
-  PRESET=demo; SIZE=224; ROUNDS=2; SCALE_CASES=86; OLD=4; VIT=uni_v1
+  PRESET=demo; SIZE=224; ROUNDS=2; SCALE_CASES=86; OLD=4; VIT=uni_v1; IN_MEMORY=10
 fi
 step() {  # step LOG ARGS…: one bench run, its output in $OUT/LOG; a failure shows the log's end and stops
   local log="$OUT/$1"; shift
+  if [ "$DRY" = 1 ]; then
+    echo "--device $DEVICE --out $OUT --image-size $SIZE --rounds $ROUNDS $*"
+    return
+  fi
   echo "gpu_check: stainmil bench $*" >&2
   if ! "$PY" -m stainmil bench --device "$DEVICE" --out "$OUT" --image-size "$SIZE" --rounds "$ROUNDS" "$@" \
       > "$log" 2>&1; then
@@ -38,12 +46,14 @@ step() {  # step LOG ARGS…: one bench run, its output in $OUT/LOG; a failure s
     exit 1
   fi
 }
-mkdir -p "$OUT"
+[ "$DRY" = 1 ] || mkdir -p "$OUT"
 start=$SECONDS
 step log-densenet-pngs.txt   --preset "$PRESET" --backbone densenet121 --old-cases "$OLD"
 step log-densenet-slides.txt --preset "$PRESET" --backbone densenet121 --slides --extraction-only
 step log-vit-pngs.txt        --preset "$PRESET" --backbone "$VIT" --extraction-only
 step log-vit-slides.txt      --preset "$PRESET" --backbone "$VIT" --slides --extraction-only
 step log-feed.txt            --preset "$PRESET" --feed-only --slides
-step log-scale.txt           --preset scale --scales 1,3 --scale-cases "$SCALE_CASES" --epochs 2
+step log-scale.txt           --preset scale --scales 1,3 --scale-cases "$SCALE_CASES" --epochs 2 \
+                             --memory-up-to "$IN_MEMORY"
+[ "$DRY" = 1 ] && exit 0
 "$PY" "$HERE/benchmarks/gpu_table.py" "$OUT" "$DEVICE" "$PRESET" "$SIZE" $((SECONDS - start)) "$VIT"

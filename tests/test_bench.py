@@ -41,38 +41,89 @@ def test_bench_times_the_trainers_own_epoch(monkeypatch, tmp_path):
     assert seconds > 0 and calls == [(0.25, 2, sorted(bags.case_ids))]
 
 
-def test_bench_runs_end_to_end_on_the_tiny_preset(tmp_path):
-    from stainmil.bench.training import run_bench
+# the tests reading the gpu_check outputs share one worker (make test runs xdist with --dist loadgroup)
+GPU_CHECK = pytest.mark.xdist_group("gpu_check")
 
-    figures = run_bench(tmp_path, "tiny", "cpu", old_cases=2, rounds=1, log=lambda *_: None)
+
+@pytest.fixture(scope="module")
+def gpu_check(tmp_path_factory):
+    """benchmarks/gpu_check.sh at toy sizes on CPU: the script's own steps (its --dry-run lists each `stainmil
+    bench` argument list, a ViT-S standing in for the ViT-L), each run through the real command line in this
+    process (one interpreter, one cohort), then the script's table builder. Returns (OUT, table)."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from stainmil.cli import app
+
+    out = tmp_path_factory.mktemp("gpu_check")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out)}
+    steps = subprocess.run([str(root / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--small", "--dry-run"],
+                           capture_output=True, text=True, check=True, env=env).stdout.splitlines()
+    assert len(steps) == 6 and not list(out.iterdir())  # a dry run runs nothing
+    for step in steps:
+        result = CliRunner().invoke(app, ["bench", *shlex.split(step)])
+        assert result.exit_code == 0, (step, result.output[-2000:], result.exception)
+    table = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_table.py"), str(out), "cpu", "tiny", "32",
+                            "0", "kaiko_vits16"], capture_output=True, text=True, check=True).stdout
+    return out, table
+
+
+def _figures(out, name: str) -> dict:
+    import json
+
+    return json.loads((out / name).read_text())
+
+
+@pytest.mark.slow
+@GPU_CHECK
+def test_gpu_check_script_prints_its_table_on_cpu(gpu_check):
+    out, table = gpu_check
+    for row in ("densenet121 bare forward", "extract densenet121 from PNGs", "extract densenet121 from slides",
+                "kaiko_vits16 bare forward", "extract kaiko_vits16 from PNGs", "extract kaiko_vits16 from slides",
+                "feed alone from PNGs", "feed alone from slides", "store epoch vs the old way", "head step",
+                "1x (", "3x ("):
+        assert row in table, row
+    assert "CPU" in table and (out / "gpu_check.md").read_text() == table
+
+
+@pytest.mark.slow
+@GPU_CHECK
+def test_bench_runs_end_to_end_on_the_tiny_preset(gpu_check):
+    figures = _figures(gpu_check[0], "bench-tiny-densenet121-32px-patches-cpu.json")
     for key in ("backbone_forward_img_s", "extraction_img_s", "extraction_over_forward", "epoch_s_feature_store",
                 "epoch_s_old_way", "epoch_s_online_finetune_1_block", "epoch_speedup", "vectorised_speedup",
                 "train_peak_rss_mb_store", "train_peak_rss_mb_online_finetune", "process_peak_rss_mb",
                 "fwd_bwd_ms_projector_floor", "head_step_over_projector_floor"):
         assert figures[key] > 0, key
     assert figures["max_abs_logit_difference"] < 1e-5
-    assert list(tmp_path.glob("bench-tiny-densenet121-32px-patches-cpu.json"))
 
 
-def test_bench_extraction_from_slides_with_a_vit(tmp_path):
-    from stainmil.bench.training import run_bench
-
-    figures = run_bench(tmp_path, "tiny", "cpu", rounds=1, backbone_name="kaiko_vits16", slides=True,
-                        extraction_only=True, log=lambda *_: None)
+@pytest.mark.slow
+@GPU_CHECK
+def test_bench_extraction_from_slides_with_a_vit(gpu_check):
+    figures = _figures(gpu_check[0], "bench-tiny-kaiko_vits16-32px-slides-cpu.json")
     assert figures["encoder"] == "kaiko_vits16" and "slides" in figures["patch_source"]
     assert figures["extraction_img_s"] > 0 and figures["backbone_forward_img_s"] > 0
     assert "epoch_s_feature_store" not in figures
 
 
-def test_scale_bench_trains_bounded_and_in_memory_in_fresh_processes(tmp_path):
-    from stainmil.bench.scale import run_scale
+@pytest.mark.slow
+@GPU_CHECK
+def test_scale_bench_trains_bounded_and_in_memory_in_fresh_processes(gpu_check):
+    import pandas as pd
 
-    table = run_scale(tmp_path, scales=(1, 2), cache_mb=1, epochs=1, memory_up_to=1, base_cases=6,
-                      log=lambda *_: None)
-    assert list(table["scale"]) == ["1x", "1x", "2x"]  # 2x is past memory_up_to: bounded only
-    assert list(table["reading"]) == ["cache 1 MB", "whole store in memory", "cache 1 MB"]
+    table = pd.read_csv(gpu_check[0] / "scale" / "scale.csv")
+    assert list(table["scale"]) == ["1x", "1x", "3x"]  # 3x is past --memory-up-to 1: bounded only
+    assert list(table["reading"])[1:] == ["whole store in memory", list(table["reading"])[0]]
+    assert list(table["reading"])[0].startswith("cache ")
     assert (table["epoch_s"] > 0).all() and (table["peak_rss_mb"] > 100).all()
-    assert table["patches"].iloc[2] > table["patches"].iloc[0] and (tmp_path / "scale.md").is_file()
+    assert table["patches"].iloc[2] > table["patches"].iloc[0] and (gpu_check[0] / "scale" / "scale.md").is_file()
 
 
 def test_extraction_plan_sizes_itself_to_the_device_unless_told():
@@ -102,28 +153,6 @@ def test_feed_only_counts_every_patch_with_each_worker_count(tiny_cohort):
     table = feed_table({"PNGs": refs}, 32, 32, cores=2, log=lambda *_: None)
     assert list(table["workers"]) == [0, 1, 2] and (table["img_s"] > 0).all()
     assert table["speedup_vs_1"].iloc[1] == 1.0
-
-
-@pytest.mark.slow
-def test_gpu_check_script_prints_its_table_on_cpu(tmp_path):
-    """benchmarks/gpu_check.sh at toy sizes on CPU (the script a GPU machine runs as it is; a ViT-S stands in for
-    the ViT-L). No wall-clock limit: a busy machine makes it slower, not wrong."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
-    result = subprocess.run([str(script), "--device", "cpu", "--small"], capture_output=True, text=True,
-                            env={**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)})
-    assert result.returncode == 0, result.stderr[-3000:]
-    table = result.stdout
-    for row in ("densenet121 bare forward", "extract densenet121 from PNGs", "extract densenet121 from slides",
-                "kaiko_vits16 bare forward", "extract kaiko_vits16 from PNGs", "extract kaiko_vits16 from slides",
-                "feed alone from PNGs", "feed alone from slides", "store epoch vs the old way", "head step",
-                "1x (", "3x ("):
-        assert row in table, row
-    assert "CPU" in table and (tmp_path / "gpu_check.md").read_text() == table
 
 
 def test_aligned_by_verdict_splits_a_comparison_by_registration_verdict(tmp_path):
