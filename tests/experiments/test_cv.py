@@ -4,6 +4,7 @@ import shutil
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from stainmil.data.splits import load_split, save_split
 from stainmil.experiments.cv import run_cv
@@ -16,12 +17,24 @@ def _config(prepared, tmp_path):
     return config
 
 
-def test_cv_end_to_end_and_resume(prepared, tmp_path):
-    config = _config(prepared, tmp_path)
-    logs = []
+# the tests sharing the serial 3-fold CV run on one xdist worker (make test: --dist loadgroup)
+SERIAL_CV = pytest.mark.xdist_group("serial_cv")
+
+
+@pytest.fixture(scope="module")
+def serial_cv(prepared, tmp_path_factory):
+    """A 3-fold CV of the tiny cohort, folds one after another, the whole store in memory: (config, result)."""
+    config = _config(prepared, tmp_path_factory.mktemp("cv"))
     before = copy.deepcopy(config)
-    result = run_cv(config, folds=3, log=logs.append)
+    result = run_cv(config, folds=3, log=lambda *_: None)
     assert config == before, "run_cv changed the config it was given"
+    return config, result
+
+
+@SERIAL_CV
+def test_cv_end_to_end_and_resume(serial_cv):
+    config, result = serial_cv
+    logs = []
     out = result.out_dir
     assert out.name.startswith("cv_")
     summary = pd.read_csv(out / "cv_summary.csv")
@@ -60,10 +73,11 @@ def test_cv_on_the_teams_split_files(prepared, tmp_path):
     assert np.isfinite(result.summary["epochs"]).all()
 
 
-def test_cv_folds_in_parallel_processes_with_a_bounded_store(prepared, tmp_path):
+@SERIAL_CV
+def test_cv_folds_in_parallel_processes_with_a_bounded_store(prepared, tmp_path, serial_cv):
     """--workers 2: folds trained in two spawned processes, each reading the store through a bounded cache,
     give the same folds as one after another in memory."""
-    serial = run_cv(_config(prepared, tmp_path / "serial"), folds=3)
+    serial = serial_cv[1]
     config = _config(prepared, tmp_path / "parallel")
     config.features.cache_mb = 0.25
     logs = []

@@ -36,8 +36,16 @@ def _config(prepared, folder, architecture, **model):
     return config
 
 
+@pytest.fixture(scope="module")
+def new_cases_store(tmp_path_factory):
+    """One store for the new cases every architecture predicts: the features are the encoder's, not the model's,
+    so the first prediction extracts them and the others reuse them (prediction sets are explained in
+    tests/analysis/test_new_cases.py)."""
+    return tmp_path_factory.mktemp("new_cases")
+
+
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
-def test_pipeline_for_every_architecture(prepared, tmp_path, architecture):
+def test_pipeline_for_every_architecture(prepared, tmp_path, architecture, new_cases_store):
     if ARCHITECTURES[architecture].needs_registration:  # places need registered slides: see test_registration.py
         with pytest.raises(ConfigError, match="patch-image cohorts cannot be aligned"):
             train(_config(prepared, tmp_path / "runs", architecture))
@@ -72,8 +80,8 @@ def test_pipeline_for_every_architecture(prepared, tmp_path, architecture):
     assert (run / "qupath" / "index.csv").is_file() or export_folder(run).files
     new = copy.deepcopy(prepared)
     new.data.labels_csv, new.data.include_cases = "", list(test_cases)
-    new.output_dir, new.features.store_dir = str(tmp_path / "new"), str(tmp_path / "new" / "store")
-    out = predict_unlabelled(run / "checkpoints" / "best.pth", new, tmp_path / "predictions")
+    new.output_dir, new.features.store_dir = str(new_cases_store), str(new_cases_store / "store")
+    out = predict_unlabelled(run / "checkpoints" / "best.pth", new, tmp_path / "predictions", explain=False)
     mine = pd.read_csv(out / "predictions.csv", dtype={"case": str}).set_index("case")
     theirs = pd.read_csv(run / "predictions.csv", dtype={"case": str}).set_index("case").loc[test_cases]
     assert np.allclose(mine.loc[test_cases, "prob_1"], theirs["prob_1"], atol=1e-4)
