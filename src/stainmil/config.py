@@ -217,6 +217,12 @@ class BaselineConfig:
                                   "fewer patches.", default=4)
     transmil_heads: int = _help("TransMIL: attention heads of its two layers (Shao et al. 2021: 8).", default=8)
     transmil_dropout: float = _help("TransMIL: attention dropout (paper: 0.1).", default=0.1)
+    late_fusion_base: str = _help("late_fusion: the flat architecture trained per stain (Wies et al. 2024 used a "
+                                  "CNN per stain; here a MIL model on its features).", default="abmil")
+    late_fusion_combine: Literal["mean", "learned"] = _help(
+        "late_fusion: the case's logits as the mean over the stains it has, or weighted by a learned score per "
+        "stain (softmax over the stains present).", default="mean")
+    cross_attention_heads: int = _help("cross_attention: heads of the attention between stain tokens.", default=4)
 
     def __post_init__(self) -> None:
         if not 0 < self.clam_bag_weight <= 1:

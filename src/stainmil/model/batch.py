@@ -63,3 +63,15 @@ class CaseBatch:
                          group_case=self.group_case[used_groups], group_stain=self.group_stain[used_groups],
                          labels=self.labels, case_ids=self.case_ids, patch_rows=self.patch_rows[np.asarray(keep)],
                          slice_rows=self.slice_rows[used_slices.cpu().numpy()], patch_anchor=anchor)
+
+    def stain_batch(self, stain: int) -> tuple[CaseBatch, torch.Tensor]:
+        """The patches of one stain (index into the model's stains), as a batch of the cases that have it, and
+        those cases' indices (B_k,) in this batch."""
+        patch_stain = self.group_stain[self.slice_group[self.patch_slice]]                  # (P,)
+        part = self.subset((patch_stain == stain).cpu().numpy())
+        cases, group_case = torch.unique(part.group_case, return_inverse=True)             # (B_k,), (G_k,)
+        kept = cases.cpu().tolist()
+        return CaseBatch(features=part.features, patch_slice=part.patch_slice, slice_group=part.slice_group,
+                         group_case=group_case, group_stain=part.group_stain, labels=self.labels[cases],
+                         case_ids=[self.case_ids[i] for i in kept], patch_rows=part.patch_rows,
+                         slice_rows=part.slice_rows, patch_anchor=part.patch_anchor), cases
