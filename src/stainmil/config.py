@@ -223,6 +223,11 @@ class BaselineConfig:
         "late_fusion: the case's logits as the mean over the stains it has, or weighted by a learned score per "
         "stain (softmax over the stains present).", default="mean")
     cross_attention_heads: int = _help("cross_attention: heads of the attention between stain tokens.", default=4)
+    graph_k: int = _help("mustang: neighbours of each patch in the case's k-NN feature graph (paper: 5).", default=5)
+    graph_heads: int = _help("mustang: heads of each GATv2 layer, averaged (reference code: 2).", default=2)
+    graph_layers: int = _help("mustang: GATv2 + SAGPooling layers (paper: 4).", default=4)
+    graph_pool_ratio: float = _help("mustang: share of a case's nodes each SAGPooling layer keeps (paper: 0.7).",
+                                    default=0.7)
 
     def __post_init__(self) -> None:
         if not 0 < self.clam_bag_weight <= 1:
@@ -232,6 +237,11 @@ class BaselineConfig:
                               f"got {self.clam_k_sample}, {self.dtfd_pseudo_bags}, {self.transmil_heads}.")
         if not 0 <= self.transmil_dropout < 1:
             raise ConfigError(f"model.baseline.transmil_dropout must be in [0, 1), got {self.transmil_dropout}.")
+        if min(self.graph_k, self.graph_heads, self.graph_layers, self.cross_attention_heads) < 1 \
+                or not 0 < self.graph_pool_ratio <= 1:
+            raise ConfigError("model.baseline.graph_k, graph_heads, graph_layers and cross_attention_heads must be at "
+                              f"least 1 and graph_pool_ratio in (0, 1], got {self.graph_k}, {self.graph_heads}, "
+                              f"{self.graph_layers}, {self.cross_attention_heads}, {self.graph_pool_ratio}.")
 
 
 @dataclass

@@ -1,0 +1,106 @@
+"""Graph pieces for the multi-stain graph models, in plain torch over the batch's ragged cases (no graph library:
+torch-geometric's scatter extensions do not install here, and these are a few index operations).
+
+Graphs are one edge list over every patch of the batch, ``edges`` (2, E) = (source, target): a message flows from
+source to target, and no edge joins two cases.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stainmil.model.segment import group_ranks, group_sizes, segment_softmax, segment_sum
+
+KNN_BLOCK = 1 << 22  # distances computed at once by knn_edges: 4 Mi floats = 16 MB, whatever the case's size
+
+
+def knn_edges(features: torch.Tensor, groups: torch.Tensor, k: int, self_loops: bool = False,
+              block: int = KNN_BLOCK) -> torch.Tensor:
+    """Each row's ``k`` nearest rows (Euclidean) within its group, as edges (2, E) from the row to each neighbour
+    (as scikit-learn's ``kneighbors_graph(...).nonzero()``); ``self_loops``: the row counts as one of its k.
+    Distances are computed ``block`` at a time (rows x group size <= block), never as one N x N matrix."""
+    sources, targets = [], []
+    for group in torch.unique(groups):
+        rows = torch.nonzero(groups == group).squeeze(1)                           # (n,)
+        n = len(rows)
+        take = min(k, n) if self_loops else min(k, n - 1)
+        if take <= 0:
+            continue
+        x = features[rows]
+        chunk = max(1, block // n)
+        for start in range(0, n, chunk):
+            distance = torch.cdist(x[start:start + chunk], x)                     # (c, n)
+            if not self_loops:
+                local = torch.arange(start, min(start + chunk, n), device=x.device)
+                distance[torch.arange(len(local)), local] = math.inf
+            nearest = distance.topk(take, largest=False).indices                  # (c, take)
+            sources.append(rows[start:start + chunk].repeat_interleave(take))
+            targets.append(rows[nearest.reshape(-1)])
+    if not sources:
+        return torch.zeros((2, 0), dtype=torch.long, device=features.device)
+    return torch.stack([torch.cat(sources), torch.cat(targets)])
+
+
+class GATv2(nn.Module):
+    """GATv2 (Brody et al. 2022) as torch-geometric's ``GATv2Conv(concat=False)``: per edge j -> i,
+    alpha = softmax_i(a^T LeakyReLU(W_r x_i + W_l x_j)) with a self-loop per node; out_i = mean over heads of
+    sum alpha W_l x_j, + bias. (N, D) -> (N, E)."""
+
+    def __init__(self, in_dim: int, out_dim: int, heads: int, negative_slope: float = 0.2) -> None:
+        super().__init__()
+        self.heads, self.out_dim, self.negative_slope = heads, out_dim, negative_slope
+        self.lin_l, self.lin_r = nn.Linear(in_dim, heads * out_dim), nn.Linear(in_dim, heads * out_dim)
+        self.att = nn.Parameter(torch.empty(heads, out_dim))
+        self.bias = nn.Parameter(torch.zeros(out_dim))
+        nn.init.xavier_uniform_(self.att)
+
+    def forward(self, x: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+        n, h, o = len(x), self.heads, self.out_dim
+        loops = torch.arange(n, device=x.device)
+        keep = edges[0] != edges[1]                                                # existing loops replaced
+        source = torch.cat([edges[0][keep], loops])
+        target = torch.cat([edges[1][keep], loops])
+        left, right = self.lin_l(x).view(n, h, o), self.lin_r(x).view(n, h, o)
+        scores = (F.leaky_relu(left[source] + right[target], self.negative_slope) * self.att).sum(-1)  # (E, H)
+        heads = torch.arange(h, device=x.device)
+        groups = (target[:, None] * h + heads).reshape(-1)                        # (E*H,) (target, head)
+        alpha = segment_softmax(scores.reshape(-1), groups, n * h).view(-1, h)     # (E, H)
+        out = segment_sum((alpha[..., None] * left[source]).reshape(len(source), h * o), target, n)
+        return out.view(n, h, o).mean(1) + self.bias                               # (N, E)
+
+
+class GraphConvScore(nn.Module):
+    """torch-geometric's ``GraphConv(E, 1)`` (sum aggregation, no self-loop): lin_rel(sum_{j->i} x_j) + lin_root(x_i);
+    (N, E) -> (N,), the score SAGPooling ranks nodes by."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.lin_rel, self.lin_root = nn.Linear(dim, 1), nn.Linear(dim, 1, bias=False)
+
+    def forward(self, x: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+        neighbours = segment_sum(x[edges[0]], edges[1], len(x))                     # (N, E)
+        return (self.lin_rel(neighbours) + self.lin_root(x)).squeeze(1)
+
+
+def top_k_pool(x: torch.Tensor, edges: torch.Tensor, groups: torch.Tensor, n_groups: int, score: torch.Tensor,
+               ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SAGPooling's selection: the ceil(ratio x n) best-scored nodes of each group, scaled by their score; edges
+    between kept nodes renumbered. Returns (x' (N', E), edges', groups' (N',), kept (N',) indices into x)."""
+    rank, sizes = group_ranks(score, groups, n_groups)
+    kept = torch.nonzero(rank < torch.ceil(ratio * sizes[groups].to(score.dtype))).squeeze(1)   # (N',)
+    position = torch.full((len(x),), -1, dtype=torch.long, device=x.device)
+    position[kept] = torch.arange(len(kept), device=x.device)
+    both = (position[edges[0]] >= 0) & (position[edges[1]] >= 0)
+    return (x[kept] * score[kept, None], position[edges[:, both]], groups[kept], kept)
+
+
+def max_mean_readout(x: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """cat[global max pool, global mean pool] per group: (N, E) -> (n_groups, 2E)."""
+    mean = segment_sum(x, groups, n_groups) / group_sizes(groups, n_groups).clamp_min(1)[:, None].to(x.dtype)
+    top = x.new_full((n_groups, x.shape[1]), -math.inf).scatter_reduce(
+        0, groups[:, None].expand_as(x), x, reduce="amax", include_self=True)
+    return torch.cat([torch.where(torch.isinf(top), torch.zeros_like(top), top), mean], dim=1)

@@ -1,0 +1,126 @@
+"""The graph pieces of the multi-stain graph models, against their reference definitions."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.neighbors import kneighbors_graph
+
+from stainmil.model.graph import GATv2, knn_edges, max_mean_readout, top_k_pool
+from stainmil.model.registry import build_model
+from tests.model.test_baselines import STAINS, small_config
+from tests.model.test_hierarchical import random_bags
+
+
+def test_knn_edges_are_scikit_learns_graph_within_each_case():
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(30, 4))).float()
+    groups = torch.tensor([0] * 12 + [1] * 18)
+    edges = knn_edges(x, groups, k=5, block=40)                       # blocks of 3 rows: the chunked path
+    mine = {(int(s), int(t)) for s, t in edges.T}
+    expected = set()
+    for rows in (np.arange(12), np.arange(12, 30)):
+        graph = kneighbors_graph(x[rows].numpy(), 5, mode="connectivity", include_self=False)
+        expected |= {(int(rows[i]), int(rows[j])) for i, j in zip(*graph.nonzero())}
+    assert mine == expected
+    assert knn_edges(x[:1], groups[:1], k=5).shape == (2, 0)         # a one-patch case has no neighbour
+    assert knn_edges(x[:3], groups[:3], k=7, self_loops=True).shape[1] == 9
+
+
+def test_knn_of_a_50000_patch_case_never_builds_the_n_by_n_matrix(monkeypatch):
+    calls = []
+    real = torch.cdist
+
+    def spy(a, b, *args, **kwargs):
+        calls.append(len(a) * len(b))
+        return real(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "cdist", spy)
+    n, block = 50_000, 1 << 22
+    x = torch.randn(n, 2)
+    edges = knn_edges(x, torch.zeros(n, dtype=torch.long), k=5, block=block)
+    assert edges.shape == (2, 5 * n) and max(calls) <= block and max(calls) < n * n // 100
+
+
+def test_gatv2_is_a_softmax_over_each_nodes_in_edges_and_itself():
+    torch.manual_seed(0)
+    layer = GATv2(3, 4, heads=2)
+    x = torch.randn(4, 3)
+    edges = torch.tensor([[1, 2, 3], [0, 0, 1]])                      # 1->0, 2->0, 3->1
+    out = layer(x, edges)
+    with torch.no_grad():  # node 0 by hand: messages from 1, 2 and itself
+        left, right = layer.lin_l(x).view(4, 2, 4), layer.lin_r(x).view(4, 2, 4)
+        score = torch.stack([(torch.nn.functional.leaky_relu(left[j] + right[0], 0.2) * layer.att).sum(-1)
+                             for j in (1, 2, 0)])                     # (3, H)
+        alpha = torch.softmax(score, 0)
+        expected = (alpha[..., None] * left[[1, 2, 0]]).sum(0).mean(0) + layer.bias
+    assert torch.allclose(out[0], expected, atol=1e-6)
+    assert torch.allclose(out[2], layer.lin_l(x[2:3]).view(2, 4).mean(0) + layer.bias, atol=1e-6)  # only itself
+
+
+def test_pooling_keeps_the_best_share_of_each_case_and_their_edges():
+    x = torch.arange(10.0)[:, None].repeat(1, 2)
+    groups = torch.tensor([0] * 4 + [1] * 6)
+    score = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.2, 0.8, 0.7, 0.1, 0.6, 0.0])
+    edges = torch.tensor([[1, 2, 5, 9], [2, 3, 6, 5]])
+    pooled, kept_edges, kept_groups, kept = top_k_pool(x, edges, groups, 2, score, 0.5)
+    assert kept.tolist() == [1, 2, 5, 6, 8] and kept_groups.tolist() == [0, 0, 1, 1, 1]
+    assert kept_edges.tolist() == [[0, 2], [1, 3]]                   # 1->2 and 5->6 survive, renumbered
+    assert torch.allclose(pooled[:, 0], torch.tensor([0.9, 1.0, 4.0, 4.2, 4.8]))
+    readout = max_mean_readout(pooled, kept_groups, 2)
+    assert torch.allclose(readout[0], torch.tensor([1.0, 1.0, 0.95, 0.95]))
+
+
+@pytest.mark.parametrize("architecture", ["mustang"])
+def test_a_graph_model_takes_one_patch_cases_and_cases_missing_a_stain(architecture):
+    bags = random_bags(n_cases=5)  # case 2 has no Melan-A
+    torch.manual_seed(0)
+    model = build_model(bags.feature_dim, small_config(architecture), STAINS).eval()
+    with torch.no_grad():
+        out = model(bags.batch(bags.case_ids))
+        assert torch.isfinite(out.logits).all()
+        batch = bags.batch(["1"])
+        one = batch.subset(np.arange(len(batch.features)) == 0)
+        assert torch.isfinite(model(one).logits).all() and model(one).effective_attention.item() == pytest.approx(1)
+
+
+def _paired_cohort(seed, n_cases=40, n=24):
+    """Every patch drawn uniformly in a square, so each patch alone looks alike in both classes; in class 1 the
+    patches come in near-duplicate pairs: only who neighbours whom carries the label."""
+    import pandas as pd
+
+    from stainmil.bags.cohort import CohortBags
+
+    rng = np.random.default_rng(seed)
+    rows, features = [], []
+    for case in range(n_cases):
+        label = case % 2
+        points = (np.repeat(rng.uniform(-1, 1, (n // 2, 2)), 2, 0) + rng.normal(0, 0.01, (n, 2)) if label
+                  else rng.uniform(-1, 1, (n, 2)))
+        rows += [{"case": str(case), "stain": "he", "slice": "0", "patch": str(i), "label": label, "path": ""}
+                 for i in range(n)]
+        features.append(points)
+    return CohortBags(pd.DataFrame(rows), np.concatenate(features).astype(np.float32), STAINS)
+
+
+def test_a_graph_model_learns_what_only_the_neighbourhoods_show_and_a_bag_model_cannot():
+    from sklearn.metrics import roc_auc_score
+
+    train, test = _paired_cohort(0), _paired_cohort(1)
+    auc = {}
+    for architecture in ("mustang", "abmil"):
+        torch.manual_seed(0)
+        config = small_config(architecture)
+        config.baseline.graph_k = 1  # the nearest patch: its twin in class 1
+        model = build_model(2, config, STAINS)
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for step in range(150):
+            model.train()
+            batch = train.batch(list(np.random.default_rng(step).choice(train.case_ids, 8, replace=False)))
+            loss = torch.nn.functional.cross_entropy(model(batch).logits, batch.labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            batch = test.batch(test.case_ids)
+            auc[architecture] = roc_auc_score(batch.labels.numpy(), model.eval()(batch).probabilities[:, 1].numpy())
+    assert auc["mustang"] > 0.9 and auc["abmil"] < 0.75, auc
