@@ -549,18 +549,25 @@ def compare_models_cmd(
         launcher: LauncherOpt = "local",
         workers: WorkersOpt = 1,
         out: OutOpt = None,
-        resume: ResumeOpt = None) -> None:
+        resume: ResumeOpt = None,
+        preset: Annotated[str, typer.Option(
+            help="A named comparison instead of --models/--stain-sets: multistain = hierarchical, "
+                 "hierarchical:none, abmil, late_fusion, mustang, cross_attention, on every stain together and on "
+                 "each stain alone.")] = "") -> None:
     """Cross-validate MIL architectures (x stain sets) on the same folds and seeds -> models.csv/.md/.html.
 
     Written to --out (default <output_dir>/runs/models_YYYYMMDD_HHMMSS/); --resume FOLDER continues an
     interrupted comparison (finished folds are skipped).
     """
-    from stainmil.experiments.compare_models import compare_models
+    from stainmil.experiments.compare_models import compare_models, preset_models
     from stainmil.tables import render_table
 
     cfg = effective_config(config, set_)
-    table = compare_models(cfg, [m for m in models.split(",") if m.strip()], folds, seed_list(seeds) or None,
-                           [s for s in stain_sets.split(",") if s.strip()] or None, launcher,
+    chosen = [m for m in models.split(",") if m.strip()]
+    sets = [s for s in stain_sets.split(",") if s.strip()] or None
+    if preset:
+        chosen, sets = preset_models(preset, cfg.data.stains)
+    table = compare_models(cfg, chosen, folds, seed_list(seeds) or None, sets, launcher,
                            out_or_resume(out, resume), workers, log=plain_log)
     shown = ["model", "n_cases", "auc", "auc_ci95", "delta_auc", "delta_auc_ci95"]
     typer.echo(render_table(table[shown].to_dict("records"), shown), nl=False)

@@ -83,3 +83,15 @@ def test_paired_auc_difference_is_paired():
     assert 0 < d["ci_low"] < d["delta"] < d["ci_high"] and d["p_not_better"] < 0.01
     same = paired_auc_difference(labels, weak, weak, n_boot=50)
     assert same["delta"] == same["ci_low"] == same["ci_high"] == 0.0
+
+
+def test_the_multistain_preset_sets_every_model_on_all_stains_and_each_alone():
+    from stainmil.experiments.compare_models import parse_variants, preset_models
+
+    models, sets = preset_models("multistain", ["he", "melan", "sox10"])
+    assert {"late_fusion", "mustang", "cross_attention", "hierarchical:none"} <= set(models)
+    assert sets == ["he+melan+sox10", "he", "melan", "sox10"]
+    variants = parse_variants(models, sets, ["he", "melan", "sox10"])
+    assert len(variants) == len(models) * 4
+    with pytest.raises(ConfigError, match="multistain"):
+        preset_models("everything", ["he"])

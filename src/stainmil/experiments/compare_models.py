@@ -72,6 +72,21 @@ class Variant:
         return name + (f" ({'+'.join(self.stains)})" if self.stains else "")
 
 
+# --preset NAME: (architectures, stain sets; None: every stain together and each stain alone)
+PRESETS = {
+    # the multi-stain field's models beside the hierarchy (issue 32; biox_cpath joins when it is registered)
+    "multistain": (["hierarchical", "hierarchical:none", "abmil", "late_fusion", "mustang", "cross_attention"], None),
+}
+
+
+def preset_models(name: str, stains: list[str]) -> tuple[list[str], list[str]]:
+    """The architectures and stain sets of ``--preset name`` for a cohort of ``stains`` (data.stains)."""
+    if name not in PRESETS:
+        raise ConfigError(f"--preset '{name}' is unknown; choose one of {sorted(PRESETS)}.")
+    models, sets = PRESETS[name]
+    return list(models), list(sets) if sets is not None else ["+".join(stains), *stains]
+
+
 def parse_variants(models: list[str], stain_sets: list[str] | None, known_stains: list[str],
                    reference: str = "he") -> list[Variant]:
     """``models``: ``name`` or ``name:stain_identity``; ``stain_sets``: ``he+sox10`` … (None: the config's);

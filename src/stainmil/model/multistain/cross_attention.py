@@ -35,9 +35,8 @@ class CrossStainAttentionMIL(StainAware):
         super().__init__(in_dim, stains)
         e, h, p, heads = config.embed_dim, config.attention_hidden_dim, config.dropout, \
             config.baseline.cross_attention_heads
-        if len(stains) < 2 or e % heads:
-            raise ConfigError(f"model.architecture 'cross_attention' needs at least two stains (data.stains: "
-                              f"{list(stains)}) and model.embed_dim ({e}) divisible by "
+        if e % heads:  # (one stain works: its token attends to itself, the ablation beside the others)
+            raise ConfigError(f"model.architecture 'cross_attention' needs model.embed_dim ({e}) divisible by "
                               f"model.baseline.cross_attention_heads ({heads}).")
         self.projector = projector(in_dim, config)
         self.patch_pools = nn.ModuleList([GatedAttention(e, h, p) for _ in stains])
