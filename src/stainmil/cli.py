@@ -552,8 +552,8 @@ def compare_models_cmd(
         resume: ResumeOpt = None,
         preset: Annotated[str, typer.Option(
             help="A named comparison instead of --models/--stain-sets: multistain = hierarchical, "
-                 "hierarchical:none, abmil, late_fusion, mustang, cross_attention, on every stain together and on "
-                 "each stain alone.")] = "") -> None:
+                 "hierarchical:none, abmil, late_fusion, mustang, biox_cpath, cross_attention, on every stain "
+                 "together and on each stain alone.")] = "") -> None:
     """Cross-validate MIL architectures (x stain sets) on the same folds and seeds -> models.csv/.md/.html.
 
     Written to --out (default <output_dir>/runs/models_YYYYMMDD_HHMMSS/); --resume FOLDER continues an

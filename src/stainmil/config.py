@@ -226,8 +226,10 @@ class BaselineConfig:
     graph_k: int = _help("mustang: neighbours of each patch in the case's k-NN feature graph (paper: 5).", default=5)
     graph_heads: int = _help("mustang: heads of each GATv2 layer, averaged (reference code: 2).", default=2)
     graph_layers: int = _help("mustang: GATv2 + SAGPooling layers (paper: 4).", default=4)
-    graph_pool_ratio: float = _help("mustang: share of a case's nodes each SAGPooling layer keeps (paper: 0.7).",
-                                    default=0.7)
+    graph_pool_ratio: float = _help("mustang, biox_cpath: share of a case's nodes each pooling layer keeps "
+                                    "(papers: 0.7).", default=0.7)
+    biox_k: int = _help("biox_cpath: neighbours in the k-NN part of its graph, the patch itself included "
+                        "(reference code: 7).", default=7)
 
     def __post_init__(self) -> None:
         if not 0 < self.clam_bag_weight <= 1:

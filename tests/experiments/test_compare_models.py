@@ -89,7 +89,7 @@ def test_the_multistain_preset_sets_every_model_on_all_stains_and_each_alone():
     from stainmil.experiments.compare_models import parse_variants, preset_models
 
     models, sets = preset_models("multistain", ["he", "melan", "sox10"])
-    assert {"late_fusion", "mustang", "cross_attention", "hierarchical:none"} <= set(models)
+    assert {"late_fusion", "mustang", "biox_cpath", "cross_attention", "hierarchical:none"} <= set(models)
     assert sets == ["he+melan+sox10", "he", "melan", "sox10"]
     variants = parse_variants(models, sets, ["he", "melan", "sox10"])
     assert len(variants) == len(models) * 4

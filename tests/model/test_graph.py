@@ -70,7 +70,7 @@ def test_pooling_keeps_the_best_share_of_each_case_and_their_edges():
     assert torch.allclose(readout[0], torch.tensor([1.0, 1.0, 0.95, 0.95]))
 
 
-@pytest.mark.parametrize("architecture", ["mustang"])
+@pytest.mark.parametrize("architecture", ["mustang", "biox_cpath"])
 def test_a_graph_model_takes_one_patch_cases_and_cases_missing_a_stain(architecture):
     bags = random_bags(n_cases=5)  # case 2 has no Melan-A
     torch.manual_seed(0)
@@ -124,3 +124,41 @@ def test_a_graph_model_learns_what_only_the_neighbourhoods_show_and_a_bag_model_
             batch = test.batch(test.case_ids)
             auc[architecture] = roc_auc_score(batch.labels.numpy(), model.eval()(batch).probabilities[:, 1].numpy())
     assert auc["mustang"] > 0.9 and auc["abmil"] < 0.75, auc
+
+
+def test_random_walk_encoding_is_the_return_probability_of_each_step_in_bounded_blocks():
+    from stainmil.model.graph import random_walk_encoding
+
+    edges = torch.tensor([[0, 0, 1, 1, 2, 2, 3, 3, 3], [0, 1, 1, 2, 2, 0, 3, 0, 1]])
+    adjacency = torch.zeros(4, 4)
+    adjacency[edges[0], edges[1]] = 1
+    walk = adjacency / adjacency.sum(1, keepdim=True)
+    expected = torch.stack([torch.linalg.matrix_power(walk, k).diagonal() for k in range(1, 6)], dim=1)
+    assert torch.allclose(random_walk_encoding(edges, 4, 5), expected, atol=1e-6)
+    assert torch.allclose(random_walk_encoding(edges, 4, 5, block=4), expected, atol=1e-6)  # one column at a time
+
+
+def test_region_adjacency_links_touching_cells_of_one_slice_only():
+    from stainmil.model.graph import region_adjacency_edges
+
+    xs, ys = np.meshgrid(np.arange(3) * 256.0, np.arange(3) * 256.0)
+    position = torch.tensor(np.stack([xs.ravel(), ys.ravel(), np.full(9, 256.0)], 1), dtype=torch.float32)
+    position = torch.cat([position, position[:1]])                    # a tenth patch, on another slice
+    edges = region_adjacency_edges(position, torch.tensor([0] * 9 + [1]))
+    neighbours = {i: {int(t) for s, t in edges.T if int(s) == i} for i in range(10)}
+    assert neighbours[4] == set(range(9)) and neighbours[0] == {0, 1, 3, 4} and neighbours[9] == {9}
+
+
+def test_biox_cpath_reads_where_patches_lie_when_the_cohort_knows_it():
+    from stainmil.bags.cohort import CohortBags
+
+    bags = random_bags(n_cases=3)
+    manifest = bags.manifest.assign(x=np.arange(len(bags.manifest)) % 4 * 256.0,
+                                    y=np.arange(len(bags.manifest)) // 4 * 256.0, size0=256.0)
+    placed = CohortBags(manifest, bags.source.gather(np.arange(len(manifest)), None).numpy(), STAINS)
+    torch.manual_seed(0)
+    model = build_model(bags.feature_dim, small_config("biox_cpath"), STAINS).eval()
+    with torch.no_grad():
+        with_places, without = placed.batch(placed.case_ids), bags.batch(bags.case_ids)
+        assert with_places.patch_position is not None and without.patch_position is None
+        assert not torch.allclose(model(with_places).logits, model(without).logits)  # the spatial edges count

@@ -81,6 +81,8 @@ class CohortBags:
         for s, case in enumerate(self.slice_case):
             self.case_slices[case].append(s)
         self.alignment = alignment
+        self._xy = (manifest[["x", "y", "size0"]].to_numpy(dtype=np.float32)
+                    if {"x", "y", "size0"} <= set(manifest.columns) else None)           # (N, 3) or None
         if alignment is not None:
             if len(alignment.anchor) != len(manifest):
                 raise ValueError("the alignment must have one row per manifest row")
@@ -200,7 +202,14 @@ class CohortBags:
             group_stain=torch.tensor(group_stain, dtype=torch.long),
             labels=torch.tensor([self.case_label(c) for c in cases], dtype=torch.long),
             case_ids=list(cases), patch_rows=rows, slice_rows=np.array(slice_rows), patch_anchor=anchor,
+            patch_position=self._positions(rows),
         )
+
+    def _positions(self, rows: np.ndarray) -> torch.Tensor | None:
+        """(P, 3) x, y, side (level-0 px) of ``rows`` when the manifest has them (slide route), else None."""
+        if self._xy is None:
+            return None
+        return torch.from_numpy(self._xy[rows])
 
     def _draw(self, rows: np.ndarray, keep: int, rng: np.random.Generator, drawn: list[np.ndarray]) -> np.ndarray:
         """``keep`` of a slice's ``rows`` at random; with an alignment, those lying on the case's ``drawn`` rows

@@ -74,8 +74,9 @@ class Variant:
 
 # --preset NAME: (architectures, stain sets; None: every stain together and each stain alone)
 PRESETS = {
-    # the multi-stain field's models beside the hierarchy (issue 32; biox_cpath joins when it is registered)
-    "multistain": (["hierarchical", "hierarchical:none", "abmil", "late_fusion", "mustang", "cross_attention"], None),
+    # the multi-stain field's models beside the hierarchy
+    "multistain": (["hierarchical", "hierarchical:none", "abmil", "late_fusion", "mustang", "biox_cpath",
+                    "cross_attention"], None),
 }
 
 

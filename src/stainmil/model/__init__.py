@@ -8,4 +8,4 @@ the order ``stainmil models`` lists them. Nothing here reads files or imports pa
 # registration order is the listing order (not alphabetical)
 from stainmil.model import hierarchical, aligned  # noqa: F401, I001
 from stainmil.model.baselines import abmil, clam, dsmil, dtfd, transmil, pooling  # noqa: F401
-from stainmil.model.multistain import late_fusion, mustang, cross_attention  # noqa: F401
+from stainmil.model.multistain import late_fusion, mustang, biox_cpath, cross_attention  # noqa: F401

@@ -7,6 +7,8 @@ A :class:`CaseBatch` holds::
     slice_group  (S,)    stain group of each slice      in [0, G)   (a stain group = one stain of one case)
     group_case   (G,)    case of each stain group       in [0, B)
     group_stain  (G,)    canonical stain index of each group (he=0, melan=1, sox10=2 by default)
+    patch_position (P, 3) where each patch lies on its slide when the cohort knows it (slide route): x, y of its
+                         top-left corner and its side, in level-0 pixels (architectures with patch_positions read it)
     patch_anchor (P,)    only for architectures that need a registration (``aligned``): the batch row of the
                          reference-stain patch each patch lies on (a reference patch: itself), -1 for none
 
@@ -34,6 +36,7 @@ class CaseBatch:
     patch_rows: np.ndarray     # (P,) manifest row of each patch
     slice_rows: np.ndarray     # (S,) cohort slice index of each slice
     patch_anchor: torch.Tensor | None = None  # (P,) long: batch row of the reference patch under each patch, or -1
+    patch_position: torch.Tensor | None = None  # (P, 3) float: x, y, side in level-0 pixels
 
     @property
     def n_cases(self) -> int:
@@ -62,7 +65,8 @@ class CaseBatch:
         return CaseBatch(features=self.features[keep_t], patch_slice=new_slice, slice_group=new_group,
                          group_case=self.group_case[used_groups], group_stain=self.group_stain[used_groups],
                          labels=self.labels, case_ids=self.case_ids, patch_rows=self.patch_rows[np.asarray(keep)],
-                         slice_rows=self.slice_rows[used_slices.cpu().numpy()], patch_anchor=anchor)
+                         slice_rows=self.slice_rows[used_slices.cpu().numpy()], patch_anchor=anchor,
+                         patch_position=None if self.patch_position is None else self.patch_position[keep_t])
 
     def stain_batch(self, stain: int) -> tuple[CaseBatch, torch.Tensor]:
         """The patches of one stain (index into the model's stains), as a batch of the cases that have it, and
@@ -74,4 +78,5 @@ class CaseBatch:
         return CaseBatch(features=part.features, patch_slice=part.patch_slice, slice_group=part.slice_group,
                          group_case=group_case, group_stain=part.group_stain, labels=self.labels[cases],
                          case_ids=[self.case_ids[i] for i in kept], patch_rows=part.patch_rows,
-                         slice_rows=part.slice_rows, patch_anchor=part.patch_anchor), cases
+                         slice_rows=part.slice_rows, patch_anchor=part.patch_anchor,
+                         patch_position=part.patch_position), cases

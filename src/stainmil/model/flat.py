@@ -43,6 +43,7 @@ class FlatMIL(StainAware):
     """Base of the flat baselines; subclasses set ``has_patch_attention`` and implement the two methods."""
 
     has_patch_attention = True
+    reads_context = False  # True: pool_cases also gets patch_stain (P,), patch_slice (P,), patch_position (P, 3)|None
 
     def __init__(self, in_dim: int, config: ModelConfig, stains: list[str]) -> None:
         super().__init__(in_dim, stains)
@@ -79,7 +80,9 @@ class FlatMIL(StainAware):
         if self.stain_embedding is not None:
             self.check_stains(batch)
             x = x + self.stain_embedding[batch.group_stain[patch_group]]
-        pooled = self.pool_cases(x, patch_case, batch.n_cases, batch.labels)
+        context = {"patch_stain": batch.group_stain[patch_group], "patch_slice": batch.patch_slice,
+                   "patch_position": batch.patch_position} if self.reads_context else {}
+        pooled = self.pool_cases(x, patch_case, batch.n_cases, batch.labels, **context)
         if pooled.attention_weights is not None:
             attention, scores = pooled.attention_weights, pooled.attention_logits
         elif pooled.attention_logits is not None:

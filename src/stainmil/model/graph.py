@@ -104,3 +104,45 @@ def max_mean_readout(x: torch.Tensor, groups: torch.Tensor, n_groups: int) -> to
     top = x.new_full((n_groups, x.shape[1]), -math.inf).scatter_reduce(
         0, groups[:, None].expand_as(x), x, reduce="amax", include_self=True)
     return torch.cat([torch.where(torch.isinf(top), torch.zeros_like(top), top), mean], dim=1)
+
+
+def region_adjacency_edges(position: torch.Tensor, slices: torch.Tensor) -> torch.Tensor:
+    """BioX-CPath's region adjacency graph: patches of one slice whose grid cells touch (8-neighbourhood and the
+    patch itself), both ways. ``position`` (N, 3): x, y, side in level-0 pixels; ``slices`` (N,). -> (2, E)."""
+    side = position[:, 2].clamp_min(1)
+    gx, gy = torch.round(position[:, 0] / side).long(), torch.round(position[:, 1] / side).long()
+    offset = 1 << 20
+    key = (slices.long() << 42) + ((gx + offset) << 21) + (gy + offset)              # (N,) one cell per key
+    order = torch.argsort(key)
+    sorted_key = key[order]
+    sources, targets = [], []
+    for dx in (-1, 0, 1):
+        for dy in (-1, 0, 1):
+            wanted = key + (dx << 21) + dy
+            at = torch.searchsorted(sorted_key, wanted).clamp_max(len(key) - 1)
+            hit = sorted_key[at] == wanted
+            sources.append(torch.nonzero(hit).squeeze(1))
+            targets.append(order[at[hit]])
+    return torch.stack([torch.cat(sources), torch.cat(targets)])
+
+
+def random_walk_encoding(edges: torch.Tensor, n: int, steps: int, block: int = KNN_BLOCK) -> torch.Tensor:
+    """Random-walk positional encoding (Dwivedi et al. 2022; torch-geometric's ``AddRandomWalkPE``): the return
+    probabilities diag(P^k), k = 1..steps, of the walk P = D_out^-1 A on ``edges`` (2, E) over n nodes.
+    Computed ``block`` entries at a time (P^k applied to a block of unit columns): memory n x block/n, never n x n.
+    -> (n, steps)."""
+    out = torch.zeros((n, steps), device=edges.device)
+    if n == 0:
+        return out
+    degree = torch.bincount(edges[0], minlength=n).clamp_min(1).float()
+    walk = torch.sparse_coo_tensor(edges, 1.0 / degree[edges[0]], (n, n),
+                                   check_invariants=False).coalesce()               # P (n, n) sparse
+    width = max(1, block // n)
+    for start in range(0, n, width):
+        columns = torch.arange(start, min(start + width, n), device=edges.device)
+        state = torch.zeros((n, len(columns)), device=edges.device)
+        state[columns, torch.arange(len(columns))] = 1.0
+        for step in range(steps):
+            state = torch.sparse.mm(walk, state)                                   # P^(step+1) e_columns
+            out[columns, step] = state[columns, torch.arange(len(columns))]
+    return out

@@ -36,13 +36,15 @@ class ArchitectureSpec:
     patch_attention: bool = True       # attention over patches (heatmaps, top patches); else uniform weights
     stain_specific: bool = False       # takes model.stain_identity 'specific' (own projector and pools per stain)
     needs_registration: bool = False   # batches must carry patch_anchor (`stainmil register` first)
+    patch_positions: bool = False      # reads where patches lie on their slide (CaseBatch.patch_position) if known
 
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {}  # name -> spec, in registration order
 
 
 def register_architecture(name: str, *, reference: str, patch_attention: bool = True, stain_specific: bool = False,
-                          needs_registration: bool = False, **build_kwargs: Any) -> Callable:
+                          needs_registration: bool = False, patch_positions: bool = False,
+                          **build_kwargs: Any) -> Callable:
     """Class (or factory) decorator: register ``name``; ``build_kwargs`` are passed to the constructor (so one
     class can register several variants, e.g. CLAM's single- and multi-branch)."""
     def decorator(cls: Callable) -> Callable:
@@ -50,7 +52,7 @@ def register_architecture(name: str, *, reference: str, patch_attention: bool = 
             raise ValueError(f"architecture '{name}' is registered twice")
         build = partial(cls, **build_kwargs) if build_kwargs else cls
         ARCHITECTURES[name] = ArchitectureSpec(name, build, reference, patch_attention, stain_specific,
-                                               needs_registration)
+                                               needs_registration, patch_positions)
         return cls
     return decorator
 

@@ -49,9 +49,11 @@ def load_cohort(config: Config, split: Split | None = None, training: bool = Fal
     (``data.stains``) the cases that have none of its stains drop out of the split.
     """
     bounded = training and config.features.mode == "cached" and config.features.cache_mb > 0
-    aligned = architecture(config.model.architecture).needs_registration
+    spec = architecture(config.model.architecture)
+    aligned = spec.needs_registration
     # a bounded training process keeps only the index columns training uses: its memory stays small
-    manifest = load_manifest(config, (TRAINING_COLUMNS + (PLACE_COLUMNS if aligned else [])) if bounded else None)
+    places = PLACE_COLUMNS if aligned or spec.patch_positions else []
+    manifest = load_manifest(config, (TRAINING_COLUMNS + places) if bounded else None)
     cases = set(manifest["case"])
     split = split or load_split(config.split_file, cases)
     manifest = keep_stains(manifest, config.data.stains)

@@ -38,7 +38,7 @@ def smooth_top1_svm(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 
     return torch.logsumexp(logits + margin, dim=-1) - logits.gather(1, targets[:, None]).squeeze(1)
 
 
-@register_architecture("clam_mb", reference="Lu et al. 2021: a branch per class, instance clustering",
+@register_architecture("clam_mb", reference="Lu et al. 2021: a branch per class, clustering",
                        multi_branch=True)
 @register_architecture("clam_sb", reference="Lu et al. 2021: one branch, instance clustering")
 class CLAM(FlatMIL):

@@ -28,8 +28,7 @@ from stainmil.model.registry import register_architecture
 from stainmil.model.segment import segment_softmax, segment_sum
 
 
-@register_architecture("cross_attention", reference="cross-stain attention: per-stain tokens attend to each other, "
-                                                     "then pooled")
+@register_architecture("cross_attention", reference="stain tokens attend to each other, then pooled")
 class CrossStainAttentionMIL(StainAware):
     def __init__(self, in_dim: int, config: ModelConfig, stains: list[str]) -> None:
         super().__init__(in_dim, stains)

@@ -29,7 +29,7 @@ from stainmil.model.registry import architecture, list_architectures, register_a
 from stainmil.model.segment import segment_softmax
 
 
-@register_architecture("late_fusion", reference="Wies et al. 2024: one MIL model per stain, fused at the case")
+@register_architecture("late_fusion", reference="Wies et al. 2024: a MIL model per stain, fused")
 class LateFusionMIL(StainAware):
     def __init__(self, in_dim: int, config: ModelConfig, stains: list[str]) -> None:
         super().__init__(in_dim, stains)

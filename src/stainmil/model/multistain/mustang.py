@@ -26,7 +26,7 @@ from stainmil.model.graph import GATv2, GraphConvScore, knn_edges, max_mean_read
 from stainmil.model.registry import register_architecture
 
 
-@register_architecture("mustang", reference="Gallagher-Syed et al. 2023: k-NN graph of all stains, GATv2 + SAGPool")
+@register_architecture("mustang", reference="Gallagher-Syed et al. 2023: k-NN graph, GATv2")
 class MUSTANG(FlatMIL):
     def __init__(self, in_dim: int, config: ModelConfig, stains: list[str]) -> None:
         super().__init__(in_dim, config, stains)

@@ -1,0 +1,120 @@
+"""BioX-CPath (CVPR 2025; AmayaGS/BioX-CPath): a graph of every stain's patches of a patient, graph attention, and
+stain-aware attention pooling (SAAP).
+
+    graph (KRAG): k-NN on the features (k = model.baseline.biox_k, 7, the patch itself included) united with the
+      region adjacency of each slice (patches whose grid cells touch) where the batch knows the patches' places
+    random-walk encoding pe (N, 20): the return probabilities diag(P^k) of the walk on that graph
+    graph_layers (4) x [ x <- cat(x, pe) -> GATv2(-> E) -> ReLU -> pooling: s = softsign(GraphConv(E -> 1)), keep
+      the best ceil(0.7 n) nodes, scaled by s -> SAAP readout:
+        w_stain = sum of s over the stain's kept nodes / sum of s over the case's
+        h = cat[ sum_stain w_stain mean_stain(x), sum_stain w_stain max_stain(x) ]            (2E) ]
+    z = cat of the layers' h (L*2E) -> layer attention: LN(z' + out(v(z'))), z' = LN(z)  (multi-head attention over
+      a sequence of one, which is what the reference's nn.MultiheadAttention computes; its attention dropout drops
+      the branch)
+    -> ReLU -> Dropout -> Linear(L*2E, L*E) -> Linear(L*E, C)
+
+Deviations (dev-notes/multistain-recipes.md): several cases per step; k-NN on the standardised features; the
+region adjacency within each slice (the reference links patches at the same grid cell across unregistered slides)
+and only where the cohort has slide places (a patch-image cohort: k-NN only); the pooling's tie-breaking noise only
+in training; the SAAP denominator kept away from 0 (the reference divides by it unguarded). Patch attention: the
+pooling scores summed over the layers each patch survives (the reference's node heatmap), softmaxed within the case.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stainmil.config import ModelConfig
+from stainmil.model.flat import CasePooling, FlatMIL
+from stainmil.model.graph import (
+    GATv2,
+    GraphConvScore,
+    knn_edges,
+    random_walk_encoding,
+    region_adjacency_edges,
+    top_k_pool,
+)
+from stainmil.model.registry import register_architecture
+from stainmil.model.segment import segment_sum
+
+WALK_STEPS = 20
+
+
+@register_architecture("biox_cpath", reference="BioX-CPath 2025: graph + stain-aware pooling",
+                       patch_positions=True)
+class BioXCPath(FlatMIL):
+    reads_context = True
+
+    def __init__(self, in_dim: int, config: ModelConfig, stains: list[str]) -> None:
+        super().__init__(in_dim, config, stains)
+        b, e, layers = config.baseline, config.embed_dim, config.baseline.graph_layers
+        self.k, self.ratio, self.n_stains = b.biox_k, b.graph_pool_ratio, max(len(stains), 1)
+        self.convs = nn.ModuleList([GATv2((in_dim if i == 0 else e) + WALK_STEPS, e, b.graph_heads)
+                                    for i in range(layers)])
+        self.scores = nn.ModuleList([GraphConvScore(e) for _ in range(layers)])
+        width = layers * 2 * e
+        self.norm_pre, self.norm_post = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.value, self.out = nn.Linear(width, width), nn.Linear(width, width)
+        self.dropout = config.dropout
+        self.head = nn.Sequential(nn.ReLU(), nn.Dropout(config.dropout), nn.Linear(width, layers * e),
+                                  nn.Linear(layers * e, config.n_classes))
+
+    def saap(self, x: torch.Tensor, score: torch.Tensor, groups: torch.Tensor, stain: torch.Tensor,
+             n_groups: int) -> torch.Tensor:
+        """Stain-aware attention pooling of kept nodes (N', E) -> (n_groups, 2E)."""
+        cell = groups * self.n_stains + stain                                         # (N',) (case, stain)
+        cells = n_groups * self.n_stains
+        count = segment_sum(torch.ones_like(score), cell, cells)                      # (cells,)
+        mass = segment_sum(score, cell, cells)                                        # (cells,)
+        total = segment_sum(mass, torch.arange(cells, device=x.device) // self.n_stains, n_groups)   # (B,)
+        total = torch.where(total.abs() < 1e-6, torch.full_like(total, 1e-6), total)
+        weight = mass / total.repeat_interleave(self.n_stains)                        # (cells,) w_stain
+        mean = segment_sum(x, cell, cells) / count.clamp_min(1)[:, None]
+        top = x.new_full((cells, x.shape[1]), -torch.inf).scatter_reduce(
+            0, cell[:, None].expand_as(x), x, reduce="amax", include_self=True)
+        top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+        by_case = torch.arange(cells, device=x.device) // self.n_stains
+        return torch.cat([segment_sum(weight[:, None] * mean, by_case, n_groups),
+                          segment_sum(weight[:, None] * top, by_case, n_groups)], dim=1)
+
+    def network(self, x, edges, groups, stain, n_groups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N, D) nodes of n_groups graphs -> logits (n_groups, C), z (n_groups, L*2E), node score sums (N,)."""
+        with torch.no_grad():
+            walk = random_walk_encoding(edges, len(x), WALK_STEPS)                    # (N, 20)
+        node = torch.arange(len(x), device=x.device)                                 # original index of each node
+        heat = x.new_zeros(len(x))
+        readouts = []
+        for conv, score_layer in zip(self.convs, self.scores):
+            x = F.relu(conv(torch.cat([x, walk], dim=1), edges))
+            s = F.softsign(score_layer(x, edges))
+            if self.training:  # the reference's tie-breaking noise
+                s = s + 1e-6 * torch.randn_like(s)
+            heat = heat.index_add(0, node, s)
+            x, edges, groups, kept = top_k_pool(x, edges, groups, n_groups, s, self.ratio)
+            walk, stain, node, s = walk[kept], stain[kept], node[kept], s[kept]
+            readouts.append(self.saap(x, s, groups, stain, n_groups))
+        z = self.norm_pre(torch.cat(readouts, dim=1))                                 # (B, L*2E)
+        branch = self.out(self.value(z))
+        if self.training and self.dropout > 0:  # attention dropout on the one attention weight
+            keep = torch.rand((len(z), 1), device=z.device) >= self.dropout
+            branch = branch * keep / (1 - self.dropout)
+        z = self.norm_post(z + branch)
+        return self.head(z), z, heat
+
+    def pool_cases(self, x, patch_case, n_cases, labels, patch_stain=None, patch_slice=None,
+                   patch_position=None) -> CasePooling:
+        with torch.no_grad():
+            edges = knn_edges(x.detach(), patch_case, self.k, self_loops=True)
+            if patch_position is not None:
+                edges = torch.unique(torch.cat([edges, region_adjacency_edges(patch_position, patch_slice)], 1), dim=1)
+        logits, z, heat = self.network(x, edges, patch_case, patch_stain, n_cases)
+        # the patch embedding keeps the stain (SAAP pools by stain) in the last column: see instance_logits
+        return CasePooling(logits, z, torch.cat([x, patch_stain[:, None].to(x.dtype)], dim=1), heat)
+
+    def instance_logits(self, patch_embeddings: torch.Tensor) -> torch.Tensor:
+        """(P, D + 1) standardised features and stain -> (P, C): each patch a one-node graph (its own loop)."""
+        x, stain = patch_embeddings[:, :-1], patch_embeddings[:, -1].long()
+        alone = torch.arange(len(x), device=x.device)
+        return self.network(x, torch.stack([alone, alone]), alone, stain, len(x))[0]
