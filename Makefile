@@ -20,14 +20,13 @@ $(STAMP): pyproject.toml Makefile
 
 # Everything CI must run. The SLURM tests share one real single-node cluster: they run in a second,
 # single-process pass (beside the parallel pass they only slowed it: their jobs need the same two cores).
-# Tests that share one expensive fixture are grouped on one worker (--dist loadgroup).
 test: setup
-	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not slurm" --durations=15
+	$(BIN)/python -m pytest -n 2 -m "not slurm" --durations=15
 	$(BIN)/python -m pytest -m slurm -p no:xdist --durations=5
 
 # The quick loop while developing: no end-to-end pipelines, benchmarks or SLURM (CI runs `make test`).
 test-fast: setup
-	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not slurm and not slow"
+	$(BIN)/python -m pytest -n 2 -m "not slurm and not slow"
 
 demo: setup
 	$(BIN)/stainmil demo --out demo_out

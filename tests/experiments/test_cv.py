@@ -17,10 +17,6 @@ def _config(prepared, tmp_path):
     return config
 
 
-# the tests sharing the serial 3-fold CV run on one xdist worker (make test: --dist loadgroup)
-SERIAL_CV = pytest.mark.xdist_group("serial_cv")
-
-
 @pytest.fixture(scope="module")
 def serial_cv(prepared, tmp_path_factory):
     """A 3-fold CV of the tiny cohort, folds one after another, the whole store in memory: (config, result)."""
@@ -31,7 +27,6 @@ def serial_cv(prepared, tmp_path_factory):
     return config, result
 
 
-@SERIAL_CV
 def test_cv_end_to_end_and_resume(serial_cv):
     config, result = serial_cv
     logs = []
@@ -73,7 +68,6 @@ def test_cv_on_the_teams_split_files(prepared, tmp_path):
     assert np.isfinite(result.summary["epochs"]).all()
 
 
-@SERIAL_CV
 def test_cv_folds_in_parallel_processes_with_a_bounded_store(prepared, tmp_path, serial_cv):
     """--workers 2: folds trained in two spawned processes, each reading the store through a bounded cache,
     give the same folds as one after another in memory."""
