@@ -4,6 +4,8 @@ VENV   ?= .venv
 # torch and torchvision are pinned as a matching pair from the registry (a local +cpu torch wheel of another
 # build would shadow it and break torchvision); installed before the package so pip never picks another build.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
+# the viewer's deep-zoom client, from npm at a pinned version (stainmil.view.app.OPENSEADRAGON_VERSION)
+OPENSEADRAGON ?= 6.1.1
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stainmil-installed
 
@@ -16,6 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e ".[test,docs]"
+	npm install --silent --no-audit --no-fund --prefix $(VENV)/share/stainmil openseadragon@$(OPENSEADRAGON)
 	touch $(STAMP)
 
 # Everything CI must run. The SLURM tests share one real single-node cluster: they run in a second,

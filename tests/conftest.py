@@ -18,6 +18,21 @@ from stainmil.config import Config, load_config  # noqa: E402
 from stainmil.data.synth import PRESETS, write_cohort  # noqa: E402
 
 
+def made_once(tmp_path_factory, name: str, build) -> Path:
+    """``build(folder)`` once per test run, shared by every xdist worker: the first to ask builds it under a file
+    lock (into ``<basetemp>/<name>``, marked finished by ``<name>.done``); the others wait and read it."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # the run's, not this worker's
+    out, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.is_file():
+            build(out)
+            done.write_text("ok\n")
+    return out
+
+
 def tiny_config(cohort: Path, work: Path, *overrides: str) -> Config:
     return load_config(None, [
         f"output_dir={work}", f"data.patches_dir={cohort / 'patches'}", f"data.labels_csv={cohort / 'labels.csv'}",
@@ -88,3 +103,24 @@ def slide_config(cohort: Path, work: Path, *overrides: str) -> Config:
     return tiny_config(cohort, work, "data.source=slides", f"tile.slices_dir={cohort / 'slides'}",
                        f"tile.out_dir={work / 'tiles'}", "tile.mpp=0.5", "tile.patch_size=32", "tile.mask_downsample=1",
                        *overrides)
+
+
+@pytest.fixture(scope="session")
+def serial_demo(tmp_path_factory) -> Path:
+    """`stainmil demo --serial` on serial-tiny (random weights, 2 epochs, non-rigid registration on small thumbnails):
+    the demo's folder, made once per test run and shared by every worker (read it, never write into it)."""
+    import json
+
+    from stainmil.pipeline import run_demo
+
+    def build(folder: Path) -> None:
+        logs: list[str] = []
+        result = run_demo(folder, ["train.max_epochs=2", "eval.bootstrap=10", "model.architecture=aligned",
+                                   "register.max_side=192", "split.method=holdout", "split.val_fraction=0.34",
+                                   "split.test_fraction=0.34"],
+                          weights="random", log=logs.append, preset="serial-tiny", serial=True)
+        (folder / "demo_result.json").write_text(json.dumps({
+            "run": str(result.training.run_dir), "report": str(result.report), "predictions": str(result.predictions),
+            "tiles": result.config.tile.out_dir, "logs": logs}))
+
+    return made_once(tmp_path_factory, "serial_demo", build)

@@ -53,26 +53,24 @@ def gpu_check(tmp_path_factory):
     import sys
     from pathlib import Path
 
-    from filelock import FileLock
     from typer.testing import CliRunner
 
     from stainmil.cli import app
+    from tests.conftest import made_once
 
-    root = tmp_path_factory.getbasetemp()
-    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # shared by every worker of this run
-    out = root / "gpu_check"
-    with FileLock(str(root / "gpu_check.lock")):
-        if not (out / "gpu_check.md").is_file():
-            here = Path(__file__).resolve().parents[1]
-            env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out)}
-            steps = subprocess.run([str(here / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--small",
-                                    "--dry-run"], capture_output=True, text=True, check=True, env=env).stdout
-            assert len(steps.splitlines()) == 6 and not out.exists()  # a dry run runs nothing
-            for step in steps.splitlines():
-                result = CliRunner().invoke(app, ["bench", *shlex.split(step)])
-                assert result.exit_code == 0, (step, result.output[-2000:], result.exception)
-            subprocess.run([sys.executable, str(here / "benchmarks" / "gpu_table.py"), str(out), "cpu", "tiny", "32",
-                            "0", "kaiko_vits16"], capture_output=True, text=True, check=True)
+    def build(out: Path) -> None:
+        here = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out)}
+        steps = subprocess.run([str(here / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--small",
+                                "--dry-run"], capture_output=True, text=True, check=True, env=env).stdout
+        assert len(steps.splitlines()) == 6 and not out.exists()  # a dry run runs nothing
+        for step in steps.splitlines():
+            result = CliRunner().invoke(app, ["bench", *shlex.split(step)])
+            assert result.exit_code == 0, (step, result.output[-2000:], result.exception)
+        subprocess.run([sys.executable, str(here / "benchmarks" / "gpu_table.py"), str(out), "cpu", "tiny", "32",
+                        "0", "kaiko_vits16"], capture_output=True, text=True, check=True)
+
+    out = made_once(tmp_path_factory, "gpu_check", build)
     return out, (out / "gpu_check.md").read_text()
 
 

@@ -144,18 +144,14 @@ def test_three_classes_from_demo_to_cv_compare_models_and_report(tmp_path):
 
 
 @pytest.mark.slow
-def test_serial_demo_registers_and_trains_the_aligned_model(tmp_path):
+def test_serial_demo_registers_and_trains_the_aligned_model(serial_demo):
     """`stainmil demo --serial`: serial sections registered after tiling; the aligned model trains on the places."""
-    logs = []
-    result = run_demo(tmp_path / "demo", ["train.max_epochs=2", "eval.bootstrap=10", "model.architecture=aligned",
-                                          "register.max_side=192", "register.nonrigid=false", "split.method=holdout",
-                                          "split.val_fraction=0.34", "split.test_fraction=0.34"],
-                      weights="random", log=logs.append, preset="serial-tiny", serial=True)
-    assert any("registering every IHC slice" in line for line in logs)
-    assert any("training the aligned attention model" in line for line in logs)
-    registrations = pd.read_csv(result.config.tile.out_dir + "/registration/registrations.csv")
+    result = json.loads((serial_demo / "demo_result.json").read_text())
+    assert any("registering every IHC slice" in line for line in result["logs"])
+    assert any("training the aligned attention model" in line for line in result["logs"])
+    registrations = pd.read_csv(Path(result["tiles"]) / "registration" / "registrations.csv")
     assert len(registrations) == 12 and (registrations["verdict"] == "aligned").sum() >= 4
-    run = result.training.run_dir
+    run = Path(result["run"])
     assert (run / "attention" / "colocated_cases.csv").is_file()
-    assert "attention mapped onto it" in result.report.read_text()
-    assert (result.predictions / "predictions.csv").is_file()
+    assert "attention mapped onto it" in Path(result["report"]).read_text()
+    assert (Path(result["predictions"]) / "predictions.csv").is_file()

@@ -373,7 +373,31 @@ def report(run: Annotated[Path, typer.Argument(help="Run folder.")]) -> None:
     """Write <run>/report.html: one self-contained page (runs `analyze` first)."""
     from stainmil.analysis.report import build_report
 
-    console.print(f"report: [bold]{build_report(run)}[/]")
+    console.print(f"report: [bold]{build_report(run)}[/]\nthe slides at full resolution, every stain of a case "
+                  f"side by side: [bold]stainmil view {run}[/]")
+
+
+@app.command()
+@friendly
+def view(folder: Annotated[Path, typer.Argument(help="A run, CV fold, `predict` or `compare-models` folder.")],
+         port: Annotated[int, typer.Option(help="Port to serve on (the next free one when it is taken).")] = 8765,
+         host: Annotated[str, typer.Option(help="Address to listen on; 127.0.0.1 keeps the slides on this "
+                                                "machine.")] = "127.0.0.1",
+         open_browser: Annotated[bool, typer.Option("--open/--no-open", help="Open the browser.")] = True,
+         slides_dir: Annotated[Path | None, typer.Option(help="Where the slides are now, if they moved since the "
+                                                              "run (found there by file name).")] = None) -> None:
+    """A local web app: the case list, and each case's slides of every stain side by side at full resolution, with
+    attention overlays, moving together through the registration (Ctrl-C stops it)."""
+    from stainmil.view.server import ViewerServer
+
+    server = ViewerServer(folder, host=host, port=port, slides_dir=slides_dir)
+    if server.port != port:
+        console.print(f"port {port} is in use; serving on {server.port}")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(f"[yellow]warning:[/] listening on {host}: anyone who can reach this machine can see these slides.")
+    console.print(f"stainmil view: [bold]{server.url}[/] ({len(server.catalog.sources)} result folder(s) of "
+                  f"{server.catalog.folder}); Ctrl-C stops it")
+    server.run(open_browser=open_browser)
 
 
 @app.command()

@@ -76,12 +76,16 @@ def slice_canvas(part: pd.DataFrame, template: str) -> tuple[np.ndarray, np.ndar
         if path.is_file():
             with Image.open(path) as image:
                 return np.asarray(image.convert("RGB")), xs, ys, side, f"slice image {path.name}"
-    canvas = np.full((ys.max() + side, xs.max() + side, 3), 255, dtype=np.uint8)
-    for path, x, y in zip(part["path"], xs, ys):
+    return patch_mosaic(part["path"], xs, ys, side), xs, ys, side, source
+
+
+def patch_mosaic(paths, xs: np.ndarray, ys: np.ndarray, side: int) -> np.ndarray:
+    """RGB (H, W, 3) uint8: each patch file pasted at its (x, y), ``side`` px square, on white."""
+    canvas = np.full((int(ys.max()) + side, int(xs.max()) + side, 3), 255, dtype=np.uint8)
+    for path, x, y in zip(paths, xs, ys):
         with Image.open(path) as image:
-            tile = np.asarray(image.convert("RGB").resize((side, side)))
-        canvas[y:y + side, x:x + side] = tile
-    return canvas, xs, ys, side, source
+            canvas[y:y + side, x:x + side] = np.asarray(image.convert("RGB").resize((side, side)))
+    return canvas
 
 
 @dataclass
@@ -142,3 +146,21 @@ def draw_heatmap(part: pd.DataFrame, template: str, path: str | Path, value: str
     fig.suptitle(title + f"  ({view.source})", fontsize=10)
     fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=right, fraction=0.04, pad=0.02)
     return save_figure(fig, path, dpi=100)
+
+
+def colour_legends(prob_label: str = "P(high-grade)") -> dict[str, dict]:
+    """CSS gradients and tick labels of the two fixed heatmap scales (the viewer's legend)."""
+    legends = {}
+    for value, ticks in (("relative_attention", [(1 / 8, "⅛×"), (1, "1×"), (8, "8×")]),
+                         ("patch_prob", [(0, "0"), (0.5, "0.5"), (1, "1")])):
+        norm, cmap, label = colour_scale(value)
+        stops = np.linspace(0, 1, 11)
+        colours = [hex_colour(c) for c in matplotlib.colormaps[cmap](stops)]
+        label = label.replace("P(high-grade)", prob_label)
+        legends[value] = {"gradient": "linear-gradient(to right, " + ", ".join(colours) + ")", "label": label,
+                          "ticks": [{"at": float(norm(v)) * 100, "text": t} for v, t in ticks]}
+    return legends
+
+
+def hex_colour(rgba) -> str:
+    return "#" + "".join(f"{int(round(c * 255)):02x}" for c in rgba[:3])

@@ -11,7 +11,7 @@ from stainmil.analysis.analyze import write_tables
 from stainmil.analysis.attention import compute_tables
 from stainmil.analysis.report import build_prediction_report
 from stainmil.bags.cohort import CohortBags
-from stainmil.config import Config
+from stainmil.config import Config, dump_config
 from stainmil.data.cohort import build_index, keep_stains, load_manifest, write_index
 from stainmil.data.registration import patch_alignment, read_registrations
 from stainmil.device import resolve_device
@@ -85,6 +85,7 @@ def predict_unlabelled(checkpoint: str | Path, config: Config, out_dir: str | Pa
     out = Path(out_dir) if out_dir else Path(config.output_dir) / "predictions"
     (out / "predictions.csv").unlink(missing_ok=True)  # an earlier set's file must not sit beside new partial files
     atomic_write_text(out / "threshold.txt", f"{threshold}\n{rule}\n")
+    dump_config(config, out / "config.yaml")  # this set's cohort (slides, tiles, registrations): `stainmil view`
     if explain:
         tables = compute_tables(model, config, bags, bags.case_ids, predictions, "prediction set", threshold,
                                 temperature)

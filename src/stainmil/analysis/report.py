@@ -17,13 +17,11 @@ import re
 from datetime import datetime
 from pathlib import Path
 
-import matplotlib
-import numpy as np
 import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from stainmil.analysis.analyze import AnalysisResult, report_cases, summary_text, write_analysis
-from stainmil.analysis.heatmaps import colour_scale, patch_colours
+from stainmil.analysis.heatmaps import colour_legends, hex_colour, patch_colours
 from stainmil.classes import ClassScheme, read_metrics
 from stainmil.config import Config, load_config
 from stainmil.errors import TrainingError
@@ -164,24 +162,6 @@ def _cell(row, column: str):
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def colour_legends(prob_label: str = "P(high-grade)") -> dict[str, dict]:
-    """CSS gradients and tick labels of the two fixed heatmap scales (the viewer's legend)."""
-    legends = {}
-    for value, ticks in (("relative_attention", [(1 / 8, "⅛×"), (1, "1×"), (8, "8×")]),
-                         ("patch_prob", [(0, "0"), (0.5, "0.5"), (1, "1")])):
-        norm, cmap, label = colour_scale(value)
-        stops = np.linspace(0, 1, 11)
-        colours = [_hex(c) for c in matplotlib.colormaps[cmap](stops)]
-        label = label.replace("P(high-grade)", prob_label)
-        legends[value] = {"gradient": "linear-gradient(to right, " + ", ".join(colours) + ")", "label": label,
-                          "ticks": [{"at": float(norm(v)) * 100, "text": t} for v, t in ticks]}
-    return legends
-
-
-def _hex(rgba) -> str:
-    return "#" + "".join(f"{int(round(c * 255)):02x}" for c in rgba[:3])
-
-
 def _viewer_data(analysis: AnalysisResult, cases: set[str]) -> dict[tuple, dict]:
     """Per mapped slice of ``cases`` (those with a section): the slice image and its patches, each [x, y,
     relative attention, patch P, attention colour, probability colour, patch id] in image pixels — what the
@@ -193,8 +173,8 @@ def _viewer_data(analysis: AnalysisResult, cases: set[str]) -> dict[tuple, dict]
         if key[0] not in cases:
             continue
         part = grouped[key]
-        att = [_hex(c) for c in patch_colours(part["relative_attention"].to_numpy(), "relative_attention")]
-        prob = [_hex(c) for c in patch_colours(part["patch_prob"].to_numpy(), "patch_prob")]
+        att = [hex_colour(c) for c in patch_colours(part["relative_attention"].to_numpy(), "relative_attention")]
+        prob = [hex_colour(c) for c in patch_colours(part["patch_prob"].to_numpy(), "patch_prob")]
         rows = [[round(float(x), 1), round(float(y), 1), round(float(a), 4), round(float(p), 4), ca, cp, str(pid)]
                 for x, y, a, p, ca, cp, pid in zip(view.xs, view.ys, part["relative_attention"], part["patch_prob"],
                                                    att, prob, part["patch"])]
@@ -225,8 +205,8 @@ def _registered_viewers(analysis: AnalysisResult, viewers: dict[tuple, dict]) ->
             if landed.empty:  # that stain's slice of this case was not aligned (only other cases' were)
                 continue
             att, prob = landed[f"{ihc}_relative_attention"].to_numpy(), landed[f"{ihc}_patch_prob"].to_numpy()
-            colours_a = [_hex(c) for c in patch_colours(att, "relative_attention")]
-            colours_p = [_hex(c) for c in patch_colours(prob, "patch_prob")]
+            colours_a = [hex_colour(c) for c in patch_colours(att, "relative_attention")]
+            colours_p = [hex_colour(c) for c in patch_colours(prob, "patch_prob")]
             rows = [[*xy[str(pid)], round(float(a), 4), round(float(p), 4), ca, cp, f"{pid} ({int(n)} {ihc})"]
                     for pid, a, p, ca, cp, n in zip(landed["patch"], att, prob, colours_a, colours_p, landed[column])
                     if str(pid) in xy]

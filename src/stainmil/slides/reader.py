@@ -78,15 +78,19 @@ class Slide:
 
     def read_region(self, x: int, y: int, level: int, size: int) -> np.ndarray:
         """RGB uint8 (size, size, 3) at ``level`` whose top-left is level-0 pixel (x, y); outside = white."""
+        return self.read_box(x, y, level, size, size)
+
+    def read_box(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """RGB uint8 (height, width, 3) at ``level`` whose top-left is level-0 pixel (x, y); outside = white."""
         if self._handle is None:
-            out = np.full((size, size, 3), 255, np.uint8)
-            crop = self._image[y:y + size, x:x + size]
-            out[:crop.shape[0], :crop.shape[1]] = crop
+            out = np.full((height, width, 3), 255, np.uint8)
+            crop = self._image[max(y, 0):y + height, max(x, 0):x + width]
+            out[max(-y, 0):max(-y, 0) + crop.shape[0], max(-x, 0):max(-x, 0) + crop.shape[1]] = crop
             return out
         try:
-            region = self._handle.read_region((int(x), int(y)), int(level), (int(size), int(size)))
+            region = self._handle.read_region((int(x), int(y)), int(level), (int(width), int(height)))
         except Exception as exc:  # OpenSlideError on a truncated tile, …
-            raise UnreadableSlide(f"{self.path}: reading {size}x{size} px at level {level}, ({x}, {y}) failed "
+            raise UnreadableSlide(f"{self.path}: reading {width}x{height} px at level {level}, ({x}, {y}) failed "
                                   f"({type(exc).__name__}: {exc}); the file is damaged — re-export it.") from exc
         return _rgb_on_white(region)
 
