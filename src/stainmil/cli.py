@@ -385,10 +385,18 @@ def view(folder: Annotated[Path, typer.Argument(help="A run, CV fold, `predict` 
                                                 "machine.")] = "127.0.0.1",
          open_browser: Annotated[bool, typer.Option("--open/--no-open", help="Open the browser.")] = True,
          slides_dir: Annotated[Path | None, typer.Option(help="Where the slides are now, if they moved since the "
-                                                              "run (found there by file name).")] = None) -> None:
+                                                              "run (found there by file name).")] = None,
+         analyze: Annotated[bool, typer.Option(help="First analyse every trained run under FOLDER that has no "
+                                                    "analysis yet (CV folds, compare-models runs): its test "
+                                                    "cases.")] = False) -> None:
     """A local web app: the case list, and each case's slides of every stain side by side at full resolution, with
     attention overlays, moving together through the registration (Ctrl-C stops it)."""
     from stainmil.view.server import ViewerServer
+
+    if analyze:
+        from stainmil.view.folder import analyse_runs
+
+        analyse_runs(folder, log=console.print)
 
     server = ViewerServer(folder, host=host, port=port, slides_dir=slides_dir)
     if server.port != port:

@@ -15,19 +15,20 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 
 @contextmanager
-def opened(path):
-    """report.html loaded in Debian's headless Chromium (installed by the test setup): (page, console errors)."""
+def opened(path, viewport=(1280, 900)):
+    """A file (report.html) or URL loaded in Debian's headless Chromium (installed by the test setup):
+    (page, console errors)."""
     chromium = ensure_debian_packages("chromium", ["chromium"])
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=FLAGS)  # playwright uses a fresh profile
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
         errors = []
         page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         try:
-            page.goto(path.as_uri())
+            page.goto(path if isinstance(path, str) else path.as_uri())
             page.wait_for_load_state("load")
             yield page, errors
         finally:

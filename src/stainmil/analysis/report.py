@@ -124,7 +124,8 @@ def render_report(path: Path, analysis: AnalysisResult, config: Config, *, title
         ("along_slices", "effective attention along the most attended slices")) if key in analysis.figures]
     splits = (metrics or {}).get("splits", {})
     html = _environment().get_template("report.html.j2").render(
-        title=title, generated=datetime.now().strftime("%Y-%m-%d %H:%M"), split=tables.summary["split"],
+        title=title, generated=datetime.now().strftime("%Y-%m-%d %H:%M"), folder=path.parent,
+        split=tables.summary["split"],
         n_cases=len(cases), backbone=f"{config.features.backbone} ({config.features.weights})", warnings=warnings,
         labelled=metrics is not None, source=source, threshold=threshold, threshold_rule=threshold_rule,
         best_epoch=(metrics or {}).get("best_epoch"), epochs_run=(metrics or {}).get("epochs_run"),

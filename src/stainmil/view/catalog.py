@@ -29,6 +29,7 @@ from stainmil.view.folder import (
     moved_sentence,
     patch_positions_of,
     require_folder,
+    unanalysed_runs,
 )
 from stainmil.view.tiles import FORMATS, DeepZoom, TileCache, encode, read_tile
 
@@ -59,6 +60,18 @@ class Catalog:
         self.handles = SlideHandles(limit=open_slides)
         self.tiles = TileCache(tile_cache_mb * 2**20)
         self._lock = threading.RLock()
+        left = unanalysed_runs(self.folder)
+        self.folder_notes = [f"{len(left)} trained run(s) here are not analysed and not shown (e.g. "
+                             f"{left[0].relative_to(self.folder)}); start `stainmil view {self.folder} --analyze` "
+                             "to add them."] if left else []
+
+    def warm(self) -> None:
+        """Read the first source's tables and settings (and import what its pages need) before the browser asks."""
+        if self.sources:
+            try:
+                self.case_list(0)
+            except (ConfigError, DataError, OSError, ValueError, KeyError):
+                pass  # said again, to the browser, when the page asks for it
 
     # ---- sources and their settings ------------------------------------------------------------------------
     def source(self, index: int) -> Source:
@@ -152,7 +165,7 @@ class Catalog:
         positive = readable[-1] if len(readable) == 2 else ""
         return {"source": source.name, "sources": [s.name for s in self.sources], "classes": readable,
                 "positive": positive, "prob_label": f"P({positive})" if positive else "P(predicted class)",
-                "cases": rows, "notes": self._notes.get(source.index, [])}
+                "cases": rows, "notes": self.folder_notes + self._notes.get(source.index, [])}
 
     # ---- one case ------------------------------------------------------------------------------------------
     def case_page(self, source_index: int, case: str) -> dict:

@@ -154,12 +154,34 @@ def build_mosaic(source: Source, entry: SlideEntry) -> Path:
         return target
 
 
+def unanalysed_runs(folder: Path) -> list[Path]:
+    """Trained runs at or under ``folder`` (a best checkpoint) whose analysis was never written (CV folds and
+    compare-models runs are not analysed by default)."""
+    runs = {p.parent.parent for p in folder.rglob("checkpoints/best.pth")}
+    return sorted(r for r in runs if not (r / "attention" / "patches.csv").is_file())
+
+
+def analyse_runs(folder: str | Path, log=print) -> list[Path]:
+    """Analyse the test cases of every trained run under ``folder`` that has no analysis yet; returns them."""
+    from stainmil.analysis.analyze import write_analysis
+
+    runs = unanalysed_runs(Path(folder).resolve())
+    for run in runs:
+        log(f"analysing {run}")
+        write_analysis(run, "test")
+    return runs
+
+
 def require_folder(folder: str | Path) -> Path:
     path = Path(folder).expanduser().resolve()
     if not path.is_dir():
         raise DataError(f"{folder} is not a folder; pass a run folder (runs/run_…), a CV fold, a `predict` folder "
                         "or a `compare-models` folder to `stainmil view`.")
     if not any(path.rglob("attention/patches.csv")):
+        runs = unanalysed_runs(path)
+        if runs:
+            raise DataError(f"{folder} holds {len(runs)} trained run(s) but no analysis (e.g. {runs[0]}); start "
+                            f"`stainmil view {folder} --analyze` to analyse their test cases first.")
         raise DataError(f"{folder} holds no attention/patches.csv; `stainmil view` shows what a run's analysis "
                         "wrote — run `stainmil analyze <run>` (or `stainmil predict --explain`) first.")
     return path

@@ -49,6 +49,7 @@ class ViewerServer:
         self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="off",
                                                     timeout_graceful_shutdown=2))
         self._thread: threading.Thread | None = None
+        threading.Thread(target=self.catalog.warm, daemon=True).start()  # the first page without the imports' wait
 
     @property
     def url(self) -> str:

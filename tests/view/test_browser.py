@@ -1,0 +1,206 @@
+"""`stainmil view` in a real browser (Debian's Chromium through Playwright, installed by the test setup): the case
+list, a linked case page — the IHC viewer's centre is the H&E centre through the pair's transform, within one
+screen pixel —, every overlay, the unlink toggle, and a patch-folder run's mosaic."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from stainmil.data.registration import read_pair
+from stainmil.view.server import ViewerServer
+from tests.analysis.test_report import opened
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo(serial_demo):
+    return json.loads((serial_demo / "demo_result.json").read_text())
+
+
+def ready(page, url: str) -> None:
+    page.goto(url)
+    page.wait_for_function("document.body.dataset.ready === '1'", timeout=60_000)
+
+
+def views(page) -> list[dict]:
+    return page.evaluate("""() => window.stainmil.views.map(v => ({
+        id: v.slice.id, stain: v.slice.stain, reference: v.slice.reference, opened: v.opened,
+        linked: !!(v.slice.link && v.slice.link.linked), fixed: v.slice.link && v.slice.link.fixed,
+        transform: v.slice.link && v.slice.link.transform,
+        centre: v.opened ? window.stainmil.centre(v) : null, zoom: v.opened ? window.stainmil.imageZoom(v) : null}))""")
+
+
+def settle(page) -> None:
+    """Until no viewer animates any more, then one frame."""
+    page.wait_for_function("window.stainmil.views.every(v => !v.osd || (!v.osd.world.needsDraw() && "
+                           "v.osd.viewport.getCenter(true).equals(v.osd.viewport.getCenter(false))))", timeout=20_000)
+    page.evaluate("() => new Promise(r => requestAnimationFrame(() => r()))")
+
+
+def move(page, index: int, x: float, y: float, zoom: float, animate: bool = True) -> None:
+    """Lead with viewer ``index`` and move it to level-0 (x, y) at ``zoom`` screen px per image px."""
+    page.evaluate("""([i, x, y, zoom, animate]) => { const s = window.stainmil, v = s.views[i]; s.lead(v);
+        const it = v.osd.world.getItemAt(0);
+        v.osd.viewport.zoomTo(it.imageToViewportZoom(zoom), null, !animate);
+        v.osd.viewport.panTo(it.imageToViewportCoordinates(x, y), !animate); }""", [index, x, y, zoom, animate])
+    settle(page)
+
+
+
+def canvas_hash(page, index: int) -> str:
+    return page.evaluate("i => window.stainmil.views[i].canvas.toDataURL()", index)
+
+
+def test_case_list_and_a_linked_case_page(demo, tmp_path):
+    with ViewerServer(demo["run"], port=8870) as server, opened(server.url, (1500, 1000)) as (page, errors):
+        page.wait_for_selector("#cases tbody tr")
+        cases = pd.read_csv(Path(demo["run"]) / "attention" / "cases.csv", dtype={"case": str})
+        assert page.locator("#cases tbody tr").count() == len(cases)
+        page.click("th[data-key='prob']")                              # sortable
+        shown = [float(t) for t in page.locator("#cases tbody tr td:nth-child(4)").all_inner_texts()]
+        assert shown == sorted(shown)
+        page.click("#fn-first")                                        # errors only, false negatives on top
+        kinds = page.locator("#cases tbody tr td:nth-child(5)").all_inner_texts()
+        wrong = cases[cases["label"] != cases["pred"]]
+        assert len(kinds) == len(wrong) and kinds == sorted(kinds, key=lambda k: k != "false negative")
+        page.screenshot(path=str(tmp_path / "case_list.png"))
+
+        case = next(c for c in cases["case"]                            # a case with an aligned pair
+                    if any(s["link"] and s["link"]["linked"] for s in server.catalog.case_page(0, c)["slices"]))
+        ready(page, f"{server.url}case?source=0&case={case}")
+        shown = views(page)
+        assert all(v["opened"] for v in shown) and {v["stain"] for v in shown} == {"he", "melan", "sox10"}
+        he_index = next(i for i, v in enumerate(shown) if v["reference"])
+        ihc_index = next(i for i, v in enumerate(shown) if v["linked"] and v["fixed"] == shown[he_index]["id"])
+        transform, attrs = read_pair(server.catalog.transforms[shown[ihc_index]["transform"]])
+        assert np.abs(transform.u).max() > 0                           # a non-rigid field, not only the affine
+        fixed_mpp, moving_mpp = float(attrs["fixed_mpp"]), float(attrs["moving_mpp"])
+
+        patches = pd.read_csv(Path(demo["run"]) / "attention" / "patches.csv", dtype={"case": str})
+        tissue = patches[(patches["case"] == case) & (patches["stain"] == "he")][["x", "y"]].to_numpy(float)
+        for target, zoom in ((tissue[len(tissue) // 2] + 20, 2.0), (tissue[0] + 40, 0.7)):  # pan and zoom the H&E
+            move(page, he_index, *target, zoom)
+            now = views(page)
+            he, ihc = now[he_index], now[ihc_index]
+            assert np.allclose(he["centre"], target, atol=1e-6)
+            expected = transform.fixed_to_moving(np.array([he["centre"]]) * fixed_mpp)[0] / moving_mpp
+            one_pixel = 1 / ihc["zoom"]                                # one screen pixel in IHC image px
+            assert np.linalg.norm(np.array(ihc["centre"]) - expected) <= one_pixel, (ihc["centre"], expected)
+            assert ihc["zoom"] == pytest.approx(zoom * moving_mpp / fixed_mpp / np.sqrt(abs(
+                np.linalg.det(transform.affine[:2, :2]))), rel=1e-6)
+        page.screenshot(path=str(tmp_path / "linked_case.png"))
+
+        # the other way round: the IHC viewer leads, the H&E follows through the inverse field
+        move(page, ihc_index, *(np.array(views(page)[ihc_index]["centre"]) + 30), 1.5)
+        now = views(page)
+        expected = transform.moving_to_fixed(np.array([now[ihc_index]["centre"]]) * moving_mpp)[0] / fixed_mpp
+        assert np.linalg.norm(np.array(now[he_index]["centre"]) - expected) <= 1 / now[he_index]["zoom"]
+
+        # a real mouse drag on the H&E viewer moves the IHC viewer with it
+        box = page.locator(f".panel[data-slide='{shown[he_index]['id']}'] .osd").bounding_box()
+        before = views(page)[ihc_index]["centre"]
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] / 2 - 80, box["y"] + box["height"] / 2 - 40, steps=8)
+        page.mouse.up()
+        settle(page)
+        now = views(page)
+        expected = transform.fixed_to_moving(np.array([now[he_index]["centre"]]) * fixed_mpp)[0] / moving_mpp
+        assert np.linalg.norm(np.array(now[ihc_index]["centre"]) - before) > 10
+        assert np.linalg.norm(np.array(now[ihc_index]["centre"]) - expected) <= 1 / now[ihc_index]["zoom"]
+
+        # every overlay, for all viewers at once: each one changes what the overlay canvas holds
+        for name in ["attention", "prob", "mask", "topk"]:
+            before = canvas_hash(page, he_index)
+            page.locator(f"input[data-all='{name}']").set_checked(name != "attention")
+            page.evaluate("() => new Promise(r => requestAnimationFrame(() => r()))")
+            state = page.evaluate(f"() => window.stainmil.views.map(v => v.on['{name}'])")
+            assert state == [name != "attention"] * len(state), name
+            page.wait_for_timeout(200)                                  # the mask image loads
+            page.evaluate("() => window.stainmil.views.forEach(v => v.osd && v.osd.forceRedraw())")
+            settle(page)
+            assert canvas_hash(page, he_index) != before, name
+        # one viewer's own toggle
+        page.locator(f".panel[data-slide='{shown[ihc_index]['id']}'] input[data-overlay='prob']").uncheck()
+        assert page.evaluate(f"() => window.stainmil.views[{ihc_index}].on.prob") is False
+        assert page.evaluate(f"() => window.stainmil.views[{he_index}].on.prob") is True
+
+        # unlinked: the H&E moves alone
+        page.locator("#linked").uncheck()
+        still = views(page)[ihc_index]["centre"]
+        move(page, he_index, *(tissue[0] + 10), 1.0)
+        assert views(page)[ihc_index]["centre"] == pytest.approx(still)
+        page.locator("#linked").check()                                 # linked again: it catches up
+        settle(page)
+        now = views(page)
+        expected = transform.fixed_to_moving(np.array([now[he_index]["centre"]]) * fixed_mpp)[0] / moving_mpp
+        assert np.linalg.norm(np.array(now[ihc_index]["centre"]) - expected) <= 1 / now[ihc_index]["zoom"]
+
+        # clicking a patch shows its numbers
+        first = tissue[0]
+        page.evaluate(f"""() => {{ const v = window.stainmil.views[{he_index}], it = v.osd.world.getItemAt(0);
+            v.osd.viewport.zoomTo(it.imageToViewportZoom(1), null, true);
+            v.osd.viewport.panTo(it.imageToViewportCoordinates({first[0] + 5}, {first[1] + 5}), true); }}""")
+        settle(page)
+        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        page.wait_for_selector("#info:not([hidden])")
+        assert "relative attention" in page.inner_text("#info") and "stain weight" in page.inner_text("#info")
+        assert not errors, errors
+
+
+def test_unaligned_pairs_are_not_linked_and_say_why(demo):
+    with ViewerServer(demo["run"], port=8880) as server:
+        registrations = pd.read_csv(Path(demo["tiles"]) / "registration" / "registrations.csv", dtype=str)
+        doubtful = registrations[registrations["verdict"] != "aligned"]
+        if doubtful.empty:
+            pytest.fail("the serial demo has no doubtful or failed pair to show")
+        row = doubtful.iloc[0]
+        page_data = server.catalog.case_page(0, row["case"])
+        slice_ = next(s for s in page_data["slices"] if s["stain"] == row["stain"] and s["slice"] == row["slice"])
+        assert not slice_["link"]["linked"] and row["verdict"] in slice_["link"]["why"]
+        with opened(f"{server.url}case?source=0&case={row['case']}") as (page, errors):
+            page.wait_for_function("document.body.dataset.ready === '1'", timeout=60_000)
+            text = page.inner_text(f".panel[data-slide='{slice_['id']}'] .link")
+            assert text.startswith("not linked") and row["verdict"] in text
+            assert not errors, errors
+
+
+def test_a_patch_folder_run_shows_its_mosaic(tiny_cohort, tmp_path):
+    """A patch-folder cohort (no slides): each slice a mosaic of its patch files at their own resolution."""
+    from PIL import Image
+
+    files = sorted((tiny_cohort / "patches").rglob("*.png"))
+    rows = []
+    for index, path in enumerate(files):
+        case, stain, slice_ = path.parts[-4][4:], path.parts[-3], path.parts[-2][5:]
+        x, y = (int(part[1:]) for part in path.stem.split("_")[-2:])
+        rows.append({"case": case, "stain": stain, "slice": slice_, "patch": index, "patch_index": index, "x": x,
+                     "y": y, "path": str(path), "effective_attention": 0.01, "relative_attention": 1.0 + index % 3,
+                     "patch_prob": 0.5, "rank_in_case": index % 7 + 1})
+    run = tmp_path / "run"
+    (run / "attention").mkdir(parents=True)
+    patches = pd.DataFrame(rows)
+    patches.to_csv(run / "attention" / "patches.csv", index=False)
+    case = patches["case"].iloc[0]
+    part = patches[(patches["case"] == case) & (patches["stain"] == patches["stain"].iloc[0])
+                   & (patches["slice"] == patches["slice"].iloc[0])]
+    with ViewerServer(run, port=8890) as server, opened(f"{server.url}case?source=0&case={case}") as (page, errors):
+        page.wait_for_function("document.body.dataset.ready === '1'", timeout=60_000)
+        shown = views(page)
+        assert all(v["opened"] for v in shown)
+        slide = server.catalog.entry(shown[0]["id"])
+        assert slide.kind == "mosaic" and slide.path.is_file() and slide.path.is_relative_to(run)
+        side = Image.open(part["path"].iloc[0]).size[0]
+        from stainmil.slides.reader import Slide
+
+        mosaic = Slide(slide.path)
+        first = part.iloc[0]
+        assert mosaic.dimensions == (part["x"].max() + side, part["y"].max() + side)
+        pasted = mosaic.read_region(int(first["x"]), int(first["y"]), 0, side)
+        assert np.array_equal(pasted, np.asarray(Image.open(first["path"]).convert("RGB")))
+        mosaic.close()
+        assert not errors, errors
