@@ -9,7 +9,7 @@ import stainmil
 PACKAGE = Path(stainmil.__file__).parent
 # lowest first; a module may import its own layer and those below it (see the README's picture)
 LAYERS = [
-    ("base", ["", "io", "errors", "progress", "device", "tables", "cores"]),
+    ("base", ["", "io", "errors", "progress", "device", "tables", "cores", "locks"]),
     ("config", ["config", "classes"]),
     ("launch", ["launch"]),
     ("stats", ["stats"]),
@@ -23,6 +23,7 @@ LAYERS = [
     ("analysis", ["analysis"]),
     ("experiments", ["experiments"]),
     ("pipeline", ["pipeline", "bench"]),
+    ("view", ["view"]),    # reads run folders (analysis tables, registrations, slides); nothing imports it
     ("cli", ["cli", "__main__"]),
 ]
 

@@ -394,9 +394,10 @@ def view(folder: Annotated[Path, typer.Argument(help="A run, CV fold, `predict` 
     from stainmil.view.server import ViewerServer
 
     if analyze:
-        from stainmil.view.folder import analyse_runs
+        from stainmil.analysis.analyze import write_analyses
+        from stainmil.view.folder import unanalysed_runs
 
-        analyse_runs(folder, log=console.print)
+        write_analyses(unanalysed_runs(folder.resolve()), "test", log=console.print)
 
     server = ViewerServer(folder, host=host, port=port, slides_dir=slides_dir)
     if server.port != port:

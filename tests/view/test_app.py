@@ -163,15 +163,17 @@ def test_trained_runs_without_analysis_are_named_then_analysed(demo, tmp_path):
     """A CV folder's folds are not analysed by default: the viewer says how, and --analyze does it."""
     from typer.testing import CliRunner
 
+    from stainmil.analysis.analyze import write_analyses
     from stainmil.cli import app
-    from stainmil.view.folder import analyse_runs
+    from stainmil.view.folder import unanalysed_runs
 
     cv = tmp_path / "cv"
     shutil.copytree(demo["run"], cv / "folds" / "fold_00", ignore=shutil.ignore_patterns("attention", "qupath"))
     result = CliRunner().invoke(app, ["view", str(cv), "--no-open"])
     assert result.exit_code == 2 and "1 trained run(s)" in result.output and "--analyze" in result.output
     shutil.copytree(demo["run"], cv / "folds" / "fold_01", ignore=shutil.ignore_patterns("attention", "qupath"))
-    assert analyse_runs(cv / "folds" / "fold_01", log=lambda *_: None) == [cv / "folds" / "fold_01"]
+    assert unanalysed_runs(cv) == [cv / "folds" / "fold_00", cv / "folds" / "fold_01"]
+    write_analyses(unanalysed_runs(cv / "folds" / "fold_01"), log=lambda *_: None)
     listing = Catalog(cv).case_list(0)                       # one fold shown; the other named, with the option
     assert listing["sources"] == ["folds/fold_01"] and listing["cases"]
     assert any("fold_00" in note and "--analyze" in note for note in listing["notes"])

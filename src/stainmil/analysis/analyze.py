@@ -82,6 +82,14 @@ def write_analysis(run_dir: str | Path, split_name: str = "test", top_k: int | N
     return write_tables(Path(run_dir) / "attention", tables, config)
 
 
+def write_analyses(runs: list[Path], split_name: str = "test", log=print) -> list[Path]:
+    """:func:`write_analysis` of each run in turn (the folds of a CV, the runs of a comparison)."""
+    for run in runs:
+        log(f"analysing {run}")
+        write_analysis(run, split_name)
+    return runs
+
+
 def write_tables(out: Path, tables: AttentionTables, config: Config) -> AnalysisResult:
     """Write every table and figure of ``tables`` under ``out`` (labels -1: the label-based figures are left out)."""
     for name, frame in (("patches", tables.patches), ("slices", tables.slices), ("cases", tables.cases),

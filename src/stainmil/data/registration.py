@@ -36,6 +36,7 @@ from stainmil.config import Config, RegisterConfig
 from stainmil.data.tiling import load_tiles
 from stainmil.errors import ConfigError, DataError
 from stainmil.io import atomic_path, atomic_write, atomic_write_json, atomic_write_text, safe_name
+from stainmil.locks import folder_lock
 from stainmil.progress import progress_bar
 from stainmil.slides.coords import grid_step
 from stainmil.slides.reader import Slide, UnreadableSlide
@@ -268,6 +269,11 @@ def _register_pair(moving: SlideRef, fixed: SlideRef, config: Config, path: Path
 
 def register_cohort(config: Config) -> RegisterResult:
     """Register every non-reference slice of every case to its best reference slice (see the module doc)."""
+    with folder_lock(registration_dir(config), "register"):
+        return _register_cohort(config)
+
+
+def _register_cohort(config: Config) -> RegisterResult:
     reference = reference_stain(config)
     out = registration_dir(config)
     by_case, errors = _slides(config)

@@ -11,11 +11,13 @@ from pathlib import Path
 from stainmil.config import Config
 from stainmil.data.cohort import build_index, write_index
 from stainmil.data.tiling import TileResult, tile_folder
+from stainmil.locks import folder_lock
 
 
 def tile_cohort(config: Config) -> tuple[TileResult, Path | None]:
     """Tile the slides; on the slide route also index them (labels when data.labels_csv is set)."""
-    result = tile_folder(config)
+    with folder_lock(config.tile.out_dir, "tile"):
+        result = tile_folder(config)
     if config.data.source != "slides":
         return result, None
     index = build_index(config, require_labels=bool(config.data.labels_csv))

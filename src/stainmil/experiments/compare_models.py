@@ -36,6 +36,7 @@ from stainmil.data.registration import reference_stain
 from stainmil.errors import ConfigError
 from stainmil.experiments.cv import per_case_probabilities, pooled_out_of_fold, run_cv, shared_folds
 from stainmil.io import atomic_write, atomic_write_text, safe_name, save_figure, subplots
+from stainmil.locks import folder_lock
 from stainmil.model.hierarchical import STAIN_IDENTITIES
 from stainmil.model.registry import architecture, build_model, list_architectures
 from stainmil.stats.metrics import paired_auc_difference
@@ -136,6 +137,12 @@ def compare_models(config: Config, models: list[str], folds: int = 5, seeds: lis
     variants = parse_variants(models, stain_sets, config.data.stains, reference_stain(config))
     seeds = seeds or [config.train.seed]
     out = Path(out_dir) if out_dir else config.runs_dir / datetime.now().strftime("models_%Y%m%d_%H%M%S")
+    with folder_lock(out, "compare-models", log=log):
+        return _compare(config, variants, folds, seeds, launcher, out, workers, log)
+
+
+def _compare(config: Config, variants: list, folds: int, seeds: list[int], launcher: str, out: Path, workers: int,
+             log) -> pd.DataFrame:
     splits_dir = shared_folds(config, folds, 1, out, None)
     oof: dict[str, pd.DataFrame] = {}
     rows = []

@@ -32,6 +32,7 @@ from stainmil.errors import DataError
 from stainmil.evaluate.evaluation import evaluate_run
 from stainmil.io import atomic_write, atomic_write_json, atomic_write_text
 from stainmil.launch import run_jobs
+from stainmil.locks import folder_lock
 from stainmil.stats.metrics import bootstrap_intervals, classification_metrics
 from stainmil.train.trainer import train
 
@@ -120,7 +121,14 @@ def run_cv(config: Config, folds: int = 5, repeats: int = 1, splits_dir: str | P
            job: FoldJob | None = None, log=print, workers: int = 1) -> CVResult | None:
     """Run every fold (skipping finished ones) and write the summaries; ``only_fold`` runs one fold, counted
     from 0 (fold_01 is 0, as ``$SLURM_ARRAY_TASK_ID`` counts)."""
-    out, jobs = prepare_experiment(config, folds, repeats, splits_dir, out_dir)
+    out = Path(out_dir) if out_dir else config.runs_dir / datetime.now().strftime("cv_%Y%m%d_%H%M%S")
+    # SLURM array tasks of one CV (--fold-index) run in parallel: each holds its fold's part of the lock
+    with folder_lock(out, "cv", part=None if only_fold is None else f"fold{only_fold}", log=log):
+        out, jobs = prepare_experiment(config, folds, repeats, splits_dir, out)
+        return _run_cv(out, jobs, launcher, only_fold, job, workers, log)
+
+
+def _run_cv(out: Path, jobs: list, launcher: str, only_fold: int | None, job, workers: int, log) -> CVResult:
     config = load_config(out / "config.yaml")
     if only_fold is not None:
         if not 0 <= only_fold < len(jobs):

@@ -25,6 +25,7 @@ from stainmil.data.splits import Split, load_split, validation_folds
 from stainmil.errors import ConfigError
 from stainmil.io import atomic_write, atomic_write_text, save_figure
 from stainmil.launch import run_jobs
+from stainmil.locks import folder_lock
 from stainmil.train.trainer import train
 
 DEFAULT_SPACE: dict[str, dict] = {
@@ -158,9 +159,14 @@ class TuneResult:
 
 def run_tune(config: Config, trials: int | None = None, workers: int = 1, launcher: str = "local",
              log=print) -> TuneResult:
-    """Add ``trials`` trials to the study with ``workers`` workers, then write the outputs."""
-    import optuna
+    """Add ``trials`` trials to the study with ``workers`` workers, then write the outputs. One ``tune`` per study
+    folder at a time (its workers are its own processes or SLURM jobs)."""
+    with folder_lock(tune_dir(config), "tune", log=log):
+        return _run_tune(config, trials, workers, launcher, log)
 
+
+def _run_tune(config: Config, trials: int | None, workers: int, launcher: str, log) -> TuneResult:
+    import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     trials = trials or config.tune.trials

@@ -46,6 +46,7 @@ from stainmil.data.tiling import compile_slide_pattern
 from stainmil.errors import ConfigError, DataError
 from stainmil.features.store import StoreMeta, read_slice, slice_file, write_slice
 from stainmil.io import atomic_path, atomic_write_json, atomic_write_text, safe_name, save_image, walk_files
+from stainmil.locks import folder_lock
 from stainmil.progress import progress_bar
 from stainmil.slides.coords import coords_attrs, grid_step
 from stainmil.slides.reader import (
@@ -289,6 +290,11 @@ def import_features(config: Config, root: str | Path, fmt: str = "auto", encoder
     """Import the TRIDENT/CLAM folder ``root`` into ``config``'s store and index (see the module doc)."""
     source = find_source(root, fmt, encoder)
     store_dir = Path(config.features.store_dir) if config.features.store_dir else config.imported_store_dir
+    with folder_lock(store_dir, "import-features"):
+        return _import_into(config, source, store_dir, require_labels)
+
+
+def _import_into(config: Config, source, store_dir: Path, require_labels: bool) -> ImportResult:
     if (store_dir / "store.json").is_file():
         held = StoreMeta.read(store_dir)
         if not held.imported_from:

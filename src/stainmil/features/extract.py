@@ -39,6 +39,7 @@ from stainmil.features.store import (
     write_slice,
 )
 from stainmil.launch import run_jobs
+from stainmil.locks import folder_lock
 from stainmil.progress import progress_bar
 from stainmil.slides.reader import SlideHandles, patch_refs, read_patch
 
@@ -166,8 +167,15 @@ def extract_features(config: Config, manifest: pd.DataFrame, backbone: Backbone 
                      shard: tuple[int, int] | None = None) -> ExtractSummary:
     """Extract features for every slice of ``manifest`` not yet in the store.
 
-    ``shard=(i, n)`` processes only slices ``i, i+n, i+2n, …`` (for array jobs).
+    ``shard=(i, n)`` processes only slices ``i, i+n, i+2n, …`` (for array jobs; shards run in parallel, each
+    holding its own part of the store's writer lock).
     """
+    with folder_lock(config.store_dir, "extract", part=f"shard{shard[0]}of{shard[1]}" if shard else None):
+        return _extract_features(config, manifest, backbone, shard)
+
+
+def _extract_features(config: Config, manifest: pd.DataFrame, backbone: Backbone | None,
+                      shard: tuple[int, int] | None) -> ExtractSummary:
     import time
 
     start = time.perf_counter()

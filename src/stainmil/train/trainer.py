@@ -40,6 +40,7 @@ from stainmil.device import resolve_device
 from stainmil.errors import TrainingError
 from stainmil.features.extract import extract_features
 from stainmil.io import atomic_write, atomic_write_json
+from stainmil.locks import folder_lock
 from stainmil.model.registry import architecture, build_model
 from stainmil.model.regularizers import AttentionRegularizer
 from stainmil.progress import progress_bar
@@ -97,8 +98,17 @@ def train(config: Config, resume_dir: str | Path | None = None, split: Split | N
     """Train one run; ``resume_dir`` continues a killed run from its ``last.pth``.
 
     ``on_epoch_end(epoch, history_row)`` is called after each epoch's checkpoint is written (e.g. to
-    report to an Optuna pruner, which may raise to stop the run).
+    report to an Optuna pruner, which may raise to stop the run). The run folder is locked while it trains (a
+    second ``train --resume`` on it is refused).
     """
+    folder = Path(resume_dir if resume_dir is not None else run_dir if run_dir is not None
+                  else new_run_dir(config.runs_dir))
+    with folder_lock(folder, "train"):
+        return _train(config, None if resume_dir is None else folder, split, folder, on_epoch_end)
+
+
+def _train(config: Config, resume_dir: Path | None, split: Split | None, run_dir: Path,
+           on_epoch_end: Callable[[int, dict], None] | None) -> TrainResult:
     if resume_dir is not None:
         run_dir = Path(resume_dir)
         if not (run_dir / "config.yaml").is_file():
@@ -106,7 +116,6 @@ def train(config: Config, resume_dir: str | Path | None = None, split: Split | N
         config = load_config(run_dir / "config.yaml")
         split = load_split(run_dir / "data_splits.npz")
     bags, split = load_cohort(config, split, training=True)
-    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config.runs_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume_dir is None:
         if config.features.mode == "online":  # the trained backbone's features go to the run's own store

@@ -18,7 +18,11 @@ import pandas as pd
 from PIL import Image
 
 from stainmil.analysis.heatmaps import colour_legends, hex_colour, patch_colours
+from stainmil.config import load_config
+from stainmil.data.registration import read_pair, read_registrations, reference_stain
+from stainmil.data.tiling import annotation_files
 from stainmil.errors import ConfigError, DataError
+from stainmil.slides.annotations import BadAnnotations, read_region
 from stainmil.slides.reader import SlideHandles, UnreadableSlide
 from stainmil.view.folder import (
     SlideEntry,
@@ -85,8 +89,6 @@ class Catalog:
             if source.index not in self._configs:
                 config = None
                 if source.config_file is not None:
-                    from stainmil.config import load_config
-
                     try:
                         config = load_config(source.config_file)
                     except (ConfigError, DataError, OSError, ValueError) as exc:
@@ -113,8 +115,6 @@ class Catalog:
                 table = None
                 config = self.config(source)
                 if config is not None:
-                    from stainmil.data.registration import read_registrations
-
                     try:
                         table = read_registrations(config)
                     except (OSError, ValueError, KeyError) as exc:
@@ -215,7 +215,6 @@ class Catalog:
     def _reference_stain(self, config) -> str:
         if config is None:
             return "he"
-        from stainmil.data.registration import reference_stain
 
         try:
             return reference_stain(config)
@@ -262,7 +261,6 @@ class Catalog:
     def transform(self, index: int) -> dict:
         """A pair's transform for the browser: affine, the two displacement grids (float32, base64), spacing and
         the slides' µm/px (see :mod:`stainmil.data.registration`)."""
-        from stainmil.data.registration import read_pair
 
         if not 0 <= index < len(self.transforms):
             raise NotServed(f"no transform {index}")
@@ -319,7 +317,6 @@ class Catalog:
         config = self.config(source)
         if config is None or not (config.tile.include_annotations or config.tile.exclude_annotations):
             return (None, None)
-        from stainmil.data.tiling import annotation_files
 
         try:
             return annotation_files(config.tile, slide.stem, key, stem_unique=True)
@@ -381,7 +378,6 @@ class Catalog:
     def regions(self, slide_id: int) -> dict:
         """The QuPath include/exclude regions used for tiling, as polygons in level-0 px (simplified to at most
         MAX_REGION_VERTICES vertices per slide)."""
-        from stainmil.slides.annotations import BadAnnotations, read_region
 
         entry = self.entry(slide_id)
         source = self.sources[entry.source]

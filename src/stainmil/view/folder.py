@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from stainmil.analysis.heatmaps import patch_mosaic, patch_positions, patch_side
 from stainmil.errors import DataError
+from stainmil.slides.write import write_pyramidal_tiff
 
 KEY = ["case", "stain", "slice"]
 
@@ -31,7 +33,6 @@ KEY = ["case", "stain", "slice"]
 @dataclass
 class SlideEntry:
     """One slice the viewer can show: a slide file, or a mosaic of its patch files built on first use."""
-
     id: int
     source: int
     case: str
@@ -50,7 +51,6 @@ class SlideEntry:
 @dataclass
 class Source:
     """One folder with ``attention/patches.csv``; tables read on first use."""
-
     index: int
     name: str                       # relative to FOLDER ("." for FOLDER itself)
     folder: Path
@@ -140,9 +140,6 @@ def mosaic_file(source: Source, entry: SlideEntry) -> Path:
 
 def build_mosaic(source: Source, entry: SlideEntry) -> Path:
     """The patch files of a slice pasted at their places into a pyramidal TIFF (once; atomic)."""
-    from stainmil.analysis.heatmaps import patch_mosaic
-    from stainmil.slides.write import write_pyramidal_tiff
-
     with entry.lock:
         target = mosaic_file(source, entry)
         if not target.is_file():
@@ -159,17 +156,6 @@ def unanalysed_runs(folder: Path) -> list[Path]:
     compare-models runs are not analysed by default)."""
     runs = {p.parent.parent for p in folder.rglob("checkpoints/best.pth")}
     return sorted(r for r in runs if not (r / "attention" / "patches.csv").is_file())
-
-
-def analyse_runs(folder: str | Path, log=print) -> list[Path]:
-    """Analyse the test cases of every trained run under ``folder`` that has no analysis yet; returns them."""
-    from stainmil.analysis.analyze import write_analysis
-
-    runs = unanalysed_runs(Path(folder).resolve())
-    for run in runs:
-        log(f"analysing {run}")
-        write_analysis(run, "test")
-    return runs
 
 
 def require_folder(folder: str | Path) -> Path:
@@ -189,8 +175,6 @@ def require_folder(folder: str | Path) -> Path:
 
 def patch_positions_of(part: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, int]:
     """Mosaic places of a patch-folder slice's patches (their file names' x, y; index order without them)."""
-    from stainmil.analysis.heatmaps import patch_positions, patch_side
-
     side = patch_side(str(part["path"].iloc[0]))
     xs, ys, _ = patch_positions(part, side)
     return np.asarray(xs, int), np.asarray(ys, int), side

@@ -9,6 +9,8 @@ import webbrowser
 from pathlib import Path
 
 from stainmil.errors import ConfigError
+from stainmil.view.app import create_app
+from stainmil.view.catalog import Catalog
 
 PORT_TRIES = 50
 
@@ -34,13 +36,10 @@ def bind_socket(host: str, port: int, tries: int = PORT_TRIES) -> socket.socket:
 
 class ViewerServer:
     """The viewer app on a bound socket; :meth:`run` blocks, :meth:`start`/:meth:`stop` run it in a thread."""
-
     def __init__(self, folder: str | Path, host: str = "127.0.0.1", port: int = 8765,
                  slides_dir: str | Path | None = None) -> None:
         import uvicorn
 
-        from stainmil.view.app import create_app
-        from stainmil.view.catalog import Catalog
 
         self.catalog = Catalog(folder, slides_dir=slides_dir)
         self.app = create_app(self.catalog)
