@@ -22,7 +22,7 @@ LAYERS = [
     ("evaluate", ["evaluate"]),
     ("analysis", ["analysis"]),
     ("experiments", ["experiments"]),
-    ("pipeline", ["pipeline", "bench"]),
+    ("pipeline", ["pipeline", "bench", "check"]),
     ("view", ["view"]),    # reads run folders (analysis tables, registrations, slides); nothing imports it
     ("cli", ["cli", "__main__"]),
 ]

@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from stainmil.errors import StoreError
-from stainmil.features.store import StoreMeta, load_features, slice_file
+from stainmil.features.store import StoreMeta, damaged, load_features, slice_file, verify_features
 
 READERS = 4  # threads reading store files ahead of the training step (their reads release the GIL)
 
@@ -43,8 +43,7 @@ def _read_fully(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
             buffer[done:done + len(chunk)] = chunk
             got = len(chunk)
         if got == 0:
-            raise StoreError(f"{path} is shorter than its features; the file is truncated — delete it and re-run "
-                             "`stainmil extract`.")
+            raise damaged(path, EOFError("the file is shorter than its features: a truncated copy"))
         done += got
 
 
@@ -140,6 +139,7 @@ class StoreFeatures:
         self._pending: dict[int, Future] = {}
         self._reader: ThreadPoolExecutor | None = None
         self._verified = np.zeros(len(self.files), dtype=bool)  # patch ids checked (once per file)
+        self._checked = np.zeros(len(self.files), dtype=bool)   # features against their checksum (once per file)
         # evicted slices are freed into glibc's heap, which keeps their pages unless trimmed: resident memory
         # would then grow with the store although the cache does not. Trimmed after every half cache of them.
         self._trim, self._evicted = _malloc_trim(), 0
@@ -219,7 +219,18 @@ class StoreFeatures:
         """
         path = self.files[file_index]
         self.reads += 1
+        try:
+            block, checksum = self._read_file(path, file_index)
+        except (OSError, KeyError, ValueError) as exc:
+            raise damaged(path, exc) from exc
+        if not self._checked[file_index]:  # the first read of each file: its features against their checksum
+            verify_features(path, block[0], checksum)
+            self._checked[file_index] = True
+        return block
+
+    def _read_file(self, path: Path, file_index: int) -> tuple[np.ndarray, str | None]:
         with h5py.File(path, "r") as h5:
+            checksum = h5.attrs.get("checksum")
             features = h5["features"]
             block = np.empty((self.n_views, *features.shape), dtype=features.dtype)
             plain = [(features, np.s_[0], 0)] + ([(h5["augmented_features"], np.s_[1:], 1)] if self.n_views > 1
@@ -246,4 +257,4 @@ class StoreFeatures:
                 for offset, _, start in direct:  # view 0, then views 1..V-1 stored together
                     count = per_view * (1 if start == 0 else self.n_views - 1)
                     _read_fully(handle.fileno(), views[start * per_view:start * per_view + count], offset, path)
-        return block
+        return block, checksum

@@ -14,6 +14,7 @@ Files are written atomically; a file that exists is finished.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -129,6 +130,28 @@ def slice_file(store_dir: Path, case: str, stain: str, slice_id: str) -> Path:
     return Path(store_dir) / safe[0] / f"{safe[0]}__{safe[1]}__{safe[2]}.h5"
 
 
+def features_digest(features: np.ndarray) -> str:
+    """BLAKE2b (128 bits) of a slice's plain-view features (N, D), as written in its file's ``checksum`` attribute:
+    a flipped byte or a truncated copy of the file is found when the features are read."""
+    return hashlib.blake2b(np.ascontiguousarray(features).view(np.uint8).data, digest_size=16).hexdigest()
+
+
+def damaged(path: Path, exc: BaseException) -> StoreError:
+    """The one sentence for a store file that does not read or does not match its checksum (``.detail``: why)."""
+    error = StoreError(f"{path} is damaged ({type(exc).__name__}: {exc}); run `stainmil check {path.parent.parent} "
+                      "--repair` (or delete the file and re-run `stainmil extract`, which extracts only what is "
+                      "missing).")
+    error.detail = f"{type(exc).__name__}: {exc}"
+    return error
+
+
+def verify_features(path: Path, features: np.ndarray, recorded: str | None) -> None:
+    """Raise :func:`damaged` when ``features`` (the plain view read from ``path``) differ from the checksum written
+    with them (files without one — older stores, linked TRIDENT/CLAM files — are not checked)."""
+    if recorded and features_digest(features) != recorded:
+        raise damaged(path, ValueError("its features do not match the checksum written with them"))
+
+
 def write_slice(path: Path, features: np.ndarray, coords: np.ndarray, patch_ids: list[str], attrs: dict) -> None:
     """Write one slice file atomically. features: (N, D) or (V, N, D) with views; coords: (N, 2)."""
     with atomic_path(path, suffix=".h5") as tmp:
@@ -137,6 +160,7 @@ def write_slice(path: Path, features: np.ndarray, coords: np.ndarray, patch_ids:
                 if len(features) > 1:
                     h5.create_dataset("augmented_features", data=features[1:])
                 features = features[0]
+            h5.attrs["checksum"] = features_digest(features)
             h5.create_dataset("features", data=features)
             h5.create_dataset("coords", data=coords.astype(np.int64))
             h5.create_dataset("patch_ids", data=np.array(patch_ids, dtype=object), dtype=h5py.string_dtype())
@@ -147,15 +171,19 @@ def write_slice(path: Path, features: np.ndarray, coords: np.ndarray, patch_ids:
 def read_slice(path: Path, views: int = 1) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Read (features, coords (N, 2), patch ids) of one slice file (CLAM/TRIDENT files too).
 
-    features: (N, D) with ``views=1``, else the first ``views`` views (views, N, D).
+    features: (N, D) with ``views=1``, else the first ``views`` views (views, N, D). A file that does not read,
+    or whose features differ from their checksum, raises one StoreError sentence naming it.
     """
-    with h5py.File(path, "r") as h5:
-        features = h5["features"][()]
-        if views > 1:
-            features = np.concatenate([features[None], h5["augmented_features"][:views - 1]])
-        coords = h5["coords"][()] if "coords" in h5 else np.full((len(features), 2), -1)
-        ids = [i.decode() if isinstance(i, bytes) else str(i) for i in h5["patch_ids"][()]] \
-            if "patch_ids" in h5 else [str(i) for i in range(h5["features"].shape[0])]
+    try:
+        with h5py.File(path, "r") as h5:
+            plain = h5["features"][()]
+            verify_features(path, plain, h5.attrs.get("checksum"))
+            features = np.concatenate([plain[None], h5["augmented_features"][:views - 1]]) if views > 1 else plain
+            coords = h5["coords"][()] if "coords" in h5 else np.full((len(plain), 2), -1)
+            ids = [i.decode() if isinstance(i, bytes) else str(i) for i in h5["patch_ids"][()]] \
+                if "patch_ids" in h5 else [str(i) for i in range(h5["features"].shape[0])]
+    except (OSError, KeyError, ValueError) as exc:
+        raise damaged(path, exc) from exc
     return features, coords, ids
 
 

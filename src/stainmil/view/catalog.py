@@ -198,7 +198,7 @@ class Catalog:
             out_slices.append({
                 "id": entry.id, "stain": stain, "slice": slice_id, "kind": entry.kind, "problem": entry.problem,
                 "name": entry.path.name if entry.path is not None and entry.kind == "slide" else "",
-                "reference": stain == reference,
+                "reference": self._canonical(source, stain) == reference,
                 "slice_weight": _float_or_none(weights["slice_weight"].iloc[0]) if len(weights) else None,
                 "stain_weight": _float_or_none(weights["stain_weight"].iloc[0]) if len(weights) else None,
                 "patches": {**{k: [_jsonable(v) for v in values] for k, values in fields.items()},
@@ -212,6 +212,11 @@ class Catalog:
                 "notes": self._notes.get(source.index, []),
                 "colour_scales": colour_legends(self.case_list(source_index)["prob_label"])}
 
+    def _canonical(self, source: Source, stain: str) -> str:
+        """A stain as the cohort's config names it (``HE``, ``H&E`` -> ``he``: data.stain_aliases)."""
+        config = self.config(source)
+        return (config.data.canonical_stain(stain) if config is not None else None) or stain
+
     def _reference_stain(self, config) -> str:
         if config is None:
             return "he"
@@ -224,14 +229,15 @@ class Catalog:
     def _links(self, source: Source, case: str, slices: list[dict]) -> None:
         """Each IHC slice's registration onto its H&E slice: the transform's number, or why it is not linked."""
         registrations = self.registrations(source)
-        by_key = {(s["stain"], s["slice"]): s for s in slices}
+        by_key = {(self._canonical(source, s["stain"]), s["slice"]): s for s in slices}
         for s in slices:
             if s["reference"]:
                 continue
             if registrations is None:
                 s["link"] = {"linked": False, "why": "not registered (run `stainmil register` on the tiled slides)"}
                 continue
-            found = registrations[(registrations["case"] == case) & (registrations["stain"] == s["stain"])
+            found = registrations[(registrations["case"] == case)
+                                  & (registrations["stain"] == self._canonical(source, s["stain"]))
                                   & (registrations["slice"] == s["slice"])]
             if found.empty:
                 s["link"] = {"linked": False, "why": "no registration for this slice"}

@@ -19,7 +19,9 @@ def bind_socket(host: str, port: int, tries: int = PORT_TRIES) -> socket.socket:
     """A listening TCP socket on ``host``: ``port`` if free, else the next free one (at most ``tries`` ports)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for candidate in range(port, port + tries):
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # proto given: asyncio sets TCP_NODELAY only on sockets that say they are TCP (else keep-alive responses
+        # wait ~40 ms on Nagle's algorithm and the browser's delayed ACK)
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free again
         try:
             sock.bind((host, candidate))
