@@ -194,6 +194,7 @@ def repair(result: CheckResult, config: Config | None = None, log=print) -> Chec
             raise StainmilError(f"cannot repair {store}: its config.yaml is missing or does not load; re-run "
                                 "`stainmil extract --config <config>` yourself.")
         log(f"re-extracting the removed slices of {store}")
+        store_config.features.store_dir = str(store)  # this store, wherever it was moved or copied
         extract_features(store_config, load_manifest(store_config))
         result.repaired.append(f"re-extracted into {store}")
     for kind, rerun in (("tiles", tile_folder), ("registration", register_cohort)):

@@ -379,6 +379,27 @@ def report(run: Annotated[Path, typer.Argument(help="Run folder.")]) -> None:
 
 @app.command()
 @friendly
+def check(folder: Annotated[Path, typer.Argument(help="A store, tiles, registration or run folder, or a whole "
+                                                      "output_dir (everything under it).")],
+          repair: Annotated[bool, typer.Option(help="Remove what is damaged and rerun only that (extract, tile, "
+                                                    "register).")] = False,
+          config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Verify what stainmil wrote (store checksums, coordinates, transforms, checkpoints) and list each damaged or
+    missing file with what to rerun; exit code 1 when anything is. --repair mends it."""
+    from stainmil.check import check_folder
+    from stainmil.check import repair as repair_folder
+
+    result = check_folder(folder)
+    if repair and not result.ok:
+        console.print(result.text(), highlight=False, markup=False)
+        result = repair_folder(result, effective_config(config, set_) if config else None, log=plain_log)
+    console.print(result.text(), highlight=False, markup=False)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly
 def view(folder: Annotated[Path, typer.Argument(help="A run, CV fold, `predict` or `compare-models` folder.")],
          port: Annotated[int, typer.Option(help="Port to serve on (the next free one when it is taken).")] = 8765,
          host: Annotated[str, typer.Option(help="Address to listen on; 127.0.0.1 keeps the slides on this "
