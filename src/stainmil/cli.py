@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from stainmil.errors import ConfigError, StainmilError
+from stainmil.errors import ConfigError, StainmilError, output_error
 
 app = typer.Typer(help="stainmil: hierarchical multiple-instance learning on multi-stain pathology patches.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
@@ -97,6 +97,13 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except StainmilError as exc:
             err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except OSError as exc:  # a write outside the atomic writers that met a full or read-only disk
+            found = output_error(exc, Path(exc.filename).parent if exc.filename else "an output folder",
+                                 creating=False)
+            if found is None:
+                raise
+            err.print(f"[bold red]error:[/] {found}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper

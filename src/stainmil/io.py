@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from stainmil.errors import output_error
+
 
 @contextmanager
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
@@ -24,14 +26,27 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     ``suffix`` lets writers that infer the format from the name (matplotlib, pandas) see it.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_temporary(path, suffix)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _new_temporary(path, suffix)
+    except OSError as exc:
+        _raise_output_error(exc, path.parent, creating=True)
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk, a folder made read-only meanwhile: the old file (or none) stays
+        _raise_output_error(exc, path.parent, creating=False)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _raise_output_error(exc: OSError, folder: Path, creating: bool) -> None:
+    """Re-raise ``exc`` as one sentence when it is a full or read-only folder, else as it is."""
+    found = output_error(exc, folder, creating)
+    if found is None:
+        raise exc
+    raise found from exc
 
 
 def _new_temporary(path: Path, suffix: str) -> Path:
