@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from stainmil.data.splits import load_split, save_split
-from stainmil.experiments.cv import run_cv
+from stainmil.errors import DataError
+from stainmil.experiments.cv import run_cv, summarise_cv
 
 
 def _config(prepared, tmp_path):
@@ -55,6 +56,14 @@ def test_cv_end_to_end_and_resume(serial_cv):
     assert (out / "folds" / "fold_01" / "metrics.json").stat().st_mtime_ns == finished
     assert (out / "folds" / "fold_02" / "metrics.json").is_file()
     assert len(again.summary) == 3
+
+    # summaries only from every fold: one without its metrics (a time limit, a failed array task) stops them
+    (out / "folds" / "fold_03" / "metrics.json").rename(out / "fold_03_metrics.json")
+    written = (out / "cv_summary.csv").stat().st_mtime_ns
+    with pytest.raises(DataError, match=r"1 of the 3 folds .* \(fold_03\); run `stainmil cv --resume"):
+        summarise_cv(out, config, [str(out / "folds" / f) for f in ("fold_01", "fold_02", "fold_03")])
+    assert (out / "cv_summary.csv").stat().st_mtime_ns == written
+    (out / "fold_03_metrics.json").rename(out / "folds" / "fold_03" / "metrics.json")
 
 
 def test_cv_on_the_teams_split_files(prepared, tmp_path):

@@ -139,12 +139,20 @@ def _run_cv(out: Path, jobs: list, launcher: str, only_fold: int | None, job, wo
     pending = [args for args in jobs if not (Path(args[2]) / "metrics.json").is_file()]
     log(f"cross-validation in {out}: {len(jobs)} folds, {len(jobs) - len(pending)} already finished")
     run_jobs(job or FoldJob(), pending, launcher, out, config.slurm, name="stainmil-cv", log=log, workers=workers)
-    return summarise_cv(out, config)
+    return summarise_cv(out, config, [args[2] for args in jobs])
 
 
-def summarise_cv(out: Path, config: Config) -> CVResult:
+def summarise_cv(out: Path, config: Config, folds: list[str]) -> CVResult:
+    """The CV's summaries over ``folds`` (the fold folders) — only from every fold: a fold without its metrics
+    (stopped by a time limit, failed, not yet run by its array task) is named, and nothing is written."""
+    expected = [Path(fold) for fold in folds]
+    unfinished = [fold.name for fold in expected if not (fold / "metrics.json").is_file()]
+    if unfinished:
+        raise DataError(f"{len(unfinished)} of the {len(expected)} folds of {out} have not finished "
+                        f"({', '.join(unfinished)}); run `stainmil cv --resume {out}` to finish them — summaries are "
+                        "never written from part of the folds.")
     rows, oof = [], []
-    for fold_dir in sorted((out / "folds").glob("fold_*")):
+    for fold_dir in expected:
         metrics = read_metrics(fold_dir / "metrics.json", config.data.classes)
         test = metrics["splits"]["test"]
         rows.append({"fold": fold_dir.name, **{m: test[m] for m in config.data.classes.summary_metrics},

@@ -118,7 +118,7 @@ def run_nested_cv(config: Config, trials: int, folds: int = 5, splits_dir: str |
     log(f"nested cross-validation in {out}: {len(jobs)} outer folds x {trials} trials, "
         f"{len(jobs) - len(pending)} folds already finished")
     run_jobs(NestedFoldJob(), pending, launcher, out, config.slurm, name="stainmil-nested", log=log)
-    honest = summarise_cv(nested, config)
+    honest = summarise_cv(nested, config, [job[2] for job in jobs])
     chosen = pd.DataFrame([{"fold": Path(job[2]).name, **json.loads(
         (Path(job[2]) / "tune" / "best_params.json").read_text())["params"]} for job in jobs])
     atomic_write(out / "chosen_params.csv", lambda tmp: chosen.to_csv(tmp, index=False))

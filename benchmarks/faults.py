@@ -1,0 +1,295 @@
+"""Fault injection against a tiny cohort: each fault, what the user saw, whether the outputs verify afterwards
+(`stainmil check`), whether a rerun finished the job, and how many files were lost or silently wrong. Prints a
+markdown table (docs/faults.md).
+
+    python benchmarks/faults.py WORK [--points 20] [--seed 0] [--only extract,train]
+
+Every command is a real ``stainmil`` process. For each command, a reference run uninterrupted, then:
+
+* **SIGKILL** and **SIGTERM** at ``--points`` random moments (a fixed seed; drawn over the reference run's
+  duration) on one folder, each run resumed by the next; then one last run to the end. The outputs are compared
+  with the reference's: ``lost`` counts the reference's files that are missing or differ (features, coordinates,
+  verdicts, predictions).
+* **two writers**: the same command started twice on one folder: the second must be refused with one sentence.
+* **damage** (the feature store): one slice file truncated, one with a flipped byte; ``stainmil check`` must name
+  both, ``--repair`` must mend them.
+* **full disk** (extract): the store on a tmpfs too small for it (root), or an injected ENOSPC — said which; then
+  space is freed and the same command finishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import yaml
+
+ENV = {**os.environ, "STAINMIL_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+TINY = {"features": {"weights": "random", "image_size": 32, "num_workers": 0, "batch_size": 64},
+        "model": {"embed_dim": 64, "attention_hidden_dim": 32},
+        "train": {"max_epochs": 6, "cases_per_batch": 2, "early_stopping_patience": 50},
+        "data": {"per_slice_cap": 8}, "eval": {"bootstrap": 50}}
+
+
+def stainmil(*args, timeout: float | None = None) -> tuple[int, str, float]:
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "stainmil", *map(str, args)], capture_output=True, text=True,
+                            env=ENV, timeout=timeout)
+    return result.returncode, (result.stdout + result.stderr).strip(), time.perf_counter() - started
+
+
+def killed_at(args: list, seconds: float, sig: int) -> tuple[int, str]:
+    """Start ``stainmil args``, send ``sig`` after ``seconds`` (if it still runs); (exit code, output)."""
+    process = subprocess.Popen([sys.executable, "-m", "stainmil", *map(str, args)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=ENV)
+    try:
+        out, _ = process.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        process.send_signal(sig)
+        out, _ = process.communicate()
+    return process.returncode, out
+
+
+def first_error(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.startswith("error:") or "Error" in line]
+    return (lines[0] if lines else (output.splitlines() or [""])[-1])[:160]
+
+
+@dataclass
+class Job:
+    """One command on its own folder: ``args(folder)``, the folder its outputs go to, how to compare them."""
+
+    name: str
+    args: callable
+    outputs: callable
+    compare: callable   # (folder, reference folder) -> files lost or differing
+
+
+def setup(work: Path) -> Path:
+    """The tiny cohort (patch images) and serial-tiny slides, with a config for each (made once)."""
+    if not (work / "tiny" / "cohort.yaml").is_file():
+        assert stainmil("synth", "--out", work / "tiny", "--preset", "tiny")[0] == 0
+    if not (work / "serial" / "cohort.yaml").is_file():
+        assert stainmil("synth", "--out", work / "serial", "--preset", "serial-tiny", "--slides", "tiff")[0] == 0
+    return work
+
+
+def config_for(work: Path, folder: Path, route: str) -> Path:
+    """A config writing everything under ``folder`` (patch route: the tiny cohort; slides: serial-tiny)."""
+    base = yaml.safe_load((work / ("tiny" if route == "patches" else "serial") / "cohort.yaml").read_text())
+    base = {**base, **{k: {**base.get(k, {}), **v} for k, v in TINY.items()}, "output_dir": str(folder)}
+    if route == "slides":
+        slides = yaml.safe_load((work / "serial" / "slides.yaml").read_text()) \
+            if (work / "serial" / "slides.yaml").is_file() else {}
+        base["data"] = {**base["data"], "source": "slides"}
+        base["tile"] = {**slides.get("tile", {}), "slices_dir": str(work / "serial" / "slides"),
+                        "out_dir": str(folder / "tiles"), "mpp": 0.5, "patch_size": 32, "mask_downsample": 1}
+        base["register"] = {"max_side": 192}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(base))
+    return path
+
+
+def store_arrays(store: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for path in sorted(store.rglob("*.h5")):
+        with h5py.File(path, "r") as h5:
+            out[path.name] = h5["features"][()]
+    return out
+
+
+def compare_store(folder: Path, reference: Path) -> int:
+    a, b = store_arrays(folder / "features"), store_arrays(reference / "features")
+    return sum(1 for name, arr in b.items() if name not in a or not np.array_equal(a[name], arr))
+
+
+def compare_table(name: str, key: list[str], columns: list[str]):
+    def compare(folder: Path, reference: Path) -> int:
+        found, wanted = sorted(folder.rglob(name)), sorted(reference.rglob(name))
+        if len(found) != len(wanted):
+            return abs(len(wanted) - len(found))
+        lost = 0
+        for a, b in zip(found, wanted):
+            x, y = pd.read_csv(a, dtype=str), pd.read_csv(b, dtype=str)
+            keep = [c for c in columns if c in y.columns]
+            x, y = (t.sort_values(key)[keep].reset_index(drop=True) for t in (x, y))
+            lost += int(not x.equals(y))
+        return lost
+    return compare
+
+
+def latest_run(folder: Path) -> Path | None:
+    runs = sorted((folder / "runs").glob("run_*"))
+    return runs[-1] if runs else None
+
+
+def jobs(work: Path) -> list[Job]:
+    def prepared(folder: Path, route: str, steps: tuple[str, ...]) -> Path:
+        config = config_for(work, folder, route)
+        for step in steps:
+            assert stainmil(step, "--config", config)[0] == 0, step
+        return config
+
+    def train_args(folder: Path) -> list:
+        run = latest_run(folder)
+        return ["train", "--resume", run] if run and (run / "config.yaml").is_file() else \
+            ["train", "--config", folder / "config.yaml"]
+
+    return [
+        Job("tile", lambda f: ["tile", "--config", config_for(work, f, "slides")],
+            lambda f: f / "tiles", compare_table("tiles.csv", ["stain", "case", "slice", "patch"],
+                                                 ["case", "stain", "slice", "patch", "x", "y"])),
+        Job("extract", lambda f: ["extract", "--config", f / "config.yaml"], lambda f: f / "features",
+            compare_store),
+        Job("register", lambda f: ["register", "--config", f / "config.yaml"], lambda f: f / "tiles",
+            compare_table("registrations.csv", ["case", "stain", "slice"], ["case", "stain", "slice", "verdict"])),
+        Job("train", train_args, lambda f: f / "runs",
+            compare_table("predictions.csv", ["case"], ["case", "split", "label", "pred"])),
+        Job("cv", lambda f: ["cv", "--config", f / "config.yaml", "--folds", 2, "--resume", f / "cv"],
+            lambda f: f / "cv", compare_table("oof_predictions.csv", ["case"], ["case", "label", "pred"])),
+    ], {"tile": lambda f: config_for(work, f, "slides"),
+        "extract": lambda f: prepared(f, "patches", ("index", "split")),
+        "register": lambda f: prepared(f, "slides", ("tile",)),
+        "train": lambda f: prepared(f, "patches", ("index", "split", "extract")),
+        "cv": lambda f: prepared(f, "patches", ("index", "extract"))}
+
+
+def run_to_end(job: Job, folder: Path) -> tuple[int, str]:
+    code, out, _ = stainmil(*job.args(folder))
+    return code, out
+
+
+def kill_fault(job: Job, prepare, work: Path, reference: Path, seconds: float, sig: int, points: int,
+               rng: random.Random) -> dict:
+    folder = work / f"{job.name}_{signal.Signals(sig).name.lower()}"
+    shutil.rmtree(folder, ignore_errors=True)
+    prepare(folder)
+    seen = ""
+    for _ in range(points):
+        code, out = killed_at(job.args(folder), rng.uniform(0.5, max(1.0, seconds)), sig)
+        seen = seen or (first_error(out) if code not in (0, -sig) else "")
+    code, out = run_to_end(job, folder)
+    checked, check_out, _ = stainmil("check", job.outputs(folder))
+    return {"fault": f"{signal.Signals(sig).name} x{points}", "command": job.name,
+            "user saw": seen or f"(killed; rerun: exit {code})", "check after": "ok" if checked == 0 else
+            first_error(check_out), "rerun finished": code == 0, "lost": job.compare(folder, reference)}
+
+
+def concurrency_fault(job: Job, prepare, work: Path) -> dict:
+    folder = work / f"{job.name}_twice"
+    shutil.rmtree(folder, ignore_errors=True)
+    prepare(folder)
+    first = subprocess.Popen([sys.executable, "-m", "stainmil", *map(str, job.args(folder))], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=ENV)
+    time.sleep(2.5)
+    code, out, _ = stainmil(*job.args(folder))
+    first_out, _ = first.communicate()
+    checked, check_out, _ = stainmil("check", job.outputs(folder))
+    return {"fault": "started twice", "command": job.name,
+            "user saw": first_error(out) if code else "(second ran: the first had finished)",
+            "check after": "ok" if checked == 0 else first_error(check_out),
+            "rerun finished": first.returncode == 0, "lost": 0 if first.returncode == 0 else "first failed"}
+
+
+def damage_fault(work: Path, reference: Path) -> dict:
+    folder = work / "extract_damaged"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(reference, folder)
+    store = next((folder / "features").iterdir())
+    files = sorted(store.rglob("*.h5"))
+    with open(files[0], "r+b") as handle:
+        handle.truncate(files[0].stat().st_size // 2)
+    with h5py.File(files[1], "r") as h5:
+        offset = h5["features"].id.get_offset()
+    with open(files[1], "r+b") as handle:
+        handle.seek(offset + 64)
+        byte = handle.read(1)
+        handle.seek(offset + 64)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    code, out, _ = stainmil("check", store)
+    named = sum(str(f) in out for f in files[:2])
+    repaired, _, _ = stainmil("check", store, "--repair")
+    after, _, _ = stainmil("check", store)
+    return {"fault": "truncated + flipped byte", "command": "extract (store)",
+            "user saw": f"check: exit {code}, {named}/2 files named", "check after": "ok" if after == 0 else "failed",
+            "rerun finished": repaired == 0, "lost": compare_store(folder, reference)}
+
+
+def full_disk_fault(job: Job, prepare, work: Path, reference: Path) -> dict:
+    folder = work / "extract_full"
+    shutil.rmtree(folder, ignore_errors=True)
+    prepare(folder)
+    store = folder / "features"
+    store.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(store)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        return {"fault": "full disk", "command": job.name, "user saw": "not run: mounting a tmpfs needs root",
+                "check after": "-", "rerun finished": False, "lost": "-"}
+    try:
+        code, out, _ = stainmil(*job.args(folder))
+        saw = first_error(out) if code else "(finished: the store fit)"
+        subprocess.run(["mount", "-o", "remount,size=64m", str(store)], check=True)   # space freed
+        rerun, _, _ = stainmil(*job.args(folder))
+        checked, _, _ = stainmil("check", store)
+        lost = compare_store(folder, reference)
+    finally:
+        kept = folder / "features_kept"
+        shutil.copytree(store, kept)
+        subprocess.run(["umount", str(store)], check=True)
+        shutil.rmtree(store)
+        kept.rename(store)
+    return {"fault": "full disk (tmpfs 48 KiB)", "command": job.name, "user saw": saw,
+            "check after": "ok" if checked == 0 else "failed", "rerun finished": rerun == 0, "lost": lost}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("work", type=Path)
+    parser.add_argument("--points", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", default="")
+    args = parser.parse_args()
+    work = setup(args.work.resolve())
+    rng = random.Random(args.seed)
+    all_jobs, preparers = jobs(work)
+    wanted = [j for j in all_jobs if not args.only or j.name in args.only.split(",")]
+    rows = []
+    for job in wanted:
+        reference = work / f"{job.name}_reference"
+        if not (reference / ".done").is_file():
+            shutil.rmtree(reference, ignore_errors=True)
+            preparers[job.name](reference)
+            started = time.perf_counter()
+            code, out = run_to_end(job, reference)
+            assert code == 0, out[-2000:]
+            (reference / ".done").write_text(f"{time.perf_counter() - started}\n")
+        seconds = float((reference / ".done").read_text())
+        for sig in (signal.SIGKILL, signal.SIGTERM):
+            rows.append(kill_fault(job, preparers[job.name], work, reference, seconds, sig, args.points, rng))
+        rows.append(concurrency_fault(job, preparers[job.name], work))
+        if job.name == "extract":
+            rows.append(damage_fault(work, reference))
+            rows.append(full_disk_fault(job, preparers[job.name], work, reference))
+        print(pd.DataFrame(rows[-3:]).to_string(index=False), flush=True)
+    table = pd.DataFrame(rows)
+    print(f"\n`python benchmarks/faults.py WORK --points {args.points} --seed {args.seed}`\n")
+    print("| " + " | ".join(table.columns) + " |\n|" + "---|" * len(table.columns))
+    for row in table.itertuples(index=False):
+        print("| " + " | ".join(str(v).replace("|", "/") for v in row) + " |")
+
+
+if __name__ == "__main__":
+    main()
