@@ -35,6 +35,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from stainmil.tables import render_table
+
 ENV = {**os.environ, "STAINMIL_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
 TINY = {"features": {"weights": "random", "image_size": 32, "num_workers": 0, "batch_size": 64},
         "model": {"embed_dim": 64, "attention_hidden_dim": 32},
@@ -286,9 +288,7 @@ def main() -> None:
         print(pd.DataFrame(rows[-3:]).to_string(index=False), flush=True)
     table = pd.DataFrame(rows)
     print(f"\n`python benchmarks/faults.py WORK --points {args.points} --seed {args.seed}`\n")
-    print("| " + " | ".join(table.columns) + " |\n|" + "---|" * len(table.columns))
-    for row in table.itertuples(index=False):
-        print("| " + " | ".join(str(v).replace("|", "/") for v in row) + " |")
+    print(render_table(table.to_dict("records"), fmt="markdown"))
 
 
 if __name__ == "__main__":

@@ -173,3 +173,21 @@ def test_a_lean_index_holds_the_same_rows_without_a_python_object_a_cell(prepare
     assert list(lean.columns) == TRAINING_COLUMNS and lean.select_dtypes(include="object").empty
     assert str(lean["patch"].dtype).startswith("string") and lean["label"].dtype == full["label"].dtype
     pd.testing.assert_frame_equal(lean.astype(str), full[TRAINING_COLUMNS].astype(str))
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "cp1252"])
+def test_labels_as_excel_saves_them(tmp_path, encoding):
+    """Excel's byte-order mark (or Windows-1252), semicolons, spaces around names, ids with leading zeros in one
+    file and not the other, a duplicated row, a conflicting one."""
+    from stainmil.config import DataConfig
+    from stainmil.data.labels import read_labels
+
+    text = ("Case ;Grade \r\n007 ;Bénin\r\n8;High Grade \r\n008;High Grade\r\n0042;Bénin\r\n42;High Grade\r\n"
+            "  ;Bénin\r\n")
+    path = tmp_path / "labels.csv"
+    path.write_bytes(text.encode(encoding))
+    config = DataConfig(labels_csv=str(path), case_column="Case", label_column="Grade",
+                        label_values={"Bénin": 0, "High Grade": 1})
+    labels = read_labels(config)
+    assert labels.by_case == {"7": 0, "8": 1}
+    assert labels.conflicting == {"42": ["Bénin", "High Grade"]} and labels.blank_case_rows == [6]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,22 +31,43 @@ class Labels:
     conflicting: dict[str, list[str]] = field(default_factory=dict)  # case -> words
 
 
+def read_user_csv(path: Path) -> pd.DataFrame:
+    """A CSV as people save it: UTF-8 with or without Excel's byte-order mark (else Windows-1252), separated by
+    commas, semicolons (Excel in many locales), tabs or bars, header names stripped; every cell text."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("cp1252", errors="replace")
+    try:
+        sep = csv.Sniffer().sniff(text[:65536], delimiters=",;\t|").delimiter
+    except csv.Error:
+        sep = ","
+    table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, sep=sep)
+    table.columns = [str(c).strip() for c in table.columns]
+    return table
+
+
 def read_labels(config: DataConfig) -> Labels:
     """Read ``config.labels_csv``; a missing file or column is fatal, row problems are recorded."""
     path = Path(config.labels_csv)
     if not config.labels_csv or not path.is_file():
         raise DataError(f"labels CSV '{config.labels_csv}' does not exist; set data.labels_csv to the file "
                         "with one row per case.")
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    table = read_user_csv(path)
+    columns = {}
     for key, column in (("data.case_column", config.case_column), ("data.label_column", config.label_column)):
-        if column not in table.columns:
+        found = [c for c in table.columns if c == column] or \
+            [c for c in table.columns if c.strip().lower() == column.strip().lower()]
+        if not found:
             raise DataError(f"labels CSV {path} has no column '{column}' ({key}); its columns are "
                             f"{list(table.columns)}.")
+        columns[key] = found[0]
     words = {word.strip().lower(): index for word, index in config.label_values.items()}
     labels = Labels(by_case={})
     seen: dict[str, list[str]] = {}
-    for row_number, (raw_case, raw_word) in enumerate(zip(table[config.case_column], table[config.label_column]),
-                                                      start=1):
+    for row_number, (raw_case, raw_word) in enumerate(zip(table[columns["data.case_column"]],
+                                                          table[columns["data.label_column"]]), start=1):
         if not str(raw_case).strip():
             labels.blank_case_rows.append(row_number)
             continue
