@@ -177,3 +177,30 @@ def test_trained_runs_without_analysis_are_named_then_analysed(demo, tmp_path):
     listing = Catalog(cv).case_list(0)                       # one fold shown; the other named, with the option
     assert listing["sources"] == ["folds/fold_01"] and listing["cases"]
     assert any("fold_00" in note and "--analyze" in note for note in listing["notes"])
+
+
+def test_qupath_regions_of_a_slide_are_served_as_polygons(demo, tmp_path):
+    """The include/exclude annotations used for tiling (found as `tile` finds them), in level-0 px."""
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(demo["run"], run, ignore=shutil.ignore_patterns("checkpoints"))
+    patches = pd.read_csv(run / "attention" / "patches.csv", dtype={"case": str, "slice": str})
+    first = patches.iloc[0]
+    regions = tmp_path / "qupath"
+    regions.mkdir()
+    ring = [[10, 10], [300, 12], [280, 290], [10, 10]]
+    name = f"case{first['case']}_{first['stain']}_slice{first['slice']}__{Path(first['path']).stem}.geojson"
+    (regions / name).write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+         "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}}}]}))
+    (regions / f"{Path(first['path']).stem}.geojson").write_text("{}")   # a bare shared name: never used
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["tile"]["include_annotations"] = str(regions)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    web = client(run)
+    page = web.get("/api/case", params={"case": first["case"]}).json()
+    with_regions = [s for s in page["slices"] if s["annotations"]]
+    assert [(s["stain"], s["slice"]) for s in with_regions] == [(first["stain"], first["slice"])]
+    served = web.get(f"/api/regions/{with_regions[0]['id']}").json()
+    assert served["include"] == [[[float(x), float(y)] for x, y in ring]] and served["exclude"] == []

@@ -324,8 +324,10 @@ class Catalog:
         if config is None or not (config.tile.include_annotations or config.tile.exclude_annotations):
             return (None, None)
 
-        try:
-            return annotation_files(config.tile, slide.stem, key, stem_unique=True)
+        paths = source.table("patches")["path"].unique()
+        shared = sum(Path(p).stem == slide.stem for p in paths) > 1
+        try:  # a bare <stem>.geojson only when no other slide has that file name (case3/he/slice0.svs, …)
+            return annotation_files(config.tile, slide.stem, key, stem_unique=not shared)
         except ConfigError as exc:
             self._note(source, str(exc))
             return (None, None)
