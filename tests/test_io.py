@@ -76,3 +76,17 @@ def test_a_full_disk_keeps_the_old_file_and_says_which_folder(small_disk):
                     [str(i) for i in range(2000)], {})
     assert (folder / "kept.txt").read_text() == "old"
     assert sorted(p.name for p in folder.iterdir()) == ["kept.txt"]       # no temporary left, no half file
+
+
+def test_walk_follows_linked_folders_once_and_survives_a_loop(tmp_path):
+    from stainmil.io import walk_files
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "p.png").write_text("x")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "q.png").write_text("y")
+    (tmp_path / "a" / "linked").symlink_to(elsewhere)            # a cohort assembled from links: followed
+    (tmp_path / "a" / "b" / "loop").symlink_to(tmp_path / "a")   # a loop: entered once, then the walk stops
+    found = [p.relative_to(tmp_path).as_posix() for p in walk_files(tmp_path / "a")]
+    assert found == ["a/b/p.png", "a/linked/q.png"]

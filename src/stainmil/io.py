@@ -127,9 +127,16 @@ def save_image(array: Any, path: str | Path, quality: int = 82) -> Path:
 
 
 def walk_files(root: str | Path) -> list[Path]:
-    """Every file below ``root`` in sorted, deterministic order (hidden files skipped)."""
+    """Every file below ``root`` in sorted, deterministic order (hidden files skipped). Linked folders are followed
+    (cohorts are often assembled from links) but each folder is entered once: a link loop ends the walk there."""
     files = []
-    for directory, subdirs, names in os.walk(root):
+    seen: set[tuple[int, int]] = set()
+    for directory, subdirs, names in os.walk(root, followlinks=True):
+        info = os.stat(directory)
+        if (info.st_dev, info.st_ino) in seen:
+            subdirs[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
         subdirs.sort()
         files.extend(Path(directory) / name for name in sorted(names) if not name.startswith("."))
     return files

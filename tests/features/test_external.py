@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -61,11 +62,19 @@ def trident_import(prepared, tmp_path_factory):
                                  "case2_he_slice9": (np.ones((3, 7), np.float16), coords[:3]),  # other D
                                  "case4_he_slice9": (features, coords),                 # still being written
                                  "case5_he_slice9": (np.zeros(0, np.float32), coords[:0]),  # TRIDENT's empty slide
-                                 "case6_he_slice9": (features, coords)},                # unreadable (below)
+                                 "case6_he_slice9": (features, coords),                 # unreadable (below)
+                                 "case7_he_slice9": (np.where(np.arange(features.size).reshape(features.shape) == 5,
+                                                              np.nan, features), coords),  # NaN in features
+                                 "case8_he_slice9": (features, coords)},                # float coords (below)
                   "uni_v1", patch_px=32, level0_mag=20)
     feat_dir = root / "job" / "20x_32px_0px_overlap" / "features_uni_v1"
     (feat_dir / "case4_he_slice9.h5.lock").touch()
     (feat_dir / "case6_he_slice9.h5").write_bytes(b"not an HDF5 file")
+    for path in (feat_dir / "case8_he_slice9.h5", feat_dir.parent / "patches" / "case8_he_slice9_patches.h5"):
+        with h5py.File(path, "r+") as h5:  # coordinates of the wrong dtype, not whole pixels
+            attrs = dict(h5["coords"].attrs)
+            del h5["coords"]
+            h5.create_dataset("coords", data=coords.astype(np.float64) + 0.5).attrs.update(attrs)
     config = import_config(prepared, tmp_path_factory.mktemp("work"))
     result = import_features(config, root / "job")
     write_index(result.index, config)
@@ -81,6 +90,8 @@ def test_trident_import_links_every_good_slide_and_names_the_bad(trident_import,
     assert skipped[external.LOCKED] == ["case4_he_slice9"]
     assert skipped[external.EMPTY] == ["case5_he_slice9"]
     assert skipped[external.UNREADABLE][0].startswith("case6_he_slice9:")
+    assert skipped[external.NOT_FINITE] == ["case7_he_slice9"]
+    assert skipped[external.BAD_COORDS] == ["case8_he_slice9"]
     report = (result.store_dir / "import_report.txt").read_text()
     for name in ("mystery_slide", "case1_he_slice9", "case2_he_slice9", "case4_he_slice9", "case6_he_slice9"):
         assert name in report

@@ -70,6 +70,8 @@ NOT_A_TABLE = "features are not an (N, D) table"
 INCOMPLETE = "incomplete (CLAM writes pt_files/<slide>.pt last: it is missing)"
 NO_COORDS = "no coordinates (none in the file and no patches file)"
 COUNT = "feature count differs from its coordinates"
+NOT_FINITE = "features hold NaN or infinite values (a failed extraction: re-extract that slide)"
+BAD_COORDS = "coordinates are not whole level-0 pixels (x, y) at or above 0"
 DIMENSION = "feature dimension differs from the other slides'"
 DUPLICATE = "another slide maps to the same case, stain and slice"
 
@@ -198,7 +200,10 @@ def read_source_slide(slide: SourceSlide) -> SlideFeatures:
             coords = h5["coords"][()]
     if features.ndim == 3 and features.shape[0] == 1:  # (1, N, D) as some CLAM forks save
         features = features[0]
-    coords = np.empty((0, 2), np.int64) if coords is None else np.asarray(coords).astype(np.int64).reshape(-1, 2)
+    # kept as written (the import checks them: float or negative corners are named, never cast silently)
+    coords = np.empty((0, 2), np.int64) if coords is None else np.asarray(coords)
+    if coords.ndim == 1 and coords.size % 2 == 0:
+        coords = coords.reshape(-1, 2)
     return SlideFeatures(features, coords, source_attrs(slide))
 
 
@@ -285,6 +290,14 @@ def _link_or_write(target: Path, slide: SourceSlide, data: SlideFeatures, linkab
     return "copied"
 
 
+def _whole_corners(coords: np.ndarray) -> bool:
+    """(N, 2) finite, non-negative, whole numbers (an integer dtype, or floats holding integers)."""
+    coords = np.asarray(coords)
+    if coords.ndim != 2 or coords.shape[1] != 2 or not np.issubdtype(coords.dtype, np.number):
+        return False
+    return bool(np.isfinite(coords).all() and (coords >= 0).all() and (np.round(coords) == coords).all())
+
+
 def import_features(config: Config, root: str | Path, fmt: str = "auto", encoder: str = "",
                     require_labels: bool = True) -> ImportResult:
     """Import the TRIDENT/CLAM folder ``root`` into ``config``'s store and index (see the module doc)."""
@@ -351,7 +364,11 @@ def _import_into(config: Config, source, store_dir: Path, require_labels: bool) 
                 continue
             reason = (EMPTY if len(data.features) == 0 else NOT_A_TABLE if data.features.ndim != 2
                       else NO_COORDS if len(data.coords) == 0
-                      else COUNT if len(data.coords) != len(data.features) else None)
+                      else COUNT if len(data.coords) != len(data.features)
+                      else BAD_COORDS if not _whole_corners(data.coords)
+                      else NOT_FINITE if not np.isfinite(data.features).all() else None)
+            if reason is None:
+                data.coords = data.coords.astype(np.int64)
             if reason:
                 detail = f" ({len(data.features)} features, {len(data.coords)} coordinates)" if reason == COUNT else ""
                 skipped.setdefault(reason, []).append(slide.name + detail)
