@@ -61,6 +61,7 @@ class Catalog:
         self._notes: dict[int, list[str]] = {}
         self._registrations: dict[int, pd.DataFrame | None] = {}
         self._zooms: dict[int, DeepZoom] = {}
+        self._case_lists: dict[int, dict] = {}
         self.handles = SlideHandles(limit=open_slides)
         self.tiles = TileCache(tile_cache_mb * 2**20)
         self._lock = threading.RLock()
@@ -125,6 +126,13 @@ class Catalog:
 
     # ---- the case list -------------------------------------------------------------------------------------
     def case_list(self, source_index: int) -> dict:
+        """Every case of a source (made once: the folder's tables do not change while it is served)."""
+        with self._lock:
+            if source_index not in self._case_lists:
+                self._case_lists[source_index] = self._make_case_list(source_index)
+            return self._case_lists[source_index]
+
+    def _make_case_list(self, source_index: int) -> dict:
         source = self.source(source_index)
         names = self.class_names(source)
         readable = [n.replace("_", "-") for n in names]
@@ -175,7 +183,8 @@ class Catalog:
         if part.empty:
             raise NotServed(f"case {case!r} is not in {source.folder / 'attention' / 'patches.csv'}")
         slices = source.table("slices")
-        info = next((r for r in self.case_list(source_index)["cases"] if r["case"] == case), {"case": case})
+        listing = self.case_list(source_index)
+        info = next((r for r in listing["cases"] if r["case"] == case), {"case": case})
         config = self.config(source)
         reference = self._reference_stain(config)
         entries = {}
@@ -210,7 +219,7 @@ class Catalog:
         self._links(source, case, out_slices)
         return {"source": source.name, "case": info, "slices": out_slices,
                 "notes": self._notes.get(source.index, []),
-                "colour_scales": colour_legends(self.case_list(source_index)["prob_label"])}
+                "colour_scales": colour_legends(listing["prob_label"])}
 
     def _canonical(self, source: Source, stain: str) -> str:
         """A stain as the cohort's config names it (``HE``, ``H&E`` -> ``he``: data.stain_aliases)."""
