@@ -387,6 +387,9 @@ class TileConfig:
                                        "wildcards); empty = every annotation in the file.", default_factory=list)
     exclude_classes: list[str] = _help("Only excluded annotations of these classes (e.g. ['Ignore*', 'Pen']); "
                                        "empty = every annotation in the file.", default_factory=list)
+    max_annotation_vertices: int = _help("An annotation file with more polygon vertices than this is refused (named "
+                                         "in the tile report) rather than read: a file exported with every cell "
+                                         "outline, or not an annotation at all.", default=2_000_000)
 
 
 @dataclass

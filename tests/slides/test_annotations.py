@@ -82,3 +82,18 @@ def test_files_are_found_by_stem_template_or_stainmil_export_name(tmp_path):
         find_annotation_file(str(tmp_path / "missing"), "slide1", key)
     with pytest.raises(Exception, match="unknown field"):
         find_annotation_file(str(tmp_path) + "/{patient}.geojson", "slide1", key)
+
+
+def test_a_huge_or_self_crossing_outline(tmp_path):
+    """A file past tile.max_annotation_vertices is refused before any geometry is built; a bow-tie (a ring that
+    crosses itself, as a hurried brush draws it) is read as its two lobes."""
+    angles = np.linspace(0, 2 * np.pi, 5001)
+    ring = np.stack([500 + 400 * np.cos(angles), 500 + 400 * np.sin(angles)], 1).round(2).tolist()
+    huge = write(tmp_path / "huge.geojson", [feature({"type": "Polygon", "coordinates": [ring]})] * 3)
+    with pytest.raises(BadAnnotations, match=r"15,003 vertices, more than tile.max_annotation_vertices \(10,000\)"):
+        read_region(huge, [], max_vertices=10_000)
+    assert read_region(huge, [], max_vertices=20_000).polygons == 3
+    bowtie = write(tmp_path / "bowtie.geojson", [feature({"type": "Polygon", "coordinates": [
+        [[0, 0], [100, 100], [100, 0], [0, 100], [0, 0]]]})])
+    region = read_region(bowtie, [])
+    assert region.contains(np.array([10, 90, 50]), np.array([50, 50, 10])).tolist() == [True, True, False]

@@ -108,10 +108,11 @@ def slide_regions(tile: TileConfig, files: tuple[Path | None, Path | None]) -> R
     """The annotated regions of one slide (raises :class:`BadAnnotations`); a slide without an include file
     is tiled on the whole tissue mask."""
     include, exclude = files
-    regions = Regions(read_region(include, tile.include_classes) if include else None, None)
+    regions = Regions(read_region(include, tile.include_classes, tile.max_annotation_vertices) if include else None,
+                      None)
     if exclude:
         try:
-            regions.exclude = read_region(exclude, tile.exclude_classes)
+            regions.exclude = read_region(exclude, tile.exclude_classes, tile.max_annotation_vertices)
         except BadAnnotations:
             if exclude != include:  # a shared file may hold no polygon of the excluded classes
                 raise

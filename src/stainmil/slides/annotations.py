@@ -96,6 +96,15 @@ def _features(data: object) -> list[dict]:
     return []
 
 
+def _count_vertices(coordinates, depth: int = 0) -> int:
+    """Points in a GeoJSON coordinates array (nested lists ending in [x, y] pairs); no geometry is built."""
+    if not isinstance(coordinates, list) or depth > 6:
+        return 0
+    if coordinates and not isinstance(coordinates[0], list):
+        return 1
+    return sum(_count_vertices(c, depth + 1) for c in coordinates)
+
+
 def classification(feature: dict) -> str:
     """QuPath's class name of a feature ('' when it has none; older exports wrote the name as a string)."""
     props = feature.get("properties") or {}
@@ -109,14 +118,21 @@ def _wanted(name: str, classes: list[str]) -> bool:
     return not classes or any(fnmatch.fnmatchcase(name.lower(), c.lower()) for c in classes)
 
 
-def read_region(path: Path, classes: list[str]) -> Region:
-    """The union of the polygons of ``path`` whose classification is in ``classes`` (empty: all)."""
+def read_region(path: Path, classes: list[str], max_vertices: int = 2_000_000) -> Region:
+    """The union of the polygons of ``path`` whose classification is in ``classes`` (empty: all); more than
+    ``max_vertices`` vertices in all is refused (:class:`BadAnnotations`) before any geometry is built."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadAnnotations(f"annotation file {path} is not readable GeoJSON ({exc})") from exc
+    features = _features(data)
+    vertices = sum(_count_vertices((f.get("geometry") or {}).get("coordinates")) for f in features)
+    if vertices > max_vertices:
+        raise BadAnnotations(f"annotation file {path} holds {vertices:,} vertices, more than "
+                             f"tile.max_annotation_vertices ({max_vertices:,}); simplify the outlines in QuPath, "
+                             "export only the annotations (not detections), or raise the setting")
     areas, names = [], set()
-    for feature in _features(data):
+    for feature in features:
         geometry = feature.get("geometry")
         kind = str((feature.get("properties") or {}).get("objectType", "annotation")).lower()
         if kind in ("detection", "cell") or not geometry or not _wanted(classification(feature), classes):

@@ -405,7 +405,7 @@ class Catalog:
             if path is None:
                 continue
             try:
-                region = read_region(Path(path), classes)
+                region = read_region(Path(path), classes, config.tile.max_annotation_vertices)
             except (BadAnnotations, OSError) as exc:
                 out["problems"].append(f"{which}: {exc}")
                 continue
