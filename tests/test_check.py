@@ -82,7 +82,9 @@ def test_repair_reextracts_only_the_damaged_files(store_copy, prepared):
     assert result.ok, result.text()
     assert all(p.stat().st_mtime_ns == t for p, t in untouched.items())  # nothing else rewritten
     original = Path(prepared.store_dir) / flipped.relative_to(store)
-    assert np.array_equal(read_slice(flipped)[0], read_slice(original)[0])  # the same features as before the damage
+    # the same features as before the damage, up to float16 rounding (a batch of 2 slices, not of the cohort)
+    again, before = read_slice(flipped)[0].astype(np.float32), read_slice(original)[0].astype(np.float32)
+    assert again.shape == before.shape and np.allclose(again, before, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.slow
