@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -101,10 +102,16 @@ def train(config: Config, resume_dir: str | Path | None = None, split: Split | N
     report to an Optuna pruner, which may raise to stop the run). The run folder is locked while it trains (a
     second ``train --resume`` on it is refused).
     """
+    created = resume_dir is None and run_dir is None
     folder = Path(resume_dir if resume_dir is not None else run_dir if run_dir is not None
                   else new_run_dir(config.runs_dir))
-    with folder_lock(folder, "train"):
-        return _train(config, None if resume_dir is None else folder, split, folder, on_epoch_end)
+    try:
+        with folder_lock(folder, "train"):
+            return _train(config, None if resume_dir is None else folder, split, folder, on_epoch_end)
+    except BaseException:
+        if created and not (folder / "config.yaml").exists():  # refused before it began: no empty run folder left
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def _train(config: Config, resume_dir: Path | None, split: Split | None, run_dir: Path,
