@@ -34,6 +34,9 @@ def _faulty_cohort(root):
     good = p / "A1" / "A1-HE-s0-0.png"
     (p / "B3" / "B3-HE-s2-1.png").write_bytes(good.read_bytes()[:60])  # truncated
     (p / "B3" / "B3-HE-s2-2.png").write_text("not an image")           # not an image
+    from PIL import Image
+
+    Image.new("1", (12000, 12000)).save(p / "B3" / "B3-HE-s3-0.png")     # a decompression bomb: never decoded
     (p / "notes.txt").write_text("hello")                                # name does not match
     _png(p / "Z9" / "Z9-HE-s0-0.png")                          # case without label
     _png(p / "C4" / "C4-HE-s0-0.png")                          # conflicting duplicate labels
@@ -72,6 +75,7 @@ def test_every_fault_is_reported_and_counts_add_up(faulty):
     assert skipped[C.NO_MATCH] == {"notes.txt"}
     assert skipped[C.EMPTY] == {"B3/B3-HE-s2-0.png"}
     assert skipped[C.UNREADABLE] == {"B3/B3-HE-s2-1.png", "B3/B3-HE-s2-2.png"}
+    assert skipped[C.TOO_LARGE] == {"B3/B3-HE-s3-0.png"}
     assert skipped[C.NO_LABEL] == {"Z9/Z9-HE-s0-0.png"}
     assert skipped[C.CONFLICT] == {"C4/C4-HE-s0-0.png"}
     assert skipped[C.UNKNOWN_WORD] == {"D5/D5-HE-s0-0.png"}
@@ -88,7 +92,7 @@ def test_every_fault_is_reported_and_counts_add_up(faulty):
     assert report["unknown_label_words"] == {"D5": "Atypical"}
     assert report["blank_case_rows"] == [7]
     assert report["cases_missing_stains"] == {"B3": ["melan", "sox10"]}
-    assert report["slices_without_usable_patches"] == [["B3", "he", "2"]]
+    assert report["slices_without_usable_patches"] == [["B3", "he", "2"], ["B3", "he", "3"]]
     assert report["cases_used"] == 3
     manifest = result.manifest
     assert set(manifest["case"]) == {"A1", "A2", "B3"}

@@ -43,6 +43,8 @@ NO_MATCH = "name does not match data.filename_pattern"
 UNKNOWN_STAIN = "stain not in data.stain_aliases"
 UNREADABLE = "not a readable image (corrupt, truncated or not an image)"
 EMPTY = "zero bytes"
+TOO_LARGE = "far too large for a patch (more than 8192 x 8192 pixels declared: a slide, or a decompression bomb)"
+MAX_PATCH_PIXELS = 8192 * 8192
 NO_LABEL = "case has no label in the labels CSV"
 UNKNOWN_WORD = "case label word not in data.label_values"
 CONFLICT = "case has conflicting labels in the labels CSV"
@@ -78,6 +80,8 @@ def check_image(path: str) -> tuple[str, int, int, str]:
         if os.path.getsize(path) == 0:
             return "empty", 0, 0, ""
         with Image.open(path) as image:
+            if image.width * image.height > MAX_PATCH_PIXELS:  # read from the header: never decoded
+                return "too large", image.width, image.height, ""
             image.load()  # a truncated file raises here
             return "ok", image.width, image.height, image.mode
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
@@ -183,7 +187,7 @@ def build_index(config: Config, require_labels: bool = True) -> IndexResult:
         slice_key = (case, stain, str(groups["slice"]))
         slice_files[slice_key] += 1
         if status != "ok":
-            skipped[EMPTY if status == "empty" else UNREADABLE].append(rel)
+            skipped[{"empty": EMPTY, "too large": TOO_LARGE}.get(status, UNREADABLE)].append(rel)
             continue
         rows.append({
             "path": str(path), "case": case, "stain": stain, "slice": str(groups["slice"]),
