@@ -78,7 +78,9 @@ def test_repair_reextracts_only_the_damaged_files(store_copy, prepared):
     untouched = {p: p.stat().st_mtime_ns for p in store.rglob("*.h5") if p not in (flipped, truncated)}
     (store / "case1").mkdir(exist_ok=True)
     (store / "case1" / ".left.h5.abc123.h5.tmp").write_bytes(b"half")   # an interrupted write's litter
-    result = repair(check_folder(store), log=lambda *_: None)
+    found = check_folder(store)
+    assert found.litter == [store / "case1" / ".left.h5.abc123.h5.tmp"] and len(found.findings) == 2
+    result = repair(found, log=lambda *_: None)
     assert result.ok, result.text()
     assert all(p.stat().st_mtime_ns == t for p, t in untouched.items())  # nothing else rewritten
     original = Path(prepared.store_dir) / flipped.relative_to(store)

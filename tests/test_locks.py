@@ -116,3 +116,33 @@ def test_the_commands_refuse_a_folder_another_process_writes(slide_cohort, tmp_p
             result = runner.invoke(app, [str(a) for a in args])
             assert result.exit_code == 2, (args, result.output, result.exception)
             assert f"PID {holder.process.pid}" in result.output and "is being written by" in result.output, args
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_command_cleanly_and_the_rerun_finishes(prepared, tmp_path):
+    """SIGTERM (a SLURM time limit) during `extract`: one sentence, exit 143, no temporary file, nothing half
+    written; the same command again finishes the store."""
+    import signal
+
+    from stainmil.check import check_folder
+
+    path = tmp_path / "config.yaml"
+    dump_config(prepared, path)
+    process = subprocess.Popen([sys.executable, "-m", "stainmil", "extract", "--config", str(path),
+                                "--set", f"features.store_dir={tmp_path / 'store'}", "--set", "features.batch_size=4"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "STAINMIL_PROGRESS": "0"})
+    deadline = time.time() + 120
+    while not list((tmp_path / "store").rglob("*.h5")) and time.time() < deadline:  # some slices written
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 143, out[-2000:]
+    assert "stopped by SIGTERM" in out and "resume" in out and "Traceback" not in out
+    written = len(list((tmp_path / "store").rglob("*.h5")))
+    assert 0 < written < 24                                              # stopped part-way
+    assert not list((tmp_path / "store").rglob(".*.tmp"))
+    result = CliRunner().invoke(app, ["extract", "--config", str(path), "--set",
+                                      f"features.store_dir={tmp_path / 'store'}"])
+    assert result.exit_code == 0, result.output
+    assert check_folder(tmp_path / "store").ok

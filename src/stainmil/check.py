@@ -11,7 +11,8 @@ What is checked, by the file that marks each kind of folder:
 ``status.json``       a run: its checkpoints load, ``metrics.json`` parses, ``predictions.csv`` reads
 ====================  ==========================================================================================
 
-and, anywhere, temporary files an interrupted write left (``.*.tmp``).
+and, anywhere, temporary files an interrupted write left (``.*.tmp``: listed, not counted as damage — a killed
+writer leaves its temporary, never a half file under the real name).
 
 ``--repair`` reruns only what is damaged: damaged or missing store files are removed and extracted again (with
 the store's own settings), damaged coordinates and transforms removed and the tiling or registration resumed (with
@@ -44,7 +45,7 @@ class Finding:
     path: Path
     problem: str        # what is wrong, one sentence
     rerun: str          # what to run to mend it
-    kind: str           # store | tiles | registration | run | temporary
+    kind: str           # store | tiles | registration | run
 
 
 @dataclass
@@ -52,6 +53,7 @@ class CheckResult:
     folder: Path
     checked: dict[str, int] = field(default_factory=dict)  # kind -> files verified
     findings: list[Finding] = field(default_factory=list)
+    litter: list[Path] = field(default_factory=list)     # temporaries of interrupted writes: nothing lost
     repaired: list[str] = field(default_factory=list)
 
     @property
@@ -62,6 +64,9 @@ class CheckResult:
         lines = [f"stainmil check {self.folder}: " + ", ".join(f"{n} {kind} file(s)" for kind, n in
                                                                 self.checked.items())]
         lines += [f"  {f.kind}: {f.path}: {f.problem} -> {f.rerun}" for f in self.findings]
+        if self.litter:
+            lines.append(f"  {len(self.litter)} temporary file(s) left by interrupted writes (nothing finished is "
+                         f"lost; --repair removes them), e.g. {self.litter[0]}")
         lines += [f"  repaired: {r}" for r in self.repaired]
         lines.append("all verified" if self.ok else f"{len(self.findings)} damaged or missing file(s)")
         return "\n".join(lines)
@@ -172,9 +177,7 @@ def check_folder(folder: str | Path) -> CheckResult:
                           ("registrations.csv", check_registrations), ("status.json", check_run)):
         for found in sorted(folder.rglob(marker)):
             check(found.parent, result)
-    for temporary in sorted(folder.rglob(".*.tmp")):
-        result.findings.append(Finding(temporary, "a temporary file an interrupted write left behind",
-                                       f"stainmil check {folder} --repair (or delete it)", "temporary"))
+    result.litter = sorted(folder.rglob(".*.tmp"))
     if not result.checked and not result.findings:
         raise StainmilError(f"{folder} holds no feature store, tiles, registrations or run (no store.json, "
                             "tiles.csv, registrations.csv or status.json at or under it); pass one of those folders.")
@@ -185,9 +188,13 @@ def repair(result: CheckResult, config: Config | None = None, log=print) -> Chec
     """Remove what is damaged and rerun only that (see the module doc); then check again."""
     stores = {f.path.parents[1] for f in result.findings if f.kind == "store"}
     for finding in result.findings:
-        if finding.kind in ("store", "tiles", "registration", "temporary") and finding.path.is_file():
+        if finding.kind in ("store", "tiles", "registration") and finding.path.is_file():
             finding.path.unlink()
             result.repaired.append(f"removed {finding.path}")
+    for temporary in result.litter:
+        temporary.unlink(missing_ok=True)
+    if result.litter:
+        result.repaired.append(f"removed {len(result.litter)} temporary file(s)")
     for store in sorted(stores):
         store_config = _config(store / "config.yaml")
         if store_config is None:
