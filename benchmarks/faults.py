@@ -133,11 +133,13 @@ def compare_table(name: str, key: list[str], columns: list[str]):
 
 
 def latest_run(folder: Path) -> Path | None:
-    runs = sorted((folder / "runs").glob("run_*"))
+    """The newest run that began (wrote its config); a run killed before that is only an empty folder."""
+    runs = sorted(r for r in (folder / "runs").glob("run_*") if (r / "config.yaml").is_file())
     return runs[-1] if runs else None
 
 
-def jobs(work: Path) -> list[Job]:
+def jobs(work: Path) -> tuple[list[Job], dict]:
+    """The commands, and for each how its folder is prepared (the steps before it)."""
     def prepared(folder: Path, route: str, steps: tuple[str, ...]) -> Path:
         config = config_for(work, folder, route)
         for step in steps:
@@ -146,8 +148,7 @@ def jobs(work: Path) -> list[Job]:
 
     def train_args(folder: Path) -> list:
         run = latest_run(folder)
-        return ["train", "--resume", run] if run and (run / "config.yaml").is_file() else \
-            ["train", "--config", folder / "config.yaml"]
+        return ["train", "--resume", run] if run else ["train", "--config", folder / "config.yaml"]
 
     return [
         Job("tile", lambda f: ["tile", "--config", config_for(work, f, "slides")],
