@@ -204,3 +204,19 @@ def test_qupath_regions_of_a_slide_are_served_as_polygons(demo, tmp_path):
     assert [(s["stain"], s["slice"]) for s in with_regions] == [(first["stain"], first["slice"])]
     served = web.get(f"/api/regions/{with_regions[0]['id']}").json()
     assert served["include"] == [[[float(x), float(y)] for x, y in ring]] and served["exclude"] == []
+
+    from tests.analysis.test_report import opened  # and drawn, in the browser
+
+    with ViewerServer(run, port=8860) as server, opened(f"{server.url}case?source=0&case={first['case']}") \
+            as (page, errors):
+        page.wait_for_function("document.body.dataset.ready === '1'", timeout=60_000)
+        index = page.evaluate(f"window.stainmil.views.findIndex(v => v.slice.id === {with_regions[0]['id']})")
+        box = page.locator(f".panel[data-slide='{with_regions[0]['id']}'] input[data-overlay='regions']")
+        assert box.is_enabled()
+        before = page.evaluate(f"window.stainmil.views[{index}].canvas.toDataURL()")
+        box.check()
+        page.wait_for_function(f"window.stainmil.views[{index}].regions !== undefined")
+        page.evaluate(f"window.stainmil.views[{index}].osd.forceRedraw()")
+        page.wait_for_timeout(300)
+        assert page.evaluate(f"window.stainmil.views[{index}].canvas.toDataURL()") != before
+        assert not errors, errors
