@@ -27,7 +27,9 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
         tmp.write_text("half")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError):
+    from stainmil.errors import OutputError
+
+    with pytest.raises(OutputError, match="is full"):             # one sentence naming the folder
         atomic_write(target, fail)
     assert target.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["table.csv"]
     assert stat.S_IMODE(os.stat(target).st_mode) & 0o600 == 0o600
