@@ -113,8 +113,11 @@ def store_arrays(store: Path) -> dict[str, np.ndarray]:
 
 
 def compare_store(folder: Path, reference: Path) -> int:
+    """Reference slices missing or different beyond float16 rounding (a slice extracted again in another batch
+    composition differs in the last bits on CPU: not a wrong file)."""
     a, b = store_arrays(folder / "features"), store_arrays(reference / "features")
-    return sum(1 for name, arr in b.items() if name not in a or not np.array_equal(a[name], arr))
+    return sum(1 for name, arr in b.items() if name not in a or a[name].shape != arr.shape
+               or not np.allclose(a[name].astype(np.float32), arr.astype(np.float32), rtol=1e-2, atol=1e-2))
 
 
 def compare_table(name: str, key: list[str], columns: list[str]):
