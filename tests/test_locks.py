@@ -146,3 +146,23 @@ def test_sigterm_stops_a_command_cleanly_and_the_rerun_finishes(prepared, tmp_pa
                                       f"features.store_dir={tmp_path / 'store'}"])
     assert result.exit_code == 0, result.output
     assert check_folder(tmp_path / "store").ok
+
+
+def test_a_read_only_output_folder_is_one_sentence(tmp_path):
+    from stainmil.errors import OutputError
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        if os.access(folder, os.W_OK):  # root writes anywhere: a read-only mount says the same
+            import subprocess as sp
+
+            if sp.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)]).returncode != 0:
+                pytest.fail("cannot make a read-only folder here (not root, and the folder is writable)")
+        with pytest.raises(OutputError, match="cannot be written"):
+            with folder_lock(folder / "store", "extract"):
+                pass
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True)
+        folder.chmod(0o755)

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from stainmil.errors import StainmilError
+from stainmil.errors import StainmilError, output_error
 
 LOCK_NAME = ".stainmil.lock"
 
@@ -50,8 +50,14 @@ def _describe(holder: dict) -> str:
 
 
 def _take(path: Path, exclusive: bool, command: str, log) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:  # the first write into an output folder: a read-only or full one is said here
+        found = output_error(exc, path.parent)
+        if found is None:
+            raise
+        raise found from exc
     try:
         fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:
