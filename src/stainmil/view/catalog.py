@@ -11,6 +11,7 @@ import base64
 import io
 import math
 import threading
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,7 @@ class Catalog:
         self._registrations: dict[int, pd.DataFrame | None] = {}
         self._zooms: dict[int, DeepZoom] = {}
         self._case_lists: dict[int, dict] = {}
+        self._stems: dict[int, Counter] = {}    # slide file stem -> slides of the source with it
         self.handles = SlideHandles(limit=open_slides)
         self.tiles = TileCache(tile_cache_mb * 2**20)
         self._lock = threading.RLock()
@@ -333,8 +335,10 @@ class Catalog:
         if config is None or not (config.tile.include_annotations or config.tile.exclude_annotations):
             return (None, None)
 
-        paths = source.table("patches")["path"].unique()
-        shared = sum(Path(p).stem == slide.stem for p in paths) > 1
+        with self._lock:  # counted once per source, not once per slide over the whole patch table
+            if source.index not in self._stems:
+                self._stems[source.index] = Counter(Path(p).stem for p in source.table("patches")["path"].unique())
+        shared = self._stems[source.index][slide.stem] > 1
         try:  # a bare <stem>.geojson only when no other slide has that file name (case3/he/slice0.svs, …)
             return annotation_files(config.tile, slide.stem, key, stem_unique=not shared)
         except ConfigError as exc:
