@@ -59,3 +59,15 @@ def test_pairs_from_other_cases_and_empty_glass_fail(serial_cohort, tmp_path):
     glass = write_pyramidal_tiff(tmp_path / "glass.tiff", np.full((512, 512, 3), 242, np.uint8), mpp=0.25, tile=64)
     result = register_sections(section(serial_cohort, 1, "he"), read_section(glass, SPACING))
     assert result.quality.verdict == "failed" and "no tissue" in result.quality.reason and result.transform is None
+
+
+def test_the_same_pair_registers_to_the_same_transform_every_time(serial_cohort):
+    import SimpleITK as sitk
+
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    fixed, moving = section(serial_cohort, 3, "he"), section(serial_cohort, 3, "melan")
+    first, second = register_sections(fixed, moving), register_sections(fixed, moving)
+    assert np.array_equal(first.transform.affine, second.transform.affine)
+    assert np.array_equal(first.transform.u, second.transform.u)
+    assert first.quality == second.quality
+    assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == threads  # the caller's setting is restored

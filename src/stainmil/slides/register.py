@@ -51,6 +51,9 @@ COARSE_CANDIDATES = 4  # rotations per mirror hypothesis refined by the rigid st
 SCREEN_PX = 256  # ... on a view about this many pixels across, to choose among them
 MIN_TISSUE_PX = 50  # a thumbnail with less tissue than this is empty glass
 SAMPLE_BUDGET_PX = 384 * 384  # metric samples per level are drawn from at most this many pixels' worth
+# the metric samples are drawn with a fixed seed (and summed on one thread, see register_sections): the same
+# sections register to the same transform every run. (Not 0: SimpleITK reads 0 as sitkWallClock, a new draw.)
+SAMPLING_SEED = 1
 FIELD_PX = 512  # the displacement fields are kept on a grid at most this many pixels across (they are smooth)
 # verdict thresholds (see docs/registration.md for how they were chosen)
 ALIGNED = {"dice": 0.85, "outline": 0.015, "scale": 1.08, "feature_error_um": 60.0}
@@ -222,7 +225,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, me
     method.SetMetricSamplingStrategy(method.REGULAR)
     pixels = fixed.GetNumberOfPixels()
     method.SetMetricSamplingPercentagePerLevel(
-        [sampling * min(1.0, SAMPLE_BUDGET_PX * s * s / pixels) for s in shrink], seed=0)
+        [sampling * min(1.0, SAMPLE_BUDGET_PX * s * s / pixels) for s in shrink], seed=SAMPLING_SEED)
     method.SetInterpolator(sitk.sitkLinear)
     # first steps of ``step_px`` pixels (in µm, at least 1): the same iterations then move a section as many
     # *pixels* whatever its µm per pixel — the serial preset (0.5 µm/px) keeps its 1 µm steps, an 8 mm section
@@ -384,7 +387,18 @@ def _rigid_fit(fixed: Section, moving: Section, f_img: sitk.Image, flip: bool, a
 
 def register_sections(fixed: Section, moving: Section, nonrigid: bool = True, mesh_nodes: int = 6) -> PairResult:
     """Register ``moving`` onto ``fixed`` (thumbnails of about the same spacing; ``mesh_nodes`` across the
-    B-spline mesh); never raises on bad tissue: the verdict says it."""
+    B-spline mesh); never raises on bad tissue: the verdict says it. The same pair gives the same transform on
+    every run: ITK runs on one thread meanwhile (its multi-threaded metric sums partial results in the order the
+    threads finish; on this project's 2-core machine a pair took about as long either way)."""
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        return _register_pair(fixed, moving, nonrigid, mesh_nodes)
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+
+
+def _register_pair(fixed: Section, moving: Section, nonrigid: bool, mesh_nodes: int) -> PairResult:
     import time
 
     started = time.perf_counter()
