@@ -42,6 +42,7 @@ TINY = {"features": {"weights": "random", "image_size": 32, "num_workers": 0, "b
         "model": {"embed_dim": 64, "attention_hidden_dim": 32},
         "train": {"max_epochs": 6, "cases_per_batch": 2, "early_stopping_patience": 50},
         "data": {"per_slice_cap": 8}, "eval": {"bootstrap": 50}}
+TRIDENT_NAMES = r"case(?P<case>[^_]+)_(?P<stain>[^_]+)_slice(?P<slice>[^_.]+)"
 
 
 def stainmil(*args, timeout: float | None = None) -> tuple[int, str, float]:
@@ -84,12 +85,29 @@ def setup(work: Path) -> Path:
         assert stainmil("synth", "--out", work / "tiny", "--preset", "tiny")[0] == 0
     if not (work / "serial" / "cohort.yaml").is_file():
         assert stainmil("synth", "--out", work / "serial", "--preset", "serial-tiny", "--slides", "tiff")[0] == 0
+    if not (work / "trident" / ".done").is_file():
+        write_trident_job(work)
     return work
+
+
+def write_trident_job(work: Path) -> None:
+    """A TRIDENT job folder of the tiny cohort's cases (one slide per case and stain, seeded random features),
+    in the layout tests/features/layouts.py writes (read from TRIDENT's own code), for `import-features`."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.features.layouts import write_trident
+
+    rng = np.random.default_rng(0)
+    cases = pd.read_csv(work / "tiny" / "labels.csv", dtype=str).iloc[:, 0]
+    slides = {f"case{case}_{stain}_slice0": (rng.normal(size=(40, 64)).astype(np.float32),
+                                             np.stack(np.meshgrid(np.arange(8), np.arange(5)), -1).reshape(-1, 2) * 512)
+              for case in cases for stain in ("he", "melan", "sox10")}
+    write_trident(work / "trident", slides, "conch_v15", mag=20, patch_px=256)
+    (work / "trident" / ".done").write_text("")
 
 
 def config_for(work: Path, folder: Path, route: str) -> Path:
     """A config writing everything under ``folder`` (patch route: the tiny cohort; slides: serial-tiny)."""
-    base = yaml.safe_load((work / ("tiny" if route == "patches" else "serial") / "cohort.yaml").read_text())
+    base = yaml.safe_load((work / ("serial" if route == "slides" else "tiny") / "cohort.yaml").read_text())
     base = {**base, **{k: {**base.get(k, {}), **v} for k, v in TINY.items()}, "output_dir": str(folder)}
     if route == "slides":
         slides = yaml.safe_load((work / "serial" / "slides.yaml").read_text()) \
@@ -98,6 +116,8 @@ def config_for(work: Path, folder: Path, route: str) -> Path:
         base["tile"] = {**slides.get("tile", {}), "slices_dir": str(work / "serial" / "slides"),
                         "out_dir": str(folder / "tiles"), "mpp": 0.5, "patch_size": 32, "mask_downsample": 1}
         base["register"] = {"max_side": 192}
+    if route == "trident":  # the tiny cohort's labels; slides named as the TRIDENT job names them
+        base["tile"] = {**base.get("tile", {}), "filename_pattern": TRIDENT_NAMES}
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(base))
@@ -165,11 +185,20 @@ def jobs(work: Path) -> tuple[list[Job], dict]:
             compare_table("predictions.csv", ["case"], ["case", "split", "label", "pred"])),
         Job("cv", lambda f: ["cv", "--config", f / "config.yaml", "--folds", 2, "--resume", f / "cv"],
             lambda f: f / "cv", compare_table("oof_predictions.csv", ["case"], ["case", "label", "pred"])),
+        Job("import-features", lambda f: ["import-features", work / "trident", "--config", f / "config.yaml"],
+            lambda f: f / "features", compare_store),
+        Job("compare-models", lambda f: ["compare-models", "--config", f / "config.yaml", "--models",
+                                         "hierarchical,abmil", "--folds", 2,
+                                         *(["--resume", f / "cmp"] if (f / "cmp" / "splits").is_dir()
+                                           else ["--out", f / "cmp"])],
+            lambda f: f / "cmp", compare_table("oof_predictions.csv", ["case"], ["case", "label", "pred"])),
     ], {"tile": lambda f: config_for(work, f, "slides"),
         "extract": lambda f: prepared(f, "patches", ("index", "split")),
         "register": lambda f: prepared(f, "slides", ("tile",)),
         "train": lambda f: prepared(f, "patches", ("index", "split", "extract")),
-        "cv": lambda f: prepared(f, "patches", ("index", "extract"))}
+        "cv": lambda f: prepared(f, "patches", ("index", "extract")),
+        "import-features": lambda f: config_for(work, f, "trident"),
+        "compare-models": lambda f: prepared(f, "patches", ("index", "extract"))}
 
 
 def run_to_end(job: Job, folder: Path) -> tuple[int, str]:

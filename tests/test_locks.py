@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -15,6 +16,7 @@ from stainmil.cli import app
 from stainmil.config import dump_config
 from stainmil.locks import LOCK_NAME, FolderBusy, folder_lock
 from tests.conftest import slide_config
+from tests.features.layouts import write_trident
 
 HOLD = """
 import sys, time
@@ -92,7 +94,8 @@ def test_nested_steps_of_one_process_pass(tmp_path):
 
 @pytest.mark.slow
 def test_the_commands_refuse_a_folder_another_process_writes(slide_cohort, tmp_path):
-    """tile, register, extract, train --resume, cv and compare-models, each against a real second process."""
+    """tile, register, extract, train --resume, cv, compare-models and import-features, each against a real
+    second process."""
     config = slide_config(slide_cohort, tmp_path / "work")
     path = tmp_path / "slides.yaml"
     dump_config(config, path)
@@ -100,6 +103,8 @@ def test_the_commands_refuse_a_folder_another_process_writes(slide_cohort, tmp_p
     run = tmp_path / "work" / "runs" / "run_x"
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(path.read_text())
+    trident = tmp_path / "trident"
+    write_trident(trident, {"case1_he_slice0": (np.zeros((2, 8), np.float32), np.array([[0, 0], [64, 0]]))}, "uni_v1")
     checks = [
         (Path(config.tile.out_dir), ["tile", "--config", path]),
         (Path(config.tile.out_dir) / "registration", ["register", "--config", path]),
@@ -108,6 +113,7 @@ def test_the_commands_refuse_a_folder_another_process_writes(slide_cohort, tmp_p
         (tmp_path / "cv", ["cv", "--config", path, "--folds", 2, "--resume", tmp_path / "cv"]),
         (tmp_path / "models", ["compare-models", "--config", path, "--models", "hierarchical,mean", "--folds", 2,
                                "--out", tmp_path / "models"]),
+        (config.imported_store_dir, ["import-features", trident, "--config", path]),
     ]
     for index, (folder, args) in enumerate(checks):
         if index == 2:  # extract needs the index `tile` writes on the slide route
