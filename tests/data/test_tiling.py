@@ -216,11 +216,16 @@ def test_dicom_slides_are_found_tiled_and_extracted_and_broken_ones_named(tiny_c
     broken = cohort / "slides" / "case1" / "he" / "slice5"
     broken.mkdir()
     (broken / "level0.dcm").write_bytes(b"DICM" * 10)
+    incomplete = cohort / "slides" / "case1" / "he" / "slice6"  # a copy that lost its full-resolution level
+    shutil.copytree(cohort / "slides" / "case1" / "he" / "slice0", incomplete)
+    (incomplete / "level0.dcm").unlink()
     assert sum(1 for _ in (cohort / "slides").rglob("*.dcm")) > 24
     config = slide_config(cohort, tmp_path / "dicom", "features.num_workers=0")
     result, _ = tile_cohort(config)
     assert len(result.slides) == 24 and list(result.skipped) == [tiling.UNREADABLE]
-    assert result.skipped[tiling.UNREADABLE][0].startswith("case1/he/slice5:")
+    named = sorted(result.skipped[tiling.UNREADABLE])
+    assert named[0].startswith("case1/he/slice5:")
+    assert named[1].startswith("case1/he/slice6:") and "full-resolution level is missing" in named[1], named
     assert [s["level0_mpp"] for s in result.slides] == pytest.approx([0.25] * 24)  # the DICOM pixel spacing
     assert {s["patch_level"] for s in result.slides} == {1}
     tiff = slide_config(slide_cohort, tmp_path / "tiff", "features.num_workers=0")

@@ -175,7 +175,30 @@ def dicom_instance(folder: Path) -> Path:
     instances = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".dcm" and p.is_file())
     if not instances:
         raise UnreadableSlide(f"{folder} is a folder without .dcm files; a DICOM slide is a folder of its instances.")
+    _check_dicom_base(folder, instances)
     return instances[0]
+
+
+def _check_dicom_base(folder: Path, instances: list[Path]) -> None:
+    """A DICOM slide whose full-resolution level is missing (an incomplete copy) would open as a smaller slide at
+    a coarser µm/px, silently: refuse it by name. The base is the VOLUME instance not resampled from another
+    (ImageType ORIGINAL, or flavour NONE); the levels resampled from it say RESAMPLED."""
+    import pydicom
+
+    volumes = []
+    for path in instances:
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["ImageType",
+                                                                                  "TotalPixelMatrixColumns"])
+        except Exception:  # noqa: BLE001 - an unreadable instance is OpenSlide's to name when it opens the series
+            continue
+        kind = [str(v).upper() for v in header.get("ImageType", [])]
+        if len(kind) >= 3 and kind[2] == "VOLUME":
+            volumes.append((kind, int(header.get("TotalPixelMatrixColumns", 0))))
+    if volumes and not any(kind[0] == "ORIGINAL" or kind[3:4] == ["NONE"] for kind, _ in volumes):
+        widths = ", ".join(f"{w} px" for w in sorted({w for _, w in volumes}, reverse=True))
+        raise UnreadableSlide(f"{folder}: the DICOM slide's full-resolution level is missing (only levels resampled "
+                              f"from it are here: {widths} wide); copy the slide's folder again, every .dcm file.")
 
 
 def _open_wsi(path: Path):
