@@ -12,20 +12,27 @@ from typer.testing import CliRunner
 from stainmil.check import check_folder, repair
 from stainmil.cli import app
 from stainmil.data.cohort import load_manifest
-from stainmil.errors import StoreError
+from stainmil.data.registration import read_pair
+from stainmil.errors import DataError, StoreError
 from stainmil.features.sources import StoreRequest
 from stainmil.features.store import load_features, read_slice
+from stainmil.slides.coords import read_coords
 
 
-def flip_a_feature_byte(path: Path) -> None:
-    """Flip one byte inside the features dataset (the file still opens: only the checksum can tell)."""
+def flip_a_feature_byte(path: Path, dataset: str = "features", at: int = 100) -> None:
+    """Flip one byte inside a dataset stored unchunked (the file still opens: only the checksum can tell)."""
     with h5py.File(path, "r") as h5:
-        offset = h5["features"].id.get_offset()
+        offset = h5[dataset].id.get_offset()
     with open(path, "r+b") as handle:
-        handle.seek(offset + 100)
+        handle.seek(offset + at)
         byte = handle.read(1)
-        handle.seek(offset + 100)
+        handle.seek(offset + at)
         handle.write(bytes([byte[0] ^ 0xFF]))
+
+
+def has_affine(path: Path) -> bool:
+    with h5py.File(path, "r") as h5:
+        return "affine" in h5
 
 
 def truncate(path: Path) -> None:
@@ -99,14 +106,21 @@ def test_tiles_registrations_and_runs_are_checked(serial_demo, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(demo["run"], run, ignore=shutil.ignore_patterns("attention", "qupath"))
     assert check_folder(tiles).ok and check_folder(run).ok
-    coords = sorted((tiles / "coords").glob("*.h5"))[0]
-    transform = sorted((tiles / "registration" / "transforms").glob("*.h5"))[0]
+    coords, flipped_coords = sorted((tiles / "coords").glob("*.h5"))[:2]
+    transform, flipped_transform = [p for p in sorted((tiles / "registration" / "transforms").glob("*.h5"))
+                                    if has_affine(p)][:2]
     truncate(coords)
     transform.write_bytes(b"not hdf5")
+    flip_a_feature_byte(flipped_coords, "coords", at=3)        # files that still open: only their checksums tell
+    flip_a_feature_byte(flipped_transform, "affine", at=7)
     truncate(run / "checkpoints" / "best.pth")
     (run / "metrics.json").write_text("{")
     result = check_folder(tmp_path)
     kinds = {(f.kind, f.path.name) for f in result.findings}
-    assert kinds == {("tiles", coords.name), ("registration", transform.name), ("run", "best.pth"),
-                     ("run", "metrics.json")}
+    assert kinds == {("tiles", coords.name), ("tiles", flipped_coords.name), ("registration", transform.name),
+                     ("registration", flipped_transform.name), ("run", "best.pth"), ("run", "metrics.json")}
+    with pytest.raises(DataError, match="do(es)? not match the checksum"):
+        read_coords(flipped_coords)
+    with pytest.raises(DataError, match="does not match the checksum"):
+        read_pair(flipped_transform)
     assert all("-> " not in f.problem and f.rerun for f in result.findings)

@@ -6,8 +6,9 @@ What is checked, by the file that marks each kind of folder:
 ====================  ==========================================================================================
 ``store.json``        a feature store: every slice file opens and its features match the checksum written with
                       them; with the store's ``config.yaml`` and the cohort's index, every indexed slice has a file
-``tiles.csv``         tiles: every slide's coordinates file opens; its mask and thumbnail exist
-``registrations.csv`` registrations: every pair's transform file opens
+``tiles.csv``         tiles: every slide's coordinates file opens and matches its checksum; its mask and
+                      thumbnail exist
+``registrations.csv`` registrations: every pair's transform file opens and matches its checksum
 ``status.json``       a run: its checkpoints load, ``metrics.json`` parses, ``predictions.csv`` reads
 ====================  ==========================================================================================
 
@@ -26,14 +27,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import pandas as pd
 
 from stainmil.config import Config, load_config
 from stainmil.data.cohort import load_manifest
-from stainmil.data.registration import register_cohort
+from stainmil.data.registration import read_pair, register_cohort
 from stainmil.data.tiling import tile_folder
-from stainmil.errors import StainmilError
+from stainmil.errors import DataError, StainmilError
 from stainmil.features.extract import extract_features
 from stainmil.features.store import STORE_META, read_slice, slice_file
 from stainmil.slides.coords import read_coords
@@ -105,6 +105,9 @@ def check_tiles(tiles: Path, result: CheckResult) -> None:
     for path in coords:
         try:
             read_coords(path)
+        except DataError:
+            result.findings.append(Finding(path, "damaged (its coordinates do not match their checksum)", rerun,
+                                           "tiles"))
         except (OSError, KeyError, ValueError) as exc:
             result.findings.append(Finding(path, f"damaged ({_error(exc)})", rerun, "tiles"))
     for thumb in map(Path, thumbs):
@@ -127,9 +130,10 @@ def check_registrations(folder: Path, result: CheckResult) -> None:
             result.findings.append(Finding(path, "missing", rerun, "registration"))
             continue
         try:
-            with h5py.File(path, "r") as h5:
-                if "affine" in h5:
-                    h5["affine"][()], h5["u"][()], h5["v"][()]
+            read_pair(path)
+        except DataError:
+            result.findings.append(Finding(path, "damaged (its transform does not match its checksum)", rerun,
+                                           "registration"))
         except (OSError, KeyError, ValueError) as exc:
             result.findings.append(Finding(path, f"damaged ({_error(exc)})", rerun, "registration"))
     result.checked["registration"] = result.checked.get("registration", 0) + count

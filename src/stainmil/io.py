@@ -65,6 +65,19 @@ def _new_temporary(path: Path, suffix: str) -> Path:
 _UNSAFE = re.compile(r"[^\w.\-]+", re.UNICODE)
 
 
+def array_digest(*arrays: Any) -> str:
+    """BLAKE2b (128 bits) of arrays' bytes as written (C order), in turn: the ``checksum`` attribute a store slice,
+    a coordinates file or a transform file carries, so a flipped byte or a truncated copy is found on reading."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.blake2b(digest_size=16)
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array).view(np.uint8).data)
+    return digest.hexdigest()
+
+
 def safe_name(text: object) -> str:
     """Text usable as (part of) a file name: runs of other characters become '_'."""
     return _UNSAFE.sub("_", str(text))

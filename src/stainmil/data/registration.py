@@ -35,7 +35,7 @@ import pandas as pd
 from stainmil.config import Config, RegisterConfig
 from stainmil.data.tiling import load_tiles
 from stainmil.errors import ConfigError, DataError
-from stainmil.io import atomic_path, atomic_write, atomic_write_json, atomic_write_text, safe_name
+from stainmil.io import array_digest, atomic_path, atomic_write, atomic_write_json, atomic_write_text, safe_name
 from stainmil.locks import folder_lock
 from stainmil.progress import progress_bar
 from stainmil.slides.coords import grid_step
@@ -78,10 +78,13 @@ def write_pair(path: Path, transform: PairTransform | None, attrs: dict) -> None
     with atomic_path(path, suffix=".h5") as tmp:
         with h5py.File(tmp, "w") as h5:
             if transform is not None:
-                h5.create_dataset("affine", data=transform.affine)
-                h5.create_dataset("u", data=transform.u.astype(np.float32), compression="gzip")
-                h5.create_dataset("v", data=transform.v.astype(np.float32), compression="gzip")
-                attrs = {**attrs, "spacing_um": transform.spacing, "flipped": transform.flipped}
+                affine, u, v = (transform.affine.astype(np.float64), transform.u.astype(np.float32),
+                                transform.v.astype(np.float32))
+                h5.create_dataset("affine", data=affine)
+                h5.create_dataset("u", data=u, compression="gzip")
+                h5.create_dataset("v", data=v, compression="gzip")
+                attrs = {**attrs, "spacing_um": transform.spacing, "flipped": transform.flipped,
+                         "checksum": array_digest(affine, u, v)}
             for key, value in attrs.items():
                 h5.attrs[key] = "" if value is None else value
 
@@ -92,8 +95,13 @@ def read_pair(path: str | Path) -> tuple[PairTransform | None, dict]:
         attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in h5.attrs.items()}
         if "affine" not in h5:
             return None, attrs
-        transform = PairTransform(h5["affine"][()], h5["u"][()].astype(np.float64), h5["v"][()].astype(np.float64),
-                                  float(attrs["spacing_um"]), bool(attrs["flipped"]))
+        affine, u, v = h5["affine"][()], h5["u"][()], h5["v"][()]
+    if attrs.get("checksum") and array_digest(affine, u, v) != attrs["checksum"]:
+        raise DataError(f"{path} is damaged (its transform does not match the checksum written with it); run "
+                        f"`stainmil check {Path(path).parent.parent} --repair --config <cohort config>`, or delete the "
+                        "file and run `stainmil register` again (it registers only what is missing).")
+    transform = PairTransform(affine, u.astype(np.float64), v.astype(np.float64), float(attrs["spacing_um"]),
+                              bool(attrs["flipped"]))
     return transform, attrs
 
 

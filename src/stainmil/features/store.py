@@ -14,7 +14,6 @@ Files are written atomically; a file that exists is finished.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ import pandas as pd
 from stainmil.config import Config
 from stainmil.errors import StoreError
 from stainmil.features.encoders import ENCODERS, preprocessing
-from stainmil.io import atomic_path, atomic_write_json, safe_name
+from stainmil.io import array_digest, atomic_path, atomic_write_json, safe_name
 
 STORE_META = "store.json"
 
@@ -133,7 +132,7 @@ def slice_file(store_dir: Path, case: str, stain: str, slice_id: str) -> Path:
 def features_digest(features: np.ndarray) -> str:
     """BLAKE2b (128 bits) of a slice's plain-view features (N, D), as written in its file's ``checksum`` attribute:
     a flipped byte or a truncated copy of the file is found when the features are read."""
-    return hashlib.blake2b(np.ascontiguousarray(features).view(np.uint8).data, digest_size=16).hexdigest()
+    return array_digest(features)
 
 
 def damaged(path: Path, exc: BaseException) -> StoreError:

@@ -16,7 +16,8 @@
         name                  the slide's file stem
     plus stainmil's: read_size, case, stain, slice, slide_path, scale_source
 
-Files are written atomically; a file that exists is finished (``tile`` resumes by skipping it).
+Files are written atomically; a file that exists is finished (``tile`` resumes by skipping it). stainmil's
+files also carry ``checksum`` (a file attribute: BLAKE2b of coords and tissue_fraction), verified on reading.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from stainmil.io import atomic_path
+from stainmil.errors import DataError
+from stainmil.io import array_digest, atomic_path
 from stainmil.slides.grid import ReadPlan
 
 
@@ -45,10 +47,12 @@ def write_coords(path: Path, coords: np.ndarray, tissue: np.ndarray, plan: ReadP
     }
     with atomic_path(path, suffix=".h5") as tmp:
         with h5py.File(tmp, "w") as h5:
-            dataset = h5.create_dataset("coords", data=coords.astype(np.int64).reshape(-1, 2))
+            coords, tissue = coords.astype(np.int64).reshape(-1, 2), tissue.astype(np.float32)
+            h5.attrs["checksum"] = array_digest(coords, tissue)
+            dataset = h5.create_dataset("coords", data=coords)
             for key, value in attrs.items():
                 dataset.attrs[key] = value
-            h5.create_dataset("tissue_fraction", data=tissue.astype(np.float32))
+            h5.create_dataset("tissue_fraction", data=tissue)
     return path
 
 
@@ -58,12 +62,19 @@ def _attrs(dataset: h5py.Dataset) -> dict:
 
 def read_coords(path: Path) -> tuple[np.ndarray, dict, np.ndarray]:
     """(coords (N, 2) level 0, attrs, tissue fractions (N,)) of a coordinates file — stainmil's, CLAM's or
-    TRIDENT's (which carry no tissue fractions: ones)."""
+    TRIDENT's (which carry no tissue fractions: ones). stainmil's own are checked against the checksum written
+    with them (a :class:`DataError` naming the file when they differ)."""
     with h5py.File(path, "r") as h5:
         dataset = h5["coords"]
-        coords = dataset[()].astype(np.int64).reshape(-1, 2)
-        tissue = h5["tissue_fraction"][()] if "tissue_fraction" in h5 else np.ones(len(coords), np.float32)
-        return coords, _attrs(dataset), tissue
+        raw = dataset[()]
+        recorded = h5.attrs.get("checksum")
+        tissue = h5["tissue_fraction"][()] if "tissue_fraction" in h5 else np.ones(len(raw), np.float32)
+        attrs = _attrs(dataset)
+    if recorded and array_digest(raw, tissue) != recorded:
+        raise DataError(f"{path} is damaged (its coordinates do not match the checksum written with them); run "
+                        f"`stainmil check {Path(path).parent.parent} --repair --config <cohort config>`, or delete the "
+                        "file and run `stainmil tile` again (it tiles only what is missing).")
+    return raw.astype(np.int64).reshape(-1, 2), attrs, tissue
 
 
 def coords_attrs(path: Path) -> dict:
