@@ -23,8 +23,10 @@ $(STAMP): pyproject.toml Makefile
 
 # Everything CI must run. The SLURM tests share one real single-node cluster: they run in a second,
 # single-process pass (beside the parallel pass they only slowed it: their jobs need the same two cores).
+# --dist worksteal: a worker that runs out of tests takes queued ones from the other (the suite ends with a few
+# long pipelines; plain `load` left one worker idle while the other still had several queued).
 test: setup
-	$(BIN)/python -m pytest -n 2 -m "not slurm" --durations=15
+	$(BIN)/python -m pytest -n 2 --dist worksteal -m "not slurm" --durations=15
 	$(BIN)/python -m pytest -m slurm -p no:xdist --durations=5
 
 # The quick loop while developing: no end-to-end pipelines, benchmarks or SLURM (CI runs `make test`).
