@@ -23,8 +23,8 @@ $(STAMP): pyproject.toml Makefile
 
 # Everything CI must run. The SLURM tests share one real single-node cluster: they run in a second,
 # single-process pass (beside the parallel pass they only slowed it: their jobs need the same two cores).
-# --dist worksteal: a worker that runs out of tests takes queued ones from the other (the suite ends with a few
-# long pipelines; plain `load` left one worker idle while the other still had several queued).
+# --dist worksteal: a worker that runs out of tests takes queued ones from the other, so neither idles while the
+# other still has several queued (`load` fixes each worker's queue up front).
 test: setup
 	$(BIN)/python -m pytest -n 2 --dist worksteal -m "not slurm" --durations=15
 	$(BIN)/python -m pytest -m slurm -p no:xdist --durations=5
