@@ -5,6 +5,7 @@ import torch
 
 from stainmil.model.attention import ATTENTION_POOLS, build_attention
 from stainmil.model.hierarchical import topk_drop
+from tests.model.gradients import assert_every_parameter_learns
 
 
 def _groups():
@@ -23,8 +24,7 @@ def test_shapes_weights_and_gradients(name):
     sums = torch.zeros(3).index_add(0, groups, out.weights)
     assert torch.allclose(sums, torch.ones(3), atol=1e-5)
     out.pooled.pow(2).sum().backward()
-    for pname, p in pool.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, pname
+    assert_every_parameter_learns(pool)
 
 
 @pytest.mark.parametrize("name", sorted(ATTENTION_POOLS))

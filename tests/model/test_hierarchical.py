@@ -8,6 +8,7 @@ from stainmil.config import ModelConfig
 from stainmil.model.attention import ATTENTION_POOLS
 from stainmil.model.hierarchical import HierarchicalMIL
 from stainmil.model.segment import segment_softmax
+from tests.model.gradients import assert_every_parameter_learns
 
 
 def random_bags(n_cases=5, dim=16, seed=0, drop_stain_of=("2",)) -> CohortBags:
@@ -101,8 +102,7 @@ def test_every_parameter_gets_a_gradient_and_no_nan(attention):
     out = model(batch)
     assert all(torch.isfinite(t).all() for t in (out.logits, out.effective_attention))
     torch.nn.functional.cross_entropy(out.logits, batch.labels).backward()
-    for name, p in model.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert_every_parameter_learns(model)
 
 
 def test_patch_alone_logits_equal_a_one_patch_case():

@@ -152,8 +152,29 @@ def test_case_list_and_a_linked_case_page(demo, tmp_path):
         assert not errors, errors
 
 
-def test_unaligned_pairs_are_not_linked_and_say_why(demo):
-    with ViewerServer(demo["run"], port=8880) as server:
+def with_every_case(run: Path, out: Path) -> Path:
+    """A copy of ``run``'s tables whose patches.csv also holds the cases analysis left out (those not in its test
+    split), placed from the cohort's index with uniform attention: their slides and registrations are real."""
+    import shutil
+
+    from stainmil.config import load_config
+    from stainmil.data.cohort import load_manifest
+
+    shutil.copytree(run, out, ignore=shutil.ignore_patterns("checkpoints", "heatmaps", "patches", "qupath", "*.png"))
+    patches = pd.read_csv(out / "attention" / "patches.csv", dtype={"case": str, "slice": str})
+    index = load_manifest(load_config(out / "config.yaml"))
+    extra = index[~index["case"].isin(patches["case"])].copy()
+    extra["rank_in_case"] = extra.groupby("case").cumcount() + 1
+    for column, value in (("relative_attention", 1.0), ("patch_prob", 0.5), ("effective_attention", 0.01)):
+        extra[column] = value
+    keep = [c for c in patches.columns if c in extra.columns]
+    pd.concat([patches, extra[keep]]).to_csv(out / "attention" / "patches.csv", index=False)
+    return out
+
+
+def test_unaligned_pairs_are_not_linked_and_say_why(demo, tmp_path):
+    # the serial demo's non-aligned pairs (deterministic since registration is) may lie outside its test split
+    with ViewerServer(with_every_case(Path(demo["run"]), tmp_path / "run"), port=8880) as server:
         registrations = pd.read_csv(Path(demo["tiles"]) / "registration" / "registrations.csv", dtype=str)
         doubtful = registrations[registrations["verdict"] != "aligned"]
         if doubtful.empty:
