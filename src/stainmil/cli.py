@@ -655,7 +655,7 @@ def compare_models_cmd(
     Written to --out (default <output_dir>/runs/models_YYYYMMDD_HHMMSS/); --resume FOLDER continues an
     interrupted comparison (finished folds are skipped).
     """
-    from stainmil.experiments.compare_models import compare_models, preset_models
+    from stainmil.experiments.compare_models import auc_by_stain_set, compare_models, preset_models
     from stainmil.tables import render_table
 
     cfg = effective_config(config, set_)
@@ -667,6 +667,9 @@ def compare_models_cmd(
                            out_or_resume(out, resume), workers, log=plain_log)
     shown = ["model", "n_cases", "auc", "auc_ci95", "delta_auc", "delta_auc_ci95"]
     typer.echo(render_table(table[shown].to_dict("records"), shown), nl=False)
+    by_stains = auc_by_stain_set(table)
+    if by_stains is not None:
+        typer.echo("\n" + render_table(by_stains.to_dict("records")), nl=False)
     typer.echo("every column (balanced accuracy, recall per class, Brier, parameters, s/epoch): models.csv, "
                "models.md, models.html in the comparison folder")
 

@@ -47,10 +47,14 @@ def test_models_and_stain_sets_share_folds_and_seeds_and_resume(prepared, tmp_pa
     per_case = oof.groupby("case").agg(label=("label", "first"), prob_1=("prob_1", "mean"))
     assert table.iloc[1]["auc"] == round(roc_auc_score(per_case["label"], per_case["prob_1"]), 3)
     assert table.iloc[0]["parameters"] != table.iloc[1]["parameters"]
-    for name in ("models.csv", "models.md", "models.html", "models_roc.png"):
+    for name in ("models.csv", "models.md", "models.html", "models_roc.png", "models_by_stains.md"):
         assert (out / name).is_file()
+    by_stains = (out / "models_by_stains.md").read_text()
+    assert "| model | AUC, he+melan+sox10 | AUC, he |" in by_stains
+    assert f"| abmil:embedding | {table.iloc[1]['auc']:.3f} {table.iloc[1]['auc_ci95']} | " in by_stains
     html = (out / "models.html").read_text()
-    assert "ΔAUC" in html and html.count("<tr>") == 1 + 4 and "data:image/png;base64," in html
+    assert "ΔAUC" in html and "data:image/png;base64," in html
+    assert html.count("<tr>") == (1 + 4) + (1 + 2), "the long table and the model x stain set table"
     # resuming finds every fold finished and gives the same table
     again = compare_models(config, ["hierarchical", "abmil"], folds=3, seeds=[3, 4],
                            stain_sets=["he+melan+sox10", "he"], out_dir=out, log=lambda *_: None)
@@ -83,6 +87,22 @@ def test_paired_auc_difference_is_paired():
     assert 0 < d["ci_low"] < d["delta"] < d["ci_high"] and d["p_not_better"] < 0.01
     same = paired_auc_difference(labels, weak, weak, n_boot=50)
     assert same["delta"] == same["ci_low"] == same["ci_high"] == 0.0
+
+
+def test_auc_by_stain_set_is_one_row_per_model_and_one_column_per_stain_set():
+    from stainmil.experiments.compare_models import auc_by_stain_set
+
+    rows = [("hierarchical", "embedding", "he+sox10", 0.9), ("late_fusion", "embedding", "he+sox10", 0.8),
+            ("hierarchical", "none", "he+sox10", 0.85), ("hierarchical", "embedding", "sox10", 0.7),
+            ("hierarchical", "none", "sox10", 0.6), ("hierarchical", "embedding", "he", 0.5)]
+    table = pd.DataFrame([{"architecture": a, "stain_identity": i, "stains": s, "auc": auc,
+                           "auc_ci95": "[0.100, 1.000]"} for a, i, s, auc in rows])
+    wide = auc_by_stain_set(table)
+    assert list(wide.columns) == ["model", "AUC, he+sox10", "AUC, sox10", "AUC, he"]  # in the order asked for
+    assert list(wide["model"]) == ["hierarchical:embedding", "late_fusion:embedding", "hierarchical"]
+    assert wide.set_index("model").loc["hierarchical", "AUC, sox10"] == "0.600 [0.100, 1.000]"
+    assert wide.set_index("model").loc["late_fusion:embedding", "AUC, he"] == "—"  # not run: never a blank
+    assert auc_by_stain_set(table[table["stains"] == "he+sox10"]) is None
 
 
 def test_the_multistain_preset_sets_every_model_on_all_stains_and_each_alone():

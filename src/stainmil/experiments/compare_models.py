@@ -10,7 +10,8 @@ variant). Every variant cross-validates on the *same* fold files with the *same*
     models.csv, models.md            one row per variant: pooled out-of-fold AUC, balanced accuracy, per-class
                                      recall, Brier (case-bootstrap 95% CIs); the paired ΔAUC against the first
                                      variant on their common cases (paired case bootstrap); parameters; s/epoch
-    models.html, models_roc.png      the table and the ROC curves of every variant
+    models_by_stains.md              with several stain sets: AUC [95% CI] per model (rows) and stain set (columns)
+    models.html, models_roc.png      the table(s) and the ROC curves of every variant
 
 Probabilities are averaged per case over seeds before pooling. Re-running with the same ``--out`` resumes:
 finished folds are reused.
@@ -40,6 +41,7 @@ from stainmil.locks import folder_lock
 from stainmil.model.hierarchical import STAIN_IDENTITIES
 from stainmil.model.registry import architecture, build_model, list_architectures
 from stainmil.stats.metrics import paired_auc_difference
+from stainmil.tables import render_table
 from stainmil.train.checkpoint import load_checkpoint
 
 
@@ -176,8 +178,12 @@ def _compare(config: Config, variants: list, folds: int, seeds: list[int], launc
     atomic_write(out / "models.csv", lambda tmp: table.to_csv(tmp, index=False))
     metrics = config.data.classes.compared_metrics
     atomic_write_text(out / "models.md", models_markdown(table, folds, seeds, metrics))
+    by_stains = auc_by_stain_set(table)
+    if by_stains is not None:
+        atomic_write_text(out / "models_by_stains.md", render_table(by_stains.to_dict("records"),
+                                                                    fmt="markdown"))
     roc = _roc_plot(oof, out / "models_roc.png", config.data.classes)
-    atomic_write_text(out / "models.html", models_html(table, folds, seeds, roc, metrics))
+    atomic_write_text(out / "models.html", models_html(table, folds, seeds, roc, metrics, by_stains))
     log(f"model comparison in {out}")
     return table
 
@@ -226,6 +232,19 @@ def models_markdown(table: pd.DataFrame, folds: int, seeds: list[int], metrics: 
     return "\n".join(lines) + "\n"
 
 
+def auc_by_stain_set(table: pd.DataFrame) -> pd.DataFrame | None:
+    """AUC [95% CI] with one row per model (architecture and stain identity) and one column per stain set, in
+    the order they were asked for; None when the comparison has a single stain set."""
+    sets = list(dict.fromkeys(table["stains"]))
+    if len(sets) < 2:
+        return None
+    model = table["architecture"] + np.where(table["stain_identity"] == "none", "", ":" + table["stain_identity"])
+    cells = table.assign(model=model, cell=[f"{a:.3f} {ci}" for a, ci in zip(table["auc"], table["auc_ci95"])])
+    wide = cells.pivot(index="model", columns="stains", values="cell").reindex(
+        index=list(dict.fromkeys(model)), columns=sets).fillna("—")
+    return wide.rename(columns=lambda s: f"AUC, {s}").reset_index()
+
+
 def _roc_plot(oof: dict[str, pd.DataFrame], path: Path, classes: ClassScheme) -> Path:
     """One pooled out-of-fold ROC curve per model (k classes: the last class, e.g. high-grade, vs the rest)."""
     fig, ax = subplots(figsize=(6, 6))
@@ -245,7 +264,18 @@ def _roc_plot(oof: dict[str, pd.DataFrame], path: Path, classes: ClassScheme) ->
     return save_figure(fig, path)
 
 
-def models_html(table: pd.DataFrame, folds: int, seeds: list[int], roc: Path, metrics: list[str]) -> str:
+def _by_stains_html(by_stains: pd.DataFrame | None) -> str:
+    if by_stains is None:
+        return ""
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in by_stains.columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
+                   for row in by_stains.itertuples(index=False))
+    return (f'<h2>By stain set</h2><table id="by-stains"><thead><tr>{head}</tr></thead><tbody>{body}</tbody>'
+            "</table>\n")
+
+
+def models_html(table: pd.DataFrame, folds: int, seeds: list[int], roc: Path, metrics: list[str],
+                by_stains: pd.DataFrame | None = None) -> str:
     image = base64.b64encode(roc.read_bytes()).decode()
     first = html.escape(str(table["model"].iloc[0]))
     columns = ["model", "n_cases"] + list(metrics) + ["delta_auc", "parameters", "seconds_per_epoch"]
@@ -267,7 +297,8 @@ small{{color:#666}}</style></head><body>
 out-of-fold metrics with case-bootstrap 95% CIs; ΔAUC is each model's AUC minus {first}'s on their common cases
 (paired case bootstrap). Brier: lower is better.</p>
 <table id="models"><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>
-<h2>ROC</h2><img alt="ROC curves of every model" src="data:image/png;base64,{image}" width="540">
+{_by_stains_html(by_stains)}<h2>ROC</h2>
+<img alt="ROC curves of every model" src="data:image/png;base64,{image}" width="540">
 <script type="application/json" id="meta">{meta}</script>
 </body></html>
 """
