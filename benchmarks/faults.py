@@ -10,11 +10,14 @@ Every command is a real ``stainmil`` process. For each command, a reference run 
   duration) on one folder, each run resumed by the next; then one last run to the end. The outputs are compared
   with the reference's: ``lost`` counts the reference's files that are missing or differ (features, coordinates,
   verdicts, predictions).
-* **two writers**: the same command started twice on one folder: the second must be refused with one sentence.
+* **two writers**: the same command started twice on one folder (the first paused while it holds its lock, so
+  that the second meets it however short the command): the second must be refused with one sentence.
 * **damage** (the feature store): one slice file truncated, one with a flipped byte; ``stainmil check`` must name
   both, ``--repair`` must mend them.
-* **full disk** (extract): the store on a tmpfs too small for it (root), or an injected ENOSPC — said which; then
-  space is freed and the same command finishes.
+* **full disk** (extract): the store on a tmpfs too small for it (root); then space is freed and the same command
+  finishes. Without root the row says it was not run.
+* **read-only folder** (extract): the store's folder on a read-only tmpfs (root), else without write permission —
+  said which; then made writable and the same command finishes.
 """
 
 from __future__ import annotations
@@ -77,6 +80,37 @@ class Job:
     args: callable
     outputs: callable
     compare: callable   # (folder, reference folder) -> files lost or differing
+
+
+def prepared_with_tmpfs(folder: Path, prepare, target: Path, options: str) -> bool:
+    """``folder`` made afresh and prepared, then a tmpfs mounted on ``target`` in it; False if mounting failed."""
+    shutil.rmtree(folder, ignore_errors=True)
+    prepare(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)],
+                          capture_output=True).returncode == 0
+
+
+def read_only_fault(job: Job, prepare, work: Path, reference: Path) -> dict:
+    """The output folder on a read-only mount (root), else a folder without write permission; then made writable."""
+    folder = work / f"{job.name}_read_only"
+    target = folder / "features"
+    mounted = prepared_with_tmpfs(folder, prepare, target, "ro,size=64k")
+    how = "read-only tmpfs" if mounted else "chmod 555"
+    if not mounted:
+        target.chmod(0o555)
+    try:
+        code, out, _ = stainmil(*job.args(folder))
+        saw = first_error(out) if code else "(finished: nothing refused the write)"
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(target)], check=True)
+        target.chmod(0o755)
+    rerun, _, _ = stainmil(*job.args(folder))
+    checked, _, _ = stainmil("check", job.outputs(folder))
+    return {"fault": f"read-only folder ({how})", "command": job.name, "user saw": saw,
+            "check after": "ok" if checked == 0 else "failed", "rerun finished": rerun == 0,
+            "lost": job.compare(folder, reference)}
 
 
 def setup(work: Path) -> Path:
@@ -222,18 +256,43 @@ def kill_fault(job: Job, prepare, work: Path, reference: Path, seconds: float, s
             first_error(check_out), "rerun finished": code == 0, "lost": job.compare(folder, reference)}
 
 
+def held_lock(folder: Path) -> bool:
+    """Whether a process holds a stainmil lock anywhere under ``folder`` now."""
+    import fcntl
+
+    for lock in folder.rglob(".stainmil.lock"):
+        with open(lock) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
 def concurrency_fault(job: Job, prepare, work: Path) -> dict:
+    """The command started twice: the first is paused (SIGSTOP) once it holds its folder's lock — a process
+    stalled on a slow disk — so that the second always meets it whatever the command's length; then resumed."""
     folder = work / f"{job.name}_twice"
     shutil.rmtree(folder, ignore_errors=True)
     prepare(folder)
     first = subprocess.Popen([sys.executable, "-m", "stainmil", *map(str, job.args(folder))], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, env=ENV)
-    time.sleep(2.5)
-    code, out, _ = stainmil(*job.args(folder))
+    # train: the second must find the first's run folder (`train --resume`); a second `train --config` is a new run
+    while first.poll() is None and not (held_lock(folder) and (job.name != "train" or latest_run(folder))):
+        time.sleep(0.02)
+    paused = first.poll() is None
+    if paused:
+        first.send_signal(signal.SIGSTOP)
+    try:
+        code, out, _ = stainmil(*job.args(folder))
+    finally:
+        if paused:
+            first.send_signal(signal.SIGCONT)
     first_out, _ = first.communicate()
     checked, check_out, _ = stainmil("check", job.outputs(folder))
     return {"fault": "started twice", "command": job.name,
-            "user saw": first_error(out) if code else "(second ran: the first had finished)",
+            "user saw": first_error(out) if code else "(second ran: the first had finished before it held a lock)",
             "check after": "ok" if checked == 0 else first_error(check_out),
             "rerun finished": first.returncode == 0, "lost": 0 if first.returncode == 0 else "first failed"}
 
@@ -264,12 +323,8 @@ def damage_fault(work: Path, reference: Path) -> dict:
 
 def full_disk_fault(job: Job, prepare, work: Path, reference: Path) -> dict:
     folder = work / "extract_full"
-    shutil.rmtree(folder, ignore_errors=True)
-    prepare(folder)
     store = folder / "features"
-    store.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(store)],
-                             capture_output=True).returncode == 0
+    mounted = prepared_with_tmpfs(folder, prepare, store, "size=48k")
     if not mounted:
         return {"fault": "full disk", "command": job.name, "user saw": "not run: mounting a tmpfs needs root",
                 "check after": "-", "rerun finished": False, "lost": "-"}
@@ -318,6 +373,7 @@ def main() -> None:
         if job.name == "extract":
             rows.append(damage_fault(work, reference))
             rows.append(full_disk_fault(job, preparers[job.name], work, reference))
+            rows.append(read_only_fault(job, preparers[job.name], work, reference))
         print(pd.DataFrame(rows[-3:]).to_string(index=False), flush=True)
     table = pd.DataFrame(rows)
     print(f"\n`python benchmarks/faults.py WORK --points {args.points} --seed {args.seed}`\n")

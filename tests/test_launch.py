@@ -29,3 +29,74 @@ def test_extract_and_tune_commands():
         "stainmil extract --config c.yaml --shards 8 --shard-index $SLURM_ARRAY_TASK_ID", 8)
     assert command_for("tune", Path("c.yaml"), 8, 5, 4, None, 50) == (
         "stainmil tune --config c.yaml --trials 13 --workers 1", 4)
+
+
+def _sleeper(folder: str, name: str, seconds: float) -> str:
+    """A job for the pool tests: marks when it starts and when its ``finally`` runs."""
+    import time
+
+    (Path(folder) / f"{name}.started").write_text("")
+    try:
+        if name == "fails":
+            raise ValueError("this job fails")
+        time.sleep(seconds)
+        return name
+    finally:
+        (Path(folder) / f"{name}.cleaned").write_text("")
+
+
+POOL_DRIVER = """
+import sys
+from pathlib import Path
+from stainmil.config import SlurmConfig
+from stainmil.launch import run_jobs
+from stainmil.stopping import Terminated, stop_cleanly_on_sigterm
+from tests.test_launch import _sleeper
+folder = sys.argv[1]
+stop_cleanly_on_sigterm()
+try:
+    run_jobs(_sleeper, [(folder, f"job{i}", 300) for i in range(4)], "local", Path(folder), SlurmConfig(),
+             workers=2, log=lambda *_: None)
+except Terminated:
+    sys.exit(143)
+"""
+
+
+def test_sigterm_stops_a_local_pool_at_once_and_its_running_jobs_clean_up(tmp_path):
+    """`cv --workers 2` killed by a time limit: queued folds never start, running ones run their `finally`
+    (temporaries, locks); before, the pool ran every remaining fold to the end first."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen([sys.executable, "-c", POOL_DRIVER, str(tmp_path)], cwd=Path(__file__).parents[1],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while len(list(tmp_path.glob("*.started"))) < 2 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert sorted(p.name for p in tmp_path.glob("*.started")) == ["job0.started", "job1.started"], \
+        process.communicate()[0] if process.poll() is not None else "the workers never started"
+    process.send_signal(signal.SIGTERM)
+    try:
+        output, _ = process.communicate(timeout=120)  # the jobs sleep 300 s: only a stop that stops ends in time
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise AssertionError("SIGTERM did not stop the pool: it went on running its jobs") from None
+    assert process.returncode == 143, output
+    assert (tmp_path / "job0.cleaned").is_file() and (tmp_path / "job1.cleaned").is_file(), \
+        "a running job was killed without its finally"
+    assert not (tmp_path / "job2.started").exists() and not (tmp_path / "job3.started").exists(), \
+        "queued jobs started after SIGTERM"
+    assert "Traceback" not in output, output
+
+
+def test_a_failing_job_lets_the_others_in_the_pool_finish_then_is_raised(tmp_path):
+    import pytest
+
+    from stainmil.launch import run_jobs
+
+    with pytest.raises(ValueError, match="this job fails"):
+        run_jobs(_sleeper, [(str(tmp_path), "fails", 0), (str(tmp_path), "slow", 3)], "local", tmp_path,
+                 SlurmConfig(), workers=2, log=lambda *_: None)
+    assert (tmp_path / "slow.cleaned").is_file(), "the other job was cut short by the failure"

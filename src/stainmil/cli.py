@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from stainmil.errors import ConfigError, StainmilError, output_error
+from stainmil.stopping import Terminated, stop_cleanly_on_sigterm
 
 app = typer.Typer(help="stainmil: hierarchical multiple-instance learning on multi-stain pathology patches.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
@@ -88,45 +89,15 @@ def seed_list(text: str) -> list[int]:
         raise ConfigError(f"--seeds '{text}' must be comma-separated integers, e.g. 0,1,2.") from exc
 
 
-class _Terminated(BaseException):
-    """SIGTERM, raised where the main thread is: every ``finally`` (temporary files, locks) runs on the way out."""
-
-
-_COMMAND_PID: list[int] = []
-
-
-def _on_sigterm(signum, frame) -> None:
-    import os
-    import signal
-
-    if os.getpid() not in _COMMAND_PID:  # a forked worker (decoders, DataLoader) ends as it always did
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
-        return
-    raise _Terminated()
-
-
-def _stop_cleanly_on_sigterm() -> None:
-    """SIGTERM ends the command like Ctrl-C would, not mid-write (unless something else handles it: submitit)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        import os
-
-        _COMMAND_PID[:] = [os.getpid()]
-        signal.signal(signal.SIGTERM, _on_sigterm)
-
-
 def friendly(fn):
     """Turn a StainmilError into one red sentence and exit code 2 (no traceback)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        _stop_cleanly_on_sigterm()
+        stop_cleanly_on_sigterm()
         try:
             return fn(*args, **kwargs)
-        except _Terminated:
+        except Terminated:
             err.print("stopped by SIGTERM (a time limit, `scancel`, `kill`): what was finished is kept and no "
                       "half-written file is left; run the same command again to resume.", soft_wrap=True)
             raise typer.Exit(143) from None

@@ -76,22 +76,63 @@ def run_jobs(fn: Callable, arg_lists: Sequence[Sequence[Any]], launcher: str, fo
 
 
 def _run_processes(fn: Callable, arg_lists: Sequence[Sequence[Any]], workers: int, log) -> list[Any]:
+    """``fn(*args)`` in ``workers`` fresh processes, a job handed out only when a worker is free. A job that fails
+    lets the others run (their work is kept) and is raised at the end. Ctrl-C or SIGTERM (here, or to a worker)
+    stops everything at once: no further job starts, running ones stop as a command does (their temporary files
+    removed, their locks released)."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     threads = max(1, available_cores() // workers)
     log(f"running {len(arg_lists)} job(s) in {workers} processes, {threads} thread(s) each")
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_use_threads,
+    results: list[Any] = [None] * len(arg_lists)
+    failure: Exception | None = None
+    queued = iter(enumerate(arg_lists))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
                              initargs=(threads,)) as pool:
-        futures = [pool.submit(fn, *args) for args in arg_lists]
-        return [future.result() for future in futures]
+        running = {}
+
+        def hand_out() -> None:
+            for index, args in queued:
+                running[pool.submit(_job, fn, *args)] = index
+                return
+
+        try:
+            for _ in range(workers):
+                hand_out()
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    index = running.pop(future)
+                    try:
+                        results[index] = future.result()
+                    except Exception as exc:  # noqa: PERF203 - one job's failure, the others go on
+                        failure = failure or exc
+                    hand_out()
+        except BaseException:  # Ctrl-C, SIGTERM
+            for worker in multiprocessing.active_children():
+                worker.terminate()  # SIGTERM: the worker raises Terminated where it is, or ends if it is idle
+            raise
+    if failure is not None:
+        raise failure
+    return results
 
 
-def _use_threads(threads: int) -> None:
+def _job(fn: Callable, *args: Any) -> Any:
+    from stainmil.stopping import job
+
+    with job():
+        return fn(*args)
+
+
+def _start_worker(threads: int) -> None:
     import os
 
     import torch
 
+    from stainmil.stopping import stop_cleanly_on_sigterm
+
+    stop_cleanly_on_sigterm(pool_worker=True)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
 
