@@ -15,6 +15,7 @@ from typing import Any
 from stainmil.config import SlurmConfig
 from stainmil.cores import available_cores
 from stainmil.errors import ConfigError
+from stainmil.stopping import job, stop_cleanly_on_sigterm
 
 
 def slurm_parameters(slurm: SlurmConfig, name: str) -> dict[str, Any]:
@@ -119,8 +120,6 @@ def _run_processes(fn: Callable, arg_lists: Sequence[Sequence[Any]], workers: in
 
 
 def _job(fn: Callable, *args: Any) -> Any:
-    from stainmil.stopping import job
-
     with job():
         return fn(*args)
 
@@ -129,8 +128,6 @@ def _start_worker(threads: int) -> None:
     import os
 
     import torch
-
-    from stainmil.stopping import stop_cleanly_on_sigterm
 
     stop_cleanly_on_sigterm(pool_worker=True)
     os.environ["OMP_NUM_THREADS"] = str(threads)

@@ -234,7 +234,9 @@ def models_markdown(table: pd.DataFrame, folds: int, seeds: list[int], metrics: 
 
 def auc_by_stain_set(table: pd.DataFrame) -> pd.DataFrame | None:
     """AUC [95% CI] with one row per model (architecture and stain identity) and one column per stain set, in
-    the order they were asked for; None when the comparison has a single stain set."""
+    the order they were asked for; None when the comparison has a single stain set (or the table no stain sets)."""
+    if "stains" not in table:
+        return None
     sets = list(dict.fromkeys(table["stains"]))
     if len(sets) < 2:
         return None
