@@ -23,6 +23,7 @@ Every command is a real ``stainmil`` process. For each command, a reference run 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import random
 import shutil
@@ -38,6 +39,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from stainmil.locks import LOCK_NAME
 from stainmil.tables import render_table
 
 ENV = {**os.environ, "STAINMIL_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
@@ -258,9 +260,7 @@ def kill_fault(job: Job, prepare, work: Path, reference: Path, seconds: float, s
 
 def held_lock(folder: Path) -> bool:
     """Whether a process holds a stainmil lock anywhere under ``folder`` now."""
-    import fcntl
-
-    for lock in folder.rglob(".stainmil.lock"):
+    for lock in folder.rglob(LOCK_NAME):
         with open(lock) as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

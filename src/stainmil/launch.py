@@ -93,10 +93,10 @@ def _run_processes(fn: Callable, arg_lists: Sequence[Sequence[Any]], workers: in
                              initargs=(threads,)) as pool:
         running = {}
 
-        def hand_out() -> None:
-            for index, args in queued:
-                running[pool.submit(_job, fn, *args)] = index
-                return
+        def hand_out() -> None:  # the next queued job, if any, to the worker that is free
+            item = next(queued, None)
+            if item is not None:
+                running[pool.submit(_job, fn, *item[1])] = item[0]
 
         try:
             for _ in range(workers):
@@ -107,7 +107,7 @@ def _run_processes(fn: Callable, arg_lists: Sequence[Sequence[Any]], workers: in
                     index = running.pop(future)
                     try:
                         results[index] = future.result()
-                    except Exception as exc:  # noqa: PERF203 - one job's failure, the others go on
+                    except Exception as exc:  # one job's failure: the others go on
                         failure = failure or exc
                     hand_out()
         except BaseException:  # Ctrl-C, SIGTERM
