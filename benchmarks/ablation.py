@@ -70,11 +70,11 @@ def main() -> None:
             f"features.image_size={PRESETS['real-shape'].patch_size}", f"train.max_epochs={args.max_epochs}",
             "eval.bootstrap=200"]
     config = load_config(None, base)
-    if not config.manifest_path.is_file():
+    if not config.paths.manifest.is_file():
         write_index(build_index(config), config)
     import pandas as _pd
 
-    manifest = _pd.read_parquet(config.manifest_path)
+    manifest = _pd.read_parquet(config.paths.manifest)
     started = time.perf_counter()
     extract_features(config, manifest)
     print(f"cohort: {manifest['case'].nunique()} cases, {len(manifest)} patches; extraction "

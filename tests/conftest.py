@@ -64,16 +64,12 @@ def prepared(tiny_cohort, tmp_path_factory) -> Config:
 
 def trained_run(prepared: Config, folder: Path, max_epochs: int, **analysis) -> Path:
     """Train and evaluate a run on the tiny cohort (``analysis`` overrides config.analysis fields)."""
-    import copy
 
     from stainmil.evaluate.evaluation import evaluate_run
     from stainmil.train.trainer import train
 
-    config = copy.deepcopy(prepared)
-    config.train.runs_dir = str(folder)
-    config.train.max_epochs = max_epochs
-    for key, value in analysis.items():
-        setattr(config.analysis, key, value)
+    config = prepared.with_overrides({"train.runs_dir": str(folder), "train.max_epochs": max_epochs,
+                                      **{f"analysis.{key}": value for key, value in analysis.items()}})
     run = train(config).run_dir
     evaluate_run(run)
     return run

@@ -10,7 +10,7 @@ def test_vectorised_forward_equals_the_old_nested_loops(attention, identity):
     bags = random_bags(n_cases=8)
     model = model_for(bags, attention, stain_identity=identity).double().eval()
     batch = bags.batch(bags.case_ids)
-    batch.features = batch.features.double()
+    batch = batch.with_overrides({"features": batch.features.double()})
     with torch.no_grad():
         assert torch.allclose(model(batch).logits, reference.nested_forward(model, batch), atol=1e-10)
 
@@ -26,7 +26,7 @@ def test_bench_times_the_trainers_own_epoch(monkeypatch, tmp_path):
 
     bags = random_bags(n_cases=4)
     config = Config()
-    config.train.patch_dropout, config.train.cases_per_batch = 0.25, 2
+    config = config.with_overrides({"train.patch_dropout": 0.25, "train.cases_per_batch": 2})
     model = model_for(bags, "tanh")
     calls = []
     real = trainer.run_epoch

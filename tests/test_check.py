@@ -44,7 +44,7 @@ def truncate(path: Path) -> None:
 def store_copy(prepared, tmp_path):
     """A copy of the prepared store (its config pointing at the copy), damaged in two ways."""
     store = tmp_path / "store"
-    shutil.copytree(prepared.store_dir, store)
+    shutil.copytree(prepared.paths.store, store)
     files = sorted(store.rglob("*.h5"))
     flip_a_feature_byte(files[0])
     truncate(files[1])
@@ -90,7 +90,7 @@ def test_repair_reextracts_only_the_damaged_files(store_copy, prepared):
     result = repair(found, log=lambda *_: None)
     assert result.ok, result.text()
     assert all(p.stat().st_mtime_ns == t for p, t in untouched.items())  # nothing else rewritten
-    original = Path(prepared.store_dir) / flipped.relative_to(store)
+    original = Path(prepared.paths.store) / flipped.relative_to(store)
     # the same features as before the damage, up to float16 rounding (a batch of 2 slices, not of the cohort)
     again, before = read_slice(flipped)[0].astype(np.float32), read_slice(original)[0].astype(np.float32)
     assert again.shape == before.shape and np.allclose(again, before, rtol=1e-2, atol=1e-2)

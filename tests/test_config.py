@@ -114,16 +114,18 @@ def test_every_path_valued_setting_is_written_absolute(tmp_path, monkeypatch):
     files: every path-valued setting is absolute; names, URLs and encoder files keep their form."""
     import yaml
 
-    from stainmil.config import PATH_FIELDS, Config, dump_config
+    from stainmil.config import PATH_FIELDS, config_from_dict, dump_config
 
     monkeypatch.chdir(tmp_path)
-    config = Config()  # built in code, never through load_config: dump_config resolves too
-    config.output_dir, config.register.out_dir = "out", "reg"
-    config.tile.include_annotations, config.tile.exclude_annotations = "annotations/{stem}.geojson", "pen"
-    config.data.patches_dir, config.data.labels_csv, config.tile.slices_dir = "patches", "labels.csv", "slides"
-    config.features.store_dir, config.train.runs_dir, config.train.split_file = "store", "runs", "s.npz"
-    config.tile.out_dir, config.tune.dir, config.tune.storage = "tiles", "tune", "tune/study.journal"
-    config.features.weights, config.features.backbone = "weights/enc.pth", "file:encoders/mine.py:build"
+    values = {"output_dir": "out", "register": {"out_dir": "reg"},
+              "tile": {"include_annotations": "annotations/{stem}.geojson", "exclude_annotations": "pen",
+                       "slices_dir": "slides", "out_dir": "tiles"},
+              "data": {"patches_dir": "patches", "labels_csv": "labels.csv"},
+              "features": {"store_dir": "store", "weights": "weights/enc.pth",
+                           "backbone": "file:encoders/mine.py:build"},
+              "train": {"runs_dir": "runs", "split_file": "s.npz"},
+              "tune": {"dir": "tune", "storage": "tune/study.journal"}}
+    config = config_from_dict(values)  # built in code, never through load_config: dump_config resolves too
     written = yaml.safe_load(dump_config(config, tmp_path / "config.yaml").read_text())
     for section, *key in sorted(PATH_FIELDS):
         value = written[section] if not key else written[section][key[0]]
@@ -133,6 +135,48 @@ def test_every_path_valued_setting_is_written_absolute(tmp_path, monkeypatch):
     assert written["features"]["backbone"] == f"file:{tmp_path / 'encoders' / 'mine.py'}:build"
     assert written["tune"]["storage"] == str(tmp_path / "tune" / "study.journal")
     assert config.output_dir == "out"  # dumping left the caller's config alone
-    config.features.weights, config.tune.storage = "pretrained", "sqlite:///study.db"
+    values["features"]["weights"], values["tune"]["storage"] = "pretrained", "sqlite:///study.db"
+    config = config_from_dict(values)
     written = yaml.safe_load(dump_config(config, tmp_path / "config.yaml").read_text())
     assert written["features"]["weights"] == "pretrained" and written["tune"]["storage"] == "sqlite:///study.db"
+
+
+def test_a_config_is_frozen_and_overrides_make_a_new_one(tmp_path):
+    import dataclasses
+
+    config = load_config(None, [f"output_dir={tmp_path}"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.train.lr = 0.1  # type: ignore[misc]
+    changed = config.with_overrides({"train.lr": 0.1, "model.architecture": "abmil"})
+    assert (changed.train.lr, changed.model.architecture) == (0.1, "abmil")
+    assert (config.train.lr, config.model.architecture) == (Config().train.lr, "hierarchical")  # left as it was
+    assert config.with_overrides(["train.max_epochs=3", "train.runs_dir=runs"]).paths.runs_dir \
+        == Path("runs").resolve()  # the --set spelling; paths absolute like a loaded config's
+    with pytest.raises(ConfigError, match="unknown config key 'train.lrr'"):
+        config.with_overrides({"train.lrr": 0.1})
+    with pytest.raises(ConfigError, match="'train.max_epochs' must be an integer"):
+        config.with_overrides({"train.max_epochs": "many"})
+    three = config.with_overrides({"data.label_values": {"nevus": 0, "dysplastic": 1, "melanoma": 2}})
+    assert three.model.n_classes == 3 and three.data.class_names == ["nevus", "dysplastic", "melanoma"]
+
+
+def test_paths_come_from_the_config_alone(tmp_path, monkeypatch):
+    """Derived locations never look at the disk: an imported store that appears later changes nothing in a loaded
+    config; the next load records it (and a run's config.yaml then names it)."""
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None, ["output_dir=out", "features.backbone=densenet121", "features.weights=random",
+                                "tile.out_dir=tiles"])
+    paths = config.paths
+    assert paths.store == tmp_path / "out" / "features" / "densenet121-random-224px"
+    assert (paths.index_dir, paths.manifest) == (tmp_path / "out" / "index", tmp_path / "out" / "index" /
+                                                 "manifest.parquet")
+    assert (paths.split_file, paths.runs_dir) == (tmp_path / "out" / "splits" / "data_splits.npz",
+                                                  tmp_path / "out" / "runs")
+    assert paths.registration_dir == tmp_path / "tiles" / "registration"  # <tile.out_dir>/registration
+    (paths.imported_store).mkdir(parents=True)
+    (paths.imported_store / "store.json").write_text("{}")
+    assert config.paths.store == paths.store  # the loaded config did not change its mind
+    again = load_config(None, ["output_dir=out", "features.backbone=densenet121", "features.weights=random"])
+    assert again.paths.store == paths.imported_store and again.features.store_dir == str(paths.imported_store)
+    mine = load_config(None, ["output_dir=out", "features.store_dir=elsewhere"])
+    assert mine.paths.store == tmp_path / "elsewhere"  # a store the user names always wins

@@ -108,12 +108,12 @@ def test_the_commands_refuse_a_folder_another_process_writes(slide_cohort, tmp_p
     checks = [
         (Path(config.tile.out_dir), ["tile", "--config", path]),
         (Path(config.tile.out_dir) / "registration", ["register", "--config", path]),
-        (config.store_dir, ["extract", "--config", path]),
+        (config.paths.store, ["extract", "--config", path]),
         (run, ["train", "--resume", run]),
         (tmp_path / "cv", ["cv", "--config", path, "--folds", 2, "--resume", tmp_path / "cv"]),
         (tmp_path / "models", ["compare-models", "--config", path, "--models", "hierarchical,mean", "--folds", 2,
                                "--out", tmp_path / "models"]),
-        (config.imported_store_dir, ["import-features", trident, "--config", path]),
+        (config.paths.imported_store, ["import-features", trident, "--config", path]),
     ]
     for index, (folder, args) in enumerate(checks):
         if index == 2:  # extract needs the index `tile` writes on the slide route

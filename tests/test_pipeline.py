@@ -52,7 +52,7 @@ def test_slide_route_from_slides_to_report_with_heatmaps_on_thumbnails(tmp_path)
     logs = []
     result = run_demo(tmp_path / "demo", ["train.max_epochs=4", "eval.bootstrap=20"], weights="random",
                       log=logs.append, preset="tiny", slides=True)
-    manifest = result.config.manifest_path
+    manifest = result.config.paths.manifest
 
     rows = pd.read_parquet(manifest)
     assert rows["path"].str.endswith(".tiff").all() and (rows["level"] == 1).all()
@@ -76,13 +76,11 @@ def test_slide_route_from_slides_to_report_with_heatmaps_on_thumbnails(tmp_path)
         (x0, y0), (x1, _), (_, y2) = feature["geometry"]["coordinates"][0][:3]
         assert (x0, y0, x1 - x0, y2 - y0) == (row["x"], row["y"], row["size0"], row["size0"])
     # new slides, no labels: predicted straight from their tiling
-    import copy
 
     from stainmil.analysis.new_cases import predict_unlabelled
 
-    new = copy.deepcopy(result.config)
-    new.data.labels_csv, new.output_dir = "", str(tmp_path / "new")
-    new.features.store_dir = str(tmp_path / "new" / "store")
+    new = result.config.with_overrides({"data.labels_csv": "", "output_dir": str(tmp_path / "new"),
+                                        "features.store_dir": str(tmp_path / "new" / "store")})
     out = predict_unlabelled(run / "checkpoints" / "best.pth", new, tmp_path / "new" / "predictions")
     predicted = pd.read_csv(out / "predictions.csv", dtype={"case": str})
     assert set(predicted["case"]) == set(rows["case"]) and predicted["prob_1"].between(0, 1).all()
@@ -132,7 +130,7 @@ def test_three_classes_from_demo_to_cv_compare_models_and_report(tmp_path):
     new = pd.read_csv(result.predictions / "predictions.csv")
     assert set(new["pred_label"]) <= {"benign", "intermediate", "high_grade"}
     cv_config = load_config(run / "config.yaml")
-    cv_config.train.max_epochs, cv_config.train.runs_dir = 2, str(tmp_path / "cv")
+    cv_config = cv_config.with_overrides({"train.max_epochs": 2, "train.runs_dir": str(tmp_path / "cv")})
     cv = run_cv(cv_config, folds=2, log=lambda *_: None)
     assert {"recall_benign", "recall_intermediate", "recall_high_grade", "auc"} <= set(cv.summary.columns)
     pooled = cv.metrics["pooled_out_of_fold"]

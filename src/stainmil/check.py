@@ -86,7 +86,7 @@ def check_store(store: Path, result: CheckResult) -> None:
             result.findings.append(Finding(path, f"damaged ({getattr(exc, 'detail', exc)})", rerun, "store"))
     result.checked["store"] = result.checked.get("store", 0) + len(files)
     config = _config(store / "config.yaml")
-    if config is None or not config.manifest_path.is_file():
+    if config is None or not config.paths.manifest.is_file():
         return
 
     keys = load_manifest(config, ["case", "stain", "slice"]).drop_duplicates()
@@ -205,7 +205,7 @@ def repair(result: CheckResult, config: Config | None = None, log=print) -> Chec
             raise StainmilError(f"cannot repair {store}: its config.yaml is missing or does not load; re-run "
                                 "`stainmil extract --config <config>` yourself.")
         log(f"re-extracting the removed slices of {store}")
-        store_config.features.store_dir = str(store)  # this store, wherever it was moved or copied
+        store_config = store_config.with_overrides({"features.store_dir": str(store)})  # wherever it was moved
         extract_features(store_config, load_manifest(store_config))
         result.repaired.append(f"re-extracted into {store}")
     for kind, rerun in (("tiles", tile_folder), ("registration", register_cohort)):

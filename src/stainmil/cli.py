@@ -532,7 +532,7 @@ def cv(config: ConfigOpt = None, set_: SetOpt = None,
     cfg = effective_config(config, set_)
     seed_values = cv_seed_list(seeds, cfg.train.seed)
     if len(seed_values) == 1:
-        cfg.train.seed = seed_values[0]
+        cfg = cfg.with_overrides({"train.seed": seed_values[0]})
     several_seeds = len(seed_values) > 1
     if tune and several_seeds:
         raise ConfigError("--tune and several --seeds are separate experiments; run one, then the other.")
@@ -681,9 +681,9 @@ def tune(config: ConfigOpt = None, set_: SetOpt = None,
         config = resume / "config.yaml"
     cfg = effective_config(config, set_)
     if resume is not None:
-        cfg.tune.dir = str(resume)  # its journal, even if the folder was moved
+        cfg = cfg.with_overrides({"tune.dir": str(resume)})  # its journal, even if the folder was moved
     if storage:
-        cfg.tune.storage = storage
+        cfg = cfg.with_overrides({"tune.storage": storage})
     result = run_tune(cfg, trials, workers, launcher, log=plain_log)
     console.print(f"{result.n_trials} trials in the study; best {cfg.tune.metric} {result.best_value:.4f} with "
                   f"{result.best_params}; outputs in [bold]{result.out_dir}[/] (best_config.yaml is ready to train)")

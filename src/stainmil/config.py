@@ -13,11 +13,11 @@ folder can be re-evaluated from anywhere.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import re
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -47,7 +47,7 @@ def _help(text: str, **kwargs: Any) -> Any:
     return field(metadata={"help": text}, **kwargs)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     patches_dir: str = _help("Folder of patch images, walked recursively.", default="")
     labels_csv: str = _help("CSV with one row per case (case id + label word).", default="")
@@ -116,7 +116,7 @@ class DataConfig:
 
 
 
-@dataclass
+@dataclass(frozen=True)
 class FeaturesConfig:
     backbone: str = _help("Registered encoder name (`stainmil backbones` lists them: densenet121, resnet50_trunc, "
                           "uni_v1, virchow2, hoptimus0, …) or file:/path/encoder.py:build.", default="densenet121")
@@ -180,13 +180,13 @@ class FeaturesConfig:
 PerLevelFloat = float | list[float]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ElasticNetConfig:
     l1: PerLevelFloat = _help("L1 on attention logits: one value or [patch, slice, stain].", default=0.0)
     l2: PerLevelFloat = _help("L2 on attention logits: one value or [patch, slice, stain].", default=0.0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EntropyConfig:
     weight: PerLevelFloat = _help("lambda of -lambda * H(attention): one value or [patch, slice, stain].",
                                   default=0.0)
@@ -195,13 +195,13 @@ class EntropyConfig:
                                                               default="constant")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RegConfig:
     elastic: ElasticNetConfig = field(default_factory=ElasticNetConfig)
     entropy: EntropyConfig = field(default_factory=EntropyConfig)
 
 
-@dataclass
+@dataclass(frozen=True)
 class BaselineConfig:
     """Settings of the flat baselines, defaulting to their papers' (and reference code's) recipes."""
 
@@ -246,7 +246,7 @@ class BaselineConfig:
                               f"{self.graph_layers}, {self.cross_attention_heads}, {self.graph_pool_ratio}.")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     architecture: str = _help(
         "hierarchical (patch -> slice -> stain -> case); aligned (the hierarchy with each H&E patch fused with the "
@@ -273,7 +273,7 @@ class ModelConfig:
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     optimizer: Literal["adam", "adamw", "sgd"] = _help("Optimizer.", default="adam")
     lr: float = _help("Learning rate.", default=1e-4)
@@ -314,7 +314,7 @@ class TrainConfig:
                             default="")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SplitConfig:
     method: Literal["holdout", "kfold", "repeated_kfold"] = _help(
         "holdout = the old stratified 60/20/20; kfold / repeated_kfold write one file per fold.",
@@ -327,7 +327,7 @@ class SplitConfig:
     seed: int = _help("Seed of the split.", default=42)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     threshold: float | str = _help(
         "Decision threshold on P(class 1): a number, 'youden', or 'recall_<class>=R' (e.g. 'recall_benign=0.8': the "
@@ -340,7 +340,7 @@ class EvalConfig:
         "probabilities before the threshold; rankings (AUC) do not change.", default="none")
 
 
-@dataclass
+@dataclass(frozen=True)
 class AnalysisConfig:
     top_k: int = _help("Top-k patches per case counted by stain and (stain, slice).", default=20)
     top_slices: int = _help("Slices (highest stain x slice attention) plotted and mapped per run.", default=10)
@@ -353,7 +353,7 @@ class AnalysisConfig:
     max_cases_in_report: int = _help("Per-case sections in report.html (misclassified first).", default=40)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TileConfig:
     slices_dir: str = _help("Folder of whole-slide files (.svs/.ndpi/.tiff/.mrxs/.scn/… through OpenSlide) or plain "
                             "slice images (PNG/JPEG), walked recursively.", default="")
@@ -392,7 +392,7 @@ class TileConfig:
                                          "outline, or not an annotation at all.", default=2_000_000)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SlurmConfig:
     partition: str = _help("SLURM partition (empty = the cluster default).", default="")
     time: int = _help("Time limit per job in minutes; jobs that hit it are requeued and resume.", default=120)
@@ -407,7 +407,7 @@ class SlurmConfig:
     max_requeues: int = _help("Requeues allowed after time limits / preemption.", default=3)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RegisterConfig:
     reference_stain: str = _help("Stain every other stain of a case is registered to (a canonical name or an "
                                  "alias: HE, H&E).", default="he")
@@ -425,7 +425,7 @@ class RegisterConfig:
                          default="")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TuneConfig:
     trials: int = _help("Trials to add to the study.", default=50)
     study_name: str = _help("Optuna study name.", default="stainmil")
@@ -443,7 +443,7 @@ class TuneConfig:
         default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     output_dir: str = _help("Where index, features, splits and runs go by default.", default="stainmil_out")
     data: DataConfig = field(default_factory=DataConfig)
@@ -458,42 +458,49 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
 
-    # ---- derived locations -------------------------------------------------------------
     @property
-    def index_dir(self) -> Path:
-        return Path(self.output_dir) / "index"
+    def paths(self) -> Paths:
+        """Every derived location (index, store, splits, runs, registration), computed from this config alone."""
+        return Paths.of(self)
 
-    @property
-    def manifest_path(self) -> Path:
-        return self.index_dir / "manifest.parquet"
+    def with_overrides(self, changes: Mapping[str, Any] | Iterable[str]) -> Config:
+        """A new config: this one with ``{"train.lr": 1e-3}`` (or ``["train.lr=1e-3"]``) applied, validated like
+        the YAML and its paths made absolute. The config itself never changes (it is frozen)."""
+        return with_overrides(self, changes)
 
-    @property
-    def imported_store_dir(self) -> Path:
-        """Where ``stainmil import-features`` puts its store when ``features.store_dir`` is empty."""
-        return Path(self.output_dir) / "features" / "imported"
 
-    @property
-    def store_dir(self) -> Path:
-        if self.features.store_dir:
-            return Path(self.features.store_dir)
-        if (self.imported_store_dir / "store.json").is_file():  # features made elsewhere, imported here
-            return self.imported_store_dir
-        weights = Path(self.features.weights).stem if self.features.weights not in ("pretrained", "imagenet",
-                                                                                     "random") \
-            else self.features.weights
-        return Path(self.output_dir) / "features" / f"{self.features.backbone}-{weights}-{self.features.image_size}px"
+@dataclass(frozen=True)
+class Paths:
+    """The locations a config implies, in one place; nothing here looks at the disk.
 
-    @property
-    def splits_dir(self) -> Path:
-        return Path(self.output_dir) / "splits"
+    ``store`` is ``features.store_dir`` when set (:func:`load_config` sets it to an imported store the output folder
+    holds, so a run's ``config.yaml`` records which store it read), else the encoder's own folder
+    ``<output_dir>/features/<backbone>-<weights>-<size>px``.
+    """
 
-    @property
-    def split_file(self) -> Path:
-        return Path(self.train.split_file) if self.train.split_file else self.splits_dir / "data_splits.npz"
+    index_dir: Path
+    manifest: Path
+    store: Path
+    imported_store: Path
+    splits_dir: Path
+    split_file: Path
+    runs_dir: Path
+    registration_dir: Path
 
-    @property
-    def runs_dir(self) -> Path:
-        return Path(self.train.runs_dir) if self.train.runs_dir else Path(self.output_dir) / "runs"
+    @classmethod
+    def of(cls, config: Config) -> Paths:
+        out = Path(config.output_dir)
+        weights = config.features.weights
+        tag = weights if weights in ("pretrained", "imagenet", "random") else Path(weights).stem
+        store = Path(config.features.store_dir) if config.features.store_dir \
+            else out / "features" / f"{config.features.backbone}-{tag}-{config.features.image_size}px"
+        return cls(
+            index_dir=out / "index", manifest=out / "index" / "manifest.parquet", store=store,
+            imported_store=out / "features" / "imported", splits_dir=out / "splits",
+            split_file=Path(config.train.split_file) if config.train.split_file else out / "splits" / "data_splits.npz",
+            runs_dir=Path(config.train.runs_dir) if config.train.runs_dir else out / "runs",
+            registration_dir=Path(config.register.out_dir) if config.register.out_dir
+            else Path(config.tile.out_dir) / "registration")
 
 
 PATH_FIELDS = {
@@ -597,18 +604,24 @@ def _reconcile_classes(config: Config) -> Config:
     if k < 2 or indices != list(range(k)):
         raise ConfigError(f"data.label_values must map label words to class indices 0..k-1 with k >= 2, got "
                           f"indices {indices}; number the classes from 0.")
-    if data.class_names == DEFAULT_CLASS_NAMES and k != 2:
-        data.class_names = [next(w for w, i in data.label_values.items() if i == c).strip().lower().replace(" ", "_")
-                            for c in range(k)]
-    if len(data.class_names) != k:
-        raise ConfigError(f"data.class_names has {len(data.class_names)} names but data.label_values has {k} classes; "
+    names = data.class_names
+    if names == DEFAULT_CLASS_NAMES and k != 2:
+        names = [next(w for w, i in data.label_values.items() if i == c).strip().lower().replace(" ", "_")
+                 for c in range(k)]
+    if len(names) != k:
+        raise ConfigError(f"data.class_names has {len(names)} names but data.label_values has {k} classes; "
                           "give one name per class index.")
-    if config.model.n_classes != k:
-        if config.model.n_classes != 2:  # 2 is the default: it follows the labels
-            raise ConfigError(f"model.n_classes is {config.model.n_classes} but data.label_values has {k} classes; "
-                              "leave model.n_classes out (it follows the labels).")
-        config.model.n_classes = k
-    return config
+    if config.model.n_classes != k and config.model.n_classes != 2:  # 2 is the default: it follows the labels
+        raise ConfigError(f"model.n_classes is {config.model.n_classes} but data.label_values has {k} classes; "
+                          "leave model.n_classes out (it follows the labels).")
+    return replaced(replaced(config, ("data", "class_names"), names), ("model", "n_classes"), k)
+
+
+def replaced(obj: Any, path: tuple[str, ...], value: Any) -> Any:
+    """A copy of the frozen dataclass ``obj`` with the setting at ``path`` (``("train", "lr")``) set to ``value``
+    (not validated: for values this module computed; users' values go through :func:`with_overrides`)."""
+    head, *rest = path
+    return dataclasses.replace(obj, **{head: replaced(getattr(obj, head), tuple(rest), value) if rest else value})
 
 
 def config_to_dict(config: Config) -> dict:
@@ -616,25 +629,23 @@ def config_to_dict(config: Config) -> dict:
 
 
 def _resolve_paths(config: Config) -> Config:
-    """Every path-valued setting made absolute (in place): a config read back elsewhere (a run folder's
-    config.yaml, a SLURM job in another working directory) points at the same files. Names (``pretrained``), URLs
-    (``sqlite:///…``) and ``file:`` encoders keep their form, with the path inside made absolute."""
+    """Every path-valued setting made absolute: a config read back elsewhere (a run folder's config.yaml, a SLURM
+    job in another working directory) points at the same files. Names (``pretrained``), URLs (``sqlite:///…``)
+    and ``file:`` encoders keep their form, with the path inside made absolute."""
     def absolute(value: str) -> str:
         return str(Path(value).expanduser().resolve())
 
-    for path in PATH_FIELDS | set(NAMED_OR_PATH):
+    for path in sorted(PATH_FIELDS | set(NAMED_OR_PATH)):
         obj = config
-        for part in path[:-1]:
+        for part in path:
             obj = getattr(obj, part)
-        value = getattr(obj, path[-1])
-        if not value or value in NAMED_OR_PATH.get(path, ()) or "://" in value:
-            continue
-        setattr(obj, path[-1], absolute(value))
+        if obj and obj not in NAMED_OR_PATH.get(path, ()) and "://" not in obj and absolute(obj) != obj:
+            config = replaced(config, path, absolute(obj))
     backbone = config.features.backbone
     if backbone.startswith("file:"):  # file:/path/encoder.py:build
         file, sep, factory = backbone[5:].rpartition(":")
         if sep and file:
-            config.features.backbone = f"file:{absolute(file)}:{factory}"
+            config = replaced(config, ("features", "backbone"), f"file:{absolute(file)}:{factory}")
     return config
 
 
@@ -660,11 +671,10 @@ def _looks_numeric(text: str) -> bool:
     return True
 
 
-def apply_overrides(values: dict, overrides: list[str]) -> dict:
-    """Apply ``section.key=value`` overrides to a nested dict (validated later by the dataclasses)."""
+def _set_keys(values: dict, changes: Iterable[tuple[list[str], Any]]) -> dict:
+    """``values`` (a nested dict) with each ``(["train", "lr"], 0.001)`` set; validated later by the dataclasses."""
     values = dict(values)
-    for text in overrides:
-        keys, value = parse_override(text)
+    for keys, value in changes:
         node = values
         for part in keys[:-1]:
             child = node.get(part)
@@ -674,8 +684,26 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` overrides to a nested dict (validated later by the dataclasses)."""
+    return _set_keys(values, (parse_override(text) for text in overrides))
+
+
+def with_overrides(config: Config, changes: Mapping[str, Any] | Iterable[str]) -> Config:
+    """A new config: ``config`` with ``{"train.lr": 1e-3}`` or ``["train.lr=1e-3"]`` applied, validated like the
+    YAML (an unknown key or a wrong type is named), its paths absolute. ``config`` itself is left as it was."""
+    pairs = ([key.split("."), value] for key, value in changes.items()) if isinstance(changes, Mapping) \
+        else (parse_override(text) for text in changes)
+    return _resolve_paths(config_from_dict(_set_keys(config_to_dict(config), pairs)))
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or the defaults), apply overrides, validate, resolve paths."""
+    """Read a YAML config (or the defaults), apply overrides, validate, resolve paths.
+
+    An empty ``features.store_dir`` becomes the store ``stainmil import-features`` made in the output folder, when
+    there is one: decided once, here, and recorded in the config (and so in every run's ``config.yaml``); the
+    loaded config never changes its mind.
+    """
     values: dict = {}
     if path is not None:
         path = Path(path)
@@ -687,13 +715,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path} is not valid YAML ({exc}); fix the syntax.") from exc
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(values).__name__}.")
-    values = apply_overrides(values, overrides or [])
-    return _resolve_paths(config_from_dict(values))
+    config = _resolve_paths(config_from_dict(apply_overrides(values, overrides or [])))
+    imported = config.paths.imported_store
+    if not config.features.store_dir and (imported / "store.json").is_file():  # features made elsewhere
+        config = replaced(config, ("features", "store_dir"), str(imported))
+    return config
 
 
 def dump_config(config: Config, path: str | Path) -> Path:
     """Write ``config`` as YAML atomically, every path-valued setting absolute, and return the path."""
-    text = yaml.safe_dump(config_to_dict(_resolve_paths(copy.deepcopy(config))), sort_keys=False, allow_unicode=True)
+    text = yaml.safe_dump(config_to_dict(_resolve_paths(config)), sort_keys=False, allow_unicode=True)
     return atomic_write_text(Path(path), text)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ def index_cohort(config: Config) -> tuple[Path, dict]:
 
 
 def split_cohort(config: Config, out_dir: str | Path | None = None) -> list[Path]:
-    out = Path(out_dir) if out_dir else config.splits_dir
+    out = Path(out_dir) if out_dir else config.paths.splits_dir
     manifest = load_manifest(config)
     paths = write_splits(make_splits(case_labels(manifest), config.split, config.data.class_names), out)
     dump_config(config, out / "config.yaml")
@@ -96,19 +95,17 @@ def run_demo(out_dir: str | Path = "demo_out", overrides: list[str] | None = Non
                                                 *classes_override, *(overrides or [])], slides=slides)
     note = ""
     if weights == "auto":
-
-        config.features.weights = "pretrained"
+        config = config.with_overrides({"features.weights": "pretrained"})
         try:
             backbone = build_backbone(config.features)
         except StoreError as exc:
-            config.features.weights = "random"
+            config = config.with_overrides({"features.weights": "random"})
             backbone = build_backbone(config.features)
             note = ("WARNING: ImageNet weights for densenet121 are not available offline, so this demo uses a "
                     f"RANDOMLY initialised backbone ({exc}). Results show the pipeline works, not ImageNet features.")
             log("!" * 100 + "\n" + note + "\n" + "!" * 100)
     else:
-
-        config.features.weights = weights
+        config = config.with_overrides({"features.weights": weights})
         backbone = build_backbone(config.features)
     if slides:
         log("[2/8] writing the slices as pyramidal TIFF slides, then tiling them (tissue masks + coordinates)")
@@ -135,7 +132,7 @@ def run_demo(out_dir: str | Path = "demo_out", overrides: list[str] | None = Non
         log(f"[4/8] online mode: no shared store — {config.features.backbone} runs on the images in every step "
             f"(last {config.features.trainable_blocks} dense block(s) trained)")
     else:
-        log(f"[4/8] extracting {config.features.backbone} features once into {config.store_dir}")
+        log(f"[4/8] extracting {config.features.backbone} features once into {config.paths.store}")
         summary = extract_features(config, load_manifest(config), backbone=backbone)
         log(f"      {summary.patches_written} patches in {summary.seconds:.1f} s "
             f"({summary.slices_done_before} slices were already done)")
@@ -159,7 +156,7 @@ def run_demo(out_dir: str | Path = "demo_out", overrides: list[str] | None = Non
 
 def predict_as_new(config: Config, run_dir: Path, out: Path) -> Path:
     """The run's test cases predicted like a new cohort: no labels read, their own index and store."""
-    new = copy.deepcopy(config)
-    new.data.labels_csv, new.data.include_cases = "", list(load_split(run_dir / "data_splits.npz").test)
-    new.output_dir, new.features.store_dir = str(out / "work"), str(out / "work" / "features")
+    new = config.with_overrides({"data.labels_csv": "",
+                                 "data.include_cases": list(load_split(run_dir / "data_splits.npz").test),
+                                 "output_dir": str(out / "work"), "features.store_dir": str(out / "work" / "features")})
     return predict_unlabelled(run_dir / "checkpoints" / "best.pth", new, out)

@@ -126,21 +126,21 @@ def test_synthetic_cohort_indexes_cleanly(tiny_cohort, tmp_path):
 
 def test_missing_label_column_is_fatal(faulty):
     config, _ = faulty
-    config.data.label_column = "Diagnosis"
+    config = config.with_overrides({"data.label_column": "Diagnosis"})
     with pytest.raises(DataError, match="no column 'Diagnosis'"):
         build_index(config)
 
 
 def test_no_usable_case_is_fatal(faulty):
     config, _ = faulty
-    config.data.filename_pattern = r"(?P<case>nomatch)(?P<stain>x)(?P<slice>x)(?P<patch>x)"
+    config = config.with_overrides({"data.filename_pattern": r"(?P<case>nomatch)(?P<stain>x)(?P<slice>x)(?P<patch>x)"})
     with pytest.raises(DataError, match="no usable patch"):
         build_index(config)
 
 
 def test_pattern_without_groups_is_refused(faulty):
     config, _ = faulty
-    config.data.filename_pattern = r"(?P<case>\w+)\.png"
+    config = config.with_overrides({"data.filename_pattern": r"(?P<case>\w+)\.png"})
     with pytest.raises(ConfigError, match="stain"):
         build_index(config)
 

@@ -24,7 +24,7 @@ def trained_and_analysed(config, tmp_path):
 
     extract_features(config, load_manifest(config))
     split_cohort(config)
-    config.train.runs_dir = str(tmp_path / "runs")
+    config = config.with_overrides({"train.runs_dir": str(tmp_path / "runs")})
     run = train(config).run_dir
     evaluate_run(run)
     return run, write_analysis(run, "test")
@@ -149,7 +149,7 @@ def test_the_aligned_model_trains_predicts_and_explains_on_registered_slices(ser
 
     extract_features(config, manifest)
     split_cohort(config)
-    config.train.runs_dir = str(tmp_path / "runs")
+    config = config.with_overrides({"train.runs_dir": str(tmp_path / "runs")})
     run = train(config).run_dir
     from stainmil.config import load_config
     assert load_config(run / "config.yaml").model.architecture == "aligned"
@@ -246,6 +246,6 @@ def test_register_says_what_it_looked_for_when_it_registers_nothing(serial_cohor
         out / "register_report.txt").read_text()
     result = CliRunner().invoke(app, ["register", "--config", str(dump_config(config, tmp_path / "c.yaml"))])
     assert result.exit_code != 0 and "no slice registered" in result.output
-    config.register.reference_stain = "CD3"
+    config = config.with_overrides({"register.reference_stain": "CD3"})
     with pytest.raises(Exception, match="register.reference_stain 'CD3'"):
         register_cohort(config)

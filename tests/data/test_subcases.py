@@ -43,15 +43,11 @@ def test_index_mode_takes_contiguous_ranges_and_random_mode_does_not():
 
 
 def test_no_val_or_test_patch_reaches_training_through_subcases(prepared, tmp_path):
-    import copy
 
     from stainmil.data.splits import load_split
     from stainmil.train.trainer import train
 
-    config = copy.deepcopy(prepared)
-    config.data.subcases = 2
-    config.train.max_epochs = 2
-    config.train.runs_dir = str(tmp_path)
+    config = prepared.with_overrides({"data.subcases": 2, "train.max_epochs": 2, "train.runs_dir": str(tmp_path)})
     run = train(config).run_dir
     split = load_split(run / "data_splits.npz")
     from stainmil.data.cohort import load_manifest

@@ -152,7 +152,7 @@ def test_annotations_restrict_tiling_to_inside_the_polygons_and_outside_their_ho
                   name="Pen")
     config = slide_config(slide_cohort, tmp_path / "a", f"tile.include_annotations={template}",
                           "tile.include_classes=[tum*]", "tile.exclude_classes=[Pen]")
-    config.tile.exclude_annotations = str(tmp_path / "ex" / "case{case}_{stain}.geojson")
+    config = config.with_overrides({"tile.exclude_annotations": str(tmp_path / "ex" / "case{case}_{stain}.geojson")})
     result = tile_folder(config)
     table = result.table
     region = shapely.Polygon(outer, [hole])
@@ -236,8 +236,8 @@ def test_dicom_slides_are_found_tiled_and_extracted_and_broken_ones_named(tiny_c
     assert len(a & b) / len(a | b) >= 0.9  # the same tissue found through JPEG tiles
     assert extract_features(config, ours).patches_written == len(ours)
     joined = ours.reset_index().merge(theirs.reset_index(), on=key, suffixes=("_dcm", "_tif"))
-    f = load_features(config.store_dir, ours)[joined["index_dcm"]].astype(np.float32)
+    f = load_features(config.paths.store, ours)[joined["index_dcm"]].astype(np.float32)
     extract_features(tiff, theirs)
-    g = load_features(tiff.store_dir, theirs)[joined["index_tif"]].astype(np.float32)
+    g = load_features(tiff.paths.store, theirs)[joined["index_tif"]].astype(np.float32)
     cosine = (f * g).sum(1) / np.linalg.norm(f, axis=1) / np.linalg.norm(g, axis=1)
     assert np.median(cosine) > 0.95  # the same pixels up to JPEG loss

@@ -1,6 +1,5 @@
 """Encoder comparison: every encoder cross-validated on the same fold files, one table with CIs and img/s."""
 
-import copy
 import shutil
 
 import numpy as np
@@ -14,10 +13,9 @@ from stainmil.experiments.compare import compare_encoders
 
 @pytest.mark.slow
 def test_two_encoders_on_the_same_folds(prepared, tmp_path):
-    config = copy.deepcopy(prepared)
-    config.output_dir = str(tmp_path / "work")  # fresh stores; the same index
-    shutil.copytree(prepared.index_dir, config.index_dir)
-    config.train.max_epochs = 2
+    config = prepared.with_overrides({"output_dir": str(tmp_path / "work")})  # fresh stores; the same index
+    shutil.copytree(prepared.paths.index_dir, config.paths.index_dir)
+    config = config.with_overrides({"train.max_epochs": 2})
     table = compare_encoders(config, ["densenet121", "kaiko_vits16"], folds=3, out_dir=tmp_path / "cmp",
                              log=lambda *a: None)
     assert list(table["encoder"]) == ["densenet121", "kaiko_vits16"]

@@ -17,8 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_models_and_stain_sets_share_folds_and_seeds_and_resume(prepared, tmp_path):
-    config = copy.deepcopy(prepared)
-    config.train.max_epochs, config.eval.bootstrap = 2, 20
+    config = prepared.with_overrides({"train.max_epochs": 2, "eval.bootstrap": 20})
     out = tmp_path / "models"
     before = copy.deepcopy(config)
     table = compare_models(config, ["hierarchical", "abmil"], folds=3, seeds=[3, 4],

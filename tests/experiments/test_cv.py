@@ -12,9 +12,7 @@ from stainmil.experiments.cv import run_cv, summarise_cv
 
 
 def _config(prepared, tmp_path):
-    config = copy.deepcopy(prepared)
-    config.train.runs_dir = str(tmp_path / "runs")
-    config.train.max_epochs = 3
+    config = prepared.with_overrides({"train.runs_dir": str(tmp_path / "runs"), "train.max_epochs": 3})
     return config
 
 
@@ -68,7 +66,7 @@ def test_cv_end_to_end_and_resume(serial_cv):
 
 def test_cv_on_the_teams_split_files(prepared, tmp_path):
     config = _config(prepared, tmp_path)
-    split = load_split(prepared.split_file)
+    split = load_split(prepared.paths.split_file)
     splits_dir = tmp_path / "team_splits"
     save_split(split, splits_dir / "data_splits_01.npz")
     shutil.copy(splits_dir / "data_splits_01.npz", splits_dir / "data_splits_02.npz")
@@ -82,7 +80,7 @@ def test_cv_folds_in_parallel_processes_with_a_bounded_store(prepared, tmp_path,
     give the same folds as one after another in memory."""
     serial = serial_cv[1]
     config = _config(prepared, tmp_path / "parallel")
-    config.features.cache_mb = 0.25
+    config = config.with_overrides({"features.cache_mb": 0.25})
     logs = []
     parallel = run_cv(config, folds=3, workers=2, log=logs.append)
     assert any("in 2 processes" in line for line in logs)

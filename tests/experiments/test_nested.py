@@ -1,6 +1,5 @@
 """Nested CV: no outer test case is ever seen by the inner tuning; the non-nested estimate beside it; resume."""
 
-import copy
 import json
 
 import numpy as np
@@ -15,8 +14,7 @@ SPACE = {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
 
 @pytest.mark.slow
 def test_nested_cv_never_shows_outer_test_cases_to_the_tuning(prepared, tmp_path):
-    config = copy.deepcopy(prepared)
-    config.train.max_epochs, config.tune.inner_folds, config.tune.space = 2, 2, SPACE
+    config = prepared.with_overrides({"train.max_epochs": 2, "tune.inner_folds": 2, "tune.space": SPACE})
     result = run_nested_cv(config, trials=2, folds=3, out_dir=tmp_path / "nested", log=lambda *_: None)
     out = tmp_path / "nested"
     seen_runs = 0

@@ -1,6 +1,5 @@
 """Seed spread: K training seeds on the very same folds, spread over seeds beside spread over folds."""
 
-import copy
 
 import pytest
 
@@ -10,8 +9,7 @@ from stainmil.experiments.seeds import run_cv_seeds
 
 @pytest.mark.slow
 def test_cv_with_two_seeds_on_the_same_folds(prepared, tmp_path):
-    config = copy.deepcopy(prepared)
-    config.train.max_epochs = 2
+    config = prepared.with_overrides({"train.max_epochs": 2})
     seeds = [config.train.seed, config.train.seed + 1]
     table, out = run_cv_seeds(config, seeds=seeds, folds=3, out_dir=tmp_path / "seeds", log=lambda *_: None)
     assert list(table["seed"]) == seeds

@@ -1,7 +1,6 @@
 """Against a real SLURM (started by the test setup): CV and sharded extraction through submitit, and a
 fold job that is preempted mid-training (the time-limit signal) continues from its checkpoint."""
 
-import copy
 import json
 import subprocess
 import time
@@ -17,14 +16,16 @@ from stainmil.features.store import load_features
 pytestmark = pytest.mark.slurm  # `make test` runs these in their own single-process pass
 
 
+LR_SPACE = {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
+
+
 def _slurm_config(prepared, tmp_path):
-    config = copy.deepcopy(prepared)
-    config.train.runs_dir = str(tmp_path / "runs")
-    config.train.max_epochs = 3
-    config.slurm.partition = "debug"
-    config.slurm.time = 10
-    config.slurm.mem = 1
-    config.slurm.cpus = 1
+    config = prepared.with_overrides({"train.runs_dir": str(tmp_path / "runs"),
+                                    "train.max_epochs": 3,
+                                    "slurm.partition": "debug",
+                                    "slurm.time": 10,
+                                    "slurm.mem": 1,
+                                    "slurm.cpus": 1})
     return config
 
 
@@ -41,13 +42,12 @@ def test_cv_through_slurm(slurm, prepared, tmp_path):
 
 
 def test_sharded_extract_through_slurm(slurm, prepared, tmp_path):
-    config = copy.deepcopy(_slurm_config(prepared, tmp_path))
-    config.features.store_dir = str(tmp_path / "store")
+    config = _slurm_config(prepared, tmp_path).with_overrides({"features.store_dir": str(tmp_path / "store")})
     summaries = extract_sharded(config, shards=3, launcher="slurm", log=lambda *_: None)
     assert len(summaries) == 3
     manifest = load_manifest(config)
     assert sum(s.slices_written for s in summaries) == manifest.groupby(["case", "stain", "slice"]).ngroups
-    features = load_features(config.store_dir, manifest)
+    features = load_features(config.paths.store, manifest)
     assert features.shape == (len(manifest), 1024)
 
 
@@ -63,7 +63,7 @@ def test_preempted_fold_requeues_and_resumes_from_its_checkpoint(slurm, prepared
     from stainmil.launch import slurm_executor
 
     config = _slurm_config(prepared, tmp_path)
-    config.train.max_epochs = 8
+    config = config.with_overrides({"train.max_epochs": 8})
     out, jobs = prepare_experiment(config, folds=3)
     values, split_path, fold_dir = jobs[0]
     executor = slurm_executor(out, config.slurm, "requeue-test")
@@ -88,12 +88,9 @@ def test_preempted_fold_requeues_and_resumes_from_its_checkpoint(slurm, prepared
 def test_tune_workers_as_a_slurm_array(slurm, prepared, tmp_path):
     from stainmil.experiments.tune import run_tune
 
-    config = _slurm_config(prepared, tmp_path)
-    config.train.max_epochs = 2
-    config.tune.inner_folds = 2
-    config.tune.study_name = "slurm-study"
-    config.tune.storage = str(tmp_path / "study.journal")
-    config.tune.space = {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
+    config = _slurm_config(prepared, tmp_path).with_overrides({
+        "train.max_epochs": 2, "tune.inner_folds": 2, "tune.study_name": "slurm-study",
+        "tune.storage": str(tmp_path / "study.journal"), "tune.space": LR_SPACE})
     logs = []
     result = run_tune(config, trials=4, workers=2, launcher="slurm", log=logs.append)
     assert any("submitted 2 SLURM job(s)" in line for line in logs), logs
@@ -105,9 +102,8 @@ def test_tune_workers_as_a_slurm_array(slurm, prepared, tmp_path):
 def test_nested_cv_outer_folds_as_slurm_jobs(slurm, prepared, tmp_path):
     from stainmil.experiments.nested import run_nested_cv
 
-    config = _slurm_config(prepared, tmp_path)
-    config.train.max_epochs, config.tune.inner_folds = 2, 2
-    config.tune.space = {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
+    config = _slurm_config(prepared, tmp_path).with_overrides({"train.max_epochs": 2, "tune.inner_folds": 2,
+                                                               "tune.space": LR_SPACE})
     logs = []
     result = run_nested_cv(config, trials=1, folds=3, launcher="slurm", out_dir=tmp_path / "nested",
                            log=logs.append)

@@ -29,7 +29,7 @@ PATTERN = r"case(?P<case>[^_]+)_(?P<stain>[^_]+)_slice(?P<slice>[^_.]+)"
 def store_slides(config, manifest=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """A stainmil store as TRIDENT/CLAM would hold it: slide name -> (features (N, D), corners (N, 2))."""
     manifest = load_manifest(config) if manifest is None else manifest
-    features = load_features(config.store_dir, manifest)
+    features = load_features(config.paths.store, manifest)
     return {f"case{case}_{stain}_slice{slice_id}": (features[rows.index.to_numpy()], rows[["x", "y"]].to_numpy())
             for (case, stain, slice_id), rows in slice_groups(manifest)}
 
@@ -46,7 +46,7 @@ def same_features(original_config, imported_manifest, imported_store):
     joined = imported_manifest.reset_index().merge(original.reset_index(), on=key, suffixes=("_new", "_old"))
     assert len(joined) == len(imported_manifest) == len(original)
     new = load_features(imported_store, imported_manifest)[joined["index_new"].to_numpy()]
-    old = load_features(original_config.store_dir, original)[joined["index_old"].to_numpy()]
+    old = load_features(original_config.paths.store, original)[joined["index_old"].to_numpy()]
     return np.array_equal(new.astype(np.float32), old.astype(np.float32))
 
 
@@ -75,10 +75,12 @@ def trident_import(prepared, tmp_path_factory):
             attrs = dict(h5["coords"].attrs)
             del h5["coords"]
             h5.create_dataset("coords", data=coords.astype(np.float64) + 0.5).attrs.update(attrs)
-    config = import_config(prepared, tmp_path_factory.mktemp("work"))
-    result = import_features(config, root / "job")
-    write_index(result.index, config)
-    return root, config, result
+    work = tmp_path_factory.mktemp("work")
+    before = import_config(prepared, work)
+    result = import_features(before, root / "job")
+    write_index(result.index, before)
+    assert before.paths.store != result.store_dir  # a loaded config never changes its mind ...
+    return root, import_config(prepared, work), result  # ... the next command's load records the imported store
 
 
 def test_trident_import_links_every_good_slide_and_names_the_bad(trident_import, prepared):
@@ -95,10 +97,11 @@ def test_trident_import_links_every_good_slide_and_names_the_bad(trident_import,
     report = (result.store_dir / "import_report.txt").read_text()
     for name in ("mystery_slide", "case1_he_slice9", "case2_he_slice9", "case4_he_slice9", "case6_he_slice9"):
         assert name in report
-    assert "no patches" in (config.index_dir / "index_report.txt").read_text()  # the index report lists them too
+    assert "no patches" in (config.paths.index_dir / "index_report.txt").read_text()  # the index report lists them too
     manifest = load_manifest(config)
-    assert config.store_dir == result.store_dir == config.imported_store_dir  # found by every later command
-    assert same_features(prepared, manifest, config.store_dir)
+    assert config.paths.store == result.store_dir == config.paths.imported_store  # recorded by every later load
+    assert config.features.store_dir == str(result.store_dir)  # and so written into every run's config.yaml
+    assert same_features(prepared, manifest, config.paths.store)
     store_files = [p for p in result.store_dir.rglob("*.h5")]
     assert len(store_files) == 24 and all(p.is_symlink() for p in store_files)  # linked, nothing copied
     meta = StoreMeta.read(result.store_dir)
@@ -137,9 +140,7 @@ def test_imported_features_train_analyze_report_qupath_and_predict(trident_impor
     from stainmil.train.trainer import train
 
     root, config, _ = trident_import
-    config = copy.deepcopy(config)
-    config.train.runs_dir = str(tmp_path / "runs")
-    config.data.per_slice_cap = 0
+    config = config.with_overrides({"train.runs_dir": str(tmp_path / "runs"), "data.per_slice_cap": 0})
     split_cohort(config)
     run = train(config).run_dir
     metrics = evaluate_run(run)
@@ -152,10 +153,12 @@ def test_imported_features_train_analyze_report_qupath_and_predict(trident_impor
     # new cases: the same encoder's features of other slides, imported unlabelled into another output folder
     new_root = tmp_path / "new"
     shutil.copytree(root / "job", new_root / "job", symlinks=True)
-    new_config = copy.deepcopy(config)
-    new_config.output_dir = str(tmp_path / "new_work")
-    new_config.data.labels_csv = ""
-    write_index(import_features(new_config, new_root / "job", require_labels=False).index, new_config)
+    new_config = config.with_overrides({"output_dir": str(tmp_path / "new_work"), "data.labels_csv": "",
+                                        "features.store_dir": ""})  # the new output folder's own store
+    imported = import_features(new_config, new_root / "job", require_labels=False)
+    assert imported.store_dir == new_config.paths.imported_store
+    write_index(imported.index, new_config)
+    new_config = new_config.with_overrides({"features.store_dir": str(imported.store_dir)})  # as a load records it
     folder = predict_unlabelled(run / "checkpoints" / "best.pth", new_config)
     predictions = pd.read_csv(folder / "predictions.csv", dtype={"case": str})
     assert len(predictions) == 8 and predictions["prob_1"].between(0, 1).all()
@@ -182,7 +185,7 @@ def test_clam_h5_and_pt_files_import_with_coordinates_from_patches(prepared, tmp
     kept = kept[~(kept["case"] + kept["stain"] + kept["slice"]).isin(
         ["".join(names[23].replace("case", "").replace("slice", "").split("_"))])]
     assert len(manifest) == len(kept)
-    original = load_features(prepared.store_dir, kept)
+    original = load_features(prepared.paths.store, kept)
     key = ["case", "stain", "slice", "x", "y"]
     joined = manifest.reset_index().merge(kept.reset_index(drop=True).reset_index(), on=key)
     assert np.array_equal(load_features(result.store_dir, manifest)[joined["index_x"]].astype(np.float32),
@@ -200,7 +203,7 @@ def test_folder_errors_are_named(prepared, tmp_path):
         find_source(tmp_path / "job")
     assert find_source(tmp_path / "job", encoder="conch_v15").encoder == "conch_v15"
     with pytest.raises(DataError, match="extracted"):  # never mixes with a store stainmil extracted
-        import_features(load_config(None, [f"features.store_dir={prepared.store_dir}",
+        import_features(load_config(None, [f"features.store_dir={prepared.paths.store}",
                                            f"data.labels_csv={prepared.data.labels_csv}"]),
                         tmp_path / "job", encoder="uni_v1")
 

@@ -18,9 +18,9 @@ def test_features_from_the_slide_equal_features_of_the_png_patches(slide_cohort,
     slides = load_manifest(config)
     summary = extract_features(config, slides)
     assert summary.patches_written == len(slides)
-    from_slides = load_features(config.store_dir, slides)
+    from_slides = load_features(config.paths.store, slides)
     patches = load_manifest(prepared)
-    from_pngs = load_features(prepared.store_dir, patches)
+    from_pngs = load_features(prepared.paths.store, patches)
     key = ["case", "stain", "slice", "x", "y"]
     halved = slides.assign(x=slides["x"] // 2, y=slides["y"] // 2)  # level-0 (40x) corners -> 20x corners
     joined = halved.reset_index().merge(patches.reset_index(), on=key, suffixes=("_slide", "_png"))
@@ -31,7 +31,7 @@ def test_features_from_the_slide_equal_features_of_the_png_patches(slide_cohort,
     for _, row in joined.head(20).iterrows():  # the pixels themselves are identical
         ref = patch_refs(slides.iloc[[row["index_slide"]]])[0]
         assert np.array_equal(read_patch(ref, 32), read_patch(row["path_png"], 32))
-    features, coords, _ = read_slice(slice_file(config.store_dir, *slides.iloc[0][["case", "stain", "slice"]]))
+    features, coords, _ = read_slice(slice_file(config.paths.store, *slides.iloc[0][["case", "stain", "slice"]]))
     first = slides[(slides[["case", "stain", "slice"]] == slides.iloc[0][["case", "stain", "slice"]]).all(axis=1)]
     assert np.array_equal(coords, first[["x", "y"]].to_numpy())  # the store keeps level-0 coordinates
     assert extract_features(config, slides).slices_written == 0  # finished slices are skipped on re-run

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -17,8 +15,7 @@ from stainmil.features.store import load_features
 
 
 def _online(prepared, **features):
-    config = copy.deepcopy(prepared)
-    config.features.mode = "online"
+    config = prepared.with_overrides({"features.mode": "online"})
     for key, value in features.items():
         setattr(config.features, key, value)
     return config
@@ -29,7 +26,7 @@ def test_frozen_online_features_are_the_stores_features(prepared):
     encoder = OnlineEncoder(_online(prepared), torch.device("cpu"))
     with torch.inference_mode():
         online = encoder.encode(list(manifest["path"]), augment=False, rng=None).numpy()
-    stored = load_features(prepared.store_dir, load_manifest(prepared))[:40].astype(np.float32)
+    stored = load_features(prepared.paths.store, load_manifest(prepared))[:40].astype(np.float32)
     assert np.allclose(online, stored, rtol=1e-2, atol=1e-3)
     assert encoder.trainable_parameters() == []
     augmented = encoder.encode(list(manifest["path"]), augment=True, rng=np.random.default_rng(0))

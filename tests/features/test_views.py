@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import h5py
 import numpy as np
 import pytest
@@ -21,9 +19,8 @@ VIEWS = 10  # the 8 symmetries and 2 HED-jittered views
 
 @pytest.fixture(scope="module")
 def viewed(prepared, tmp_path_factory):
-    config = copy.deepcopy(prepared)
-    config.features.views = VIEWS
-    config.features.store_dir = str(tmp_path_factory.mktemp("views") / "store")
+    config = prepared.with_overrides({"features.views": VIEWS,
+                                    "features.store_dir": str(tmp_path_factory.mktemp("views") / "store")})
     extract_features(config, load_manifest(config))
     return config
 
@@ -32,11 +29,11 @@ def test_store_keeps_the_plain_features_plus_each_augmented_view(prepared, viewe
     manifest = load_manifest(viewed)
     case, stain, slice_id = manifest.iloc[0][["case", "stain", "slice"]]
     n = int(((manifest.case == case) & (manifest.stain == stain) & (manifest.slice == slice_id)).sum())
-    with h5py.File(slice_file(viewed.store_dir, case, stain, slice_id)) as h5:
+    with h5py.File(slice_file(viewed.paths.store, case, stain, slice_id)) as h5:
         assert h5["features"].shape == (n, 1024)                       # what CLAM/TRIDENT readers see
         assert h5["augmented_features"].shape == (VIEWS - 1, n, 1024)
-    bank = load_features(viewed.store_dir, manifest, VIEWS).astype(np.float32)  # (V, N, D)
-    plain = load_features(prepared.store_dir, manifest).astype(np.float32)
+    bank = load_features(viewed.paths.store, manifest, VIEWS).astype(np.float32)  # (V, N, D)
+    plain = load_features(prepared.paths.store, manifest).astype(np.float32)
     assert bank.shape == (VIEWS, len(manifest), 1024)
     assert np.allclose(bank[0], plain, rtol=1e-2, atol=1e-3)          # view 0 is the plain store
     for v in range(1, VIEWS):                                           # every other view differs from it
@@ -46,20 +43,17 @@ def test_store_keeps_the_plain_features_plus_each_augmented_view(prepared, viewe
 
 
 def test_stores_with_other_views_are_refused_and_fewer_views_are_usable(prepared, viewed):
-    more = copy.deepcopy(prepared)
-    more.features.views = 4
+    more = prepared.with_overrides({"features.views": 4})
     with pytest.raises(StoreError, match="views"):                      # the plain store has 1 view
-        check_store(prepared.store_dir, more)
+        check_store(prepared.paths.store, more)
     with pytest.raises(StoreError, match="views"):                      # extraction never mixes view counts
         extract_features(more, load_manifest(more))
-    fewer = copy.deepcopy(viewed)
-    fewer.features.views = 3                                            # the first 3 views of a 10-view store
+    fewer = viewed.with_overrides({"features.views": 3})  # the first 3 views of a 10-view store
     bags, _ = load_cohort(fewer, training=True)
     assert bags.n_views == 3
-    jitter = copy.deepcopy(viewed)
-    jitter.features.view_jitter = 0.2
+    jitter = viewed.with_overrides({"features.view_jitter": 0.2})
     with pytest.raises(StoreError, match="view_jitter"):
-        check_store(viewed.store_dir, jitter)
+        check_store(viewed.paths.store, jitter)
 
 
 def test_training_batches_sample_one_view_per_patch_seeded_and_evaluation_uses_the_plain_view(viewed):
@@ -112,8 +106,7 @@ def test_bags_refuse_features_of_another_length(prepared):
 
 def test_bounded_store_reads_the_same_views_as_the_in_memory_bank(viewed):
     """features.cache_mb > 0 with a view store: every sampled view and the feature statistics are identical."""
-    bounded = copy.deepcopy(viewed)
-    bounded.features.cache_mb = 0.3
+    bounded = viewed.with_overrides({"features.cache_mb": 0.3})
     memory, split = load_cohort(viewed, training=True)
     lazy, _ = load_cohort(bounded, training=True)
     assert lazy.source.n_views == memory.source.n_views == VIEWS

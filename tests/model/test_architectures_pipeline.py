@@ -1,7 +1,6 @@
 """Every architecture through the whole pipeline on the tiny preset: train -> evaluate -> analyze -> report ->
 predict -> QuPath, and exact resume after a stop."""
 
-import copy
 import json
 
 import numpy as np
@@ -26,11 +25,10 @@ pytestmark = pytest.mark.slow
 
 
 def _config(prepared, folder, architecture, **model):
-    config = copy.deepcopy(prepared)
-    config.train.runs_dir = str(folder)
-    config.train.max_epochs = 3
-    config.model.architecture = architecture
-    config.model.baseline.transmil_heads = 4
+    config = prepared.with_overrides({"train.runs_dir": str(folder),
+                                    "train.max_epochs": 3,
+                                    "model.architecture": architecture,
+                                    "model.baseline.transmil_heads": 4})
     for key, value in model.items():
         setattr(config.model, key, value)
     return config
@@ -78,9 +76,10 @@ def test_pipeline_for_every_architecture(prepared, tmp_path, architecture, new_c
             values = [radios.nth(i).get_attribute("value") for i in range(radios.count())]
             assert errors == [] and values and ("attention" in values) == has_attention
     assert (run / "qupath" / "index.csv").is_file() or export_folder(run).files
-    new = copy.deepcopy(prepared)
-    new.data.labels_csv, new.data.include_cases = "", list(test_cases)
-    new.output_dir, new.features.store_dir = str(new_cases_store), str(new_cases_store / "store")
+    new = prepared.with_overrides({"data.labels_csv": "",
+                              "data.include_cases": list(test_cases),
+                              "output_dir": str(new_cases_store),
+                              "features.store_dir": str(new_cases_store / "store")})
     out = predict_unlabelled(run / "checkpoints" / "best.pth", new, tmp_path / "predictions", explain=False)
     mine = pd.read_csv(out / "predictions.csv", dtype={"case": str}).set_index("case")
     theirs = pd.read_csv(run / "predictions.csv", dtype={"case": str}).set_index("case").loc[test_cases]

@@ -1,4 +1,3 @@
-import copy
 
 import pandas as pd
 import pytest
@@ -45,9 +44,7 @@ def test_terms_by_hand_and_gradients_flow():
 
 
 def _run(config, tmp_path, name, *overrides):
-    c = copy.deepcopy(config)
-    c.train.runs_dir = str(tmp_path / name)
-    c.train.max_epochs = 5
+    c = config.with_overrides({"train.runs_dir": str(tmp_path / name), "train.max_epochs": 5})
     for key, value in overrides:
         obj = c
         *path, last = key.split(".")

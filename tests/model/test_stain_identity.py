@@ -43,7 +43,7 @@ def train_and_score(identity: str, architecture: str = "hierarchical") -> float:
     config = Config()
     config.model = ModelConfig(architecture=architecture, stain_identity=identity, embed_dim=16,
                                attention_hidden_dim=8, dropout=0.0)
-    config.train.lr = 3e-3
+    config = config.with_overrides({"train.lr": 3e-3})
     model = build_model(train_bags.feature_dim, config.model, STAINS)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
     step = TrainingStep(model, optimizer, cross_entropy, AttentionRegularizer(config.model, 80), None, config)

@@ -1,7 +1,6 @@
 """Calibration: Brier / ECE by hand, temperature scaling lowers ECE of an over-confident model on held-out
 cases and never changes the ranking; a run evaluated with eval.calibrate=temperature fits on val only."""
 
-import copy
 import json
 
 import numpy as np
@@ -53,8 +52,7 @@ def test_run_evaluated_with_temperature_fits_on_val_only(prepared, tmp_path):
     from stainmil.evaluate.evaluation import evaluate_run
     from tests.conftest import trained_run
 
-    config = copy.deepcopy(prepared)
-    config.eval.calibrate = "temperature"
+    config = prepared.with_overrides({"eval.calibrate": "temperature"})
     run = trained_run(config, tmp_path, max_epochs=3)
     metrics = json.loads((run / "metrics.json").read_text())
     calibration = metrics["calibration"]

@@ -1,4 +1,3 @@
-import copy
 import json
 import signal
 import subprocess
@@ -26,8 +25,7 @@ def _history(run_dir):
 
 
 def test_run_folder_and_evaluation(prepared, tmp_path):
-    config = copy.deepcopy(prepared)
-    config.train.runs_dir = str(tmp_path)
+    config = prepared.with_overrides({"train.runs_dir": str(tmp_path)})
     result = train(config)
     assert result.run_dir.name.startswith("run_") and result.epochs_run == 6
     for name in RUN_FILES:
@@ -48,20 +46,16 @@ def test_run_folder_and_evaluation(prepared, tmp_path):
 
 
 def test_same_seed_same_history(prepared, tmp_path):
-    config = copy.deepcopy(prepared)
-    config.train.runs_dir = str(tmp_path)
-    config.train.max_epochs = 3
+    config = prepared.with_overrides({"train.runs_dir": str(tmp_path), "train.max_epochs": 3})
     a, b = train(config).run_dir, train(config).run_dir
     assert _history(a).equals(_history(b))
-    config.train.seed = 7
+    config = config.with_overrides({"train.seed": 7})
     c = train(config).run_dir
     assert not _history(a).equals(_history(c))
 
 
 def test_checkpoint_alone_rebuilds_the_model(prepared, tmp_path):
-    config = copy.deepcopy(prepared)
-    config.train.runs_dir = str(tmp_path)
-    config.train.max_epochs = 2
+    config = prepared.with_overrides({"train.runs_dir": str(tmp_path), "train.max_epochs": 2})
     run = train(config).run_dir
     state = load_checkpoint(run / "checkpoints" / "last.pth")
     model, rebuilt_config = model_from_checkpoint(state)
@@ -72,12 +66,10 @@ def test_checkpoint_alone_rebuilds_the_model(prepared, tmp_path):
 @pytest.mark.slow
 def test_resume_after_kill_matches_an_uninterrupted_run(prepared, tmp_path):
     """Kill a real `stainmil train` process after epoch 2 (SIGKILL), resume, compare with a full run."""
-    config = copy.deepcopy(prepared)
-    config.train.max_epochs = 8
-    config.train.runs_dir = str(tmp_path / "full")
+    config = prepared.with_overrides({"train.max_epochs": 8, "train.runs_dir": str(tmp_path / "full")})
     full = train(config).run_dir
 
-    config.train.runs_dir = str(tmp_path / "killed")
+    config = config.with_overrides({"train.runs_dir": str(tmp_path / "killed")})
     dump_config(config, tmp_path / "killed.yaml")
     script = ("import time, sys\nfrom stainmil.config import load_config\nfrom stainmil.train.trainer import train\n"
               "train(load_config(sys.argv[1]), on_epoch_end=lambda epoch, row: time.sleep(0.4))\n")
@@ -112,9 +104,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(prepared, tmp_path):
 
 
 def test_nan_loss_stops_with_one_sentence(prepared, tmp_path):
-    config = copy.deepcopy(prepared)
-    config.train.runs_dir = str(tmp_path)
-    config.train.lr = float("inf")
+    config = prepared.with_overrides({"train.runs_dir": str(tmp_path), "train.lr": float("inf")})
     with pytest.raises(TrainingError, match="lower train.lr"):
         train(config)
     (run,) = tmp_path.glob("run_*")
@@ -123,14 +113,14 @@ def test_nan_loss_stops_with_one_sentence(prepared, tmp_path):
 
 
 def test_empty_split_is_refused(prepared, tmp_path):
-    split = load_split(prepared.split_file)
+    split = load_split(prepared.paths.split_file)
     with pytest.raises(DataError, match="val split"):
         train(prepared, split=Split(split.train + split.val, [], split.test))
 
 
 def _crashed_run(config, runs_dir, after_epoch: int):
     """A run of ``config`` in ``runs_dir`` killed right after ``after_epoch``; returns its folder."""
-    config.train.runs_dir = str(runs_dir)
+    config = config.with_overrides({"train.runs_dir": str(runs_dir)})
 
     def crash(epoch, row):
         if epoch == after_epoch:
@@ -153,12 +143,11 @@ def test_online_fine_tuning_run_resumes_exactly_and_evaluates_on_its_own_store(p
     from stainmil.data.cohort import load_manifest
     from stainmil.features.store import load_features
 
-    config = copy.deepcopy(prepared)
-    config.features.mode = "online"
-    config.features.trainable_blocks = 1
-    config.features.backbone_lr = 1e-3
-    config.train.max_epochs = 3
-    config.train.runs_dir = str(tmp_path / "full")
+    config = prepared.with_overrides({"features.mode": "online",
+                                    "features.trainable_blocks": 1,
+                                    "features.backbone_lr": 1e-3,
+                                    "train.max_epochs": 3,
+                                    "train.runs_dir": str(tmp_path / "full")})
     full = train(config).run_dir
     assert json.loads((full / "status.json").read_text())["state"] == "trained"
     state = load_checkpoint(full / "checkpoints" / "best.pth")
@@ -181,26 +170,27 @@ def test_online_fine_tuning_run_resumes_exactly_and_evaluates_on_its_own_store(p
     # the run's own store holds features of the fine-tuned backbone, not of the initial one
     manifest = load_manifest(prepared)
     tuned = load_features(full / "features", manifest).astype(np.float32)
-    initial = load_features(prepared.store_dir, manifest).astype(np.float32)
+    initial = load_features(prepared.paths.store, manifest).astype(np.float32)
     assert tuned.shape == initial.shape and not np.allclose(tuned, initial, atol=1e-2)
     metrics = evaluate_run(full).metrics
     assert set(metrics["splits"]) == {"train", "val", "test"}
 
     # predicting new cases uses the fine-tuned backbone too
-    new = copy.deepcopy(prepared)
-    new.output_dir = str(tmp_path / "new")
-    new.features.store_dir = str(tmp_path / "new" / "store")
+    new = prepared.with_overrides({"output_dir": str(tmp_path / "new"),
+                              "features.store_dir": str(tmp_path / "new" / "store")})
     predict_unlabelled(full / "checkpoints" / "best.pth", new, tmp_path / "new" / "predictions")
-    assert np.allclose(load_features(new.store_dir, manifest).astype(np.float32), tuned, rtol=1e-2, atol=1e-3)
+    assert np.allclose(load_features(new.paths.store, manifest).astype(np.float32), tuned, rtol=1e-2, atol=1e-3)
 
 
 def test_online_vit_fine_tuning_resumes_exactly(prepared, tmp_path):
     """A ViT's last transformer block and final norm trained online: crash + resume == uninterrupted."""
-    config = copy.deepcopy(prepared)
-    config.features.mode, config.features.backbone, config.features.trainable_blocks = "online", "kaiko_vits16", 1
-    config.features.backbone_lr, config.train.max_epochs = 1e-3, 2
-    config.data.per_slice_cap = 4
-    config.train.runs_dir = str(tmp_path / "full")
+    config = prepared.with_overrides({"features.mode": "online",
+                                    "features.backbone": "kaiko_vits16",
+                                    "features.trainable_blocks": 1,
+                                    "features.backbone_lr": 1e-3,
+                                    "train.max_epochs": 2,
+                                    "data.per_slice_cap": 4,
+                                    "train.runs_dir": str(tmp_path / "full")})
     full = train(config).run_dir
     state = load_checkpoint(full / "checkpoints" / "last.pth")
     assert state["backbone"] and all(k.startswith(("net.blocks.11.", "net.norm.")) for k in state["backbone"])
@@ -214,9 +204,7 @@ def test_online_vit_fine_tuning_resumes_exactly(prepared, tmp_path):
 
 def test_metrics_report_the_epochs_actually_run(prepared, tmp_path):
     """best.pth holds the best epoch; metrics.json must say how many epochs ran (lr 0: epoch 1 stays best)."""
-    config = copy.deepcopy(prepared)
-    config.train.runs_dir = str(tmp_path)
-    config.train.lr, config.train.max_epochs = 0.0, 4
+    config = prepared.with_overrides({"train.runs_dir": str(tmp_path), "train.lr": 0.0, "train.max_epochs": 4})
     result = train(config)
     metrics = evaluate_run(result.run_dir).metrics
     assert (metrics["best_epoch"], metrics["epochs_run"]) == (1, 4)
@@ -230,12 +218,11 @@ def test_bounded_memory_store_gives_a_bit_identical_run(prepared, tmp_path):
     from stainmil.features.store import StoreMeta
     from stainmil.train.run import load_cohort
 
-    meta = StoreMeta.read(prepared.store_dir)
+    meta = StoreMeta.read(prepared.paths.store)
     runs = {}
     for cache_mb in (0.0, 0.25):
-        config = copy.deepcopy(prepared)
-        config.features.cache_mb = cache_mb
-        config.train.runs_dir = str(tmp_path / f"cache{cache_mb}")
+        config = prepared.with_overrides({"features.cache_mb": cache_mb,
+                                        "train.runs_dir": str(tmp_path / f"cache{cache_mb}")})
         runs[cache_mb] = train(config).run_dir
         evaluate_run(runs[cache_mb])
     assert meta.feature_dim * 2 * 300 / 2 ** 20 > 0.25  # the tiny store (~300 patches, fp16) does not fit
@@ -244,8 +231,7 @@ def test_bounded_memory_store_gives_a_bit_identical_run(prepared, tmp_path):
     assert all(torch.equal(a[key], b[key]) for key in a)
     pa, pb = (pd.read_csv(runs[k] / "predictions.csv") for k in (0.0, 0.25))
     pd.testing.assert_frame_equal(pa, pb, check_exact=True)
-    bounded = copy.deepcopy(prepared)
-    bounded.features.cache_mb = 0.25
+    bounded = prepared.with_overrides({"features.cache_mb": 0.25})
     bags, _ = load_cohort(bounded)
     assert isinstance(bags, CohortBags) and bags.source.reads == 0  # nothing read until a batch needs it
     for _ in range(2):

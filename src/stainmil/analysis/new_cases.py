@@ -58,8 +58,8 @@ def predict_unlabelled(checkpoint: str | Path, config: Config, out_dir: str | Pa
         if read_registrations(config) is None:
             raise ConfigError(f"this model ({checkpoint}) is 'aligned': it needs the new slides registered; run "
                               f"`stainmil tile` and `stainmil register --config <config>` on them first.")
-    if imported_store(config.store_dir):  # features made elsewhere: `stainmil import-features` indexed them
-        _same_encoder(config.store_dir, trained_config.store_dir)
+    if imported_store(config.paths.store):  # features made elsewhere: `stainmil import-features` indexed them
+        _same_encoder(config.paths.store, trained_config.paths.store)
         manifest = keep_stains(load_manifest(config), trained_stains)
     else:
         result = build_index(config, require_labels=False)
@@ -68,10 +68,10 @@ def predict_unlabelled(checkpoint: str | Path, config: Config, out_dir: str | Pa
         # an online run that fine-tuned its backbone saved it in the checkpoint; its features need that backbone
         tuned = backbone_from_checkpoint(state, trained_config, resolve_device(config.features.device))
         extract_features(config, manifest, backbone=tuned)
-    check_store(config.store_dir, config)
+    check_store(config.paths.store, config)
     # an aligned model places the new cases' patches through their own registrations (`stainmil register`)
     alignment = patch_alignment(config, manifest) if aligned else None
-    features = cohort_features(config.store_dir, manifest, 1, config.features.cache_mb)
+    features = cohort_features(config.paths.store, manifest, 1, config.features.cache_mb)
     bags = CohortBags(manifest, features, trained_stains, alignment=alignment)
     decision = run_decision(Path(checkpoint).resolve().parent.parent, threshold)  # the run folder's metrics.json
     threshold, rule, temperature = decision.threshold, decision.rule, decision.temperature

@@ -54,7 +54,7 @@ def write_random_store(folder: Path, n_cases: int, seed: int = 0, log=print) -> 
                     features = rng.standard_normal((n, DIM), dtype=np.float32)
                     features[:, :16] += 0.5 * label  # a weak signal, so training has something to fit
                     ids = [str(i) for i in range(n)]
-                    write_slice(slice_file(config.store_dir, case, stain, str(s)), features.astype(np.float16),
+                    write_slice(slice_file(config.paths.store, case, stain, str(s)), features.astype(np.float16),
                                 np.full((n, 2), -1), ids, {"case": case, "stain": stain, "slice": str(s)})
                     frames.append(pd.DataFrame({"case": case, "stain": stain, "slice": str(s), "patch": ids,
                                                 "patch_index": np.arange(n), "label": label, "x": -1, "y": -1,
@@ -62,10 +62,10 @@ def write_random_store(folder: Path, n_cases: int, seed: int = 0, log=print) -> 
             advance()
     manifest = pd.concat(frames, ignore_index=True)
     StoreMeta(**expected_settings(config), weights_hash="random-features", feature_dim=DIM,
-              dtype="float16").write(config.store_dir)
-    atomic_write(config.manifest_path, lambda tmp: manifest.to_parquet(tmp, index=False), suffix=".parquet")
+              dtype="float16").write(config.paths.store)
+    atomic_write(config.paths.manifest, lambda tmp: manifest.to_parquet(tmp, index=False), suffix=".parquet")
     labels = manifest.drop_duplicates("case").set_index("case")["label"]
-    write_splits(make_splits(labels, config.split), config.splits_dir)
+    write_splits(make_splits(labels, config.split), config.paths.splits_dir)
     atomic_write_json(done, {"cases": n_cases, "patches": len(manifest), "seconds": time.perf_counter() - started})
     log(f"scale store: {n_cases} cases, {len(manifest):,} patches in {time.perf_counter() - started:.0f} s")
     return config, len(manifest)
@@ -74,8 +74,8 @@ def write_random_store(folder: Path, n_cases: int, seed: int = 0, log=print) -> 
 def train_process(config: Config, folder: Path, epochs: int, cache_mb: float) -> dict:
     """One training run in a fresh process; epoch seconds from its history, its peak RSS from the kernel."""
     run_config = folder / f"train-cache{cache_mb:g}.yaml"
-    config.train.max_epochs, config.features.cache_mb = epochs, cache_mb
-    config.train.runs_dir = str(folder / f"runs-cache{cache_mb:g}")
+    config = config.with_overrides({"train.max_epochs": epochs, "features.cache_mb": cache_mb,
+                                    "train.runs_dir": str(folder / f"runs-cache{cache_mb:g}")})
     dump_config(config, run_config)
     code = ("import json, resource, sys, pandas as pd; from stainmil.config import load_config; "
             "from stainmil.train.trainer import train; r = train(load_config(sys.argv[1])); "
@@ -100,7 +100,7 @@ def run_scale(out: str | Path, scales: tuple[int, ...] = (1, 10, 30), cache_mb: 
     for scale in scales:
         folder = out / f"scale-{scale}x-{base_cases}"
         config, patches = write_random_store(folder, base_cases * scale, log=log)
-        config.train.device = device
+        config = config.with_overrides({"train.device": device})
         modes = [cache_mb] + ([0.0] if scale <= memory_up_to else [])
         for mode in modes:
             measured = train_process(config, folder, epochs, mode)

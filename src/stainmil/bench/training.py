@@ -272,7 +272,7 @@ def run_bench(out: str | Path = "demo_out/bench", preset: str = "demo", device_n
         log(f"round {round_}/{rounds}: the backbone's bare forward throughput, then extraction into a fresh store "
             f"({plan.describe()})")
         bare = max(bare, bare_forward(frozen, plan.batch_size, size, device, len(manifest), plan.autocast))
-        shutil.rmtree(config.store_dir, ignore_errors=True)
+        shutil.rmtree(config.paths.store, ignore_errors=True)
         extraction = max(extraction, extract_features(config, manifest, backbone=backbone).patches_per_second)
     log("the bare forward at batch sizes 32 … 512: the encoder's best")
     best, best_batch = best_forward(frozen, size, device, len(manifest), plan.autocast,
@@ -295,7 +295,7 @@ def run_bench(out: str | Path = "demo_out/bench", preset: str = "demo", device_n
         atomic_write_json(out / f"bench-{tag}-{device.type}.json", figures)
         return figures
 
-    bags = CohortBags(manifest, load_features(config.store_dir, manifest), config.data.stains)
+    bags = CohortBags(manifest, load_features(config.paths.store, manifest), config.data.stains)
     split = make_splits(case_labels(manifest), config.split)[0]
     torch.manual_seed(0)
     model = build_model(bags.feature_dim, config.model, config.data.stains).to(device)
@@ -314,8 +314,7 @@ def run_bench(out: str | Path = "demo_out/bench", preset: str = "demo", device_n
         return sum(min(len(bags.slice_patches[s]), cap or 10**9) for c in cases for s in bags.case_slices[c])
 
     def online_epoch(trainable_blocks: int) -> float:
-        online = copy.deepcopy(config)
-        online.features.trainable_blocks = trainable_blocks
+        online = config.with_overrides({"features.trainable_blocks": trainable_blocks})
         encoder = OnlineEncoder(online, device, backbone=copy.deepcopy(backbone) if trainable_blocks else backbone)
         online_bags = CohortBags(manifest, None, config.data.stains, encoder)
         groups = [{"params": encoder.trainable_parameters(), "lr": 1e-5}] if trainable_blocks else []

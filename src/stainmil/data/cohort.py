@@ -414,7 +414,7 @@ def report_text(report: dict) -> str:
 
 def write_index(result: IndexResult, config: Config, out_dir: str | Path | None = None) -> Path:
     """Write manifest.parquet, index_report.txt/.json and config.yaml; return the folder."""
-    out = Path(out_dir) if out_dir else config.index_dir
+    out = Path(out_dir) if out_dir else config.paths.index_dir
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "manifest.parquet", lambda tmp: result.manifest.to_parquet(tmp, index=False))
     atomic_write_json(out / "index_report.json", result.report)
@@ -425,7 +425,7 @@ def write_index(result: IndexResult, config: Config, out_dir: str | Path | None 
 
 def load_manifest(config: Config, columns: list[str] | None = None) -> pd.DataFrame:
     """The index, one row per patch (``columns``: only those, e.g. what training needs of a huge cohort)."""
-    path = config.manifest_path
+    path = config.paths.manifest
     if not path.is_file():
         raise DataError(f"no manifest at {path}; run `stainmil index --config …` first.")
     if columns is not None:  # the columns asked for that this index has (a patch-image index has no slide places)

@@ -65,10 +65,6 @@ class RegisterResult:
     errors: dict[str, str] = field(default_factory=dict)  # pair -> why it could not be registered
 
 
-def registration_dir(config: Config) -> Path:
-    return Path(config.register.out_dir) if config.register.out_dir else Path(config.tile.out_dir) / "registration"
-
-
 def transform_file(out: Path, moving: SlideRef, fixed: SlideRef) -> Path:
     return out / "transforms" / f"{moving.stem}__to__{fixed.stem}.h5"
 
@@ -129,7 +125,7 @@ def map_patches(ihc: pd.DataFrame, he: pd.DataFrame, transform_file: str | Path)
 def read_registrations(config: Config) -> pd.DataFrame | None:
     """``registrations.csv`` of ``config``'s cohort (transform paths resolved in its folder), or None before
     ``stainmil register``."""
-    out = registration_dir(config)
+    out = config.paths.registration_dir
     if not (out / "registrations.csv").is_file():
         return None
     table = pd.read_csv(out / "registrations.csv", dtype={"case": str, "stain": str, "slice": str,
@@ -144,7 +140,7 @@ def read_registrations(config: Config) -> pd.DataFrame | None:
 def registrations_digest(config: Config) -> str | None:
     """SHA-256 of the cohort's ``registrations.csv`` (None before ``register``): a run records the one it was
     trained with, so a later ``register`` cannot silently move its patches."""
-    found = registration_dir(config) / "registrations.csv"
+    found = config.paths.registration_dir / "registrations.csv"
     return hashlib.sha256(found.read_bytes()).hexdigest() if found.is_file() else None
 
 
@@ -169,7 +165,7 @@ def patch_alignment(config: Config, manifest: pd.DataFrame) -> PatchAlignment:
     if missing:
         raise ConfigError(f"model.architecture 'aligned' needs each patch's place on its slide, but the index has no "
                           f"{missing}; tile whole slides with `stainmil tile` (patch-image cohorts cannot be aligned).")
-    found = registration_dir(config) / "registrations.csv"
+    found = config.paths.registration_dir / "registrations.csv"
     registrations = read_registrations(config)
     if registrations is None:
         raise ConfigError(f"model.architecture 'aligned' needs this cohort's registered slices, but {found} does not "
@@ -277,13 +273,13 @@ def _register_pair(moving: SlideRef, fixed: SlideRef, config: Config, path: Path
 
 def register_cohort(config: Config) -> RegisterResult:
     """Register every non-reference slice of every case to its best reference slice (see the module doc)."""
-    with folder_lock(registration_dir(config), "register"):
+    with folder_lock(config.paths.registration_dir, "register"):
         return _register_cohort(config)
 
 
 def _register_cohort(config: Config) -> RegisterResult:
     reference = reference_stain(config)
-    out = registration_dir(config)
+    out = config.paths.registration_dir
     by_case, errors = _slides(config)
     jobs = []
     for case, slides in by_case.items():

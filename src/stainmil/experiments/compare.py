@@ -13,7 +13,6 @@ Re-running with the same ``--out`` resumes: finished stores and folds are reused
 
 from __future__ import annotations
 
-import copy
 from datetime import datetime
 from pathlib import Path
 
@@ -38,15 +37,14 @@ def compare_encoders(config: Config, backbones: list[str], folds: int = 5, launc
             raise ConfigError(f"encoder '{name}' is not registered; choose from {sorted(ENCODERS)}.")
         if name in ENCODERS:
             check_image_size(ENCODERS[name], config.features.image_size)
-    out = Path(out_dir) if out_dir else config.runs_dir / datetime.now().strftime("encoders_%Y%m%d_%H%M%S")
+    out = Path(out_dir) if out_dir else config.paths.runs_dir / datetime.now().strftime("encoders_%Y%m%d_%H%M%S")
     manifest = load_manifest(config)
     splits_dir = shared_folds(config, folds, 1, out, None)
     rows = []
     for name in backbones:
-        encoder_config = copy.deepcopy(config)
-        encoder_config.features.backbone = name
-        encoder_config.features.store_dir = ""  # one store per encoder, named after it
-        log(f"[{name}] extracting features into {encoder_config.store_dir}")
+        # one store per encoder, named after it
+        encoder_config = config.with_overrides({"features.backbone": name, "features.store_dir": ""})
+        log(f"[{name}] extracting features into {encoder_config.paths.store}")
         summary = extract_features(encoder_config, manifest)
         speed = round(summary.patches_per_second, 1) if summary.patches_written else float("nan")
         log(f"[{name}] cross-validating on the shared folds")

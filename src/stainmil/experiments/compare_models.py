@@ -20,7 +20,6 @@ finished folds are reused.
 from __future__ import annotations
 
 import base64
-import copy
 import html
 import json
 from dataclasses import dataclass
@@ -58,15 +57,14 @@ class Variant:
     stains: tuple[str, ...] | None  # None: the config's data.stains
 
     def configure(self, config: Config) -> Config:
-        config = copy.deepcopy(config)
-        config.model.architecture = self.architecture
+        changes: dict[str, object] = {"model.architecture": self.architecture}
         if self.stain_identity:
-            config.model.stain_identity = self.stain_identity
+            changes["model.stain_identity"] = self.stain_identity
         elif config.model.stain_identity == "specific" and not architecture(self.architecture).stain_specific:
-            config.model.stain_identity = "embedding"  # the flat models' counterpart of a stain-specific run
+            changes["model.stain_identity"] = "embedding"  # the flat models' counterpart of a stain-specific run
         if self.stains:
-            config.data.stains = list(self.stains)
-        return config
+            changes["data.stains"] = list(self.stains)
+        return config.with_overrides(changes)
 
     def name(self, config: Config) -> str:
         """``abmil``, ``hierarchical:embedding (he+sox10)``: the stain identity it trains with, when not none."""
@@ -138,7 +136,7 @@ def compare_models(config: Config, models: list[str], folds: int = 5, seeds: lis
                       for spec in stain_sets]
     variants = parse_variants(models, stain_sets, config.data.stains, reference_stain(config))
     seeds = seeds or [config.train.seed]
-    out = Path(out_dir) if out_dir else config.runs_dir / datetime.now().strftime("models_%Y%m%d_%H%M%S")
+    out = Path(out_dir) if out_dir else config.paths.runs_dir / datetime.now().strftime("models_%Y%m%d_%H%M%S")
     with folder_lock(out, "compare-models", log=log):
         return _compare(config, variants, folds, seeds, launcher, out, workers, log)
 
@@ -151,8 +149,7 @@ def _compare(config: Config, variants: list, folds: int, seeds: list[int], launc
     for variant in variants:
         frames, thresholds, seconds, dirs = [], [], [], []
         for seed in seeds:
-            run_config = variant.configure(config)
-            run_config.train.seed = seed
+            run_config = variant.configure(config).with_overrides({"train.seed": seed})
             log(f"[{variant.name(config)}] seed {seed}: cross-validating on the shared folds")
             result = run_cv(run_config, splits_dir=splits_dir, launcher=launcher, workers=workers, log=log,
                             out_dir=out / safe_name(variant.name(config)) / f"seed_{seed}")

@@ -107,7 +107,7 @@ def prepare_experiment(config: Config, folds: int = 5, repeats: int = 1, splits_
         config = load_config(out / "config.yaml")
         split_files = sorted((out / "splits").glob("fold_*.npz"))
     else:
-        out = Path(out_dir) if out_dir else config.runs_dir / datetime.now().strftime("cv_%Y%m%d_%H%M%S")
+        out = Path(out_dir) if out_dir else config.paths.runs_dir / datetime.now().strftime("cv_%Y%m%d_%H%M%S")
         out.mkdir(parents=True, exist_ok=True)
         splits = cv_splits(config, folds, repeats, splits_dir)
         split_files = [save_split(s, out / "splits" / f"fold_{i:02d}.npz") for i, s in enumerate(splits, start=1)]
@@ -121,7 +121,7 @@ def run_cv(config: Config, folds: int = 5, repeats: int = 1, splits_dir: str | P
            job: FoldJob | None = None, log=print, workers: int = 1) -> CVResult | None:
     """Run every fold (skipping finished ones) and write the summaries; ``only_fold`` runs one fold, counted
     from 0 (fold_01 is 0, as ``$SLURM_ARRAY_TASK_ID`` counts)."""
-    out = Path(out_dir) if out_dir else config.runs_dir / datetime.now().strftime("cv_%Y%m%d_%H%M%S")
+    out = Path(out_dir) if out_dir else config.paths.runs_dir / datetime.now().strftime("cv_%Y%m%d_%H%M%S")
     # SLURM array tasks of one CV (--fold-index) run in parallel: each holds its fold's part of the lock
     with folder_lock(out, "cv", part=None if only_fold is None else f"fold{only_fold}", log=log):
         out, jobs = prepare_experiment(config, folds, repeats, splits_dir, out)

@@ -24,7 +24,6 @@ trial budget from their journal, an interrupted fold run continues from its last
 
 from __future__ import annotations
 
-import copy
 import json
 from datetime import datetime
 from pathlib import Path
@@ -35,7 +34,7 @@ from stainmil.config import Config, config_from_dict, config_to_dict, dump_confi
 from stainmil.data.splits import Split, load_split
 from stainmil.errors import ConfigError
 from stainmil.experiments.cv import FoldJob, shared_folds, summarise_cv
-from stainmil.experiments.tune import Objective, apply_values, create_study
+from stainmil.experiments.tune import Objective, create_study
 from stainmil.io import atomic_write, atomic_write_json, atomic_write_text
 from stainmil.launch import run_jobs
 
@@ -65,16 +64,15 @@ class NestedFoldJob:
         fold = Path(fold_dir)
         if (fold / "metrics.json").is_file():
             return json.loads((fold / "metrics.json").read_text())
-        config = config_from_dict(config_values)
-        config.train.split_file = split_path                 # its test cases never reach the inner folds
-        config.tune.study_name = f"nested_{fold.name}"
-        config.tune.dir = str(fold / "tune")
-        config.tune.storage = str(fold / "tune" / "study.journal")
+        config = config_from_dict(config_values).with_overrides({
+            "train.split_file": split_path,  # its test cases never reach the inner folds
+            "tune.study_name": f"nested_{fold.name}", "tune.dir": str(fold / "tune"),
+            "tune.storage": str(fold / "tune" / "study.journal")})
         study = _optimise(config, trials)
         best = dict(study.best_trial.params)
         atomic_write_json(fold / "tune" / "best_params.json", {"value": study.best_value, "params": best,
                                                                "trials": _complete_trials(study)})
-        return FoldJob()(config_to_dict(apply_values(config, best)), split_path, fold_dir)
+        return FoldJob()(config_to_dict(config.with_overrides(best)), split_path, fold_dir)
 
     def checkpoint(self, *args, **kwargs):
         import submitit
@@ -85,9 +83,8 @@ class NestedFoldJob:
 def non_nested_estimate(config: Config, split_files: list[Path], trials: int, out: Path) -> dict:
     """The optimistic estimate: trials train on each outer fold's non-test cases and are scored on its test cases;
     the best trial's mean score is what tuning on the scored folds reports."""
-    config = copy.deepcopy(config)
-    config.tune.study_name, config.tune.dir = "non_nested", str(out)
-    config.tune.storage = str(out / "study.journal")
+    config = config.with_overrides({"tune.study_name": "non_nested", "tune.dir": str(out),
+                                    "tune.storage": str(out / "study.journal")})
     splits = []
     for path in split_files:
         split = load_split(path)
@@ -103,7 +100,7 @@ def run_nested_cv(config: Config, trials: int, folds: int = 5, splits_dir: str |
     """Nested CV with ``trials`` Optuna trials per outer fold, plus the non-nested estimate; returns nested.json."""
     if trials < 1:
         raise ConfigError(f"--tune must be at least 1 trial per outer fold, got {trials}.")
-    out = Path(out_dir) if out_dir else config.runs_dir / datetime.now().strftime("cv_nested_%Y%m%d_%H%M%S")
+    out = Path(out_dir) if out_dir else config.paths.runs_dir / datetime.now().strftime("cv_nested_%Y%m%d_%H%M%S")
     nested = out / "nested"
     if (nested / "config.yaml").is_file():  # resuming: the experiment's own config and folds
         config = load_config(nested / "config.yaml")

@@ -12,7 +12,6 @@ alone does. ``stainmil cv --seeds 0,1,2`` writes (``<runs_dir>/cv_seeds_…/``):
 
 from __future__ import annotations
 
-import copy
 from datetime import datetime
 from pathlib import Path
 
@@ -31,14 +30,13 @@ def run_cv_seeds(config: Config, seeds: list[int], folds: int = 5, repeats: int 
     (and write) one row per seed, and the experiment folder."""
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds must name at least one seed, each once, e.g. 0,1,2; got {seeds}.")
-    out = Path(out_dir) if out_dir else config.runs_dir / datetime.now().strftime("cv_seeds_%Y%m%d_%H%M%S")
+    out = Path(out_dir) if out_dir else config.paths.runs_dir / datetime.now().strftime("cv_seeds_%Y%m%d_%H%M%S")
     folds_dir = shared_folds(config, folds, repeats, out, splits_dir)
     per_fold = config.data.classes.summary_metrics
     seed_metrics = (*per_fold, "brier", "ece")
     rows = []
     for k, seed in enumerate(seeds):
-        seeded = copy.deepcopy(config)
-        seeded.train.seed = seed
+        seeded = config.with_overrides({"train.seed": seed})
         log(f"seed {k + 1}/{len(seeds)} (train.seed={seed})")
         seed_dir = out / f"seed_{k + 1}"
         if (seed_dir / "config.yaml").is_file() and (was := load_config(seed_dir / "config.yaml").train.seed) != seed:

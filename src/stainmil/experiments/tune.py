@@ -78,26 +78,11 @@ def suggest(trial, space: dict[str, dict]) -> dict[str, object]:
     return values
 
 
-def apply_values(config: Config, values: dict[str, object]) -> Config:
-    """A copy of ``config`` with dotted keys set (validated like the YAML)."""
-    data = config_to_dict(config)
-    for key, value in values.items():
-        node = data
-        *path, last = key.split(".")
-        for part in path:
-            if part not in node or not isinstance(node[part], dict):
-                raise ConfigError(f"tune.space key '{key}' is not a config key.")
-            node = node[part]
-        if last not in node:
-            raise ConfigError(f"tune.space key '{key}' is not a config key.")
-        node[last] = value
-    return config_from_dict(data)
-
-
 def inner_splits(config: Config) -> list[Split]:
     """Stratified folds over the non-test cases: val = one fold, train = the rest, test empty."""
     labels = case_labels(load_manifest(config))
-    held_out = set(load_split(config.split_file, set(labels.index)).test) if config.split_file.is_file() else set()
+    split_file = config.paths.split_file
+    held_out = set(load_split(split_file, set(labels.index)).test) if split_file.is_file() else set()
     return validation_folds(labels[[c not in held_out for c in labels.index]], config.tune.inner_folds,
                             config.tune.seed)
 
@@ -123,8 +108,9 @@ class Objective:
         import optuna
 
 
-        config = apply_values(self.config, suggest(trial, self.space))
-        config.train.runs_dir = str(tune_dir(self.config) / "trials" / f"trial_{trial.number:04d}")
+        config = self.config.with_overrides({**suggest(trial, self.space),
+                                             "train.runs_dir": str(tune_dir(self.config) / "trials" /
+                                                                   f"trial_{trial.number:04d}")})
         values, scores, max_epochs = [], {}, config.train.max_epochs
         for i, split in enumerate(self.splits):
             def report(epoch: int, row: dict, offset: int = i * max_epochs) -> None:
@@ -193,7 +179,7 @@ def write_outputs(study, config: Config, out: Path) -> TuneResult:
     if not complete:
         return TuneResult(out, float("nan"), {}, len(study.trials))
     best = study.best_trial
-    best_config = apply_values(config, best.params)
+    best_config = config.with_overrides(best.params)
     atomic_write_text(out / "best_config.yaml", f"# best of {len(complete)} complete trials: {config.tune.metric} = "
                       f"{best.value:.4f} (trial {best.number})\n"
                       + yaml.safe_dump(config_to_dict(best_config), sort_keys=False))

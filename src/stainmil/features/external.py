@@ -302,7 +302,7 @@ def import_features(config: Config, root: str | Path, fmt: str = "auto", encoder
                     require_labels: bool = True) -> ImportResult:
     """Import the TRIDENT/CLAM folder ``root`` into ``config``'s store and index (see the module doc)."""
     source = find_source(root, fmt, encoder)
-    store_dir = Path(config.features.store_dir) if config.features.store_dir else config.imported_store_dir
+    store_dir = Path(config.features.store_dir) if config.features.store_dir else config.paths.imported_store
     with folder_lock(store_dir, "import-features"):
         return _import_into(config, source, store_dir, require_labels)
 

@@ -170,7 +170,7 @@ def extract_features(config: Config, manifest: pd.DataFrame, backbone: Backbone 
     ``shard=(i, n)`` processes only slices ``i, i+n, i+2n, …`` (for array jobs; shards run in parallel, each
     holding its own part of the store's writer lock).
     """
-    with folder_lock(config.store_dir, "extract", part=f"shard{shard[0]}of{shard[1]}" if shard else None):
+    with folder_lock(config.paths.store, "extract", part=f"shard{shard[0]}of{shard[1]}" if shard else None):
         return _extract_features(config, manifest, backbone, shard)
 
 
@@ -180,7 +180,7 @@ def _extract_features(config: Config, manifest: pd.DataFrame, backbone: Backbone
 
     start = time.perf_counter()
     backbone = backbone or build_backbone(config.features)
-    store_dir = config.store_dir
+    store_dir = config.paths.store
     device = resolve_device(config.features.device)
     plan = extraction_plan(config.features, device)
     meta = _prepare_store(config, backbone, store_dir, plan.precision)
@@ -288,7 +288,7 @@ def extract_sharded(config: Config, shards: int = 1, launcher: str = "local", sh
     if shards == 1 and launcher == "local":
         return [extract_features(config, manifest)]
     # the jobs' machines decide the precision (the submitting node may have no GPU): not recorded for shards
-    _prepare_store(config, build_backbone(config.features), config.store_dir, "")
+    _prepare_store(config, build_backbone(config.features), config.paths.store, "")
     values = config_to_dict(config)
-    return run_jobs(ExtractShardJob(), [(values, i, shards) for i in range(shards)], launcher, config.store_dir,
+    return run_jobs(ExtractShardJob(), [(values, i, shards) for i in range(shards)], launcher, config.paths.store,
                     config.slurm, name="stainmil-extract", log=log)

@@ -23,7 +23,7 @@ from torch import nn
 from stainmil.bags.cohort import CohortBags
 from stainmil.config import Config
 from stainmil.data.cohort import keep_stains, load_manifest
-from stainmil.data.registration import patch_alignment, registration_dir, registrations_digest
+from stainmil.data.registration import patch_alignment, registrations_digest
 from stainmil.data.splits import Split, load_split
 from stainmil.device import resolve_device
 from stainmil.errors import DataError, TrainingError
@@ -55,24 +55,24 @@ def load_cohort(config: Config, split: Split | None = None, training: bool = Fal
     places = PLACE_COLUMNS if aligned or spec.patch_positions else []
     manifest = load_manifest(config, (TRAINING_COLUMNS + places) if bounded else None)
     cases = set(manifest["case"])
-    split = split or load_split(config.split_file, cases)
+    split = split or load_split(config.paths.split_file, cases)
     manifest = keep_stains(manifest, config.data.stains)
     if len(kept := set(manifest["case"])) < len(cases):
         split = split.restricted_to(kept)
     for name in ("train", "val"):
         if not split.subset(name):
-            raise DataError(f"the {name} split of {config.split_file} is empty; re-split with more cases.")
+            raise DataError(f"the {name} split of {config.paths.split_file} is empty; re-split with more cases.")
     alignment = patch_alignment(config, manifest) if aligned else None
     online = config.features.mode == "online"
     if online and training:
         encoder = OnlineEncoder(config, resolve_device(config.train.device))
         return CohortBags(manifest, None, config.data.stains, encoder, alignment), split
-    if online and not (config.store_dir / STORE_META).is_file():
+    if online and not (config.paths.store / STORE_META).is_file():
         raise TrainingError(f"this online run has no store of its trained backbone's features yet "
-                            f"({config.store_dir}); finish training first: `stainmil train --resume <run folder>`.")
-    check_store(config.store_dir, config)
+                            f"({config.paths.store}); finish training first: `stainmil train --resume <run folder>`.")
+    check_store(config.paths.store, config)
     views = config.features.views if training else 1
-    features = cohort_features(config.store_dir, manifest, views, config.features.cache_mb)
+    features = cohort_features(config.paths.store, manifest, views, config.features.cache_mb)
     return CohortBags(manifest, features, config.data.stains, alignment=alignment), split
 
 
@@ -127,8 +127,8 @@ def open_run(run_dir: str | Path, checkpoint: str = "best", bags: CohortBags | N
     if bags is None and with_cohort:
         trained_on = state.get("registrations")
         if trained_on and registrations_digest(config) != trained_on:
-            raise DataError(f"{run_dir} was trained on other registrations than {registration_dir(config)} holds now "
-                            "(`stainmil register` ran again since?), so its patches would be placed differently; "
+            raise DataError(f"{run_dir} was trained on other registrations than {config.paths.registration_dir} holds "
+                            "now (`stainmil register` ran again since?), so its patches would be placed differently; "
                             "train the run again, or restore the registrations it was trained with.")
         bags, split = load_cohort(config, split)
     device = resolve_device(config.train.device)

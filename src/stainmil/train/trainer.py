@@ -18,7 +18,6 @@ Run folder (``runs/run_YYYYMMDD_HHMMSS/``)::
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import shutil
@@ -104,7 +103,7 @@ def train(config: Config, resume_dir: str | Path | None = None, split: Split | N
     """
     created = resume_dir is None and run_dir is None
     folder = Path(resume_dir if resume_dir is not None else run_dir if run_dir is not None
-                  else new_run_dir(config.runs_dir))
+                  else new_run_dir(config.paths.runs_dir))
     try:
         with folder_lock(folder, "train"):
             return _train(config, None if resume_dir is None else folder, split, folder, on_epoch_end)
@@ -126,8 +125,7 @@ def _train(config: Config, resume_dir: Path | None, split: Split | None, run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume_dir is None:
         if config.features.mode == "online":  # the trained backbone's features go to the run's own store
-            config = copy.deepcopy(config)
-            config.features.store_dir = str((run_dir / "features").resolve())
+            config = config.with_overrides({"features.store_dir": str(run_dir / "features")})
         dump_config(config, run_dir / "config.yaml")
         save_split(split, run_dir / "data_splits.npz")
 
