@@ -28,6 +28,8 @@ def ensure_debian_packages(binary: str, packages: list[str]) -> str:
         fcntl.flock(lock, fcntl.LOCK_EX)  # xdist workers wait for each other
         if not shutil.which(binary):
             env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+            # an install killed half-way (a test run stopped with Ctrl-C) leaves dpkg "interrupted": finish it first
+            subprocess.run(["dpkg", "--configure", "-a"], env=env, capture_output=True)
             subprocess.run(["apt-get", "update", "-q"], check=True, env=env, capture_output=True)
             result = subprocess.run(["apt-get", "install", "-y", "-q", *packages], env=env, capture_output=True,
                                     text=True)

@@ -20,9 +20,9 @@ def predicted(prepared, tmp_path_factory):
     run = trained_run(prepared, work / "runs", 4)
     test_cases = load_split(run / "data_splits.npz").test
     new = prepared.with_overrides({"data.labels_csv": "",
-                              "data.include_cases": list(test_cases),
-                              "output_dir": str(work / "new"),
-                              "features.store_dir": str(work / "new" / "store")})
+                                   "data.include_cases": list(test_cases),
+                                   "output_dir": str(work / "new"),
+                                   "features.store_dir": str(work / "new" / "store")})
     before = copy.deepcopy(new)
     out = predict_unlabelled(run / "checkpoints" / "best.pth", new, work / "predictions")
     assert new == before, "predict_unlabelled changed the config it was given"

@@ -21,11 +21,11 @@ LR_SPACE = {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True
 
 def _slurm_config(prepared, tmp_path):
     config = prepared.with_overrides({"train.runs_dir": str(tmp_path / "runs"),
-                                    "train.max_epochs": 3,
-                                    "slurm.partition": "debug",
-                                    "slurm.time": 10,
-                                    "slurm.mem": 1,
-                                    "slurm.cpus": 1})
+                                      "train.max_epochs": 3,
+                                      "slurm.partition": "debug",
+                                      "slurm.time": 10,
+                                      "slurm.mem": 1,
+                                      "slurm.cpus": 1})
     return config
 
 

@@ -16,9 +16,9 @@ SPACE = {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
 
 def _config(prepared, tmp_path):
     config = prepared.with_overrides({"tune.study_name": tmp_path.name,
-                                    "train.max_epochs": 2,
-                                    "tune.inner_folds": 2,
-                                    "tune.space": SPACE})  # one study per test, in the shared output folder
+                                      "train.max_epochs": 2,
+                                      "tune.inner_folds": 2,
+                                      "tune.space": SPACE})  # one study per test, in the shared output folder
     return config
 
 

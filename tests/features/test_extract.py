@@ -70,7 +70,7 @@ def test_store_made_with_other_settings_is_refused(prepared):
     with pytest.raises(StoreError, match=r"mean=\[0.485.*asks for \[0.5, 0.5, 0.5\]"):
         check_store(prepared.paths.store, other)
     other = prepared.with_overrides({"features.backbone": "resnet50_trunc",
-                                  "features.store_dir": str(prepared.paths.store)})
+                                     "features.store_dir": str(prepared.paths.store)})
     with pytest.raises(StoreError, match="backbone='densenet121'"):
         check_store(prepared.paths.store, other)
 

@@ -15,10 +15,9 @@ from stainmil.features.store import load_features
 
 
 def _online(prepared, **features):
-    config = prepared.with_overrides({"features.mode": "online"})
-    for key, value in features.items():
-        setattr(config.features, key, value)
-    return config
+    """The features section of an online run with ``features`` set."""
+    return prepared.with_overrides({"features.mode": "online",
+                                    **{f"features.{key}": value for key, value in features.items()}}).features
 
 
 def test_frozen_online_features_are_the_stores_features(prepared):

@@ -20,7 +20,7 @@ VIEWS = 10  # the 8 symmetries and 2 HED-jittered views
 @pytest.fixture(scope="module")
 def viewed(prepared, tmp_path_factory):
     config = prepared.with_overrides({"features.views": VIEWS,
-                                    "features.store_dir": str(tmp_path_factory.mktemp("views") / "store")})
+                                      "features.store_dir": str(tmp_path_factory.mktemp("views") / "store")})
     extract_features(config, load_manifest(config))
     return config
 

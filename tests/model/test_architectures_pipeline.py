@@ -26,9 +26,9 @@ pytestmark = pytest.mark.slow
 
 def _config(prepared, folder, architecture, **model):
     config = prepared.with_overrides({"train.runs_dir": str(folder),
-                                    "train.max_epochs": 3,
-                                    "model.architecture": architecture,
-                                    "model.baseline.transmil_heads": 4})
+                                      "train.max_epochs": 3,
+                                      "model.architecture": architecture,
+                                      "model.baseline.transmil_heads": 4})
     for key, value in model.items():
         setattr(config.model, key, value)
     return config
@@ -77,9 +77,9 @@ def test_pipeline_for_every_architecture(prepared, tmp_path, architecture, new_c
             assert errors == [] and values and ("attention" in values) == has_attention
     assert (run / "qupath" / "index.csv").is_file() or export_folder(run).files
     new = prepared.with_overrides({"data.labels_csv": "",
-                              "data.include_cases": list(test_cases),
-                              "output_dir": str(new_cases_store),
-                              "features.store_dir": str(new_cases_store / "store")})
+                                   "data.include_cases": list(test_cases),
+                                   "output_dir": str(new_cases_store),
+                                   "features.store_dir": str(new_cases_store / "store")})
     out = predict_unlabelled(run / "checkpoints" / "best.pth", new, tmp_path / "predictions", explain=False)
     mine = pd.read_csv(out / "predictions.csv", dtype={"case": str}).set_index("case")
     theirs = pd.read_csv(run / "predictions.csv", dtype={"case": str}).set_index("case").loc[test_cases]

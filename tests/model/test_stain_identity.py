@@ -46,7 +46,7 @@ def train_and_score(identity: str, architecture: str = "hierarchical") -> float:
     config = config.with_overrides({"train.lr": 3e-3})
     model = build_model(train_bags.feature_dim, config.model, STAINS)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
-    step = TrainingStep(model, optimizer, cross_entropy, AttentionRegularizer(config.model, 80), None, config)
+    step = TrainingStep(model, optimizer, cross_entropy, AttentionRegularizer(config.model, 80), None, config.train)
     rng = np.random.default_rng(0)
     cases = train_bags.case_ids
     for epoch in range(1, 81):

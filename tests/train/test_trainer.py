@@ -144,10 +144,10 @@ def test_online_fine_tuning_run_resumes_exactly_and_evaluates_on_its_own_store(p
     from stainmil.features.store import load_features
 
     config = prepared.with_overrides({"features.mode": "online",
-                                    "features.trainable_blocks": 1,
-                                    "features.backbone_lr": 1e-3,
-                                    "train.max_epochs": 3,
-                                    "train.runs_dir": str(tmp_path / "full")})
+                                      "features.trainable_blocks": 1,
+                                      "features.backbone_lr": 1e-3,
+                                      "train.max_epochs": 3,
+                                      "train.runs_dir": str(tmp_path / "full")})
     full = train(config).run_dir
     assert json.loads((full / "status.json").read_text())["state"] == "trained"
     state = load_checkpoint(full / "checkpoints" / "best.pth")
@@ -177,7 +177,7 @@ def test_online_fine_tuning_run_resumes_exactly_and_evaluates_on_its_own_store(p
 
     # predicting new cases uses the fine-tuned backbone too
     new = prepared.with_overrides({"output_dir": str(tmp_path / "new"),
-                              "features.store_dir": str(tmp_path / "new" / "store")})
+                                   "features.store_dir": str(tmp_path / "new" / "store")})
     predict_unlabelled(full / "checkpoints" / "best.pth", new, tmp_path / "new" / "predictions")
     assert np.allclose(load_features(new.paths.store, manifest).astype(np.float32), tuned, rtol=1e-2, atol=1e-3)
 
@@ -185,12 +185,12 @@ def test_online_fine_tuning_run_resumes_exactly_and_evaluates_on_its_own_store(p
 def test_online_vit_fine_tuning_resumes_exactly(prepared, tmp_path):
     """A ViT's last transformer block and final norm trained online: crash + resume == uninterrupted."""
     config = prepared.with_overrides({"features.mode": "online",
-                                    "features.backbone": "kaiko_vits16",
-                                    "features.trainable_blocks": 1,
-                                    "features.backbone_lr": 1e-3,
-                                    "train.max_epochs": 2,
-                                    "data.per_slice_cap": 4,
-                                    "train.runs_dir": str(tmp_path / "full")})
+                                      "features.backbone": "kaiko_vits16",
+                                      "features.trainable_blocks": 1,
+                                      "features.backbone_lr": 1e-3,
+                                      "train.max_epochs": 2,
+                                      "data.per_slice_cap": 4,
+                                      "train.runs_dir": str(tmp_path / "full")})
     full = train(config).run_dir
     state = load_checkpoint(full / "checkpoints" / "last.pth")
     assert state["backbone"] and all(k.startswith(("net.blocks.11.", "net.norm.")) for k in state["backbone"])
@@ -222,7 +222,7 @@ def test_bounded_memory_store_gives_a_bit_identical_run(prepared, tmp_path):
     runs = {}
     for cache_mb in (0.0, 0.25):
         config = prepared.with_overrides({"features.cache_mb": cache_mb,
-                                        "train.runs_dir": str(tmp_path / f"cache{cache_mb}")})
+                                          "train.runs_dir": str(tmp_path / f"cache{cache_mb}")})
         runs[cache_mb] = train(config).run_dir
         evaluate_run(runs[cache_mb])
     assert meta.feature_dim * 2 * 300 / 2 ** 20 > 0.25  # the tiny store (~300 patches, fp16) does not fit

@@ -25,7 +25,7 @@ from torch import nn
 from stainmil.analysis.stains import stain_contribution, stain_sentences, stain_summary
 from stainmil.bags.cohort import CohortBags
 from stainmil.classes import ClassScheme
-from stainmil.config import Config
+from stainmil.config import Config, DataConfig
 from stainmil.data.cohort import SLIDE_COLUMNS
 from stainmil.device import resolve_device
 from stainmil.errors import TrainingError
@@ -162,9 +162,9 @@ def case_table(patches: pd.DataFrame, slices: pd.DataFrame, predictions: pd.Data
     return pd.DataFrame(rows)
 
 
-def find_truth(config: Config) -> Path | None:
+def find_truth(data: DataConfig) -> Path | None:
     """The synthetic cohort's ``patch_truth.csv`` (next to the patch folder), if any."""
-    path = Path(config.data.patches_dir).parent / "patch_truth.csv"
+    path = Path(data.patches_dir).parent / "patch_truth.csv"
     return path if path.is_file() else None
 
 
@@ -252,7 +252,7 @@ def compute_tables(model: nn.Module, config: Config, bags: CohortBags, cases: li
                      "labelled": bool((case_frame["label"] >= 0).all()),
                      "normalisation": "relative_attention = effective_attention x n_patches of the case "
                                       "(1 = uniform share)"}
-    truth_path = find_truth(config)
+    truth_path = find_truth(config.data)
     if truth_path is not None and patch_attention:
         per_case, mean_auc = attention_vs_lesion(patches, pd.read_csv(truth_path))
         case_frame = case_frame.merge(per_case, on="case", how="left")

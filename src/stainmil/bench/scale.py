@@ -61,7 +61,7 @@ def write_random_store(folder: Path, n_cases: int, seed: int = 0, log=print) -> 
                                                 "path": ""}))
             advance()
     manifest = pd.concat(frames, ignore_index=True)
-    StoreMeta(**expected_settings(config), weights_hash="random-features", feature_dim=DIM,
+    StoreMeta(**expected_settings(config.features), weights_hash="random-features", feature_dim=DIM,
               dtype="float16").write(config.paths.store)
     atomic_write(config.paths.manifest, lambda tmp: manifest.to_parquet(tmp, index=False), suffix=".parquet")
     labels = manifest.drop_duplicates("case").set_index("case")["label"]

@@ -135,7 +135,7 @@ def training_epoch(model, optimizer, bags: CohortBags, cases: list[str], rng: np
     order, slices chosen as a run chooses them, the per-slice cap, patch and stain dropout, augmentation,
     prefetch, the loss and regularisers of ``config``): what users run, not a second loop."""
     step = TrainingStep(model, optimizer, build_loss(config.train), AttentionRegularizer(config.model, 1), weights,
-                        config)
+                        config.train)
     slices = bags.choose_slices(cases, config.data.max_slices_per_stain, rng)
     plan = EpochPlan(bags, list(cases), slices, step, config, device)
     start = time.perf_counter()
@@ -314,7 +314,7 @@ def run_bench(out: str | Path = "demo_out/bench", preset: str = "demo", device_n
         return sum(min(len(bags.slice_patches[s]), cap or 10**9) for c in cases for s in bags.case_slices[c])
 
     def online_epoch(trainable_blocks: int) -> float:
-        online = config.with_overrides({"features.trainable_blocks": trainable_blocks})
+        online = config.with_overrides({"features.trainable_blocks": trainable_blocks}).features
         encoder = OnlineEncoder(online, device, backbone=copy.deepcopy(backbone) if trainable_blocks else backbone)
         online_bags = CohortBags(manifest, None, config.data.stains, encoder)
         groups = [{"params": encoder.trainable_parameters(), "lr": 1e-5}] if trainable_blocks else []

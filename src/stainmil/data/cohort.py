@@ -196,7 +196,7 @@ def build_index(config: Config, require_labels: bool = True) -> IndexResult:
         })
     manifest = _finish_manifest(pd.DataFrame(rows, columns=[
         "path", "case", "stain", "slice", "patch", "x", "y", "label", "width", "height", "mode"]))
-    report = _make_report(config, manifest, labels, dict(skipped), slice_files, len(files), require_labels)
+    report = _make_report(config.data, manifest, labels, dict(skipped), slice_files, len(files), require_labels)
     if manifest.empty:
         raise DataError(f"no usable patch in {root}: {len(files)} files, "
                         f"{_reason_summary(skipped)}; check data.filename_pattern and data.labels_csv.")
@@ -214,7 +214,7 @@ def build_slide_index(config: Config, require_labels: bool = True) -> IndexResul
     the heatmaps. Slides the tiling skipped are listed in the report with the tiling's reason.
     """
 
-    tiles, tiling_skipped = load_tiles(config)
+    tiles, tiling_skipped = load_tiles(config.tile)
     rules = CaseRules.from_config(config, require_labels)
     skipped: dict[str, list[str]] = defaultdict(list)
     for reason, names in tiling_skipped.items():
@@ -243,7 +243,7 @@ def slide_index(config: Config, manifest: pd.DataFrame, rules: CaseRules, skippe
     """Sort a slide-route manifest, report on it (``source``: where its patches come from) and refuse an empty
     one (``see``: the report that says why)."""
     manifest = _finish_manifest(manifest)
-    report = _make_report(config, manifest, rules.labels, dict(skipped), Counter(), slides_total,
+    report = _make_report(config.data, manifest, rules.labels, dict(skipped), Counter(), slides_total,
                           rules.require_labels)
     report["patches_dir"] = source
     if manifest.empty:
@@ -284,9 +284,8 @@ def _reason_summary(skipped: dict[str, list[str]]) -> str:
     return "; ".join(f"{len(v)} {k}" for k, v in sorted(skipped.items(), key=lambda kv: -len(kv[1])))
 
 
-def _make_report(config: Config, manifest: pd.DataFrame, labels: Labels, skipped: dict[str, list[str]],
+def _make_report(data: DataConfig, manifest: pd.DataFrame, labels: Labels, skipped: dict[str, list[str]],
                  slice_files: Counter, files_total: int, require_labels: bool) -> dict:
-    data = config.data
     warnings: list[str] = []
     modes = Counter(manifest["mode"]) if not manifest.empty else Counter()
     converted = {mode: n for mode, n in modes.items() if mode != "RGB"}

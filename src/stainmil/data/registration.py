@@ -203,7 +203,7 @@ def reference_stain(config: Config) -> str:
 
 def _slides(config: Config) -> tuple[dict[str, list[SlideRef]], dict[str, str]]:
     """The tiled slides by case, stains canonical (data.stain_aliases), and the slides left out: name -> why."""
-    tiles, _ = load_tiles(config)
+    tiles, _ = load_tiles(config.tile)
     firsts = tiles.drop_duplicates(["case", "stain", "slice"])
     by_case: dict[str, list[SlideRef]] = {}
     unknown: dict[str, str] = {}
@@ -229,9 +229,8 @@ def _scale(path: str, slide_mpp: float) -> tuple[float, float]:
         slide.close()
 
 
-def _settings(moving: SlideRef, fixed: SlideRef, config: Config) -> dict:
+def _settings(moving: SlideRef, fixed: SlideRef, register: RegisterConfig) -> dict:
     """What a pair's registration depends on: a transform file made under other settings is made again."""
-    register = config.register
     return {"fixed_slide": fixed.path, "moving_slide": moving.path, "max_side": register.max_side,
             "nonrigid": register.nonrigid, "spacing_setting_um": register.spacing_um, "min_side": register.min_side,
             "mesh_um": register.mesh_um}
@@ -247,7 +246,7 @@ def registration_scale(register: RegisterConfig, mpp: float, extent_um: float) -
 
 def _register_pair(moving: SlideRef, fixed: SlideRef, config: Config, path: Path) -> dict:
     """Register (or read back, when its file exists with the same settings) one pair; its row."""
-    settings = _settings(moving, fixed, config)
+    settings = _settings(moving, fixed, config.register)
     if path.is_file() and any(read_pair(path)[1].get(k) != v for k, v in settings.items()):
         path.unlink()  # the slides or the registration settings changed since
     if not path.is_file():

@@ -297,13 +297,13 @@ def tile_report_text(result: TileResult, found: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_tiles(config: Config) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+def load_tiles(tile: TileConfig) -> tuple[pd.DataFrame, dict[str, list[str]]]:
     """tiles.csv and the tiling skips of ``tile.out_dir`` (for the slide route's index)."""
     import json
 
-    out = Path(config.tile.out_dir)
+    out = Path(tile.out_dir)
     if not (out / "tiles.csv").is_file():
-        raise DataError(f"no tiles.csv in tile.out_dir '{config.tile.out_dir}'; run `stainmil tile --config …` "
+        raise DataError(f"no tiles.csv in tile.out_dir '{tile.out_dir}'; run `stainmil tile --config …` "
                         "first (data.source=slides reads its coordinates).")
     table = pd.read_csv(out / "tiles.csv", dtype={"case": str, "stain": str, "slice": str}, keep_default_na=False)
     report = json.loads((out / "tile_report.json").read_text()) if (out / "tile_report.json").is_file() else {}

@@ -96,12 +96,12 @@ def evaluate_run(run_dir: str | Path, split_name: str = "test", bags: CohortBags
     if split_name not in metrics["splits"]:
         raise TrainingError(f"split '{split_name}' of {run_dir} is empty; evaluate another split (--split val).")
     metrics["evaluated_split"] = split_name
-    _write_outputs(run_dir, config, predictions, metrics, split_name)
+    _write_outputs(run_dir, config.data.classes, predictions, metrics, split_name)
     return Evaluation(predictions, metrics, threshold, classes)
 
 
-def _write_outputs(run_dir: Path, config: Config, predictions: pd.DataFrame, metrics: dict, split_name: str) -> None:
-    classes = config.data.classes
+def _write_outputs(run_dir: Path, classes: ClassScheme, predictions: pd.DataFrame, metrics: dict,
+                   split_name: str) -> None:
     columns = ["case", "split", "label", "pred"] + [c for c in predictions if c.startswith("prob_")] + ["abs_error"]
     atomic_write(run_dir / "predictions.csv", lambda tmp: predictions[columns].to_csv(tmp, index=False))
     part = predictions[predictions["split"] == split_name]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from stainmil.classes import ClassScheme
 from stainmil.config import Config
 from stainmil.data.cohort import load_manifest
 from stainmil.errors import ConfigError
@@ -54,7 +55,7 @@ def compare_encoders(config: Config, backbones: list[str], folds: int = 5, launc
         spec = ENCODERS.get(name)
         row = {"encoder": name, "dim": spec.dim if spec else None, "weights": encoder_config.features.weights,
                "extraction_img_s": speed}
-        for metric in encoder_metrics(config):
+        for metric in encoder_metrics(config.data.classes):
             lo, hi = pooled["ci95"][metric]
             row[metric] = round(pooled[metric], 3)
             row[f"{metric}_ci95"] = f"[{lo:.3f}, {hi:.3f}]"
@@ -63,14 +64,14 @@ def compare_encoders(config: Config, backbones: list[str], folds: int = 5, launc
     table = pd.DataFrame(rows)
     atomic_write(out / "encoders.csv", lambda tmp: table.to_csv(tmp, index=False))
     atomic_write_text(out / "encoders.md", comparison_markdown(table, len(list(splits_dir.glob("*.npz"))),
-                                                                   encoder_metrics(config)))
+                                                                   encoder_metrics(config.data.classes)))
     log(f"encoder comparison in {out}")
     return table
 
 
-def encoder_metrics(config: Config) -> list[str]:
+def encoder_metrics(classes: ClassScheme) -> list[str]:
     """The comparison's columns: the class scheme's compared metrics but the Brier score."""
-    return [m for m in config.data.classes.compared_metrics if m != "brier"]
+    return [m for m in classes.compared_metrics if m != "brier"]
 
 
 def comparison_markdown(table: pd.DataFrame, folds: int, metrics: list[str]) -> str:

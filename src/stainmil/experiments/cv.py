@@ -78,12 +78,12 @@ def cv_splits(config: Config, folds: int, repeats: int, splits_dir: str | Path |
         if not files:
             raise DataError(f"no data_splits*.npz files in {splits_dir}; pass the folder holding the split files.")
         return [load_split(f, cases) for f in files]
-    return make_splits(case_labels(manifest), kfold_split_config(config, folds, repeats), config.data.class_names)
+    return make_splits(case_labels(manifest), kfold_split_config(config.split, folds, repeats), config.data.class_names)
 
 
-def kfold_split_config(config: Config, folds: int, repeats: int) -> SplitConfig:
-    """``config.split`` as a (repeated) k-fold of ``folds`` folds (a new object: ``config`` is left alone)."""
-    return dataclasses.replace(config.split, method="repeated_kfold" if repeats > 1 else "kfold", folds=folds,
+def kfold_split_config(split: SplitConfig, folds: int, repeats: int) -> SplitConfig:
+    """``split`` as a (repeated) k-fold of ``folds`` folds."""
+    return dataclasses.replace(split, method="repeated_kfold" if repeats > 1 else "kfold", folds=folds,
                                repeats=repeats)
 
 
@@ -93,7 +93,7 @@ def shared_folds(config: Config, folds: int, repeats: int, out: Path, splits_dir
         return Path(splits_dir)
     target = out / "splits"
     if not list(target.glob("data_splits*.npz")):
-        split_config = kfold_split_config(config, folds, repeats)
+        split_config = kfold_split_config(config.split, folds, repeats)
         for i, split in enumerate(make_splits(case_labels(load_manifest(config)), split_config), start=1):
             save_split(split, target / f"data_splits_fold_{i:02d}.npz")
     return target

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from stainmil.config import Config
+from stainmil.config import Config, TileConfig
 from stainmil.data.cohort import CaseRules, IndexResult, slide_index
 from stainmil.data.labels import normalize_case_id
 from stainmil.data.tiling import compile_slide_pattern
@@ -227,9 +227,9 @@ class ImportResult:
     skipped: dict[str, list[str]]
 
 
-def _slide_files(config: Config) -> dict[str, list[Path]]:
+def _slide_files(tile: TileConfig) -> dict[str, list[Path]]:
     """Slide stem (as TRIDENT/CLAM name slides) -> slide paths under ``tile.slices_dir`` (DICOM: the folder)."""
-    root = Path(config.tile.slices_dir) if config.tile.slices_dir else None
+    root = Path(tile.slices_dir) if tile.slices_dir else None
     if root is None or not root.is_dir():
         return {}
     found: dict[str, list[Path]] = {}
@@ -240,8 +240,8 @@ def _slide_files(config: Config) -> dict[str, list[Path]]:
     return found
 
 
-def _match(config: Config, pattern: re.Pattern, name: str, slide: Path | None) -> re.Match | None:
-    candidates = [slide.relative_to(config.tile.slices_dir).as_posix()] if slide is not None else []
+def _match(tile: TileConfig, pattern: re.Pattern, name: str, slide: Path | None) -> re.Match | None:
+    candidates = [slide.relative_to(tile.slices_dir).as_posix()] if slide is not None else []
     candidates += [name] + [name + suffix for suffix in sorted(WSI_SUFFIXES)]
     for text in candidates:
         match = pattern.search(text)
@@ -324,14 +324,14 @@ def _import_into(config: Config, source, store_dir: Path, require_labels: bool) 
     rules = CaseRules.from_config(config, require_labels)
     pattern = compile_slide_pattern(config.tile.filename_pattern)  # a bad regex: one ConfigError, not a traceback
     n_found = len(source.slides) + len(source.locked) + len(source.incomplete)
-    slides_on_disk = _slide_files(config)
+    slides_on_disk = _slide_files(config.tile)
     skipped: dict[str, list[str]] = {reason: names for reason, names in ((LOCKED, list(source.locked)),
                                                                          (INCOMPLETE, list(source.incomplete)))
                                      if names}
     keyed: dict[tuple[str, str, str], SourceSlide] = {}
     for slide in source.slides:
         paths = slides_on_disk.get(slide.name, [])
-        match = _match(config, pattern, slide.name, paths[0] if len(paths) == 1 else None)
+        match = _match(config.tile, pattern, slide.name, paths[0] if len(paths) == 1 else None)
         if not match:
             skipped.setdefault(NO_MATCH, []).append(slide.name)
             continue

@@ -143,9 +143,9 @@ class ExtractSummary:
 
 
 def _prepare_store(config: Config, backbone: Backbone, store_dir: Path, precision: str) -> StoreMeta:
-    settings = expected_settings(config)
+    settings = expected_settings(config.features)
     meta = StoreMeta(**settings, weights_hash=backbone.weights_hash, feature_dim=backbone.out_dim,
-                     dtype=config.features.dtype, **view_settings(config), precision=precision)
+                     dtype=config.features.dtype, **view_settings(config.features), precision=precision)
     if (store_dir / STORE_META).is_file():
         existing = check_store(store_dir, config, extracting=True)
         if existing.precision and existing.precision != precision:

@@ -58,8 +58,7 @@ def split_backbone(module: nn.Module, trainable_blocks: int) -> tuple[nn.Module,
 class OnlineEncoder:
     """Images -> patch features (P, D) on ``device``, with training augmentations and a trainable tail."""
 
-    def __init__(self, config: Config, device: torch.device, backbone: Backbone | None = None) -> None:
-        f: FeaturesConfig = config.features
+    def __init__(self, f: FeaturesConfig, device: torch.device, backbone: Backbone | None = None) -> None:
         self.config, self.device = f, device
         self.mean, self.std = preprocessing(f.backbone, f.mean, f.std)
         self.backbone = backbone or build_backbone(f)
@@ -140,6 +139,6 @@ def backbone_from_checkpoint(state: dict, config: Config, device: torch.device) 
     """The fine-tuned backbone saved in a checkpoint (``state['backbone']``), or None when it has none."""
     if not state.get("backbone"):
         return None
-    encoder = OnlineEncoder(config, device)
+    encoder = OnlineEncoder(config.features, device)
     encoder.load_tail_state(state["backbone"])
     return encoder.as_backbone()

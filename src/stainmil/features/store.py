@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from stainmil.config import Config
+from stainmil.config import Config, FeaturesConfig
 from stainmil.errors import StoreError
 from stainmil.features.encoders import ENCODERS, preprocessing
 from stainmil.io import array_digest, atomic_path, atomic_write_json, safe_name
@@ -66,10 +66,9 @@ def imported_store(store_dir: Path) -> bool:
     return (Path(store_dir) / STORE_META).is_file() and bool(StoreMeta.read(store_dir).imported_from)
 
 
-def weights_label(config: Config) -> str:
+def weights_label(f: FeaturesConfig) -> str:
     """How the store names its weights: 'imagenet' (torchvision's published weights), 'pretrained' (a Hugging
     Face encoder's), 'random(seed=N)' or the weights file path."""
-    f = config.features
     if f.weights == "random":
         return f"random(seed={f.seed})"
     if f.weights in ("pretrained", "imagenet"):
@@ -78,17 +77,15 @@ def weights_label(config: Config) -> str:
     return f.weights
 
 
-def expected_settings(config: Config) -> dict:
+def expected_settings(f: FeaturesConfig) -> dict:
     """What the config asks of a store: encoder, weights and preprocessing."""
-    f = config.features
     mean, std = preprocessing(f.backbone, f.mean, f.std)
-    return {"backbone": f.backbone, "weights": weights_label(config), "image_size": f.image_size,
+    return {"backbone": f.backbone, "weights": weights_label(f), "image_size": f.image_size,
             "mean": mean, "std": std}
 
 
-def view_settings(config: Config) -> dict:
+def view_settings(f: FeaturesConfig) -> dict:
     """What the config asks of a store's views (jitter settings only matter beyond the 8 symmetries)."""
-    f = config.features
     jittered = f.views > 8
     return {"views": f.views, "view_jitter": f.view_jitter if jittered else 0.0, "view_seed": f.seed if jittered else 0}
 
@@ -107,13 +104,13 @@ def check_store(store_dir: Path, config: Config, extracting: bool = False) -> St
                              "(or point features.store_dir at another folder).")
         settings: dict = {}
     else:
-        settings = expected_settings(config)
+        settings = expected_settings(config.features)
     for key, value in settings.items():
         if getattr(meta, key) != value:
             raise StoreError(f"feature store {store_dir} was made with {key}={getattr(meta, key)!r} but the config "
                              f"asks for {value!r}; re-run `stainmil extract` or point features.store_dir at a "
                              "matching store.")
-    wanted = view_settings(config)
+    wanted = view_settings(config.features)
     held = {key: getattr(meta, key) for key in wanted}
     same_jitter = wanted["views"] <= 8 or all(held[k] == wanted[k] for k in ("view_jitter", "view_seed"))
     usable = held == wanted if extracting else (wanted["views"] <= held["views"] and same_jitter)

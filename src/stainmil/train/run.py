@@ -65,7 +65,7 @@ def load_cohort(config: Config, split: Split | None = None, training: bool = Fal
     alignment = patch_alignment(config, manifest) if aligned else None
     online = config.features.mode == "online"
     if online and training:
-        encoder = OnlineEncoder(config, resolve_device(config.train.device))
+        encoder = OnlineEncoder(config.features, resolve_device(config.train.device))
         return CohortBags(manifest, None, config.data.stains, encoder, alignment), split
     if online and not (config.paths.store / STORE_META).is_file():
         raise TrainingError(f"this online run has no store of its trained backbone's features yet "

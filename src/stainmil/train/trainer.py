@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 
 from stainmil.bags.cohort import CohortBags
-from stainmil.config import Config, config_to_dict, dump_config, load_config
+from stainmil.config import Config, TrainConfig, config_to_dict, dump_config, load_config
 from stainmil.data.registration import registrations_digest
 from stainmil.data.splits import Split, load_split, save_split
 from stainmil.data.subcases import expand_subcases
@@ -156,7 +156,7 @@ def _train(config: Config, resume_dir: Path | None, split: Split | None, run_dir
         train_bags = bags.with_manifest(manifest)
     slices = train_bags.choose_slices(train_cases, config.data.max_slices_per_stain,
                                       np.random.default_rng([t.seed, 1]))
-    step = TrainingStep(model, optimizer, loss_fn, regularizer, weights, config)
+    step = TrainingStep(model, optimizer, loss_fn, regularizer, weights, config.train)
     plan = EpochPlan(train_bags, train_cases, slices, step, config, device, then=(bags, split.val[:8]))
     history: list[dict] = []
     stopping = {"best_val_loss": math.inf, "best_epoch": 0, "bad_epochs": 0}
@@ -284,10 +284,9 @@ class TrainingStep:
     """One optimisation step: forward (with top-k masking if configured), loss + regularisers, backward, step."""
 
     def __init__(self, model: torch.nn.Module, optimizer, loss_fn, regularizer: AttentionRegularizer,
-                 weights: torch.Tensor | None, config: Config) -> None:
+                 weights: torch.Tensor | None, t: TrainConfig) -> None:
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.regularizer, self.weights = regularizer, weights
-        t = config.train
         self.topk = (t.topk_mask_k, t.topk_mask_ratio) if t.topk_mask_k > 0 else None
 
     def __call__(self, batch, epoch: int) -> dict[str, float]:
