@@ -10,7 +10,7 @@ def test_vectorised_forward_equals_the_old_nested_loops(attention, identity):
     bags = random_bags(n_cases=8)
     model = model_for(bags, attention, stain_identity=identity).double().eval()
     batch = bags.batch(bags.case_ids)
-    batch = batch.with_overrides({"features": batch.features.double()})
+    batch.features = batch.features.double()
     with torch.no_grad():
         assert torch.allclose(model(batch).logits, reference.nested_forward(model, batch), atol=1e-10)
 

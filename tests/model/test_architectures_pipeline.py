@@ -25,13 +25,9 @@ pytestmark = pytest.mark.slow
 
 
 def _config(prepared, folder, architecture, **model):
-    config = prepared.with_overrides({"train.runs_dir": str(folder),
-                                      "train.max_epochs": 3,
-                                      "model.architecture": architecture,
-                                      "model.baseline.transmil_heads": 4})
-    for key, value in model.items():
-        setattr(config.model, key, value)
-    return config
+    return prepared.with_overrides({"train.runs_dir": str(folder), "train.max_epochs": 3,
+                                    "model.architecture": architecture, "model.baseline.transmil_heads": 4,
+                                    **{f"model.{key}": value for key, value in model.items()}})
 
 
 @pytest.fixture(scope="module")

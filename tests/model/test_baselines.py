@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from stainmil.bags.cohort import CohortBags
-from stainmil.config import ModelConfig
+from stainmil.config import BaselineConfig, ModelConfig
 from stainmil.data.registration import PatchAlignment
 from stainmil.errors import ConfigError, DataError
 from stainmil.model.baselines.clam import smooth_top1_svm
@@ -34,13 +34,12 @@ def placed_bags(n_cases=5, seed=0) -> CohortBags:
     return CohortBags(m, features, bags.stains, alignment=PatchAlignment(anchor))
 
 
-def small_config(architecture, **kwargs) -> ModelConfig:
+def small_config(architecture, baseline: dict | None = None, **kwargs) -> ModelConfig:
+    """A small model config; ``baseline`` sets ``model.baseline`` fields (the configs are frozen)."""
     kwargs.setdefault("stain_identity", "none")  # the plain models; the identities are tested by name
-    config = ModelConfig(architecture=architecture, embed_dim=32, attention_hidden_dim=8, dropout=0.0, **kwargs)
-    config.baseline.clam_k_sample = 3
-    config.baseline.clam_attention_dim = 8
-    config.baseline.transmil_heads = 4
-    return config
+    small = BaselineConfig(clam_k_sample=3, clam_attention_dim=8, transmil_heads=4, **(baseline or {}))
+    return ModelConfig(architecture=architecture, embed_dim=32, attention_hidden_dim=8, dropout=0.0, baseline=small,
+                       **kwargs)
 
 
 def build(architecture, bags, seed=0, **kwargs):

@@ -28,8 +28,7 @@ def test_late_fusion_is_the_mean_of_its_per_stain_models_over_the_stains_a_case_
 
 def test_learned_late_fusion_weighs_each_stain_by_its_softmaxed_score():
     bags = random_bags(n_cases=4, drop_stain_of=())  # every case has every stain
-    config = small_config("late_fusion")
-    config.baseline.late_fusion_combine = "learned"
+    config = small_config("late_fusion", {"late_fusion_combine": "learned"})
     torch.manual_seed(0)
     model = build_model(bags.feature_dim, config, STAINS).eval()
     with torch.no_grad():
@@ -43,8 +42,7 @@ def test_learned_late_fusion_weighs_each_stain_by_its_softmaxed_score():
 
 
 def test_late_fusion_needs_a_flat_base():
-    config = small_config("late_fusion")
-    config.baseline.late_fusion_base = "hierarchical"
+    config = small_config("late_fusion", {"late_fusion_base": "hierarchical"})
     with pytest.raises(ConfigError, match="flat"):
         build_model(16, config, STAINS)
 
@@ -66,7 +64,6 @@ def test_cross_attention_masks_a_missing_stain_instead_of_zero_filling_it():
         out, out_changed = model(full), model(changed)
         he = full.group_stain == 0
         assert not torch.allclose(out.stain_weights[he], out_changed.stain_weights[he])
-    config = small_config("cross_attention")
-    config.baseline.cross_attention_heads = 3  # 32 is not a multiple of 3
+    config = small_config("cross_attention", {"cross_attention_heads": 3})  # 32 is not a multiple of 3
     with pytest.raises(ConfigError, match="divisible"):
         build_model(16, config, STAINS)

@@ -44,14 +44,8 @@ def test_terms_by_hand_and_gradients_flow():
 
 
 def _run(config, tmp_path, name, *overrides):
-    c = config.with_overrides({"train.runs_dir": str(tmp_path / name), "train.max_epochs": 5})
-    for key, value in overrides:
-        obj = c
-        *path, last = key.split(".")
-        for part in path:
-            obj = getattr(obj, part)
-        setattr(obj, last, value)
-    return train(c).run_dir
+    return train(config.with_overrides({"train.runs_dir": str(tmp_path / name), "train.max_epochs": 5,
+                                        **dict(overrides)})).run_dir
 
 
 def test_zero_coefficients_train_bit_identically(prepared, tmp_path):

@@ -40,10 +40,8 @@ def stain_keyed_bags(n_cases: int, seed: int, dim: int = 8, patches: int = 12) -
 def train_and_score(identity: str, architecture: str = "hierarchical") -> float:
     train_bags, test_bags = stain_keyed_bags(64, seed=0), stain_keyed_bags(40, seed=1)
     torch.manual_seed(0)
-    config = Config()
-    config.model = ModelConfig(architecture=architecture, stain_identity=identity, embed_dim=16,
-                               attention_hidden_dim=8, dropout=0.0)
-    config = config.with_overrides({"train.lr": 3e-3})
+    config = Config(model=ModelConfig(architecture=architecture, stain_identity=identity, embed_dim=16,
+                                      attention_hidden_dim=8, dropout=0.0)).with_overrides({"train.lr": 3e-3})
     model = build_model(train_bags.feature_dim, config.model, STAINS)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
     step = TrainingStep(model, optimizer, cross_entropy, AttentionRegularizer(config.model, 80), None, config.train)
