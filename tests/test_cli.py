@@ -134,7 +134,6 @@ def test_synth_section_mm_writes_scanner_named_real_size_sections(tmp_path):
 # names whose meaning differs by command on purpose, with the reason; every other name must agree everywhere
 DIFFERS_ON_PURPOSE = {
     "--preset": "each command has its own presets (bench adds scale)",
-    "--slides": "synth writes slides in a format (tiff | svs | dicom); demo and bench take the slide route (a flag)",
 }
 
 
@@ -243,6 +242,18 @@ def test_synth_folder_as_an_argument_still_works(tmp_path):
                                "release)."]
     r = invoke("synth", tmp_path / "d", "--out", tmp_path / "e")
     assert r.exit_code == 2 and "give one" in r.output
+
+
+def test_synth_slides_format_is_spelled_slide_format(tmp_path):
+    """--slides is the slide route's flag in demo and bench; synth's format option is --slide-format (the old
+    spelling still writes the slides, with a deprecation line)."""
+    r = invoke("synth", "--out", tmp_path / "c", "--preset", "tiny", "--cases", "2", "--slices", "1-1", "--slides",
+               "tiff")
+    assert r.exit_code == 0 and sorted((tmp_path / "c" / "slides").rglob("*.tiff")), r.output
+    assert deprecations(r) == ["deprecated: synth --slides tiff; write synth --slide-format tiff instead (the old "
+                               "form goes in the next release)."]
+    r = invoke("synth", "--out", tmp_path / "d", "--slide-format", "png")
+    assert r.exit_code == 2 and "--slide-format 'png' is not one of tiff, svs, dicom" in r.output
 
 
 @pytest.fixture

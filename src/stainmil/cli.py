@@ -61,6 +61,9 @@ ClassesOpt = Annotated[int, typer.Option("--classes", help="2 (benign, high_grad
 SerialOpt = Annotated[bool, typer.Option(
     "--serial", help="Serial sections: a case's stains cut from one block, each moved/flipped/stretched with known "
                      "landmarks (for `stainmil register`).")]
+SlideRouteOpt = Annotated[bool, typer.Option(
+    "--slides", help="The slide route: the slices written as pyramidal TIFF slides, tiled, and features extracted "
+                     "from the slides.")]
 SplitOpt = Annotated[str, typer.Option("--split", help="The run's cases to use: train | val | test, or all (analyze, "
                                                        "export qupath).")]
 WideOpt = Annotated[bool, typer.Option("--wide", help="Every column (wider than 80 characters).")]
@@ -137,8 +140,9 @@ def synth(ctx: typer.Context,
                    "as decoys.")] = None,
           seed: Annotated[int | None, typer.Option(help="Random seed (deterministic output).")] = None,
           serial: SerialOpt = None,
-          slides: Annotated[str, typer.Option(help="Also write whole-slide images of the slices for the slide route "
-                                                   "(slides/ + slides.yaml): tiff | svs | dicom.")] = "",
+          slide_format: Annotated[str, typer.Option(help="Also write whole-slide images of the slices for the slide "
+                                                         "route (slides/ + slides.yaml): tiff | svs | dicom.")] = "",
+          slides: Annotated[str, typer.Option("--slides", hidden=True)] = "",  # the old spelling of --slide-format
           section_mm: Annotated[float, typer.Option(help="With --serial: real-size serial sections of this many mm, "
                                                          "streamed tile by tile into pyramidal TIFFs named as a "
                                                          "scanner names them (C001_HE_S0.tiff), landmarks in µm "
@@ -168,10 +172,15 @@ def synth(ctx: typer.Context,
                       f"{folder.parent / 'slides.yaml'} and stainmil register --config {folder.parent / 'slides.yaml'}")
         return
 
+    if slides:  # --slides is a flag of demo and bench (the slide route); here it named a format
+        if slide_format:
+            raise ConfigError("--slides is the old spelling of --slide-format; give only --slide-format.")
+        deprecated(f"synth --slides {slides}", f"synth --slide-format {slides}")
+        slide_format = slides
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset '{preset}'; choose one of {sorted(PRESETS)}.")
-    if slides and slides not in SLIDE_FORMATS:
-        raise ConfigError(f"--slides '{slides}' is not one of {', '.join(SLIDE_FORMATS)}.")
+    if slide_format and slide_format not in SLIDE_FORMATS:
+        raise ConfigError(f"--slide-format '{slide_format}' is not one of {', '.join(SLIDE_FORMATS)}.")
     changes = {k: v for k, v in dict(cases=cases, benign_fraction=benign_fraction, patch_size=patch_size,
                                        slice_size=slice_size, signal=signal, missing_stain_prob=missing_stain_prob,
                                        key_stain=key_stain, decoy_fraction=decoy_fraction, classes=classes,
@@ -186,9 +195,9 @@ def synth(ctx: typer.Context,
     config = dataclasses.replace(PRESETS[preset], **changes)
     path = write_cohort(out, config)
     console.print(f"synthetic cohort written to [bold]{path}[/]; next: stainmil index --config {path / 'cohort.yaml'}")
-    if slides:
-        write_slides(path, mpp=0.5, upsample=2, aperio=slides == "svs", dicom=slides == "dicom")
-        console.print(f"{slides} slides in [bold]{path / 'slides'}[/]; slide route: stainmil tile --config "
+    if slide_format:
+        write_slides(path, mpp=0.5, upsample=2, aperio=slide_format == "svs", dicom=slide_format == "dicom")
+        console.print(f"{slide_format} slides in [bold]{path / 'slides'}[/]; slide route: stainmil tile --config "
                       f"{path / 'slides.yaml'}")
 
 
@@ -342,8 +351,7 @@ def demo(out: OutOpt = Path("demo_out"),
          weights: WeightsOpt = "auto",
          preset: Annotated[str, typer.Option(help="Synthetic cohort preset: demo | tiny | real-shape | serial | "
                                                   "serial-tiny.")] = "demo",
-         slides: Annotated[bool, typer.Option(help="The slide route: pyramidal TIFF slides -> tile -> extract "
-                                                   "from the slides.")] = False,
+         slides: SlideRouteOpt = False,
          classes: ClassesOpt = 2,
          serial: SerialOpt = False,
          ) -> None:
@@ -728,7 +736,7 @@ def bench(preset: Annotated[str, typer.Option(help="Synthetic cohort: demo | tin
           weights: WeightsOpt = "random",
           rounds: Annotated[int, typer.Option(help="Forward/extraction rounds, best of each.")] = 2,
           backbone: Annotated[str, typer.Option(help="Encoder (see `stainmil backbones`).")] = "densenet121",
-          slides: Annotated[bool, typer.Option(help="Extract from pyramidal TIFF slides (the slide route).")] = False,
+          slides: SlideRouteOpt = False,
           extraction_only: Annotated[bool, typer.Option(help="Only forward vs extraction.")] = False,
           compile_head: Annotated[bool, typer.Option("--compile", help="Also time the head under torch.compile "
                                                                        "(compiles first).")] = False,

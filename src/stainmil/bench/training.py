@@ -315,7 +315,8 @@ def run_bench(out: str | Path = "demo_out/bench", preset: str = "demo", device_n
 
     def online_epoch(trainable_blocks: int) -> float:
         online = config.with_overrides({"features.trainable_blocks": trainable_blocks})
-        encoder = OnlineEncoder(online.features, device, backbone=copy.deepcopy(backbone) if trainable_blocks else backbone)
+        encoder = OnlineEncoder(online.features, device,
+                                backbone=copy.deepcopy(backbone) if trainable_blocks else backbone)
         online_bags = CohortBags(manifest, None, config.data.stains, encoder)
         groups = [{"params": encoder.trainable_parameters(), "lr": 1e-5}] if trainable_blocks else []
         online_optimizer = torch.optim.Adam([{"params": model.parameters()}, *groups], lr=1e-4)
