@@ -161,3 +161,34 @@ def test_biox_cpath_reads_where_patches_lie_when_the_cohort_knows_it():
         with_places, without = placed.batch(placed.case_ids), bags.batch(bags.case_ids)
         assert with_places.patch_position is not None and without.patch_position is None
         assert not torch.allclose(model(with_places).logits, model(without).logits)  # the spatial edges count
+
+
+GRADIENT_SCRIPT = """
+import hashlib, sys, torch
+from tests.model.test_baselines import STAINS, small_config
+from tests.model.test_hierarchical import random_bags
+from stainmil.model.registry import build_model
+torch.set_num_threads(2)
+bags = random_bags(n_cases=8)
+torch.manual_seed(0)
+model = build_model(bags.feature_dim, small_config(sys.argv[1]), STAINS).train()
+batch = bags.batch(bags.case_ids)
+torch.manual_seed(1)
+torch.nn.functional.cross_entropy(model(batch).logits, batch.labels).backward()
+grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+print(hashlib.sha256(grads.numpy().tobytes()).hexdigest())
+"""
+
+
+@pytest.mark.parametrize("architecture", ["mustang", "biox_cpath"])
+def test_graph_models_give_the_same_gradients_in_every_process(architecture):
+    """Two threads, three fresh processes, one seed: bit-identical gradients. Indexing with repeated indices
+    (x[edges]) summed its backward in a thread-dependent order on CPU, and compare-models' AUCs moved run to run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    digests = {subprocess.run([sys.executable, "-c", GRADIENT_SCRIPT, architecture], cwd=root, check=True,
+                              capture_output=True, text=True).stdout.strip() for _ in range(3)}
+    assert len(digests) == 1, digests

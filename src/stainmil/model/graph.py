@@ -65,11 +65,14 @@ class GATv2(nn.Module):
         source = torch.cat([edges[0][keep], loops])
         target = torch.cat([edges[1][keep], loops])
         left, right = self.lin_l(x).view(n, h, o), self.lin_r(x).view(n, h, o)
-        scores = (F.leaky_relu(left[source] + right[target], self.negative_slope) * self.att).sum(-1)  # (E, H)
+        # index_select, not left[source]: the backward of indexing with repeated indices (index_put_ accumulate)
+        # sums in a thread-dependent order on CPU, so runs differed bit for bit; index_select's does not
+        from_source, to_target = left.index_select(0, source), right.index_select(0, target)     # (E, H, O)
+        scores = (F.leaky_relu(from_source + to_target, self.negative_slope) * self.att).sum(-1)  # (E, H)
         heads = torch.arange(h, device=x.device)
         groups = (target[:, None] * h + heads).reshape(-1)                        # (E*H,) (target, head)
         alpha = segment_softmax(scores.reshape(-1), groups, n * h).view(-1, h)     # (E, H)
-        out = segment_sum((alpha[..., None] * left[source]).reshape(len(source), h * o), target, n)
+        out = segment_sum((alpha[..., None] * from_source).reshape(len(source), h * o), target, n)
         return out.view(n, h, o).mean(1) + self.bias                               # (N, E)
 
 
@@ -82,7 +85,7 @@ class GraphConvScore(nn.Module):
         self.lin_rel, self.lin_root = nn.Linear(dim, 1), nn.Linear(dim, 1, bias=False)
 
     def forward(self, x: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-        neighbours = segment_sum(x[edges[0]], edges[1], len(x))                     # (N, E)
+        neighbours = segment_sum(x.index_select(0, edges[0]), edges[1], len(x))      # (N, E)
         return (self.lin_rel(neighbours) + self.lin_root(x)).squeeze(1)
 
 
