@@ -9,6 +9,10 @@ one-line ``help`` that the docs' configuration reference is generated from
 Relative paths in a YAML file are resolved against the current working directory when the
 config is loaded; the copy dumped into every output folder holds absolute paths, so a run
 folder can be re-evaluated from anywhere.
+
+Configs are frozen: ``config.with_overrides({"train.lr": 1e-3})`` returns a new, validated one,
+so no function can change the config it was given. Derived locations (index, store, splits,
+runs, registration) are in ``config.paths`` (:class:`Paths`), computed from the config alone.
 """
 
 from __future__ import annotations
