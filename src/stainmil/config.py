@@ -495,7 +495,7 @@ class Paths:
     def of(cls, config: Config) -> Paths:
         out = Path(config.output_dir)
         weights = config.features.weights
-        tag = weights if weights in ("pretrained", "imagenet", "random") else Path(weights).stem
+        tag = weights if weights in NAMED_OR_PATH[("features", "weights")] else Path(weights).stem  # a name or a file
         store = Path(config.features.store_dir) if config.features.store_dir \
             else out / "features" / f"{config.features.backbone}-{tag}-{config.features.image_size}px"
         return cls(
