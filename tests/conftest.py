@@ -15,7 +15,7 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 from stainmil.config import Config, load_config  # noqa: E402
-from stainmil.data.synth import PRESETS, write_cohort  # noqa: E402
+from stainmil.data.synth import PRESETS, TRUTH_TEMPLATE, write_cohort  # noqa: E402
 
 
 def made_once(tmp_path_factory, name: str, build) -> Path:
@@ -38,8 +38,21 @@ def tiny_config(cohort: Path, work: Path, *overrides: str) -> Config:
         f"output_dir={work}", f"data.patches_dir={cohort / 'patches'}", f"data.labels_csv={cohort / 'labels.csv'}",
         "features.weights=random", "features.image_size=32", "features.num_workers=0", "features.batch_size=64",
         "model.embed_dim=64", "model.attention_hidden_dim=32", "train.max_epochs=6", "train.cases_per_batch=2",
-        "train.early_stopping_patience=50", "data.per_slice_cap=8", "eval.bootstrap=100", *overrides,
+        "train.early_stopping_patience=50", "data.per_slice_cap=8", "eval.bootstrap=100",
+        f"analysis.truth={cohort / 'annotations' / TRUTH_TEMPLATE}", *overrides,
     ])
+
+
+def synth_patches(cohort: Path):
+    """Every patch of a synthetic cohort from its file name (case, stain, slice, patch, x, y as text)."""
+    import re
+
+    import pandas as pd
+
+    name = re.compile(r"case(?P<case>[^_]+)_(?P<stain>[^_]+)_slice(?P<slice>[^_]+)_patch(?P<patch>\d+)"
+                      r"_x(?P<x>\d+)_y(?P<y>\d+)")
+    rows = [{**name.match(p.stem).groupdict(), "file": p.name} for p in sorted((cohort / "patches").rglob("*.png"))]
+    return pd.DataFrame(rows)
 
 
 @pytest.fixture(scope="session")
@@ -98,7 +111,7 @@ def slide_config(cohort: Path, work: Path, *overrides: str) -> Config:
     """The slide route on ``slide_cohort``: tile at 0.5 µm/px into ``work``, tiny-model settings."""
     return tiny_config(cohort, work, "data.source=slides", f"tile.slices_dir={cohort / 'slides'}",
                        f"tile.out_dir={work / 'tiles'}", "tile.mpp=0.5", "tile.patch_size=32", "tile.mask_downsample=1",
-                       *overrides)
+                       f"analysis.truth={cohort / 'slide_annotations' / TRUTH_TEMPLATE}", *overrides)
 
 
 @pytest.fixture(scope="session")

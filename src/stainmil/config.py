@@ -355,6 +355,24 @@ class AnalysisConfig:
     thumbnail_px: int = _help("Longest side of heatmap thumbnails.", default=640)
     deletion_k: int = _help("Patches removed in the deletion check (top-k vs random-k).", default=10)
     max_cases_in_report: int = _help("Per-case sections in report.html (misclassified first).", default=40)
+    truth: str = _help(
+        "The pathologist's lesion outlines every analysis scores attention against: a folder of QuPath GeoJSON per "
+        "slide (level-0 px; named as for tile.include_annotations, or a `stainmil view --review` folder), a template "
+        "with {stem}, {case}, {stain}, {slice}, or a CSV with columns case, stain, slice, patch, lesion_fraction "
+        "(patch-folder cohorts); empty = no attention-vs-lesion measures.", default="")
+    lesion_classes: list[str] = _help("QuPath classes that outline the lesion (* wildcards, any case).",
+                                      default_factory=lambda: ["Lesion*", "Tumo*r*"])
+    ignore_classes: list[str] = _help("QuPath classes whose patches are left out of the lesion measures (artefacts, "
+                                      "folds, pen).", default_factory=lambda: ["Artefact*", "Artifact*", "Ignore*"])
+    lesion_min_fraction: float = _help("A patch counts as lesion when more than this share of its square lies "
+                                       "inside the lesion outline (0 = any overlap).", default=0.0)
+    ignore_min_fraction: float = _help("A patch is left out when at least this share of its square lies in an "
+                                       "ignored region.", default=0.5)
+    truth_from_reference: bool = _help(
+        "Score the slides of other stains against the reference stain's outline carried through `stainmil "
+        "register` (aligned pairs only), so one H&E annotation scores every stain.", default=False)
+    review_classes: list[str] = _help("The classes a reviewer draws in `stainmil view --review`.",
+                                      default_factory=lambda: ["Lesion", "Not lesion", "Artefact"])
 
 
 @dataclass(frozen=True)
@@ -490,6 +508,7 @@ class Paths:
     split_file: Path
     runs_dir: Path
     registration_dir: Path
+    reviews_dir: Path        # <output_dir>/reviews/<reviewer>/ (stainmil view --review)
 
     @classmethod
     def of(cls, config: Config) -> Paths:
@@ -504,13 +523,14 @@ class Paths:
             split_file=Path(config.train.split_file) if config.train.split_file else out / "splits" / "data_splits.npz",
             runs_dir=Path(config.train.runs_dir) if config.train.runs_dir else out / "runs",
             registration_dir=Path(config.register.out_dir) if config.register.out_dir
-            else Path(config.tile.out_dir) / "registration")
+            else Path(config.tile.out_dir) / "registration",
+            reviews_dir=out / "reviews")
 
 
 PATH_FIELDS = {
     ("output_dir",), ("data", "patches_dir"), ("data", "labels_csv"), ("features", "store_dir"),
     ("train", "runs_dir"), ("train", "split_file"), ("tile", "slices_dir"), ("tile", "out_dir"), ("tune", "dir"),
-    ("tile", "include_annotations"), ("tile", "exclude_annotations"), ("register", "out_dir"),
+    ("tile", "include_annotations"), ("tile", "exclude_annotations"), ("register", "out_dir"), ("analysis", "truth"),
 }
 # settings that are a path only in some of their forms (a name, a URL or a path)
 NAMED_OR_PATH = {("features", "weights"): ("pretrained", "imagenet", "random"), ("tune", "storage"): ()}

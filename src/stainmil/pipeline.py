@@ -16,7 +16,7 @@ from stainmil.data.cohort import build_index, case_labels, load_manifest, write_
 from stainmil.data.registration import register_cohort
 from stainmil.data.slide_route import tile_cohort
 from stainmil.data.splits import load_split, make_splits, write_splits
-from stainmil.data.synth import PRESETS, write_cohort, write_slides
+from stainmil.data.synth import PRESETS, TRUTH_TEMPLATE, write_cohort, write_slides
 from stainmil.errors import StoreError
 from stainmil.evaluate.evaluation import Evaluation, evaluate_run
 from stainmil.features.backbones import build_backbone
@@ -56,10 +56,12 @@ def demo_config(out_dir: Path, cohort_dir: Path, overrides: list[str], slides: b
             "features.num_workers=1", "train.max_epochs=40"]
     if slides:  # the slide route: "40x" pyramidal TIFFs tiled at 0.5 um/px (their 2x level)
         base += ["data.source=slides", f"tile.slices_dir={cohort_dir / 'slides'}", f"tile.out_dir={out_dir / 'tiles'}",
-                 "tile.mpp=0.5", "tile.mask_downsample=1"]
+                 "tile.mpp=0.5", "tile.mask_downsample=1",
+                 f"analysis.truth={cohort_dir / 'slide_annotations' / TRUTH_TEMPLATE}"]
     else:
         base += [f"data.patches_dir={cohort_dir / 'patches'}",
-                 f"analysis.slice_images={cohort_dir / 'slices' / 'case{case}' / '{stain}' / 'slice{slice}.png'}"]
+                 f"analysis.slice_images={cohort_dir / 'slices' / 'case{case}' / '{stain}' / 'slice{slice}.png'}",
+                 f"analysis.truth={cohort_dir / 'annotations' / TRUTH_TEMPLATE}"]
     return load_config(None, base + list(overrides))
 
 

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from stainmil.analysis.analyze import write_analysis
-from stainmil.analysis.attention import attention_vs_lesion
 from stainmil.classes import ClassScheme
 from tests.conftest import trained_run
 
@@ -45,16 +44,6 @@ def test_tables_have_every_id_and_consistent_weights(analysed_run):
     assert "deletion_delta_top_k_mean" in summary
 
 
-def test_attention_vs_lesion_auc_by_hand():
-    patches = pd.DataFrame({"case": ["1"] * 4, "stain": ["he"] * 4, "slice": ["0"] * 4, "patch": list("0123"),
-                            "effective_attention": [0.4, 0.3, 0.2, 0.1]})
-    truth = pd.DataFrame({"case": [1] * 4, "stain": ["he"] * 4, "slice": [0] * 4, "patch": [0, 1, 2, 3],
-                          "lesion_fraction": [0.5, 0.0, 0.3, 0.0]})
-    per_case, mean = attention_vs_lesion(patches, truth)
-    assert mean == pytest.approx(0.75)  # lesion patches 0.4, 0.2 vs others 0.3, 0.1: 3 of 4 pairs ordered
-    assert per_case["lesion_patches"].tolist() == [2]
-
-
 def test_subset_drops_emptied_slices_and_keeps_structure():
     from tests.model.test_hierarchical import model_for, random_bags
 
@@ -70,7 +59,6 @@ def test_subset_drops_emptied_slices_and_keeps_structure():
 
 
 def test_stain_weight_table_averages_stain_attention_per_stain_and_class():
-    import pandas as pd
 
     from stainmil.analysis.attention import stain_weight_table
 

@@ -3,6 +3,7 @@ resumable, an unreadable slide named and the others registered."""
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -249,3 +250,77 @@ def test_register_says_what_it_looked_for_when_it_registers_nothing(serial_cohor
     config = config.with_overrides({"register.reference_stain": "CD3"})
     with pytest.raises(Exception, match="register.reference_stain 'CD3'"):
         register_cohort(config)
+
+
+@pytest.mark.slow
+def test_an_outline_carried_onto_an_ihc_section_lands_within_the_landmark_error(serial_demo):
+    """A region drawn on the H&E, carried through the pair's registration onto the IHC section (flipped, warped):
+    its centroid lies where the same region is on that section, within the pair's own landmark error."""
+    import shapely
+    from shapely.geometry import Polygon
+
+    from stainmil.data.registration import carry_geometry
+
+    demo = json.loads((serial_demo / "demo_result.json").read_text())
+    table = pd.read_csv(os.path.join(demo["tiles"], "registration", "registrations.csv"), dtype=str)
+    aligned = table[table["verdict"] == "aligned"]
+    assert len(aligned) >= 2
+    slices = serial_demo / "cohort" / "slices"
+    for row in aligned.head(4).itertuples(index=False):
+        def landmarks(stain, slice_id, case=row.case):
+            found = pd.read_csv(slices / f"case{case}" / stain / f"slice{slice_id}_landmarks.csv").set_index("id")
+            return found[["x", "y"]].astype(float) * 2  # slice px -> level-0 px of the 2x-upsampled slide
+        fixed, moving = landmarks(row.fixed_stain, row.fixed_slice), landmarks(row.stain, row.slice)
+        common = fixed.index.intersection(moving.index)
+        transform, attrs = read_pair(row.transform)
+        mapped = transform.fixed_to_moving(fixed.loc[common].to_numpy() * attrs["fixed_mpp"]) / attrs["moving_mpp"]
+        errors = np.hypot(*(mapped - moving.loc[common].to_numpy()).T)
+        # a region: the hull of the landmarks nearest the section's middle, as a pathologist's outline
+        centre = fixed.loc[common].to_numpy().mean(axis=0)
+        near = common[np.argsort(np.hypot(*(fixed.loc[common].to_numpy() - centre).T))[:8]]
+        hull = shapely.convex_hull(shapely.MultiPoint(fixed.loc[near].to_numpy()))
+        ids = [near[np.argmin(np.hypot(*(fixed.loc[near].to_numpy() - v).T))] for v in hull.exterior.coords[:-1]]
+        true_place = Polygon(moving.loc[ids].to_numpy())           # the same vertices on the IHC section
+        carried = carry_geometry(Polygon(fixed.loc[ids].to_numpy()), row.transform)
+        assert carried.is_valid and carried.area == pytest.approx(true_place.area, rel=0.25)
+        miss = shapely.distance(carried.centroid, true_place.centroid)
+        assert miss <= np.quantile(errors, 0.9) + 2.0, (row.case, row.stain, miss, np.quantile(errors, 0.9))
+        # densified: the carried outline follows the field between vertices, more points than the drawing
+        assert shapely.get_num_coordinates(carried) > len(ids) + 1
+
+
+@pytest.mark.slow
+def test_one_he_outline_scores_every_stain_through_the_registration(serial_demo, tmp_path):
+    """analysis.truth_from_reference: with outlines only on the H&E, the aligned IHC slides are scored against the
+    carried outline (close to their own), the doubtful and failed ones are named and left out."""
+    import shutil
+
+    from stainmil.analysis.truth import patch_truth
+    from stainmil.config import load_config
+
+    demo = json.loads((serial_demo / "demo_result.json").read_text())
+    run = demo["run"]
+    config = load_config(os.path.join(run, "config.yaml"))
+    own = Path(config.analysis.truth.split("case{case}")[0])
+    he_only = tmp_path / "he_only"
+    for path in own.glob("case*/he/*.geojson"):
+        target = he_only / path.relative_to(own)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    patches = pd.read_csv(os.path.join(run, "attention", "patches.csv"), dtype={"case": str, "slice": str,
+                                                                                "patch": str})
+    carried_config = config.with_overrides({"analysis.truth": str(he_only / "case{case}" / "{stain}" /
+                                                                  "slice{slice}.geojson"),
+                                            "analysis.truth_from_reference": True})
+    carried = patch_truth(carried_config, patches)
+    reference = patch_truth(config, patches).table.set_index(["case", "stain", "slice", "patch"])
+    sources = set(carried.table["truth_source"])
+    assert "outline" in sources and any(s.startswith("carried from he slice") for s in sources)
+    table = pd.read_csv(os.path.join(demo["tiles"], "registration", "registrations.csv"), dtype=str)
+    analysed = set(zip(patches["case"], patches["stain"], patches["slice"]))
+    not_aligned = [r for r in table.itertuples() if r.verdict != "aligned" and (r.case, r.stain, r.slice) in analysed]
+    for r in not_aligned:
+        assert any(f"case {r.case} {r.stain} slice {r.slice}" in n and r.verdict in n for n in carried.notes)
+    ihc = carried.table[carried.table["truth_source"] != "outline"].set_index(["case", "stain", "slice", "patch"])
+    agree = (ihc["lesion_fraction"] > 0) == (reference.loc[ihc.index, "lesion_fraction"] > 0)
+    assert carried.carried >= 2 and agree.mean() > 0.8

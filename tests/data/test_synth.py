@@ -2,10 +2,13 @@ import hashlib
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from stainmil.data.synth import PRESETS, SynthConfig, _style, render_slice, write_cohort
+from stainmil.slides.annotations import read_polygons, square_fractions
+from tests.conftest import synth_patches
 
 
 def _digest(folder):
@@ -33,23 +36,27 @@ def test_label_balance_and_layout(tiny_cohort):
     assert (labels["label"] == "benign").sum() == round(PRESETS["tiny"].cases / 3)
     assert set(labels["label"]) == {"benign", "high_grade"}
     assert (tiny_cohort / "cohort.yaml").is_file()
-    truth = pd.read_csv(tiny_cohort / "patch_truth.csv", dtype={"case": str})
-    assert set(truth["stain"]) == {"he", "melan", "sox10"}
+    assert set(synth_patches(tiny_cohort)["stain"]) == {"he", "melan", "sox10"}
+    assert not (tiny_cohort / "patch_truth.csv").exists()  # the truth is the outlines, read as a user's would be
 
 
-def test_masks_align_with_patches(tiny_cohort):
-    truth = pd.read_csv(tiny_cohort / "patch_truth.csv", dtype={"case": str, "slice": str})
+def test_masks_align_with_patches_and_the_outline_is_the_mask(tiny_cohort):
+    """The QuPath outline a synthetic slice ships with covers exactly its lesion mask: a patch's lesion fraction
+    read through the outline is the mask's mean over the patch (so attention-vs-lesion is what it was)."""
+    patches = synth_patches(tiny_cohort)
     p = PRESETS["tiny"].patch_size
-    for _, row in truth.sample(20, random_state=0).iterrows():
+    for _, row in patches.sample(20, random_state=0).iterrows():
         folder = tiny_cohort / "slices" / f"case{row['case']}" / row["stain"]
         slice_image = np.asarray(Image.open(folder / f"slice{row['slice']}.png"))
         lesion = np.asarray(Image.open(folder / f"slice{row['slice']}_lesion.png")) > 0
         tissue = np.asarray(Image.open(folder / f"slice{row['slice']}_tissue.png")) > 0
         patch = np.asarray(Image.open(tiny_cohort / "patches" / f"case{row['case']}" / row["stain"]
                                       / f"slice{row['slice']}" / row["file"]))
-        x, y = row["x"], row["y"]
+        x, y = int(row["x"]), int(row["y"])
         assert np.array_equal(patch, slice_image[y:y + p, x:x + p])
-        assert lesion[y:y + p, x:x + p].mean() == row["lesion_fraction"]
+        outline = read_polygons(tiny_cohort / "annotations" / f"case{row['case']}" / row["stain"]
+                                / f"slice{row['slice']}.geojson").union(["Lesion"])
+        assert square_fractions(outline, [x], [y], p)[0] == pytest.approx(lesion[y:y + p, x:x + p].mean(), abs=1e-12)
         assert tissue[y:y + p, x:x + p].mean() >= PRESETS["tiny"].min_tissue
         assert not (lesion & ~tissue).any()
 

@@ -16,7 +16,7 @@ from stainmil.data.tiling import tile_folder
 from stainmil.errors import ConfigError, DataError
 from stainmil.pipeline import tile_cohort
 from stainmil.slides.write import write_pyramidal_tiff
-from tests.conftest import slide_config
+from tests.conftest import slide_config, synth_patches
 
 
 def test_slide_route_tiles_and_indexes_without_pngs(slide_cohort, tmp_path):
@@ -37,7 +37,7 @@ def test_slide_route_tiles_and_indexes_without_pngs(slide_cohort, tmp_path):
         assert coords.attrs["patch_size_level0"] == 64 and coords.attrs["level0_mpp"] == pytest.approx(0.25)
         assert coords.attrs["target_magnification"] == pytest.approx(20)
     # every level-0 coordinate is the 20x PNG route's corner times 2
-    truth = pd.read_csv(slide_cohort / "patch_truth.csv", dtype=str)
+    truth = synth_patches(slide_cohort)
     png = set(zip(truth["case"], truth["stain"], truth["slice"], truth["x"].astype(int) * 2,
                   truth["y"].astype(int) * 2))
     ours = set(zip(manifest["case"], manifest["stain"], manifest["slice"], manifest["x"], manifest["y"]))

@@ -51,9 +51,21 @@ def test_models_and_stain_sets_share_folds_and_seeds_and_resume(prepared, tmp_pa
     by_stains = (out / "models_by_stains.md").read_text()
     assert "| model | AUC, he+melan+sox10 | AUC, he |" in by_stains
     assert f"| abmil:embedding | {table.iloc[1]['auc']:.3f} {table.iloc[1]['auc_ci95']} | " in by_stains
+    # does each model look where the pathologist looks: the tiny cohort's outlines, every model x measure
+    lesion = pd.read_csv(out / "models_lesion.csv")
+    assert list(dict.fromkeys(lesion["model"])) == list(table["model"])
+    assert {"attention_lesion_auc", "attention_topk_precision", "attention_pointing", "patch_prob_lesion_auc",
+            "delta_lesion_k", "delta_non_lesion_k"} <= set(lesion["measure"])
+    auc = lesion[lesion["measure"] == "attention_lesion_auc"].set_index("model")
+    assert auc["cases"].iloc[0] == 8 and auc["mean"].between(0, 1).all()
+    assert (auc["ci_low"] <= auc["mean"]).all() and (auc["mean"] <= auc["ci_high"]).all()
+    assert auc["delta"].iloc[0] == 0.0 and auc["paired_cases"].iloc[0] == 8   # the reference against itself
+    he_only_cases = auc.loc["hierarchical:embedding (he)", "paired_cases"]
+    assert 0 < he_only_cases <= 8
+    assert "| hierarchical:embedding (he+melan+sox10) |" in (out / "models_lesion.md").read_text()
     html = (out / "models.html").read_text()
-    assert "ΔAUC" in html and "data:image/png;base64," in html
-    assert html.count("<tr>") == (1 + 4) + (1 + 2), "the long table and the model x stain set table"
+    assert "ΔAUC" in html and "data:image/png;base64," in html and 'id="lesion"' in html
+    assert html.count("<tr>") == (1 + 4) + (1 + 2) + (1 + 4), "the long table, model x stain set, the lesion table"
     # resuming finds every fold finished and gives the same table
     again = compare_models(config, ["hierarchical", "abmil"], folds=3, seeds=[3, 4],
                            stain_sets=["he+melan+sox10", "he"], out_dir=out, log=lambda *_: None)

@@ -8,6 +8,8 @@
     patches/case<id>.jpg                         top and bottom patches per case
     heatmaps/case<id>_<stain>_slice<id>_attention.jpg / _patchprob.jpg / _slice.jpg (the viewer's image)
     colocated.csv  colocated_cases.csv           after `stainmil register`: IHC attention on the H&E patches
+    lesion_cases.csv  lesion_stains.csv  lesion_slices.csv   with analysis.truth: attention vs the lesion outline
+    lesion_summary.csv  lesion_summary_by_stain.csv           (stainmil.analysis.lesion), mean over cases [CI]
 
 The same code writes the analysis of a prediction set (new, unlabelled cases) under its own folder.
 """
@@ -23,6 +25,7 @@ from stainmil.analysis import figures
 from stainmil.analysis.attention import AttentionTables, analyze_tables
 from stainmil.analysis.colocated import colocated_tables
 from stainmil.analysis.heatmaps import SliceView, draw_heatmap, slice_view
+from stainmil.analysis.lesion import summary_lines as lesion_summary_lines
 from stainmil.config import Config
 from stainmil.data.registration import read_registrations, reference_stain
 from stainmil.io import atomic_write, atomic_write_json, atomic_write_text, safe_name, save_image
@@ -62,9 +65,14 @@ def summary_text(summary: dict) -> str:
              f"stain {summary['stain_entropy_normalised_mean']:.3f}"
              " (1 = uniform, 0 = all on one)",
              f"mean share of effective attention in the top 5% of patches: {summary['top5pct_share_mean']:.3f}"]
-    if "attention_lesion_auc_mean" in summary:
-        lines.append(f"attention vs lesion (ground truth) ROC AUC, mean over {summary['attention_lesion_auc_cases']} "
-                     f"cases: {summary['attention_lesion_auc_mean']:.3f}")
+    if "lesion" in summary:
+        lesion = summary["lesion"]
+        lines.append(f"against the lesion outline ({lesion['truth']}; {lesion['slides']} slides, "
+                     f"{lesion['carried_slides']} carried from the reference stain; k={lesion['k']}), mean over "
+                     "cases [95% CI]:")
+        table = pd.DataFrame([{"measure": m, **v} for m, v in lesion["measures"].items()])
+        lines += lesion_summary_lines(table, summary.get("patch_attention", True), summary["architecture"])
+        lines += [f"  note: {note}" for note in lesion["notes"]]
     if "deletion_k" in summary:
         lines.append(f"deletion check (k={summary['deletion_k']}): mean |dP| removing the top-k attended patches "
                      f"{summary['deletion_delta_top_k_mean']:.3f} vs k random patches "
@@ -112,6 +120,9 @@ def write_tables(out: Path, tables: AttentionTables, config: Config) -> Analysis
                                                           out / "slice_attention_misclassified.png")
     if misclassified:
         made["slices_misclassified"] = misclassified
+    for name, frame in tables.lesion.items():  # case, stain, slice, summary, summary_by_stain
+        file = f"lesion_{name}.csv" if name.startswith("summary") else f"lesion_{name}s.csv"
+        atomic_write(out / file, lambda tmp, frame=frame: frame.to_csv(tmp, index=False))
     registrations = read_registrations(config)
     per_patch = pd.DataFrame()
     if registrations is not None:  # `stainmil register` ran: attention where the stains meet

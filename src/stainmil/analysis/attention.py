@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from stainmil.analysis.lesion import LEVELS, lesion_measures, measure_columns, summary_table, with_truth
 from stainmil.analysis.stains import stain_contribution, stain_sentences, stain_summary
+from stainmil.analysis.truth import PatchTruth, patch_truth
 from stainmil.bags.cohort import CohortBags
 from stainmil.classes import ClassScheme
-from stainmil.config import Config, DataConfig
+from stainmil.config import Config
 from stainmil.data.cohort import SLIDE_COLUMNS
 from stainmil.device import resolve_device
 from stainmil.errors import TrainingError
@@ -44,6 +45,7 @@ class AttentionTables:
     stains: pd.DataFrame = field(default_factory=pd.DataFrame)         # per case: ΔP without each stain
     stain_summary: pd.DataFrame = field(default_factory=pd.DataFrame)  # per stain x class
     stain_weights: pd.DataFrame = field(default_factory=pd.DataFrame)  # per stain x class: mean stain attention
+    lesion: dict[str, pd.DataFrame] = field(default_factory=dict)      # case/stain/slice/summary: vs the outline
 
 
 def stain_weight_table(slices: pd.DataFrame, cases: pd.DataFrame, stains: list[str],
@@ -162,24 +164,17 @@ def case_table(patches: pd.DataFrame, slices: pd.DataFrame, predictions: pd.Data
     return pd.DataFrame(rows)
 
 
-def find_truth(data: DataConfig) -> Path | None:
-    """The synthetic cohort's ``patch_truth.csv`` (next to the patch folder), if any."""
-    path = Path(data.patches_dir).parent / "patch_truth.csv"
-    return path if path.is_file() else None
-
-
-def attention_vs_lesion(patches: pd.DataFrame, truth: pd.DataFrame) -> tuple[pd.DataFrame, float]:
-    """Per case: ROC AUC of effective attention for 'patch overlaps a lesion'; and the mean over cases."""
-    truth = truth.astype({"case": str, "slice": str, "patch": str})
-    merged = patches.merge(truth[["case", "stain", "slice", "patch", "lesion_fraction"]],
-                           on=["case", "stain", "slice", "patch"], how="left")
-    rows = []
-    for case, part in merged.groupby("case", sort=False):
-        lesion = part["lesion_fraction"].fillna(0) > 0
-        auc = roc_auc_score(lesion, part["effective_attention"]) if 0 < lesion.sum() < len(lesion) else float("nan")
-        rows.append({"case": case, "lesion_patches": int(lesion.sum()), "attention_lesion_auc": auc})
-    frame = pd.DataFrame(rows)
-    return frame, float(frame["attention_lesion_auc"].mean())
+def _without(model: nn.Module, batch, n: int, removals: list[np.ndarray], device: torch.device,
+             classes: ClassScheme) -> tuple[float, list[float]]:
+    """P(shown class) of the whole case, and with each set of patch positions removed in turn."""
+    full = model(batch.to(device)).probabilities[0]
+    shown = classes.shown_class(full.cpu().numpy())
+    probs = []
+    for removed in removals:
+        keep = np.ones(n, dtype=bool)
+        keep[removed] = False
+        probs.append(float(model(batch.subset(keep).to(device)).probabilities[0, shown]))
+    return float(full[shown]), probs
 
 
 def deletion_check(model: nn.Module, bags: CohortBags, cases: list[str], patches: pd.DataFrame, k: int,
@@ -196,21 +191,38 @@ def deletion_check(model: nn.Module, bags: CohortBags, cases: list[str], patches
             part = patches[patches["case"] == case]
             if len(part) <= k:
                 continue
-            base = bags.batch([case])
-            full = model(base.to(device)).probabilities[0]
-            shown = classes.shown_class(full.cpu().numpy())
-            full_prob = float(full[shown])
             n = len(part)  # rows of ``part`` are in the batch's patch order
             top = np.argsort(part["rank_in_case"].to_numpy())[:k]
-            random = rng.choice(n, k, replace=False)
-            probs = []
-            for removed in (top, random):
-                keep = np.ones(n, dtype=bool)
-                keep[removed] = False
-                probs.append(float(model(base.subset(keep).to(device)).probabilities[0, shown]))
+            full_prob, probs = _without(model, bags.batch([case]), n, [top, rng.choice(n, k, replace=False)],
+                                        device, classes)
             rows.append({"case": case, "prob": full_prob, "prob_without_top_k": probs[0],
                          "prob_without_random_k": probs[1], "delta_top_k": abs(probs[0] - full_prob),
                          "delta_random_k": abs(probs[1] - full_prob)})
+    return pd.DataFrame(rows)
+
+
+def lesion_deletion(model: nn.Module, bags: CohortBags, patches: pd.DataFrame, scored: pd.DataFrame, k: int,
+                    device: torch.device, classes: ClassScheme, seed: int = 0) -> pd.DataFrame:
+    """Per case: |ΔP| when k random lesion patches are removed vs k random non-lesion patches (k capped by the
+    smaller of the two; ignored patches never removed). Needs no attention: every model is scored."""
+    rng = np.random.default_rng(seed)
+    keys = ["case", "stain", "slice", "patch"]
+    rows = []
+    model.eval().to(device)
+    with torch.inference_mode():
+        for case, marked in scored.groupby("case", sort=False):
+            part = patches[patches["case"] == case][keys].astype(str).reset_index(drop=True)
+            flags = part.reset_index().merge(marked[keys + ["lesion", "ignored"]], on=keys, how="left")
+            position = flags["index"].to_numpy()
+            lesion = position[(flags["lesion"] == True) & (flags["ignored"] == False)]  # noqa: E712 (NaN: no truth)
+            other = position[(flags["lesion"] == False) & (flags["ignored"] == False)]  # noqa: E712
+            take = min(k, len(lesion), len(other))
+            if not take:
+                continue
+            removals = [rng.choice(lesion, take, replace=False), rng.choice(other, take, replace=False)]
+            full_prob, probs = _without(model, bags.batch([case]), len(part), removals, device, classes)
+            rows.append({"case": case, "deletion_k_used": take, "delta_lesion_k": abs(probs[0] - full_prob),
+                         "delta_non_lesion_k": abs(probs[1] - full_prob)})
     return pd.DataFrame(rows)
 
 
@@ -252,13 +264,11 @@ def compute_tables(model: nn.Module, config: Config, bags: CohortBags, cases: li
                      "labelled": bool((case_frame["label"] >= 0).all()),
                      "normalisation": "relative_attention = effective_attention x n_patches of the case "
                                       "(1 = uniform share)"}
-    truth_path = find_truth(config.data)
-    if truth_path is not None and patch_attention:
-        per_case, mean_auc = attention_vs_lesion(patches, pd.read_csv(truth_path))
-        case_frame = case_frame.merge(per_case, on="case", how="left")
-        summary["attention_lesion_auc_mean"] = mean_auc
-        summary["attention_lesion_auc_cases"] = int(per_case["attention_lesion_auc"].notna().sum())
-        summary["truth_file"] = str(truth_path)
+    truth = patch_truth(config, patches, bags.manifest)
+    lesion_tables: dict[str, pd.DataFrame] = {}
+    if truth is not None:
+        case_frame, lesion_tables = _lesion_tables(model, bags, patches, truth, config, device, k, patch_attention,
+                                                   case_frame, summary)
     deletion = deletion_check(model, bags, cases, patches, config.analysis.deletion_k, device, classes,
                               config.train.seed) \
         if patch_attention else pd.DataFrame()  # uniform shares have no top patches to delete
@@ -274,4 +284,48 @@ def compute_tables(model: nn.Module, config: Config, bags: CohortBags, cases: li
     by_stain = stain_summary(contribution, bags.stains, classes, threshold)
     summary["stain_contribution"] = stain_sentences(by_stain, classes)
     stain_weights = stain_weight_table(slices, case_frame, bags.stains, classes)
-    return AttentionTables(patches, slices, case_frame, summary, contribution, by_stain, stain_weights)
+    return AttentionTables(patches, slices, case_frame, summary, contribution, by_stain, stain_weights, lesion_tables)
+
+
+def run_lesion_measures(run_dir: str | Path, split_name: str = "test", bags: CohortBags | None = None
+                        ) -> pd.DataFrame | None:
+    """Per case of a run's split: every lesion measure (:mod:`stainmil.analysis.lesion`), or None when the run's
+    config names no ``analysis.truth``. What ``compare-models`` pools over the folds of each model."""
+    run = open_run(run_dir, bags=bags)
+    config = run.config
+    if not config.analysis.truth:
+        return None
+    cases = run.split.subset(split_name)
+    patches = patch_table(run.model, run.bags, cases, run.device, config.data.classes)
+    truth = patch_truth(config, patches, run.bags.manifest)
+    patch_attention = architecture(config.model.architecture).patch_attention
+    _, tables = _lesion_tables(run.model, run.bags, patches, truth, config, run.device, config.analysis.top_k,
+                               patch_attention, pd.DataFrame({"case": cases}), {})
+    return tables["case"]
+
+
+def _lesion_tables(model: nn.Module, bags: CohortBags, patches: pd.DataFrame, truth: PatchTruth, config: Config,
+                   device: torch.device, k: int, patch_attention: bool, case_frame: pd.DataFrame,
+                   summary: dict) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """The lesion measures of every level and their summary (mean over cases [CI]); the case table gains the
+    per-case measures."""
+    analysis, evaluation = config.analysis, config.eval
+    scored = with_truth(patches, truth.table, analysis.lesion_min_fraction)
+    tables = {level: lesion_measures(scored, k, level, patch_attention) for level in LEVELS}
+    deletion = lesion_deletion(model, bags, patches, scored, config.analysis.deletion_k, device,
+                               config.data.classes, config.train.seed)
+    if not deletion.empty:
+        tables["case"] = tables["case"].merge(deletion, on="case", how="left")
+    tables["summary"] = summary_table(tables["case"], evaluation.bootstrap, evaluation.ci, config.train.seed)
+    tables["summary_by_stain"] = summary_table(tables["stain"], evaluation.bootstrap, evaluation.ci,
+                                               config.train.seed, by="stain")
+    case_frame = case_frame.merge(tables["case"][["case", *measure_columns(tables["case"])]], on="case", how="left")
+    summary["lesion"] = {
+        "truth": truth.source, "slides": truth.slides, "carried_slides": truth.carried, "repaired": truth.repaired,
+        "notes": truth.notes, "lesion_min_fraction": analysis.lesion_min_fraction, "k": k,
+        "measures": {row["measure"]: {key: row[key] for key in ("mean", "ci_low", "ci_high", "cases")}
+                     for row in tables["summary"].to_dict("records")}}
+    if patch_attention:  # the headline figure, as before
+        summary["attention_lesion_auc_mean"] = float(tables["case"]["attention_lesion_auc"].mean())
+        summary["attention_lesion_auc_cases"] = int(tables["case"]["attention_lesion_auc"].notna().sum())
+    return case_frame, tables

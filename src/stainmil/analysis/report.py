@@ -22,6 +22,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from stainmil.analysis.analyze import AnalysisResult, report_cases, summary_text, write_analysis
 from stainmil.analysis.heatmaps import colour_legends, hex_colour, patch_colours
+from stainmil.analysis.lesion import shown_name as lesion_shown_name
 from stainmil.classes import ClassScheme, read_metrics
 from stainmil.config import Config, load_config
 from stainmil.errors import TrainingError
@@ -31,8 +32,10 @@ CASE_COLUMNS = [("case", "case"), ("split", "split"), ("label", "true"), ("pred"
                 ("abs_error", "|p − y|"), ("n_patches", "patches"), ("n_slices", "slices"),
                 ("top5pct_share", "top-5% share"), ("patch_entropy_normalised", "patch H/log n"),
                 ("slice_entropy_normalised", "slice H/log n"), ("stain_entropy_normalised", "stain H/log n"),
-                ("attention_lesion_auc", "attn–lesion AUC"), ("delta_top_k", "ΔP top-k"),
-                ("delta_random_k", "ΔP random-k")]
+                ("attention_lesion_auc", "attn–lesion AUC"), ("attention_topk_precision", "top-k in lesion"),
+                ("attention_pointing", "top-1 in lesion"), ("delta_top_k", "ΔP top-k"),
+                ("delta_random_k", "ΔP random-k"), ("delta_lesion_k", "ΔP lesion-k"),
+                ("delta_non_lesion_k", "ΔP non-lesion-k")]
 
 
 def anchors(cases: list[str]) -> dict[str, str]:
@@ -105,7 +108,8 @@ def render_report(path: Path, analysis: AnalysisResult, config: Config, *, title
     delta = tables.stains.set_index("case") if not tables.stains.empty else None
     stain_columns = [(f"delta_{s}", f"ΔP without {s}") for s in config.data.stains
                      if delta is not None and delta[f"delta_{s}"].notna().any()]
-    case_columns = [c for c in CASE_COLUMNS if metrics is not None or c[0] not in ("label", "abs_error", "split")]
+    case_columns = [c for c in CASE_COLUMNS if (metrics is not None or c[0] not in ("label", "abs_error", "split"))
+                    and (c[0] in cases.columns or c[0] in ("label", "pred", "split"))]
     case_columns = [(c, prob_label.replace("P(", "p(") if c == "prob" else
                      "1 − p(true)" if c == "abs_error" and not classes.binary else label) for c, label in case_columns]
     case_columns += stain_columns
@@ -139,8 +143,29 @@ def render_report(path: Path, analysis: AnalysisResult, config: Config, *, title
         class_labels=classes.readable,
         patch_attention=tables.summary.get("patch_attention", True),
         architecture=tables.summary.get("architecture", config.model.architecture),
+        lesion=tables.summary.get("lesion"), **_lesion_rows(tables.lesion),
     )
     return atomic_write_text(path, html)
+
+
+def _lesion_rows(lesion: dict[str, pd.DataFrame]) -> dict:
+    """The report's lesion table: one row per measure, a column for all stains and one per stain."""
+    if "summary" not in lesion:
+        return {"lesion_rows": [], "lesion_stains": []}
+    by_stain = lesion["summary_by_stain"]
+    stains = list(dict.fromkeys(by_stain["stain"])) if len(by_stain) else []
+
+    def cell(row) -> str:
+        return "—" if not row["cases"] else f"{row['mean']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+
+    rows = []
+    for row in lesion["summary"].to_dict("records"):
+        cells = [cell(row)]
+        for stain in stains:
+            found = by_stain[(by_stain["stain"] == stain) & (by_stain["measure"] == row["measure"])]
+            cells.append(cell(found.iloc[0]) if len(found) else "—")
+        rows.append({"name": lesion_shown_name(row["measure"]), "cells": cells})
+    return {"lesion_rows": rows, "lesion_stains": ["all stains", *stains]}
 
 
 METRIC_LABELS = {"balanced_accuracy": "balanced accuracy", "auc": "ROC AUC", "f1": "F1", "f1_macro": "F1 (macro)",

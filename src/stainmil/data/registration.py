@@ -31,6 +31,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pandas as pd
+import shapely
 
 from stainmil.config import Config, RegisterConfig
 from stainmil.data.tiling import load_tiles
@@ -99,6 +100,21 @@ def read_pair(path: str | Path) -> tuple[PairTransform | None, dict]:
     transform = PairTransform(affine, u.astype(np.float64), v.astype(np.float64), float(attrs["spacing_um"]),
                               bool(attrs["flipped"]))
     return transform, attrs
+
+
+def carry_geometry(geometry: shapely.Geometry, transform_file: str | Path, step_px: float = 0.0) -> shapely.Geometry:
+    """A region drawn on a pair's fixed (H&E) slide, in its level-0 px, mapped onto the moving (IHC) slide's level-0
+    px through the pair's transform. Edges are first cut into pieces of at most ``step_px`` fixed px (0: half the
+    displacement grid's spacing) so the mapped outline follows the non-rigid field, not only its vertices."""
+    transform, attrs = read_pair(transform_file)
+    if transform is None:
+        raise DataError(f"{transform_file} holds no transform (its pair {attrs.get('verdict', 'failed')}); the region "
+                        "cannot be carried.")
+    fixed_mpp, moving_mpp = float(attrs["fixed_mpp"]), float(attrs["moving_mpp"])
+    step = step_px or transform.spacing / fixed_mpp / 2
+    dense = shapely.segmentize(geometry, max(step, 1.0))
+    carried = shapely.transform(dense, lambda xy: transform.fixed_to_moving(xy * fixed_mpp) / moving_mpp)
+    return shapely.make_valid(carried)  # a fold in the field may cross an outline over itself
 
 
 def map_patches(ihc: pd.DataFrame, he: pd.DataFrame, transform_file: str | Path) -> np.ndarray:

@@ -18,7 +18,9 @@ On-disk layout written by :func:`write_cohort`::
 
     OUT/labels.csv                                     case_id,label (benign | high_grade)
     OUT/cohort.yaml                                    a ready stainmil config for this folder
-    OUT/patch_truth.csv                                per patch: lesion fraction (ground truth)
+    OUT/annotations/case7/he/slice0.geojson            the lesion outline (QuPath GeoJSON, class "Lesion", slice px):
+                                                       the ground truth, read through ``analysis.truth`` as a
+                                                       pathologist's export is
     OUT/slices/case7/he/slice0.png                     slice image
     OUT/slices/case7/he/slice0_tissue.png              tissue mask (0/255)
     OUT/slices/case7/he/slice0_lesion.png              lesion mask (0/255)
@@ -47,6 +49,7 @@ from stainmil.data.serial import block_landmarks, random_warp, torn_piece, warp_
 from stainmil.errors import ConfigError
 from stainmil.io import atomic_write_text, save_image
 from stainmil.progress import progress_bar
+from stainmil.slides.annotations import annotation_feature, mask_polygons, write_annotations
 from stainmil.slides.write import write_dicom_slide, write_pyramidal_tiff
 
 STAIN_VECTORS = {"H": rgb_from_hed[0], "E": rgb_from_hed[1], "DAB": rgb_from_hed[2]}
@@ -353,7 +356,7 @@ def _n_slices(rng: np.random.Generator, lo: int, hi: int) -> int:
 
 
 def render_case(config: SynthConfig, out: Path, case: str, label: int) -> list[dict]:
-    """Render every slice and patch of one case; return its per-patch truth rows."""
+    """Render every slice and patch of one case (and its lesion outlines); return one row per patch."""
     rng = np.random.default_rng([config.seed, 1, int(case)])
     style = _style(label, config.signal, config.classes)
     stains = list(STAINS)
@@ -378,15 +381,25 @@ def render_case(config: SynthConfig, out: Path, case: str, label: int) -> list[d
             save_image(rgb, slice_dir / f"slice{slice_id}.png")
             save_image((tissue * 255).astype(np.uint8), slice_dir / f"slice{slice_id}_tissue.png")
             save_image((lesion * 255).astype(np.uint8), slice_dir / f"slice{slice_id}_lesion.png")
+            write_lesion_outline(out / "annotations" / f"case{case}" / stain / f"slice{slice_id}.geojson", lesion)
             patch_dir = out / "patches" / f"case{case}" / stain / f"slice{slice_id}"
             p = config.patch_size
             for index, (x, y) in enumerate(grid_patches(tissue, p, config.min_tissue)):
                 name = f"case{case}_{stain}_slice{slice_id}_patch{index}_x{x}_y{y}.png"
                 save_image(rgb[y:y + p, x:x + p], patch_dir / name)
-                rows.append({"case": case, "stain": stain, "slice": str(slice_id), "patch": str(index),
-                             "x": x, "y": y, "lesion_fraction": float(lesion[y:y + p, x:x + p].mean()),
-                             "file": name})
+                rows.append({"case": case, "stain": stain, "slice": str(slice_id), "patch": str(index)})
     return rows
+
+
+LESION_CLASS, LESION_COLOUR = "Lesion", (200, 30, 30)
+TRUTH_TEMPLATE = "case{case}/{stain}/slice{slice}.geojson"  # under annotations/ (slice px), slide_annotations/
+
+
+def write_lesion_outline(path: Path, lesion: np.ndarray, scale: float = 1.0) -> None:
+    """A slice's lesion mask as the outline a pathologist would export from QuPath (exact pixel edges x scale)."""
+    outline = mask_polygons(lesion, scale)
+    polygons = list(getattr(outline, "geoms", [outline])) if not outline.is_empty else []
+    write_annotations(path, [annotation_feature(poly, LESION_CLASS, LESION_COLOUR) for poly in polygons])
 
 
 def _render_case_job(args: tuple) -> list[dict]:
@@ -416,13 +429,15 @@ def write_cohort(out: str | Path, config: SynthConfig | None = None, workers: in
                     advance()
     labels = pd.DataFrame({"case_id": [c for c, _ in plan], "label": [config.class_words[y] for _, y in plan]})
     atomic_write_text(out / "labels.csv", labels.to_csv(index=False))
-    atomic_write_text(out / "patch_truth.csv", pd.DataFrame(rows).to_csv(index=False))
+    if not rows:
+        raise ConfigError(f"the synthetic cohort in {out} has no patch (slices too small for patch_size?)")
     cohort_yaml = {
         "output_dir": str(out.parent / f"{out.name}_work"),
         "data": {"patches_dir": str(out / "patches"), "labels_csv": str(out / "labels.csv"),
                  **({"label_values": {w: i for i, w in enumerate(config.class_words)}} if config.classes != 2 else {})},
         "features": {"image_size": config.patch_size},
-        "analysis": {"slice_images": str(out / "slices" / "case{case}" / "{stain}" / "slice{slice}.png")},
+        "analysis": {"slice_images": str(out / "slices" / "case{case}" / "{stain}" / "slice{slice}.png"),
+                     "truth": str(out / "annotations" / TRUTH_TEMPLATE)},
     }
     atomic_write_text(out / "cohort.yaml", "# stainmil config for this synthetic cohort\n"
                       + yaml.safe_dump(cohort_yaml, sort_keys=False))
@@ -459,6 +474,10 @@ def write_slides(cohort: str | Path, mpp: float = 0.5, upsample: int = 1, aperio
                 else:
                     write_pyramidal_tiff(target, rgb, mpp=level0_mpp,
                                          magnification=10 / level0_mpp if aperio else None, aperio=aperio, tile=tile)
+            outline = cohort / "slide_annotations" / png.relative_to(cohort / "slices").with_suffix(".geojson")
+            if not outline.exists():  # the lesion outline in the slide's level-0 px
+                lesion = np.asarray(Image.open(png.with_name(f"{png.stem}_lesion.png")).convert("L")) > 127
+                write_lesion_outline(outline, lesion, scale=upsample)
             advance()
     synth = yaml.safe_load((cohort / "synth.yaml").read_text())
     slide_yaml = {
@@ -469,6 +488,7 @@ def write_slides(cohort: str | Path, mpp: float = 0.5, upsample: int = 1, aperio
                  "mpp": mpp, "patch_size": synth["patch_size"], "min_tissue": synth["min_tissue"],
                  "mask_downsample": 1},
         "features": {"image_size": synth["patch_size"]},
+        "analysis": {"truth": str(cohort / "slide_annotations" / TRUTH_TEMPLATE)},
     }
     atomic_write_text(cohort / "slides.yaml", "# stainmil config for the slide route on this synthetic cohort\n"
                       + yaml.safe_dump(slide_yaml, sort_keys=False))

@@ -11,6 +11,9 @@ variant). Every variant cross-validates on the *same* fold files with the *same*
                                      recall, Brier (case-bootstrap 95% CIs); the paired ΔAUC against the first
                                      variant on their common cases (paired case bootstrap); parameters; s/epoch
     models_by_stains.md              with several stain sets: AUC [95% CI] per model (rows) and stain set (columns)
+    models_lesion.csv, .md           with analysis.truth: does each model look where the pathologist looks — every
+                                     measure of stainmil.analysis.lesion over the out-of-fold cases [CI], and its
+                                     paired difference to the first variant
     models.html, models_roc.png      the table(s) and the ROC curves of every variant
 
 Probabilities are averaged per case over seeds before pooling. Re-running with the same ``--out`` resumes:
@@ -30,6 +33,10 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from stainmil.analysis.attention import run_lesion_measures
+from stainmil.analysis.lesion import MODELS_NOTE as LESION_NOTE
+from stainmil.analysis.lesion import models_rows as lesion_models_rows
+from stainmil.analysis.lesion import models_table as lesion_models_table
 from stainmil.classes import ClassScheme
 from stainmil.config import Config
 from stainmil.data.registration import reference_stain
@@ -179,10 +186,40 @@ def _compare(config: Config, variants: list, folds: int, seeds: list[int], launc
     if by_stains is not None:
         atomic_write_text(out / "models_by_stains.md", render_table(by_stains.to_dict("records"),
                                                                     fmt="markdown"))
+    lesion = _lesion_comparison(config, variants, seeds, out, table, log)
     roc = _roc_plot(oof, out / "models_roc.png", config.data.classes)
-    atomic_write_text(out / "models.html", models_html(table, folds, seeds, roc, metrics, by_stains))
+    atomic_write_text(out / "models.html", models_html(table, folds, seeds, roc, metrics, by_stains, lesion))
     log(f"model comparison in {out}")
     return table
+
+
+def _lesion_comparison(config: Config, variants: list, seeds: list[int], out: Path, table: pd.DataFrame,
+                       log) -> list[dict] | None:
+    """With ``analysis.truth``: every variant's lesion measures on its out-of-fold cases (each fold's model on its
+    test cases, averaged over seeds), models x measures with paired differences; None without truth."""
+    if not config.analysis.truth:
+        return None
+    per_model = {}
+    for variant in variants:
+        name = variant.name(config)
+        frames = []
+        for seed in seeds:
+            for fold in sorted((out / safe_name(name) / f"seed_{seed}" / "folds").glob("fold_*")):
+                frame = run_lesion_measures(fold, "test")
+                if frame is not None:
+                    frames.append(frame)
+        if frames:
+            per_model[name] = pd.concat(frames, ignore_index=True).groupby("case", sort=False).mean(
+                numeric_only=True).reset_index()
+    if not per_model:
+        return None
+    lesion = lesion_models_table(per_model, config.eval.bootstrap, config.eval.ci, config.train.seed)
+    atomic_write(out / "models_lesion.csv", lambda tmp: lesion.to_csv(tmp, index=False))
+    case_auc = {r["model"]: f"{r['auc']:.3f} {r['auc_ci95']}" for r in table.to_dict("records") if "auc" in r}
+    rows = lesion_models_rows(lesion, case_auc)
+    atomic_write_text(out / "models_lesion.md", LESION_NOTE + "\n\n" + render_table(rows, fmt="markdown"))
+    log("does each model look where the pathologist looks (models_lesion.md):\n" + render_table(rows))
+    return rows
 
 
 def _paired_differences(table: pd.DataFrame, oof: dict[str, pd.DataFrame], variants: list[Variant],
@@ -263,18 +300,19 @@ def _roc_plot(oof: dict[str, pd.DataFrame], path: Path, classes: ClassScheme) ->
     return save_figure(fig, path)
 
 
-def _by_stains_html(by_stains: pd.DataFrame | None) -> str:
-    if by_stains is None:
+def _html_table(rows: list[dict] | None, title: str, table_id: str, note: str = "") -> str:
+    if not rows:
         return ""
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in by_stains.columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
-                   for row in by_stains.itertuples(index=False))
-    return (f'<h2>By stain set</h2><table id="by-stains"><thead><tr>{head}</tr></thead><tbody>{body}</tbody>'
-            "</table>\n")
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row.values()) + "</tr>"
+                   for row in rows)
+    note = f"<p>{html.escape(note)}</p>" if note else ""
+    return (f'<h2>{html.escape(title)}</h2>{note}<table id="{table_id}"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table>\n")
 
 
 def models_html(table: pd.DataFrame, folds: int, seeds: list[int], roc: Path, metrics: list[str],
-                by_stains: pd.DataFrame | None = None) -> str:
+                by_stains: pd.DataFrame | None = None, lesion: list[dict] | None = None) -> str:
     image = base64.b64encode(roc.read_bytes()).decode()
     first = html.escape(str(table["model"].iloc[0]))
     columns = ["model", "n_cases"] + list(metrics) + ["delta_auc", "parameters", "seconds_per_epoch"]
@@ -296,7 +334,8 @@ small{{color:#666}}</style></head><body>
 out-of-fold metrics with case-bootstrap 95% CIs; ΔAUC is each model's AUC minus {first}'s on their common cases
 (paired case bootstrap). Brier: lower is better.</p>
 <table id="models"><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>
-{_by_stains_html(by_stains)}<h2>ROC</h2>
+{_html_table(None if by_stains is None else by_stains.to_dict("records"), "By stain set", "by-stains")}
+{_html_table(lesion, "Does the model look where the pathologist looks?", "lesion", LESION_NOTE)}<h2>ROC</h2>
 <img alt="ROC curves of every model" src="data:image/png;base64,{image}" width="540">
 <script type="application/json" id="meta">{meta}</script>
 </body></html>
