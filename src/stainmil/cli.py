@@ -430,24 +430,34 @@ def view(folder: Annotated[Path, typer.Argument(help="A run, CV fold, `predict` 
                                                               "run (found there by file name).")] = None,
          analyze: Annotated[bool, typer.Option(help="First analyse every trained run under FOLDER that has no "
                                                     "analysis yet (CV folds, compare-models runs): its test "
-                                                    "cases.")] = False) -> None:
+                                                    "cases.")] = False,
+         review: Annotated[str | None, typer.Option(help="Review as NAME: draw polygons, mark the top-k patches, "
+                                                         "note and grade each case; saved under "
+                                                         "<output_dir>/reviews/NAME.")] = None) -> None:
     """A local web app: the case list, and each case's slides of every stain side by side at full resolution, with
-    attention overlays, moving together through the registration (Ctrl-C stops it)."""
+    attention overlays, moving together through the registration (Ctrl-C stops it). With --review NAME a
+    pathologist also draws and saves a review."""
     from stainmil.view.server import ViewerServer
 
+    if review is not None:
+        from stainmil.view.reviews import check_review_name
+
+        check_review_name(review)                     # before any analysis or port is taken
     if analyze:
         from stainmil.analysis.analyze import write_analyses
         from stainmil.view.folder import unanalysed_runs
 
         write_analyses(unanalysed_runs(folder.resolve()), "test", log=console.print)
 
-    server = ViewerServer(folder, host=host, port=port, slides_dir=slides_dir)
+    server = ViewerServer(folder, host=host, port=port, slides_dir=slides_dir, review=review)
     if server.port != port:
         console.print(f"port {port} is in use; serving on {server.port}")
     if host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"[yellow]warning:[/] listening on {host}: anyone who can reach this machine can see these slides.")
     console.print(f"stainmil view: [bold]{server.url}[/] ({len(server.catalog.sources)} result folder(s) of "
                   f"{server.catalog.folder}); Ctrl-C stops it")
+    if server.review is not None and server.catalog.sources:
+        console.print(f"reviewing as [bold]{review}[/]: saved in {server.review.folder(server.catalog.sources[0])}")
     server.run(open_browser=open_browser)
 
 
@@ -479,6 +489,29 @@ def register(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     result = register_cohort(effective_config(config, set_))
     console.print((result.out_dir / "register_report.txt").read_text(), highlight=False)
     console.print(f"{len(result.table)} slices registered; transforms and report in [bold]{result.out_dir}[/]")
+
+
+@app.command("review-summary")
+@friendly
+def review_summary(config: ConfigOpt = None, set_: SetOpt = None,
+                   reviews: Annotated[Path | None, typer.Option(
+                       help="The reviews folder (default: <output_dir>/reviews of --config).")] = None,
+                   markdown: MarkdownOpt = False, json_: JsonOpt = False) -> None:
+    """How far reviewers agree: Cohen's kappa on the patches two reviewers both marked, Dice of their lesion outlines
+    per slide (from `stainmil view --review NAME`). Writes review_agreement.csv and review_slides.csv there."""
+    from stainmil.analysis.agreement import review_agreement
+    from stainmil.io import atomic_write
+    from stainmil.tables import render_table
+
+    settings = effective_config(config, set_)
+    folder = reviews or settings.paths.reviews_dir
+    result = review_agreement(folder, settings.analysis.lesion_classes)
+    for name, frame in (("review_agreement", result.pairs), ("review_slides", result.slides)):
+        atomic_write(folder / f"{name}.csv", lambda tmp, frame=frame: frame.to_csv(tmp, index=False))
+    rows = result.pairs.round(3).to_dict("records")
+    typer.echo(render_table(rows, None, _table_format(markdown, json_)), nl=False)
+    for problem in result.problems:
+        console.print(f"[yellow]{problem}[/]", highlight=False)
 
 
 @app.command("import-features")

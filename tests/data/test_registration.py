@@ -275,11 +275,9 @@ def test_an_outline_carried_onto_an_ihc_section_lands_within_the_landmark_error(
         transform, attrs = read_pair(row.transform)
         mapped = transform.fixed_to_moving(fixed.loc[common].to_numpy() * attrs["fixed_mpp"]) / attrs["moving_mpp"]
         errors = np.hypot(*(mapped - moving.loc[common].to_numpy()).T)
-        # a region: the hull of the landmarks nearest the section's middle, as a pathologist's outline
-        centre = fixed.loc[common].to_numpy().mean(axis=0)
-        near = common[np.argsort(np.hypot(*(fixed.loc[common].to_numpy() - centre).T))[:8]]
-        hull = shapely.convex_hull(shapely.MultiPoint(fixed.loc[near].to_numpy()))
-        ids = [near[np.argmin(np.hypot(*(fixed.loc[near].to_numpy() - v).T))] for v in hull.exterior.coords[:-1]]
+        # a region: the outline through the section's outermost landmarks, as a pathologist draws round a lesion
+        hull = shapely.convex_hull(shapely.MultiPoint(fixed.loc[common].to_numpy()))
+        ids = [common[np.argmin(np.hypot(*(fixed.loc[common].to_numpy() - v).T))] for v in hull.exterior.coords[:-1]]
         true_place = Polygon(moving.loc[ids].to_numpy())           # the same vertices on the IHC section
         carried = carry_geometry(Polygon(fixed.loc[ids].to_numpy()), row.transform)
         assert carried.is_valid and carried.area == pytest.approx(true_place.area, rel=0.25)
