@@ -379,22 +379,25 @@ def demo(out: OutOpt = Path("demo_out"),
 @friendly
 def analyze(run: Annotated[Path, typer.Argument(help="Run folder.")],
             split_name: SplitOpt = "test",
-            top_k: Annotated[int | None, typer.Option(help="Top-k patches counted per case.")] = None) -> None:
-    """Attention tables, figures and heatmaps of a run -> <run>/attention/."""
+            top_k: Annotated[int | None, typer.Option(help="Top-k patches counted per case.")] = None,
+            set_: SetOpt = None) -> None:
+    """Attention tables, figures and heatmaps of a run -> <run>/attention/; scored against a pathologist's lesion
+    outlines with --set analysis.truth=FOLDER (QuPath GeoJSON per slide)."""
     from stainmil.analysis.analyze import summary_text, write_analysis
 
-    result = write_analysis(run, split_name, top_k)
+    result = write_analysis(run, split_name, top_k, settings=set_)
     console.print(summary_text(result.tables.summary), highlight=False)
     console.print(f"{len(result.heatmaps)} slices mapped; tables and figures in [bold]{result.out_dir}[/]")
 
 
 @app.command()
 @friendly
-def report(run: Annotated[Path, typer.Argument(help="Run folder.")]) -> None:
-    """Write <run>/report.html: one self-contained page (runs `analyze` first)."""
+def report(run: Annotated[Path, typer.Argument(help="Run folder.")], set_: SetOpt = None) -> None:
+    """Write <run>/report.html: one self-contained page (runs `analyze` first, with its --set analysis.…)."""
     from stainmil.analysis.report import build_report
 
-    console.print(f"report: [bold]{build_report(run)}[/]\nthe slides at full resolution, every stain of a case "
+    page = build_report(run, settings=set_)
+    console.print(f"report: [bold]{page}[/]\nthe slides at full resolution, every stain of a case "
                   f"side by side: [bold]stainmil view {run}[/]")
 
 

@@ -72,3 +72,28 @@ def test_stain_weight_table_averages_stain_attention_per_stain_and_class():
     assert table.loc[("sox10", "high_grade"), "mean_stain_weight"] == pytest.approx(0.6)
     assert table.loc[("he", "benign"), "mean_stain_weight"] == pytest.approx(1.0)
     assert table.loc[("sox10", "benign"), "cases_with_stain"] == 0 and (table["class_is"] == "true").all()
+
+
+def test_analyze_scores_against_outlines_named_and_classed_as_a_users_export(analysed_run, tiny_cohort, tmp_path):
+    """The same outlines as a flat folder of QuPath exports with the class "Tumor" (`--set analysis.truth=…`) give
+    the same lesion measures as the cohort's own; a --set of a training key is refused."""
+    import json
+
+    from stainmil.errors import ConfigError
+
+    run, result = analysed_run
+    flat = tmp_path / "qupath"
+    flat.mkdir()
+    for path in (tiny_cohort / "annotations").rglob("*.geojson"):
+        case, stain = path.parent.parent.name, path.parent.name
+        data = json.loads(path.read_text())
+        for feature in data["features"]:
+            feature["properties"]["classification"] = {"name": "Tumor", "color": [200, 0, 0]}
+        (flat / f"{case}_{stain}_{path.stem}.geojson").write_text(json.dumps(data))
+    again = write_analysis(run, "all", settings=[f"analysis.truth={flat}", "analysis.lesion_classes=['Tumor']"])
+    columns = ["case", "attention_lesion_auc", "attention_topk_precision", "patch_prob_pointing"]
+    pd.testing.assert_frame_equal(result.tables.cases[columns], again.tables.cases[columns])
+    assert (again.out_dir / "lesion_cases.csv").is_file() and (again.out_dir / "lesion_summary_by_stain.csv").is_file()
+    assert "attention: lesion AUC" in (again.out_dir / "summary.txt").read_text()
+    with pytest.raises(ConfigError, match="would change how the run was trained"):
+        write_analysis(run, "all", settings=["train.lr=0.1"])

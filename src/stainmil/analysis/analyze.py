@@ -84,9 +84,9 @@ def summary_text(summary: dict) -> str:
 
 
 def write_analysis(run_dir: str | Path, split_name: str = "test", top_k: int | None = None,
-                   bags=None) -> AnalysisResult:
-    """Analyse the cases of a run's ``split_name`` into ``<run>/attention/``."""
-    tables, config, _ = analyze_tables(run_dir, split_name, top_k, bags=bags)
+                   bags=None, settings: list[str] | None = None) -> AnalysisResult:
+    """Analyse the cases of a run's ``split_name`` into ``<run>/attention/`` (``settings``: ``--set analysis.…``)."""
+    tables, config, _ = analyze_tables(run_dir, split_name, top_k, bags=bags, settings=settings)
     return write_tables(Path(run_dir) / "attention", tables, config)
 
 

@@ -29,7 +29,7 @@ from stainmil.classes import ClassScheme
 from stainmil.config import Config
 from stainmil.data.cohort import SLIDE_COLUMNS
 from stainmil.device import resolve_device
-from stainmil.errors import TrainingError
+from stainmil.errors import ConfigError, TrainingError
 from stainmil.model.registry import architecture
 from stainmil.train.run import open_run
 
@@ -226,9 +226,26 @@ def lesion_deletion(model: nn.Module, bags: CohortBags, patches: pd.DataFrame, s
     return pd.DataFrame(rows)
 
 
+ANALYSIS_SECTIONS = ("analysis.", "eval.")
+
+
+def analysis_settings(config: Config, settings: list[str] | None) -> Config:
+    """A run's config with ``--set`` changes to how it is analysed (``analysis.*``, ``eval.*`` only: the rest is how
+    it was trained)."""
+    if not settings:
+        return config
+    other = [s for s in settings if not s.strip().startswith(ANALYSIS_SECTIONS)]
+    if other:
+        raise ConfigError(f"--set {other[0]} would change how the run was trained; analysing takes only analysis.* "
+                          "and eval.* settings (train a new run for the rest).")
+    return config.with_overrides(settings)
+
+
 def analyze_tables(run_dir: str | Path, split_name: str = "test", top_k: int | None = None,
-                   bags: CohortBags | None = None) -> tuple[AttentionTables, Config, CohortBags]:
-    """Load the run's best model and compute every table for the cases of ``split_name`` (or ``all``)."""
+                   bags: CohortBags | None = None, settings: list[str] | None = None
+                   ) -> tuple[AttentionTables, Config, CohortBags]:
+    """Load the run's best model and compute every table for the cases of ``split_name`` (or ``all``);
+    ``settings``: ``--set analysis.truth=…`` and the like (:func:`analysis_settings`)."""
     run_dir = Path(run_dir)
     predictions_file = run_dir / "predictions.csv"
     if not predictions_file.is_file():
@@ -239,9 +256,9 @@ def analyze_tables(run_dir: str | Path, split_name: str = "test", top_k: int | N
     if not cases:
         raise TrainingError(f"split '{split_name}' of {run_dir} is empty; analyse another (--split val).")
     predictions = pd.read_csv(predictions_file, dtype={"case": str})
-    tables = compute_tables(run.model, run.config, bags, cases, predictions, split_name, run.decision.threshold,
+    config = analysis_settings(run.config, settings)
+    tables = compute_tables(run.model, config, bags, cases, predictions, split_name, run.decision.threshold,
                             run.decision.temperature, top_k)
-    config = run.config
     return tables, config, bags
 
 

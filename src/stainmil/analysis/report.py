@@ -63,15 +63,17 @@ def _environment() -> Environment:
     return env
 
 
-def build_report(run_dir: str | Path, analysis: AnalysisResult | None = None, split_name: str = "test") -> Path:
-    """Write ``<run>/report.html`` (running ``analyze`` first if its outputs are missing)."""
+def build_report(run_dir: str | Path, analysis: AnalysisResult | None = None, split_name: str = "test",
+                 settings: list[str] | None = None) -> Path:
+    """Write ``<run>/report.html`` (running ``analyze`` first if its outputs are missing; ``settings``: its
+    ``--set analysis.…``)."""
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.json").is_file():
         raise TrainingError(f"{run_dir} has no metrics.json; run `stainmil evaluate {run_dir}` first.")
     config = load_config(run_dir / "config.yaml")
     metrics = read_metrics(run_dir / "metrics.json", config.data.classes)
     if analysis is None:
-        analysis = write_analysis(run_dir, metrics.get("evaluated_split", split_name))
+        analysis = write_analysis(run_dir, metrics.get("evaluated_split", split_name), settings=settings)
     run_figures = [(title, data_uri(run_dir / name)) for title, name in (
         ("training curves", "curves.png"), ("confusion matrix", "confusion_matrix.png"), ("ROC curve", "roc_curve.png"),
         ("reliability diagram", "reliability.png"))
