@@ -225,3 +225,133 @@ def test_a_patch_folder_run_shows_its_mosaic(tiny_cohort, tmp_path):
         assert np.array_equal(pasted, np.asarray(Image.open(first["path"]).convert("RGB")))
         mosaic.close()
         assert not errors, errors
+
+
+NOTE = 'nests at the junction, "007" too\nsecond line'
+
+
+def review_copy(run: Path, tmp_path: Path) -> Path:
+    """A copy of ``run`` whose config puts outputs (reviews/) under ``tmp_path``: the shared demo stays unwritten."""
+    import shutil
+
+    import yaml
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", "heatmaps", "qupath", "*.png"))
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["output_dir"] = str(tmp_path / "out")
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    return copy
+
+
+def test_review_draw_mark_note_grade_save_and_reload(demo, tmp_path):
+    """Review mode: a polygon drawn by real clicks on the H&E viewer is saved as drawn (level-0 px, through
+    OpenSeadragon's own conversion of the clicked pixels), carried onto a linked IHC viewer through the
+    registration, and back after a reload with the marks, note and grade; a save over another tab's is refused."""
+    import shapely
+    from shapely.geometry import Polygon
+
+    from stainmil.data.registration import carry_geometry
+    from stainmil.slides.annotations import read_region
+
+    run = review_copy(Path(demo["run"]), tmp_path)
+    with ViewerServer(run, port=8895, review="ana") as server, opened(server.url, (1500, 1000)) as (page, errors):
+        case = next(c for c in server.catalog.case_list(0)["cases"]
+                    if any(s["link"] and s["link"]["linked"] for s in server.catalog.case_page(0, c["case"])["slices"]))
+        case = case["case"]
+        ready(page, f"{server.url}case?source=0&case={case}")
+        shown = views(page)
+        he = next(i for i, v in enumerate(shown) if v["reference"])
+        ihc = next(i for i, v in enumerate(shown) if v["linked"] and v["fixed"] == shown[he]["id"])
+        he_id = shown[he]["id"]
+        canvas = page.evaluate(f"() => {{ const b = window.stainmil.views[{he}].osd.canvas.getBoundingClientRect(); "
+                               "return [b.left, b.top, b.width, b.height]; }")
+
+        # three top-k patches of the H&E marked: each clicked at the viewer's centre, then a button
+        page.locator("input[data-all='topk']").check()
+        patches = page.evaluate(f"""() => {{ const p = window.stainmil.views[{he}].slice.patches;
+            return p.x.map((x, j) => [x, p.y[j], p.size[j], p.rank_in_case[j], String(p.patch[j])]); }}""")
+        top = sorted(patches, key=lambda p: p[3])[:3]
+        marks = dict(zip((p[4] for p in top), ["agree", "disagree", "unsure"]))
+        for x, y, size, _, patch in top:
+            move(page, he, x + size / 2, y + size / 2, 1.0, animate=False)
+            page.mouse.click(round(canvas[0] + canvas[2] / 2), round(canvas[1] + canvas[3] / 2))
+            page.click(f"#info .marks button[data-mark='{marks[patch]}']")
+        grades = server.catalog.class_names(server.catalog.source(0))
+        page.fill("#note", NOTE)
+        page.select_option("#grade", grades[-1])
+
+        # a polygon drawn by clicks around the H&E tissue (zoom 2: a whole screen px is ½ level-0 px)
+        centre = np.array(top[0][:2]) + top[0][2] / 2                      # on the tissue: the best patch
+        move(page, he, *centre, 2.0, animate=False)
+        targets = centre + np.array([[-45, -40], [50, -35], [55, 45], [-25, 55], [-50, 10]])  # clear of the navigator
+        clicks = []
+        for tx, ty in targets:
+            s = page.evaluate(f"([x, y]) => {{ const p = window.stainmil.review.toScreen("
+                              f"window.stainmil.views[{he}], [x, y]); return [p.x, p.y]; }}", [tx, ty])
+            clicks.append((round(canvas[0] + s[0]), round(canvas[1] + s[1])))
+        page.click(f".panel[data-slide='{he_id}'] .rev [data-act=draw]")
+        for cx, cy in clicks[:-1]:
+            page.mouse.click(cx, cy)
+        page.mouse.dblclick(*clicks[-1])
+        drawn = page.evaluate(f"() => window.stainmil.views[{he}].review.polygons.map(p => p.rings)")
+        assert len(drawn) == 1 and len(drawn[0][0]) == len(targets) + 1, (drawn, clicks)
+        expected = np.array(page.evaluate(f"""(clicks) => clicks.map(([x, y]) => window.stainmil.review.toImage(
+            window.stainmil.views[{he}], new OpenSeadragon.Point(x - {canvas[0]}, y - {canvas[1]})))""", clicks))
+        assert np.abs(expected - targets).max() <= 0.5                    # where the clicks landed
+        assert page.evaluate("window.stainmil.review.dirty()")
+        assert "unsaved" in page.inner_text("#review-status")
+        page.keyboard.press("Control+s")
+        page.wait_for_function("document.getElementById('review-status').textContent.includes('saved ') && "
+                               "!window.stainmil.review.dirty()", timeout=20_000)
+
+        # what was saved: the drawn vertices (0.01 px), the marks, the note and grade
+        folder = tmp_path / "out" / "reviews" / "ana"
+        entry = server.catalog.entry(he_id)
+        from stainmil.slides.annotations import slide_key_name
+
+        geojson = folder / f"{slide_key_name((entry.case, entry.stain, entry.slice))}.geojson"
+        saved = Polygon(json.loads(geojson.read_text())["features"][0]["geometry"]["coordinates"][0])
+        assert np.abs(np.asarray(saved.exterior.coords)[:-1] - expected).max() <= 0.006
+        region = read_region(geojson, ["Lesion"])
+        assert shapely.normalize(region.geometry).equals_exact(shapely.normalize(saved), 1e-9)
+        table = pd.read_csv(folder / "patch_marks.csv", dtype=str, keep_default_na=False)
+        assert dict(zip(table["patch"], table["mark"])) == marks and set(table["case"]) == {case}
+        cases = pd.read_csv(folder / "cases.csv", dtype=str, keep_default_na=False)
+        assert cases[["case", "grade", "note"]].values.tolist() == [[case, grades[-1], NOTE]]
+
+        # carried onto the linked IHC viewer: carry_geometry of the saved polygon, within 1 px
+        page.wait_for_function(f"(() => {{ const c = window.stainmil.views[{ihc}].review.carried; "
+                               "return c && c.outlines.length > 0; })()", timeout=20_000)
+        carried = page.evaluate(f"() => window.stainmil.views[{ihc}].review.carried")
+        transform = server.catalog.transforms[shown[ihc]["transform"]]
+        want = carry_geometry(saved, transform)
+        assert carried["outlines"][0]["class"] == "Lesion" and carried["from"].startswith(shown[he]["stain"])
+        got = np.asarray(carried["outlines"][0]["rings"][0])
+        assert got.shape == np.asarray(want.exterior.coords).shape
+        assert np.abs(got - np.asarray(want.exterior.coords)).max() <= 1.0
+        assert "carried from" in page.inner_text(f".panel[data-slide='{shown[ihc]['id']}'] .rev .hint")
+        page.screenshot(path=str(tmp_path / "review.png"))
+
+        # reopened: polygon, marks, note and grade are back
+        ready(page, page.url)
+        back = page.evaluate(f"() => window.stainmil.views[{he}].review.polygons")
+        assert len(back) == 1 and np.abs(np.asarray(back[0]["rings"][0])[:-1] - expected).max() <= 0.006
+        assert page.evaluate("() => Object.fromEntries([...window.stainmil.review.state.marks].map(([k, m]) => "
+                             "[k.split('|')[2], m]))") == marks
+        assert page.input_value("#note") == NOTE and page.input_value("#grade") == grades[-1]
+
+        # another tab saves this slide meanwhile: this tab's save is refused, said, and its drawing kept
+        other = server.review.slide(he_id)
+        page.request.put(f"{server.url}api/review/{he_id}", data=json.dumps(
+            {"base_version": other["version"], "polygons": []}))
+        page.click(f".panel[data-slide='{he_id}'] .rev [data-act=draw]")
+        for cx, cy in clicks[:2]:
+            page.mouse.click(cx + 40, cy + 40)
+        page.mouse.dblclick(clicks[2][0] + 40, clicks[2][1] + 40)
+        page.click("#save")
+        page.wait_for_function("document.getElementById('review-status').textContent.includes('another tab')",
+                               timeout=20_000)
+        assert page.evaluate(f"() => window.stainmil.views[{he}].review.polygons.length") == 2
+        assert page.evaluate("window.stainmil.review.dirty()") and not geojson.exists()
+        assert [e for e in errors if "409 (Conflict)" not in e] == [], errors  # the refused save is the only one

@@ -8,6 +8,9 @@
     /api/regions/N                            QuPath include/exclude polygons of slide N (level-0 px)
     /slides/N.dzi  /slides/N_files/L/C_R.jpeg the Deep Zoom pyramid of slide N (also .png: lossless)
     /slides/N/mask.png                        its tissue mask
+    /api/review/N        GET, PUT             the reviewer's polygons of slide N (--review only; PUT with base_version)
+    /api/marks?source=S&case=ID  GET, PUT     the reviewer's top-k marks, note and grade of a case (--review only)
+    /api/carried/N                            the reference slide's review polygons carried onto IHC slide N
     /static/…  /osd/…                         the app's own files and OpenSeadragon's (installed by `make setup`)
 
 Slides are addressed by number only (the catalog's list of the run's own slides): no URL carries a path.
@@ -20,13 +23,17 @@ import sys
 from pathlib import Path
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from stainmil.errors import ConfigError, DataError
+from stainmil.errors import ConfigError, DataError, OutputError
+from stainmil.view.carried import carried_outlines
 from stainmil.view.catalog import Catalog, NotServed
+from stainmil.view.desk import ReviewDesk
+from stainmil.view.reviews import BadReview, StaleReview
 from stainmil.view.tiles import FORMATS, TileOutside
 
 OPENSEADRAGON_VERSION = "6.1.1"   # the Makefile installs this version from npm
@@ -47,8 +54,10 @@ def openseadragon_dir() -> Path:
                       "set STAINMIL_OPENSEADRAGON to its build/openseadragon folder.")
 
 
-def create_app(catalog: Catalog, osd: Path | None = None) -> Starlette:
+def create_app(catalog: Catalog, osd: Path | None = None, review: str | None = None) -> Starlette:
+    """The app of ``catalog``; with ``review`` (a reviewer's name) its pages also draw, mark and save reviews."""
     osd = osd or openseadragon_dir()
+    desk = ReviewDesk(catalog, review) if review else None
 
     def page(name: str):
         def endpoint(request: Request) -> Response:
@@ -65,7 +74,31 @@ def create_app(catalog: Catalog, osd: Path | None = None) -> Starlette:
         return JSONResponse(catalog.case_list(source_of(request)))
 
     def case(request: Request) -> Response:
-        return JSONResponse(catalog.case_page(source_of(request), request.query_params.get("case", "")))
+        source = source_of(request)
+        data = catalog.case_page(source, request.query_params.get("case", ""))
+        return JSONResponse({**data, "review": desk.describe(catalog.source(source)) if desk else None})
+
+    def reviewing() -> ReviewDesk:
+        if desk is None:
+            raise NotServed("this viewer is read-only; start it with `stainmil view FOLDER --review NAME` to review")
+        return desk
+
+    async def review(request: Request) -> Response:
+        n = request.path_params["n"]
+        if request.method == "PUT":
+            body = await request.body()
+            return JSONResponse(await run_in_threadpool(reviewing().save_slide, n, body))
+        return JSONResponse(await run_in_threadpool(reviewing().slide, n))
+
+    async def marks(request: Request) -> Response:
+        source, case_id = source_of(request), request.query_params.get("case", "")
+        if request.method == "PUT":
+            body = await request.body()
+            return JSONResponse(await run_in_threadpool(reviewing().save_case, source, case_id, body))
+        return JSONResponse(await run_in_threadpool(reviewing().case, source, case_id))
+
+    def carried(request: Request) -> Response:
+        return JSONResponse(carried_outlines(reviewing(), request.path_params["n"]))
 
     def transform(request: Request) -> Response:
         return JSONResponse(catalog.transform(request.path_params["n"]))
@@ -84,11 +117,10 @@ def create_app(catalog: Catalog, osd: Path | None = None) -> Starlette:
     def mask(request: Request) -> Response:
         return Response(catalog.mask_png(request.path_params["n"]), media_type="image/png")
 
-    async def not_served(request: Request, exc: Exception) -> Response:
-        return JSONResponse({"error": str(exc)}, status_code=404)
-
-    async def unavailable(request: Request, exc: Exception) -> Response:
-        return JSONResponse({"error": str(exc)}, status_code=410)
+    def answer(status: int):  # an error's one sentence, as JSON
+        async def handler(request: Request, exc: Exception) -> Response:
+            return JSONResponse({"error": str(exc)}, status_code=status)
+        return handler
 
     routes = [
         Route("/", page("index.html")),
@@ -97,13 +129,17 @@ def create_app(catalog: Catalog, osd: Path | None = None) -> Starlette:
         Route("/api/case", case),
         Route("/api/transform/{n:int}", transform),
         Route("/api/regions/{n:int}", regions),
+        Route("/api/review/{n:int}", review, methods=["GET", "PUT"]),
+        Route("/api/marks", marks, methods=["GET", "PUT"]),
+        Route("/api/carried/{n:int}", carried),
         Route("/slides/{n:int}.dzi", dzi),
         Route("/slides/{n:int}_files/{level:int}/{col:int}_{row:int}.{fmt:str}", tile),
         Route("/slides/{n:int}/mask.png", mask),
         Mount("/static", StaticFiles(directory=STATIC, follow_symlink=False)),
         Mount("/osd", StaticFiles(directory=osd, follow_symlink=False)),
     ]
-    handlers = {NotServed: not_served, TileOutside: not_served, DataError: unavailable, ConfigError: unavailable}
+    handlers = {NotServed: answer(404), TileOutside: answer(404), DataError: answer(410), ConfigError: answer(410),
+                BadReview: answer(400), StaleReview: answer(409), OutputError: answer(500)}
     app = Starlette(routes=routes, exception_handlers=handlers)
-    app.state.catalog = catalog
+    app.state.catalog, app.state.review = catalog, desk
     return app

@@ -40,6 +40,7 @@ from stainmil.view.tiles import FORMATS, DeepZoom, TileCache, encode, read_tile
 
 PATCH_FIELDS = ["patch", "x", "y", "effective_attention", "relative_attention", "patch_prob", "rank_in_case",
                 "patch_weight"]
+LESION_COLUMNS = ["attention_lesion_auc", "lesion_topk_precision", "lesion_pointing"]  # cases.csv, with a truth
 MAX_REGION_VERTICES = 20_000   # per slide sent to the browser (simplified beyond that)
 MAX_GRID = 512                 # transform grids larger than this per side are resampled for the browser
 
@@ -150,6 +151,7 @@ class Catalog:
         prob_columns = [f"prob_{k}" for k in range(len(names))]
         by_case = predictions.set_index("case") if "case" in predictions.columns and len(predictions) else None
         stain_columns = [c for c in cases.columns if c.startswith("stain_weight_")]
+        lesion_columns = [c for c in LESION_COLUMNS if c in cases.columns]
         rows = []
         for row in cases.to_dict("records"):
             case = str(row["case"])
@@ -171,11 +173,13 @@ class Catalog:
                 "split": "" if pd.isna(row.get("split", "")) else str(row.get("split", "")),
                 "stains": {c[len("stain_weight_"):]: _float_or_none(row[c]) for c in stain_columns},
                 "registration": "; ".join(verdicts.get(case, [])),
+                **{c: _float_or_none(row.get(c)) for c in lesion_columns},
             })
         positive = readable[-1] if len(readable) == 2 else ""
         return {"source": source.name, "sources": [s.name for s in self.sources], "classes": readable,
                 "positive": positive, "prob_label": f"P({positive})" if positive else "P(predicted class)",
-                "cases": rows, "notes": self.folder_notes + self._notes.get(source.index, [])}
+                "cases": rows, "lesion_columns": lesion_columns,
+                "notes": self.folder_notes + self._notes.get(source.index, [])}
 
     # ---- one case ------------------------------------------------------------------------------------------
     def case_page(self, source_index: int, case: str) -> dict:

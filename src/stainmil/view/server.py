@@ -39,12 +39,12 @@ def bind_socket(host: str, port: int, tries: int = PORT_TRIES) -> socket.socket:
 class ViewerServer:
     """The viewer app on a bound socket; :meth:`run` blocks, :meth:`start`/:meth:`stop` run it in a thread."""
     def __init__(self, folder: str | Path, host: str = "127.0.0.1", port: int = 8765,
-                 slides_dir: str | Path | None = None) -> None:
+                 slides_dir: str | Path | None = None, review: str | None = None) -> None:
         import uvicorn
 
-
         self.catalog = Catalog(folder, slides_dir=slides_dir)
-        self.app = create_app(self.catalog)
+        self.app = create_app(self.catalog, review=review)
+        self.review = self.app.state.review   # the ReviewDesk with --review, else None
         self.socket = bind_socket(host, port)
         self.host, self.port = host, self.socket.getsockname()[1]
         self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="off",

@@ -168,6 +168,7 @@ function draw(view) {
       ctx.fillText(String(p.rank_in_case[i]), p.x[i] + 3 / screenPerPixel, p.y[i] + 2 / screenPerPixel);
     }
   }
+  review.paint(view, ctx, screenPerPixel);     // review mode: polygons, carried outlines, marks (review.js)
 }
 
 function setOverlay(view, name, value) {
@@ -211,6 +212,7 @@ function showPatch(view, i) {
     rows.map(([k, v]) => `<tr><td>${esc(k)}</td><td>${esc(v)}</td></tr>`).join("") + "</table>";
   box.hidden = false;
   box.dataset.patch = p.patch ? p.patch[i] : i;
+  review.patchInfo(view, i, box);
 }
 
 // ---- building the page -------------------------------------------------------------------------------------------
@@ -256,7 +258,8 @@ function makeViewer(slice) {
   view.osd.addHandler("animation", () => { if (leader === view) follow(view); });
   view.osd.addHandler("animation-finish", () => { if (leader === view) follow(view); });
   for (const name of INTERACTIONS) view.osd.addHandler(name, () => { leader = view; });
-  view.osd.addHandler("canvas-click", e => { if (e.quick) pick(view, e.position); });
+  view.osd.addHandler("canvas-click", e => { if (e.quick && !review.click(view, e)) pick(view, e.position); });
+  review.attach(view);
   return view;
 }
 
@@ -276,6 +279,7 @@ async function main() {
   const scale = page.colour_scales.relative_attention;
   document.getElementById("legend").innerHTML = `<span>${esc(scale.label)}</span><span class="ramp" style="background:${scale.gradient}"></span>` +
     scale.ticks.map(t => esc(t.text)).join(" ");
+  review.start(page);
   const slices = page.slices.slice().sort((a, b) => (b.reference - a.reference) || a.stain.localeCompare(b.stain) || a.slice.localeCompare(b.slice, undefined, { numeric: true }));
   slices.forEach(makeViewer);
   leader = views.find(v => v.slice.reference && v.osd) || views.find(v => v.osd) || null;
@@ -288,6 +292,7 @@ async function main() {
   views.forEach(orient);
   if (leader) follow(leader);
   views.forEach(v => v.osd && draw(v));
+  await review.load();
   document.body.dataset.ready = "1";
 }
 
@@ -300,4 +305,4 @@ document.getElementById("linked").onchange = e => {
 };
 document.getElementById("orient").onchange = () => { views.forEach(orient); if (leader) follow(leader); };
 window.stainmil = { views, centre, imageZoom, follow, lead: view => { leader = view; }, fixedToMoving, movingToFixed,
-                    done: main() };
+                    screenOf, review, done: main() };

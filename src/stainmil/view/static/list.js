@@ -26,6 +26,9 @@ const COLUMNS = [
       `<span class="lbl">${esc(s)}</span><span class="bar" style="width:${Math.round(60 * (w || 0))}px"></span>${fmt(w, 2)}`).join("<br>") + "</span>" },
   { key: "registration", title: "registration", value: r => r.registration, cell: r => esc(r.registration).replaceAll("; ", "<br>") },
 ];
+const LESION_TITLES = { attention_lesion_auc: "attention–lesion AUC", lesion_topk_precision: "top-k lesion precision",
+                        lesion_pointing: "lesion pointing" };   // analysis against the lesion outlines, when present
+const lesionColumn = key => ({ key, title: LESION_TITLES[key] || key, value: r => r[key], cell: r => fmt(r[key]) });
 
 function keep(r) {
   if (state.filter === "all") return true;
@@ -34,19 +37,23 @@ function keep(r) {
   return r.error === state.filter;
 }
 
+function columns() {
+  return [...COLUMNS, ...(state.data.lesion_columns || []).map(lesionColumn)];
+}
+
 function render() {
-  const data = state.data;
+  const data = state.data, shown = columns();
   document.getElementById("notes").textContent = data.notes.join(" ");
   const head = document.querySelector("#cases thead");
-  head.innerHTML = "<tr>" + COLUMNS.map(c => `<th data-key="${c.key}"${c.key === state.sort ? ` data-dir="${esc(state.dir)}"` : ""}>${esc(c.key === "prob" ? data.prob_label : c.title)}</th>`).join("") + "</tr>";
+  head.innerHTML = "<tr>" + shown.map(c => `<th data-key="${c.key}"${c.key === state.sort ? ` data-dir="${esc(state.dir)}"` : ""}>${esc(c.key === "prob" ? data.prob_label : c.title)}</th>`).join("") + "</tr>";
   head.querySelectorAll("th").forEach(th => th.onclick = () => {
     state.dir = state.sort === th.dataset.key && state.dir === "asc" ? "desc" : "asc";
     state.sort = th.dataset.key; save(); render();
   });
-  const column = COLUMNS.find(c => c.key === state.sort) || COLUMNS[0];
+  const column = shown.find(c => c.key === state.sort) || shown[0];
   const rows = data.cases.filter(keep).sort((a, b) => (state.dir === "asc" ? 1 : -1) * compare(column.value(a), column.value(b)));
   document.querySelector("#cases tbody").innerHTML = rows.map(r => `<tr data-case="${esc(r.case)}">` +
-    COLUMNS.map(c => `<td class="${c.cls ? c.cls(r) : ""}">${c.cell(r)}</td>`).join("") + "</tr>").join("");
+    shown.map(c => `<td class="${c.cls ? c.cls(r) : ""}">${c.cell(r)}</td>`).join("") + "</tr>").join("");
   document.getElementById("count").textContent = `${rows.length} of ${data.cases.length} cases`;
   document.querySelectorAll("#filters button").forEach(b => b.classList.toggle("on", b.dataset.filter === state.filter));
 }
