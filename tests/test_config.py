@@ -124,13 +124,15 @@ def test_every_path_valued_setting_is_written_absolute(tmp_path, monkeypatch):
               "features": {"store_dir": "store", "weights": "weights/enc.pth",
                            "backbone": "file:encoders/mine.py:build"},
               "train": {"runs_dir": "runs", "split_file": "s.npz"},
-              "tune": {"dir": "tune", "storage": "tune/study.journal"}}
+              "tune": {"dir": "tune", "storage": "tune/study.journal"},
+              "analysis": {"truth": "qupath/{case}_{stain}.geojson"}}
     config = config_from_dict(values)  # built in code, never through load_config: dump_config resolves too
     written = yaml.safe_load(dump_config(config, tmp_path / "config.yaml").read_text())
     for section, *key in sorted(PATH_FIELDS):
         value = written[section] if not key else written[section][key[0]]
         assert value.startswith(str(tmp_path)), (section, key, value)
     assert written["tile"]["include_annotations"] == str(tmp_path / "annotations" / "{stem}.geojson")
+    assert written["analysis"]["truth"] == str(tmp_path / "qupath" / "{case}_{stain}.geojson")
     assert written["features"]["weights"] == str(tmp_path / "weights" / "enc.pth")
     assert written["features"]["backbone"] == f"file:{tmp_path / 'encoders' / 'mine.py'}:build"
     assert written["tune"]["storage"] == str(tmp_path / "tune" / "study.journal")

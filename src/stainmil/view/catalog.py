@@ -40,7 +40,7 @@ from stainmil.view.tiles import FORMATS, DeepZoom, TileCache, encode, read_tile
 
 PATCH_FIELDS = ["patch", "x", "y", "effective_attention", "relative_attention", "patch_prob", "rank_in_case",
                 "patch_weight"]
-LESION_COLUMNS = ["attention_lesion_auc", "lesion_topk_precision", "lesion_pointing"]  # cases.csv, with a truth
+LESION_COLUMNS = ["attention_lesion_auc", "attention_topk_precision", "attention_pointing"]  # cases.csv, with a truth
 MAX_REGION_VERTICES = 20_000   # per slide sent to the browser (simplified beyond that)
 MAX_GRID = 512                 # transform grids larger than this per side are resampled for the browser
 

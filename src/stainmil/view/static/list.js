@@ -26,8 +26,8 @@ const COLUMNS = [
       `<span class="lbl">${esc(s)}</span><span class="bar" style="width:${Math.round(60 * (w || 0))}px"></span>${fmt(w, 2)}`).join("<br>") + "</span>" },
   { key: "registration", title: "registration", value: r => r.registration, cell: r => esc(r.registration).replaceAll("; ", "<br>") },
 ];
-const LESION_TITLES = { attention_lesion_auc: "attention–lesion AUC", lesion_topk_precision: "top-k lesion precision",
-                        lesion_pointing: "lesion pointing" };   // analysis against the lesion outlines, when present
+const LESION_TITLES = { attention_lesion_auc: "attention–lesion AUC", attention_topk_precision: "top-k in lesion",
+                        attention_pointing: "top-1 in lesion" };   // analysis against the lesion outlines, when present
 const lesionColumn = key => ({ key, title: LESION_TITLES[key] || key, value: r => r[key], cell: r => fmt(r[key]) });
 
 function keep(r) {
@@ -51,7 +51,11 @@ function render() {
     state.sort = th.dataset.key; save(); render();
   });
   const column = shown.find(c => c.key === state.sort) || shown[0];
-  const rows = data.cases.filter(keep).sort((a, b) => (state.dir === "asc" ? 1 : -1) * compare(column.value(a), column.value(b)));
+  const blank = v => v === null || v === undefined || v === "";     // empty cells last, either way
+  const rows = data.cases.filter(keep).sort((a, b) => {
+    const va = column.value(a), vb = column.value(b);
+    return blank(va) !== blank(vb) ? (blank(va) ? 1 : -1) : (state.dir === "asc" ? 1 : -1) * compare(va, vb);
+  });
   document.querySelector("#cases tbody").innerHTML = rows.map(r => `<tr data-case="${esc(r.case)}">` +
     shown.map(c => `<td class="${c.cls ? c.cls(r) : ""}">${c.cell(r)}</td>`).join("") + "</tr>").join("");
   document.getElementById("count").textContent = `${rows.length} of ${data.cases.length} cases`;
