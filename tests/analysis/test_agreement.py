@@ -1,5 +1,7 @@
 """Reviewer agreement: kappa on shared patch marks, Dice of lesion outlines per slide, the CLI table."""
 
+import math
+
 import pandas as pd
 import pytest
 from shapely.geometry import box
@@ -34,7 +36,7 @@ def test_kappa_and_dice_between_two_reviewers(tmp_path):
     assert pair["kappa"] == pytest.approx((2 / 3 - 4 / 9) / (1 - 4 / 9))
     assert pair["shared_slides"] == 1 and pair["only_one_outlined"] == 1
     assert result.slides.iloc[0]["dice"] == pytest.approx(0.5)  # half of each square overlaps
-    assert dice(None, None) == 1.0 and dice(box(0, 0, 1, 1), None) == 0.0
+    assert math.isnan(dice(None, None)) and dice(box(0, 0, 1, 1), None) == 0.0
 
 
 def test_one_reviewer_is_not_enough_and_the_cli_writes_the_table(tmp_path):

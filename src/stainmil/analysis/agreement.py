@@ -31,11 +31,11 @@ class Agreement:
 
 
 def dice(a: shapely.Geometry | None, b: shapely.Geometry | None) -> float:
-    """2 |A ∩ B| / (|A| + |B|); 1.0 when neither outlined any lesion, 0 when only one did."""
+    """2 |A ∩ B| / (|A| + |B|); NaN when neither outlined any lesion (nothing to agree on), 0 when only one did."""
     area_a = 0.0 if a is None else a.area
     area_b = 0.0 if b is None else b.area
     if area_a + area_b == 0:
-        return 1.0
+        return math.nan
     if a is None or b is None:
         return 0.0
     return 2 * shapely.intersection(a, b).area / (area_a + area_b)
@@ -85,7 +85,7 @@ def review_agreement(folder: str | Path, lesion_classes: list[str]) -> Agreement
         for slide in both:
             slides.append({"reviewer_1": first, "reviewer_2": second, "slide": slide,
                            "dice": dice(outlines[first][slide], outlines[second][slide])})
-        scores = [s["dice"] for s in slides[len(slides) - len(both):]]
+        scores = [s["dice"] for s in slides[len(slides) - len(both):] if not math.isnan(s["dice"])]
         pairs.append({"reviewer_1": first, "reviewer_2": second, "shared_marks": len(shared),
                       "marks_agreeing": int((shared["mark_1"] == shared["mark_2"]).sum()) if len(shared) else 0,
                       "kappa": kappa, "shared_slides": len(both),

@@ -120,6 +120,8 @@ def write_tables(out: Path, tables: AttentionTables, config: Config) -> Analysis
                                                           out / "slice_attention_misclassified.png")
     if misclassified:
         made["slices_misclassified"] = misclassified
+    for stale in out.glob("lesion_*.csv") if not tables.lesion else []:  # from an earlier analysis with truth
+        stale.unlink()
     for name, frame in tables.lesion.items():  # case, stain, slice, summary, summary_by_stain
         file = f"lesion_{name}.csv" if name.startswith("summary") else f"lesion_{name}s.csv"
         atomic_write(out / file, lambda tmp, frame=frame: frame.to_csv(tmp, index=False))

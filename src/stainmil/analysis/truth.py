@@ -94,8 +94,14 @@ def _from_table(config: Config, patches: pd.DataFrame, path: Path) -> PatchTruth
         raise DataError(f"truth table {path} lacks the columns {missing}; it needs case, stain, slice, patch, "
                         "lesion_fraction (one row per patch).")
     stains = table["stain"].map(lambda s: config.data.canonical_stain(s) or s)
-    table = table.assign(stain=stains, ignored=table["ignored"].astype(bool) if "ignored" in table else False,
-                         truth_source="table")
+    fractions = pd.to_numeric(table["lesion_fraction"], errors="coerce")
+    if fractions.isna().any() or not fractions.between(0, 1).all():
+        bad = table.loc[fractions.isna() | ~fractions.between(0, 1), "lesion_fraction"].iloc[0]
+        raise DataError(f"truth table {path} has a lesion_fraction that is not a number in [0, 1] ({bad!r}); write "
+                        "each patch's share of lesion area, 0 to 1.")
+    ignored = table["ignored"].fillna(False).astype(str).str.lower().isin(["true", "1", "yes"]) \
+        if "ignored" in table else False
+    table = table.assign(stain=stains, lesion_fraction=fractions, ignored=ignored, truth_source="table")
     keys = ["case", "stain", "slice", "patch"]
     wanted = patches[keys].astype(str)
     merged = wanted.merge(table[TRUTH_COLUMNS], on=keys, how="inner")
@@ -228,6 +234,11 @@ def _from_outlines(config: Config, patches: pd.DataFrame, cohort: pd.DataFrame |
                         "case<id>_<stain>_slice<id>.geojson, or use a template.")
     if repaired:
         notes.append(f"{repaired} self-intersecting or badly nested polygons were repaired (shapely make_valid).")
+    without = [key for key in groups if key not in outlines]
+    if without:
+        notes.append(f"{len(without)} of {len(groups)} analysed slides have no outline (e.g. case {without[0][0]} "
+                     f"{without[0][1]} slice {without[0][2]}); their patches are left out, so a case's top-k and "
+                     "pointing game rank only its outlined slides' patches.")
     if cohort is not None and "{" not in where:
         notes += _unmatched(config, Path(where), cohort, used_files)
     return PatchTruth(pd.concat(frames, ignore_index=True), where, notes, slides=len(frames),
@@ -239,7 +250,7 @@ def _carry(config: Config, groups: dict, outlines: dict[tuple, _SlideOutline], c
     notes = []
     registrations = read_registrations(config)
     reference = reference_stain(config)
-    wanting = [key for key in groups if key[1] != reference and key not in outlines]
+    wanting = [key for key in groups if key[1] != reference and (key not in outlines or outlines[key].lesion is None)]
     if registrations is None:
         return [f"analysis.truth_from_reference is set but this cohort is not registered; {len(wanting)} slides of "
                 "other stains have no outline — run `stainmil register`."] if wanting else []
@@ -259,6 +270,9 @@ def _carry(config: Config, groups: dict, outlines: dict[tuple, _SlideOutline], c
             continue
         carried = [carry_geometry(g, row["transform"]) if g is not None else None
                    for g in (source.lesion, source.ignore)]
+        own = outlines.get(key)  # its own artefacts stay ignored; its lesion comes from the reference
+        if own is not None and own.ignore is not None:
+            carried[1] = own.ignore if carried[1] is None else shapely.union(own.ignore, carried[1])
         for geometry in carried:
             if geometry is not None:
                 shapely.prepare(geometry)

@@ -36,9 +36,10 @@ import shapely
 from stainmil.config import Config, RegisterConfig
 from stainmil.data.tiling import load_tiles
 from stainmil.errors import ConfigError, DataError
-from stainmil.io import array_digest, atomic_path, atomic_write, atomic_write_json, atomic_write_text, safe_name
+from stainmil.io import array_digest, atomic_path, atomic_write, atomic_write_json, atomic_write_text
 from stainmil.locks import folder_lock
 from stainmil.progress import progress_bar
+from stainmil.slides.annotations import slide_key_name
 from stainmil.slides.coords import grid_step
 from stainmil.slides.reader import Slide, UnreadableSlide
 from stainmil.slides.register import PairTransform, quality_dict, read_section, register_sections
@@ -55,7 +56,7 @@ class SlideRef:
 
     @property
     def stem(self) -> str:
-        return f"case{safe_name(self.case)}_{safe_name(self.stain)}_slice{safe_name(self.slice)}"
+        return slide_key_name((self.case, self.stain, self.slice))
 
 
 @dataclass
@@ -108,8 +109,8 @@ def carry_geometry(geometry: shapely.Geometry, transform_file: str | Path, step_
     displacement grid's spacing) so the mapped outline follows the non-rigid field, not only its vertices."""
     transform, attrs = read_pair(transform_file)
     if transform is None:
-        raise DataError(f"{transform_file} holds no transform (its pair {attrs.get('verdict', 'failed')}); the region "
-                        "cannot be carried.")
+        raise DataError(f"{transform_file} holds no transform (its pair {attrs.get('verdict', 'failed')}), so no "
+                        "region can be carried onto it; outline that slide itself, or register it again.")
     fixed_mpp, moving_mpp = float(attrs["fixed_mpp"]), float(attrs["moving_mpp"])
     step = step_px or transform.spacing / fixed_mpp / 2
     dense = shapely.segmentize(geometry, max(step, 1.0))

@@ -40,7 +40,7 @@ from stainmil.analysis.lesion import models_table as lesion_models_table
 from stainmil.classes import ClassScheme
 from stainmil.config import Config
 from stainmil.data.registration import reference_stain
-from stainmil.errors import ConfigError
+from stainmil.errors import ConfigError, DataError
 from stainmil.experiments.cv import per_case_probabilities, pooled_out_of_fold, run_cv, shared_folds
 from stainmil.io import atomic_write, atomic_write_text, safe_name, save_figure, subplots
 from stainmil.locks import folder_lock
@@ -186,7 +186,12 @@ def _compare(config: Config, variants: list, folds: int, seeds: list[int], launc
     if by_stains is not None:
         atomic_write_text(out / "models_by_stains.md", render_table(by_stains.to_dict("records"),
                                                                     fmt="markdown"))
-    lesion = _lesion_comparison(config, variants, seeds, out, table, log)
+    try:
+        lesion = _lesion_comparison(config, variants, seeds, out, table, log)
+    except (DataError, ConfigError) as exc:  # the comparison stands; only the lesion table is missing
+        lesion = None
+        log(f"the lesion table was not made ({exc}); fix analysis.truth and run the same command again (finished "
+            "folds are reused).")
     roc = _roc_plot(oof, out / "models_roc.png", config.data.classes)
     atomic_write_text(out / "models.html", models_html(table, folds, seeds, roc, metrics, by_stains, lesion))
     log(f"model comparison in {out}")
