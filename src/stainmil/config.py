@@ -257,10 +257,12 @@ class ModelConfig:
         "IHC patches registered onto it, after `stainmil register`); or a flat baseline over all patches "
         "of a case: abmil | transmil | clam_sb | clam_mb | dsmil | dtfd_mil | mean | max (`stainmil models`).",
         default="hierarchical")
-    stain_identity: Literal["none", "embedding", "specific"] = _help(
-        "What the model knows of which stain it looks at: none; embedding (default: a learned vector per stain "
-        "added to each slice embedding; flat baselines: to each patch); specific (hierarchical only: each stain "
-        "its own projector and patch/slice pools). A stain no training case had is refused.", default="embedding")
+    stain_identity: Literal["none", "embedding", "gated", "attention", "specific"] = _help(
+        "What the model knows of which stain it looks at: none; embedding (a learned vector per stain added to each "
+        "slice embedding; flat baselines: to each patch); gated (that vector through a learned gate that starts "
+        "nearly shut); attention (hierarchical only: a learned vector per stain, from zero, seen only where the "
+        "stain pool weighs the stains); specific (hierarchical only: each stain its own projector and patch/slice "
+        "pools). A stain no training case had is refused.", default="embedding")
     embed_dim: int = _help("Patch projector output size.", default=512)
     attention_hidden_dim: int = _help("Hidden size of each attention pool.", default=128)
     attention: str | list[str] = _help(

@@ -1,6 +1,6 @@
 """Stain identity: where the label speaks in one stain only and the others carry decoys, a stain-blind model
 cannot tell the key stain from the decoys; ``embedding`` and ``specific`` can (feature-level version of
-``synth --preset stain-key``)."""
+``synth --preset stain-key``); so can ``attention`` (and ``gated``), which start as stain-blind."""
 
 import numpy as np
 import pandas as pd
@@ -65,6 +65,32 @@ def test_stain_blind_models_cannot_find_the_key_stain(architecture):
 
 
 @pytest.mark.parametrize("architecture,identity", [("hierarchical", "embedding"), ("hierarchical", "specific"),
-                                                   ("abmil", "embedding")])
+                                                   ("hierarchical", "attention"), ("abmil", "embedding")])
 def test_stain_aware_models_find_the_key_stain(architecture, identity):
     assert train_and_score(identity, architecture) > 0.88
+
+
+def test_attention_and_gated_start_as_the_stain_blind_model():
+    """Before training, ``attention`` is exactly ``none`` (a zero vector) and ``gated`` nearly so (the gate ~0.018)."""
+    from stainmil.model.base import GATE_START
+
+    bags = stain_keyed_bags(8, seed=2)
+    batch = bags.batch(bags.case_ids)
+    outputs = {}
+    reference = None
+    for identity in ("none", "attention", "gated"):
+        torch.manual_seed(0)
+        model = build_model(bags.feature_dim, ModelConfig(stain_identity=identity, embed_dim=16,
+                                                          attention_hidden_dim=8, dropout=0.0), STAINS).eval()
+        if reference is None:
+            reference = model.state_dict()
+        model.load_state_dict(reference, strict=False)  # the same shared weights (the gated one drew more numbers)
+        if identity == "gated":
+            with torch.no_grad():
+                model.stain_gate.fill_(-30.0)  # fully shut: the stain vector contributes nothing
+        with torch.no_grad():
+            outputs[identity] = model(batch)
+    for identity in ("attention", "gated"):
+        assert torch.allclose(outputs[identity].logits, outputs["none"].logits, atol=1e-5), identity
+        assert torch.allclose(outputs[identity].effective_attention, outputs["none"].effective_attention, atol=1e-6)
+    assert torch.sigmoid(torch.tensor(GATE_START)) < 0.02

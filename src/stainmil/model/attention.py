@@ -52,9 +52,11 @@ class AttentionPool(nn.Module):
         return self.score(self.transform(h, groups, n_groups))
 
     def forward(self, h: torch.Tensor, groups: torch.Tensor, n_groups: int,
-                drop: torch.Tensor | None = None) -> PoolOutput:
+                drop: torch.Tensor | None = None, condition: torch.Tensor | None = None) -> PoolOutput:
+        """``condition`` (N, E): added to the rows only where they are scored, not to what is pooled (how much a
+        row weighs may depend on it, what the group says may not)."""
         h = self.transform(h, groups, n_groups)                               # (N, E)
-        logits = self.score(h)                                                # (N,)
+        logits = self.score(h if condition is None else h + condition)       # (N,)
         weights = segment_softmax(_masked(logits, drop), groups, n_groups)   # (N,)
         pooled = segment_sum(weights[:, None] * h, groups, n_groups)         # (G, E)
         return PoolOutput(pooled, logits, weights)
@@ -91,8 +93,8 @@ class MultiHeadAttention(AttentionPool):
         self.net = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Dropout(dropout), nn.Linear(hidden, heads))
 
     def forward(self, h: torch.Tensor, groups: torch.Tensor, n_groups: int,
-                drop: torch.Tensor | None = None) -> PoolOutput:
-        logits = self.net(h)                                                   # (N, K)
+                drop: torch.Tensor | None = None, condition: torch.Tensor | None = None) -> PoolOutput:
+        logits = self.net(h if condition is None else h + condition)           # (N, K)
         weights = torch.stack([segment_softmax(_masked(logits[:, k], drop), groups, n_groups)
                                for k in range(self.heads)], dim=1)             # (N, K), each column sums to 1
         pooled = segment_sum(weights.mean(1, keepdim=True) * h, groups, n_groups)  # (G, E), mean of head pools

@@ -17,6 +17,8 @@ from stainmil.errors import DataError
 from stainmil.model.batch import CaseBatch
 from stainmil.model.output import MILOutput
 
+GATE_START = -4.0  # model.stain_identity gated: sigmoid(-4) = 0.018, the stain vector starts nearly shut
+
 
 @runtime_checkable
 class MILModel(Protocol):

@@ -21,7 +21,7 @@ from torch import nn
 
 from stainmil.config import ModelConfig
 from stainmil.errors import ConfigError
-from stainmil.model.base import StainAware
+from stainmil.model.base import GATE_START, StainAware
 from stainmil.model.batch import CaseBatch
 from stainmil.model.output import MILOutput
 from stainmil.model.segment import group_sizes, segment_softmax, segment_sum
@@ -49,12 +49,14 @@ class FlatMIL(StainAware):
         super().__init__(in_dim, stains)
         self.n_classes = config.n_classes
         self.stain_identity = config.stain_identity
-        if self.stain_identity == "specific":
-            raise ConfigError(f"model.stain_identity 'specific' is for the hierarchical model; a flat baseline "
-                              f"({config.architecture}) takes 'none' or 'embedding'.")
-        self.stain_embedding = None
-        if self.stain_identity == "embedding":
+        if self.stain_identity in ("specific", "attention"):
+            raise ConfigError(f"model.stain_identity '{self.stain_identity}' is for the hierarchical model; a flat "
+                              f"baseline ({config.architecture}) takes 'none', 'embedding' or 'gated'.")
+        self.stain_embedding = self.stain_gate = None
+        if self.stain_identity in ("embedding", "gated"):
             self.stain_embedding = nn.Parameter(torch.randn(len(stains), in_dim) * 0.1)  # (K, D)
+        if self.stain_identity == "gated":
+            self.stain_gate = nn.Parameter(torch.tensor(GATE_START))
 
     def pool_cases(self, x: torch.Tensor, patch_case: torch.Tensor, n_cases: int,
                    labels: torch.Tensor) -> CasePooling:
@@ -79,7 +81,8 @@ class FlatMIL(StainAware):
         x = self.standardise(batch.features)                                     # (P, D)
         if self.stain_embedding is not None:
             self.check_stains(batch)
-            x = x + self.stain_embedding[batch.group_stain[patch_group]]
+            vector = self.stain_embedding[batch.group_stain[patch_group]]         # (P, D)
+            x = x + (vector if self.stain_gate is None else torch.sigmoid(self.stain_gate) * vector)
         context = {"patch_stain": batch.group_stain[patch_group], "patch_slice": batch.patch_slice,
                    "patch_position": batch.patch_position} if self.reads_context else {}
         pooled = self.pool_cases(x, patch_case, batch.n_cases, batch.labels, **context)

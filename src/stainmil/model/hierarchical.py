@@ -15,6 +15,11 @@ Stain identity (``model.stain_identity``):
 * ``embedding`` — a learned vector per stain (E,) is added to each slice embedding before the slice pool; the
                   stain embeddings pooled from them carry it into the stain pool, and the case embedding
                   carries it weighted by the stain attention: the pools can weigh a stain by what it is.
+* ``gated``     — the same vector, times a learned gate sigmoid(g) that starts nearly closed (g = -4): the model
+                  starts as ``none`` and opens the gate only as far as the data keeps pushing it.
+* ``attention`` — a learned vector per stain, starting at zero, seen only where the stain pool scores each stain
+                  embedding: which stain it is may change how much a stain weighs, never what it says (nothing
+                  of it reaches the pooled embeddings or the classifier); at the start exactly ``none``.
 * ``specific``  — each stain has its own projector and patch and slice pools; the stain pool and the
                   classifier are shared (more parameters: for cohorts large enough to afford them).
 
@@ -30,13 +35,13 @@ from torch import nn
 from stainmil.config import LEVELS, ModelConfig
 from stainmil.errors import ConfigError
 from stainmil.model.attention import PoolOutput, build_attention
-from stainmil.model.base import StainAware, projector
+from stainmil.model.base import GATE_START, StainAware, projector
 from stainmil.model.batch import CaseBatch
 from stainmil.model.output import MILOutput
 from stainmil.model.registry import register_architecture
 from stainmil.model.segment import group_ranks
 
-STAIN_IDENTITIES = ("none", "embedding", "specific")
+STAIN_IDENTITIES = ("none", "embedding", "gated", "attention", "specific")
 
 
 @register_architecture("hierarchical", reference="stainmil: attention patch -> slice -> stain -> case",
@@ -66,9 +71,12 @@ class HierarchicalMIL(StainAware):
         self.pools = nn.ModuleDict({
             level: nn.ModuleList([pool(level, name) for _ in stains]) if specific and level != "stain"
             else pool(level, name) for level, name in zip(LEVELS, names)})
-        self.stain_embedding = nn.Embedding(len(stains), e) if self.stain_identity == "embedding" else None
+        self.stain_embedding = nn.Embedding(len(stains), e) if self.stain_identity in ("embedding", "gated") else None
         if self.stain_embedding is not None:
             nn.init.normal_(self.stain_embedding.weight, std=0.1)
+        self.stain_gate = nn.Parameter(torch.tensor(GATE_START)) if self.stain_identity == "gated" else None
+        self.stain_condition = nn.Parameter(torch.zeros(len(stains), e)) if self.stain_identity == "attention" \
+            else None
         self.classifier = nn.Linear(e, config.n_classes)
 
     def embed(self, features: torch.Tensor, patch_stain: torch.Tensor | None = None) -> torch.Tensor:
@@ -127,9 +135,10 @@ class HierarchicalMIL(StainAware):
         patch = self._pool("patch", h, batch.patch_slice, n_slices, patch_stain, drop)   # pooled (S, E)
         slice_in = patch.pooled
         if self.stain_embedding is not None:  # once: the stain and case embeddings pooled from here carry it
-            slice_in = slice_in + self.stain_embedding(slice_stain)                 # (S, E)
+            slice_in = slice_in + self.stain_vector(slice_stain)                    # (S, E)
         slice_ = self._pool("slice", slice_in, batch.slice_group, n_groups, slice_stain)  # pooled (G, E)
-        stain = self.pools["stain"](slice_.pooled, batch.group_case, batch.n_cases)  # pooled (B, E)
+        condition = self.stain_condition[batch.group_stain] if self.stain_condition is not None else None  # (G, E)
+        stain = self.pools["stain"](slice_.pooled, batch.group_case, batch.n_cases, condition=condition)  # (B, E)
         logits = self.classifier(stain.pooled)                                      # (B, C)
         patch_group = batch.slice_group[batch.patch_slice]                          # (P,) stain group of each patch
         effective = stain.weights[patch_group] * slice_.weights[batch.patch_slice] * patch.weights  # (P,)
@@ -140,8 +149,13 @@ class HierarchicalMIL(StainAware):
             stain_attention_logits=stain.logits, stain_weights=stain.weights,
             effective_attention=effective, case_embeddings=stain.pooled,
             # what a one-patch case would pool to: the patch's embedding (+ its stain's vector)
-            patch_embeddings=h if self.stain_embedding is None else h + self.stain_embedding(patch_stain),
+            patch_embeddings=h if self.stain_embedding is None else h + self.stain_vector(patch_stain),
         )
+
+    def stain_vector(self, stain: torch.Tensor) -> torch.Tensor:
+        """(N,) stain indices -> (N, E) the learned stain vectors (``gated``: times the gate)."""
+        vector = self.stain_embedding(stain)
+        return vector if self.stain_gate is None else torch.sigmoid(self.stain_gate) * vector
 
     def patch_alone_logits(self, patch_embeddings: torch.Tensor) -> torch.Tensor:
         """(P, E) ``patch_embeddings`` of the output -> (P, C): the case logits if the whole case were this one
