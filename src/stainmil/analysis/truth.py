@@ -60,7 +60,9 @@ class PatchTruth:
 
 
 @dataclass
-class _SlideOutline:
+class SlideOutline:
+    """One slide's pathologist outline in its level-0 px: the lesion and the ignored regions (None: none drawn)."""
+
     lesion: shapely.Geometry | None
     ignore: shapely.Geometry | None
     file: Path
@@ -122,6 +124,17 @@ def _stain_spellings(config: Config, stain: str) -> list[str]:
     return list(dict.fromkeys(spellings + [s.upper() for s in spellings]))
 
 
+def outline_file(config: Config, stem: str, key: tuple[str, str, str], stem_unique: bool = True) -> Path | None:
+    """The ``analysis.truth`` outline file of one slide (case, stain, slice; its file stem), or None."""
+    return _find(config, stem, key, stem_unique)
+
+
+def read_outline(config: Config, path: Path) -> SlideOutline:
+    """The lesion and ignored regions of one outline file (``analysis.lesion_classes`` / ``ignore_classes``);
+    BadAnnotations when it cannot be read. No bounds check: see :func:`patch_truth` for that."""
+    return _outline(config, path, None, str(path))
+
+
 def _find(config: Config, stem: str, key: tuple[str, str, str], stem_unique: bool) -> Path | None:
     where = config.analysis.truth
     for stain in _stain_spellings(config, key[1]) if "{stain}" in where else [key[1]]:
@@ -161,9 +174,9 @@ def _patch_sides(rows: pd.DataFrame) -> np.ndarray | None:
         return None
 
 
-def _outline(config: Config, path: Path, size: tuple[float, float] | None, slide_name: str) -> _SlideOutline:
+def _outline(config: Config, path: Path, size: tuple[float, float] | None, slide_name: str) -> SlideOutline:
     found: AnnotationFile = read_polygons(path, config.tile.max_annotation_vertices)
-    outline = _SlideOutline(found.union(config.analysis.lesion_classes), found.union(config.analysis.ignore_classes)
+    outline = SlideOutline(found.union(config.analysis.lesion_classes), found.union(config.analysis.ignore_classes)
                             if config.analysis.ignore_classes else None, path, found.repaired, found.classes)
     if size is not None and found.polygons:
         minx, miny, maxx, maxy = shapely.union_all([g for _, g in found.polygons]).bounds
@@ -187,7 +200,7 @@ def _from_outlines(config: Config, patches: pd.DataFrame, cohort: pd.DataFrame |
                           "{stain}/{slice}, nor a CSV; point it at the folder of QuPath GeoJSON exports.")
     groups = dict(tuple(patches.groupby(["case", "stain", "slice"], sort=False)))
     stems = Counter(Path(str(p)).stem for p in (cohort if cohort is not None else patches)["path"].unique())
-    outlines: dict[tuple, _SlideOutline] = {}
+    outlines: dict[tuple, SlideOutline] = {}
     notes: list[str] = []
     used_files: set[Path] = set()
     classes_found: set[str] = set()
@@ -245,7 +258,7 @@ def _from_outlines(config: Config, patches: pd.DataFrame, cohort: pd.DataFrame |
                       carried=len(carried_from), repaired=repaired)
 
 
-def _carry(config: Config, groups: dict, outlines: dict[tuple, _SlideOutline], carried_from: dict) -> list[str]:
+def _carry(config: Config, groups: dict, outlines: dict[tuple, SlideOutline], carried_from: dict) -> list[str]:
     """Outlines of the reference stain carried onto the aligned slides of other stains that have none of their own."""
     notes = []
     registrations = read_registrations(config)
@@ -276,7 +289,7 @@ def _carry(config: Config, groups: dict, outlines: dict[tuple, _SlideOutline], c
         for geometry in carried:
             if geometry is not None:
                 shapely.prepare(geometry)
-        outlines[key] = _SlideOutline(carried[0], carried[1], source.file)
+        outlines[key] = SlideOutline(carried[0], carried[1], source.file)
         carried_from[key] = f"carried from {row['fixed_stain']} slice {row['fixed_slice']}"
     return notes
 
