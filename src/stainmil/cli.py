@@ -240,9 +240,12 @@ def extract(config: ConfigOpt = None, set_: SetOpt = None, launcher: LauncherOpt
             shard_index: Annotated[int | None, typer.Option(
                 help="Run only the shard with this index, counted from 0 (0 .. --shards - 1), as "
                      "$SLURM_ARRAY_TASK_ID counts.")] = None,
-            shard: Annotated[int | None, typer.Option(hidden=True, help="Deprecated: --shard-index.")] = None
-            ) -> None:
-    """Extract backbone features once per patch into the feature store (resumes where it stopped)."""
+            shard: Annotated[int | None, typer.Option(hidden=True, help="Deprecated: --shard-index.")] = None,
+            verify: Annotated[bool, typer.Option(help="On resume, read every finished slice file and compare it "
+                                                      "with its checksum (default: a cheap check of shape, dtype "
+                                                      "and checksum attribute).")] = False) -> None:
+    """Extract backbone features once per patch into the feature store (resumes where it stopped; a damaged file
+    found on resume is extracted again)."""
     from stainmil.features.extract import extract_sharded
 
     if shard is not None:
@@ -251,7 +254,9 @@ def extract(config: ConfigOpt = None, set_: SetOpt = None, launcher: LauncherOpt
         deprecated(f"--shard {shard}", f"--shard-index {shard}")
         shard_index = shard
     cfg = effective_config(config, set_)
-    for summary in extract_sharded(cfg, shards, launcher, shard_index, log=plain_log):
+    for summary in extract_sharded(cfg, shards, launcher, shard_index, log=plain_log, verify=verify):
+        for damaged in summary.reextracted:
+            console.print(f"[yellow]damaged, extracted again:[/] {damaged}", highlight=False)
         console.print(f"{summary.slices_written} slices written ({summary.slices_done_before} already done), "
                       f"{summary.patches_written} patches in {summary.seconds:.1f} s "
                       f"({summary.patches_per_second:.0f} patches/s); store: [bold]{summary.store_dir}[/]")

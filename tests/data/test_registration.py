@@ -53,6 +53,12 @@ def test_register_every_ihc_slice_resumably_and_name_failures(serial_cohort, tmp
     again = register_cohort(config)  # resumes: nothing registered twice
     assert {p: os.stat(p).st_mtime_ns for p in (result.out_dir / "transforms").glob("*.h5")} == stamps
     pd.testing.assert_frame_equal(again.table, result.table)
+    damaged = Path(result.table["transform"].iloc[1])  # a crash or a bad copy: resumed, it is found and redone
+    damaged.write_bytes(damaged.read_bytes()[:200])
+    redone = register_cohort(config)
+    assert f"{damaged.name} was damaged" in (result.out_dir / "register_report.txt").read_text()
+    assert [p for p in redone.pairs if p.get("redone")][0]["transform"] == str(damaged)
+    pd.testing.assert_frame_equal(redone.table.drop(columns=["seconds"]), result.table.drop(columns=["seconds"]))
 
 
 def test_analysis_maps_ihc_attention_onto_the_he_patches(serial_cohort, tmp_path):

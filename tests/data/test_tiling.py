@@ -113,6 +113,12 @@ def test_killed_tile_resumes_to_the_same_files(slide_cohort, tmp_path, monkeypat
     for h5 in (tmp_path / "full" / "tiles" / "coords").glob("*.h5"):
         with h5py.File(h5) as a, h5py.File(tmp_path / "resumed" / "tiles" / "coords" / h5.name) as b:
             assert np.array_equal(a["coords"][()], b["coords"][()])
+    # a coordinates file damaged since (a crash, a bad copy) is found on the next resume, named and tiled again
+    damaged = sorted((tmp_path / "resumed" / "tiles" / "coords").glob("*.h5"))[2]
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    again = tile_folder(config)
+    assert len(again.notes[tiling.REDONE]) == 1 and again.notes[tiling.REDONE][0].startswith("case")
+    pd.testing.assert_frame_equal(full.table.drop(columns=["thumbnail"]), again.table.drop(columns=["thumbnail"]))
 
 
 def test_tile_errors_are_clear(tmp_path):

@@ -38,6 +38,32 @@ def test_rerun_skips_finished_slices_and_redoes_deleted_ones(prepared):
     assert np.allclose(load_features(prepared.paths.store, manifest).astype(np.float32), before, rtol=1e-2, atol=1e-3)
 
 
+def test_a_rerun_finds_damaged_files_and_extracts_them_again(prepared):
+    """A rerun (what every user does after a crash) trusts no file it did not check: a truncated file and one
+    without its checksum attribute are found cheaply, a flipped feature byte with --verify; each is named and
+    extracted again, and nothing else is."""
+    manifest = load_manifest(prepared)
+    before = load_features(prepared.paths.store, manifest)
+    keys = list(manifest.groupby(["case", "stain", "slice"]).groups)[:3]
+    truncated, unsigned, flipped = (slice_file(prepared.paths.store, *key) for key in keys)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    with h5py.File(unsigned, "a") as h5:
+        del h5.attrs["checksum"]
+    with h5py.File(flipped, "a") as h5:
+        features = h5["features"][()]
+        features[0, 0] = features[0, 0] + 1
+        h5["features"][...] = features
+    summary = extract_features(prepared, manifest)
+    assert summary.slices_written == 2 and len(summary.reextracted) == 2
+    assert str(truncated) in summary.reextracted[0] or str(truncated) in summary.reextracted[1]
+    assert any(str(unsigned) in line and "no checksum attribute" in line for line in summary.reextracted)
+    summary = extract_features(prepared, manifest)
+    assert summary.slices_written == 0  # the flipped byte passes the cheap check ...
+    summary = extract_features(prepared, manifest, verify=True)
+    assert summary.slices_written == 1 and "do not match the checksum" in summary.reextracted[0]  # ... not --verify
+    assert np.allclose(load_features(prepared.paths.store, manifest).astype(np.float32), before, rtol=1e-2, atol=1e-3)
+
+
 def test_features_match_a_direct_forward_pass(prepared):
     import torch
     from PIL import Image

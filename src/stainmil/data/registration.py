@@ -262,10 +262,17 @@ def registration_scale(register: RegisterConfig, mpp: float, extent_um: float) -
 
 
 def _register_pair(moving: SlideRef, fixed: SlideRef, config: Config, path: Path) -> dict:
-    """Register (or read back, when its file exists with the same settings) one pair; its row."""
+    """Register (or read back, when its file exists whole and with the same settings) one pair; its row (with
+    ``redone``: why a file found on resume was damaged and registered again)."""
     settings = _settings(moving, fixed, config.register)
-    if path.is_file() and any(read_pair(path)[1].get(k) != v for k, v in settings.items()):
-        path.unlink()  # the slides or the registration settings changed since
+    redone = ""
+    if path.is_file():
+        try:
+            before = read_pair(path)[1]
+        except (DataError, OSError, KeyError, ValueError) as exc:  # damaged (a crash, a bad copy): do it again
+            before, redone = {}, f"{path.name} was damaged ({type(exc).__name__}); registered again"
+        if redone or any(before.get(k) != v for k, v in settings.items()):
+            path.unlink()  # damaged, or the slides or the registration settings changed since
     if not path.is_file():
         slide_mpp = config.tile.slide_mpp
         (fixed_mpp, fixed_extent), (moving_mpp, moving_extent) = (_scale(fixed.path, slide_mpp),
@@ -284,7 +291,7 @@ def _register_pair(moving: SlideRef, fixed: SlideRef, config: Config, path: Path
             "fixed_slice": fixed.slice, **{k: (None if attrs.get(k) == "" else attrs.get(k)) for k in (
                 "verdict", "reason", "dice", "outline", "scale", "h_correlation", "feature_error_um",
                 "matched_features", "seconds")},
-            "transform": str(path)}
+            "transform": str(path), **({"redone": redone} if redone else {})}
 
 
 def register_cohort(config: Config) -> RegisterResult:
@@ -357,6 +364,10 @@ def report_text(result: RegisterResult, reference: str) -> str:
     if result.errors:
         lines.append(f"not registered   : {len(result.errors)}")
         lines += [f"  {name}: {why}" for name, why in result.errors.items()]
+    redone = [p["redone"] for p in result.pairs if p.get("redone")]
+    if redone:
+        lines.append(f"damaged on resume: {len(redone)}")
+        lines += [f"  {why}" for why in redone]
     lines += ["", "per slice (case, stain, slice -> reference slice, verdict, overlap, outline, scale, feature error "
               "µm, s; reason):"]
     for r in table.itertuples(index=False):

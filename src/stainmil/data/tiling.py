@@ -37,7 +37,7 @@ from stainmil.errors import ConfigError, DataError
 from stainmil.io import atomic_write, atomic_write_json, atomic_write_text, safe_name, save_image, walk_files
 from stainmil.progress import progress_bar
 from stainmil.slides.annotations import BadAnnotations, Region, find_annotation_file, read_region, region_mask
-from stainmil.slides.coords import coords_attrs, read_coords, write_coords
+from stainmil.slides.coords import coords_attrs, coords_damage, read_coords, write_coords
 from stainmil.slides.grid import NoScale, mask_downsample, patch_grid, read_plan
 from stainmil.slides.reader import PatchRef, Slide, SlideHandles, UnreadableSlide, read_patch, slide_paths
 from stainmil.slides.tissue import tissue_mask
@@ -49,6 +49,7 @@ NO_TISSUE = "no tissue found"
 BAD_REQUEST = "scale request does not fit the slide"
 BAD_ANNOTATIONS = "annotation file unusable (fix or remove it)"
 NO_ANNOTATIONS = "no include annotation file: tiled on the tissue mask"
+REDONE = "coordinates file damaged on resume: tiled again"
 TILE_COLUMNS = ["case", "stain", "slice", "patch", "x", "y", "tissue_fraction", "slide", "level", "read_size",
                 "size0", "thumbnail", "thumb_scale", "file"]
 
@@ -241,6 +242,10 @@ def tile_folder(config: Config) -> TileResult:
         for path, rel, key, stem in jobs:
             h5 = out / "coords" / f"{stem}.h5"
             files = annotation_files(tile, path.stem, key, stems[path.stem] == 1)  # ConfigError: stops the run
+            damage = coords_damage(h5) if h5.is_file() else ""
+            if damage:  # a crash or a bad copy: trusted only once read whole
+                notes.setdefault(REDONE, []).append(f"{rel}: {damage}")
+                h5.unlink()
             if tile.include_annotations and files[0] is None:
                 notes.setdefault(NO_ANNOTATIONS, []).append(rel)
             key_text = region_key(tile, files)

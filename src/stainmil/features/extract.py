@@ -13,7 +13,7 @@ the plain image, its flips/rotations, then HED-jittered ones; the store keeps al
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +29,14 @@ from stainmil.features.augment import forward_images, make_view, view_jitter
 from stainmil.features.backbones import Backbone, build_backbone
 from stainmil.features.plan import ExtractionPlan, extraction_plan
 from stainmil.features.store import (
+    MISSING,
     STORE_META,
     StoreMeta,
     check_store,
     expected_settings,
     slice_file,
     slice_groups,
+    slice_status,
     view_settings,
     write_slice,
 )
@@ -136,6 +138,7 @@ class ExtractSummary:
     patches_written: int
     seconds: float
     plan: ExtractionPlan | None = None  # batch size, workers and precision used (None: nothing to extract)
+    reextracted: list[str] = field(default_factory=list)  # "<file> (why)": damaged files found on resume, redone
 
     @property
     def patches_per_second(self) -> float:
@@ -164,18 +167,20 @@ def _prepare_store(config: Config, backbone: Backbone, store_dir: Path, precisio
 
 
 def extract_features(config: Config, manifest: pd.DataFrame, backbone: Backbone | None = None,
-                     shard: tuple[int, int] | None = None) -> ExtractSummary:
-    """Extract features for every slice of ``manifest`` not yet in the store.
+                     shard: tuple[int, int] | None = None, verify: bool = False) -> ExtractSummary:
+    """Extract features for every slice of ``manifest`` not yet whole in the store.
 
-    ``shard=(i, n)`` processes only slices ``i, i+n, i+2n, …`` (for array jobs; shards run in parallel, each
-    holding its own part of the store's writer lock).
+    A slice file already there is trusted only once checked (:func:`slice_status`: it opens, shape, dtype and
+    checksum attribute; ``verify``: the full checksum too); a damaged one is extracted again and named in
+    ``reextracted``. ``shard=(i, n)`` processes only slices ``i, i+n, i+2n, …`` (for array jobs; shards run in
+    parallel, each holding its own part of the store's writer lock).
     """
     with folder_lock(config.paths.store, "extract", part=f"shard{shard[0]}of{shard[1]}" if shard else None):
-        return _extract_features(config, manifest, backbone, shard)
+        return _extract_features(config, manifest, backbone, shard, verify)
 
 
 def _extract_features(config: Config, manifest: pd.DataFrame, backbone: Backbone | None,
-                      shard: tuple[int, int] | None) -> ExtractSummary:
+                      shard: tuple[int, int] | None, verify: bool = False) -> ExtractSummary:
     import time
 
     start = time.perf_counter()
@@ -187,10 +192,13 @@ def _extract_features(config: Config, manifest: pd.DataFrame, backbone: Backbone
     groups = slice_groups(manifest)
     if shard is not None:
         groups = groups[shard[0]::shard[1]]
-    pending = [(key, rows) for key, rows in groups if not slice_file(store_dir, *key).is_file()]
+    status = {key: slice_status(slice_file(store_dir, *key), len(rows), meta, verify) for key, rows in groups}
+    pending = [(key, rows) for key, rows in groups if status[key]]
     paths = [p for _, rows in pending for p in patch_refs(rows)]
     keys = [k for _, rows in pending for k in patch_keys(rows)]
     summary = ExtractSummary(store_dir, len(groups), len(groups) - len(pending), 0, 0, 0.0)
+    summary.reextracted = [f"{slice_file(store_dir, *key)} ({why})" for key, why in status.items()
+                           if why and why != MISSING]
     if not pending:
         summary.seconds = time.perf_counter() - start
         return summary
@@ -262,9 +270,9 @@ def _extract_features(config: Config, manifest: pd.DataFrame, backbone: Backbone
 class ExtractShardJob:
     """Extract one shard of slices; picklable, and requeued by submitit near a time limit (it resumes)."""
 
-    def __call__(self, config_values: dict, shard: int, shards: int) -> ExtractSummary:
+    def __call__(self, config_values: dict, shard: int, shards: int, verify: bool = False) -> ExtractSummary:
         config = config_from_dict(config_values)
-        return extract_features(config, load_manifest(config), shard=(shard, shards))
+        return extract_features(config, load_manifest(config), shard=(shard, shards), verify=verify)
 
     def checkpoint(self, *args, **kwargs):
         import submitit
@@ -273,7 +281,7 @@ class ExtractShardJob:
 
 
 def extract_sharded(config: Config, shards: int = 1, launcher: str = "local", shard: int | None = None,
-                    log=print) -> list[ExtractSummary]:
+                    log=print, verify: bool = False) -> list[ExtractSummary]:
     """Extract the whole store, in ``shards`` jobs (local or a SLURM array), or only shard ``shard``.
 
     The store's settings file is written here first, so parallel shards never race on it; each slice
@@ -284,11 +292,12 @@ def extract_sharded(config: Config, shards: int = 1, launcher: str = "local", sh
         raise ConfigError(f"--shard-index {shard} must be in 0..{shards - 1} (--shards {shards}).")
     manifest = load_manifest(config)
     if shard is not None:
-        return [extract_features(config, manifest, shard=(shard, shards))]
+        return [extract_features(config, manifest, shard=(shard, shards), verify=verify)]
     if shards == 1 and launcher == "local":
-        return [extract_features(config, manifest)]
+        return [extract_features(config, manifest, verify=verify)]
     # the jobs' machines decide the precision (the submitting node may have no GPU): not recorded for shards
     _prepare_store(config, build_backbone(config.features), config.paths.store, "")
     values = config_to_dict(config)
-    return run_jobs(ExtractShardJob(), [(values, i, shards) for i in range(shards)], launcher, config.paths.store,
+    return run_jobs(ExtractShardJob(), [(values, i, shards, verify) for i in range(shards)], launcher,
+                    config.paths.store,
                     config.slurm, name="stainmil-extract", log=log)

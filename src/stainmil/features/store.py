@@ -126,6 +126,33 @@ def slice_file(store_dir: Path, case: str, stain: str, slice_id: str) -> Path:
     return Path(store_dir) / safe[0] / f"{safe[0]}__{safe[1]}__{safe[2]}.h5"
 
 
+MISSING = "missing"
+
+
+def slice_status(path: Path, n_patches: int, meta: StoreMeta, verify: bool = False) -> str:
+    """"" when the slice file is whole, else why not ("missing", or what is wrong with it), checked cheaply: it
+    opens, its features are (n_patches, feature_dim) of the store's dtype and carry a checksum attribute; with
+    ``verify`` the features are also read and compared with that checksum."""
+    if not path.is_file():
+        return MISSING
+    try:
+        with h5py.File(path, "r") as h5:
+            features = h5["features"]
+            expected = (n_patches, meta.feature_dim)
+            if features.shape != expected:
+                return f"features {features.shape}, expected {expected}"
+            if features.dtype != np.dtype(meta.dtype):
+                return f"features of dtype {features.dtype}, the store's is {meta.dtype}"
+            recorded = h5.attrs.get("checksum")
+            if not recorded:
+                return "no checksum attribute (written half-way or by another tool)"
+            if verify and features_digest(features[()]) != recorded:
+                return "its features do not match the checksum written with them"
+    except (OSError, KeyError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
 def features_digest(features: np.ndarray) -> str:
     """BLAKE2b (128 bits) of a slice's plain-view features (N, D), as written in its file's ``checksum`` attribute:
     a flipped byte or a truncated copy of the file is found when the features are read."""

@@ -83,6 +83,15 @@ def coords_attrs(path: Path) -> dict:
         return _attrs(h5["coords"]) if "coords" in h5 else {}
 
 
+def coords_damage(path: Path) -> str:
+    """"" when a coordinates file reads whole (and matches its checksum), else what is wrong with it."""
+    try:
+        read_coords(path)
+    except (DataError, OSError, KeyError, ValueError) as exc:
+        return f"{type(exc).__name__}: {str(exc).split(';')[0]}"
+    return ""
+
+
 def grid_step(coords: np.ndarray) -> int:
     """The patch grid's step in level-0 px: the most common positive distance between neighbouring patches of a
     row or a column (CLAM lays a grid per tissue contour, so distances between grids are no step); 0 when no
