@@ -163,6 +163,39 @@ def test_biox_cpath_reads_where_patches_lie_when_the_cohort_knows_it():
         assert not torch.allclose(model(with_places).logits, model(without).logits)  # the spatial edges count
 
 
+def test_biox_cpath_builds_each_case_graph_once_and_exactly_as_the_whole_batch_graph(monkeypatch):
+    """The k-NN graph and random-walk encoding depend on the input features and places only: kept per case, they
+    are the batch-wide ones bit for bit, and a case seen again (the next epoch) is not rebuilt."""
+    from stainmil.bags.cohort import CohortBags
+    from stainmil.model.graph import random_walk_encoding, region_adjacency_edges
+    from stainmil.model.multistain import biox_cpath
+    from stainmil.model.multistain.biox_cpath import WALK_STEPS
+
+    bags = random_bags(n_cases=4)
+    manifest = bags.manifest.assign(x=np.arange(len(bags.manifest)) % 5 * 256.0,
+                                    y=np.arange(len(bags.manifest)) // 5 * 256.0, size0=256.0)
+    placed = CohortBags(manifest, bags.source.gather(np.arange(len(manifest)), None).numpy(), STAINS)
+    model = build_model(bags.feature_dim, small_config("biox_cpath"), STAINS).train()
+    for data in (bags, placed):
+        batch = data.batch(data.case_ids)
+        x = model.standardise(batch.features)
+        case = batch.group_case[batch.slice_group[batch.patch_slice]]
+        position = batch.patch_position
+        edges, walk = model.case_graphs(x, case, position, batch.patch_slice)
+        whole = knn_edges(x, case, model.k, self_loops=True)          # the batch-wide graph, as it was built before
+        if position is not None:
+            whole = torch.unique(torch.cat([whole, region_adjacency_edges(position, batch.patch_slice)], 1), dim=1)
+        assert torch.equal(edges, whole)
+        assert torch.equal(walk, random_walk_encoding(whole, len(x), WALK_STEPS))
+    built = len(model.graph_cache.graphs)
+    assert built == 8                                                   # 4 cases x (with and without places)
+    calls = []
+    monkeypatch.setattr(biox_cpath, "random_walk_encoding", lambda *a, **k: calls.append(1))
+    batch = bags.batch(bags.case_ids[:2])                              # another batch of cases seen before
+    model(batch)
+    assert not calls and len(model.graph_cache.graphs) == built
+
+
 GRADIENT_SCRIPT = """
 import hashlib, sys, torch
 from tests.model.test_baselines import STAINS, small_config

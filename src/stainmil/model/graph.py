@@ -7,7 +7,9 @@ source to target, and no edge joins two cases.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -149,3 +151,33 @@ def random_walk_encoding(edges: torch.Tensor, n: int, steps: int, block: int = K
             state = torch.sparse.mm(walk, state)                                   # P^(step+1) e_columns
             out[columns, step] = state[columns, torch.arange(len(columns))]
     return out
+
+
+class CaseGraphCache:
+    """Each case's graph (edges (2, E) in its own row numbers) and random-walk encoding (n, steps), kept by the
+    content of its rows: both depend on the input features (and patch places) only, nothing that trains, so a case
+    seen again (every epoch, every evaluation) is not rebuilt; a case whose patches are drawn afresh each epoch
+    (slices over ``data.per_slice_cap``) is a new graph each time. Least recently used first out beyond
+    ``limit_bytes``."""
+
+    def __init__(self, limit_bytes: int = 256 * 2**20) -> None:
+        self.limit_bytes, self.held = limit_bytes, 0
+        self.graphs: OrderedDict[bytes, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    def __call__(self, build, *rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``build(*rows)`` -> (edges, walk) of one case, or the kept copy for the same ``rows``."""
+        digest = hashlib.blake2b(digest_size=16)
+        for part in rows:
+            if part is not None:
+                digest.update(str((part.dtype, tuple(part.shape))).encode())
+                digest.update(part.detach().cpu().contiguous().numpy().tobytes())
+        key = digest.digest()
+        found = self.graphs.get(key)
+        if found is None:
+            found = self.graphs[key] = build(*rows)
+            self.held += sum(t.element_size() * t.nelement() for t in found)
+            while self.held > self.limit_bytes and len(self.graphs) > 1:
+                self.held -= sum(t.element_size() * t.nelement() for t in self.graphs.popitem(last=False)[1])
+        else:
+            self.graphs.move_to_end(key)
+        return found

@@ -29,6 +29,7 @@ from torch import nn
 from stainmil.config import ModelConfig
 from stainmil.model.flat import CasePooling, FlatMIL
 from stainmil.model.graph import (
+    CaseGraphCache,
     GATv2,
     GraphConvScore,
     knn_edges,
@@ -58,6 +59,7 @@ class BioXCPath(FlatMIL):
         self.norm_pre, self.norm_post = nn.LayerNorm(width), nn.LayerNorm(width)
         self.value, self.out = nn.Linear(width, width), nn.Linear(width, width)
         self.dropout = config.dropout
+        self.graph_cache = CaseGraphCache()
         self.head = nn.Sequential(nn.ReLU(), nn.Dropout(config.dropout), nn.Linear(width, layers * e),
                                   nn.Linear(layers * e, config.n_classes))
 
@@ -79,10 +81,9 @@ class BioXCPath(FlatMIL):
         return torch.cat([segment_sum(weight[:, None] * mean, by_case, n_groups),
                           segment_sum(weight[:, None] * top, by_case, n_groups)], dim=1)
 
-    def network(self, x, edges, groups, stain, n_groups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(N, D) nodes of n_groups graphs -> logits (n_groups, C), z (n_groups, L*2E), node score sums (N,)."""
-        with torch.no_grad():
-            walk = random_walk_encoding(edges, len(x), WALK_STEPS)                    # (N, 20)
+    def network(self, x, edges, walk, groups, stain, n_groups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N, D) nodes of n_groups graphs, their edges and walk encodings (N, 20) -> logits (n_groups, C),
+        z (n_groups, L*2E), node score sums (N,)."""
         node = torch.arange(len(x), device=x.device)                                 # original index of each node
         heat = x.new_zeros(len(x))
         readouts = []
@@ -106,12 +107,33 @@ class BioXCPath(FlatMIL):
     def pool_cases(self, x, patch_case, n_cases, labels, patch_stain=None, patch_slice=None,
                    patch_position=None) -> CasePooling:
         with torch.no_grad():
-            edges = knn_edges(x.detach(), patch_case, self.k, self_loops=True)
-            if patch_position is not None:
-                edges = torch.unique(torch.cat([edges, region_adjacency_edges(patch_position, patch_slice)], 1), dim=1)
-        logits, z, heat = self.network(x, edges, patch_case, patch_stain, n_cases)
+            edges, walk = self.case_graphs(x.detach(), patch_case, patch_position, patch_slice)
+        logits, z, heat = self.network(x, edges, walk, patch_case, patch_stain, n_cases)
         # the patch embedding keeps the stain (SAAP pools by stain) in the last column: see instance_logits
         return CasePooling(logits, z, torch.cat([x, patch_stain[:, None].to(x.dtype)], dim=1), heat)
+
+    def case_graph(self, x: torch.Tensor, position: torch.Tensor | None, slices: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One case's KRAG edges (2, E) (k-NN on the features, with the region adjacency when patch places are
+        known) and its random-walk encoding (n, 20)."""
+        edges = knn_edges(x, torch.zeros(len(x), dtype=torch.long, device=x.device), self.k, self_loops=True)
+        if position is not None:
+            edges = torch.unique(torch.cat([edges, region_adjacency_edges(position, slices)], 1), dim=1)
+        return edges, random_walk_encoding(edges, len(x), WALK_STEPS)
+
+    def case_graphs(self, x: torch.Tensor, patch_case: torch.Tensor, position: torch.Tensor | None,
+                    slices: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's graph, case by case (cases never connect): edges (2, E) in batch rows, walk (P, 20); each
+        case's part built once (:class:`CaseGraphCache`)."""
+        all_edges, walk = [], x.new_zeros((len(x), WALK_STEPS))
+        for case in torch.unique(patch_case):
+            rows = torch.nonzero(patch_case == case).squeeze(1)                         # (n,)
+            edges, case_walk = self.graph_cache(self.case_graph, x[rows], None if position is None else
+                                                position[rows], None if slices is None else slices[rows])
+            all_edges.append(rows[edges])
+            walk[rows] = case_walk
+        edges = torch.cat(all_edges, 1) if all_edges else torch.zeros((2, 0), dtype=torch.long, device=x.device)
+        return (torch.unique(edges, dim=1) if position is not None else edges), walk
 
     def instance_logits(self, patch_embeddings: torch.Tensor) -> torch.Tensor:
         """(P, D + 1) standardised features and stain -> (P, C): each patch a one-node graph (its own loop)."""
