@@ -355,3 +355,38 @@ def test_review_draw_mark_note_grade_save_and_reload(demo, tmp_path):
         assert page.evaluate(f"() => window.stainmil.views[{he}].review.polygons.length") == 2
         assert page.evaluate("window.stainmil.review.dirty()") and not geojson.exists()
         assert [e for e in errors if "409 (Conflict)" not in e] == [], errors  # the refused save is the only one
+
+
+def test_lesion_outline_overlay_own_on_the_he_carried_on_the_ihc(serial_demo, demo, tmp_path):
+    """The lesion-outline overlay: the H&E's own analysis.truth outline, carried dashed onto the aligned IHC viewers
+    that have none of their own (H&E-only truth folder); a doubtful pair's panel says why it is not carried."""
+    from tests.view.test_outlines import he_only
+
+    run, _ = he_only(serial_demo, demo, tmp_path)
+    registrations = pd.read_csv(Path(demo["tiles"]) / "registration" / "registrations.csv", dtype=str)
+    doubtful = registrations[registrations["verdict"] == "doubtful"].iloc[0]
+    with ViewerServer(run, port=8905) as server, opened(server.url, (1500, 1000)) as (page, errors):
+        for case in sorted(set(registrations["case"])):
+            ready(page, f"{server.url}case?source=0&case={case}")
+            before = [canvas_hash(page, i) for i in range(len(views(page)))]
+            page.locator("input[data-all='outline']").check()
+            page.wait_for_function("window.stainmil.views.every(v => !v.slice.outline || (v.outline && "
+                                   "!v.outline.loading))", timeout=20_000)
+            page.evaluate("() => window.stainmil.views.forEach(v => v.osd && v.osd.forceRedraw())")
+            settle(page)
+            shown = page.evaluate("() => window.stainmil.views.map(v => ({kind: v.slice.outline, stain: v.slice.stain, "
+                                  "slice: v.slice.slice, note: v.panel.querySelector('.onote').textContent, "
+                                  "carried: v.outline.outlines.filter(o => o.carried).length, "
+                                  "own: v.outline.outlines.filter(o => !o.carried).length}))")
+            for index, view in enumerate(shown):
+                if view["kind"] == "own":
+                    assert view["own"] and not view["carried"] and ".geojson" in view["note"]
+                elif view["kind"] == "carried":
+                    assert view["carried"] and "carried from" in view["note"]
+                else:
+                    assert view["kind"] == "not carried" and not view["carried"] and "not carried" in view["note"]
+                assert (canvas_hash(page, index) != before[index]) == bool(view["own"] or view["carried"])
+            if case == doubtful["case"]:
+                view = next(v for v in shown if (v["stain"], v["slice"]) == (doubtful["stain"], doubtful["slice"]))
+                assert "doubtful" in view["note"]
+        assert not errors, errors

@@ -6,6 +6,7 @@
     /api/cases?source=S                       case list data           /api/case?source=S&case=ID
     /api/transform/T                          a registration pair's transform (affine + displacement grids)
     /api/regions/N                            QuPath include/exclude polygons of slide N (level-0 px)
+    /api/outline/N                            its pathologist's lesion outline (analysis.truth), or its H&E's carried
     /slides/N.dzi  /slides/N_files/L/C_R.jpeg the Deep Zoom pyramid of slide N (also .png: lossless)
     /slides/N/mask.png                        its tissue mask
     /api/review/N        GET, PUT             the reviewer's polygons of slide N (--review only; PUT with base_version)
@@ -33,6 +34,7 @@ from stainmil.errors import ConfigError, DataError, OutputError
 from stainmil.view.carried import carried_outlines
 from stainmil.view.catalog import Catalog, NotServed
 from stainmil.view.desk import ReviewDesk
+from stainmil.view.outlines import slide_outline
 from stainmil.view.reviews import BadReview, StaleReview
 from stainmil.view.tiles import FORMATS, TileOutside
 
@@ -106,6 +108,9 @@ def create_app(catalog: Catalog, osd: Path | None = None, review: str | None = N
     def regions(request: Request) -> Response:
         return JSONResponse(catalog.regions(request.path_params["n"]))
 
+    def outline(request: Request) -> Response:
+        return JSONResponse(slide_outline(catalog, request.path_params["n"]))
+
     def dzi(request: Request) -> Response:
         return Response(catalog.zoom(request.path_params["n"]).dzi(), media_type="application/xml")
 
@@ -129,6 +134,7 @@ def create_app(catalog: Catalog, osd: Path | None = None, review: str | None = N
         Route("/api/case", case),
         Route("/api/transform/{n:int}", transform),
         Route("/api/regions/{n:int}", regions),
+        Route("/api/outline/{n:int}", outline),
         Route("/api/review/{n:int}", review, methods=["GET", "PUT"]),
         Route("/api/marks", marks, methods=["GET", "PUT"]),
         Route("/api/carried/{n:int}", carried),

@@ -19,11 +19,12 @@ import pandas as pd
 from PIL import Image
 
 from stainmil.analysis.heatmaps import colour_legends, hex_colour, patch_colours
+from stainmil.analysis.truth import outline_file
 from stainmil.config import load_config
 from stainmil.data.registration import read_pair, read_registrations, reference_stain
 from stainmil.data.tiling import annotation_files
 from stainmil.errors import ConfigError, DataError
-from stainmil.slides.annotations import BadAnnotations, read_region
+from stainmil.slides.annotations import BadAnnotations, read_region, slide_key_name
 from stainmil.slides.reader import SlideHandles, UnreadableSlide
 from stainmil.view.folder import (
     SlideEntry,
@@ -36,12 +37,12 @@ from stainmil.view.folder import (
     require_folder,
     unanalysed_runs,
 )
+from stainmil.view.shapes import MAX_REGION_VERTICES, rings
 from stainmil.view.tiles import FORMATS, DeepZoom, TileCache, encode, read_tile
 
 PATCH_FIELDS = ["patch", "x", "y", "effective_attention", "relative_attention", "patch_prob", "rank_in_case",
                 "patch_weight"]
 LESION_COLUMNS = ["attention_lesion_auc", "attention_topk_precision", "attention_pointing"]  # cases.csv, with a truth
-MAX_REGION_VERTICES = 20_000   # per slide sent to the browser (simplified beyond that)
 MAX_GRID = 512                 # transform grids larger than this per side are resampled for the browser
 
 
@@ -65,6 +66,7 @@ class Catalog:
         self._zooms: dict[int, DeepZoom] = {}
         self._case_lists: dict[int, dict] = {}
         self._stems: dict[int, Counter] = {}    # slide file stem -> slides of the source with it
+        self.outlines: dict[int, dict] = {}     # slide -> its analysis.truth outline answer (view.outlines), made once
         self.handles = SlideHandles(limit=open_slides)
         self.tiles = TileCache(tile_cache_mb * 2**20)
         self._lock = threading.RLock()
@@ -220,9 +222,11 @@ class Catalog:
                             "size": [float(s) for s in side], "colour": colours},
                 "mask": entry.mask is not None and entry.mask.is_file(),
                 "annotations": any(a is not None for a in entry.annotations),
+                "outline": "own" if entry.truth is not None else "",
                 "link": None,
             })
         self._links(source, case, out_slices)
+        self._outline_routes(source, out_slices)
         return {"source": source.name, "case": info, "slices": out_slices,
                 "notes": self._notes.get(source.index, []),
                 "colour_scales": colour_legends(listing["prob_label"])}
@@ -272,6 +276,23 @@ class Catalog:
                 link.update(linked=True, transform=self._transform_id(Path(row["transform"])), why="")
             s["link"] = link
 
+    def _outline_routes(self, source: Source, slices: list[dict]) -> None:
+        """Each slice's pathologist outline: "own" (its analysis.truth file), "carried" (none of its own; its
+        reference slice's, through an aligned link), "not carried" (the reference has one, the link is not aligned:
+        /api/outline says why) or "" (none to show)."""
+        if not self.truth_outlines(source):
+            return
+        owners = {s["id"] for s in slices if s["outline"] == "own"}
+        outlined_references = [s for s in slices if s["reference"] and s["id"] in owners]
+        for s in slices:
+            if s["outline"] or s["reference"]:
+                continue
+            link = s["link"] or {}
+            if link.get("fixed") in owners:
+                s["outline"] = "carried" if link.get("linked") else "not carried"
+            elif link.get("fixed") is None and outlined_references:
+                s["outline"] = "not carried"
+
     def _transform_id(self, path: Path) -> int:
         with self._lock:
             if path not in self._transform_ids:
@@ -317,6 +338,7 @@ class Catalog:
                     thumb = Path(first["thumbnail"])
                     entry.mask = thumb.parent.parent / "masks" / f"{thumb.stem}_tissue.png"
                 entry.annotations = self._annotation_files(source, key, entry.path or recorded)
+                entry.truth = self._truth_file(source, key, recorded.stem)
             elif on_slides:  # features imported without their slides
                 entry.kind, entry.problem = "none", ("features imported without their slide: no pixels to show "
                                                      "(import them with --slides-dir to see the slides)")
@@ -330,6 +352,7 @@ class Catalog:
                 else:
                     xs, ys, entry.side = patch_positions_of(entry.patches)
                     entry.patches = entry.patches.assign(x=xs, y=ys)
+                entry.truth = self._truth_file(source, key, slide_key_name(key))
             self.slides.append(entry)
             self._slide_ids[(source.index, *key)] = entry.id
             return entry
@@ -339,15 +362,34 @@ class Catalog:
         if config is None or not (config.tile.include_annotations or config.tile.exclude_annotations):
             return (None, None)
 
-        with self._lock:  # counted once per source, not once per slide over the whole patch table
-            if source.index not in self._stems:
-                self._stems[source.index] = Counter(Path(p).stem for p in source.table("patches")["path"].unique())
-        shared = self._stems[source.index][slide.stem] > 1
         try:  # a bare <stem>.geojson only when no other slide has that file name (case3/he/slice0.svs, …)
-            return annotation_files(config.tile, slide.stem, key, stem_unique=not shared)
+            return annotation_files(config.tile, slide.stem, key, stem_unique=not self._stem_shared(source, slide.stem))
         except ConfigError as exc:
             self._note(source, str(exc))
             return (None, None)
+
+    def _stem_shared(self, source: Source, stem: str) -> bool:
+        """Whether another slide of the source has a file of this stem (case3/he/slice0.svs, case4/he/slice0.svs)."""
+        with self._lock:  # counted once per source, not once per slide over the whole patch table
+            if source.index not in self._stems:
+                self._stems[source.index] = Counter(Path(p).stem for p in source.table("patches")["path"].unique())
+            return self._stems[source.index][stem] > 1
+
+    def truth_outlines(self, source: Source) -> bool:
+        """Whether the source's analysis.truth is a folder or template of outline files (not a table, not unset)."""
+        config = self.config(source)
+        where = config.analysis.truth if config is not None else ""
+        return bool(where) and not where.lower().endswith(".csv")
+
+    def _truth_file(self, source: Source, key: tuple[str, str, str], stem: str) -> Path | None:
+        """The slide's pathologist outline file under analysis.truth (see stainmil.analysis.truth), or None."""
+        if not self.truth_outlines(source):
+            return None
+        try:
+            return outline_file(self.config(source), stem, key, stem_unique=not self._stem_shared(source, stem))
+        except ConfigError as exc:
+            self._note(source, str(exc))
+            return None
 
     def entry(self, slide_id: int) -> SlideEntry:
         if not 0 <= slide_id < len(self.slides):
@@ -417,26 +459,8 @@ class Catalog:
             except (BadAnnotations, OSError) as exc:
                 out["problems"].append(f"{which}: {exc}")
                 continue
-            out[which] = _rings(region.geometry)
+            out[which] = rings(region.geometry, MAX_REGION_VERTICES)
         return out
-
-
-def _rings(geometry) -> list[list[list[float]]]:
-    import shapely
-
-    tolerance = 0.0
-    while True:
-        shape = shapely.simplify(geometry, tolerance) if tolerance else geometry
-        rings = []
-        for polygon in getattr(shape, "geoms", [shape]):
-            if polygon.is_empty or not hasattr(polygon, "exterior"):
-                continue
-            rings.append(np.asarray(polygon.exterior.coords)[:, :2].round(1).tolist())
-            rings.extend(np.asarray(hole.coords)[:, :2].round(1).tolist() for hole in polygon.interiors)
-        if sum(len(r) for r in rings) <= MAX_REGION_VERTICES:
-            return rings
-        minx, miny, maxx, maxy = geometry.bounds
-        tolerance = max(tolerance * 2, max(maxx - minx, maxy - miny) / 4000)
 
 
 def _resample(grid: np.ndarray, factor: float) -> np.ndarray:

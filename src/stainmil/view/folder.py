@@ -45,6 +45,7 @@ class SlideEntry:
     side: int = 0                   # mosaic: patch side (px)
     mask: Path | None = None        # tissue mask PNG written by `stainmil tile`
     annotations: tuple = (None, None)     # (include, exclude) GeoJSON files used for tiling
+    truth: Path | None = None       # its pathologist's outline file (analysis.truth), if it has one
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 

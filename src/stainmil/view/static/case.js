@@ -6,10 +6,11 @@ const esc = text => String(text ?? "").replace(/[&<>"']/g, c => ({ "&": "&amp;",
 const params = new URLSearchParams(location.search);
 const SOURCE = Number(params.get("source") || 0);
 const CASE = params.get("case") || "";
-const OVERLAYS = { attention: "attention", prob: "patch-alone P", mask: "tissue mask", regions: "QuPath regions", topk: "top-k" };
+const OVERLAYS = { attention: "attention", prob: "patch-alone P", mask: "tissue mask", regions: "QuPath regions",
+                   outline: "lesion outline", topk: "top-k" };
 const INTERACTIONS = ["canvas-press", "canvas-drag", "canvas-scroll", "canvas-pinch", "canvas-key", "canvas-double-click",
                       "navigator-click", "navigator-drag", "navigator-scroll"];
-const views = [];          // {slice, osd, canvas, on: {overlay: bool}, transform, maskImage, regions, opened}
+const views = [];          // {slice, osd, canvas, on: {overlay: bool}, transform, maskImage, regions, outline, opened}
 const byId = new Map();
 let leader = null;         // the viewer the user moved last: only its moves are followed
 let syncing = false;
@@ -156,6 +157,7 @@ function draw(view) {
       }
     }
   }
+  if (on.outline) outlines.truth(view, ctx, screenPerPixel, view.outline);   // analysis.truth (outlines.js)
   if (on.topk && p.rank_in_case) {
     const k = Number(document.getElementById("k").value) || 10;
     ctx.lineWidth = 3 / screenPerPixel;
@@ -183,7 +185,23 @@ function setOverlay(view, name, value) {
   if (name === "regions" && value && !view.regions && view.slice.annotations) {
     fetch(`/api/regions/${view.slice.id}`).then(r => r.json()).then(data => { view.regions = data; draw(view); });
   }
+  if (name === "outline" && value && !view.outline && view.slice.outline) {
+    view.outline = { loading: true, outlines: [] };
+    fetch(`/api/outline/${view.slice.id}`).then(async r => {
+      const body = await r.json();
+      view.outline = r.ok ? body : { outlines: [], why: "", problem: body.error };
+    }).catch(error => { view.outline = { outlines: [], why: "", problem: `the lesion outline did not load (${error})` }; })
+      .finally(() => { outlineNote(view); if (view.osd) draw(view); });
+  }
+  if (name === "outline") outlineNote(view);
   if (view.osd) draw(view);
+}
+function outlineNote(view) {                   // one line under the overlay boxes: whose outline, or why none
+  const box = view.panel.querySelector(".onote");
+  const [text, problem] = view.on.outline && view.slice.outline ? outlines.note(view.outline) : ["", false];
+  box.textContent = box.title = text;
+  box.hidden = !text;
+  box.classList.toggle("bad", problem);
 }
 
 // ---- clicking a patch --------------------------------------------------------------------------------------------
@@ -229,18 +247,27 @@ function panel(slice) {
       <span class="w">${weight("stain weight", slice.stain_weight)} ${weight("slice weight", slice.slice_weight)}</span></div>${link}
     <div class="ovl">` + Object.entries(OVERLAYS).map(([k, name]) =>
       `<label><input type="checkbox" data-overlay="${k}"> ${name}</label>`).join("") + `</div>` +
+    `<div class="onote" hidden></div>` +
     (slice.problem ? `<div class="problem">${esc(slice.problem)}</div>` : `<div class="osd"></div>`);
   return div;
 }
 
 function makeViewer(slice) {
-  const view = { slice, on: { attention: true, prob: false, mask: false, regions: false, topk: false }, opened: false };
+  const view = { slice, on: { attention: true, prob: false, mask: false, regions: false, outline: false, topk: false },
+                 opened: false };
   view.panel = panel(slice);
   document.getElementById("viewers").appendChild(view.panel);
   views.push(view); byId.set(slice.id, view);
   view.panel.querySelectorAll("input[data-overlay]").forEach(box => {
     box.checked = view.on[box.dataset.overlay];
-    box.disabled = (box.dataset.overlay === "mask" && !slice.mask) || (box.dataset.overlay === "regions" && !slice.annotations);
+    box.disabled = (box.dataset.overlay === "mask" && !slice.mask) || (box.dataset.overlay === "regions" && !slice.annotations)
+      || (box.dataset.overlay === "outline" && !slice.outline);
+    if (box.dataset.overlay === "outline") {
+      box.parentElement.title = slice.outline === "own" ? "the pathologist's outline of this slide (analysis.truth)"
+        : slice.outline === "carried" ? "its H&E slice's outline, carried through the registration (dashed)"
+        : slice.outline ? "its H&E slice's outline: not carried (tick to see why)"
+        : "no outline of this slide (or of its H&E slice) in analysis.truth";
+    }
     box.onchange = () => setOverlay(view, box.dataset.overlay, box.checked);
   });
   if (slice.problem) { view.ready = Promise.resolve(); return view; }
@@ -280,6 +307,9 @@ async function main() {
   document.getElementById("legend").innerHTML = `<span>${esc(scale.label)}</span><span class="ramp" style="background:${scale.gradient}"></span>` +
     scale.ticks.map(t => esc(t.text)).join(" ");
   review.start(page);
+  const outlineBox = document.querySelector("input[data-all='outline']");
+  outlineBox.disabled = !page.slices.some(s => s.outline);
+  outlineBox.parentElement.title = outlineBox.disabled ? "no slide of this case has an outline in analysis.truth" : "";
   const slices = page.slices.slice().sort((a, b) => (b.reference - a.reference) || a.stain.localeCompare(b.stain) || a.slice.localeCompare(b.slice, undefined, { numeric: true }));
   slices.forEach(makeViewer);
   leader = views.find(v => v.slice.reference && v.osd) || views.find(v => v.osd) || null;

@@ -1,8 +1,9 @@
 // stainmil view — review mode (`stainmil view FOLDER --review NAME`): polygons drawn on each viewer (level-0 px),
 // agree / disagree / unsure marks on the top-k patches, a note and the reviewer's grade of the case, saved to the
 // server (`/api/review/N`, `/api/marks`); the reference (H&E) slide's polygons carried onto the registered IHC
-// viewers (`/api/carried/N`). Loaded before case.js; it calls in here, and this file uses case.js's item(),
-// screenOf(), draw(), views and esc() only when called. Without --review nothing here shows.
+// viewers (`/api/carried/N`, drawn by outlines.js as every carried outline is). Loaded after outlines.js and before
+// case.js; case.js calls in here, and this file uses case.js's item(), screenOf(), draw(), views and esc() only when
+// called. Without --review nothing here shows.
 "use strict";
 const review = (() => {
   const MARK_STYLE = { agree: ["#1b9e3e", "✓"], disagree: ["#d62728", "✗"], unsure: ["#f0a000", "?"] };
@@ -16,9 +17,7 @@ const review = (() => {
     const p = item(view).viewerElementToImageCoordinates(screenOf(view, position));
     return [p.x, p.y];
   }
-  function toScreen(view, [x, y]) {
-    return screenOf(view, item(view).imageToViewerElementCoordinates(new OpenSeadragon.Point(x, y)));
-  }
+  const toScreen = outlines.toScreen;
   function distanceToSegment(p, a, b) {
     const dx = b.x - a.x, dy = b.y - a.y, length = dx * dx + dy * dy;
     const t = length ? Math.max(0, Math.min(1, ((p.x - a.x) * dx + (p.y - a.y) * dy) / length)) : 0;
@@ -175,24 +174,15 @@ const review = (() => {
   // ---- what is drawn on a viewer's overlay canvas (ctx: image px -> screen; `scale`: screen px per image px) ---
   function paint(view, ctx, scale) {
     if (!on() || !view.review) return;
-    const r = view.review, px = n => n / scale, labels = [];
+    const r = view.review, px = n => n / scale;
+    const labels = r.carried ? outlines.carried(view, ctx, scale, r.carried.outlines, o => colour(o.class),
+                                                o => `from ${r.carried.stain || "H&E"}: ${o.class}`) : [];
     ctx.save();
     ctx.lineJoin = "round";
     const path = rings => {
       ctx.beginPath();
       for (const ring of rings) ring.forEach(([x, y], i) => (i ? ctx.lineTo(x, y) : ctx.moveTo(x, y)));
     };
-    if (r.carried) {
-      ctx.setLineDash([px(9), px(6)]);
-      ctx.lineWidth = px(2.5);
-      for (const outline of r.carried.outlines) {
-        ctx.strokeStyle = colour(outline.class);
-        path(outline.rings); ctx.closePath(); ctx.stroke();
-        const top = outline.rings[0].reduce((a, b) => (toScreen(view, b).y < toScreen(view, a).y ? b : a));
-        labels.push([top, `from ${r.carried.stain || "H&E"}: ${outline.class}`, colour(outline.class)]);
-      }
-      ctx.setLineDash([]);
-    }
     for (const polygon of r.polygons) {
       const chosen = polygon.id === r.selected;
       ctx.fillStyle = colour(polygon.cls); ctx.strokeStyle = colour(polygon.cls);
@@ -239,13 +229,8 @@ const review = (() => {
       ctx.fillStyle = "rgba(255,255,255,.85)"; ctx.beginPath(); ctx.arc(s.x, s.y, 10, 0, 2 * Math.PI); ctx.fill();
       ctx.fillStyle = fill; ctx.fillText(symbol, s.x, s.y + 1);
     }
-    ctx.font = "12px system-ui, sans-serif"; ctx.textBaseline = "bottom";
-    for (const [at, text, fill] of labels) {
-      const s = toScreen(view, at), width = ctx.measureText(text).width;
-      ctx.fillStyle = "rgba(255,255,255,.85)"; ctx.fillRect(s.x - width / 2 - 3, s.y - 20, width + 6, 16);
-      ctx.fillStyle = fill; ctx.fillText(text, s.x, s.y - 5);
-    }
     ctx.restore();
+    outlines.labels(view, ctx, labels);
   }
 
   // ---- top-k marks in the patch panel -----------------------------------------------------------------------------
