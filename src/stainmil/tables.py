@@ -19,7 +19,7 @@ def render_table(rows: Sequence[dict], columns: Sequence[str] | None = None, fmt
         return json.dumps([{c: row[c] for c in columns} for row in rows], indent=2, default=str) + "\n"
     cells = [[_cell(row[c]) for c in columns] for row in rows]
     if fmt == "markdown":
-        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines = ["| " + " | ".join(c.replace("|", "\\|") for c in columns) + " |", "|" + "---|" * len(columns)]
         lines += ["| " + " | ".join(c.replace("|", "\\|") for c in line) + " |" for line in cells]
         return "\n".join(lines) + "\n"
     widths = [max([len(c)] + [len(line[i]) for line in cells]) for i, c in enumerate(columns)]

@@ -26,8 +26,8 @@ SCORES = {"attention": "effective_attention", "patch_prob": "patch_prob"}
 MEASURES = ("lesion_auc", "topk_precision", "recall_at_k", "pointing")
 LEVELS = {"case": ["case"], "stain": ["case", "stain"], "slice": ["case", "stain", "slice"]}
 SHOWN = {"lesion_auc": "lesion AUC", "topk_precision": "top-k precision", "recall_at_k": "lesion recall at k",
-         "pointing": "pointing game", "delta_lesion_k": "|ΔP| without k lesion patches",
-         "delta_non_lesion_k": "|ΔP| without k non-lesion patches"}
+         "pointing": "pointing game", "delta_lesion_k": "ΔP without k lesion patches",
+         "delta_non_lesion_k": "ΔP without k non-lesion patches"}  # ΔP: |change| of the case probability
 
 
 def with_truth(patches: pd.DataFrame, truth: pd.DataFrame, min_fraction: float) -> pd.DataFrame:
@@ -154,14 +154,20 @@ MODELS_NOTE = ("Against the lesion outline: mean over out-of-fold cases [95% CI]
                "both scored [95% paired CI]; — where a model has no patch attention.")
 
 
-def models_rows(table: pd.DataFrame, case_auc: dict[str, str]) -> list[dict]:
-    """One row per model for the printed table: its case AUC, then each measure as mean [CI]; Δ vs the first
-    model [CI]."""
+HEADLINE = ("attention_lesion_auc", "attention_topk_precision", "attention_pointing", "patch_prob_lesion_auc",
+            "delta_lesion_k", "delta_non_lesion_k")  # what a terminal shows; the .md and .csv hold every measure
+
+
+def models_rows(table: pd.DataFrame, case_auc: dict[str, str], measures: tuple[str, ...] | None = None) -> list[dict]:
+    """One row per model for the printed table: its case AUC, then each measure (``measures``: only these) as
+    mean [CI]; Δ vs the first model [CI]."""
     models = list(dict.fromkeys(table["model"]))
     rows = []
     for model in models:
         row = {"model": model, "case AUC": case_auc.get(model, "")}
         for r in table[table["model"] == model].itertuples(index=False):
+            if measures is not None and r.measure not in measures:
+                continue
             text = "—" if not r.cases else f"{r.mean:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]"
             if r.cases and model != models[0] and r.paired_cases:
                 text += f"; Δ {r.delta:+.3f} [{r.delta_ci_low:+.3f}, {r.delta_ci_high:+.3f}]"

@@ -34,6 +34,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from stainmil.analysis.attention import run_lesion_measures
+from stainmil.analysis.lesion import HEADLINE as LESION_HEADLINE
 from stainmil.analysis.lesion import MODELS_NOTE as LESION_NOTE
 from stainmil.analysis.lesion import models_rows as lesion_models_rows
 from stainmil.analysis.lesion import models_table as lesion_models_table
@@ -223,7 +224,8 @@ def _lesion_comparison(config: Config, variants: list, seeds: list[int], out: Pa
     case_auc = {r["model"]: f"{r['auc']:.3f} {r['auc_ci95']}" for r in table.to_dict("records") if "auc" in r}
     rows = lesion_models_rows(lesion, case_auc)
     atomic_write_text(out / "models_lesion.md", LESION_NOTE + "\n\n" + render_table(rows, fmt="markdown"))
-    log("does each model look where the pathologist looks (models_lesion.md):\n" + render_table(rows))
+    log("does each model look where the pathologist looks (every measure: models_lesion.md):\n"
+        + render_table(lesion_models_rows(lesion, case_auc, LESION_HEADLINE)))
     return rows
 
 
