@@ -71,8 +71,8 @@ def version_of(data: bytes | None) -> str:
 
 
 def stale_sentence(what: str) -> str:
-    return (f"{what} was saved from another tab or window since you opened it; reload the page to see that version "
-            "— your unsaved drawing is kept in this tab.")
+    return (f"{what} was saved from another tab or window since you opened it, so this save was refused; your drawing "
+            "stays in this tab until you reload — note what you need, then reload to see the saved version.")
 
 
 class Reviews:
