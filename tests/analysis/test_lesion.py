@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stainmil.analysis.lesion import bootstrap_mean, lesion_measures, summary_table, with_truth
+from stainmil.analysis.lesion import lesion_measures, summary_table, with_truth
+from stainmil.stats.metrics import bootstrap_mean
 
 
 def scored_case(ignored=(False,) * 5) -> pd.DataFrame:

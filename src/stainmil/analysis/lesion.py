@@ -22,6 +22,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
+from stainmil.stats.metrics import bootstrap_mean, paired_mean_difference
+
 SCORES = {"attention": "effective_attention", "patch_prob": "patch_prob"}
 MEASURES = ("lesion_auc", "topk_precision", "recall_at_k", "pointing")
 LEVELS = {"case": ["case"], "stain": ["case", "stain"], "slice": ["case", "stain", "slice"]}
@@ -71,18 +73,6 @@ def lesion_measures(scored: pd.DataFrame, k: int, level: str, patch_attention: b
     return frame
 
 
-def bootstrap_mean(values: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple:
-    """(mean, low, high, n): the mean of the defined values with a percentile case-bootstrap interval."""
-    values = np.asarray(values, float)
-    values = values[~np.isnan(values)]
-    if not len(values):
-        return math.nan, math.nan, math.nan, 0
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(axis=1)
-    alpha = (1 - level) / 2
-    return float(values.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)), len(values)
-
-
 def measure_columns(frame: pd.DataFrame) -> list[str]:
     """The measure columns of a per-case table, in a fixed order (scores x measures, then the deletion deltas)."""
     columns = [f"{s}_{m}" for s in SCORES for m in MEASURES] + ["delta_lesion_k", "delta_non_lesion_k"]
@@ -118,15 +108,6 @@ def summary_lines(table: pd.DataFrame, patch_attention: bool, architecture: str)
             lines.append(f"  {shown_name(row.measure)}: {row.mean:.3f} [{row.ci_low:.3f}, {row.ci_high:.3f}] "
                          f"({row.cases} cases)")
     return lines
-
-
-def paired_mean_difference(a: np.ndarray, b: np.ndarray, n_boot: int = 1000, level: float = 0.95,
-                           seed: int = 0) -> tuple[float, float, float, int]:
-    """mean(b - a) over the cases where both are defined, with a paired case-bootstrap interval, and that count."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    both = ~np.isnan(a) & ~np.isnan(b)
-    mean, low, high, n = bootstrap_mean(b[both] - a[both], n_boot, level, seed)
-    return mean, low, high, n
 
 
 def models_table(per_model: dict[str, pd.DataFrame], n_boot: int, level: float, seed: int) -> pd.DataFrame:

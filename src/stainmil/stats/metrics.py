@@ -176,3 +176,24 @@ def choose_threshold(spec: float | str, val_labels: np.ndarray, val_probabilitie
         return float(positive[k]), f"{scheme.metric_label(scheme.recall(1))} >= {share:g} on validation"
     raise ConfigError(f"eval.threshold '{spec}' must be a number, 'youden' or '{scheme.recall(0)}=R' / "
                       f"'{scheme.recall(1)}=R' with R in (0, 1].")
+
+
+def bootstrap_mean(values: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple:
+    """(mean, low, high, n): the mean of the defined values with a percentile case-bootstrap interval."""
+    values = np.asarray(values, float)
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return math.nan, math.nan, math.nan, 0
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(axis=1)
+    alpha = (1 - level) / 2
+    return float(values.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)), len(values)
+
+
+def paired_mean_difference(a: np.ndarray, b: np.ndarray, n_boot: int = 1000, level: float = 0.95,
+                           seed: int = 0) -> tuple[float, float, float, int]:
+    """mean(b - a) over the cases where both are defined, with a paired case-bootstrap interval, and that count."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    both = ~np.isnan(a) & ~np.isnan(b)
+    mean, low, high, n = bootstrap_mean(b[both] - a[both], n_boot, level, seed)
+    return mean, low, high, n
