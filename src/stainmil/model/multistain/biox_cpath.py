@@ -139,4 +139,5 @@ class BioXCPath(FlatMIL):
         """(P, D + 1) standardised features and stain -> (P, C): each patch a one-node graph (its own loop)."""
         x, stain = patch_embeddings[:, :-1], patch_embeddings[:, -1].long()
         alone = torch.arange(len(x), device=x.device)
-        return self.network(x, torch.stack([alone, alone]), alone, stain, len(x))[0]
+        walk = x.new_ones((len(x), WALK_STEPS))  # a one-node graph with its loop returns with probability 1 each step
+        return self.network(x, torch.stack([alone, alone]), walk, alone, stain, len(x))[0]
