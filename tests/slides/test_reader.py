@@ -89,11 +89,23 @@ def test_a_reader_keeps_its_own_bounded_handles_and_a_copy_starts_empty(tmp_path
         paths.append(str(tmp_path / f"s{i}.png"))
         Image.fromarray(rgb).save(paths[-1])
     slides = SlideHandles(limit=2)
-    first = slides.get(paths[0])
-    assert slides.get(paths[0]) is first and len(slides) == 1
-    slides.get(paths[1])
-    slides.get(paths[2])                       # past the limit: s0, least recently used, is closed
-    assert len(slides) == 2 and slides.get(paths[0]) is not first
+
+    def touch(path):
+        with slides.reading(path) as slide:
+            return slide
+
+    first = touch(paths[0])
+    assert touch(paths[0]) is first and len(slides) == 1
+    touch(paths[1])
+    touch(paths[2])                            # past the limit: s0, least recently used, is closed
+    assert len(slides) == 2 and touch(paths[0]) is not first
+    # never closed while another thread reads it: past the limit, idle slides go first, busy ones wait
+    with slides.reading(paths[1]) as busy, slides.reading(paths[2]):
+        touch(paths[0])                        # s0 is the only idle one: it is closed, s1 and s2 stay
+        assert len(slides) == 2 and busy.read_region(0, 0, 0, 8).shape == (8, 8, 3)
+        with slides.reading(paths[0]):         # three read at once: three stay open
+            assert len(slides) == 3
+    assert len(slides) == 2                    # their reads over: back to the limit
     ref = PatchRef(paths[1], 0, 0, 0, 64)
     assert np.array_equal(read_patch(ref, 64, slides), read_patch(ref, 64))  # through handles = opened once
     copy = pickle.loads(pickle.dumps(slides))

@@ -10,7 +10,9 @@ no process-wide cache, and a DataLoader worker starts with handles of its own.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,26 +247,39 @@ class PatchRef:
 
 
 class SlideHandles:
-    """Open slides by path for one reader, at most ``limit`` at once (the least recently used is closed first).
+    """Open slides by path for one reader, at most ``limit`` kept open (the least recently used idle one is closed
+    first) — but never one that a thread is reading: closing an OpenSlide handle during another thread's read aborts
+    the process (``tc->outstanding == 0``), so while more than ``limit`` are read at once, more stay open until their
+    reads end (found by ``benchmarks/viewer_load.py``: 20 clients panning ~75 slides).
 
-    Thread-safe (a thread pool of decoders shares one); never shared across processes: a pickled copy starts
-    empty, and :meth:`forget` drops the handles a forked DataLoader worker inherited without closing them.
+    Thread-safe (a thread pool of decoders, the viewer's request threads share one); never shared across processes:
+    a pickled copy starts empty, and :meth:`forget` drops the handles a forked DataLoader worker inherited without
+    closing them.
     """
 
     def __init__(self, limit: int = 32) -> None:
         self.limit = limit
         self._open: OrderedDict[str, Slide] = OrderedDict()
+        self._reading: Counter[str] = Counter()
         self._lock = threading.Lock()
 
-    def get(self, path: str) -> Slide:
+    @contextmanager
+    def reading(self, path: str) -> Iterator[Slide]:
+        """The open slide at ``path`` (opened if need be), not closed before the ``with`` block ends."""
         with self._lock:
-            slide = self._open.pop(path, None)
-            if slide is None:
-                slide = Slide(path)
-            self._open[path] = slide                          # most recently used last
-            while len(self._open) > self.limit:
-                self._open.popitem(last=False)[1].close()
-            return slide
+            slide = self._open.pop(path, None) or Slide(path)
+            self._open[path] = slide                                     # most recently used last
+            self._reading[path] += 1
+        try:
+            yield slide
+        finally:
+            with self._lock:
+                self._reading[path] -= 1
+                if not self._reading[path]:
+                    del self._reading[path]
+                idle = [p for p in self._open if p not in self._reading]  # least recently used first
+                for stale in idle[:max(0, len(self._open) - self.limit)]:
+                    self._open.pop(stale).close()
 
     def close(self) -> None:
         with self._lock:
@@ -291,7 +306,8 @@ def read_patch(ref: PatchRef | str, image_size: int, slides: SlideHandles | None
     through ``slides`` (the reader's open handles; None: the slide is opened for this read and closed)."""
     if isinstance(ref, PatchRef):
         if slides is not None:
-            region = slides.get(ref.path).read_region(ref.x, ref.y, ref.level, ref.read_size)
+            with slides.reading(ref.path) as slide:
+                region = slide.read_region(ref.x, ref.y, ref.level, ref.read_size)
         else:
             slide = Slide(ref.path)
             try:

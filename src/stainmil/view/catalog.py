@@ -12,6 +12,8 @@ import io
 import math
 import threading
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,7 @@ from stainmil.data.registration import read_pair, read_registrations, reference_
 from stainmil.data.tiling import annotation_files
 from stainmil.errors import ConfigError, DataError
 from stainmil.slides.annotations import BadAnnotations, read_region, slide_key_name
-from stainmil.slides.reader import SlideHandles, UnreadableSlide
+from stainmil.slides.reader import Slide, SlideHandles, UnreadableSlide
 from stainmil.view.folder import (
     SlideEntry,
     SlideFinder,
@@ -396,7 +398,9 @@ class Catalog:
             raise NotServed(f"no slide {slide_id} in this viewer")
         return self.slides[slide_id]
 
-    def _slide(self, slide_id: int):
+    @contextmanager
+    def _slide(self, slide_id: int) -> Iterator[Slide]:
+        """The open slide of ``slide_id``, kept open until the ``with`` block ends (see SlideHandles.reading)."""
         entry = self.entry(slide_id)
         if entry.problem:
             raise DataError(entry.problem)
@@ -404,17 +408,19 @@ class Catalog:
             build_mosaic(self.sources[entry.source], entry)
         if entry.path is None:
             raise DataError(f"slide {slide_id} has no pixels to show")
-        try:
-            return self.handles.get(str(entry.path))
-        except UnreadableSlide as exc:
-            entry.problem = str(exc)
-            raise
+        with ExitStack() as stack:
+            try:
+                slide = stack.enter_context(self.handles.reading(str(entry.path)))
+            except UnreadableSlide as exc:  # opening it failed (a read failing later does not mark the slide)
+                entry.problem = str(exc)
+                raise
+            yield slide
 
     def zoom(self, slide_id: int) -> DeepZoom:
         with self._lock:
             if slide_id not in self._zooms:
-                width, height = self._slide(slide_id).dimensions
-                self._zooms[slide_id] = DeepZoom(width, height)
+                with self._slide(slide_id) as slide:
+                    self._zooms[slide_id] = DeepZoom(*slide.dimensions)
             return self._zooms[slide_id]
 
     def tile(self, slide_id: int, level: int, col: int, row: int, image_format: str) -> bytes:
@@ -424,7 +430,10 @@ class Catalog:
         key = (slide_id, level, col, row, image_format)
         data = self.tiles.get(key)
         if data is None:
-            data = encode(read_tile(self._slide(slide_id), self.zoom(slide_id), level, col, row), image_format)
+            zoom = self.zoom(slide_id)
+            with self._slide(slide_id) as slide:
+                rgb = read_tile(slide, zoom, level, col, row)
+            data = encode(rgb, image_format)
             self.tiles.put(key, data)
         return data
 

@@ -4,7 +4,9 @@ slide :class:`stainmil.slides.reader.Slide` opens (OpenSlide, tiffslide, DICOM f
 Deep-zoom level ``l`` of a ``W x H`` slide is the slide shrunk ``2 ** (L - l)`` times (``L = ceil(log2 max(W,
 H))``: the top level is level 0 of the slide, pixel for pixel). A tile is read at the coarsest slide level that is
 no coarser than needed and shrunk with Pillow (never enlarged), as OpenSlide's own ``DeepZoomGenerator`` does;
-tiles have no overlap. Encoded tiles are kept in a small least-recently-used cache (bounded in bytes).
+tiles have no overlap. Encoded tiles are kept in a small least-recently-used cache (bounded in bytes); the slides
+they are read from stay open in the catalog's :class:`stainmil.slides.reader.SlideHandles`, which never closes a slide
+another request is reading.
 """
 
 from __future__ import annotations
