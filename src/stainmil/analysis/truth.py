@@ -221,8 +221,9 @@ def _from_outlines(config: Config, patches: pd.DataFrame, cohort: pd.DataFrame |
         classes_found |= set(outlines[key].classes)
     if outlines and all(o.lesion is None for o in outlines.values()):
         raise ConfigError(f"analysis.lesion_classes {analysis.lesion_classes} match no polygon in the "
-                          f"{len(outlines)} outline files of {where}; the classes found are {sorted(classes_found)} — "
-                          "set analysis.lesion_classes to the lesion's class.")
+                          f"{len(outlines)} outline files of {where}; the classes found are "
+                          f"{sorted(c or '(unclassified)' for c in classes_found)} — set analysis.lesion_classes to "
+                          "the lesion's class (['*'] takes every polygon, unclassified ones too).")
     carried_from: dict[tuple, str] = {}
     if analysis.truth_from_reference:
         notes += _carry(config, groups, outlines, carried_from)
