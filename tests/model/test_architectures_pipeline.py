@@ -13,10 +13,11 @@ from stainmil.analysis.analyze import write_analysis
 from stainmil.analysis.new_cases import predict_unlabelled
 from stainmil.analysis.qupath import export_folder
 from stainmil.analysis.report import build_report
+from stainmil.config import ModelConfig
 from stainmil.data.splits import load_split
 from stainmil.errors import ConfigError
 from stainmil.evaluate.evaluation import evaluate_run
-from stainmil.model.registry import ARCHITECTURES
+from stainmil.model.registry import ARCHITECTURES, has_patch_attention
 from stainmil.train.checkpoint import load_checkpoint
 from stainmil.train.trainer import train
 from tests.analysis.test_report import opened
@@ -57,7 +58,7 @@ def test_pipeline_for_every_architecture(prepared, tmp_path, architecture, new_c
         assert np.isnan(test["auc"])
     analysis = write_analysis(run)
     summary = json.loads((run / "attention" / "summary.json").read_text())
-    has_attention = ARCHITECTURES[architecture].patch_attention
+    has_attention = has_patch_attention(ModelConfig(architecture=architecture))
     assert summary["architecture"] == architecture and summary["patch_attention"] == has_attention
     patches = pd.read_csv(run / "attention" / "patches.csv", dtype={"case": str})
     assert np.allclose(patches.groupby("case")["effective_attention"].sum(), 1.0, atol=1e-4)

@@ -41,6 +41,19 @@ def test_learned_late_fusion_weighs_each_stain_by_its_softmaxed_score():
     assert torch.allclose(out.stain_weights.view(-1, 3), weights.expand(4, 3), atol=1e-6)
 
 
+def test_late_fusion_attends_over_patches_exactly_when_its_members_do():
+    """A capability computed from the options: late fusion over TransMIL has no patch attention, so analyze never
+    scores lesion measures or deletion on its uniform weights."""
+    from stainmil.config import ModelConfig
+    from stainmil.model.registry import has_patch_attention
+
+    assert has_patch_attention(ModelConfig(architecture="late_fusion"))  # over abmil, the default base
+    over_transmil = small_config("late_fusion", {"late_fusion_base": "transmil"})
+    assert not has_patch_attention(over_transmil)
+    bags = random_bags(n_cases=3)
+    assert build_model(bags.feature_dim, over_transmil, STAINS).has_patch_attention is False
+
+
 def test_late_fusion_needs_a_flat_base():
     config = small_config("late_fusion", {"late_fusion_base": "hierarchical"})
     with pytest.raises(ConfigError, match="flat"):

@@ -30,7 +30,7 @@ from stainmil.config import Config
 from stainmil.data.cohort import SLIDE_COLUMNS
 from stainmil.device import resolve_device
 from stainmil.errors import ConfigError, TrainingError
-from stainmil.model.registry import architecture
+from stainmil.model.registry import has_patch_attention
 from stainmil.train.run import open_run
 
 TOP_SHARE = 0.05
@@ -275,7 +275,7 @@ def compute_tables(model: nn.Module, config: Config, bags: CohortBags, cases: li
     slices = slice_table(patches)
     k = top_k or config.analysis.top_k
     case_frame = case_table(patches, slices, predictions, k)
-    patch_attention = architecture(config.model.architecture).patch_attention
+    patch_attention = has_patch_attention(config.model)
     summary: dict = {"split": split_name, "n_cases": len(cases), "top_k": k, "threshold": threshold,
                      "architecture": config.model.architecture, "patch_attention": patch_attention,
                      "labelled": bool((case_frame["label"] >= 0).all()),
@@ -315,7 +315,7 @@ def run_lesion_measures(run_dir: str | Path, split_name: str = "test", bags: Coh
     cases = run.split.subset(split_name)
     patches = patch_table(run.model, run.bags, cases, run.device, config.data.classes)
     truth = patch_truth(config, patches, run.bags.manifest)
-    patch_attention = architecture(config.model.architecture).patch_attention
+    patch_attention = has_patch_attention(config.model)
     _, tables = _lesion_tables(run.model, run.bags, patches, truth, config, run.device, config.analysis.top_k,
                                patch_attention, pd.DataFrame({"case": cases}), {})
     return tables["case"]

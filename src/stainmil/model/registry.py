@@ -33,7 +33,9 @@ class ArchitectureSpec:
     name: str
     build: Callable[[int, ModelConfig, list[str]], nn.Module]
     reference: str
-    patch_attention: bool = True       # attention over patches (heatmaps, top patches); else uniform weights
+    # attention over patches (heatmaps, top patches, lesion measures), else uniform weights; or, for a model built
+    # from others, a function of its options (read it through has_patch_attention)
+    patch_attention: bool | Callable[[ModelConfig], bool] = True
     stain_specific: bool = False       # takes model.stain_identity 'specific' (own projector and pools per stain)
     needs_registration: bool = False   # batches must carry patch_anchor (`stainmil register` first)
     patch_positions: bool = False      # reads where patches lie on their slide (CaseBatch.patch_position) if known
@@ -42,7 +44,8 @@ class ArchitectureSpec:
 ARCHITECTURES: dict[str, ArchitectureSpec] = {}  # name -> spec, in registration order
 
 
-def register_architecture(name: str, *, reference: str, patch_attention: bool = True, stain_specific: bool = False,
+def register_architecture(name: str, *, reference: str, patch_attention: bool | Callable[[ModelConfig], bool] = True,
+                          stain_specific: bool = False,
                           needs_registration: bool = False, patch_positions: bool = False,
                           **build_kwargs: Any) -> Callable:
     """Class (or factory) decorator: register ``name``; ``build_kwargs`` are passed to the constructor (so one
@@ -67,6 +70,13 @@ def architecture(name: str) -> ArchitectureSpec:
     if name not in ARCHITECTURES:
         raise ConfigError(f"model.architecture '{name}' is not registered; choose one of {list_architectures()}.")
     return ARCHITECTURES[name]
+
+
+def has_patch_attention(config: ModelConfig) -> bool:
+    """Whether ``config.architecture``, with these options, attends over patches (a model built from others
+    answers as they do: ``late_fusion`` over ``transmil`` has no patch attention)."""
+    value = architecture(config.architecture).patch_attention
+    return bool(value(config)) if callable(value) else bool(value)
 
 
 def build_model(in_dim: int, config: ModelConfig, stains: list[str]) -> nn.Module:

@@ -25,11 +25,17 @@ from stainmil.model.base import StainAware
 from stainmil.model.batch import CaseBatch
 from stainmil.model.flat import FlatMIL
 from stainmil.model.output import MILOutput
-from stainmil.model.registry import architecture, list_architectures, register_architecture
+from stainmil.model.registry import architecture, has_patch_attention, list_architectures, register_architecture
 from stainmil.model.segment import segment_softmax
 
 
-@register_architecture("late_fusion", reference="Wies et al. 2024: a MIL model per stain, fused")
+def _members_attend(config: ModelConfig) -> bool:
+    """Late fusion attends over patches exactly when its per-stain members do."""
+    return has_patch_attention(dataclasses.replace(config, architecture=config.baseline.late_fusion_base))
+
+
+@register_architecture("late_fusion", reference="Wies et al. 2024: a MIL model per stain, fused",
+                       patch_attention=_members_attend)
 class LateFusionMIL(StainAware):
     def __init__(self, in_dim: int, config: ModelConfig, stains: list[str]) -> None:
         super().__init__(in_dim, stains)
