@@ -9,7 +9,7 @@ import stainmil
 PACKAGE = Path(stainmil.__file__).parent
 # lowest first; a module may import its own layer and those below it (see the README's picture)
 LAYERS = [
-    ("base", ["", "io", "errors", "progress", "device", "tables", "cores", "locks", "stopping"]),
+    ("base", ["", "io", "errors", "progress", "device", "tables", "cores", "locks", "stopping", "run_files"]),
     ("config", ["config", "classes"]),
     ("launch", ["launch"]),
     ("stats", ["stats"]),

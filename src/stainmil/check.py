@@ -36,6 +36,7 @@ from stainmil.data.tiling import tile_folder
 from stainmil.errors import DataError, StainmilError
 from stainmil.features.extract import extract_features
 from stainmil.features.store import STORE_META, read_slice, slice_file
+from stainmil.run_files import BEST, LAST, RunFiles
 from stainmil.slides.coords import read_coords
 from stainmil.train.checkpoint import load_checkpoint
 
@@ -142,8 +143,8 @@ def check_registrations(folder: Path, result: CheckResult) -> None:
 def check_run(run: Path, result: CheckResult) -> None:
     retrain = f"stainmil train --resume {run} (from last.pth), else train again"
     count = 0
-    for name in ("best.pth", "last.pth"):
-        path = run / "checkpoints" / name
+    for name in (BEST, LAST):
+        path = RunFiles.of(run).checkpoint(name)
         if path.is_file():
             count += 1
             try:

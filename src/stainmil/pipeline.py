@@ -21,6 +21,7 @@ from stainmil.errors import StoreError
 from stainmil.evaluate.evaluation import Evaluation, evaluate_run
 from stainmil.features.backbones import build_backbone
 from stainmil.features.extract import ExtractSummary, extract_features
+from stainmil.run_files import RunFiles
 from stainmil.train.trainer import TrainResult, train
 
 
@@ -161,4 +162,4 @@ def predict_as_new(config: Config, run_dir: Path, out: Path) -> Path:
     new = config.with_overrides({"data.labels_csv": "",
                                  "data.include_cases": list(load_split(run_dir / "data_splits.npz").test),
                                  "output_dir": str(out / "work"), "features.store_dir": str(out / "work" / "features")})
-    return predict_unlabelled(run_dir / "checkpoints" / "best.pth", new, out)
+    return predict_unlabelled(RunFiles.of(run_dir).best, new, out)

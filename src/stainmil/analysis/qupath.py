@@ -27,6 +27,7 @@ from stainmil.config import load_config
 from stainmil.data.registration import read_pair, read_registrations, reference_stain
 from stainmil.errors import DataError
 from stainmil.io import atomic_write, atomic_write_json, safe_name
+from stainmil.run_files import RunFiles
 
 MEASUREMENTS = {"effective_attention": "effective attention", "relative_attention": "relative attention",
                 "patch_prob": "patch-alone P(high-grade)", "patch_weight": "patch attention (within slice)",
@@ -159,13 +160,13 @@ def export_folder(folder: str | Path, split_name: str | None = None, out_dir: st
 
 
     folder = Path(folder)
-    table = folder / "attention" / "patches.csv"
-    is_run = (folder / "checkpoints" / "best.pth").is_file()
+    table = RunFiles.of(folder).patches
+    is_run = RunFiles.of(folder).best.is_file()
     if not is_run and not table.is_file():
         raise DataError(f"{folder} is neither a run folder (no checkpoints/best.pth) nor a prediction folder "
                         "(no attention/patches.csv); pass one made by `stainmil train` or `stainmil predict`.")
     if is_run:
-        summary = folder / "attention" / "summary.json"
+        summary = RunFiles.of(folder).attention / "summary.json"
         analysed = json.loads(summary.read_text())["split"] if summary.is_file() and table.is_file() else None
         wanted = split_name or analysed or "test"
         if analysed != wanted:

@@ -47,6 +47,7 @@ from stainmil.io import atomic_write, atomic_write_text, safe_name, save_figure,
 from stainmil.locks import folder_lock
 from stainmil.model.hierarchical import STAIN_IDENTITIES
 from stainmil.model.registry import architecture, build_model, list_architectures
+from stainmil.run_files import RunFiles, glob_runs
 from stainmil.stats.metrics import paired_auc_difference
 from stainmil.tables import render_table
 from stainmil.train.checkpoint import load_checkpoint
@@ -255,7 +256,7 @@ def _seconds_per_epoch(cv_dir: Path) -> list[float]:
 def _parameters(cv_dir: Path, config: Config) -> int:
     """Trainable parameters of the variant's model, built for the store's feature dimension."""
 
-    first = sorted((cv_dir / "folds").glob("fold_*/checkpoints/best.pth"))[0]
+    first = sorted(RunFiles.of(fold).best for fold in glob_runs(cv_dir / "folds"))[0]
     model = build_model(int(load_checkpoint(first)["in_dim"]), config.model, config.data.stains)
     return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
 

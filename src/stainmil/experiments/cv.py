@@ -33,6 +33,7 @@ from stainmil.evaluate.evaluation import evaluate_run
 from stainmil.io import atomic_write, atomic_write_json, atomic_write_text
 from stainmil.launch import run_jobs
 from stainmil.locks import folder_lock
+from stainmil.run_files import RunFiles
 from stainmil.stats.metrics import bootstrap_intervals, classification_metrics
 from stainmil.train.trainer import train
 
@@ -50,7 +51,7 @@ class FoldJob:
         if (fold / "metrics.json").is_file():
             return read_metrics(fold / "metrics.json", config.data.classes)
         split = load_split(split_path)
-        if (fold / "checkpoints" / "last.pth").is_file():
+        if RunFiles.of(fold).last.is_file():
             train(config, resume_dir=fold, on_epoch_end=self.on_epoch_end)
         else:
             train(config, split=split, run_dir=fold, on_epoch_end=self.on_epoch_end)

@@ -33,6 +33,7 @@ from stainmil.features.store import STORE_META, check_store
 from stainmil.model.batch import CaseBatch
 from stainmil.model.output import MILOutput
 from stainmil.model.registry import architecture
+from stainmil.run_files import RunFiles
 from stainmil.stats.calibration import apply_temperature
 from stainmil.train.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -117,7 +118,7 @@ def open_run(run_dir: str | Path, checkpoint: str = "best", bags: CohortBags | N
              with_cohort: bool = True) -> OpenRun:
     """Rebuild a trained run: config, model (``checkpoints/<checkpoint>.pth``), split, cohort, decision."""
     run_dir = Path(run_dir)
-    path = run_dir / "checkpoints" / f"{checkpoint}.pth"
+    path = RunFiles.of(run_dir).checkpoint(checkpoint)
     if not path.is_file():
         raise TrainingError(f"{run_dir} has no checkpoints/{checkpoint}.pth; train it first (`stainmil train`) or "
                             "resume it (`stainmil train --resume`).")

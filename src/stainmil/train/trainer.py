@@ -44,6 +44,7 @@ from stainmil.locks import folder_lock
 from stainmil.model.registry import architecture, build_model
 from stainmil.model.regularizers import AttentionRegularizer
 from stainmil.progress import progress_bar
+from stainmil.run_files import RunFiles
 from stainmil.stats.metrics import classification_metrics
 from stainmil.stats.plots import plot_history
 from stainmil.train.checkpoint import load_checkpoint, save_checkpoint
@@ -162,7 +163,7 @@ def _train(config: Config, resume_dir: Path | None, split: Split | None, run_dir
     stopping = {"best_val_loss": math.inf, "best_epoch": 0, "bad_epochs": 0}
     start_epoch = 1
 
-    last = run_dir / "checkpoints" / "last.pth"
+    last = RunFiles.of(run_dir).last
     if resume_dir is not None and last.is_file():
         state = load_checkpoint(last)
         model.load_state_dict(state["model"])
@@ -221,7 +222,7 @@ def _train(config: Config, resume_dir: Path | None, split: Split | None, run_dir
         if tuned:
             state["backbone"] = encoder.tail_state()
         if improved:
-            save_checkpoint(run_dir / "checkpoints" / "best.pth", state)
+            save_checkpoint(RunFiles.of(run_dir).best, state)
         save_checkpoint(last, state)
         frame = pd.DataFrame(history)
         atomic_write(run_dir / "history.csv", lambda tmp, frame=frame: frame.to_csv(tmp, index=False))
@@ -239,7 +240,7 @@ def _train(config: Config, resume_dir: Path | None, split: Split | None, run_dir
 def extract_with_trained_backbone(config: Config, run_dir: Path, bags: CohortBags) -> None:
     """Online runs: the best checkpoint's backbone extracts every patch into the run's store (resumable)."""
     if bags.encoder.trainable_parameters():
-        bags.encoder.load_tail_state(load_checkpoint(run_dir / "checkpoints" / "best.pth")["backbone"])
+        bags.encoder.load_tail_state(load_checkpoint(RunFiles.of(run_dir).best)["backbone"])
     extract_features(config, bags.manifest, backbone=bags.encoder.as_backbone())
 
 

@@ -25,6 +25,7 @@ import pandas as pd
 
 from stainmil.analysis.heatmaps import patch_mosaic, patch_positions, patch_side
 from stainmil.errors import DataError
+from stainmil.run_files import RunFiles, glob_runs
 from stainmil.slides.write import write_pyramidal_tiff
 
 KEY = ["case", "stain", "slice"]
@@ -60,9 +61,8 @@ class Source:
 
     def table(self, name: str) -> pd.DataFrame:
         if name not in self._tables:
-            path = {"patches": self.folder / "attention" / "patches.csv",
-                    "cases": self.folder / "attention" / "cases.csv",
-                    "slices": self.folder / "attention" / "slices.csv",
+            files = RunFiles.of(self.folder)
+            path = {"patches": files.patches, "cases": files.table("cases"), "slices": files.table("slices"),
                     "predictions": self.folder / "predictions.csv"}[name]
             if path.is_file():
                 table = pd.read_csv(path, dtype={"case": str, "stain": str, "slice": str})
@@ -74,7 +74,7 @@ class Source:
 
 def find_sources(folder: Path) -> list[Source]:
     """Every folder at or under ``folder`` with ``attention/patches.csv``, sorted by path (a run first)."""
-    found = sorted({p.parent.parent for p in folder.rglob("attention/patches.csv")},
+    found = sorted(glob_runs(folder, "patches"),
                    key=lambda p: (len(p.relative_to(folder).parts), str(p)))
     sources = []
     for index, path in enumerate(found):
@@ -155,8 +155,7 @@ def build_mosaic(source: Source, entry: SlideEntry) -> Path:
 def unanalysed_runs(folder: Path) -> list[Path]:
     """Trained runs at or under ``folder`` (a best checkpoint) whose analysis was never written (CV folds and
     compare-models runs are not analysed by default)."""
-    runs = {p.parent.parent for p in folder.rglob("checkpoints/best.pth")}
-    return sorted(r for r in runs if not (r / "attention" / "patches.csv").is_file())
+    return sorted(r for r in glob_runs(folder) if not RunFiles.of(r).patches.is_file())
 
 
 def require_folder(folder: str | Path) -> Path:
