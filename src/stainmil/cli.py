@@ -854,7 +854,7 @@ def models(markdown: MarkdownOpt = False, json_: JsonOpt = False) -> None:
     from stainmil.model.registry import ARCHITECTURES
     from stainmil.tables import render_table
 
-    rows = [{"name": name, "attention": "as its members" if callable(spec.patch_attention) else
+    rows = [{"name": name, "attention": "as base" if callable(spec.patch_attention) else
              "yes" if spec.patch_attention else "no", "reference": spec.reference}
             for name, spec in ARCHITECTURES.items()]
     typer.echo(render_table(rows, None, _table_format(markdown, json_)), nl=False)

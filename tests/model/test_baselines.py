@@ -10,7 +10,7 @@ from stainmil.config import BaselineConfig, ModelConfig
 from stainmil.data.registration import PatchAlignment
 from stainmil.errors import ConfigError, DataError
 from stainmil.model.baselines.clam import smooth_top1_svm
-from stainmil.model.registry import ARCHITECTURES, build_model
+from stainmil.model.registry import ARCHITECTURES, build_model, has_patch_attention
 from stainmil.model.segment import segment_sum
 from tests.model.test_hierarchical import random_bags
 
@@ -72,7 +72,7 @@ def test_forward_backward_on_ragged_cases(architecture):
     assert torch.allclose(product, out.effective_attention, atol=1e-5)
     sums = segment_sum(out.effective_attention[:, None], case_of_patch(batch), 6).squeeze(1)
     assert torch.allclose(sums, torch.ones(6), atol=1e-5)
-    assert out.has_patch_attention == ARCHITECTURES[architecture].patch_attention
+    assert out.has_patch_attention == has_patch_attention(small_config(architecture))
 
 
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
