@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from stainmil.analysis.lesion import LEVELS, lesion_measures, measure_columns, summary_table, with_truth
+from stainmil.analysis.lesion import lesion_measures, measure_columns, summary_table, with_truth
 from stainmil.analysis.stains import stain_contribution, stain_sentences, stain_summary
 from stainmil.analysis.truth import PatchTruth, patch_truth
 from stainmil.bags.cohort import CohortBags
@@ -314,11 +314,19 @@ def run_lesion_measures(run_dir: str | Path, split_name: str = "test", bags: Coh
         return None
     cases = run.split.subset(split_name)
     patches = patch_table(run.model, run.bags, cases, run.device, config.data.classes)
-    truth = patch_truth(config, patches, run.bags.manifest)
-    patch_attention = has_patch_attention(config.model)
-    _, tables = _lesion_tables(run.model, run.bags, patches, truth, config, run.device, config.analysis.top_k,
-                               patch_attention, pd.DataFrame({"case": cases}), {})
-    return tables["case"]
+    scored = with_truth(patches, patch_truth(config, patches, run.bags.manifest).table,
+                        config.analysis.lesion_min_fraction)
+    return _case_measures(run.model, run.bags, patches, scored, config, run.device, config.analysis.top_k,
+                          has_patch_attention(config.model))
+
+
+def _case_measures(model: nn.Module, bags: CohortBags, patches: pd.DataFrame, scored: pd.DataFrame, config: Config,
+                   device: torch.device, k: int, patch_attention: bool) -> pd.DataFrame:
+    """Per case: every lesion measure of the case's patches and the lesion vs non-lesion deletion."""
+    per_case = lesion_measures(scored, k, "case", patch_attention)
+    deletion = lesion_deletion(model, bags, patches, scored, config.analysis.deletion_k, device,
+                               config.data.classes, config.train.seed)
+    return per_case.merge(deletion, on="case", how="left") if not deletion.empty else per_case
 
 
 def _lesion_tables(model: nn.Module, bags: CohortBags, patches: pd.DataFrame, truth: PatchTruth, config: Config,
@@ -328,11 +336,8 @@ def _lesion_tables(model: nn.Module, bags: CohortBags, patches: pd.DataFrame, tr
     per-case measures."""
     analysis, evaluation = config.analysis, config.eval
     scored = with_truth(patches, truth.table, analysis.lesion_min_fraction)
-    tables = {level: lesion_measures(scored, k, level, patch_attention) for level in LEVELS}
-    deletion = lesion_deletion(model, bags, patches, scored, config.analysis.deletion_k, device,
-                               config.data.classes, config.train.seed)
-    if not deletion.empty:
-        tables["case"] = tables["case"].merge(deletion, on="case", how="left")
+    tables = {"case": _case_measures(model, bags, patches, scored, config, device, k, patch_attention),
+              **{level: lesion_measures(scored, k, level, patch_attention) for level in ("stain", "slice")}}
     tables["summary"] = summary_table(tables["case"], evaluation.bootstrap, evaluation.ci, config.train.seed)
     tables["summary_by_stain"] = summary_table(tables["stain"], evaluation.bootstrap, evaluation.ci,
                                                config.train.seed, by="stain")

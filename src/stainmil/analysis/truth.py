@@ -282,8 +282,9 @@ def _carry(config: Config, groups: dict, outlines: dict[tuple, SlideOutline], ca
             notes.append(f"case {key[0]} {key[1]} slice {key[2]}: the {reference} outline is not carried (registration "
                          f"{row['verdict']}: {row.get('reason', '')}).")
             continue
-        carried = [carry_geometry(g, row["transform"]) if g is not None else None
-                   for g in (source.lesion, source.ignore)]
+        drawn = [g for g in (source.lesion, source.ignore) if g is not None]
+        mapped = iter(carry_geometry(drawn, row["transform"]) if drawn else [])  # the transform read once
+        carried = [next(mapped) if g is not None else None for g in (source.lesion, source.ignore)]
         own = outlines.get(key)  # its own artefacts stay ignored; its lesion comes from the reference
         if own is not None and own.ignore is not None:
             carried[1] = own.ignore if carried[1] is None else shapely.union(own.ignore, carried[1])

@@ -103,19 +103,23 @@ def read_pair(path: str | Path) -> tuple[PairTransform | None, dict]:
     return transform, attrs
 
 
-def carry_geometry(geometry: shapely.Geometry, transform_file: str | Path, step_px: float = 0.0) -> shapely.Geometry:
+def carry_geometry(geometry, transform_file: str | Path, step_px: float = 0.0):
     """A region drawn on a pair's fixed (H&E) slide, in its level-0 px, mapped onto the moving (IHC) slide's level-0
     px through the pair's transform. Edges are first cut into pieces of at most ``step_px`` fixed px (0: half the
-    displacement grid's spacing) so the mapped outline follows the non-rigid field, not only its vertices."""
+    displacement grid's spacing) so the mapped outline follows the non-rigid field, not only its vertices.
+    ``geometry``: one shapely geometry (-> one), or a list of them (-> a list, the transform file read once)."""
+    many = not isinstance(geometry, shapely.Geometry)
+    geometries = np.asarray(list(geometry) if many else [geometry], dtype=object)
     transform, attrs = read_pair(transform_file)
     if transform is None:
         raise DataError(f"{transform_file} holds no transform (its pair {attrs.get('verdict', 'failed')}), so no "
                         "region can be carried onto it; outline that slide itself, or register it again.")
     fixed_mpp, moving_mpp = float(attrs["fixed_mpp"]), float(attrs["moving_mpp"])
     step = step_px or transform.spacing / fixed_mpp / 2
-    dense = shapely.segmentize(geometry, max(step, 1.0))
-    carried = shapely.transform(dense, lambda xy: transform.fixed_to_moving(xy * fixed_mpp) / moving_mpp)
-    return shapely.make_valid(carried)  # a fold in the field may cross an outline over itself
+    dense = shapely.segmentize(geometries, max(step, 1.0))
+    carried = shapely.make_valid(shapely.transform(  # a fold in the field may cross an outline over itself
+        dense, lambda xy: transform.fixed_to_moving(xy * fixed_mpp) / moving_mpp))
+    return list(carried) if many else carried[0]
 
 
 def map_patches(ihc: pd.DataFrame, he: pd.DataFrame, transform_file: str | Path) -> np.ndarray:

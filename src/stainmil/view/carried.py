@@ -58,8 +58,9 @@ def carry(link: dict, shapes_of: Callable[[int], tuple[list[Shape], dict]]) -> d
     shapes, extra = shapes_of(link["fixed"])
     out.update(extra)
     try:
-        for ident, cls, geometry in shapes:
-            for rings in polygon_rings(carry_geometry(geometry, Path(link["transform"]))):
+        carried = carry_geometry([geometry for _, _, geometry in shapes], Path(link["transform"])) if shapes else []
+        for (ident, cls, _), geometry in zip(shapes, carried):
+            for rings in polygon_rings(geometry):
                 out["outlines"].append({"id": ident, "class": cls, "rings": rings})
     except DataError as exc:
         out.update(outlines=[], why=str(exc))
