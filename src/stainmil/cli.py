@@ -147,7 +147,11 @@ def synth(ctx: typer.Context,
                                                          "streamed tile by tile into pyramidal TIFFs named as a "
                                                          "scanner names them (C001_HE_S0.tiff), landmarks in µm "
                                                          "(--cases, default 2; --seed).")] = 0.0,
-          mpp: Annotated[float, typer.Option(help="With --section-mm: level-0 µm per pixel.")] = 0.5) -> None:
+          mpp: Annotated[float, typer.Option(help="With --section-mm: level-0 µm per pixel.")] = 0.5,
+          overlap: Annotated[float, typer.Option(help="With --section-mm: share of nuclei two neighbouring sections "
+                                                      "share (1: the same cells in every section).")] = 0.35,
+          artefacts: Annotated[bool, typer.Option(help="With --section-mm: bubbles and a pen mark on each "
+                                                       "section.")] = False) -> None:
     """Render a synthetic multi-stain cohort (slices, masks, patches, labels.csv, cohort.yaml) into --out."""
     import dataclasses
 
@@ -167,7 +171,8 @@ def synth(ctx: typer.Context,
 
         if not serial:
             raise ConfigError("--section-mm writes serial sections; add --serial.")
-        folder = write_serial_wsi(out, section_mm, mpp, cases=cases or 2, seed=seed or 0)
+        folder = write_serial_wsi(out, section_mm, mpp, cases=cases or 2, seed=seed or 0, overlap=overlap,
+                                  artefacts=artefacts)
         console.print(f"real-size serial sections in [bold]{folder}[/]; next: stainmil tile --config "
                       f"{folder.parent / 'slides.yaml'} and stainmil register --config {folder.parent / 'slides.yaml'}")
         return

@@ -445,6 +445,13 @@ class RegisterConfig:
                            default=1000.0)
     nonrigid: bool = _help("After the affine fit, a smooth B-spline stage (the sections' elastic stretch).",
                            default=True)
+    refine: bool = _help("Cell-scale refinement after the coarse stages: block matching of ~300 tissue windows "
+                         "(256 µm) read region by region at refine_um, a smooth field through the shifts that agree; "
+                         "its evidence feeds the verdict. Sections under 4 windows across are left to the coarse "
+                         "stages.", default=True)
+    refine_um: float = _help("µm per pixel of the refinement's finest pass (its first pass runs at twice this).",
+                             default=2.0)
+    refine_windows: int = _help("About this many windows on the reference section's tissue.", default=300)
     out_dir: str = _help("Where transforms and register_report go; empty = <tile.out_dir>/registration.",
                          default="")
 

@@ -15,7 +15,9 @@ Transform file (level-0 µm of each slide; µm = level-0 px x the slide's µm/px
                                p_f = q + v(q) with q = affine^-1 p_m
     attrs           spacing_um (grid pixel), flipped, fixed_slide, moving_slide, fixed_mpp, moving_mpp, case,
                     fixed_stain/slice, moving_stain/slice, verdict, reason, dice, outline, scale,
-                    h_correlation, feature_error_um, seconds
+                    h_correlation, feature_error_um, seconds; with the cell-scale refinement refine_windows,
+                    refine_accepted, refine_peak, refine_scatter_um, refine_shift_um, refine_seconds,
+                    refine_applied, refine_reason (stainmil.slides.refine)
 
 A pair whose file exists is done: re-running resumes. A pair that raises (an unreadable slide) is named in the
 report with its error; the others go on.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +45,8 @@ from stainmil.progress import progress_bar
 from stainmil.slides.annotations import slide_key_name
 from stainmil.slides.coords import grid_step
 from stainmil.slides.reader import Slide, UnreadableSlide
-from stainmil.slides.register import PairTransform, quality_dict, read_section, register_sections
+from stainmil.slides.refine import Refinement, judge, refine_pair, refine_spacing
+from stainmil.slides.register import PairResult, PairTransform, quality_dict, read_section, register_sections
 
 VERDICT_RANK = {"aligned": 0, "doubtful": 1, "failed": 2}
 
@@ -254,7 +258,8 @@ def _settings(moving: SlideRef, fixed: SlideRef, register: RegisterConfig) -> di
     """What a pair's registration depends on: a transform file made under other settings is made again."""
     return {"fixed_slide": fixed.path, "moving_slide": moving.path, "max_side": register.max_side,
             "nonrigid": register.nonrigid, "spacing_setting_um": register.spacing_um, "min_side": register.min_side,
-            "mesh_um": register.mesh_um}
+            "mesh_um": register.mesh_um, "refine": register.refine, "refine_um": register.refine_um,
+            "refine_windows": register.refine_windows}
 
 
 def registration_scale(register: RegisterConfig, mpp: float, extent_um: float) -> tuple[float, int]:
@@ -263,6 +268,26 @@ def registration_scale(register: RegisterConfig, mpp: float, extent_um: float) -
     never finer than level 0, at most ``max_side`` px across); a mesh node every ``mesh_um``, 6 to 24."""
     spacing = max(mpp, extent_um / register.max_side, min(register.spacing_um, extent_um / register.min_side))
     return spacing, int(np.clip(round(extent_um / register.mesh_um), 6, 24))
+
+
+def register_slides(fixed_path: str | Path, moving_path: str | Path, mpps: tuple[float, float],
+                    extents_um: tuple[float, float], register: RegisterConfig) -> tuple[PairResult, Refinement | None]:
+    """One pair of slide files registered as ``register`` says: the coarse chain on thumbnails, then (sections
+    large enough, a verdict other than ``failed``) the cell-scale refinement, whose evidence joins the verdict.
+    ``mpps``, ``extents_um``: (fixed, moving) level-0 µm/px and longest side."""
+    started = time.perf_counter()
+    spacing, mesh = registration_scale(register, max(mpps), max(extents_um))
+    fine = refine_spacing(min(extents_um), max(mpps), register.refine_um) if register.refine else None
+    fixed = read_section(fixed_path, spacing, mpps[0])
+    result = register_sections(fixed, read_section(moving_path, spacing, mpps[1]),
+                               nonrigid=register.nonrigid, mesh_nodes=mesh)
+    if fine is None or result.transform is None or result.quality.verdict == "failed":
+        return result, None
+    refinement = refine_pair(fixed_path, moving_path, mpps[0], mpps[1], result.transform, fixed.tissue,
+                             fixed.spacing, fine, register.refine_windows)
+    quality = judge(result.quality, refinement, fine)
+    return PairResult(refinement.transform or result.transform, quality, time.perf_counter() - started,
+                      result.stages), refinement
 
 
 def _register_pair(moving: SlideRef, fixed: SlideRef, config: Config, path: Path) -> dict:
@@ -281,20 +306,18 @@ def _register_pair(moving: SlideRef, fixed: SlideRef, config: Config, path: Path
         slide_mpp = config.tile.slide_mpp
         (fixed_mpp, fixed_extent), (moving_mpp, moving_extent) = (_scale(fixed.path, slide_mpp),
                                                                   _scale(moving.path, slide_mpp))
-        spacing, mesh = registration_scale(config.register, max(fixed_mpp, moving_mpp),
-                                           max(fixed_extent, moving_extent))
-        result = register_sections(read_section(fixed.path, spacing, slide_mpp),
-                                   read_section(moving.path, spacing, slide_mpp), nonrigid=config.register.nonrigid,
-                                   mesh_nodes=mesh)
+        result, refinement = register_slides(fixed.path, moving.path, (fixed_mpp, moving_mpp),
+                                             (fixed_extent, moving_extent), config.register)
         write_pair(path, result.transform, {
             "case": moving.case, **settings, "fixed_mpp": fixed_mpp, "moving_mpp": moving_mpp,
             "fixed_stain": fixed.stain, "fixed_slice": fixed.slice, "moving_stain": moving.stain,
-            "moving_slice": moving.slice, **quality_dict(result.quality), "seconds": round(result.seconds, 2)})
+            "moving_slice": moving.slice, **quality_dict(result.quality), "seconds": round(result.seconds, 2),
+            **(refinement.attrs() if refinement else {})})
     _, attrs = read_pair(path)
     return {"case": moving.case, "stain": moving.stain, "slice": moving.slice, "fixed_stain": fixed.stain,
             "fixed_slice": fixed.slice, **{k: (None if attrs.get(k) == "" else attrs.get(k)) for k in (
                 "verdict", "reason", "dice", "outline", "scale", "h_correlation", "feature_error_um",
-                "matched_features", "seconds")},
+                "matched_features", "refine_windows", "refine_accepted", "refine_scatter_um", "seconds")},
             "transform": str(path), **({"redone": redone} if redone else {})}
 
 
@@ -336,7 +359,8 @@ def _register_cohort(config: Config) -> RegisterResult:
                 chosen.append({**best, "candidates": len(rows)})
     table = pd.DataFrame(chosen, columns=["case", "stain", "slice", "fixed_stain", "fixed_slice", "verdict",
                                           "reason", "dice", "outline", "scale", "h_correlation",
-                                          "feature_error_um", "matched_features", "seconds", "transform",
+                                          "feature_error_um", "matched_features", "refine_windows",
+                                          "refine_accepted", "refine_scatter_um", "seconds", "transform",
                                           "candidates"])
     result = RegisterResult(out, table, pairs, errors)
     counts = table["verdict"].value_counts().to_dict() if len(table) else {}

@@ -92,8 +92,38 @@ def make_block(seed: int, label: int, side_um: float) -> WsiBlock:
 
 
 @dataclass
+class Cut:
+    """A straight line on a section's coarse grid: the tissue on its far side (signed distance > 0) is gone — folded
+    back over the line (``fold``: doubled onto the near side, its mirror image) or cut away (a missing corner)."""
+
+    point: np.ndarray   # (2,) x, y section coarse px on the line
+    normal: np.ndarray  # (2,) unit, pointing to the side that is gone
+    fold: bool
+    depth: float        # how far the tissue reached beyond the line, coarse px
+
+    def distance(self, q: np.ndarray) -> np.ndarray:
+        """(N,) signed distance of section points ``q`` (N, 2) from the line, coarse px."""
+        return (q - self.point) @ self.normal
+
+
+@dataclass
+class Mark:
+    """A bubble (a ring of dark rim, paler inside) or a pen stroke (ink, on glass or tissue), section coarse px."""
+
+    kind: str            # bubble | pen
+    points: np.ndarray   # bubble: (1, 2) centre; pen: (K, 2) polyline
+    radius: float        # bubble radius / half the pen's width, coarse px
+
+
+@dataclass
 class WsiSection:
-    """One section of a block on its glass, ``size`` level-0 px square at ``mpp`` µm/px."""
+    """One section of a block on its glass, ``size`` level-0 px square at ``mpp`` µm/px.
+
+    A **neighbouring** section: its own nuclei on the block's shared architecture — a share ``overlap`` of the
+    block's nuclei is cut by this section too (a nucleus spans about two 4 µm sections), the rest are its own;
+    the cell density, the lesion and most of the stroma's fibres are the block's. Its stain is a little stronger
+    or weaker (``strength``), and it may be torn (``kept``), folded over or missing a corner (``cuts``), with
+    bubbles or pen marks (``marks``)."""
 
     block: WsiBlock
     stain: str
@@ -102,6 +132,11 @@ class WsiSection:
     tissue: np.ndarray      # (GRID, GRID) bool: the section's tissue on the coarse grid (to skip glass)
     mpp: float
     seed: int
+    overlap: float = 1.0    # share of the block's nuclei this section shows (1: every section the same cells)
+    strength: float = 1.0   # stain strength of this section (optical density factor)
+    cuts: tuple = ()        # Cut, ...
+    marks: tuple = ()       # Mark, ...
+    torn: np.ndarray | None = None  # ``kept`` before the cuts (tears only: what a fold lays over); None = kept
 
     @property
     def size(self) -> int:
@@ -112,48 +147,60 @@ class WsiSection:
         cell = self.block.cell
         noise = np.random.default_rng([self.seed, x0, y0])
         glass = np.clip(GLASS + noise.normal(0, 1.0, (height, width, 3)), 0, 255).astype(np.uint8)
-        # glass only? the coarse tissue map around the window (2 coarse px of margin) says so without drawing
+        # glass only? the coarse tissue and mark maps around the window (2 coarse px of margin) say so without drawing
         c0, c1 = int(x0 * self.mpp / cell) - 2, int((x0 + width) * self.mpp / cell) + 3
         r0, r1 = int(y0 * self.mpp / cell) - 2, int((y0 + height) * self.mpp / cell) + 3
-        if not self.tissue[max(r0, 0):max(r1, 0), max(c0, 0):max(c1, 0)].any():
+        near_mark = any(_near(m, (c0, r0, c1, r1)) for m in self.marks)
+        if not self.tissue[max(r0, 0):max(r1, 0), max(c0, 0):max(c1, 0)].any() and not near_mark:
             return glass
         ys, xs = np.mgrid[y0:y0 + height, x0:x0 + width]
-        qx, qy = ((xs.ravel() + 0.5) * self.mpp / cell - 0.5, (ys.ravel() + 0.5) * self.mpp / cell - 0.5)
-        p = self.warp.to_block(np.stack([qx, qy], axis=1))  # (N, 2) block coarse px
-        tissue = _sample(self.block.tissue, p[:, 0], p[:, 1]) * _sample(self.kept, qx, qy)
-        lesion = _sample(self.block.lesion, p[:, 0], p[:, 1])
-        block_um = (p + 0.5) * cell
-        hema, eosin, dab = self._stain(block_um, lesion)
-        od = np.stack([hema, eosin, dab], axis=1) * np.clip((tissue - 0.35) / 0.3, 0, 1)[:, None]  # (N, 3)
+        q = np.stack([(xs.ravel() + 0.5) * self.mpp / cell - 0.5, (ys.ravel() + 0.5) * self.mpp / cell - 0.5], 1)
+        od = self._od(q, self.kept)
+        for cut in self.cuts:
+            if not cut.fold:
+                continue
+            s = cut.distance(q)
+            under = np.flatnonzero((s <= 0) & (s > -cut.depth - 1))  # the far side lies mirrored over the near
+            mirrored = q[under] - 2 * s[under, None] * cut.normal
+            od[under] += self._od(mirrored, self.kept if self.torn is None else self.torn) * 0.9
+        od = _marked(od, q, self.marks)
         rgb = np.exp(-(od @ _OD_MATRIX) * np.log(10)) * GLASS
         rgb = rgb.reshape(height, width, 3) + noise.normal(0, 1.5, (height, width, 3))
         return np.clip(rgb, 0, 255).astype(np.uint8)
 
+    def _od(self, q: np.ndarray, kept: np.ndarray) -> np.ndarray:
+        """(N, 3) optical densities (hematoxylin, eosin, DAB) at section coarse points ``q`` (N, 2)."""
+        p = self.warp.to_block(q)  # (N, 2) block coarse px
+        tissue = _sample(self.block.tissue, p[:, 0], p[:, 1]) * _sample(kept, q[:, 0], q[:, 1])
+        lesion = _sample(self.block.lesion, p[:, 0], p[:, 1])
+        hema, eosin, dab = self._stain((p + 0.5) * self.block.cell, lesion)
+        return np.stack([hema, eosin, dab], axis=1) * (self.strength * np.clip((tissue - 0.35) / 0.3, 0, 1))[:, None]
+
     def _stain(self, block_um: np.ndarray, lesion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Optical densities (hematoxylin, eosin, DAB), (N,) each, at block points (µm)."""
-        block, style, seed = self.block, self.block.style, self.block.seed
+        block, style = self.block, self.block.style
         i, j = np.floor(block_um[:, 0] / CELL_UM), np.floor(block_um[:, 1] / CELL_UM)
         centre_coarse = ((np.stack([i, j], axis=1) + 0.5) * CELL_UM) / block.cell - 0.5
         in_lesion = _sample(block.lesion, centre_coarse[:, 0], centre_coarse[:, 1]) > 0.5
-        # the nucleus of each cell: the same in every section of the block (a section misses one in six)
-        present = _uniform(i, j, seed, 0) < np.where(in_lesion, 0.8, 0.45)
-        present &= _uniform(i, j, self.seed, 5) > 1 / 6
-        cx = (i + 0.3 + 0.4 * _uniform(i, j, seed, 1)) * CELL_UM
-        cy = (j + 0.3 + 0.4 * _uniform(i, j, seed, 2)) * CELL_UM
-        lesion_radius = np.mean(style.nucleus_radius) * 1.6 * (1 + style.pleomorphism * (_uniform(i, j, seed, 3)
-                                                                                         - 0.5) * 2)
+        # the nucleus of each lattice cell: the block's (shared with the neighbouring sections) in a share
+        # ``overlap`` of the cells, this section's own in the others; how densely cells lie is the block's
+        seed = np.where(_uniform(i, j, self.seed, 7) < self.overlap, block.seed, self.seed + 7919 * block.seed)
+        density = 0.55 + 0.9 * _value_noise(block_um, DENSITY_UM, block.seed, 8)  # cell-rich and cell-poor areas
+        present = _uniform_seeded(i, j, seed, 0) < np.where(in_lesion, 0.8, 0.45) * density
+        # anywhere in its cell (a jitter of part of the cell would lay the nuclei out as a lattice: a periodic
+        # texture no tissue has, that block matching would lock onto a period away)
+        cx = (i + 0.1 + 0.8 * _uniform_seeded(i, j, seed, 1)) * CELL_UM
+        cy = (j + 0.1 + 0.8 * _uniform_seeded(i, j, seed, 2)) * CELL_UM
+        lesion_radius = np.mean(style.nucleus_radius) * 1.6 * (1 + style.pleomorphism * (
+            _uniform_seeded(i, j, seed, 3) - 0.5) * 2)
         radius = np.where(in_lesion, lesion_radius, 2.2)  # µm
         distance = np.hypot(block_um[:, 0] - cx, block_um[:, 1] - cy)
         edge = max(self.mpp, 0.4)
         nucleus = np.clip((radius - distance) / edge, 0, 1) * present
         strength = np.where(in_lesion, style.hyperchromasia, 0.6)
-        positive = in_lesion & (_uniform(i, j, seed, 4) < style.positive_fraction)
-        # a fibrous texture: value noise on a 20 µm lattice
-        fx, fy = block_um[:, 0] / 20.0, block_um[:, 1] / 20.0
-        gx, gy = np.floor(fx), np.floor(fy)
-        tx, ty = fx - gx, fy - gy
-        stroma = sum(_uniform(gx + dx, gy + dy, seed, 6) * (tx if dx else 1 - tx) * (ty if dy else 1 - ty)
-                     for dx in (0, 1) for dy in (0, 1))
+        positive = in_lesion & (_uniform_seeded(i, j, seed, 4) < style.positive_fraction)
+        # fibres: the block's on a 20 µm lattice, with some of this section's own
+        stroma = 0.7 * _value_noise(block_um, 20.0, block.seed, 6) + 0.3 * _value_noise(block_um, 12.0, self.seed, 6)
         if self.stain == "he":
             hema = nucleus * strength + 0.05
             eosin = np.where(lesion > 0.5, 0.1 + 0.1 * stroma, 0.12 + 0.22 * stroma)
@@ -170,17 +217,91 @@ class WsiSection:
         return hema, eosin, dab
 
 
-def make_section(block: WsiBlock, stain: str, mpp: float, seed: int, flip: bool) -> WsiSection:
-    """``block`` cut and laid on glass with its own motion (a flip only when ``flip``), sometimes torn."""
+DENSITY_UM = 60.0   # the lattice of the block's cell-density variation (shared by its sections)
+INK = np.array([0.9, 0.25, 0.05])  # a blue-green marker pen, as optical density (H, E, DAB) mixed
+
+
+def _uniform_seeded(i: np.ndarray, j: np.ndarray, seeds: np.ndarray, channel: int) -> np.ndarray:
+    """:func:`_uniform` with a seed per point (the block's or the section's)."""
+    out = np.empty(len(i))
+    for seed in np.unique(seeds):
+        at = seeds == seed
+        out[at] = _uniform(i[at], j[at], int(seed), channel)
+    return out
+
+
+def _value_noise(block_um: np.ndarray, lattice_um: float, seed: int, channel: int) -> np.ndarray:
+    """Smooth noise in [0, 1] at block points (µm): bilinear between random values on a ``lattice_um`` lattice."""
+    fx, fy = block_um[:, 0] / lattice_um, block_um[:, 1] / lattice_um
+    gx, gy = np.floor(fx), np.floor(fy)
+    tx, ty = fx - gx, fy - gy
+    return sum(_uniform(gx + dx, gy + dy, seed, channel) * (tx if dx else 1 - tx) * (ty if dy else 1 - ty)
+               for dx in (0, 1) for dy in (0, 1))
+
+
+def _near(mark: Mark, box: tuple[int, int, int, int]) -> bool:
+    c0, r0, c1, r1 = box
+    lo, hi = mark.points.min(axis=0) - mark.radius - 2, mark.points.max(axis=0) + mark.radius + 2
+    return lo[0] < c1 and hi[0] > c0 and lo[1] < r1 and hi[1] > r0
+
+
+def _marked(od: np.ndarray, q: np.ndarray, marks: tuple) -> np.ndarray:
+    """``od`` (N, 3) with the section's bubbles (pale inside, a dark rim) and pen strokes (ink) laid on."""
+    for mark in marks:
+        if mark.kind == "bubble":
+            r = np.linalg.norm(q - mark.points[0], axis=1) / mark.radius
+            od = od * np.where(r < 1, 0.35, 1.0)[:, None] + (np.exp(-((r - 1) / 0.02) ** 2) * 0.5)[:, None]
+        else:
+            a, b = mark.points[:-1], mark.points[1:]
+            t = np.clip(((q[:, None] - a) * (b - a)).sum(-1) / ((b - a) ** 2).sum(-1), 0, 1)  # (N, K-1)
+            d = np.linalg.norm(q[:, None] - (a + t[..., None] * (b - a)), axis=-1).min(axis=1)
+            od = od + np.clip((mark.radius - d) / (0.3 * mark.radius), 0, 1)[:, None] * INK
+    return od
+
+
+def make_section(block: WsiBlock, stain: str, mpp: float, seed: int, flip: bool, overlap: float = 0.35,
+                 artefacts: bool = False) -> WsiSection:
+    """``block`` cut and laid on glass with its own motion (a flip only when ``flip``), sometimes torn, folded or
+    missing a corner; a neighbouring section (its own nuclei but a share ``overlap``; 1: the same cells as every
+    other section of the block), its stain a little stronger or weaker; with ``artefacts``, bubbles and a pen mark."""
+    if not 0 <= overlap <= 1:
+        raise ConfigError(f"synth: --overlap ({overlap}) is the share of nuclei two sections share, in [0, 1].")
     rng = np.random.default_rng([block.seed, seed, 13])
     warp = random_warp(rng, GRID, flip=flip)
+    strength = float(rng.uniform(0.8, 1.25))
     tissue = warp_to_section(block.tissue, warp, order=1, fill=0.0) > 0.5
-    kept = np.ones((GRID, GRID), np.float32)
+    tears = np.ones((GRID, GRID), np.float32)
     if rng.random() < 0.3:
-        lost = torn_piece(rng, tissue)
-        kept[lost] = 0.0
-        tissue &= ~lost
-    return WsiSection(block, stain, warp, kept, ndimage.binary_dilation(tissue, iterations=2), mpp, seed)
+        tears[torn_piece(rng, tissue)] = 0.0
+    tissue &= tears > 0.5
+    cuts = []
+    for fold, chance, depth in ((True, 0.3, (0.03, 0.06)), (False, 0.3, (0.05, 0.1))):  # a fold, a missing corner
+        if rng.random() < chance and tissue.any():
+            angle = rng.uniform(0, 2 * np.pi)
+            normal = np.array([np.cos(angle), np.sin(angle)])
+            rows, cols = np.nonzero(tissue)
+            far = (np.stack([cols, rows], 1) @ normal).max()
+            reach = rng.uniform(*depth) * GRID
+            cuts.append(Cut(normal * (far - reach), normal, fold, reach))
+    ys, xs = np.mgrid[0:GRID, 0:GRID].astype(float)
+    q = np.stack([xs.ravel(), ys.ravel()], axis=1)
+    kept = tears.copy()
+    for cut in cuts:
+        kept.ravel()[cut.distance(q) > 0] = 0.0
+    tissue &= kept > 0.5
+    marks = []
+    if artefacts:
+        rows, cols = np.nonzero(tissue)
+        for _ in range(rng.integers(1, 4)):
+            k = rng.integers(len(rows))
+            marks.append(Mark("bubble", np.array([[cols[k], rows[k]]], float), rng.uniform(0.01, 0.03) * GRID))
+        start = rng.uniform(0.05, 0.95, 2) * GRID
+        stroke = start + np.cumsum(rng.normal(0, 0.03 * GRID, (6, 2)), axis=0)
+        marks.append(Mark("pen", np.clip(stroke, 0, GRID - 1), rng.uniform(0.004, 0.008) * GRID))
+    section = WsiSection(block, stain, warp, kept, ndimage.binary_dilation(tissue, iterations=2), mpp, seed,
+                         overlap=overlap, strength=strength, cuts=tuple(cuts),
+                         marks=tuple(marks), torn=tears)
+    return section
 
 
 def section_landmarks(section: WsiSection) -> pd.DataFrame:
@@ -282,10 +403,11 @@ def _tiles(source_path: Path, side: int, factor: int):
 
 
 def write_serial_wsi(out: str | Path, section_mm: float, mpp: float = 0.5, cases: int = 2, seed: int = 0,
-                     workers: int = 0) -> Path:
-    """``cases`` cases of three serial sections each (H&E, Melan-A, SOX10; IHC sometimes flipped) of
-    ``section_mm`` mm at ``mpp`` µm/px, into ``out/slides`` (+ landmarks) with ``labels.csv`` and
-    ``slides.yaml``; slides already written are kept (resumable). Returns the slide folder."""
+                     workers: int = 0, overlap: float = 0.35, artefacts: bool = False) -> Path:
+    """``cases`` cases of three neighbouring serial sections each (H&E, Melan-A, SOX10; IHC sometimes flipped;
+    a share ``overlap`` of nuclei shared, see :class:`WsiSection`) of ``section_mm`` mm at ``mpp`` µm/px, into
+    ``out/slides`` (+ landmarks) with ``labels.csv`` and ``slides.yaml``; slides already written are kept
+    (resumable). Returns the slide folder."""
     if section_mm <= 0 or mpp <= 0:
         raise ConfigError(f"synth: --section-mm ({section_mm}) and --mpp ({mpp}) must be positive.")
     out = Path(out).resolve()
@@ -299,7 +421,8 @@ def write_serial_wsi(out: str | Path, section_mm: float, mpp: float = 0.5, cases
         block = make_block(seed * 1000 + number, label, section_mm * 1000)
         for k, stain in enumerate(("he", "melan", "sox10")):
             stem = f"C{number:03d}_{SCANNER_NAMES[stain]}_S0"
-            section = make_section(block, stain, mpp, seed=k + 1, flip=stain != "he" and (number + k) % 3 == 0)
+            section = make_section(block, stain, mpp, seed=k + 1, flip=stain != "he" and (number + k) % 3 == 0,
+                                   overlap=overlap, artefacts=artefacts)
             target = slides / f"{stem}.tiff"
             if not target.is_file():
                 write_section_tiff(section, target, workers)

@@ -286,7 +286,7 @@ def outline_distance(fixed_tissue: np.ndarray, moved_tissue: np.ndarray) -> floa
     return float(np.median(distances) / diameter)
 
 
-def _invert(u: np.ndarray, spacing: float, iterations: int = 25) -> np.ndarray:
+def invert_field(u: np.ndarray, spacing: float, iterations: int = 25) -> np.ndarray:
     """v with v(q) = -u(q + v(q)): the inverse of a smooth displacement field (fixed-point iteration)."""
     h, w = u.shape[1:]
     rows, cols = np.mgrid[0:h, 0:w].astype(float)
@@ -443,7 +443,7 @@ def _register_pair(fixed: Section, moving: Section, nonrigid: bool, mesh_nodes: 
             u = _field(bspline, grid, grid_spacing)
         except RuntimeError:  # the optimiser left the image: keep the affine result
             u = np.zeros((2, *grid))
-    transform = PairTransform(a, u, _invert(u, grid_spacing), grid_spacing, flip)
+    transform = PairTransform(a, u, invert_field(u, grid_spacing), grid_spacing, flip)
     moved_h, moved_tissue = _warp(moving, transform, (h, w), spacing)
     dice = float(2 * (moved_tissue & fixed.tissue).sum() / (moved_tissue.sum() + fixed.tissue.sum() + 1e-9))
     correlation = structure_correlation(fixed.hematoxylin, fixed.tissue, moved_h, moved_tissue, spacing)
