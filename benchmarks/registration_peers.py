@@ -331,9 +331,10 @@ def main() -> None:
             rows.append((pair, down, mine, peer))
     fixed_mpp, fixed_size = geometry(pairs[0].fixed)
     resolution = next((p.note for *_, p in rows if p is not None and p.errors is not None), "")
-    print(f"# {len(pairs)} pairs, slides {int(fixed_size[0]):,} px at {fixed_mpp:g} µm/px; DeeperHistReg "
-          f"{PEER.split('==')[1]} preset {PRESET} on CPU" + (f", registering at {resolution}" if resolution else "")
-          + "\n")
+    peer = "DeeperHistReg not run" if python is None else (
+        f"DeeperHistReg {PEER.split('==')[1]} preset {PRESET} on CPU"
+        + (f", registering at {resolution}" if resolution else ""))
+    print(f"# {len(pairs)} pairs, slides {int(fixed_size[0]):,} px at {fixed_mpp:g} µm/px; {peer}\n")
     print("| pair | face down | stainmil median / p90 µm | stainmil s | stainmil verdict | "
           "DeeperHistReg median / p90 µm | DeeperHistReg s |\n|---|---|---|---|---|---|---|")
     for pair, down, mine, peer in rows:
@@ -346,7 +347,7 @@ def main() -> None:
     for pair, _, mine, peer in rows:
         if not pair.same_block:
             said = "no verdict, returned a transform" if peer is not None and peer.errors is not None else "no result"
-            print(f"two-block pair ({pair.name}): stainmil says {mine.verdict}; DeeperHistReg: "
+            print(f"{pair.name}: stainmil says {mine.verdict}; DeeperHistReg: "
                   + (said if peer is not None else "not run")
                   + " (its landmarks share ids, not tissue: the error there is to unrelated points)")
     for note in notes:

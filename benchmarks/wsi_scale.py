@@ -43,6 +43,9 @@ def main() -> None:
     parser.add_argument("--mpp", type=float, default=0.5)
     parser.add_argument("--cases", type=int, default=2)
     parser.add_argument("--skip", default="", help="comma-separated stages to skip: tile, extract, register")
+    parser.add_argument("--set", action="append", default=[], dest="changes",
+                        help="KEY=VALUE config change for every stage (e.g. register.refine=false: the coarse "
+                             "stages alone), repeatable")
     options = parser.parse_args()
     stainmil = str(Path(sys.executable).with_name("stainmil"))
     cohort = options.work.resolve() / f"serial_{options.section_mm:g}mm"
@@ -54,11 +57,12 @@ def main() -> None:
     slides = 3 * options.cases
     rows.append(("synth (write slides; 0 s when written before)", f"{seconds:.0f}", f"{slides} slides of {side:,} px",
                  f"{rss:.0f}"))
-    config = [f"--config={cohort / 'slides.yaml'}", "--set", "features.weights=random"]
+    changes = ["features.weights=random", *options.changes]
+    config = [f"--config={cohort / 'slides.yaml'}", *[arg for change in changes for arg in ("--set", change)]]
     from stainmil.config import load_config
     from stainmil.data.registration import read_registrations
 
-    cfg = load_config(cohort / "slides.yaml", ["features.weights=random"])
+    cfg = load_config(cohort / "slides.yaml", changes)
     for stage in ("tile", "extract", "register"):
         if stage in skip:
             continue
@@ -77,9 +81,8 @@ def main() -> None:
         print("| " + " | ".join(row) + " |")
     if "register" in skip:
         return
-    from stainmil.data.registration import registration_scale
+    from stainmil.data.registration import register_slides
     from stainmil.data.serial_wsi import landmark_errors
-    from stainmil.slides.register import read_section, register_sections
 
     registrations = read_registrations(cfg)
     errors = landmark_errors(registrations)
@@ -90,13 +93,21 @@ def main() -> None:
         print(f"| {name} | {len(chosen)} | {len(part)} | {part['error_um'].median():.1f} | "
               f"{np.percentile(part['error_um'], 90):.1f} | {chosen['seconds'].mean():.1f} / "
               f"{chosen['seconds'].max():.1f} |")
+    print("\n| case | stain | verdict | landmarks | median µm | p90 µm | windows agreeing | s | reason |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+    for (case, stain), part in errors.groupby(["case", "stain"]):
+        row = registrations[(registrations["case"] == case) & (registrations["stain"] == stain)].iloc[0]
+        windows = "-" if pd.isna(row.get("refine_windows")) or pd.isna(row.get("refine_accepted")) else \
+            f"{int(row['refine_accepted'])} / {int(row['refine_windows'])}"
+        print(f"| {case} | {stain} | {row['verdict']} | {len(part)} | {part['error_um'].median():.1f} | "
+              f"{np.percentile(part['error_um'], 90):.1f} | {windows} | {row['seconds']:.1f} | {row['reason']} |")
     slide_dir = Path(cfg.tile.slices_dir)
     fixed_path, moving_path = slide_dir / "C001_HE_S0.tiff", slide_dir / "C002_SOX10_S0.tiff"
-    spacing, mesh = registration_scale(cfg.register, options.mpp, options.section_mm * 1000)
+    extent = options.section_mm * 1000
     started = time.perf_counter()
-    cross = register_sections(read_section(fixed_path, spacing), read_section(moving_path, spacing), mesh_nodes=mesh)
-    print(f"\ncross-block pair (C001 HE <- C002 SOX10) at {spacing:.1f} µm/px, mesh {mesh}: {cross.quality.verdict} "
-          f"({cross.quality.reason}), {time.perf_counter() - started:.1f} s")
+    cross, _ = register_slides(fixed_path, moving_path, (options.mpp, options.mpp), (extent, extent), cfg.register)
+    print(f"\ncross-block pair (C001 HE <- C002 SOX10): {cross.quality.verdict} ({cross.quality.reason}), "
+          f"{time.perf_counter() - started:.1f} s")
 
 
 if __name__ == "__main__":

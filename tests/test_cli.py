@@ -116,7 +116,10 @@ def test_synth_section_mm_writes_scanner_named_real_size_sections(tmp_path):
 
     refused = invoke("synth", "--out", tmp_path / "no", "--section-mm", "1")
     assert refused.exit_code != 0 and "add --serial" in refused.output
-    result = invoke("synth", "--out", tmp_path / "real", "--serial", "--section-mm", "0.6", "--mpp", "1.0")
+    refused = invoke("synth", "--out", tmp_path / "no", "--serial", "--section-mm", "1", "--overlap", "1.5")
+    assert refused.exit_code != 0 and "--overlap (1.5)" in refused.output
+    result = invoke("synth", "--out", tmp_path / "real", "--serial", "--section-mm", "0.6", "--mpp", "1.0",
+                    "--artefacts")
     assert result.exit_code == 0, result.output
     slides = sorted(p.name for p in (tmp_path / "real" / "slides").glob("*.tiff"))
     assert slides == [f"C00{c}_{s}_S0.tiff" for c in (1, 2) for s in ("HE", "MelanA", "SOX10")]

@@ -27,8 +27,9 @@ def test_pen_marks_and_glass_are_not_tissue(rendered):
     marked = rgb.copy()
     marked[10:30, 20:200] = (30, 90, 170)  # a blue marker line across tissue and glass
     marked[200:230, 10:40] = (40, 150, 80)  # a green dot
+    marked[240:270, 10:40] = (32, 148, 44)  # a pure green marker (the synthetic sections' --artefacts pen)
     mask = tissue_mask(marked)
-    assert not mask[12:28, 20:200].any() and not mask[202:228, 12:38].any()
+    assert not mask[12:28, 20:200].any() and not mask[202:228, 12:38].any() and not mask[242:268, 12:38].any()
     assert dice(mask[40:], truth[40:]) >= 0.9
     glass = np.clip(np.random.default_rng(0).normal(242, 2, (64, 64, 3)), 0, 255).astype(np.uint8)
     assert tissue_mask(glass).mean() < 0.01

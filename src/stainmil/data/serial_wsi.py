@@ -163,8 +163,8 @@ class WsiSection:
             under = np.flatnonzero((s <= 0) & (s > -cut.depth - 1))  # the far side lies mirrored over the near
             mirrored = q[under] - 2 * s[under, None] * cut.normal
             od[under] += self._od(mirrored, self.kept if self.torn is None else self.torn) * 0.9
-        od = _marked(od, q, self.marks)
-        rgb = np.exp(-(od @ _OD_MATRIX) * np.log(10)) * GLASS
+        od, ink = _marked(od, q, self.marks)
+        rgb = np.exp(-(od @ _OD_MATRIX + ink) * np.log(10)) * GLASS
         rgb = rgb.reshape(height, width, 3) + noise.normal(0, 1.5, (height, width, 3))
         return np.clip(rgb, 0, 255).astype(np.uint8)
 
@@ -218,7 +218,7 @@ class WsiSection:
 
 
 DENSITY_UM = 60.0   # the lattice of the block's cell-density variation (shared by its sections)
-INK = np.array([0.9, 0.25, 0.05])  # a blue-green marker pen, as optical density (H, E, DAB) mixed
+INK = np.array([1.1, 0.25, 0.9])  # a green marker pen: optical density per RGB channel (red and blue absorbed)
 
 
 def _uniform_seeded(i: np.ndarray, j: np.ndarray, seeds: np.ndarray, channel: int) -> np.ndarray:
@@ -245,8 +245,10 @@ def _near(mark: Mark, box: tuple[int, int, int, int]) -> bool:
     return lo[0] < c1 and hi[0] > c0 and lo[1] < r1 and hi[1] > r0
 
 
-def _marked(od: np.ndarray, q: np.ndarray, marks: tuple) -> np.ndarray:
-    """``od`` (N, 3) with the section's bubbles (pale inside, a dark rim) and pen strokes (ink) laid on."""
+def _marked(od: np.ndarray, q: np.ndarray, marks: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """(stain optical densities ``od`` (N, 3) with the section's bubbles laid on (pale inside, a dark rim), the
+    pen's ink as RGB optical density (N, 3))."""
+    ink = np.zeros_like(od)
     for mark in marks:
         if mark.kind == "bubble":
             r = np.linalg.norm(q - mark.points[0], axis=1) / mark.radius
@@ -255,8 +257,8 @@ def _marked(od: np.ndarray, q: np.ndarray, marks: tuple) -> np.ndarray:
             a, b = mark.points[:-1], mark.points[1:]
             t = np.clip(((q[:, None] - a) * (b - a)).sum(-1) / ((b - a) ** 2).sum(-1), 0, 1)  # (N, K-1)
             d = np.linalg.norm(q[:, None] - (a + t[..., None] * (b - a)), axis=-1).min(axis=1)
-            od = od + np.clip((mark.radius - d) / (0.3 * mark.radius), 0, 1)[:, None] * INK
-    return od
+            ink = ink + np.clip((mark.radius - d) / (0.3 * mark.radius), 0, 1)[:, None] * INK
+    return od, ink
 
 
 def make_section(block: WsiBlock, stain: str, mpp: float, seed: int, flip: bool, overlap: float = 0.35,

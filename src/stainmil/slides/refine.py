@@ -1,32 +1,34 @@
-"""Registration to the cell: block matching around the tissue at 1-4 µm/px, after the coarse chain of
+"""Registration to the cell: block matching around the tissue at 1-8 µm/px, after the coarse chain of
 :mod:`stainmil.slides.register`.
 
 Neighbouring serial sections do not show the same cells (a nucleus spans one or two 4 µm sections); what they share
-is the tissue's architecture — where cells crowd or thin out, the fibres, the lesion's nests, the edges. So the
-refinement compares *windows* of a few hundred µm, not nuclei:
+is the tissue's architecture — where cells crowd or thin out, the fibres, some of the nuclei, the nests. So the
+refinement compares *windows* of a few hundred µm:
 
-1. **Windows on the fixed tissue**: a regular grid of about ``patches`` centres on the fixed section's tissue (its
+1. **Windows on the fixed tissue**: a regular grid of about ``windows`` centres on the fixed section's tissue (its
    thumbnail mask, away from the edge).
 2. **Read region by region**: each window of the fixed slide is read at the pyramid level just finer than the
    pass's spacing and resampled to it; the moving slide's window is read around where the current transform sends
    it and resampled *through* the transform's local affine map (rotation, flip, shear: the two windows then differ
    by a small shift only). A whole level 0 is never read.
-3. **A stain-invariant channel**: nuclear-stain optical density (colour deconvolution, hematoxylin + DAB, as the
-   coarse stages use) smoothed over a cell, so H&E and IHC, stained stronger or weaker, look alike.
+3. **What every stain shows**: inverted grey (:func:`darkness`), smoothed over about a nucleus and less its trend
+   over ~20 µm (:func:`_band`): the cells' scale, not the tissue's edge or the lesion's outline.
 4. **Normalised cross-correlation** of the fixed window inside the larger moving one (``skimage.feature.
    match_template``), its peak refined to sub-pixel by a parabola through its neighbours.
-5. **Outliers out**: a window counts when its peak is strong (NCC >= :data:`MIN_PEAK`), stands out from the
-   next-best peak elsewhere (by :data:`MIN_MARGIN`), is not on the search's border, and agrees with its neighbours'
-   shifts (within 3 robust deviations of the median of its 8 nearest accepted neighbours, or one pixel).
-6. **A smooth field** through the accepted shifts (thin-plate spline with smoothing, ``scipy.interpolate.
-   RBFInterpolator``) corrects the transform everywhere: ``T'(p) = T(p + d(p))``, written into the same (affine, u,
-   v) form, so a transform file is read by ``read_pair`` as before.
+5. **Outliers out**: a window counts when its peak stands :data:`MIN_Z` robust deviations above its map (the right
+   peak between two neighbouring sections is often low, NCC ~0.2, but stands out), is not on the search's border,
+   and agrees with its neighbours' shifts (within 3 robust deviations of the median of its 8 nearest accepted
+   neighbours, or one pixel).
+6. **A smooth field** through the accepted shifts (thin-plate spline, ``scipy.interpolate.RBFInterpolator``)
+   corrects the transform everywhere: ``T'(p) = T(p + d(p))``. The passes chain their corrections point by point;
+   the result is written once into the same (affine, u, v) form, so a transform file is read by ``read_pair`` as
+   before.
 
-Two passes: a wide search at :data:`COARSE_PASS` µm/px (the coarse chain can be 100 µm off on a torn or folded
-section), then a narrow one at the finest spacing (``spacing_um``, 2 µm/px by default). Evidence
-(:class:`Refinement`): the share of windows accepted, their median peak, the residual scatter about the fitted
-field. Too little support leaves the transform as it was and says so (the pair's verdict is then at best
-``doubtful``).
+The passes (:data:`PASSES`) go from 512 µm windows searched +-192 µm at 4x the finest spacing (the coarse chain can
+be 300 µm off on a torn or folded section) to 256 µm windows +-48 µm at the finest (``spacing_um``, 2 µm/px by
+default). Evidence (:class:`Refinement`): the share of windows accepted, their median peak, the residual scatter
+about the fitted field and the share of the tissue the agreeing windows cover; :func:`judge` turns it into the
+verdict. Too little support leaves the transform as it was and says so (the verdict is then at best ``doubtful``).
 """
 
 from __future__ import annotations
@@ -43,13 +45,14 @@ from skimage.feature import match_template
 from stainmil.slides.reader import Slide, best_level
 
 # the passes: (µm/px, window px, search radius px, smoothing µm); the last one's µm/px is ``spacing_um``
-# (µm/px as a multiple of the finest, window px, search radius px, smoothing µm): 256 µm windows searched
-# +-96 µm at twice the finest spacing, then twice +-48 µm at it
-PASSES = ((2, 64, 24, 6.0), (1, 128, 24, 3.0), (1, 128, 24, 3.0))
+# (µm/px as a multiple of the finest, window px, search radius px, smoothing µm): 512 µm windows searched
+# +-192 µm twice at 4x the finest spacing (the coarse chain can be 300 µm off on a torn or folded section), then
+# 256 µm windows +-96 µm at 2x, then twice +-48 µm at the finest
+PASSES = ((4, 64, 24, 12.0), (4, 64, 24, 12.0), (2, 64, 24, 6.0), (1, 128, 24, 3.0), (1, 128, 24, 3.0))
 MIN_Z = 3.5                   # an accepted window's NCC peak stands this many robust deviations above its map
 MIN_SHARE = 0.15              # accepted share of the windows below which the refinement is not applied
 MIN_ACCEPTED = 12
-HIGH_PASS_UM = 20.0           # ... less their trend over this (see _band)
+HIGH_PASS_UM = 20.0           # ... less their trend over this, or 4 x the smoothing (see _band)
 SMOOTHING = 0.02              # thin-plate spline smoothing (windows' shifts in µm, places in mm)
 
 
@@ -65,6 +68,7 @@ class Refinement:
     shift_um: float           # median correction applied at the accepted windows (all passes)
     seconds: float
     reason: str               # why it was not applied; "" when it was
+    coverage: float = 0.0     # share of the fixed tissue within COVER_WINDOWS windows of an accepted window
     points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # (A, 2) accepted windows' centres, µm
 
     @property
@@ -76,7 +80,8 @@ class Refinement:
         return {"refine_windows": self.windows, "refine_accepted": self.accepted,
                 "refine_peak": round(self.peak, 3), "refine_scatter_um": round(self.scatter_um, 2),
                 "refine_shift_um": round(self.shift_um, 2), "refine_seconds": round(self.seconds, 2),
-                "refine_applied": self.transform is not None, "refine_reason": self.reason}
+                "refine_coverage": round(self.coverage, 3), "refine_applied": self.transform is not None,
+                "refine_reason": self.reason}
 
 
 def darkness(rgb: np.ndarray) -> np.ndarray:
@@ -165,7 +170,7 @@ def _match(fixed: _Reader, moving: _Reader, transform, centres: np.ndarray, spac
         search = moving.window(jacobian, start, big, spacing)
         if search.std() < 1e-3:
             continue
-        wide = HIGH_PASS_UM / spacing
+        wide = max(HIGH_PASS_UM, 4 * smooth_um) / spacing
         score = match_template(_band(search, sigma, wide), _band(template, sigma, wide))
         place, value, z = _peak(score)
         peaks[k] = value
@@ -229,14 +234,14 @@ def _compose(chain: _Shifted):
 
 
 def refine_transform(fixed: Slide, moving: Slide, fixed_mpp: float, moving_mpp: float, transform,
-                     tissue: np.ndarray, tissue_spacing: float, spacing_um: float = 2.0, patches: int = 300
+                     tissue: np.ndarray, tissue_spacing: float, spacing_um: float = 2.0, windows: int = 300
                      ) -> Refinement:
     """Refine ``transform`` (fixed µm -> moving µm) by block matching on windows of the fixed ``tissue`` (a mask
     at ``tissue_spacing`` µm/px), two passes down to ``spacing_um`` µm/px (see the module doc)."""
     started = time.perf_counter()
     readers = _Reader(fixed, fixed_mpp), _Reader(moving, moving_mpp)
     passes = [(spacing_um * factor, *rest) for factor, *rest in PASSES]
-    centres = window_centres(tissue, tissue_spacing, patches, passes[0][0] * passes[0][1] / 2)
+    centres = window_centres(tissue, tissue_spacing, windows, passes[0][0] * passes[0][1] / 2)
     current, corrections = _Shifted(transform), []
     accepted = np.zeros(0, bool)
     peaks = np.zeros(0)
@@ -258,9 +263,22 @@ def refine_transform(fixed: Slide, moving: Slide, fixed_mpp: float, moving_mpp: 
         corrections.append(shifts[accepted])
         current = current.then(fitted)
     shift = float(np.median(np.linalg.norm(np.concatenate(corrections), axis=1)))
-    return Refinement(_compose(current), len(centres), int(accepted.sum()), _median(peaks[accepted]),
-                      scatter, shift,
-                      time.perf_counter() - started, "", centres[accepted])
+    cover = COVER_WINDOWS * passes[-1][0] * passes[-1][1]
+    return Refinement(_compose(current), len(centres), int(accepted.sum()), _median(peaks[accepted]), scatter,
+                      shift, time.perf_counter() - started, "", coverage(tissue, tissue_spacing, centres[accepted],
+                                                                         cover), centres[accepted])
+
+
+def coverage(tissue: np.ndarray, spacing: float, points_um: np.ndarray, within_um: float) -> float:
+    """Share of ``tissue`` (a mask at ``spacing`` µm/px) within ``within_um`` of one of ``points_um``: where the
+    refinement's field is measured, not extrapolated."""
+    if not tissue.any() or not len(points_um):
+        return 0.0
+    near = np.ones(tissue.shape, bool)
+    cols, rows = np.clip((points_um / spacing).astype(int), 0, np.array(tissue.shape[::-1]) - 1).T
+    near[rows, cols] = False
+    distance = ndimage.distance_transform_edt(near) * spacing
+    return float((distance[tissue] <= within_um).mean())
 
 
 def _median(values: np.ndarray) -> float:
@@ -268,6 +286,8 @@ def _median(values: np.ndarray) -> float:
 
 
 MAX_SCATTER = 2.0  # fine-pass pixels: accepted shifts further than this from the fitted field (median) are doubtful
+COVER_WINDOWS = 2.0  # tissue further than this many (finest) windows from an agreeing one is not covered
+MIN_COVERAGE = 0.9   # ... and a refinement covering less of the tissue is doubtful
 SUPPORTED_SHARE = 0.3  # a refinement with at least this share of the windows agreeing supports an aligned verdict
 
 
@@ -312,6 +332,10 @@ def judge(quality, refinement: Refinement, spacing_um: float):
         return replace(quality, verdict="doubtful", reason=_joined(
             quality, f"the cell-scale windows scatter {refinement.scatter_um:.1f} µm about the fitted field "
                      f"(> {scatter_limit:g} µm)"))
+    if refinement.coverage < MIN_COVERAGE:
+        return replace(quality, verdict="doubtful", reason=_joined(
+            quality, f"the cell-scale windows that agree cover {refinement.coverage:.0%} of the tissue "
+                     f"(< {MIN_COVERAGE:.0%}): the rest is extrapolated"))
     evidence = (f"cell-scale refinement: {refinement.accepted} of {refinement.windows} windows agree, "
                 f"scatter {refinement.scatter_um:.1f} µm")
     if refinement.share < SUPPORTED_SHARE:

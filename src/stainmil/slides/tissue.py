@@ -29,12 +29,13 @@ def pen_marks(rgb: np.ndarray) -> np.ndarray:
     """Ink, not tissue: strongly blue or green pixels (red channel far below the others) and near-black ones.
 
     Stained tissue is pink/purple (H&E) or brown/blue-violet (IHC), where red stays close to blue; marker
-    ink is cyan/blue/green with red far below both, or black.
+    ink is cyan/blue/green with red far below both, pure green (red and blue far below green), or black.
     """
     r, g, b = (rgb[..., i].astype(np.int16) for i in range(3))
     blue_green = (np.maximum(g, b) - r > 60) & (np.minimum(g, b) - r > 20)
+    green = (g - r > 60) & (g - b > 40)  # a pure green marker (blue low too); no stain is greener than blue
     black = rgb.max(-1) < 30  # near-black only: melanin is dark *brown* (red stays well above 30)
-    return ndimage.binary_dilation(blue_green | black, iterations=2)
+    return ndimage.binary_dilation(blue_green | green | black, iterations=2)
 
 
 def tissue_mask(rgb: np.ndarray, min_object_fraction: float = 0.001) -> np.ndarray:
