@@ -2,6 +2,7 @@
 sections (their own cells on the block's architecture) registered to the cell at 1 mm and 4 mm, a pair with nothing
 inside in common doubtful, a pair from two blocks failed."""
 
+import dataclasses
 import tracemalloc
 
 import numpy as np
@@ -79,8 +80,9 @@ def _pair(tmp_path, side_mm, mpp, moving_block=None, name="melan"):
     return paths
 
 
-def _register(paths, side_mm, mpp):
-    return register_slides(*paths, (mpp, mpp), (side_mm * 1000, side_mm * 1000), load_config(None).register)
+def _register(paths, side_mm, mpp, windows=300):
+    register = dataclasses.replace(load_config(None).register, refine_windows=windows)
+    return register_slides(*paths, (mpp, mpp), (side_mm * 1000, side_mm * 1000), register)
 
 
 @pytest.mark.parametrize("side_mm, mpp, p90", [(1.0, 0.5, 10.0), (4.0, 1.0, 8.0)])
@@ -108,14 +110,14 @@ def test_a_pair_the_refinement_cannot_support_is_doubtful_and_another_block_fail
     block's tissue): the coarse stages align the outlines, the cell-scale windows inside find no support —
     ``doubtful``, with the reason, and the coarse transform kept. A section of another block fails before any
     refinement."""
-    block = make_block(3, 1, 4000.0)
-    stranger = make_block(8, 1, 4000.0)
+    block = make_block(3, 1, 2000.0)
+    stranger = make_block(8, 1, 2000.0)
     stranger.tissue, stranger.landmarks = block.tissue, block.landmarks
-    paths = _pair(tmp_path, 4.0, 1.0, moving_block=stranger)
-    result, refinement = _register(paths, 4.0, 1.0)
+    paths = _pair(tmp_path, 2.0, 1.0, moving_block=stranger)
+    result, refinement = _register(paths, 2.0, 1.0, windows=100)
     assert refinement is not None and refinement.transform is None
     assert result.quality.verdict == "doubtful" and "cell-scale refinement found support in" in result.quality.reason
     assert result.transform is not None
-    other = make_section(make_block(4, 0, 4000.0), "sox10", 1.0, seed=3, flip=False)
-    cross, skipped = _register((paths[0], write_section_tiff(other, tmp_path / "other.tiff", workers=2)), 4.0, 1.0)
+    other = make_section(make_block(4, 0, 2000.0), "sox10", 1.0, seed=3, flip=False)
+    cross, skipped = _register((paths[0], write_section_tiff(other, tmp_path / "other.tiff", workers=2)), 2.0, 1.0)
     assert cross.quality.verdict == "failed" and skipped is None, cross.quality

@@ -17,6 +17,7 @@ from stainmil.slides.refine import (
     _peak,
     _Reader,
     _Shifted,
+    coverage,
     judge,
     refine_spacing,
     refine_transform,
@@ -116,9 +117,10 @@ def _quality(verdict="aligned", reason="outlines, overlap and scale agree"):
     return PairQuality(0.95, 0.01, 1.0, 0.8, float("nan"), 0, verdict, reason)
 
 
-def _refinement(applied=True, accepted=200, windows=300, scatter=0.4):
+def _refinement(applied=True, accepted=200, windows=300, scatter=0.4, coverage=0.98):
     transform = _translation(np.zeros(2)) if applied else None
-    return Refinement(transform, windows, accepted, 0.3, scatter, 5.0, 1.0, "" if applied else "no support")
+    return Refinement(transform, windows, accepted, 0.3, scatter, 5.0, 1.0, "" if applied else "no support",
+                      coverage)
 
 
 def test_the_refinement_s_evidence_decides_the_verdict():
@@ -126,6 +128,8 @@ def test_the_refinement_s_evidence_decides_the_verdict():
     assert "no support" in judge(_quality(), _refinement(applied=False), 2.0).reason
     assert judge(_quality(), _refinement(scatter=6.0), 2.0).verdict == "doubtful"  # > 2 px at 2 µm/px
     assert judge(_quality(), _refinement(accepted=60), 2.0).verdict == "doubtful"  # a fifth of the windows
+    patchy = judge(_quality(), _refinement(coverage=0.7), 2.0)  # a third of the tissue extrapolated
+    assert patchy.verdict == "doubtful" and "cover 70% of the tissue" in patchy.reason
     strong = judge(_quality(), _refinement(), 2.0)
     assert strong.verdict == "aligned" and "200 of 300 windows agree" in strong.reason
     # a doubt the windows answer (a torn outline) becomes aligned; one they cannot (a scale change) stays
@@ -135,6 +139,15 @@ def test_the_refinement_s_evidence_decides_the_verdict():
     assert judge(scaled, _refinement(), 2.0).verdict == "doubtful"
     failed = replace(_quality(), verdict="failed", reason="not one block")
     assert judge(failed, _refinement(), 2.0) == failed
+
+
+def test_coverage_is_the_tissue_near_an_agreeing_window():
+    tissue = np.zeros((100, 100), bool)
+    tissue[10:90, 10:90] = True  # 80 x 80 px at 10 µm/px
+    assert coverage(tissue, 10.0, np.array([[500.0, 500.0]]), 2000.0) == 1.0
+    half = coverage(tissue, 10.0, np.array([[150.0, 500.0]]), 400.0)  # the left half only
+    assert 0.4 < half < 0.6
+    assert coverage(tissue, 10.0, np.zeros((0, 2)), 400.0) == 0.0
 
 
 def test_small_sections_are_left_to_the_coarse_stages_and_mid_sized_ones_refined_finer():

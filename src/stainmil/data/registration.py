@@ -254,9 +254,13 @@ def _scale(path: str, slide_mpp: float) -> tuple[float, float]:
         slide.close()
 
 
+# the registration method: a transform file made by another (an older stainmil's) is made again on resume
+METHOD = "coarse chain + cell-scale refinement, issue 40"
+
+
 def _settings(moving: SlideRef, fixed: SlideRef, register: RegisterConfig) -> dict:
     """What a pair's registration depends on: a transform file made under other settings is made again."""
-    return {"fixed_slide": fixed.path, "moving_slide": moving.path, "max_side": register.max_side,
+    return {"method": METHOD, "fixed_slide": fixed.path, "moving_slide": moving.path, "max_side": register.max_side,
             "nonrigid": register.nonrigid, "spacing_setting_um": register.spacing_um, "min_side": register.min_side,
             "mesh_um": register.mesh_um, "refine": register.refine, "refine_um": register.refine_um,
             "refine_windows": register.refine_windows}

@@ -241,6 +241,8 @@ def refine_transform(fixed: Slide, moving: Slide, fixed_mpp: float, moving_mpp: 
     started = time.perf_counter()
     readers = _Reader(fixed, fixed_mpp), _Reader(moving, moving_mpp)
     passes = [(spacing_um * factor, *rest) for factor, *rest in PASSES]
+    largest = max(tissue.shape) * tissue_spacing / WINDOWS_ACROSS  # a small section: its wide passes left out
+    passes = [one for one in passes[:-1] if one[0] * one[1] <= largest] + passes[-1:]
     centres = window_centres(tissue, tissue_spacing, windows, passes[0][0] * passes[0][1] / 2)
     current, corrections = _Shifted(transform), []
     accepted = np.zeros(0, bool)
@@ -292,7 +294,8 @@ SUPPORTED_SHARE = 0.3  # a refinement with at least this share of the windows ag
 
 
 MIN_EXTENT_UM = 800.0  # smaller sections (the small serial preset's 0.2 mm) are left to the coarse stages
-WINDOWS_ACROSS = 6     # a section at least this many windows across; a smaller one is refined at a finer spacing
+WINDOWS_ACROSS = 6     # a section at least this many windows across: a smaller one is refined at a finer spacing,
+                       # without the passes whose windows are larger
 
 
 def refine_spacing(extent_um: float, mpp: float, refine_um: float) -> float | None:
@@ -301,8 +304,8 @@ def refine_spacing(extent_um: float, mpp: float, refine_um: float) -> float | No
     never finer than level 0; None (no refinement) under :data:`MIN_EXTENT_UM`."""
     if extent_um < MIN_EXTENT_UM:
         return None
-    side = max(factor * window for factor, window, *_ in PASSES)
-    return max(mpp, min(refine_um, extent_um / (WINDOWS_ACROSS * side)))
+    factor, window = PASSES[-1][:2]
+    return max(mpp, min(refine_um, extent_um / (WINDOWS_ACROSS * factor * window)))
 
 
 def refine_pair(fixed_path, moving_path, fixed_mpp: float, moving_mpp: float, transform, tissue: np.ndarray,
