@@ -178,14 +178,40 @@ class WsiSection:
 
     def _stain(self, block_um: np.ndarray, lesion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Optical densities (hematoxylin, eosin, DAB), (N,) each, at block points (µm)."""
+        # a point sees the nuclei of its lattice cell and of the three next to it towards its nearest corner: a
+        # nucleus near its cell's edge reaches into the next cell whole (not cut off at the cell's border)
+        fx, fy = block_um[:, 0] / CELL_UM, block_um[:, 1] / CELL_UM
+        i, j = np.floor(fx), np.floor(fy)
+        di, dj = np.where(fx - i > 0.5, 1.0, -1.0), np.where(fy - j > 0.5, 1.0, -1.0)
+        cells = [self._cell(ci, cj, block_um) for ci, cj in ((i, j), (i + di, j), (i, j + dj), (i + di, j + dj))]
+        nucleus, strength, positive, cytoplasm = (np.stack([cell[k] for cell in cells]) for k in range(4))  # (4, N)
+        # fibres: the block's on a 20 µm lattice, with some of this section's own
+        stroma = (0.7 * _value_noise(block_um, 20.0, self.block.seed, 6)
+                  + 0.3 * _value_noise(block_um, 12.0, self.seed, 6))
+        if self.stain == "he":
+            hema = (nucleus * strength).max(axis=0) + 0.05
+            eosin = np.where(lesion > 0.5, 0.1 + 0.1 * stroma, 0.12 + 0.22 * stroma)
+            dab = np.zeros_like(hema)
+        elif self.stain == "sox10":  # nuclear DAB in positive melanocytes, paler counterstain elsewhere
+            hema = (nucleus * strength * np.where(positive, 0.0, 0.45)).max(axis=0) + 0.04 + 0.03 * stroma
+            eosin = np.zeros_like(hema)
+            dab = (nucleus * 0.9 * positive).max(axis=0)
+        else:  # melan: cytoplasmic DAB around positive melanocytes; the nuclei stay blue
+            hema = (nucleus * strength * 0.45).max(axis=0) + 0.04 + 0.03 * stroma
+            eosin = np.zeros_like(hema)
+            dab = 0.55 * (cytoplasm * positive).max(axis=0) * (1 - nucleus.max(axis=0))
+        return hema, eosin, dab
+
+    def _cell(self, i: np.ndarray, j: np.ndarray, block_um: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(nucleus coverage, stain strength, DAB-positive, cytoplasm coverage), (N,) each, of lattice cells (i, j)
+        at block points (µm). A cell's nucleus is the block's (shared with the neighbouring sections) in a share
+        ``overlap`` of the cells, this section's own in the others; how densely cells lie is the block's."""
         block, style = self.block, self.block.style
-        i, j = np.floor(block_um[:, 0] / CELL_UM), np.floor(block_um[:, 1] / CELL_UM)
-        centre_coarse = ((np.stack([i, j], axis=1) + 0.5) * CELL_UM) / block.cell - 0.5
+        centre_um = (np.stack([i, j], axis=1) + 0.5) * CELL_UM
+        centre_coarse = centre_um / block.cell - 0.5
         in_lesion = _sample(block.lesion, centre_coarse[:, 0], centre_coarse[:, 1]) > 0.5
-        # the nucleus of each lattice cell: the block's (shared with the neighbouring sections) in a share
-        # ``overlap`` of the cells, this section's own in the others; how densely cells lie is the block's
         seed = np.where(_uniform(i, j, self.seed, 7) < self.overlap, block.seed, self.seed + 7919 * block.seed)
-        density = 0.55 + 0.9 * _value_noise(block_um, DENSITY_UM, block.seed, 8)  # cell-rich and cell-poor areas
+        density = 0.55 + 0.9 * _value_noise(centre_um, DENSITY_UM, block.seed, 8)  # cell-rich and cell-poor areas
         present = _uniform_seeded(i, j, seed, 0) < np.where(in_lesion, 0.8, 0.45) * density
         # anywhere in its cell (a jitter of part of the cell would lay the nuclei out as a lattice: a periodic
         # texture no tissue has, that block matching would lock onto a period away)
@@ -199,22 +225,8 @@ class WsiSection:
         nucleus = np.clip((radius - distance) / edge, 0, 1) * present
         strength = np.where(in_lesion, style.hyperchromasia, 0.6)
         positive = in_lesion & (_uniform_seeded(i, j, seed, 4) < style.positive_fraction)
-        # fibres: the block's on a 20 µm lattice, with some of this section's own
-        stroma = 0.7 * _value_noise(block_um, 20.0, block.seed, 6) + 0.3 * _value_noise(block_um, 12.0, self.seed, 6)
-        if self.stain == "he":
-            hema = nucleus * strength + 0.05
-            eosin = np.where(lesion > 0.5, 0.1 + 0.1 * stroma, 0.12 + 0.22 * stroma)
-            dab = np.zeros_like(hema)
-        elif self.stain == "sox10":  # nuclear DAB in positive melanocytes, paler counterstain elsewhere
-            hema = nucleus * strength * np.where(positive, 0.0, 0.45) + 0.04 + 0.03 * stroma
-            eosin = np.zeros_like(hema)
-            dab = nucleus * 0.9 * positive
-        else:  # melan: cytoplasmic DAB around positive melanocytes; the nuclei stay blue
-            hema = nucleus * strength * 0.45 + 0.04 + 0.03 * stroma
-            eosin = np.zeros_like(hema)
-            cytoplasm = np.clip((1.9 * radius - distance) / edge, 0, 1) * present * positive * (1 - nucleus)
-            dab = 0.55 * cytoplasm
-        return hema, eosin, dab
+        cytoplasm = np.clip((1.9 * radius - distance) / edge, 0, 1) * present
+        return nucleus, strength, positive, cytoplasm
 
 
 DENSITY_UM = 60.0   # the lattice of the block's cell-density variation (shared by its sections)
