@@ -19,6 +19,7 @@ from stainmil.slides.refine import (
     _Shifted,
     coverage,
     judge,
+    normalised_correlation,
     refine_spacing,
     refine_transform,
 )
@@ -32,6 +33,18 @@ def test_a_peak_is_found_to_a_tenth_of_a_pixel():
         score += np.random.default_rng(0).normal(0, 0.01, score.shape)
         place, value, z = _peak(score)
         assert np.abs(place - true).max() < 0.1 and value > 0.9 and z > 10
+
+
+def test_the_correlation_is_skimage_s_match_template():
+    from skimage.feature import match_template
+
+    rng = np.random.default_rng(3)
+    search = rng.normal(size=(112, 112))
+    template = search[30:94, 7:71] + rng.normal(0, 0.5, (64, 64))
+    search[:, 100:] = 0.0  # a flat strip: no division by zero
+    ours = normalised_correlation(search, template)
+    assert np.allclose(ours, match_template(search, template), atol=1e-9)
+    assert np.unravel_index(ours.argmax(), ours.shape) == (30, 7)
 
 
 def test_a_flat_map_has_no_standout_peak():

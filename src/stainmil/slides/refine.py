@@ -13,8 +13,9 @@ refinement compares *windows* of a few hundred µm:
    by a small shift only). A whole level 0 is never read.
 3. **What every stain shows**: inverted grey (:func:`darkness`), smoothed over about a nucleus and less its trend
    over ~20 µm (:func:`_band`): the cells' scale, not the tissue's edge or the lesion's outline.
-4. **Normalised cross-correlation** of the fixed window inside the larger moving one (``skimage.feature.
-   match_template``), its peak refined to sub-pixel by a parabola through its neighbours.
+4. **Normalised cross-correlation** of the fixed window inside the larger moving one
+   (:func:`normalised_correlation`, as ``skimage.feature.match_template`` with a third of its FFT work), its peak
+   refined to sub-pixel by a parabola through its neighbours.
 5. **Outliers out**: a window counts when its peak stands :data:`MIN_Z` robust deviations above its map (the right
    peak between two neighbouring sections is often low, NCC ~0.2, but stands out), is not on the search's border,
    and agrees with its neighbours' shifts (within 3 robust deviations of the median of its 8 nearest accepted
@@ -40,7 +41,6 @@ import numpy as np
 from scipy import ndimage
 from scipy.interpolate import RBFInterpolator
 from scipy.spatial import cKDTree
-from skimage.feature import match_template
 
 from stainmil.slides.reader import Slide, best_level
 
@@ -53,6 +53,7 @@ MIN_Z = 3.5                   # an accepted window's NCC peak stands this many r
 MIN_SHARE = 0.15              # accepted share of the windows below which the refinement is not applied
 MIN_ACCEPTED = 12
 HIGH_PASS_UM = 20.0           # ... less their trend over this, or 4 x the smoothing (see _band)
+COMPOSE_UM = 64.0             # the final correction is evaluated exactly this far apart, bilinear between
 SMOOTHING = 0.02              # thin-plate spline smoothing (windows' shifts in µm, places in mm)
 
 
@@ -158,25 +159,45 @@ def _match(fixed: _Reader, moving: _Reader, transform, centres: np.ndarray, spac
     ok = np.zeros(len(centres), bool)
     big = side + 2 * radius
     sigma = max(0.7, smooth_um / spacing)
+    # the transform's local affine map at every centre (one call: the chain's fields are evaluated once)
+    here = transform.fixed_to_moving(np.concatenate([centres, centres + [spacing, 0], centres + [0, spacing]]))
+    here = here.reshape(3, len(centres), 2)
     for k, centre in enumerate(centres):
         corner = centre - side * spacing / 2
         template = fixed.window(np.eye(2) * spacing, corner, side, spacing)
         if template.std() < 1e-3:
             continue  # blank (glass, a bubble)
-        # the moving window through the transform's local affine map at this centre
-        here = transform.fixed_to_moving(np.array([centre, centre + [spacing, 0], centre + [0, spacing]]))
-        jacobian = np.stack([here[1] - here[0], here[2] - here[0]], axis=1)  # (2, 2) µm moving per fixed px
-        start = here[0] - jacobian @ np.full(2, side / 2 + radius)
+        # the moving window through the local affine map at this centre
+        jacobian = np.stack([here[1, k] - here[0, k], here[2, k] - here[0, k]], axis=1)  # µm moving per fixed px
+        start = here[0, k] - jacobian @ np.full(2, side / 2 + radius)
         search = moving.window(jacobian, start, big, spacing)
         if search.std() < 1e-3:
             continue
         wide = max(HIGH_PASS_UM, 4 * smooth_um) / spacing
-        score = match_template(_band(search, sigma, wide), _band(template, sigma, wide))
+        score = normalised_correlation(_band(search, sigma, wide).astype(np.float64),
+                                       _band(template, sigma, wide).astype(np.float64))
         place, value, z = _peak(score)
         peaks[k] = value
         ok[k] = z >= MIN_Z and np.all((place > 0.5) & (place < 2 * radius - 0.5))  # not on the search's border
         shifts[k] = (place[::-1] - radius) * spacing  # (x, y) µm: F(p) ~ M'(p + d)
     return shifts, peaks, ok
+
+
+def normalised_correlation(search: np.ndarray, template: np.ndarray) -> np.ndarray:
+    """(S - T + 1, S - T + 1) normalised cross-correlation of ``template`` (T, T) at every place inside ``search``
+    (S, S) — what ``skimage.feature.match_template`` gives, with one FFT the size of ``search`` (a circular
+    correlation is exact at the places where the template fits) instead of its padded full size."""
+    n = template.shape[0]
+    valid = search.shape[0] - n + 1
+    centred = template - template.mean()
+    spectrum = np.fft.rfft2(search) * np.conj(np.fft.rfft2(centred, s=search.shape))
+    numerator = np.fft.irfft2(spectrum, s=search.shape)[:valid, :valid]
+    sums = [np.pad(np.cumsum(np.cumsum(a, 0), 1), ((1, 0), (1, 0))) for a in (search, search * search)]
+    window = [(c[n:, n:] - c[:-n, n:] - c[n:, :-n] + c[:-n, :-n])[:valid, :valid] for c in sums]
+    variance = window[1] - window[0] ** 2 / (n * n)  # sum over the window of (x - its mean)^2
+    denominator = np.sqrt(np.maximum(variance, 0) * (centred**2).sum())
+    flat = denominator <= 1e-9 * max(1.0, float(denominator.max()))  # a flat stretch of the search: no match
+    return np.where(flat, 0.0, numerator / np.where(flat, 1.0, denominator))
 
 
 def _band(image: np.ndarray, sigma: float, wide: float) -> np.ndarray:
@@ -227,7 +248,14 @@ def _compose(chain: _Shifted):
     h, w = transform.u.shape[1:]
     rows, cols = np.mgrid[0:h, 0:w].astype(float)
     grid = (np.stack([cols.ravel(), rows.ravel()], axis=1) + 0.5) * transform.spacing  # µm
-    moved = chain.displaced(grid)
+    # the corrections are smooth (windows 100s of µm apart): evaluated every COMPOSE_UM, then bilinear
+    step = max(1, int(COMPOSE_UM / transform.spacing))
+    at_r, at_c = (np.unique(np.r_[np.arange(0, n, step), n - 1]).astype(float) for n in (h, w))
+    coarse = np.stack(np.meshgrid(at_c, at_r), axis=-1).reshape(-1, 2)
+    coarse_um = (coarse + 0.5) * transform.spacing
+    shift = (chain.displaced(coarse_um) - coarse_um).reshape(len(at_r), len(at_c), 2)
+    index = [np.interp(rows.ravel(), at_r, np.arange(len(at_r))), np.interp(cols.ravel(), at_c, np.arange(len(at_c)))]
+    moved = grid + np.stack([ndimage.map_coordinates(shift[..., k], index, order=1) for k in (0, 1)], axis=1)
     u = (moved - grid + transform._sample(transform.u, moved)).T.reshape(2, h, w)
     return PairTransform(transform.affine, u, invert_field(u, transform.spacing), transform.spacing,
                          transform.flipped)
