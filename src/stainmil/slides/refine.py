@@ -43,6 +43,7 @@ from scipy.interpolate import RBFInterpolator
 from scipy.spatial import cKDTree
 
 from stainmil.slides.reader import Slide, best_level
+from stainmil.slides.register import PairTransform, invert_field
 
 # the passes: (µm/px, window px, search radius px, smoothing µm); the last one's µm/px is ``spacing_um``
 # (µm/px as a multiple of the finest, window px, search radius px, smoothing µm): 512 µm windows searched
@@ -242,8 +243,6 @@ class _Shifted:
 def _compose(chain: _Shifted):
     """``chain`` as one transform of its root's form: T0(q) = A (q + u(q)) with q = displaced(p), so
     u'(p) = q - p + u(q) on T0's grid, v' its inverse."""
-    from stainmil.slides.register import PairTransform, invert_field
-
     transform = chain.root
     h, w = transform.u.shape[1:]
     rows, cols = np.mgrid[0:h, 0:w].astype(float)

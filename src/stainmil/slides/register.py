@@ -171,7 +171,7 @@ def _coarse_rigid(fixed: Section, moving: Section, per_flip: int = COARSE_CANDID
             angle = np.deg2rad(degrees)
             mask = _rotate_about(m_mask, angle, flip, centre_m, centre_f, f_mask.shape)
             h = _rotate_about(m_h, angle, flip, centre_m, centre_f, f_mask.shape)
-            dice = 2 * (mask * f_mask).sum() / (mask.sum() + f_mask.sum() + 1e-9)
+            dice = overlap(mask, f_mask)
             scored.append((float(dice + 0.5 * _correlation(f_h, h, (f_mask > 0.5) | (mask > 0.5))), degrees))
         kept: list[int] = []
         for score, degrees in sorted(scored, reverse=True):
@@ -179,6 +179,11 @@ def _coarse_rigid(fixed: Section, moving: Section, per_flip: int = COARSE_CANDID
                 kept.append(degrees)
                 chosen.append((flip, float(np.deg2rad(degrees)), score))
     return sorted(chosen, key=lambda c: -c[2])
+
+
+def overlap(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two masks (bool, or soft in [0, 1])."""
+    return float(2 * (a * b).sum() / (a.sum() + b.sum() + 1e-9))
 
 
 def _correlation(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
@@ -445,7 +450,7 @@ def _register_pair(fixed: Section, moving: Section, nonrigid: bool, mesh_nodes: 
             u = np.zeros((2, *grid))
     transform = PairTransform(a, u, invert_field(u, grid_spacing), grid_spacing, flip)
     moved_h, moved_tissue = _warp(moving, transform, (h, w), spacing)
-    dice = float(2 * (moved_tissue & fixed.tissue).sum() / (moved_tissue.sum() + fixed.tissue.sum() + 1e-9))
+    dice = overlap(moved_tissue, fixed.tissue)
     correlation = structure_correlation(fixed.hematoxylin, fixed.tissue, moved_h, moved_tissue, spacing)
     error, matched = feature_error(fixed.hematoxylin, moved_h, spacing)
     label, reason = verdict(dice, outline, scale, error)
