@@ -45,24 +45,28 @@ from scipy.spatial import cKDTree
 from stainmil.slides.reader import Slide, best_level
 from stainmil.slides.register import PairTransform, invert_field
 
-# the passes: (µm/px, window px, search radius px, smoothing µm); the last one's µm/px is ``spacing_um``
-# (µm/px as a multiple of the finest, window px, search radius px, smoothing µm): 512 µm windows searched
+# the passes: (µm/px as a multiple of the finest, window px, search radius px, smoothing µm): 512 µm windows searched
 # +-192 µm twice at 4x the finest spacing (the coarse chain can be 300 µm off on a torn or folded section), then
 # 256 µm windows +-96 µm at 2x, then twice +-48 µm at the finest
 PASSES = ((4, 64, 24, 12.0), (4, 64, 24, 12.0), (2, 64, 24, 6.0), (1, 128, 24, 3.0), (1, 128, 24, 3.0))
 MIN_Z = 3.5                   # an accepted window's NCC peak stands this many robust deviations above its map
 MIN_SHARE = 0.15              # accepted share of the windows below which the refinement is not applied
 MIN_ACCEPTED = 12
-HIGH_PASS_UM = 20.0           # ... less their trend over this, or 4 x the smoothing (see _band)
+HIGH_PASS_UM = 20.0           # windows are compared less their trend over this, or 4 x the smoothing (_band)
 COMPOSE_UM = 64.0             # the final correction is evaluated exactly this far apart, bilinear between
 SMOOTHING = 0.02              # thin-plate spline smoothing (windows' shifts in µm, places in mm)
+# the verdict (judge)
+MAX_SCATTER = 2.0  # fine-pass pixels: accepted shifts further than this from the fitted field (median) are doubtful
+COVER_WINDOWS = 2.0  # tissue further than this many (finest) windows from an agreeing one is not covered
+MIN_COVERAGE = 0.9   # ... and a refinement covering less of the tissue is doubtful
+SUPPORTED_SHARE = 0.3  # a refinement with at least this share of the windows agreeing supports an aligned verdict
 
 
 @dataclass
 class Refinement:
     """What the cell-scale refinement found (the transform is ``None`` when it was not applied)."""
 
-    transform: object | None  # PairTransform refined, or None
+    transform: PairTransform | None  # refined, or None
     windows: int              # tissue windows tried (finest pass)
     accepted: int             # ... accepted
     peak: float               # median NCC peak of the accepted windows
@@ -314,10 +318,6 @@ def _median(values: np.ndarray) -> float:
     return float(np.median(values)) if len(values) else float("nan")
 
 
-MAX_SCATTER = 2.0  # fine-pass pixels: accepted shifts further than this from the fitted field (median) are doubtful
-COVER_WINDOWS = 2.0  # tissue further than this many (finest) windows from an agreeing one is not covered
-MIN_COVERAGE = 0.9   # ... and a refinement covering less of the tissue is doubtful
-SUPPORTED_SHARE = 0.3  # a refinement with at least this share of the windows agreeing supports an aligned verdict
 
 
 MIN_EXTENT_UM = 800.0  # smaller sections (the small serial preset's 0.2 mm) are left to the coarse stages
