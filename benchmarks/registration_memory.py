@@ -26,16 +26,14 @@ import json, sys, time
 import numpy as np
 from stainmil.config import load_config
 from stainmil.data.registration import register_slides
-from stainmil.data.serial_wsi import landmarks_of
+from stainmil.data.serial_wsi import pair_errors
 fixed, moving, mpp, extent = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
 started = time.perf_counter()
 result, refinement = register_slides(fixed, moving, (mpp, mpp), (extent, extent), load_config(None).register)
 seconds = time.perf_counter() - started
-lf, lm = landmarks_of(fixed), landmarks_of(moving)
-ids = lf.index.intersection(lm.index)
-error = np.linalg.norm(result.transform.moving_to_fixed(lm.loc[ids].to_numpy()) - lf.loc[ids].to_numpy(), axis=1)
+error = pair_errors(result.transform, fixed, moving)
 print(json.dumps({"seconds": seconds, "verdict": result.quality.verdict, "reason": result.quality.reason,
-                  "landmarks": len(ids), "median": float(np.median(error)), "p90": float(np.percentile(error, 90)),
+                  "landmarks": len(error), "median": float(np.median(error)), "p90": float(np.percentile(error, 90)),
                   "refine_seconds": refinement.seconds if refinement else 0.0}))
 """
 

@@ -11,7 +11,7 @@ import pytest
 
 from stainmil.config import load_config
 from stainmil.data.registration import register_slides
-from stainmil.data.serial_wsi import landmarks_of, make_block, make_section, section_landmarks, write_section_tiff
+from stainmil.data.serial_wsi import make_block, make_section, pair_errors, section_landmarks, write_section_tiff
 
 
 def test_a_section_is_streamed_in_bounded_memory_and_reads_back_as_drawn(tmp_path):
@@ -97,11 +97,8 @@ def test_neighbouring_sections_register_to_the_cell(tmp_path, side_mm, mpp, p90)
     # at 1 mm a quarter of the windows agree: applied, but the verdict stays doubtful (< 30 %)
     assert result.quality.verdict == ("aligned" if side_mm > 1 else "doubtful"), result.quality
     assert "windows agree" in result.quality.reason
-    lf, lm = landmarks_of(paths[0]), landmarks_of(paths[1])
-    ids = lf.index.intersection(lm.index)
-    error = np.linalg.norm(result.transform.moving_to_fixed(lm.loc[ids].to_numpy()) - lf.loc[ids].to_numpy(),
-                           axis=1)
-    assert len(ids) >= 20 and np.median(error) <= 4.0 and np.percentile(error, 90) <= p90, (
+    error = pair_errors(result.transform, *paths)
+    assert len(error) >= 20 and np.median(error) <= 4.0 and np.percentile(error, 90) <= p90, (
         side_mm, np.median(error), np.percentile(error, 90), refinement.attrs())
 
 

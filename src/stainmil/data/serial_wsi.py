@@ -462,18 +462,25 @@ def landmarks_of(slide: str | Path) -> pd.DataFrame | None:
     return pd.read_csv(path).set_index("id")[["x_um", "y_um"]] if path.is_file() else None
 
 
+def pair_errors(transform, fixed_slide: str | Path, moving_slide: str | Path) -> np.ndarray | None:
+    """(L,) µm: how far each landmark the two slides share lands from its place on the fixed slide when the
+    moving one's is carried through ``transform`` (``moving_to_fixed``); None when either has no landmarks."""
+    fixed, moving = landmarks_of(fixed_slide), landmarks_of(moving_slide)
+    if fixed is None or moving is None:
+        return None
+    ids = fixed.index.intersection(moving.index)
+    return np.linalg.norm(transform.moving_to_fixed(moving.loc[ids].to_numpy()) - fixed.loc[ids].to_numpy(), axis=1)
+
+
 def landmark_errors(registrations: pd.DataFrame) -> pd.DataFrame:
     """One row per shared landmark of every registered pair whose two slides carry landmarks: ``case, stain,
     verdict, error_um`` — how far the IHC landmark lands (through the pair's transform) from the H&E one."""
     frames = []
     for row in registrations.itertuples(index=False):
         transform, attrs = read_pair(row.transform)
-        fixed, moving = landmarks_of(attrs["fixed_slide"]), landmarks_of(attrs["moving_slide"])
-        if transform is None or fixed is None or moving is None:
+        error = None if transform is None else pair_errors(transform, attrs["fixed_slide"], attrs["moving_slide"])
+        if error is None:
             continue
-        ids = fixed.index.intersection(moving.index)
-        error = np.linalg.norm(transform.moving_to_fixed(moving.loc[ids].to_numpy()) - fixed.loc[ids].to_numpy(),
-                               axis=1)
         frames.append(pd.DataFrame({"case": row.case, "stain": row.stain, "verdict": row.verdict, "error_um": error}))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
         columns=["case", "stain", "verdict", "error_um"])
