@@ -22,7 +22,8 @@ SlurmdPort={slurmd_port}
 SlurmUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={d}/munge/munge.socket.2
+# cred_expire: a requeued job waits this long before it may start again (default 120 s)
+AuthInfo=socket={d}/munge/munge.socket.2,cred_expire=10
 StateSaveLocation={d}/slurm/state
 SlurmdSpoolDir={d}/slurm/spool
 SlurmctldPidFile={d}/slurm/slurmctld.pid
