@@ -6,7 +6,7 @@ import typer
 from stainmil.cli import app
 from stainmil.config import config_reference_markdown
 from stainmil.features.encoders import encoder_table
-from stainmil.model.registry import ARCHITECTURES
+from stainmil.model.registry import architecture_rows, options_reference_markdown
 from stainmil.tables import render_table
 
 with mkdocs_gen_files.open("reference/encoders.md", "w") as page:
@@ -17,9 +17,9 @@ with mkdocs_gen_files.open("reference/encoders.md", "w") as page:
 with mkdocs_gen_files.open("reference/architectures.md", "w") as page:
     page.write("# Architecture reference\n\nGenerated from `stainmil.model.registry` (`stainmil models`); "
                "`model.architecture: NAME` picks one. How they compare: [Baselines](../baselines.md).\n\n")
-    rows = [{"name": f"`{name}`", "patch attention": "yes" if spec.patch_attention else "no",
-             "reference": spec.reference} for name, spec in ARCHITECTURES.items()]
-    page.write(render_table(rows, fmt="markdown"))
+    page.write(render_table(architecture_rows(), fmt="markdown"))
+    page.write("\n## Options\n\nEach architecture's own settings, `model.options.<name>.<key>` (an old config's "
+               "`model.baseline.<key>` is read as these, with a warning).\n\n" + options_reference_markdown())
 
 with mkdocs_gen_files.open("reference/configuration.md", "w") as page:
     page.write("# Configuration reference\n\nGenerated from the dataclasses in `src/stainmil/config.py` "

@@ -6,7 +6,7 @@
 - A ``<placeholder>`` outside code (``<output_dir>/predictions``) is escaped, not swallowed as an HTML tag.
 - A dataclass field or module constant without a docstring takes the comment on its line (``logits: Tensor  #
   (B, C)``) or the comment lines right above it: the shapes and meanings the code keeps there show on the page;
-  a config field, its ``_help("...")`` text (what the configuration reference shows).
+  a config field, its ``setting("...")`` text (what the configuration reference shows).
 - A dataclass's fields are listed in one "Attributes" table of the class (name, type, that text) instead of a
   heading each; its properties and methods keep theirs.
 """
@@ -83,7 +83,7 @@ class MarkdownDocstrings(griffe.Extension):
         if attr.docstring is not None or attr.lineno is None or attr.filepath is None or "property" in attr.labels:
             return  # a property without a docstring: the comments in its body are about its code
         value = getattr(node, "value", None)
-        if isinstance(value, ast.Call) and getattr(value.func, "id", "") == "_help" and value.args \
+        if isinstance(value, ast.Call) and getattr(value.func, "id", "") == "setting" and value.args \
                 and isinstance(value.args[0], ast.Constant) and isinstance(value.args[0].value, str):
             attr.docstring = _docstring(markdown_docstring(value.args[0].value), attr, agent)
             return

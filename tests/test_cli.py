@@ -105,6 +105,7 @@ def test_tables_fit_80_columns_pipe_to_grep_and_have_machine_forms():
     assert invoke("backbones", "--markdown").output.startswith("| name | library |")
     models = invoke("models").output.splitlines()
     assert max(map(len, models)) <= 80 and models[2].split()[:2] == ["hierarchical", "yes"]
+    assert "heads, dropout" in invoke("models").output and "Shao et al." in invoke("models", "--wide").output
     assert invoke("backbones", "--markdown", "--json").exit_code != 0
 
 
@@ -295,10 +296,10 @@ def called(monkeypatch, tmp_path):
 def test_cv_seeds_is_a_list_and_a_bare_count_still_works(called):
     r = invoke("cv", "--seeds", "3,5,8", "--workers", "2")
     assert r.exit_code == 0 and deprecations(r) == [], r.output
-    args, kwargs = called.pop("run_cv_seeds")
-    assert args[1] == [3, 5, 8] and kwargs["workers"] == 2
+    _, kwargs = called.pop("run_cv_seeds")
+    assert kwargs["seeds"] == [3, 5, 8] and kwargs["launch"].workers == 2 and kwargs["launch"].launcher == "local"
     r = invoke("cv", "--seeds", "3", "--set", "train.seed=10")             # the old count: seeds 10, 11, 12
-    assert r.exit_code == 0 and called.pop("run_cv_seeds")[0][1] == [10, 11, 12]
+    assert r.exit_code == 0 and called.pop("run_cv_seeds")[1]["seeds"] == [10, 11, 12]
     assert deprecations(r) == ["deprecated: cv --seeds 3 (a count of seeds); write --seeds 10,11,12 instead (the old "
                                "form goes in the next release)."]
     r = invoke("cv", "--seeds", "7,")                                        # one seed: a plain CV with it
@@ -315,28 +316,30 @@ def test_cv_seeds_is_a_list_and_a_bare_count_still_works(called):
 
 def test_fold_and_shard_indices_count_from_0_and_the_old_spellings_still_work(called):
     r = invoke("cv", "--resume", "exp", "--fold-index", "0")
-    assert r.exit_code == 0 and deprecations(r) == [] and called.pop("run_cv")[0][6] == 0
+    assert r.exit_code == 0 and deprecations(r) == [] and called.pop("run_cv")[1]["only_fold"] == 0
     r = invoke("cv", "--resume", "exp", "--fold", "1")                      # the old --fold counted from 1
-    assert r.exit_code == 0 and called.pop("run_cv")[0][6] == 0
+    assert r.exit_code == 0 and called.pop("run_cv")[1]["only_fold"] == 0
     assert deprecations(r) == ["deprecated: --fold 1 (counted from 1); write --fold-index 0 (counted from 0) instead "
                                "(the old form goes in the next release)."]
     assert invoke("cv", "--fold", "1", "--fold-index", "0").exit_code == 2
     r = invoke("extract", "--shards", "4", "--shard-index", "3")
-    assert r.exit_code == 0 and deprecations(r) == [] and called.pop("extract_sharded")[0][1:4] == (4, "local", 3)
+    _, kwargs = called.pop("extract_sharded")
+    assert r.exit_code == 0 and deprecations(r) == [] and (kwargs["shards"], kwargs["shard"]) == (4, 3)
     r = invoke("extract", "--shards", "4", "--shard", "3")
-    assert r.exit_code == 0 and called.pop("extract_sharded")[0][3] == 3 and "--shard-index 3" in deprecations(r)[0]
+    assert r.exit_code == 0 and called.pop("extract_sharded")[1]["shard"] == 3
+    assert "--shard-index 3" in deprecations(r)[0]
 
 
 def test_resume_works_wherever_a_command_can_resume(called, tmp_path):
     r = invoke("compare-models", "--seeds", "0,1", "--workers", "2", "--out", tmp_path / "new")
     assert r.exit_code == 0, r.output
-    args, _ = called.pop("compare_models")
-    assert args[3] == [0, 1] and args[6] == tmp_path / "new" and args[7] == 2
+    _, kwargs = called.pop("compare_models")
+    assert kwargs["seeds"] == [0, 1] and kwargs["out_dir"] == tmp_path / "new" and kwargs["launch"].workers == 2
     r = invoke("compare-models", "--resume", tmp_path / "new")
     assert r.exit_code == 2 and "not a comparison folder" in r.output
     (tmp_path / "new" / "splits").mkdir(parents=True)
     r = invoke("compare-models", "--resume", tmp_path / "new")
-    assert r.exit_code == 0 and called.pop("compare_models")[0][6] == tmp_path / "new"
+    assert r.exit_code == 0 and called.pop("compare_models")[1]["out_dir"] == tmp_path / "new"
     assert invoke("compare-models", "--resume", tmp_path / "new", "--out", tmp_path / "x").exit_code == 2
     study = tmp_path / "moved_study"
     r = invoke("tune", "--resume", study)
@@ -346,8 +349,8 @@ def test_resume_works_wherever_a_command_can_resume(called, tmp_path):
     (study / "config.yaml").write_text(r.output)
     r = invoke("tune", "--resume", study, "--trials", "2")
     assert r.exit_code == 0, r.output
-    (config, trials, workers, launcher), _ = called.pop("run_tune")
-    assert config.tune.dir == str(study) and config.tune.trials == 3 and trials == 2
+    (config,), kwargs = called.pop("run_tune")
+    assert config.tune.dir == str(study) and config.tune.trials == 3 and kwargs["trials"] == 2
 
 
 def test_slurm_script_writes_into_the_out_folder_and_a_file_name_still_works(tmp_path):

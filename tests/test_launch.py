@@ -1,8 +1,11 @@
 from pathlib import Path
 
+import pytest
+
 from stainmil.config import SlurmConfig
+from stainmil.errors import ConfigError
 from stainmil.experiments.scripts import command_for
-from stainmil.launch import sbatch_script, slurm_parameters
+from stainmil.launch import Launch, sbatch_script, slurm_parameters
 
 GOLDEN = Path(__file__).parent / "golden" / "cv_array.sbatch"
 SLURM = SlurmConfig(partition="gpu", time=240, gpus=1, mem=32, cpus=8, account="e32998", array_parallelism=4,
@@ -49,14 +52,14 @@ POOL_DRIVER = """
 import sys
 from pathlib import Path
 from stainmil.config import SlurmConfig
-from stainmil.launch import run_jobs
+from stainmil.launch import Launch, run_jobs
 from stainmil.stopping import Terminated, stop_cleanly_on_sigterm
 from tests.test_launch import _sleeper
 folder = sys.argv[1]
 stop_cleanly_on_sigterm()
 try:
-    run_jobs(_sleeper, [(folder, f"job{i}", 300) for i in range(4)], "local", Path(folder), SlurmConfig(),
-             workers=2, log=lambda *_: None)
+    run_jobs(_sleeper, [(folder, f"job{i}", 300) for i in range(4)], Launch(workers=2, log=lambda *_: None),
+             Path(folder), SlurmConfig())
 except Terminated:
     sys.exit(143)
 """
@@ -92,11 +95,39 @@ def test_sigterm_stops_a_local_pool_at_once_and_its_running_jobs_clean_up(tmp_pa
 
 
 def test_a_failing_job_lets_the_others_in_the_pool_finish_then_is_raised(tmp_path):
-    import pytest
 
     from stainmil.launch import run_jobs
 
     with pytest.raises(ValueError, match="this job fails"):
-        run_jobs(_sleeper, [(str(tmp_path), "fails", 0), (str(tmp_path), "slow", 3)], "local", tmp_path,
-                 SlurmConfig(), workers=2, log=lambda *_: None)
+        run_jobs(_sleeper, [(str(tmp_path), "fails", 0), (str(tmp_path), "slow", 3)],
+                 Launch(workers=2, log=lambda *_: None), tmp_path, SlurmConfig())
     assert (tmp_path / "slow.cleaned").is_file(), "the other job was cut short by the failure"
+
+
+def test_experiment_functions_take_the_config_then_keywords_only():
+    """Run settings travel as one Launch value, by keyword: a call by position is refused, not misread."""
+    import inspect
+
+    from stainmil.config import Config
+    from stainmil.experiments.compare import compare_encoders
+    from stainmil.experiments.compare_models import compare_models
+    from stainmil.experiments.cv import run_cv
+    from stainmil.experiments.nested import run_nested_cv
+    from stainmil.experiments.seeds import run_cv_seeds
+    from stainmil.experiments.tune import run_tune
+    from stainmil.features.extract import extract_sharded
+
+    for fn in (run_cv, run_cv_seeds, compare_models, compare_encoders, run_tune, run_nested_cv, extract_sharded):
+        first, *rest = inspect.signature(fn).parameters.values()
+        assert first.name == "config" and all(p.kind is p.KEYWORD_ONLY for p in rest), fn.__name__
+        assert inspect.signature(fn).parameters["launch"].default == Launch()
+    with pytest.raises(TypeError, match="positional"):
+        run_cv(Config(), 3, 1, None, "slurm")
+
+
+def test_a_launch_names_a_wrong_launcher_or_worker_count():
+    assert Launch("slurm", 4).workers == 4
+    with pytest.raises(ConfigError, match="--launcher must be local or slurm, got 'pbs'"):
+        Launch("pbs")
+    with pytest.raises(ConfigError, match="--workers must be a whole number of at least 1"):
+        Launch(workers=0)

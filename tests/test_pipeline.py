@@ -5,7 +5,10 @@ import pandas as pd
 import pytest
 
 from stainmil.config import load_config
+from stainmil.launch import Launch
 from stainmil.pipeline import run_demo
+
+QUIET = Launch(log=lambda *_: None)  # no progress lines in the test output
 
 
 @pytest.mark.slow
@@ -131,13 +134,13 @@ def test_three_classes_from_demo_to_cv_compare_models_and_report(tmp_path):
     assert set(new["pred_label"]) <= {"benign", "intermediate", "high_grade"}
     cv_config = load_config(run / "config.yaml")
     cv_config = cv_config.with_overrides({"train.max_epochs": 2, "train.runs_dir": str(tmp_path / "cv")})
-    cv = run_cv(cv_config, folds=2, log=lambda *_: None)
+    cv = run_cv(cv_config, folds=2, launch=QUIET)
     assert {"recall_benign", "recall_intermediate", "recall_high_grade", "auc"} <= set(cv.summary.columns)
     pooled = cv.metrics["pooled_out_of_fold"]
     assert pooled["n_cases"] == 8 and "recall_intermediate" in pooled["ci95"]
     assert "the most probable class" in (cv.out_dir / "cv_report.txt").read_text()
-    table = compare_models(cv_config, ["hierarchical", "mean"], folds=2, seeds=[0], out_dir=tmp_path / "models",
-                           log=lambda *_: None)
+    table = compare_models(cv_config, models=["hierarchical", "mean"], folds=2, seeds=[0], out_dir=tmp_path / "models",
+                           launch=QUIET)
     assert {"recall_benign", "recall_intermediate", "recall_high_grade", "delta_auc"} <= set(table.columns)
 
 

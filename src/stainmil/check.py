@@ -32,7 +32,7 @@ import pandas as pd
 from stainmil.config import Config, load_config
 from stainmil.data.cohort import load_manifest
 from stainmil.data.registration import read_pair, register_cohort
-from stainmil.data.tiling import tile_folder
+from stainmil.data.tiling import tile_folder, tissue_mask_of
 from stainmil.errors import DataError, StainmilError
 from stainmil.features.extract import extract_features
 from stainmil.features.store import STORE_META, read_slice, slice_file
@@ -112,7 +112,7 @@ def check_tiles(tiles: Path, result: CheckResult) -> None:
         except (OSError, KeyError, ValueError) as exc:
             result.findings.append(Finding(path, f"damaged ({_error(exc)})", rerun, "tiles"))
     for thumb in map(Path, thumbs):
-        mask = thumb.parent.parent / "masks" / f"{thumb.stem}_tissue.png"
+        mask = tissue_mask_of(thumb)
         for path in (thumb, mask):
             if not path.is_file():
                 result.findings.append(Finding(path, "missing", rerun, "tiles"))

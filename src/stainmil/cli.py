@@ -259,7 +259,8 @@ def extract(config: ConfigOpt = None, set_: SetOpt = None, launcher: LauncherOpt
         deprecated(f"--shard {shard}", f"--shard-index {shard}")
         shard_index = shard
     cfg = effective_config(config, set_)
-    for summary in extract_sharded(cfg, shards, launcher, shard_index, log=plain_log, verify=verify):
+    for summary in extract_sharded(cfg, shards=shards, shard=shard_index, verify=verify,
+                                   launch=_launch(launcher)):
         for damaged in summary.reextracted:
             console.print(f"[yellow]damaged, extracted again:[/] {damaged}", highlight=False)
         console.print(f"{summary.slices_written} slices written ({summary.slices_done_before} already done), "
@@ -597,19 +598,21 @@ def cv(config: ConfigOpt = None, set_: SetOpt = None,
 
         if workers > 1:
             raise ConfigError("--tune trains one outer fold at a time; drop --workers (or use --launcher slurm).")
-        out = Path(run_nested_cv(cfg, tune, folds, splits_dir, launcher, resume, log=plain_log)["out_dir"])
+        out = Path(run_nested_cv(cfg, trials=tune, folds=folds, splits_dir=splits_dir, out_dir=resume,
+                                 launch=_launch(launcher))["out_dir"])
         console.print((out / "nested_report.txt").read_text(), highlight=False, markup=False)
         console.print(f"experiment folder: [bold]{out}[/]")
         return
     if several_seeds:
         from stainmil.experiments.seeds import run_cv_seeds
 
-        out = run_cv_seeds(cfg, seed_values, folds, repeats, splits_dir, launcher, resume, log=plain_log,
-                           workers=workers)[1]
+        out = run_cv_seeds(cfg, seeds=seed_values, folds=folds, repeats=repeats, splits_dir=splits_dir, out_dir=resume,
+                           launch=_launch(launcher, workers))[1]
         console.print((out / "seeds_report.txt").read_text(), highlight=False, markup=False)
         console.print(f"experiment folder: [bold]{out}[/]")
         return
-    result = run_cv(cfg, folds, repeats, splits_dir, launcher, resume, fold_index, log=plain_log, workers=workers)
+    result = run_cv(cfg, folds=folds, repeats=repeats, splits_dir=splits_dir, out_dir=resume, only_fold=fold_index,
+                    launch=_launch(launcher, workers))
     if result is not None:
         console.print((result.out_dir / "cv_report.txt").read_text(), highlight=False, markup=False)
         console.print(f"experiment folder: [bold]{result.out_dir}[/]")
@@ -648,7 +651,8 @@ def compare_encoders_cmd(
 
     cfg = effective_config(config, set_)
     names = [n.strip() for n in backbones.split(",") if n.strip()]
-    table = compare_encoders(cfg, names, folds, launcher, out_or_resume(out, resume), log=plain_log)
+    table = compare_encoders(cfg, backbones=names, folds=folds, out_dir=out_or_resume(out, resume),
+                             launch=_launch(launcher))
     shown = ["encoder", "dim", "extraction_img_s", "auc", "auc_ci95", "balanced_accuracy"]
     typer.echo(render_table(table[shown].to_dict("records"), shown), nl=False)
     typer.echo("every column: encoders.csv and encoders.md in the comparison folder")
@@ -688,8 +692,8 @@ def compare_models_cmd(
     sets = [s for s in stain_sets.split(",") if s.strip()] or None
     if preset:
         chosen, sets = preset_models(preset, cfg.data.stains)
-    table = compare_models(cfg, chosen, folds, seed_list(seeds) or None, sets, launcher,
-                           out_or_resume(out, resume), workers, log=plain_log)
+    table = compare_models(cfg, models=chosen, folds=folds, seeds=seed_list(seeds) or None, stain_sets=sets,
+                           out_dir=out_or_resume(out, resume), launch=_launch(launcher, workers))
     shown = ["model", "n_cases", "auc", "auc_ci95", "delta_auc", "delta_auc_ci95"]
     typer.echo(render_table(table[shown].to_dict("records"), shown), nl=False)
     by_stains = auc_by_stain_set(table)
@@ -738,7 +742,7 @@ def tune(config: ConfigOpt = None, set_: SetOpt = None,
         cfg = cfg.with_overrides({"tune.dir": str(resume)})  # its journal, even if the folder was moved
     if storage:
         cfg = cfg.with_overrides({"tune.storage": storage})
-    result = run_tune(cfg, trials, workers, launcher, log=plain_log)
+    result = run_tune(cfg, trials=trials, launch=_launch(launcher, workers))
     console.print(f"{result.n_trials} trials in the study; best {cfg.tune.metric} {result.best_value:.4f} with "
                   f"{result.best_params}; outputs in [bold]{result.out_dir}[/] (best_config.yaml is ready to train)")
 
@@ -830,13 +834,15 @@ def bench(preset: Annotated[str, typer.Option(help="Synthetic cohort: demo | tin
 @friendly
 def config_cmd(config: ConfigOpt = None, set_: SetOpt = None,
                reference: Annotated[bool, typer.Option(help="Print the config reference table.")] = False) -> None:
-    """Print the effective config as YAML (defaults + file + overrides), or the reference table."""
+    """Print the effective config as YAML (defaults + file + overrides), or the reference tables (every
+    architecture's model.options.<name> included)."""
     import yaml
 
     from stainmil.config import config_reference_markdown, config_to_dict
+    from stainmil.model.registry import options_reference_markdown
 
     if reference:
-        typer.echo(config_reference_markdown())
+        typer.echo(config_reference_markdown() + "\n## Architecture options\n\n" + options_reference_markdown())
         return
     typer.echo(yaml.safe_dump(config_to_dict(effective_config(config, set_)), sort_keys=False, allow_unicode=True))
 
@@ -854,20 +860,27 @@ def backbones(wide: WideOpt = False, markdown: MarkdownOpt = False, json_: JsonO
 
 @app.command()
 @friendly
-def models(markdown: MarkdownOpt = False, json_: JsonOpt = False) -> None:
-    """List the MIL architectures (model.architecture): patch attention or not, and the paper each follows."""
-    from stainmil.model.registry import ARCHITECTURES
+def models(wide: WideOpt = False, markdown: MarkdownOpt = False, json_: JsonOpt = False) -> None:
+    """List the MIL architectures (model.architecture): patch attention or not and its options
+    (model.options.<name>.<key>; `stainmil config --reference` explains them); --wide adds the stain identities each
+    takes, what it needs and the paper it follows."""
+    from stainmil.model.registry import architecture_rows
     from stainmil.tables import render_table
 
-    rows = [{"name": name, "attention": "as base" if callable(spec.patch_attention) else
-             "yes" if spec.patch_attention else "no", "reference": spec.reference}
-            for name, spec in ARCHITECTURES.items()]
-    typer.echo(render_table(rows, None, _table_format(markdown, json_)), nl=False)
+    columns = None if wide or markdown or json_ else ["name", "attention", "options"]
+    typer.echo(render_table(architecture_rows(), columns, _table_format(markdown, json_)), nl=False)
 
 
 def plain_log(message: str) -> None:
     """Progress lines of long commands, printed as they are (a model name like 'abmil [he]' is not markup)."""
     console.print(message, markup=False, highlight=False)
+
+
+def _launch(launcher: str, workers: int = 1):
+    """How an experiment command runs its jobs (``--launcher``, ``--workers``), its progress lines printed plainly."""
+    from stainmil.launch import Launch
+
+    return Launch(launcher, workers, plain_log)
 
 
 def _table_format(markdown: bool, json_: bool) -> str:

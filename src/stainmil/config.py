@@ -21,6 +21,7 @@ import dataclasses
 import re
 import types
 import typing
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,24 +47,24 @@ def stain_key(name: object) -> str:
     return re.sub(r"[^0-9a-z]", "", str(name).lower())
 
 
-def _help(text: str, **kwargs: Any) -> Any:
+def setting(text: str, **kwargs: Any) -> Any:
     """A dataclass field with a one-line help text (used for the config reference)."""
     return field(metadata={"help": text}, **kwargs)
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    patches_dir: str = _help("Folder of patch images, walked recursively.", default="")
-    labels_csv: str = _help("CSV with one row per case (case id + label word).", default="")
-    filename_pattern: str = _help(
+    patches_dir: str = setting("Folder of patch images, walked recursively.", default="")
+    labels_csv: str = setting("CSV with one row per case (case id + label word).", default="")
+    filename_pattern: str = setting(
         "Regex with named groups case, stain, slice, patch and optional x, y; searched in each "
         "file's name (or relative path, see match_on).",
         default=DEFAULT_FILENAME_PATTERN,
     )
-    match_on: Literal["name", "relpath"] = _help(
+    match_on: Literal["name", "relpath"] = setting(
         "Apply filename_pattern to the file name or to its path relative to patches_dir.", default="name"
     )
-    stain_aliases: dict[str, str] = _help(
+    stain_aliases: dict[str, str] = setting(
         "Spelling -> canonical stain (he, melan, sox10); matched ignoring case, spaces and punctuation (H&E = HE = "
         "h_e); a canonical name always stands for itself.",
         default_factory=lambda: {
@@ -72,31 +73,31 @@ class DataConfig:
             "sox10": "sox10", "sox-10": "sox10",
         },
     )
-    stains: list[str] = _help("Canonical stains, in model order.", default_factory=lambda: list(STAINS))
-    case_column: str = _help("Column of labels_csv holding the case id.", default="case_id")
-    label_column: str = _help("Column of labels_csv holding the label word.", default="label")
-    label_values: dict[str, int] = _help(
+    stains: list[str] = setting("Canonical stains, in model order.", default_factory=lambda: list(STAINS))
+    case_column: str = setting("Column of labels_csv holding the case id.", default="case_id")
+    label_column: str = setting("Column of labels_csv holding the label word.", default="label")
+    label_values: dict[str, int] = setting(
         "Label word -> class index (0 = benign, 1 = high-grade); matched case-insensitively.",
         default_factory=lambda: {"benign": 0, "high_grade": 1, "high grade": 1, "high-grade": 1},
     )
-    class_names: list[str] = _help("Display name of each class index (default: benign, high_grade for two "
+    class_names: list[str] = setting("Display name of each class index (default: benign, high_grade for two "
                                    "classes, else each class's first word in label_values).",
                                    default_factory=lambda: ["benign", "high_grade"])
-    exclude_cases: list[str] = _help("Case ids left out everywhere (the old pipeline removed 91).",
+    exclude_cases: list[str] = setting("Case ids left out everywhere (the old pipeline removed 91).",
                                      default_factory=list)
-    include_cases: list[str] = _help("Only these case ids are used (empty = every case), e.g. a set of new cases "
+    include_cases: list[str] = setting("Only these case ids are used (empty = every case), e.g. a set of new cases "
                                      "to predict.", default_factory=list)
-    expected_patch_size: int = _help("Patch side in pixels; 0 = the most common size in the folder.",
+    expected_patch_size: int = setting("Patch side in pixels; 0 = the most common size in the folder.",
                                      default=0)
-    per_slice_cap: int = _help("Training: random patches per slice drawn fresh each epoch (0 = all).",
+    per_slice_cap: int = setting("Training: random patches per slice drawn fresh each epoch (0 = all).",
                                default=500)
-    max_slices_per_stain: int = _help("Training: slices per stain, chosen once per run (0 = all).",
+    max_slices_per_stain: int = setting("Training: slices per stain, chosen once per run (0 = all).",
                                       default=5)
-    subcases: int = _help("Split each *training* case into this many sub-cases (same label; 1 = off).", default=1)
-    subcase_mode: Literal["index", "random"] = _help(
+    subcases: int = setting("Split each *training* case into this many sub-cases (same label; 1 = off).", default=1)
+    subcase_mode: Literal["index", "random"] = setting(
         "Sub-case partition: contiguous patch-index ranges within each slice, or random.", default="index")
-    index_workers: int = _help("Processes decoding images during indexing (0 = one per core).", default=0)
-    source: Literal["patches", "slides"] = _help(
+    index_workers: int = setting("Processes decoding images during indexing (0 = one per core).", default=0)
+    source: Literal["patches", "slides"] = setting(
         "patches: index the PNG patches in patches_dir; slides: read patches straight from the slides tiled by "
         "`stainmil tile` (coordinates in tile.out_dir, no PNG written).", default="patches")
 
@@ -122,49 +123,49 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class FeaturesConfig:
-    backbone: str = _help("Registered encoder name (`stainmil backbones` lists them: densenet121, resnet50_trunc, "
+    backbone: str = setting("Registered encoder name (`stainmil backbones` lists them: densenet121, resnet50_trunc, "
                           "uni_v1, virchow2, hoptimus0, …) or file:/path/encoder.py:build.", default="densenet121")
-    weights: str = _help("pretrained (the encoder's published weights: torchvision ImageNet or its Hugging Face "
+    weights: str = setting("pretrained (the encoder's published weights: torchvision ImageNet or its Hugging Face "
                          "repo; 'imagenet' is a synonym for torchvision encoders) | random | path to a "
                          ".pth/.bin/.safetensors state dict.", default="pretrained")
-    image_size: int = _help("Patches are resized to this side before the backbone (ViTs: a multiple of their "
+    image_size: int = setting("Patches are resized to this side before the backbone (ViTs: a multiple of their "
                             "token size).", default=224)
-    mean: list[float] = _help("Normalisation mean (RGB); empty = the encoder's own.", default_factory=list)
-    std: list[float] = _help("Normalisation std (RGB); empty = the encoder's own.", default_factory=list)
-    batch_size: int = _help("Patches per backbone forward pass; 0 = chosen for the device (256 on a GPU, 32 on a "
+    mean: list[float] = setting("Normalisation mean (RGB); empty = the encoder's own.", default_factory=list)
+    std: list[float] = setting("Normalisation std (RGB); empty = the encoder's own.", default_factory=list)
+    batch_size: int = setting("Patches per backbone forward pass; 0 = chosen for the device (256 on a GPU, 32 on a "
                             "CPU).", default=0)
-    num_workers: int = _help("DataLoader workers decoding patches; -1 = sized to the machine (all cores but one, at "
+    num_workers: int = setting("DataLoader workers decoding patches; -1 = sized to the machine (all cores but one, at "
                              "most 16, on a GPU; half the cores, at most 4, on a CPU, where the encoder needs the "
                              "rest); 0 = in the main process.", default=-1)
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = _help(
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = setting(
         "Encoder arithmetic on a GPU: auto = the precision its model card states (`stainmil backbones`); a CPU "
         "always computes in fp32.", default="auto")
-    dtype: Literal["float16", "float32"] = _help("Storage dtype of features.", default="float16")
-    store_dir: str = _help("Feature store folder; empty = <output_dir>/features/imported when `stainmil "
+    dtype: Literal["float16", "float32"] = setting("Storage dtype of features.", default="float16")
+    store_dir: str = setting("Feature store folder; empty = <output_dir>/features/imported when `stainmil "
                            "import-features` made one there, else <output_dir>/features/<backbone>-<weights>-<size>px.",
                            default="")
-    cache_mb: float = _help("0 = read the whole store into memory (fastest while it fits); > 0 = read slices from "
+    cache_mb: float = setting("0 = read the whole store into memory (fastest while it fits); > 0 = read slices from "
                             "the store when a batch needs them, keeping at most this many MB of them cached "
                             "(memory no longer grows with the cohort; same results).", default=0.0)
-    device: str = _help("auto | cpu | cuda | cuda:N.", default="auto")
-    seed: int = _help("Seed for `random` weights and for the HED jitter of feature views.", default=0)
-    views: int = _help(
+    device: str = setting("auto | cpu | cuda | cuda:N.", default="auto")
+    seed: int = setting("Seed for `random` weights and for the HED jitter of feature views.", default=0)
+    views: int = setting(
         "Views per patch in the store (cached mode): view 0 = the plain image, 1-7 = its other exact "
         "flips/90-degree rotations, 8+ = those again with HED stain jitter. Training samples one per patch per step.",
         default=1)
-    view_jitter: float = _help("HED stain jitter strength s of views beyond 8: alpha ~ U(1-s, 1+s), "
+    view_jitter: float = setting("HED stain jitter strength s of views beyond 8: alpha ~ U(1-s, 1+s), "
                                "beta ~ U(-s, s) per stain.", default=0.05)
-    mode: Literal["cached", "online"] = _help(
+    mode: Literal["cached", "online"] = setting(
         "cached: train on the feature store; online: run the backbone on the images inside every training step "
         "(the old pipeline's way, with its augmentations), optionally fine-tuning it.", default="cached")
-    trainable_blocks: int = _help("online: unfreeze the last n blocks of the backbone (dense blocks, ResNet layers "
+    trainable_blocks: int = setting("online: unfreeze the last n blocks of the backbone (dense blocks, ResNet layers "
                                   "or transformer blocks, with the final norm; 0 = frozen).", default=0)
-    backbone_lr: float = _help("online: learning rate of the unfrozen backbone blocks.", default=1e-5)
-    gradient_checkpointing: bool = _help("online: recompute the unfrozen blocks' activations in the backward pass "
+    backbone_lr: float = setting("online: learning rate of the unfrozen backbone blocks.", default=1e-5)
+    gradient_checkpointing: bool = setting("online: recompute the unfrozen blocks' activations in the backward pass "
                                          "(less memory, more time).", default=False)
-    online_augment: bool = _help("online: augment training images (random resized crop, flips/rotations, HED and "
+    online_augment: bool = setting("online: augment training images (random resized crop, flips/rotations, HED and "
                                  "brightness/contrast jitter), as the old pipeline did.", default=True)
-    augment_hed: float = _help("online: HED stain jitter strength of the training augmentation.", default=0.05)
+    augment_hed: float = setting("online: HED stain jitter strength of the training augmentation.", default=0.05)
 
     def __post_init__(self) -> None:
         if self.views < 1:
@@ -186,16 +187,16 @@ PerLevelFloat = float | list[float]
 
 @dataclass(frozen=True)
 class ElasticNetConfig:
-    l1: PerLevelFloat = _help("L1 on attention logits: one value or [patch, slice, stain].", default=0.0)
-    l2: PerLevelFloat = _help("L2 on attention logits: one value or [patch, slice, stain].", default=0.0)
+    l1: PerLevelFloat = setting("L1 on attention logits: one value or [patch, slice, stain].", default=0.0)
+    l2: PerLevelFloat = setting("L2 on attention logits: one value or [patch, slice, stain].", default=0.0)
 
 
 @dataclass(frozen=True)
 class EntropyConfig:
-    weight: PerLevelFloat = _help("lambda of -lambda * H(attention): one value or [patch, slice, stain].",
+    weight: PerLevelFloat = setting("lambda of -lambda * H(attention): one value or [patch, slice, stain].",
                                   default=0.0)
-    normalize: bool = _help("Divide H by log(group size) so big and small groups weigh alike.", default=True)
-    schedule: Literal["constant", "linear", "cosine"] = _help("Decay of lambda over the epochs.",
+    normalize: bool = setting("Divide H by log(group size) so big and small groups weigh alike.", default=True)
+    schedule: Literal["constant", "linear", "cosine"] = setting("Decay of lambda over the epochs.",
                                                               default="constant")
 
 
@@ -206,269 +207,226 @@ class RegConfig:
 
 
 @dataclass(frozen=True)
-class BaselineConfig:
-    """Settings of the flat baselines, defaulting to their papers' (and reference code's) recipes."""
-
-    clam_k_sample: int = _help("CLAM: patches taken from each end of the attention ranking for the instance "
-                               "clustering loss (Lu et al. 2021: 8).", default=8)
-    clam_bag_weight: float = _help("CLAM: weight of the bag loss; the instance loss gets 1 - this (paper: 0.7).",
-                                   default=0.7)
-    clam_instance_loss: Literal["svm", "ce"] = _help(
-        "CLAM: instance loss, smooth top-1 SVM (the paper's) or cross-entropy.", default="svm")
-    clam_attention_dim: int = _help("CLAM: hidden size of its gated attention (paper, 'small': 256).",
-                                    default=256)
-    dtfd_pseudo_bags: int = _help("DTFD-MIL: pseudo-bags per case (Zhang et al. 2022: 4); fewer when a case has "
-                                  "fewer patches.", default=4)
-    transmil_heads: int = _help("TransMIL: attention heads of its two layers (Shao et al. 2021: 8).", default=8)
-    transmil_dropout: float = _help("TransMIL: attention dropout (paper: 0.1).", default=0.1)
-    late_fusion_base: str = _help("late_fusion: the flat architecture trained per stain (Wies et al. 2024 used a "
-                                  "CNN per stain; here a MIL model on its features).", default="abmil")
-    late_fusion_combine: Literal["mean", "learned"] = _help(
-        "late_fusion: the case's logits as the mean over the stains it has, or weighted by a learned score per "
-        "stain (softmax over the stains present).", default="mean")
-    cross_attention_heads: int = _help("cross_attention: heads of the attention between stain tokens.", default=4)
-    graph_k: int = _help("mustang: neighbours of each patch in the case's k-NN feature graph (paper: 5).", default=5)
-    graph_heads: int = _help("mustang: heads of each GATv2 layer, averaged (reference code: 2).", default=2)
-    graph_layers: int = _help("mustang: GATv2 + SAGPooling layers (paper: 4).", default=4)
-    graph_pool_ratio: float = _help("mustang, biox_cpath: share of a case's nodes each pooling layer keeps "
-                                    "(papers: 0.7).", default=0.7)
-    biox_k: int = _help("biox_cpath: neighbours in the k-NN part of its graph, the patch itself included "
-                        "(reference code: 7).", default=7)
-
-    def __post_init__(self) -> None:
-        if not 0 < self.clam_bag_weight <= 1:
-            raise ConfigError(f"model.baseline.clam_bag_weight must be in (0, 1], got {self.clam_bag_weight}.")
-        if self.clam_k_sample < 1 or self.dtfd_pseudo_bags < 1 or self.transmil_heads < 1:
-            raise ConfigError("model.baseline.clam_k_sample, dtfd_pseudo_bags and transmil_heads must be at least 1, "
-                              f"got {self.clam_k_sample}, {self.dtfd_pseudo_bags}, {self.transmil_heads}.")
-        if not 0 <= self.transmil_dropout < 1:
-            raise ConfigError(f"model.baseline.transmil_dropout must be in [0, 1), got {self.transmil_dropout}.")
-        if min(self.graph_k, self.graph_heads, self.graph_layers, self.cross_attention_heads) < 1 \
-                or not 0 < self.graph_pool_ratio <= 1:
-            raise ConfigError("model.baseline.graph_k, graph_heads, graph_layers and cross_attention_heads must be at "
-                              f"least 1 and graph_pool_ratio in (0, 1], got {self.graph_k}, {self.graph_heads}, "
-                              f"{self.graph_layers}, {self.cross_attention_heads}, {self.graph_pool_ratio}.")
-
-
-@dataclass(frozen=True)
 class ModelConfig:
-    architecture: str = _help(
+    architecture: str = setting(
         "hierarchical (patch -> slice -> stain -> case); aligned (the hierarchy with each H&E patch fused with the "
         "IHC patches registered onto it, after `stainmil register`); or a flat baseline over all patches "
         "of a case: abmil | transmil | clam_sb | clam_mb | dsmil | dtfd_mil | mean | max (`stainmil models`).",
         default="hierarchical")
-    stain_identity: Literal["none", "embedding", "gated", "attention", "specific"] = _help(
+    stain_identity: Literal["none", "embedding", "gated", "attention", "specific"] = setting(
         "What the model knows of which stain it looks at: none; embedding (a learned vector per stain added to each "
         "slice embedding; flat baselines: to each patch); gated (that vector through a learned gate that starts "
         "nearly shut); attention (hierarchical only: a learned vector per stain, from zero, seen only where the "
         "stain pool weighs the stains); specific (hierarchical only: each stain its own projector and patch/slice "
         "pools). A stain no training case had is refused.", default="embedding")
-    embed_dim: int = _help("Patch projector output size.", default=512)
-    attention_hidden_dim: int = _help("Hidden size of each attention pool.", default=128)
-    attention: str | list[str] = _help(
+    embed_dim: int = setting("Patch projector output size.", default=512)
+    attention_hidden_dim: int = setting("Hidden size of each attention pool.", default=128)
+    attention: str | list[str] = setting(
         "Attention pool per level, one name or [patch, slice, stain]: tanh | gated | multihead | transformer.",
         default="tanh")
-    attention_heads: int = _help("Heads of the multihead and transformer pools.", default=4)
-    transformer_max_group: int = _help("transformer: self-attention runs within chunks of at most this many rows "
+    attention_heads: int = setting("Heads of the multihead and transformer pools.", default=4)
+    transformer_max_group: int = setting("transformer: self-attention runs within chunks of at most this many rows "
                                        "(memory cap for big slices).", default=256)
-    dropout: float = _help("Dropout in the projector and attention pools.", default=0.25)
-    n_classes: int = _help("Number of classes (follows data.label_values).", default=2)
-    standardize_features: bool = _help(
+    dropout: float = setting("Dropout in the projector and attention pools.", default=0.25)
+    n_classes: int = setting("Number of classes (follows data.label_values).", default=2)
+    standardize_features: bool = setting(
         "Standardise features with training-split statistics (saved in the checkpoint).", default=True)
     reg: RegConfig = field(default_factory=RegConfig)
-    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    options: dict[str, dict] = setting(
+        "Each architecture's own settings by its name, e.g. {transmil: {heads: 4}}: model.options.<architecture>.<key> "
+        "(listed under Architecture options below and by `stainmil models`).", default_factory=dict)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    optimizer: Literal["adam", "adamw", "sgd"] = _help("Optimizer.", default="adam")
-    lr: float = _help("Learning rate.", default=1e-4)
-    weight_decay: float = _help("Weight decay (lambda0 of the adaptive mode).", default=1e-4)
-    weight_decay_mode: Literal["constant", "adaptive"] = _help(
+    optimizer: Literal["adam", "adamw", "sgd"] = setting("Optimizer.", default="adam")
+    lr: float = setting("Learning rate.", default=1e-4)
+    weight_decay: float = setting("Weight decay (lambda0 of the adaptive mode).", default=1e-4)
+    weight_decay_mode: Literal["constant", "adaptive"] = setting(
         "constant, or adaptive (AdaDecay, Nakamura & Hong 2019: per-weight decay from layer-normalised |grad|).",
         default="constant")
-    adaptive_decay_alpha: float = _help("Steepness alpha of the adaptive decay's sigmoid.", default=1.0)
-    decoupled_weight_decay: bool = _help("Adaptive decay applied to the weights after the step (AdamW-style) "
+    adaptive_decay_alpha: float = setting("Steepness alpha of the adaptive decay's sigmoid.", default=1.0)
+    decoupled_weight_decay: bool = setting("Adaptive decay applied to the weights after the step (AdamW-style) "
                                          "instead of added to the gradient.", default=False)
-    loss: Literal["ce", "focal", "label_smoothing_ce"] = _help("Case loss (class weights apply to all).",
+    loss: Literal["ce", "focal", "label_smoothing_ce"] = setting("Case loss (class weights apply to all).",
                                                                  default="ce")
-    focal_gamma: float = _help("Focal loss gamma.", default=2.0)
-    label_smoothing: float = _help("Label smoothing epsilon.", default=0.1)
-    sampler: Literal["sequential", "balanced"] = _help(
+    focal_gamma: float = setting("Focal loss gamma.", default=2.0)
+    label_smoothing: float = setting("Label smoothing epsilon.", default=0.1)
+    sampler: Literal["sequential", "balanced"] = setting(
         "Order of training cases: each once per epoch (shuffled), or class-balanced draws with replacement.",
         default="sequential")
-    patch_dropout: float = _help("Share of each slice's patches dropped at random per step (0 = off).",
+    patch_dropout: float = setting("Share of each slice's patches dropped at random per step (0 = off).",
                                  default=0.0)
-    stain_dropout: float = _help("Chance each stain of a training case is dropped whole per step (never all of a "
+    stain_dropout: float = setting("Chance each stain of a training case is dropped whole per step (never all of a "
                                  "case's stains; 0 = off): for models used on cases missing a stain.", default=0.0)
-    topk_mask_k: int = _help("Stochastic top-k masking (ACMIL): mask among each slice's k highest-attention "
+    topk_mask_k: int = setting("Stochastic top-k masking (ACMIL): mask among each slice's k highest-attention "
                              "patches before the softmax (0 = off).", default=0)
-    topk_mask_ratio: float = _help("Share of those top-k patches masked per step.", default=0.5)
-    class_weights: str | list[float] = _help(
+    topk_mask_ratio: float = setting("Share of those top-k patches masked per step.", default=0.5)
+    class_weights: str | list[float] = setting(
         "'auto' (inverse class frequency of the training split), 'none', or one weight per class.",
         default="auto")
-    max_epochs: int = _help("Upper bound on epochs.", default=50)
-    cases_per_batch: int = _help("Cases per optimisation step.", default=1)
-    scheduler_factor: float = _help("ReduceLROnPlateau factor on val loss.", default=0.3)
-    scheduler_patience: int = _help("ReduceLROnPlateau patience (epochs).", default=3)
-    early_stopping_patience: int = _help("Stop after this many epochs without val-loss improvement.",
+    max_epochs: int = setting("Upper bound on epochs.", default=50)
+    cases_per_batch: int = setting("Cases per optimisation step.", default=1)
+    scheduler_factor: float = setting("ReduceLROnPlateau factor on val loss.", default=0.3)
+    scheduler_patience: int = setting("ReduceLROnPlateau patience (epochs).", default=3)
+    early_stopping_patience: int = setting("Stop after this many epochs without val-loss improvement.",
                                          default=8)
-    seed: int = _help("Seed for initialisation, shuffling and patch sampling.", default=42)
-    device: str = _help("auto | cpu | cuda | cuda:N.", default="auto")
-    runs_dir: str = _help("Parent folder of run folders; empty = <output_dir>/runs.", default="")
-    split_file: str = _help("data_splits.npz to train on; empty = <output_dir>/splits/data_splits.npz.",
+    seed: int = setting("Seed for initialisation, shuffling and patch sampling.", default=42)
+    device: str = setting("auto | cpu | cuda | cuda:N.", default="auto")
+    runs_dir: str = setting("Parent folder of run folders; empty = <output_dir>/runs.", default="")
+    split_file: str = setting("data_splits.npz to train on; empty = <output_dir>/splits/data_splits.npz.",
                             default="")
 
 
 @dataclass(frozen=True)
 class SplitConfig:
-    method: Literal["holdout", "kfold", "repeated_kfold"] = _help(
+    method: Literal["holdout", "kfold", "repeated_kfold"] = setting(
         "holdout = the old stratified 60/20/20; kfold / repeated_kfold write one file per fold.",
         default="holdout")
-    val_fraction: float = _help("Share of all cases for validation (holdout) or of the training "
+    val_fraction: float = setting("Share of all cases for validation (holdout) or of the training "
                                 "part of a fold (k-fold).", default=0.2)
-    test_fraction: float = _help("Share of cases for test (holdout only).", default=0.2)
-    folds: int = _help("Number of folds (k-fold).", default=5)
-    repeats: int = _help("Repeats (repeated_kfold).", default=3)
-    seed: int = _help("Seed of the split.", default=42)
+    test_fraction: float = setting("Share of cases for test (holdout only).", default=0.2)
+    folds: int = setting("Number of folds (k-fold).", default=5)
+    repeats: int = setting("Repeats (repeated_kfold).", default=3)
+    seed: int = setting("Seed of the split.", default=42)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    threshold: float | str = _help(
+    threshold: float | str = setting(
         "Decision threshold on P(class 1): a number, 'youden', or 'recall_<class>=R' (e.g. 'recall_benign=0.8': the "
         "lowest threshold whose validation recall of that class is at least R) — chosen on "
         "the validation split only.", default=0.5)
-    bootstrap: int = _help("Case-level bootstrap resamples for 95% CIs.", default=1000)
-    ci: float = _help("Confidence level of the intervals.", default=0.95)
-    calibrate: Literal["none", "temperature"] = _help(
+    bootstrap: int = setting("Case-level bootstrap resamples for 95% CIs.", default=1000)
+    ci: float = setting("Confidence level of the intervals.", default=0.95)
+    calibrate: Literal["none", "temperature"] = setting(
         "temperature: fit one temperature on the validation split (never test) and apply it to every split's "
         "probabilities before the threshold; rankings (AUC) do not change.", default="none")
 
 
 @dataclass(frozen=True)
 class AnalysisConfig:
-    top_k: int = _help("Top-k patches per case counted by stain and (stain, slice).", default=20)
-    top_slices: int = _help("Slices (highest stain x slice attention) plotted and mapped per run.", default=10)
-    grid_patches: int = _help("Top and bottom patches shown per case.", default=8)
-    slice_images: str = _help(
+    top_k: int = setting("Top-k patches per case counted by stain and (stain, slice).", default=20)
+    top_slices: int = setting("Slices (highest stain x slice attention) plotted and mapped per run.", default=10)
+    grid_patches: int = setting("Top and bottom patches shown per case.", default=8)
+    slice_images: str = setting(
         "Template of slice image paths, e.g. /data/slices/case{case}/{stain}/slice{slice}.png; empty = rebuild "
         "each slice from its patches and their x, y.", default="")
-    thumbnail_px: int = _help("Longest side of heatmap thumbnails.", default=640)
-    deletion_k: int = _help("Patches removed in the deletion check (top-k vs random-k).", default=10)
-    max_cases_in_report: int = _help("Per-case sections in report.html (misclassified first).", default=40)
-    truth: str = _help(
+    thumbnail_px: int = setting("Longest side of heatmap thumbnails.", default=640)
+    deletion_k: int = setting("Patches removed in the deletion check (top-k vs random-k).", default=10)
+    max_cases_in_report: int = setting("Per-case sections in report.html (misclassified first).", default=40)
+    truth: str = setting(
         "The pathologist's lesion outlines every analysis scores attention against: a folder of QuPath GeoJSON per "
         "slide (level-0 px; named as for tile.include_annotations, or a `stainmil view --review` folder), a template "
         "with {stem}, {case}, {stain}, {slice}, or a CSV with columns case, stain, slice, patch, lesion_fraction "
         "(patch-folder cohorts); empty = no attention-vs-lesion measures.", default="")
-    lesion_classes: list[str] = _help("QuPath classes that outline the lesion (* wildcards, any case).",
+    lesion_classes: list[str] = setting("QuPath classes that outline the lesion (* wildcards, any case).",
                                       default_factory=lambda: ["Lesion*", "Tumo*r*"])
-    ignore_classes: list[str] = _help("QuPath classes whose patches are left out of the lesion measures (artefacts, "
+    ignore_classes: list[str] = setting("QuPath classes whose patches are left out of the lesion measures (artefacts, "
                                       "folds, pen).", default_factory=lambda: ["Artefact*", "Artifact*", "Ignore*"])
-    lesion_min_fraction: float = _help("A patch counts as lesion when more than this share of its square lies "
+    lesion_min_fraction: float = setting("A patch counts as lesion when more than this share of its square lies "
                                        "inside the lesion outline (0 = any overlap).", default=0.0)
-    ignore_min_fraction: float = _help("A patch is left out when at least this share of its square lies in an "
+    ignore_min_fraction: float = setting("A patch is left out when at least this share of its square lies in an "
                                        "ignored region.", default=0.5)
-    truth_from_reference: bool = _help(
+    truth_from_reference: bool = setting(
         "Score the slides of other stains against the reference stain's outline carried through `stainmil "
         "register` (aligned pairs only), so one H&E annotation scores every stain.", default=False)
-    review_classes: list[str] = _help("The classes a reviewer draws in `stainmil view --review`.",
+    review_classes: list[str] = setting("The classes a reviewer draws in `stainmil view --review`.",
                                       default_factory=lambda: ["Lesion", "Not lesion", "Artefact"])
 
 
 @dataclass(frozen=True)
 class TileConfig:
-    slices_dir: str = _help("Folder of whole-slide files (.svs/.ndpi/.tiff/.mrxs/.scn/… through OpenSlide) or plain "
+    slices_dir: str = setting("Folder of whole-slide files (.svs/.ndpi/.tiff/.mrxs/.scn/… through OpenSlide) or plain "
                             "slice images (PNG/JPEG), walked recursively.", default="")
-    out_dir: str = _help("Where tiling goes: coords/ (CLAM/TRIDENT HDF5), masks/, thumbnails/, tiles.csv, "
+    out_dir: str = setting("Where tiling goes: coords/ (CLAM/TRIDENT HDF5), masks/, thumbnails/, tiles.csv, "
                          "tile_report.txt; with data.source=patches also the PNG patches.", default="")
-    filename_pattern: str = _help(
+    filename_pattern: str = setting(
         "Regex with named groups case, stain, slice, searched in each slide's path relative to slices_dir (a "
         "DICOM slide is its folder of .dcm files, matched without an extension).",
         default=r"case(?P<case>[^/_]+)/(?P<stain>[^/_]+)/slice(?P<slice>[^/_.]+)"
                 r"(?:\.(?:png|jpe?g|tiff?|svs|ndpi|mrxs|scn|bif|vms|dcm))?$")
-    patch_size: int = _help("Patch side in pixels at the target scale (tile.mpp / tile.magnification).", default=224)
-    stride: int = _help("Grid step in target pixels; 0 = patch_size (no overlap).", default=0)
-    min_tissue: float = _help("Keep patches whose tissue fraction is at least this.", default=0.5)
-    mpp: float = _help("Target microns per pixel of the patches (e.g. 0.5); 0 = use tile.magnification.",
+    patch_size: int = setting("Patch side in pixels at the target scale (tile.mpp / tile.magnification).", default=224)
+    stride: int = setting("Grid step in target pixels; 0 = patch_size (no overlap).", default=0)
+    min_tissue: float = setting("Keep patches whose tissue fraction is at least this.", default=0.5)
+    mpp: float = setting("Target microns per pixel of the patches (e.g. 0.5); 0 = use tile.magnification.",
                        default=0.0)
-    magnification: float = _help("Target objective magnification (e.g. 20); 0 with mpp 0 = pixels of tile.level "
+    magnification: float = setting("Target objective magnification (e.g. 20); 0 with mpp 0 = pixels of tile.level "
                                  "as they are.", default=0.0)
-    slide_mpp: float = _help("Level-0 microns per pixel of slides whose metadata lacks it (0 = read it from the "
+    slide_mpp: float = setting("Level-0 microns per pixel of slides whose metadata lacks it (0 = read it from the "
                              "slide; such a slide is skipped and named when a scale is asked for).", default=0.0)
-    level: int = _help("Pyramid level read when neither tile.mpp nor tile.magnification is set.", default=0)
-    mask_downsample: int = _help("Tissue detection runs on the slide shrunk at least this much.", default=4)
-    mask_max_side: int = _help("... and at most this many pixels on its longest side.", default=2048)
-    thumbnail_px: int = _help("Longest side of the saved slide thumbnail (heatmaps are drawn on it).", default=1024)
-    include_annotations: str = _help(
+    level: int = setting("Pyramid level read when neither tile.mpp nor tile.magnification is set.", default=0)
+    mask_downsample: int = setting("Tissue detection runs on the slide shrunk at least this much.", default=4)
+    mask_max_side: int = setting("... and at most this many pixels on its longest side.", default=2048)
+    thumbnail_px: int = setting("Longest side of the saved slide thumbnail (heatmaps are drawn on it).", default=1024)
+    include_annotations: str = setting(
         "QuPath GeoJSON of each slide to tile inside (level-0 px): a folder holding <slide stem>.geojson (or "
         "stainmil's own QuPath export) or a template with {stem}, {case}, {stain}, {slice}; empty = the whole "
         "tissue. Slides without a file fall back to the tissue mask (named in the tile report).", default="")
-    exclude_annotations: str = _help("The same, for regions never tiled (pen marks, folds, bubbles); may be the "
+    exclude_annotations: str = setting("The same, for regions never tiled (pen marks, folds, bubbles); may be the "
                                      "same files as tile.include_annotations with other classes.", default="")
-    include_classes: list[str] = _help("Only included annotations of these QuPath classes (e.g. ['Tumor']; * "
+    include_classes: list[str] = setting("Only included annotations of these QuPath classes (e.g. ['Tumor']; * "
                                        "wildcards); empty = every annotation in the file.", default_factory=list)
-    exclude_classes: list[str] = _help("Only excluded annotations of these classes (e.g. ['Ignore*', 'Pen']); "
+    exclude_classes: list[str] = setting("Only excluded annotations of these classes (e.g. ['Ignore*', 'Pen']); "
                                        "empty = every annotation in the file.", default_factory=list)
-    max_annotation_vertices: int = _help("An annotation file with more polygon vertices than this is refused (named "
+    max_annotation_vertices: int = setting("An annotation file with more polygon vertices than this is refused (named "
                                          "in the tile report) rather than read: a file exported with every cell "
                                          "outline, or not an annotation at all.", default=2_000_000)
 
 
 @dataclass(frozen=True)
 class SlurmConfig:
-    partition: str = _help("SLURM partition (empty = the cluster default).", default="")
-    time: int = _help("Time limit per job in minutes; jobs that hit it are requeued and resume.", default=120)
-    gpus: int = _help("GPUs per job.", default=0)
-    mem: int = _help("Memory per job in GB.", default=16)
-    cpus: int = _help("CPUs per job.", default=4)
-    account: str = _help("SLURM account (empty = none).", default="")
-    array_parallelism: int = _help("Array tasks running at once.", default=8)
-    extra: list[str] = _help("Extra #SBATCH options, e.g. ['--qos=short'].", default_factory=list)
-    setup: list[str] = _help("Shell lines run before each job, e.g. ['source .venv/bin/activate'].",
+    partition: str = setting("SLURM partition (empty = the cluster default).", default="")
+    time: int = setting("Time limit per job in minutes; jobs that hit it are requeued and resume.", default=120)
+    gpus: int = setting("GPUs per job.", default=0)
+    mem: int = setting("Memory per job in GB.", default=16)
+    cpus: int = setting("CPUs per job.", default=4)
+    account: str = setting("SLURM account (empty = none).", default="")
+    array_parallelism: int = setting("Array tasks running at once.", default=8)
+    extra: list[str] = setting("Extra #SBATCH options, e.g. ['--qos=short'].", default_factory=list)
+    setup: list[str] = setting("Shell lines run before each job, e.g. ['source .venv/bin/activate'].",
                              default_factory=list)
-    max_requeues: int = _help("Requeues allowed after time limits / preemption.", default=3)
+    max_requeues: int = setting("Requeues allowed after time limits / preemption.", default=3)
 
 
 @dataclass(frozen=True)
 class RegisterConfig:
-    reference_stain: str = _help("Stain every other stain of a case is registered to (a canonical name or an "
+    reference_stain: str = setting("Stain every other stain of a case is registered to (a canonical name or an "
                                  "alias: HE, H&E).", default="he")
-    spacing_um: float = _help("Resolution (µm per pixel) of the affine and non-rigid stages, whatever the section's "
+    spacing_um: float = setting("Resolution (µm per pixel) of the affine and non-rigid stages, whatever the section's "
                               "size: 8 µm/px is 1,000 px across an 8 mm section, 2,500 px across 20 mm.", default=8.0)
-    min_side: int = _help("A small section is registered at least this many pixels across (finer than spacing_um), "
+    min_side: int = setting("A small section is registered at least this many pixels across (finer than spacing_um), "
                           "never finer than its level 0.", default=384)
-    max_side: int = _help("Cap on the pixels across a section (time and memory; old configs' 384 keeps their "
+    max_side: int = setting("Cap on the pixels across a section (time and memory; old configs' 384 keeps their "
                           "thumbnails).", default=4096)
-    mesh_um: float = _help("Spacing (µm) of the non-rigid B-spline mesh's nodes (6 to 24 nodes across a section).",
+    mesh_um: float = setting("Spacing (µm) of the non-rigid B-spline mesh's nodes (6 to 24 nodes across a section).",
                            default=1000.0)
-    nonrigid: bool = _help("After the affine fit, a smooth B-spline stage (the sections' elastic stretch).",
+    nonrigid: bool = setting("After the affine fit, a smooth B-spline stage (the sections' elastic stretch).",
                            default=True)
-    refine: bool = _help("Cell-scale refinement after the coarse stages: block matching of ~300 tissue windows "
+    refine: bool = setting("Cell-scale refinement after the coarse stages: block matching of ~300 tissue windows "
                          "(256 µm) read region by region at refine_um, a smooth field through the shifts that agree; "
                          "its evidence feeds the verdict. Sections under 4 windows across are left to the coarse "
                          "stages.", default=True)
-    refine_um: float = _help("µm per pixel of the refinement's finest pass (its first pass runs at twice this).",
+    refine_um: float = setting("µm per pixel of the refinement's finest pass (its first pass runs at twice this).",
                              default=2.0)
-    refine_windows: int = _help("About this many windows on the reference section's tissue.", default=300)
-    out_dir: str = _help("Where transforms and register_report go; empty = <tile.out_dir>/registration.",
+    refine_windows: int = setting("About this many windows on the reference section's tissue.", default=300)
+    out_dir: str = setting("Where transforms and register_report go; empty = <tile.out_dir>/registration.",
                          default="")
 
 
 @dataclass(frozen=True)
 class TuneConfig:
-    trials: int = _help("Trials to add to the study.", default=50)
-    study_name: str = _help("Optuna study name.", default="stainmil")
-    dir: str = _help("Folder of the study's outputs (trials, best_config.yaml, plots); empty = "
+    trials: int = setting("Trials to add to the study.", default=50)
+    study_name: str = setting("Optuna study name.", default="stainmil")
+    dir: str = setting("Folder of the study's outputs (trials, best_config.yaml, plots); empty = "
                      "<output_dir>/tune/<study_name>.", default="")
-    storage: str = _help("Optuna storage: a journal file path or a URL (sqlite:///…, postgresql://…); empty = "
+    storage: str = setting("Optuna storage: a journal file path or a URL (sqlite:///…, postgresql://…); empty = "
                          "<output_dir>/tune/<study_name>/study.journal.", default="")
-    metric: Literal["val_loss", "auc", "balanced_accuracy"] = _help("Objective: mean over inner folds.",
+    metric: Literal["val_loss", "auc", "balanced_accuracy"] = setting("Objective: mean over inner folds.",
                                                                      default="val_loss")
-    inner_folds: int = _help("Inner stratified folds on the non-test cases.", default=3)
-    seed: int = _help("Sampler seed (TPE).", default=0)
-    space: dict[str, dict] = _help(
+    inner_folds: int = setting("Inner stratified folds on the non-test cases.", default=3)
+    seed: int = setting("Sampler seed (TPE).", default=0)
+    space: dict[str, dict] = setting(
         "Search space: config key -> {type: float|int|categorical, low, high, log, choices}; empty = the "
         "default space (lr, weight_decay, dropout, attention, entropy weight, per_slice_cap).",
         default_factory=dict)
@@ -476,7 +434,7 @@ class TuneConfig:
 
 @dataclass(frozen=True)
 class Config:
-    output_dir: str = _help("Where index, features, splits and runs go by default.", default="stainmil_out")
+    output_dir: str = setting("Where index, features, splits and runs go by default.", default="stainmil_out")
     data: DataConfig = field(default_factory=DataConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -620,9 +578,64 @@ def _from_dict(cls: type, values: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def settings_from_dict(cls: type, values: dict, prefix: str = "") -> Any:
+    """An instance of the settings dataclass ``cls`` from ``values``, validated like the config (an unknown key or
+    a wrong type is named with ``prefix``, e.g. ``model.options.transmil.``); what the architectures' options use."""
+    return _from_dict(cls, values, prefix)
+
+
 def config_from_dict(values: dict | None) -> Config:
-    """Build a :class:`Config` from a nested dict, naming any unknown key or wrong type."""
-    return _reconcile_classes(_from_dict(Config, values or {}))
+    """Build a :class:`Config` from a nested dict, naming any unknown key or wrong type (old spellings read through
+    :data:`RENAMED_MODEL_KEYS`)."""
+    return _reconcile_classes(_from_dict(Config, _renamed_model_keys(values or {})))
+
+
+# the old spelling model.baseline.<key> (one flat bag of every model's settings) -> model.options.<arch>.<key>
+RENAMED_MODEL_KEYS: dict[str, tuple[tuple[str, ...], str]] = {
+    "clam_k_sample": (("clam_sb", "clam_mb"), "k_sample"),
+    "clam_bag_weight": (("clam_sb", "clam_mb"), "bag_weight"),
+    "clam_instance_loss": (("clam_sb", "clam_mb"), "instance_loss"),
+    "clam_attention_dim": (("clam_sb", "clam_mb"), "attention_dim"),
+    "dtfd_pseudo_bags": (("dtfd_mil",), "pseudo_bags"),
+    "transmil_heads": (("transmil",), "heads"),
+    "transmil_dropout": (("transmil",), "dropout"),
+    "late_fusion_base": (("late_fusion",), "base"),
+    "late_fusion_combine": (("late_fusion",), "combine"),
+    "cross_attention_heads": (("cross_attention",), "heads"),
+    "graph_k": (("mustang",), "k"),
+    "graph_heads": (("mustang", "biox_cpath"), "heads"),
+    "graph_layers": (("mustang", "biox_cpath"), "layers"),
+    "graph_pool_ratio": (("mustang", "biox_cpath"), "pool_ratio"),
+    "biox_k": (("biox_cpath",), "k"),
+}
+
+
+def _renamed_model_keys(values: dict) -> dict:
+    """``values`` with an old ``model.baseline`` section moved into ``model.options`` (keys given there win),
+    saying so once in a FutureWarning; an unknown old key is named."""
+    model = values.get("model")
+    if not isinstance(model, dict) or "baseline" not in model:
+        return values
+    model = dict(model)
+    old = model.pop("baseline") or {}
+    if not isinstance(old, dict):
+        raise ConfigError(f"config key 'model.baseline' must be a mapping of settings, got {old!r}.")
+    options = {name: dict(given) for name, given in (model.get("options") or {}).items()}
+    for key, value in old.items():
+        if key not in RENAMED_MODEL_KEYS:
+            raise ConfigError(f"unknown config key 'model.baseline.{key}'; model settings are now "
+                              "model.options.<architecture>.<key> (`stainmil models` lists them).")
+        names, new = RENAMED_MODEL_KEYS[key]
+        for name in names:
+            options.setdefault(name, {}).setdefault(new, value)
+    if old:
+        moved = ", ".join(f"{k} -> model.options.{RENAMED_MODEL_KEYS[k][0][0]}.{RENAMED_MODEL_KEYS[k][1]}"
+                          for k in list(old)[:3])
+        warnings.warn(f"model.baseline is renamed: each architecture's settings are model.options.<architecture>.<key>"
+                      f" ({moved}{', …' if len(old) > 3 else ''}); read as such, rewrite the config to silence this.",
+                      FutureWarning, stacklevel=3)
+    model["options"] = options
+    return {**values, "model": model}
 
 
 DEFAULT_CLASS_NAMES = ["benign", "high_grade"]
@@ -763,6 +776,11 @@ def dump_config(config: Config, path: str | Path) -> Path:
 
 def config_reference_markdown() -> str:
     """The configuration reference (docs): one table row per key, from the dataclasses."""
+    return settings_reference(Config)
+
+
+def settings_reference(cls: type, prefix: str = "") -> str:
+    """A markdown table of the settings dataclass ``cls`` (nested ones flattened), keys shown after ``prefix``."""
     lines = ["| key | default | meaning |", "|---|---|---|"]
 
     def walk(cls: type, prefix: str) -> None:
@@ -778,5 +796,5 @@ def config_reference_markdown() -> str:
                 shown = shown[:57] + "..."
             lines.append(f"| `{prefix}{f.name}` | `{shown}` | {f.metadata.get('help', '')} |")
 
-    walk(Config, "")
+    walk(cls, prefix)
     return "\n".join(lines) + "\n"

@@ -1,7 +1,8 @@
 """Run many jobs locally or on SLURM through submitit (no hand-rolled sbatch polling).
 
-A job is a picklable callable plus its arguments. ``local`` runs them one after another in this
-process (simple, debuggable); ``slurm`` submits them as one array job with the ``slurm.*`` settings.
+A job is a picklable callable plus its arguments. How they run is one :class:`Launch` value, which every
+experiment function takes as ``launch=``: ``local`` runs them one after another in this process (simple,
+debuggable) or in ``workers`` processes; ``slurm`` submits them as one array job with the ``slurm.*`` settings.
 Callables that define ``checkpoint(*args)`` are requeued by submitit when SLURM preempts them or
 their time limit is near, and resume from their own checkpoints.
 """
@@ -9,6 +10,7 @@ their time limit is near, and resume from their own checkpoints.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,22 @@ from stainmil.config import SlurmConfig
 from stainmil.cores import available_cores
 from stainmil.errors import ConfigError
 from stainmil.stopping import job, stop_cleanly_on_sigterm
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How an experiment's jobs run: ``launcher`` local or slurm, ``workers`` jobs at once on this machine (local),
+    ``log`` where the progress lines go."""
+
+    launcher: str = "local"
+    workers: int = 1
+    log: Callable[[str], Any] = print
+
+    def __post_init__(self) -> None:
+        if self.launcher not in ("local", "slurm"):
+            raise ConfigError(f"--launcher must be local or slurm, got '{self.launcher}'.")
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise ConfigError(f"--workers must be a whole number of at least 1, got {self.workers!r}.")
 
 
 def slurm_parameters(slurm: SlurmConfig, name: str) -> dict[str, Any]:
@@ -54,20 +72,19 @@ def slurm_executor(folder: Path, slurm: SlurmConfig, name: str):
     return executor
 
 
-def run_jobs(fn: Callable, arg_lists: Sequence[Sequence[Any]], launcher: str, folder: Path, slurm: SlurmConfig,
-             name: str = "stainmil", log=print, workers: int = 1) -> list[Any]:
-    """Run ``fn(*args)`` for every entry of ``arg_lists``; return the results in order.
+def run_jobs(fn: Callable, arg_lists: Sequence[Sequence[Any]], launch: Launch, folder: Path, slurm: SlurmConfig,
+             name: str = "stainmil") -> list[Any]:
+    """Run ``fn(*args)`` for every entry of ``arg_lists`` as ``launch`` says; return the results in order.
 
     ``local`` with ``workers > 1``: that many fresh processes on this machine (the cores shared out between
     them); each loads its own cohort, so set ``features.cache_mb`` to bound each one's memory — the store's
     files are then shared through the OS page cache rather than copied into every process.
     """
-    if launcher == "local":
-        if workers > 1 and len(arg_lists) > 1:
-            return _run_processes(fn, arg_lists, min(workers, len(arg_lists)), log)
+    log = launch.log
+    if launch.launcher == "local":
+        if launch.workers > 1 and len(arg_lists) > 1:
+            return _run_processes(fn, arg_lists, min(launch.workers, len(arg_lists)), log)
         return [fn(*args) for args in arg_lists]
-    if launcher != "slurm":
-        raise ConfigError(f"--launcher must be local or slurm, got '{launcher}'.")
     executor = slurm_executor(folder, slurm, name)
     columns = list(zip(*arg_lists)) if arg_lists else []
     jobs = executor.map_array(fn, *columns)

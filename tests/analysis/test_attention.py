@@ -44,6 +44,18 @@ def test_tables_have_every_id_and_consistent_weights(analysed_run):
     assert "deletion_delta_top_k_mean" in summary
 
 
+def test_late_fusion_over_transmil_is_not_scored_on_its_uniform_weights(prepared, tmp_path):
+    """A capability computed from the options reaches the analysis: late fusion whose members are TransMIL has no
+    patch attention, so no lesion measure or deletion is computed on its uniform weights (patch-alone ones are)."""
+    config = prepared.with_overrides({"model.architecture": "late_fusion", "model.stain_identity": "none",
+                                      "model.options": {"late_fusion": {"base": "transmil"}, "transmil": {"heads": 4}}})
+    run = trained_run(config, tmp_path, 2)
+    tables = write_analysis(run, "all").tables
+    assert tables.summary["patch_attention"] is False and "deletion_k" not in tables.summary
+    assert tables.cases["attention_lesion_auc"].isna().all() and "delta_top_k" not in tables.cases
+    assert tables.cases["patch_prob_lesion_auc"].notna().any()
+
+
 def test_subset_drops_emptied_slices_and_keeps_structure():
     from tests.model.test_hierarchical import model_for, random_bags
 

@@ -11,7 +11,10 @@ from sklearn.metrics import roc_auc_score
 from stainmil.config import Config
 from stainmil.errors import ConfigError
 from stainmil.experiments.compare_models import compare_models, parse_variants
+from stainmil.launch import Launch
 from stainmil.stats.metrics import paired_auc_difference
+
+QUIET = Launch(log=lambda *_: None)  # no progress lines in the test output
 
 pytestmark = pytest.mark.slow
 
@@ -20,8 +23,8 @@ def test_models_and_stain_sets_share_folds_and_seeds_and_resume(prepared, tmp_pa
     config = prepared.with_overrides({"train.max_epochs": 2, "eval.bootstrap": 20})
     out = tmp_path / "models"
     before = copy.deepcopy(config)
-    table = compare_models(config, ["hierarchical", "abmil"], folds=3, seeds=[3, 4],
-                           stain_sets=["he+melan+sox10", "he"], out_dir=out, log=lambda *_: None)
+    table = compare_models(config, models=["hierarchical", "abmil"], folds=3, seeds=[3, 4],
+                           stain_sets=["he+melan+sox10", "he"], out_dir=out, launch=QUIET)
     assert config == before, "compare_models changed the config it was given"
     # the default stain identity (embedding) is in every name
     assert list(table["model"]) == ["hierarchical:embedding (he+melan+sox10)", "abmil:embedding (he+melan+sox10)",
@@ -67,8 +70,8 @@ def test_models_and_stain_sets_share_folds_and_seeds_and_resume(prepared, tmp_pa
     assert "ΔAUC" in html and "data:image/png;base64," in html and 'id="lesion"' in html
     assert html.count("<tr>") == (1 + 4) + (1 + 2) + (1 + 4), "the long table, model x stain set, the lesion table"
     # resuming finds every fold finished and gives the same table
-    again = compare_models(config, ["hierarchical", "abmil"], folds=3, seeds=[3, 4],
-                           stain_sets=["he+melan+sox10", "he"], out_dir=out, log=lambda *_: None)
+    again = compare_models(config, models=["hierarchical", "abmil"], folds=3, seeds=[3, 4],
+                           stain_sets=["he+melan+sox10", "he"], out_dir=out, launch=QUIET)
     pd.testing.assert_frame_equal(table, again)
     assert json.loads((out / "hierarchical_embedding_he_" / "seed_3" / "metrics.json").read_text())["folds"] == 3
 
@@ -76,8 +79,10 @@ def test_models_and_stain_sets_share_folds_and_seeds_and_resume(prepared, tmp_pa
 def test_bad_model_and_stain_specs_are_refused_before_any_work():
     with pytest.raises(ConfigError, match="transmill"):
         parse_variants(["transmill"], None, ["he"])
-    with pytest.raises(ConfigError, match="hierarchical models only"):
+    with pytest.raises(ConfigError, match=r"abmil takes \['none', 'embedding', 'gated'\]"):
         parse_variants(["abmil:specific"], None, ["he"])
+    with pytest.raises(ConfigError, match="not a stain identity"):
+        parse_variants(["hierarchical:stainwise"], None, ["he"])
     with pytest.raises(ConfigError, match="ihc"):
         parse_variants(["abmil"], ["he+ihc"], ["he", "sox10"])
     for sets in (["melan+sox10"], ["he"]):  # aligned needs the reference stain and another one in every set

@@ -9,6 +9,9 @@ import pytest
 from stainmil.data.splits import load_split, save_split
 from stainmil.errors import DataError
 from stainmil.experiments.cv import run_cv, summarise_cv
+from stainmil.launch import Launch
+
+QUIET = Launch(log=lambda *_: None)  # no progress lines in the test output
 
 
 def _config(prepared, tmp_path):
@@ -21,7 +24,7 @@ def serial_cv(prepared, tmp_path_factory):
     """A 3-fold CV of the tiny cohort, folds one after another, the whole store in memory: (config, result)."""
     config = _config(prepared, tmp_path_factory.mktemp("cv"))
     before = copy.deepcopy(config)
-    result = run_cv(config, folds=3, log=lambda *_: None)
+    result = run_cv(config, folds=3, launch=QUIET)
     assert config == before, "run_cv changed the config it was given"
     return config, result
 
@@ -49,7 +52,7 @@ def test_cv_end_to_end_and_resume(serial_cv):
     # a killed CV: fold 2 unfinished (metrics gone, checkpoint kept) -> only fold 2 runs again
     (out / "folds" / "fold_02" / "metrics.json").unlink()
     finished = (out / "folds" / "fold_01" / "metrics.json").stat().st_mtime_ns
-    again = run_cv(config, out_dir=out, log=logs.append)
+    again = run_cv(config, out_dir=out, launch=Launch(log=logs.append))
     assert any("2 already finished" in line for line in logs)
     assert (out / "folds" / "fold_01" / "metrics.json").stat().st_mtime_ns == finished
     assert (out / "folds" / "fold_02" / "metrics.json").is_file()
@@ -70,7 +73,7 @@ def test_cv_on_the_teams_split_files(prepared, tmp_path):
     splits_dir = tmp_path / "team_splits"
     save_split(split, splits_dir / "data_splits_01.npz")
     shutil.copy(splits_dir / "data_splits_01.npz", splits_dir / "data_splits_02.npz")
-    result = run_cv(config, splits_dir=splits_dir, log=lambda *_: None)
+    result = run_cv(config, splits_dir=splits_dir, launch=QUIET)
     assert len(result.summary) == 2
     assert np.isfinite(result.summary["epochs"]).all()
 
@@ -82,7 +85,7 @@ def test_cv_folds_in_parallel_processes_with_a_bounded_store(prepared, tmp_path,
     config = _config(prepared, tmp_path / "parallel")
     config = config.with_overrides({"features.cache_mb": 0.25})
     logs = []
-    parallel = run_cv(config, folds=3, workers=2, log=logs.append)
+    parallel = run_cv(config, folds=3, launch=Launch(workers=2, log=logs.append))
     assert any("in 2 processes" in line for line in logs)
     a, b = (pd.read_csv(r.out_dir / "oof_predictions.csv", dtype={"case": str}).sort_values("case")
             for r in (serial, parallel))

@@ -8,6 +8,9 @@ import pytest
 
 from stainmil.data.splits import load_split
 from stainmil.experiments.nested import run_nested_cv
+from stainmil.launch import Launch
+
+QUIET = Launch(log=lambda *_: None)  # no progress lines in the test output
 
 SPACE = {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
 
@@ -15,7 +18,7 @@ SPACE = {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}
 @pytest.mark.slow
 def test_nested_cv_never_shows_outer_test_cases_to_the_tuning(prepared, tmp_path):
     config = prepared.with_overrides({"train.max_epochs": 2, "tune.inner_folds": 2, "tune.space": SPACE})
-    result = run_nested_cv(config, trials=2, folds=3, out_dir=tmp_path / "nested", log=lambda *_: None)
+    result = run_nested_cv(config, trials=2, folds=3, out_dir=tmp_path / "nested", launch=QUIET)
     out = tmp_path / "nested"
     seen_runs = 0
     for fold in sorted((out / "nested" / "folds").glob("fold_*")):
@@ -50,7 +53,7 @@ def test_nested_cv_never_shows_outer_test_cases_to_the_tuning(prepared, tmp_path
     before = {p: p.stat().st_mtime_ns for p in (out / "nested" / "folds").rglob("metrics.json")}
     from stainmil.config import Config
 
-    again = run_nested_cv(Config(), trials=2, folds=3, out_dir=out, log=lambda *_: None)  # config from the folder
+    again = run_nested_cv(Config(), trials=2, folds=3, out_dir=out, launch=QUIET)  # config from the folder
     assert {p: p.stat().st_mtime_ns for p in before} == before
     assert again["non_nested"]["trials"] == 2
     assert np.isclose(again["nested"]["pooled_out_of_fold"]["auc"], result["nested"]["pooled_out_of_fold"]["auc"],

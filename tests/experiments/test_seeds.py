@@ -5,13 +5,16 @@ import pytest
 
 from stainmil.data.splits import load_split
 from stainmil.experiments.seeds import run_cv_seeds
+from stainmil.launch import Launch
+
+QUIET = Launch(log=lambda *_: None)  # no progress lines in the test output
 
 
 @pytest.mark.slow
 def test_cv_with_two_seeds_on_the_same_folds(prepared, tmp_path):
     config = prepared.with_overrides({"train.max_epochs": 2})
     seeds = [config.train.seed, config.train.seed + 1]
-    table, out = run_cv_seeds(config, seeds=seeds, folds=3, out_dir=tmp_path / "seeds", log=lambda *_: None)
+    table, out = run_cv_seeds(config, seeds=seeds, folds=3, out_dir=tmp_path / "seeds", launch=QUIET)
     assert list(table["seed"]) == seeds
     for fold in ("fold_01", "fold_02", "fold_03"):
         a = load_split(out / "seed_1" / "splits" / f"{fold}.npz")

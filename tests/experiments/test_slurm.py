@@ -12,6 +12,7 @@ import pytest
 from stainmil.data.cohort import load_manifest
 from stainmil.features.extract import extract_sharded
 from stainmil.features.store import load_features
+from stainmil.launch import Launch
 
 pytestmark = pytest.mark.slurm  # `make test` runs these in their own single-process pass
 
@@ -34,7 +35,7 @@ def test_cv_through_slurm(slurm, prepared, tmp_path):
 
     config = _slurm_config(prepared, tmp_path)
     logs = []
-    result = run_cv(config, folds=3, launcher="slurm", log=logs.append)
+    result = run_cv(config, folds=3, launch=Launch("slurm", log=logs.append))
     assert any("submitted 3 SLURM job(s)" in line for line in logs), logs
     assert len(result.summary) == 3
     assert list((result.out_dir / "slurm_logs").iterdir()), "submitit wrote no job folders"
@@ -43,7 +44,7 @@ def test_cv_through_slurm(slurm, prepared, tmp_path):
 
 def test_sharded_extract_through_slurm(slurm, prepared, tmp_path):
     config = _slurm_config(prepared, tmp_path).with_overrides({"features.store_dir": str(tmp_path / "store")})
-    summaries = extract_sharded(config, shards=3, launcher="slurm", log=lambda *_: None)
+    summaries = extract_sharded(config, shards=3, launch=Launch("slurm", log=lambda *_: None))
     assert len(summaries) == 3
     manifest = load_manifest(config)
     assert sum(s.slices_written for s in summaries) == manifest.groupby(["case", "stain", "slice"]).ngroups
@@ -92,7 +93,7 @@ def test_tune_workers_as_a_slurm_array(slurm, prepared, tmp_path):
         "train.max_epochs": 2, "tune.inner_folds": 2, "tune.study_name": "slurm-study",
         "tune.storage": str(tmp_path / "study.journal"), "tune.space": LR_SPACE})
     logs = []
-    result = run_tune(config, trials=4, workers=2, launcher="slurm", log=logs.append)
+    result = run_tune(config, trials=4, launch=Launch("slurm", 2, logs.append))
     assert any("submitted 2 SLURM job(s)" in line for line in logs), logs
     trials = pd.read_csv(result.out_dir / "trials.csv")
     assert sorted(trials["number"]) == [0, 1, 2, 3]
@@ -105,8 +106,8 @@ def test_nested_cv_outer_folds_as_slurm_jobs(slurm, prepared, tmp_path):
     config = _slurm_config(prepared, tmp_path).with_overrides({"train.max_epochs": 2, "tune.inner_folds": 2,
                                                                "tune.space": LR_SPACE})
     logs = []
-    result = run_nested_cv(config, trials=1, folds=3, launcher="slurm", out_dir=tmp_path / "nested",
-                           log=logs.append)
+    result = run_nested_cv(config, trials=1, folds=3, out_dir=tmp_path / "nested",
+                           launch=Launch("slurm", log=logs.append))
     assert any("submitted 3 SLURM job(s)" in line for line in logs), logs
     assert result["outer_folds"] == 3 and (tmp_path / "nested" / "nested_report.txt").is_file()
     assert len(list((tmp_path / "nested" / "nested" / "folds").glob("fold_*/tune/best_params.json"))) == 3

@@ -9,6 +9,9 @@ import yaml
 from stainmil.config import dump_config, load_config
 from stainmil.errors import ConfigError
 from stainmil.experiments.tune import create_study, run_tune
+from stainmil.launch import Launch
+
+QUIET = Launch(log=lambda *_: None)  # no progress lines in the test output
 
 SPACE = {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
          "model.attention": {"type": "categorical", "choices": ["tanh", "gated"]}}
@@ -25,14 +28,14 @@ def _config(prepared, tmp_path):
 def test_tune_writes_outputs_and_continues_the_study(prepared, tmp_path):
     config = _config(prepared, tmp_path)
     before = copy.deepcopy(config)
-    result = run_tune(config, trials=3, log=lambda *_: None)
+    result = run_tune(config, trials=3, launch=QUIET)
     assert config == before, "run_tune changed the config it was given"
     assert result.n_trials == 3
     for name in ("trials.csv", "best_config.yaml", "optimization_history.png"):
         assert (result.out_dir / name).is_file(), name
     best = load_config(result.out_dir / "best_config.yaml")
     assert best.train.lr == pytest.approx(result.best_params["train.lr"])
-    assert run_tune(config, trials=2, log=lambda *_: None).n_trials == 5  # same storage: continued
+    assert run_tune(config, trials=2, launch=QUIET).n_trials == 5  # same storage: continued
     trials = pd.read_csv(result.out_dir / "trials.csv")
     assert len(trials) == 5 and trials["number"].is_unique
 

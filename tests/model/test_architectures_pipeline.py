@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 def _config(prepared, folder, architecture, **model):
     return prepared.with_overrides({"train.runs_dir": str(folder), "train.max_epochs": 3,
-                                    "model.architecture": architecture, "model.baseline.transmil_heads": 4,
+                                    "model.architecture": architecture, "model.options.transmil.heads": 4,
                                     **{f"model.{key}": value for key, value in model.items()}})
 
 

@@ -109,7 +109,7 @@ def test_a_graph_model_learns_what_only_the_neighbourhoods_show_and_a_bag_model_
     auc = {}
     for architecture in ("mustang", "abmil"):
         torch.manual_seed(0)
-        config = small_config(architecture, {"graph_k": 1})  # the nearest patch: its twin in class 1
+        config = small_config(architecture, {"mustang": {"k": 1}})  # the nearest patch: its twin in class 1
         model = build_model(2, config, STAINS)
         optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
         for step in range(150):

@@ -28,7 +28,7 @@ def test_late_fusion_is_the_mean_of_its_per_stain_models_over_the_stains_a_case_
 
 def test_learned_late_fusion_weighs_each_stain_by_its_softmaxed_score():
     bags = random_bags(n_cases=4, drop_stain_of=())  # every case has every stain
-    config = small_config("late_fusion", {"late_fusion_combine": "learned"})
+    config = small_config("late_fusion", {"late_fusion": {"combine": "learned"}})
     torch.manual_seed(0)
     model = build_model(bags.feature_dim, config, STAINS).eval()
     with torch.no_grad():
@@ -48,14 +48,15 @@ def test_late_fusion_attends_over_patches_exactly_when_its_members_do():
     from stainmil.model.registry import has_patch_attention
 
     assert has_patch_attention(ModelConfig(architecture="late_fusion"))  # over abmil, the default base
-    over_transmil = small_config("late_fusion", {"late_fusion_base": "transmil"})
+    over_transmil = small_config("late_fusion", {"late_fusion": {"base": "transmil"}})
     assert not has_patch_attention(over_transmil)
     bags = random_bags(n_cases=3)
-    assert build_model(bags.feature_dim, over_transmil, STAINS).has_patch_attention is False
+    out = build_model(bags.feature_dim, over_transmil, STAINS).eval()(bags.batch(bags.case_ids))
+    assert torch.allclose(out.patch_attention_logits, torch.zeros_like(out.patch_attention_logits))
 
 
 def test_late_fusion_needs_a_flat_base():
-    config = small_config("late_fusion", {"late_fusion_base": "hierarchical"})
+    config = small_config("late_fusion", {"late_fusion": {"base": "hierarchical"}})
     with pytest.raises(ConfigError, match="flat"):
         build_model(16, config, STAINS)
 
@@ -77,6 +78,6 @@ def test_cross_attention_masks_a_missing_stain_instead_of_zero_filling_it():
         out, out_changed = model(full), model(changed)
         he = full.group_stain == 0
         assert not torch.allclose(out.stain_weights[he], out_changed.stain_weights[he])
-    config = small_config("cross_attention", {"cross_attention_heads": 3})  # 32 is not a multiple of 3
+    config = small_config("cross_attention", {"cross_attention": {"heads": 3}})  # 32 is not a multiple of 3
     with pytest.raises(ConfigError, match="divisible"):
         build_model(16, config, STAINS)

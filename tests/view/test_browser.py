@@ -277,7 +277,7 @@ def test_review_draw_mark_note_grade_save_and_reload(demo, tmp_path):
             move(page, he, x + size / 2, y + size / 2, 1.0, animate=False)
             page.mouse.click(round(canvas[0] + canvas[2] / 2), round(canvas[1] + canvas[3] / 2))
             page.click(f"#info .marks button[data-mark='{marks[patch]}']")
-        grades = server.catalog.class_names(server.catalog.source(0))
+        grades = server.catalog.state(0).class_names
         page.fill("#note", NOTE)
         page.select_option("#grade", grades[-1])
 

@@ -68,7 +68,7 @@ def test_a_mosaic_slide_shows_its_own_outline_and_says_why_an_ihc_one_is_not_car
     page = web.get("/api/case", params={"case": case}).json()
     kinds = {s["stain"]: s["outline"] for s in page["slices"]}
     assert kinds == {"he": "own", "melan": "not carried", "sox10": "own"}
-    config = catalog.config(catalog.source(0))
+    config = catalog.state(0).config
     for s in page["slices"]:
         answer = web.get(f"/api/outline/{s['id']}").json()
         if s["stain"] == "melan":                                        # not registered: says so
@@ -96,7 +96,7 @@ def test_an_unreadable_outline_file_is_said_in_one_sentence(tiny_cohort, tmp_pat
     page = web.get("/api/case", params={"case": case}).json()
     he = next(s for s in page["slices"] if s["stain"] == "he")
     answer = web.get(f"/api/outline/{he['id']}")
-    sentence = unreadable_sentence(catalog.config(catalog.source(0)), broken)
+    sentence = unreadable_sentence(catalog.state(0).config, broken)
     assert answer.status_code == 200 and answer.json()["problem"] == sentence and answer.json()["outlines"] == []
     assert "\n" not in sentence and str(broken) in sentence
     for s in page["slices"]:                                             # nothing else breaks
@@ -141,7 +141,7 @@ def he_only(serial_demo: Path, demo: dict, folder: Path) -> tuple[Path, Path]:
 def test_every_stain_shows_its_own_outline_as_the_file_holds_it(demo):
     catalog = Catalog(demo["run"])
     web = TestClient(create_app(catalog))
-    config = catalog.config(catalog.source(0))
+    config = catalog.state(0).config
     case = web.get("/api/cases").json()["cases"][0]["case"]
     page = web.get("/api/case", params={"case": case}).json()
     assert {s["stain"] for s in page["slices"]} == {"he", "melan", "sox10"}
@@ -159,7 +159,7 @@ def test_an_ihc_slide_without_an_outline_gets_the_he_one_carried_or_says_why_not
     run, truth = he_only(serial_demo, demo, tmp_path)
     catalog = Catalog(run)
     web = TestClient(create_app(catalog))
-    config = catalog.config(catalog.source(0))
+    config = catalog.state(0).config
     registrations = pd.read_csv(Path(demo["tiles"]) / "registration" / "registrations.csv", dtype=str)
     for verdict in ["aligned", "doubtful"]:
         row = registrations[registrations["verdict"] == verdict].iloc[0]
@@ -192,7 +192,7 @@ def test_an_unreadable_he_outline_is_said_on_the_ihc_slide_too(serial_demo, demo
         "type": "Polygon", "coordinates": [[[0, 0], ["x", 1], [1, 1]]]}}]}))    # a malformed polygon
     catalog = Catalog(run)
     web = TestClient(create_app(catalog))
-    sentence = unreadable_sentence(catalog.config(catalog.source(0)), broken)
+    sentence = unreadable_sentence(catalog.state(0).config, broken)
     page = web.get("/api/case", params={"case": row["case"]}).json()
     ihc = next(s for s in page["slices"] if s["stain"] == row["stain"] and s["slice"] == row["slice"])
     for slide in (next(s for s in page["slices"] if s["reference"]), ihc):

@@ -30,6 +30,7 @@ from stainmil.config import Config
 from stainmil.data.registration import read_registrations, reference_stain
 from stainmil.io import atomic_write, atomic_write_json, atomic_write_text, safe_name, save_image
 from stainmil.progress import progress_bar
+from stainmil.run_files import RunFiles
 
 safe = safe_name
 
@@ -87,7 +88,7 @@ def write_analysis(run_dir: str | Path, split_name: str = "test", top_k: int | N
                    bags=None, settings: list[str] | None = None) -> AnalysisResult:
     """Analyse the cases of a run's ``split_name`` into ``<run>/attention/`` (``settings``: ``--set analysis.…``)."""
     tables, config, _ = analyze_tables(run_dir, split_name, top_k, bags=bags, settings=settings)
-    return write_tables(Path(run_dir) / "attention", tables, config)
+    return write_tables(RunFiles.of(run_dir).attention, tables, config)
 
 
 def write_analyses(runs: list[Path], split_name: str = "test", log=print) -> list[Path]:

@@ -22,6 +22,7 @@ from stainmil.features.sources import cohort_features
 from stainmil.features.store import StoreMeta, check_store, imported_store
 from stainmil.io import atomic_write, atomic_write_text
 from stainmil.model.registry import architecture
+from stainmil.run_files import RunFiles
 from stainmil.train.checkpoint import load_checkpoint, model_from_checkpoint
 from stainmil.train.run import case_probabilities, run_decision
 
@@ -89,7 +90,7 @@ def predict_unlabelled(checkpoint: str | Path, config: Config, out_dir: str | Pa
     if explain:
         tables = compute_tables(model, config, bags, bags.case_ids, predictions, "prediction set", threshold,
                                 temperature)
-        analysis = write_tables(out / "attention", tables, config)
+        analysis = write_tables(RunFiles.of(out).attention, tables, config)
         build_prediction_report(out, analysis, config, threshold, rule, checkpoint)
     # written last: a folder with predictions.csv is a finished prediction set
     atomic_write(out / "predictions.csv", lambda tmp: predictions.drop(columns=["label"]).to_csv(tmp, index=False))

@@ -136,6 +136,21 @@ class _NoTissue(DataError):
     pass
 
 
+def tissue_mask_path(out_dir: Path, stem: str) -> Path:
+    """Where tiling writes a slide's tissue mask: ``<tile.out_dir>/masks/<stem>_tissue.png`` (0/255)."""
+    return Path(out_dir) / "masks" / f"{stem}_tissue.png"
+
+
+def thumbnail_path(out_dir: Path, stem: str) -> Path:
+    """Where tiling writes a slide's thumbnail: ``<tile.out_dir>/thumbnails/<stem>.jpg``."""
+    return Path(out_dir) / "thumbnails" / f"{stem}.jpg"
+
+
+def tissue_mask_of(thumbnail: Path) -> Path:
+    """The tissue mask written beside a thumbnail (the patch table records the thumbnail's path)."""
+    return tissue_mask_path(Path(thumbnail).parent.parent, Path(thumbnail).stem)
+
+
 def _tile_one(path: Path, stem: str, key: tuple[str, str, str], config: TileConfig, out: Path,
               regions: Regions, key_text: str) -> None:
     """Tile one slide into ``coords/<stem>.h5`` (+ mask and thumbnail), inside its annotated ``regions``."""
@@ -150,7 +165,7 @@ def _tile_one(path: Path, stem: str, key: tuple[str, str, str], config: TileConf
         coords, fractions = patch_grid(slide, plan, mask, scale0, config.min_tissue)
         inside = regions.centres_inside(coords, plan.size0)  # exact: the mask is coarse at polygon edges
         coords, fractions = coords[inside], fractions[inside]
-        save_image(mask.astype(np.uint8) * 255, out / "masks" / f"{stem}_tissue.png")
+        save_image(mask.astype(np.uint8) * 255, tissue_mask_path(out, stem))
         if len(coords) == 0:
             where = "" if regions.include is None and regions.exclude is None else " inside the annotations"
             raise _NoTissue(f"{path.name}: no {config.patch_size}-px square has {config.min_tissue:.0%} tissue{where}")
@@ -158,10 +173,10 @@ def _tile_one(path: Path, stem: str, key: tuple[str, str, str], config: TileConf
             slide.read_region(*coords[index], plan.level, plan.read_size)
         thumb_scale = min(1.0, config.thumbnail_px / max(slide.dimensions))
         thumb = view if abs(thumb_scale - 1 / down) < 1e-9 else slide.thumbnail(1 / thumb_scale)
-        save_image(thumb, out / "thumbnails" / f"{stem}.jpg", quality=90)
+        save_image(thumb, thumbnail_path(out, stem), quality=90)
         write_coords(out / "coords" / f"{stem}.h5", coords, fractions, plan, slide.level_dimensions[plan.level],
                      {"name": path.stem, "slide_path": str(path), "case": key[0], "stain": key[1], "slice": key[2],
-                      "thumbnail": str(out / "thumbnails" / f"{stem}.jpg"),
+                      "thumbnail": str(thumbnail_path(out, stem)),
                       "thumb_scale": thumb.shape[1] / slide.dimensions[0], "region": regions.describe(),
                       "region_key": key_text})
     finally:

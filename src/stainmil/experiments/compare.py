@@ -26,10 +26,11 @@ from stainmil.experiments.cv import run_cv, shared_folds
 from stainmil.features.encoders import ENCODERS, check_image_size
 from stainmil.features.extract import extract_features
 from stainmil.io import atomic_write, atomic_write_text, safe_name
+from stainmil.launch import Launch
 
 
-def compare_encoders(config: Config, backbones: list[str], folds: int = 5, launcher: str = "local",
-                     out_dir: str | Path | None = None, log=print) -> pd.DataFrame:
+def compare_encoders(config: Config, *, backbones: list[str], folds: int = 5, out_dir: str | Path | None = None,
+                     launch: Launch = Launch()) -> pd.DataFrame:
     """Extract + cross-validate each encoder in ``backbones`` on the same folds; return (and write) the table."""
     if not backbones:
         raise ConfigError("--backbones is empty; name at least one encoder (`stainmil backbones` lists them).")
@@ -45,12 +46,11 @@ def compare_encoders(config: Config, backbones: list[str], folds: int = 5, launc
     for name in backbones:
         # one store per encoder, named after it
         encoder_config = config.with_overrides({"features.backbone": name, "features.store_dir": ""})
-        log(f"[{name}] extracting features into {encoder_config.paths.store}")
+        launch.log(f"[{name}] extracting features into {encoder_config.paths.store}")
         summary = extract_features(encoder_config, manifest)
         speed = round(summary.patches_per_second, 1) if summary.patches_written else float("nan")
-        log(f"[{name}] cross-validating on the shared folds")
-        result = run_cv(encoder_config, splits_dir=splits_dir, launcher=launcher, out_dir=out / safe_name(name),
-                        log=log)
+        launch.log(f"[{name}] cross-validating on the shared folds")
+        result = run_cv(encoder_config, splits_dir=splits_dir, out_dir=out / safe_name(name), launch=launch)
         pooled, over = result.metrics["pooled_out_of_fold"], result.metrics["over_folds"]
         spec = ENCODERS.get(name)
         row = {"encoder": name, "dim": spec.dim if spec else None, "weights": encoder_config.features.weights,
@@ -65,7 +65,7 @@ def compare_encoders(config: Config, backbones: list[str], folds: int = 5, launc
     atomic_write(out / "encoders.csv", lambda tmp: table.to_csv(tmp, index=False))
     atomic_write_text(out / "encoders.md", comparison_markdown(table, len(list(splits_dir.glob("*.npz"))),
                                                                    encoder_metrics(config.data.classes)))
-    log(f"encoder comparison in {out}")
+    launch.log(f"encoder comparison in {out}")
     return table
 
 

@@ -44,9 +44,9 @@ from stainmil.data.registration import reference_stain
 from stainmil.errors import ConfigError, DataError
 from stainmil.experiments.cv import per_case_probabilities, pooled_out_of_fold, run_cv, shared_folds
 from stainmil.io import atomic_write, atomic_write_text, safe_name, save_figure, subplots
+from stainmil.launch import Launch
 from stainmil.locks import folder_lock
-from stainmil.model.hierarchical import STAIN_IDENTITIES
-from stainmil.model.registry import architecture, build_model, list_architectures
+from stainmil.model.registry import STAIN_IDENTITIES, architecture, build_model, list_architectures
 from stainmil.run_files import RunFiles, glob_runs
 from stainmil.stats.metrics import paired_auc_difference
 from stainmil.tables import render_table
@@ -62,15 +62,15 @@ def case_probabilities_of(per_case: pd.DataFrame) -> np.ndarray:
 @dataclass(frozen=True)
 class Variant:
     architecture: str
-    stain_identity: str | None  # None: the config's own (flat models take 'embedding' for 'specific')
+    stain_identity: str | None  # None: the config's own (a model that does not take it: 'embedding')
     stains: tuple[str, ...] | None  # None: the config's data.stains
 
     def configure(self, config: Config) -> Config:
         changes: dict[str, object] = {"model.architecture": self.architecture}
         if self.stain_identity:
             changes["model.stain_identity"] = self.stain_identity
-        elif config.model.stain_identity == "specific" and not architecture(self.architecture).stain_specific:
-            changes["model.stain_identity"] = "embedding"  # the flat models' counterpart of a stain-specific run
+        elif config.model.stain_identity not in architecture(self.architecture).stain_identities:
+            changes["model.stain_identity"] = "embedding"  # the flat models' counterpart of 'specific', 'attention'
         if self.stains:
             changes["data.stains"] = list(self.stains)
         return config.with_overrides(changes)
@@ -109,12 +109,11 @@ def parse_variants(models: list[str], stain_sets: list[str] | None, known_stains
         name, _, identity = spec.strip().partition(":")
         if name not in list_architectures():
             raise ConfigError(f"--models: '{name}' is not an architecture; choose from {list_architectures()}.")
-        if identity and identity not in STAIN_IDENTITIES:
-            raise ConfigError(f"--models: '{spec}' asks for stain identity '{identity}'; choose one of "
-                              f"{list(STAIN_IDENTITIES)}.")
-        if identity == "specific" and not architecture(name).stain_specific:
-            raise ConfigError(f"--models: '{spec}': stain identity 'specific' is for the hierarchical models only "
-                              f"({', '.join(n for n in list_architectures() if architecture(n).stain_specific)}).")
+        takes = architecture(name).stain_identities
+        if identity and identity not in takes:
+            known = "" if identity in STAIN_IDENTITIES else f" (not a stain identity: {list(STAIN_IDENTITIES)})"
+            raise ConfigError(f"--models: '{spec}' asks for stain identity '{identity}'{known}; {name} takes "
+                              f"{list(takes)}.")
         parsed.append((name, identity or None))
     sets: list[tuple[str, ...] | None] = [None]
     if stain_sets:
@@ -136,9 +135,9 @@ def parse_variants(models: list[str], stain_sets: list[str] | None, known_stains
     return variants
 
 
-def compare_models(config: Config, models: list[str], folds: int = 5, seeds: list[int] | None = None,
-                   stain_sets: list[str] | None = None, launcher: str = "local", out_dir: str | Path | None = None,
-                   workers: int = 1, log=print) -> pd.DataFrame:
+def compare_models(config: Config, *, models: list[str], folds: int = 5, seeds: list[int] | None = None,
+                   stain_sets: list[str] | None = None, out_dir: str | Path | None = None,
+                   launch: Launch = Launch()) -> pd.DataFrame:
     """Cross-validate every variant on the same folds and seeds; return (and write) the comparison table."""
     if stain_sets:  # the stains as users write them: HE+SOX10 is he+sox10
         stain_sets = ["+".join(config.data.canonical_stain(s) or s.strip() for s in spec.split("+") if s.strip())
@@ -146,12 +145,12 @@ def compare_models(config: Config, models: list[str], folds: int = 5, seeds: lis
     variants = parse_variants(models, stain_sets, config.data.stains, reference_stain(config))
     seeds = seeds or [config.train.seed]
     out = Path(out_dir) if out_dir else config.paths.runs_dir / datetime.now().strftime("models_%Y%m%d_%H%M%S")
-    with folder_lock(out, "compare-models", log=log):
-        return _compare(config, variants, folds, seeds, launcher, out, workers, log)
+    with folder_lock(out, "compare-models", log=launch.log):
+        return _compare(config, variants, folds, seeds, out, launch)
 
 
-def _compare(config: Config, variants: list, folds: int, seeds: list[int], launcher: str, out: Path, workers: int,
-             log) -> pd.DataFrame:
+def _compare(config: Config, variants: list, folds: int, seeds: list[int], out: Path, launch: Launch) -> pd.DataFrame:
+    log = launch.log
     splits_dir = shared_folds(config, folds, 1, out, None)
     oof: dict[str, pd.DataFrame] = {}
     rows = []
@@ -160,7 +159,7 @@ def _compare(config: Config, variants: list, folds: int, seeds: list[int], launc
         for seed in seeds:
             run_config = variant.configure(config).with_overrides({"train.seed": seed})
             log(f"[{variant.name(config)}] seed {seed}: cross-validating on the shared folds")
-            result = run_cv(run_config, splits_dir=splits_dir, launcher=launcher, workers=workers, log=log,
+            result = run_cv(run_config, splits_dir=splits_dir, launch=launch,
                             out_dir=out / safe_name(variant.name(config)) / f"seed_{seed}")
             frames.append(pd.read_csv(result.out_dir / "oof_predictions.csv", dtype={"case": str}))
             thresholds += result.summary["threshold"].tolist()

@@ -31,7 +31,7 @@ from stainmil.data.splits import Split, load_split, make_splits, save_split
 from stainmil.errors import DataError
 from stainmil.evaluate.evaluation import evaluate_run
 from stainmil.io import atomic_write, atomic_write_json, atomic_write_text
-from stainmil.launch import run_jobs
+from stainmil.launch import Launch, run_jobs
 from stainmil.locks import folder_lock
 from stainmil.run_files import RunFiles
 from stainmil.stats.metrics import bootstrap_intervals, classification_metrics
@@ -117,19 +117,20 @@ def prepare_experiment(config: Config, folds: int = 5, repeats: int = 1, splits_
     return out, [(values, str(f), str(out / "folds" / f.stem)) for f in split_files]
 
 
-def run_cv(config: Config, folds: int = 5, repeats: int = 1, splits_dir: str | Path | None = None,
-           launcher: str = "local", out_dir: str | Path | None = None, only_fold: int | None = None,
-           job: FoldJob | None = None, log=print, workers: int = 1) -> CVResult | None:
+def run_cv(config: Config, *, folds: int = 5, repeats: int = 1, splits_dir: str | Path | None = None,
+           out_dir: str | Path | None = None, only_fold: int | None = None, job: FoldJob | None = None,
+           launch: Launch = Launch()) -> CVResult | None:
     """Run every fold (skipping finished ones) and write the summaries; ``only_fold`` runs one fold, counted
     from 0 (fold_01 is 0, as ``$SLURM_ARRAY_TASK_ID`` counts)."""
     out = Path(out_dir) if out_dir else config.paths.runs_dir / datetime.now().strftime("cv_%Y%m%d_%H%M%S")
     # SLURM array tasks of one CV (--fold-index) run in parallel: each holds its fold's part of the lock
-    with folder_lock(out, "cv", part=None if only_fold is None else f"fold{only_fold}", log=log):
+    with folder_lock(out, "cv", part=None if only_fold is None else f"fold{only_fold}", log=launch.log):
         out, jobs = prepare_experiment(config, folds, repeats, splits_dir, out)
-        return _run_cv(out, jobs, launcher, only_fold, job, workers, log)
+        return _run_cv(out, jobs, launch, only_fold, job)
 
 
-def _run_cv(out: Path, jobs: list, launcher: str, only_fold: int | None, job, workers: int, log) -> CVResult:
+def _run_cv(out: Path, jobs: list, launch: Launch, only_fold: int | None, job) -> CVResult:
+    log = launch.log
     config = load_config(out / "config.yaml")
     if only_fold is not None:
         if not 0 <= only_fold < len(jobs):
@@ -139,7 +140,7 @@ def _run_cv(out: Path, jobs: list, launcher: str, only_fold: int | None, job, wo
         return None
     pending = [args for args in jobs if not (Path(args[2]) / "metrics.json").is_file()]
     log(f"cross-validation in {out}: {len(jobs)} folds, {len(jobs) - len(pending)} already finished")
-    run_jobs(job or FoldJob(), pending, launcher, out, config.slurm, name="stainmil-cv", log=log, workers=workers)
+    run_jobs(job or FoldJob(), pending, launch, out, config.slurm, name="stainmil-cv")
     return summarise_cv(out, config, [args[2] for args in jobs])
 
 

@@ -36,7 +36,7 @@ from stainmil.errors import ConfigError
 from stainmil.experiments.cv import FoldJob, shared_folds, summarise_cv
 from stainmil.experiments.tune import Objective, create_study
 from stainmil.io import atomic_write, atomic_write_json, atomic_write_text
-from stainmil.launch import run_jobs
+from stainmil.launch import Launch, run_jobs
 
 
 def _complete_trials(study) -> int:
@@ -95,8 +95,8 @@ def non_nested_estimate(config: Config, split_files: list[Path], trials: int, ou
             **{k: float(v) for k, v in best.user_attrs.items()}, "trials": _complete_trials(study)}
 
 
-def run_nested_cv(config: Config, trials: int, folds: int = 5, splits_dir: str | Path | None = None,
-                  launcher: str = "local", out_dir: str | Path | None = None, log=print) -> dict:
+def run_nested_cv(config: Config, *, trials: int, folds: int = 5, splits_dir: str | Path | None = None,
+                  out_dir: str | Path | None = None, launch: Launch = Launch()) -> dict:
     """Nested CV with ``trials`` Optuna trials per outer fold, plus the non-nested estimate; returns nested.json."""
     if trials < 1:
         raise ConfigError(f"--tune must be at least 1 trial per outer fold, got {trials}.")
@@ -112,14 +112,14 @@ def run_nested_cv(config: Config, trials: int, folds: int = 5, splits_dir: str |
     values = config_to_dict(config)
     jobs = [(values, str(f), str(nested / "folds" / f"fold_{i:02d}"), trials) for i, f in enumerate(split_files, 1)]
     pending = [job for job in jobs if not (Path(job[2]) / "metrics.json").is_file()]
-    log(f"nested cross-validation in {out}: {len(jobs)} outer folds x {trials} trials, "
+    launch.log(f"nested cross-validation in {out}: {len(jobs)} outer folds x {trials} trials, "
         f"{len(jobs) - len(pending)} folds already finished")
-    run_jobs(NestedFoldJob(), pending, launcher, out, config.slurm, name="stainmil-nested", log=log)
+    run_jobs(NestedFoldJob(), pending, launch, out, config.slurm, name="stainmil-nested")
     honest = summarise_cv(nested, config, [job[2] for job in jobs])
     chosen = pd.DataFrame([{"fold": Path(job[2]).name, **json.loads(
         (Path(job[2]) / "tune" / "best_params.json").read_text())["params"]} for job in jobs])
     atomic_write(out / "chosen_params.csv", lambda tmp: chosen.to_csv(tmp, index=False))
-    log("non-nested (optimistic) estimate: tuning scored on the outer test cases")
+    launch.log("non-nested (optimistic) estimate: tuning scored on the outer test cases")
     optimistic = non_nested_estimate(config, split_files, trials, out / "non_nested")
     pooled, over = honest.metrics["pooled_out_of_fold"], honest.metrics["over_folds"]
     result = {"out_dir": str(out), "outer_folds": len(jobs), "trials_per_study": trials,

@@ -21,11 +21,12 @@ from stainmil.config import Config, load_config
 from stainmil.errors import ConfigError
 from stainmil.experiments.cv import run_cv, shared_folds
 from stainmil.io import atomic_write, atomic_write_json, atomic_write_text
+from stainmil.launch import Launch
 
 
-def run_cv_seeds(config: Config, seeds: list[int], folds: int = 5, repeats: int = 1,
-                 splits_dir: str | Path | None = None, launcher: str = "local", out_dir: str | Path | None = None,
-                 log=print, workers: int = 1) -> tuple[pd.DataFrame, Path]:
+def run_cv_seeds(config: Config, *, seeds: list[int], folds: int = 5, repeats: int = 1,
+                 splits_dir: str | Path | None = None, out_dir: str | Path | None = None,
+                 launch: Launch = Launch()) -> tuple[pd.DataFrame, Path]:
     """Cross-validate once per training seed in ``seeds`` on the same folds (``workers`` folds at once); return
     (and write) one row per seed, and the experiment folder."""
     if not seeds or len(set(seeds)) != len(seeds):
@@ -37,12 +38,12 @@ def run_cv_seeds(config: Config, seeds: list[int], folds: int = 5, repeats: int 
     rows = []
     for k, seed in enumerate(seeds):
         seeded = config.with_overrides({"train.seed": seed})
-        log(f"seed {k + 1}/{len(seeds)} (train.seed={seed})")
+        launch.log(f"seed {k + 1}/{len(seeds)} (train.seed={seed})")
         seed_dir = out / f"seed_{k + 1}"
         if (seed_dir / "config.yaml").is_file() and (was := load_config(seed_dir / "config.yaml").train.seed) != seed:
             raise ConfigError(f"{seed_dir} was trained with train.seed={was}, not {seed}; resume {out} with the "
                               "--seeds it was started with, in the same order.")
-        result = run_cv(seeded, splits_dir=folds_dir, launcher=launcher, out_dir=seed_dir, log=log, workers=workers)
+        result = run_cv(seeded, splits_dir=folds_dir, out_dir=seed_dir, launch=launch)
         pooled, over = result.metrics["pooled_out_of_fold"], result.metrics["over_folds"]
         rows.append({"seed": seeded.train.seed, **{m: pooled[m] for m in seed_metrics},
                      **{f"{m}_sd_over_folds": over[m]["sd"] for m in per_fold}})
@@ -55,7 +56,7 @@ def run_cv_seeds(config: Config, seeds: list[int], folds: int = 5, repeats: int 
     atomic_write_json(out / "seeds.json", {"seeds": len(table), "folds": len(list(folds_dir.glob("*.npz"))),
                                            "metrics": summary})
     atomic_write_text(out / "seeds_report.txt", seeds_report_text(table, summary))
-    log(f"seed spread in {out}")
+    launch.log(f"seed spread in {out}")
     return table, out
 
 

@@ -24,7 +24,7 @@ from stainmil.data.cohort import case_labels, load_manifest
 from stainmil.data.splits import Split, load_split, validation_folds
 from stainmil.errors import ConfigError
 from stainmil.io import atomic_write, atomic_write_text, save_figure
-from stainmil.launch import run_jobs
+from stainmil.launch import Launch, run_jobs
 from stainmil.locks import folder_lock
 from stainmil.train.trainer import train
 
@@ -143,15 +143,14 @@ class TuneResult:
     n_trials: int
 
 
-def run_tune(config: Config, trials: int | None = None, workers: int = 1, launcher: str = "local",
-             log=print) -> TuneResult:
+def run_tune(config: Config, *, trials: int | None = None, launch: Launch = Launch()) -> TuneResult:
     """Add ``trials`` trials to the study with ``workers`` workers, then write the outputs. One ``tune`` per study
     folder at a time (its workers are its own processes or SLURM jobs)."""
-    with folder_lock(tune_dir(config), "tune", log=log):
-        return _run_tune(config, trials, workers, launcher, log)
+    with folder_lock(tune_dir(config), "tune", log=launch.log):
+        return _run_tune(config, trials, launch)
 
 
-def _run_tune(config: Config, trials: int | None, workers: int, launcher: str, log) -> TuneResult:
+def _run_tune(config: Config, trials: int | None, launch: Launch) -> TuneResult:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -159,13 +158,14 @@ def _run_tune(config: Config, trials: int | None, workers: int, launcher: str, l
     study = create_study(config)  # created once, before any worker (SQLite-safe)
     out = tune_dir(config)
     dump_config(config, out / "config.yaml")
+    workers = launch.workers
     shares = [trials // workers + (1 if i < trials % workers else 0) for i in range(workers)]
     args = [(config_to_dict(config), n) for n in shares if n]
-    if launcher == "local" and workers > 1:
+    if launch.launcher == "local" and workers > 1:
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             pool.starmap(_worker, args)
-    else:
-        run_jobs(_worker, args, launcher, out, config.slurm, name="stainmil-tune", log=log)
+    else:  # one after another here, or one SLURM job per worker
+        run_jobs(_worker, args, Launch(launch.launcher, 1, launch.log), out, config.slurm, name="stainmil-tune")
     study = create_study(config)
     return write_outputs(study, config, out)
 

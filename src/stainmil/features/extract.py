@@ -40,7 +40,7 @@ from stainmil.features.store import (
     view_settings,
     write_slice,
 )
-from stainmil.launch import run_jobs
+from stainmil.launch import Launch, run_jobs
 from stainmil.locks import folder_lock
 from stainmil.progress import progress_bar
 from stainmil.slides.reader import SlideHandles, patch_refs, read_patch
@@ -280,8 +280,8 @@ class ExtractShardJob:
         return submitit.helpers.DelayedSubmission(ExtractShardJob(), *args, **kwargs)
 
 
-def extract_sharded(config: Config, shards: int = 1, launcher: str = "local", shard: int | None = None,
-                    log=print, verify: bool = False) -> list[ExtractSummary]:
+def extract_sharded(config: Config, *, shards: int = 1, shard: int | None = None, verify: bool = False,
+                    launch: Launch = Launch()) -> list[ExtractSummary]:
     """Extract the whole store, in ``shards`` jobs (local or a SLURM array), or only shard ``shard``.
 
     The store's settings file is written here first, so parallel shards never race on it; each slice
@@ -293,11 +293,10 @@ def extract_sharded(config: Config, shards: int = 1, launcher: str = "local", sh
     manifest = load_manifest(config)
     if shard is not None:
         return [extract_features(config, manifest, shard=(shard, shards), verify=verify)]
-    if shards == 1 and launcher == "local":
+    if shards == 1 and launch.launcher == "local":
         return [extract_features(config, manifest, verify=verify)]
     # the jobs' machines decide the precision (the submitting node may have no GPU): not recorded for shards
     _prepare_store(config, build_backbone(config.features), config.paths.store, "")
     values = config_to_dict(config)
-    return run_jobs(ExtractShardJob(), [(values, i, shards, verify) for i in range(shards)], launcher,
-                    config.paths.store,
-                    config.slurm, name="stainmil-extract", log=log)
+    return run_jobs(ExtractShardJob(), [(values, i, shards, verify) for i in range(shards)], launch,
+                    config.paths.store, config.slurm, name="stainmil-extract")

@@ -32,11 +32,11 @@ from stainmil.errors import ConfigError, DataError
 from stainmil.model.batch import CaseBatch
 from stainmil.model.hierarchical import HierarchicalMIL
 from stainmil.model.output import MILOutput
-from stainmil.model.registry import register_architecture
+from stainmil.model.registry import STAIN_IDENTITIES, register_architecture
 
 
 @register_architecture("aligned", reference="stainmil: hierarchy over registered H&E+IHC places",
-                       stain_specific=True, needs_registration=True)
+                       stain_identities=STAIN_IDENTITIES, needs_registration=True)
 class AlignedMIL(HierarchicalMIL):
     def __init__(self, in_dim: int, config: ModelConfig, stains: list[str] | None = None) -> None:
         super().__init__(in_dim, config, stains)

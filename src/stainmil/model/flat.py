@@ -20,11 +20,19 @@ import torch
 from torch import nn
 
 from stainmil.config import ModelConfig
-from stainmil.errors import ConfigError
 from stainmil.model.base import GATE_START, StainAware
 from stainmil.model.batch import CaseBatch
 from stainmil.model.output import MILOutput
 from stainmil.model.segment import group_sizes, segment_softmax, segment_sum
+
+
+@dataclass(frozen=True)
+class PatchContext:
+    """Where each patch of a batch comes from, for an architecture that reads it (graphs by slice or stain)."""
+
+    stain: torch.Tensor                  # (P,) stain index (model order)
+    slice: torch.Tensor                  # (P,) slice row of the batch
+    position: torch.Tensor | None        # (P, 3) place on its slide, where the cohort knows it (see registry)
 
 
 @dataclass
@@ -40,18 +48,13 @@ class CasePooling:
 
 
 class FlatMIL(StainAware):
-    """Base of the flat baselines; subclasses set ``has_patch_attention`` and implement the two methods."""
-
-    has_patch_attention = True
-    reads_context = False  # True: pool_cases also gets patch_stain (P,), patch_slice (P,), patch_position (P, 3)|None
+    """Base of the flat baselines; subclasses implement the two methods (what they can do is in their registry
+    entry, :mod:`stainmil.model.registry`)."""
 
     def __init__(self, in_dim: int, config: ModelConfig, stains: list[str]) -> None:
         super().__init__(in_dim, stains)
         self.n_classes = config.n_classes
         self.stain_identity = config.stain_identity
-        if self.stain_identity in ("specific", "attention"):
-            raise ConfigError(f"model.stain_identity '{self.stain_identity}' is for the hierarchical model; a flat "
-                              f"baseline ({config.architecture}) takes 'none', 'embedding' or 'gated'.")
         self.stain_embedding = self.stain_gate = None
         if self.stain_identity in ("embedding", "gated"):
             self.stain_embedding = nn.Parameter(torch.randn(len(stains), in_dim) * 0.1)  # (K, D)
@@ -59,8 +62,9 @@ class FlatMIL(StainAware):
             self.stain_gate = nn.Parameter(torch.tensor(GATE_START))
 
     def pool_cases(self, x: torch.Tensor, patch_case: torch.Tensor, n_cases: int,
-                   labels: torch.Tensor) -> CasePooling:
-        """(P, D) standardised features, (P,) case of each patch, (B,) labels (-1: none) -> :class:`CasePooling`.
+                   labels: torch.Tensor, context: PatchContext) -> CasePooling:
+        """(P, D) standardised features, (P,) case of each patch, (B,) labels (-1: none), where each patch comes
+        from -> :class:`CasePooling`.
 
         ``labels`` are read only in training mode, for the auxiliary losses the architecture's paper specifies.
         """
@@ -83,15 +87,14 @@ class FlatMIL(StainAware):
             self.check_stains(batch)
             vector = self.stain_embedding[batch.group_stain[patch_group]]         # (P, D)
             x = x + (vector if self.stain_gate is None else torch.sigmoid(self.stain_gate) * vector)
-        context = {"patch_stain": batch.group_stain[patch_group], "patch_slice": batch.patch_slice,
-                   "patch_position": batch.patch_position} if self.reads_context else {}
-        pooled = self.pool_cases(x, patch_case, batch.n_cases, batch.labels, **context)
+        context = PatchContext(batch.group_stain[patch_group], batch.patch_slice, batch.patch_position)
+        pooled = self.pool_cases(x, patch_case, batch.n_cases, batch.labels, context)
         if pooled.attention_weights is not None:
             attention, scores = pooled.attention_weights, pooled.attention_logits
         elif pooled.attention_logits is not None:
             scores = pooled.attention_logits
             attention = segment_softmax(scores, patch_case, batch.n_cases)      # (P,) sums to 1 per case
-        else:  # no attention: uniform shares, flagged so that nothing draws them as a map
+        else:  # no attention: uniform shares (its registry entry says so: nothing draws them as a map)
             sizes = group_sizes(patch_case, batch.n_cases).to(x.dtype)
             attention = 1.0 / sizes[patch_case]
             scores = torch.zeros_like(attention)
@@ -114,7 +117,6 @@ class FlatMIL(StainAware):
             patch_embeddings=pooled.patch_embeddings,
             case_embeddings=pooled.case_embeddings,
             auxiliary_losses=pooled.auxiliary_losses,
-            has_patch_attention=self.has_patch_attention,
         )
 
 

@@ -10,14 +10,32 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stainmil.config import setting
+from stainmil.errors import ConfigError
 from stainmil.model.segment import group_ranks, group_sizes, segment_softmax, segment_sum
 
 KNN_BLOCK = 1 << 22  # distances computed at once by knn_edges: 4 Mi floats = 16 MB, whatever the case's size
+
+
+@dataclass(frozen=True)
+class GraphOptions:
+    """What the graph models (``model.options.mustang`` / ``biox_cpath``) share: their GATv2 + pooling stack."""
+
+    heads: int = setting("Heads of each GATv2 layer, averaged (reference code: 2).", default=2)
+    layers: int = setting("GATv2 + pooling layers (papers: 4).", default=4)
+    pool_ratio: float = setting("Share of a case's nodes each pooling layer keeps (papers: 0.7).", default=0.7)
+    k: int = setting("Neighbours of each patch in the case's k-NN feature graph.", default=5)
+
+    def __post_init__(self) -> None:
+        if min(self.k, self.heads, self.layers) < 1 or not 0 < self.pool_ratio <= 1:
+            raise ConfigError(f"model.options of a graph model: k, heads and layers must be at least 1 and pool_ratio "
+                              f"in (0, 1], got {self.k}, {self.heads}, {self.layers}, {self.pool_ratio}.")
 
 
 def knn_edges(features: torch.Tensor, groups: torch.Tensor, k: int, self_loops: bool = False,

@@ -38,23 +38,18 @@ from stainmil.model.attention import PoolOutput, build_attention
 from stainmil.model.base import GATE_START, StainAware, projector
 from stainmil.model.batch import CaseBatch
 from stainmil.model.output import MILOutput
-from stainmil.model.registry import register_architecture
+from stainmil.model.registry import STAIN_IDENTITIES, register_architecture
 from stainmil.model.segment import group_ranks
-
-STAIN_IDENTITIES = ("none", "embedding", "gated", "attention", "specific")
 
 
 @register_architecture("hierarchical", reference="stainmil: attention patch -> slice -> stain -> case",
-                       stain_specific=True)
+                       stain_identities=STAIN_IDENTITIES)
 class HierarchicalMIL(StainAware):
     def __init__(self, in_dim: int, config: ModelConfig, stains: list[str] | None = None) -> None:
         stains = list(stains) if stains is not None else []
         super().__init__(in_dim, stains)
         e, h, p = config.embed_dim, config.attention_hidden_dim, config.dropout
         self.stain_identity = config.stain_identity
-        if self.stain_identity not in STAIN_IDENTITIES:
-            raise ConfigError(f"model.stain_identity '{self.stain_identity}' is unknown; choose one of "
-                              f"{list(STAIN_IDENTITIES)}.")
         if self.stain_identity != "none" and not stains:
             raise ConfigError("model.stain_identity needs the stain names (data.stains) to build the model.")
         names = config.attention if isinstance(config.attention, list) else [config.attention] * len(LEVELS)

@@ -4,8 +4,8 @@ The hierarchical model fills every level from its own pools. A flat baseline (on
 one attention per patch over the whole case; its slice and stain levels are that attention summed
 over the patches of each slice and stain, so ``stain x slice x patch weight == effective attention``
 holds for every architecture and the analysis code reads them all alike. A model with no patch
-attention (TransMIL, mean, max) reports uniform weights and ``has_patch_attention=False``: the
-analysis then says so instead of drawing a map.
+attention (TransMIL, mean, max) reports uniform weights, and its registry entry says so
+(:func:`stainmil.model.registry.has_patch_attention`): the analysis then says so instead of drawing a map.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ class MILOutput:
     # extra loss terms the architecture's paper trains with (CLAM instance clustering, DSMIL max-instance
     # stream, DTFD tier 1), already weighted; the training step adds them to the case loss
     auxiliary_losses: dict[str, torch.Tensor] = field(default_factory=dict)
-    has_patch_attention: bool = True
 
     @property
     def probabilities(self) -> torch.Tensor:

@@ -32,7 +32,7 @@ from stainmil.features.sources import cohort_features
 from stainmil.features.store import STORE_META, check_store
 from stainmil.model.batch import CaseBatch
 from stainmil.model.output import MILOutput
-from stainmil.model.registry import architecture
+from stainmil.model.registry import architecture, check_model_config
 from stainmil.run_files import RunFiles
 from stainmil.stats.calibration import apply_temperature
 from stainmil.train.checkpoint import load_checkpoint, model_from_checkpoint
@@ -50,6 +50,7 @@ def load_cohort(config: Config, split: Split | None = None, training: bool = Fal
     (``data.stains``) the cases that have none of its stains drop out of the split.
     """
     bounded = training and config.features.mode == "cached" and config.features.cache_mb > 0
+    check_model_config(config.model)  # before any data is read: a bad option or stain identity is named first
     spec = architecture(config.model.architecture)
     aligned = spec.needs_registration
     # a bounded training process keeps only the index columns training uses: its memory stays small

@@ -40,7 +40,7 @@ class ReviewDesk:
 
     def folder(self, source: Source) -> Path:
         """``<output_dir>/reviews/<name>`` of the source's config, else ``<viewed folder>/reviews/<name>``."""
-        config = self.catalog.config(source)
+        config = self.catalog.state(source).config
         return (config.paths.reviews_dir if config is not None else self.catalog.folder / "reviews") / self.name
 
     def run_name(self, source: Source) -> str:
@@ -53,7 +53,7 @@ class ReviewDesk:
         return Reviews(self.folder(source))
 
     def classes(self, source: Source) -> list[str]:
-        config = self.catalog.config(source)
+        config = self.catalog.state(source).config
         return list(config.analysis.review_classes) if config is not None else default_review_classes()
 
     def describe(self, source: Source) -> dict:
@@ -61,7 +61,7 @@ class ReviewDesk:
         colours = class_colours(self.classes(source))
         return {"name": self.name, "folder": str(self.folder(source)), "run": self.run_name(source),
                 "classes": [{"name": n, "colour": "#{:02x}{:02x}{:02x}".format(*c)} for n, c in colours.items()],
-                "grades": self.catalog.class_names(source)}
+                "grades": self.catalog.state(source).class_names}
 
     # ---- slides --------------------------------------------------------------------------------------------
     def _slide(self, slide_id: int):
@@ -103,7 +103,7 @@ class ReviewDesk:
         known = {(str(st), str(sl), str(p)): r for st, sl, p, r in zip(part["stain"], part["slice"], patch, ranks)}
         marks = parse_marks(body.get("marks", []), known, case)
         grade, note = body.get("grade") or "", body.get("note") or ""
-        grades = self.catalog.class_names(source)
+        grades = self.catalog.state(source).class_names
         if grade not in ["", *grades]:
             raise BadReview(f"grade {grade!r} of case {case} is not one of this run's classes {grades}.")
         if not isinstance(note, str) or len(note) > MAX_NOTE:

@@ -163,7 +163,7 @@ def require_folder(folder: str | Path) -> Path:
     if not path.is_dir():
         raise DataError(f"{folder} is not a folder; pass a run folder (runs/run_…), a CV fold, a `predict` folder "
                         "or a `compare-models` folder to `stainmil view`.")
-    if not any(path.rglob("attention/patches.csv")):
+    if not glob_runs(path, "patches"):
         runs = unanalysed_runs(path)
         if runs:
             raise DataError(f"{folder} holds {len(runs)} trained run(s) but no analysis (e.g. {runs[0]}); start "

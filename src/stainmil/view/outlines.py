@@ -44,10 +44,10 @@ def _slide_outline(catalog: Catalog, slide_id: int) -> dict:
     entry = catalog.entry(slide_id)
     source = catalog.sources[entry.source]
     out = {"outlines": [], "file": "", "from": "", "stain": "", "fixed": None, "why": "", "problem": ""}
-    if not catalog.truth_outlines(source):
+    if not catalog.state(source).truth_outlines:
         out["why"] = "this run's config names no outline folder in analysis.truth"
         return out
-    config = catalog.config(source)
+    config = catalog.state(source).config
     where = config.analysis.truth
     if entry.truth is not None:
         out["file"] = str(entry.truth)

@@ -26,7 +26,7 @@ class ABMIL(FlatMIL):
         self.attention = GatedAttention(config.embed_dim, config.attention_hidden_dim, config.dropout)
         self.classifier = nn.Linear(config.embed_dim, config.n_classes)
 
-    def pool_cases(self, x, patch_case, n_cases, labels) -> CasePooling:
+    def pool_cases(self, x, patch_case, n_cases, labels, context) -> CasePooling:
         h = self.projector(x)                                                 # (P, E)
         scores = self.attention.score(h)                                      # (P,)
         weights = segment_softmax(scores, patch_case, n_cases)                # (P,)

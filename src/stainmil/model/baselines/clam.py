@@ -20,11 +20,15 @@ heatmaps do).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stainmil.config import ModelConfig
+from stainmil.config import ModelConfig, setting
+from stainmil.errors import ConfigError
 from stainmil.model.attention import GatedAttention
 from stainmil.model.base import projector
 from stainmil.model.flat import CasePooling, FlatMIL, labelled
@@ -38,19 +42,39 @@ def smooth_top1_svm(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 
     return torch.logsumexp(logits + margin, dim=-1) - logits.gather(1, targets[:, None]).squeeze(1)
 
 
-@register_architecture("clam_mb", reference="Lu et al. 2021: a branch per class, clustering",
+@dataclass(frozen=True)
+class CLAMOptions:
+    """``model.options.clam_sb`` / ``clam_mb``: the paper's (and reference code's) recipe by default."""
+
+    k_sample: int = setting("Patches taken from each end of the attention ranking for the instance clustering "
+                            "loss (Lu et al. 2021: 8).", default=8)
+    bag_weight: float = setting("Weight of the bag loss; the instance loss gets 1 - this (paper: 0.7).", default=0.7)
+    instance_loss: Literal["svm", "ce"] = setting("Instance loss, smooth top-1 SVM (the paper's) or cross-entropy.",
+                                                  default="svm")
+    attention_dim: int = setting("Hidden size of its gated attention (paper, 'small': 256).", default=256)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.bag_weight <= 1:
+            raise ConfigError(f"model.options.clam_*.bag_weight must be in (0, 1], got {self.bag_weight}.")
+        if self.k_sample < 1 or self.attention_dim < 1:
+            raise ConfigError(f"model.options.clam_*.k_sample and attention_dim must be at least 1, got "
+                              f"{self.k_sample}, {self.attention_dim}.")
+
+
+@register_architecture("clam_mb", reference="Lu et al. 2021: a branch per class, clustering", options=CLAMOptions,
                        multi_branch=True)
-@register_architecture("clam_sb", reference="Lu et al. 2021: one branch, instance clustering")
+@register_architecture("clam_sb", reference="Lu et al. 2021: one branch, instance clustering", options=CLAMOptions)
 class CLAM(FlatMIL):
-    def __init__(self, in_dim: int, config: ModelConfig, stains: list[str], multi_branch: bool = False) -> None:
+    def __init__(self, in_dim: int, config: ModelConfig, stains: list[str], options: CLAMOptions,
+                 multi_branch: bool = False) -> None:
         super().__init__(in_dim, config, stains)
-        b, c = config.baseline, config.n_classes
+        b, c = options, config.n_classes
         self.multi_branch = multi_branch
-        self.k_sample, self.bag_weight = b.clam_k_sample, b.clam_bag_weight
-        self.instance_loss = smooth_top1_svm if b.clam_instance_loss == "svm" else (
+        self.k_sample, self.bag_weight = b.k_sample, b.bag_weight
+        self.instance_loss = smooth_top1_svm if b.instance_loss == "svm" else (
             lambda logits, targets: F.cross_entropy(logits, targets, reduction="none"))
         self.projector = projector(in_dim, config)
-        self.attention = GatedAttention(config.embed_dim, b.clam_attention_dim, config.dropout,
+        self.attention = GatedAttention(config.embed_dim, b.attention_dim, config.dropout,
                                         outputs=c if multi_branch else 1)
         if multi_branch:  # one bag classifier per class, on that class's pooled embedding
             self.classifiers = nn.ModuleList([nn.Linear(config.embed_dim, 1) for _ in range(c)])
@@ -64,7 +88,7 @@ class CLAM(FlatMIL):
             return self.classifier(case)
         return torch.cat([clf(case[:, k]) for k, clf in enumerate(self.classifiers)], dim=1)
 
-    def pool_cases(self, x, patch_case, n_cases, labels) -> CasePooling:
+    def pool_cases(self, x, patch_case, n_cases, labels, context) -> CasePooling:
         h = self.projector(x)                                                  # (P, E)
         scores = self.attention.score(h)                                       # (P,) SB | (P, C) MB
         branches = scores[:, None] if scores.dim() == 1 else scores            # (P, K)

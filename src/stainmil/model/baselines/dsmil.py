@@ -60,7 +60,7 @@ class DSMIL(FlatMIL):
         bag_logits = self.bag_classifier(bags).squeeze(-1)                      # (B, C)
         return bag_logits, max_logits, scores, weights, bags
 
-    def pool_cases(self, x, patch_case, n_cases, labels) -> CasePooling:
+    def pool_cases(self, x, patch_case, n_cases, labels, context) -> CasePooling:
         bag_logits, max_logits, scores, weights, bags = self._streams(x, patch_case, n_cases)
         if self.training:
             logits = bag_logits

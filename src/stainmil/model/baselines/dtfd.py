@@ -17,23 +17,38 @@ tier-1 weight within its pseudo-bag x tier-2 weight of that pseudo-bag (sums to 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stainmil.config import ModelConfig
+from stainmil.config import ModelConfig, setting
+from stainmil.errors import ConfigError
 from stainmil.model.attention import GatedAttention
 from stainmil.model.flat import CasePooling, FlatMIL, labelled
 from stainmil.model.registry import register_architecture
 from stainmil.model.segment import group_ranks, segment_softmax, segment_sum
 
 
-@register_architecture("dtfd_mil", reference="Zhang et al. 2022: two tiers of pseudo-bags, AFS")
+@dataclass(frozen=True)
+class DTFDOptions:
+    """``model.options.dtfd_mil``."""
+
+    pseudo_bags: int = setting("Pseudo-bags per case (Zhang et al. 2022: 4); fewer when a case has fewer patches.",
+                               default=4)
+
+    def __post_init__(self) -> None:
+        if self.pseudo_bags < 1:
+            raise ConfigError(f"model.options.dtfd_mil.pseudo_bags must be at least 1, got {self.pseudo_bags}.")
+
+
+@register_architecture("dtfd_mil", reference="Zhang et al. 2022: two tiers of pseudo-bags, AFS", options=DTFDOptions)
 class DTFDMIL(FlatMIL):
-    def __init__(self, in_dim: int, config: ModelConfig, stains: list[str]) -> None:
+    def __init__(self, in_dim: int, config: ModelConfig, stains: list[str], options: DTFDOptions) -> None:
         super().__init__(in_dim, config, stains)
         e, hidden, c = config.embed_dim, config.attention_hidden_dim, config.n_classes
-        self.pseudo_bags = config.baseline.dtfd_pseudo_bags
+        self.pseudo_bags = options.pseudo_bags
         self.reduce = nn.Sequential(nn.Linear(in_dim, e), nn.ReLU())
         self.tier1_attention = GatedAttention(e, hidden, 0.0)
         self.tier1_classifier = nn.Linear(e, c)
@@ -51,7 +66,7 @@ class DTFDMIL(FlatMIL):
         bag_case = torch.repeat_interleave(torch.arange(n_cases, device=patch_case.device), n_bags)  # (Q,)
         return offsets[patch_case] + within, bag_case
 
-    def pool_cases(self, x, patch_case, n_cases, labels) -> CasePooling:
+    def pool_cases(self, x, patch_case, n_cases, labels, context) -> CasePooling:
         h = self.reduce(x)                                                      # (P, E)
         bag_of, bag_case = self.pseudo_bag_of(patch_case, n_cases)
         n_bags = len(bag_case)

@@ -14,8 +14,6 @@ from stainmil.model.segment import group_sizes, segment_sum
 
 @register_architecture("mean", reference="floor: mean of the projected patches", patch_attention=False)
 class MeanPoolMIL(FlatMIL):
-    has_patch_attention = False
-
     def __init__(self, in_dim: int, config: ModelConfig, stains: list[str]) -> None:
         super().__init__(in_dim, config, stains)
         self.projector = projector(in_dim, config)
@@ -25,7 +23,7 @@ class MeanPoolMIL(FlatMIL):
         """(P, E) -> (B, E) mean over each case's patches."""
         return segment_sum(h, patch_case, n_cases) / group_sizes(patch_case, n_cases)[:, None].clamp_min(1)
 
-    def pool_cases(self, x, patch_case, n_cases, labels) -> CasePooling:
+    def pool_cases(self, x, patch_case, n_cases, labels, context) -> CasePooling:
         h = self.projector(x)                                                 # (P, E)
         case = self.reduce(h, patch_case, n_cases)                            # (B, E)
         return CasePooling(self.classifier(case), case, h, None)

@@ -14,11 +14,12 @@ attention is not a distribution over the case's patches (the padding copies and 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from stainmil.config import ModelConfig
+from stainmil.config import ModelConfig, setting
 from stainmil.errors import ConfigError
 from stainmil.model.flat import CasePooling, FlatMIL
 from stainmil.model.registry import register_architecture
@@ -51,21 +52,33 @@ class PPEG(nn.Module):
         return torch.cat([cls, grid.flatten(2).transpose(1, 2)], dim=1)
 
 
-@register_architecture("transmil", reference="Shao et al. 2021: transformer with PPEG", patch_attention=False)
-class TransMIL(FlatMIL):
-    has_patch_attention = False
+@dataclass(frozen=True)
+class TransMILOptions:
+    """``model.options.transmil``."""
 
-    def __init__(self, in_dim: int, config: ModelConfig, stains: list[str]) -> None:
+    heads: int = setting("Attention heads of its two layers (Shao et al. 2021: 8).", default=8)
+    dropout: float = setting("Attention dropout (paper: 0.1).", default=0.1)
+
+    def __post_init__(self) -> None:
+        if self.heads < 1 or not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.options.transmil: heads must be at least 1 and dropout in [0, 1), got "
+                              f"{self.heads}, {self.dropout}.")
+
+
+@register_architecture("transmil", reference="Shao et al. 2021: transformer with PPEG", options=TransMILOptions,
+                       patch_attention=False)
+class TransMIL(FlatMIL):
+    def __init__(self, in_dim: int, config: ModelConfig, stains: list[str], options: TransMILOptions) -> None:
         super().__init__(in_dim, config, stains)
-        e, b = config.embed_dim, config.baseline
-        if e % b.transmil_heads:
-            raise ConfigError(f"transmil: model.embed_dim {e} must be divisible by model.baseline.transmil_heads "
-                              f"{b.transmil_heads}.")
+        e, b = config.embed_dim, options
+        if e % b.heads:
+            raise ConfigError(f"transmil: model.embed_dim {e} must be divisible by model.options.transmil.heads "
+                              f"{b.heads}.")
         self.fc = nn.Sequential(nn.Linear(in_dim, e), nn.ReLU())
         self.cls_token = nn.Parameter(torch.randn(1, 1, e))
-        self.layer1 = TransLayer(e, b.transmil_heads, b.transmil_dropout)
+        self.layer1 = TransLayer(e, b.heads, b.dropout)
         self.ppeg = PPEG(e)
-        self.layer2 = TransLayer(e, b.transmil_heads, b.transmil_dropout)
+        self.layer2 = TransLayer(e, b.heads, b.dropout)
         self.norm = nn.LayerNorm(e)
         self.classifier = nn.Linear(e, config.n_classes)
 
@@ -80,7 +93,7 @@ class TransMIL(FlatMIL):
         x = self.layer2(self.ppeg(self.layer1(x), side))
         return self.norm(x)[:, 0]
 
-    def pool_cases(self, x, patch_case, n_cases, labels) -> CasePooling:
+    def pool_cases(self, x, patch_case, n_cases, labels, context) -> CasePooling:
         h = self.fc(x)                                                         # (P, E)
         cases = torch.stack([self.encode(h[patch_case == b][None])[0] for b in range(n_cases)])  # (B, E)
         return CasePooling(self.classifier(cases), cases, h, None)

@@ -1,10 +1,10 @@
 """BioX-CPath (CVPR 2025; AmayaGS/BioX-CPath): a graph of every stain's patches of a patient, graph attention, and
 stain-aware attention pooling (SAAP).
 
-    graph (KRAG): k-NN on the features (k = model.baseline.biox_k, 7, the patch itself included) united with the
+    graph (KRAG): k-NN on the features (k = model.options.biox_cpath.k, 7, the patch itself included) united with the
       region adjacency of each slice (patches whose grid cells touch) where the batch knows the patches' places
     random-walk encoding pe (N, 20): the return probabilities diag(P^k) of the walk on that graph
-    graph_layers (4) x [ x <- cat(x, pe) -> GATv2(-> E) -> ReLU -> pooling: s = softsign(GraphConv(E -> 1)), keep
+    layers (4) x [ x <- cat(x, pe) -> GATv2(-> E) -> ReLU -> pooling: s = softsign(GraphConv(E -> 1)), keep
       the best ceil(0.7 n) nodes, scaled by s -> SAAP readout:
         w_stain = sum of s over the stain's kept nodes / sum of s over the case's
         h = cat[ sum_stain w_stain mean_stain(x), sum_stain w_stain max_stain(x) ]            (2E) ]
@@ -22,16 +22,19 @@ pooling scores summed over the layers each patch survives (the reference's node 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stainmil.config import ModelConfig
+from stainmil.config import ModelConfig, setting
 from stainmil.model.flat import CasePooling, FlatMIL
 from stainmil.model.graph import (
     CaseGraphCache,
     GATv2,
     GraphConvScore,
+    GraphOptions,
     knn_edges,
     random_walk_encoding,
     region_adjacency_edges,
@@ -43,16 +46,22 @@ from stainmil.model.segment import segment_sum
 WALK_STEPS = 20
 
 
-@register_architecture("biox_cpath", reference="BioX-CPath 2025: graph + stain-aware pooling",
-                       patch_positions=True)
-class BioXCPath(FlatMIL):
-    reads_context = True
+@dataclass(frozen=True)
+class BioXCPathOptions(GraphOptions):
+    """``model.options.biox_cpath``."""
 
-    def __init__(self, in_dim: int, config: ModelConfig, stains: list[str]) -> None:
+    k: int = setting("Neighbours in the k-NN part of its graph, the patch itself included (reference code: 7).",
+                     default=7)
+
+
+@register_architecture("biox_cpath", reference="BioX-CPath 2025: graph + stain-aware pooling",
+                       options=BioXCPathOptions, patch_positions=True)
+class BioXCPath(FlatMIL):
+    def __init__(self, in_dim: int, config: ModelConfig, stains: list[str], options: BioXCPathOptions) -> None:
         super().__init__(in_dim, config, stains)
-        b, e, layers = config.baseline, config.embed_dim, config.baseline.graph_layers
-        self.k, self.ratio, self.n_stains = b.biox_k, b.graph_pool_ratio, max(len(stains), 1)
-        self.convs = nn.ModuleList([GATv2((in_dim if i == 0 else e) + WALK_STEPS, e, b.graph_heads)
+        b, e, layers = options, config.embed_dim, options.layers
+        self.k, self.ratio, self.n_stains = b.k, b.pool_ratio, max(len(stains), 1)
+        self.convs = nn.ModuleList([GATv2((in_dim if i == 0 else e) + WALK_STEPS, e, b.heads)
                                     for i in range(layers)])
         self.scores = nn.ModuleList([GraphConvScore(e) for _ in range(layers)])
         width = layers * 2 * e
@@ -104,13 +113,12 @@ class BioXCPath(FlatMIL):
         z = self.norm_post(z + branch)
         return self.head(z), z, heat
 
-    def pool_cases(self, x, patch_case, n_cases, labels, patch_stain=None, patch_slice=None,
-                   patch_position=None) -> CasePooling:
+    def pool_cases(self, x, patch_case, n_cases, labels, context) -> CasePooling:
         with torch.no_grad():
-            edges, walk = self.case_graphs(x.detach(), patch_case, patch_position, patch_slice)
-        logits, z, heat = self.network(x, edges, walk, patch_case, patch_stain, n_cases)
+            edges, walk = self.case_graphs(x.detach(), patch_case, context.position, context.slice)
+        logits, z, heat = self.network(x, edges, walk, patch_case, context.stain, n_cases)
         # the patch embedding keeps the stain (SAAP pools by stain) in the last column: see instance_logits
-        return CasePooling(logits, z, torch.cat([x, patch_stain[:, None].to(x.dtype)], dim=1), heat)
+        return CasePooling(logits, z, torch.cat([x, context.stain[:, None].to(x.dtype)], dim=1), heat)
 
     def case_graph(self, x: torch.Tensor, position: torch.Tensor | None, slices: torch.Tensor | None
                    ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,7 @@ then an attention pool over the stains (fusion that needs no registration, besid
     per stain k, over the case's stain-k patches: gated attention (a pool of its own per stain)
         a (P,) sums to 1 per (case, stain); token t_g = sum a h + s_k          (G, E)  s_k: a learned stain vector
     the case's tokens (B, K, E), missing stains masked out of the keys:
-        T' = LN(T + MHA(T))    T'' = LN(T' + FFN(T'))                        (model.baseline.cross_attention_heads)
+        T' = LN(T + MHA(T))    T'' = LN(T' + FFN(T'))          (model.options.cross_attention.heads)
     gated attention over the case's tokens -> w (G,) -> case (B, E) -> Linear -> logits (B, C)
 
 Levels: stain weight w; slice and patch weights from a within each stain (slice mass = sum of a over its patches);
@@ -15,10 +15,12 @@ the head: ``patch_embeddings`` are those tokens and ``patch_alone_logits`` runs 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from stainmil.config import ModelConfig
+from stainmil.config import ModelConfig, setting
 from stainmil.errors import ConfigError
 from stainmil.model.attention import GatedAttention
 from stainmil.model.base import StainAware, projector
@@ -28,15 +30,26 @@ from stainmil.model.registry import register_architecture
 from stainmil.model.segment import segment_softmax, segment_sum
 
 
-@register_architecture("cross_attention", reference="stain tokens attend to each other, then pooled")
+@dataclass(frozen=True)
+class CrossAttentionOptions:
+    """``model.options.cross_attention``."""
+
+    heads: int = setting("Heads of the attention between stain tokens.", default=4)
+
+    def __post_init__(self) -> None:
+        if self.heads < 1:
+            raise ConfigError(f"model.options.cross_attention.heads must be at least 1, got {self.heads}.")
+
+
+@register_architecture("cross_attention", reference="stain tokens attend to each other, then pooled",
+                       options=CrossAttentionOptions)
 class CrossStainAttentionMIL(StainAware):
-    def __init__(self, in_dim: int, config: ModelConfig, stains: list[str]) -> None:
+    def __init__(self, in_dim: int, config: ModelConfig, stains: list[str], options: CrossAttentionOptions) -> None:
         super().__init__(in_dim, stains)
-        e, h, p, heads = config.embed_dim, config.attention_hidden_dim, config.dropout, \
-            config.baseline.cross_attention_heads
+        e, h, p, heads = config.embed_dim, config.attention_hidden_dim, config.dropout, options.heads
         if e % heads:  # (one stain works: its token attends to itself, the ablation beside the others)
             raise ConfigError(f"model.architecture 'cross_attention' needs model.embed_dim ({e}) divisible by "
-                              f"model.baseline.cross_attention_heads ({heads}).")
+                              f"model.options.cross_attention.heads ({heads}).")
         self.projector = projector(in_dim, config)
         self.patch_pools = nn.ModuleList([GatedAttention(e, h, p) for _ in stains])
         self.stain_vectors = nn.Parameter(torch.randn(len(stains), e) * 0.1)              # (K, E)

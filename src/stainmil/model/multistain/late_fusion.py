@@ -1,7 +1,7 @@
 """Late fusion (as in Wies et al., PLOS One 2024, H&E + Melan-A of melanocytic lesions): one MIL model per stain,
 combined at the case.
 
-    for each stain k: a flat MIL model M_k (``model.baseline.late_fusion_base``, ABMIL by default) on the case's
+    for each stain k: a flat MIL model M_k (``model.options.late_fusion.base``, ABMIL by default) on the case's
                       stain-k patches only -> logits z_k (C,) and its patch attention a_k (sums to 1 over them)
     case logits z = sum over the stains the case has of w_k z_k
         mean:    w_k = 1 / (stains the case has)          (a missing stain drops out of the mean, never zero-filled)
@@ -15,40 +15,63 @@ w_k x a_k (sums to 1 per case). ``patch_embeddings`` are each patch's patch-alon
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
-from stainmil.config import ModelConfig
+from stainmil.config import ModelConfig, setting
 from stainmil.errors import ConfigError
 from stainmil.model.base import StainAware
 from stainmil.model.batch import CaseBatch
 from stainmil.model.flat import FlatMIL
 from stainmil.model.output import MILOutput
-from stainmil.model.registry import architecture, has_patch_attention, list_architectures, register_architecture
+from stainmil.model.registry import (
+    build_model,
+    has_patch_attention,
+    list_architectures,
+    options_of,
+    register_architecture,
+)
 from stainmil.model.segment import segment_softmax
+
+
+@dataclass(frozen=True)
+class LateFusionOptions:
+    """``model.options.late_fusion``; the members' own options are theirs (``model.options.<base>``)."""
+
+    base: str = setting("The flat architecture trained per stain (Wies et al. 2024 used a CNN per stain; here a MIL "
+                        "model on its features).", default="abmil")
+    combine: Literal["mean", "learned"] = setting(
+        "The case's logits as the mean over the stains it has, or weighted by a learned score per stain (softmax over "
+        "the stains present).", default="mean")
+
+
+def _member_config(config: ModelConfig) -> ModelConfig:
+    """The config each per-stain member is built from: its base architecture, no stain identity of its own."""
+    return dataclasses.replace(config, architecture=options_of(config, "late_fusion").base, stain_identity="none")
 
 
 def _members_attend(config: ModelConfig) -> bool:
     """Late fusion attends over patches exactly when its per-stain members do."""
-    return has_patch_attention(dataclasses.replace(config, architecture=config.baseline.late_fusion_base))
+    return has_patch_attention(_member_config(config))
 
 
 @register_architecture("late_fusion", reference="Wies et al. 2024: a MIL model per stain, fused",
-                       patch_attention=_members_attend)
+                       options=LateFusionOptions, patch_attention=_members_attend)
 class LateFusionMIL(StainAware):
-    def __init__(self, in_dim: int, config: ModelConfig, stains: list[str]) -> None:
+    def __init__(self, in_dim: int, config: ModelConfig, stains: list[str], options: LateFusionOptions) -> None:
         super().__init__(in_dim, stains)
-        base, self.combine = config.baseline.late_fusion_base, config.baseline.late_fusion_combine
+        base, self.combine = options.base, options.combine
         if base == "late_fusion" or base not in list_architectures():
-            raise ConfigError(f"model.baseline.late_fusion_base '{base}' must be a flat architecture (abmil, clam_sb, "
+            raise ConfigError(f"model.options.late_fusion.base '{base}' must be a flat architecture (abmil, clam_sb, "
                               "transmil, …: `stainmil models`), one per stain.")
-        member = dataclasses.replace(config, architecture=base, stain_identity="none")
-        self.members = nn.ModuleList([architecture(base).build(in_dim, member, list(stains)) for _ in stains])
+        member = _member_config(config)
+        self.members = nn.ModuleList([build_model(in_dim, member, list(stains)) for _ in stains])
         if not all(isinstance(m, FlatMIL) for m in self.members):
-            raise ConfigError(f"model.baseline.late_fusion_base '{base}' is not a flat architecture; choose one "
+            raise ConfigError(f"model.options.late_fusion.base '{base}' is not a flat architecture; choose one "
                               "that pools one bag per case (abmil, clam_sb, transmil, …).")
-        self.has_patch_attention = self.members[0].has_patch_attention
         self.stain_score = nn.Parameter(torch.zeros(len(stains))) if self.combine == "learned" else None
 
     def set_feature_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
@@ -101,7 +124,6 @@ class LateFusionMIL(StainAware):
             stain_attention_logits=scores, stain_weights=group_weight,
             effective_attention=out["effective"], patch_embeddings=patch_embeddings,
             case_embeddings=case_embeddings, auxiliary_losses=auxiliary,
-            has_patch_attention=self.has_patch_attention,
         )
 
     def patch_alone_logits(self, patch_embeddings: torch.Tensor) -> torch.Tensor:

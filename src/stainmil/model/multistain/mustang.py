@@ -2,8 +2,8 @@
 k-nearest-neighbour graph, graph attention layers, self-attention graph pooling.
 
     patches of a case, all stains (P, D) --standardise (+ stain vector with model.stain_identity embedding)-->
-    k-NN graph on those features (k = model.baseline.graph_k, 5; Euclidean; edge i -> j for j in kNN(i), no self)
-    graph_layers (4) x [ GATv2(-> E, heads averaged) -> ReLU -> SAGPooling(ratio 0.7: score tanh(GraphConv(E -> 1)),
+    k-NN graph on those features (k = model.options.mustang.k, 5; Euclidean; edge i -> j for j in kNN(i), no self)
+    layers (4) x [ GATv2(-> E, heads averaged) -> ReLU -> SAGPooling(ratio 0.7: score tanh(GraphConv(E -> 1)),
                          keep the best ceil(0.7 n) nodes, scaled by their score) -> readout cat[max, mean] (2E) ]
     sum of the readouts -> Linear(2E, E) -> ReLU -> Dropout -> Linear(E, E/2) -> ReLU -> Linear(E/2, C)
 
@@ -16,24 +16,33 @@ what ``instance_logits`` runs for each patch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stainmil.config import ModelConfig
+from stainmil.config import ModelConfig, setting
 from stainmil.model.flat import CasePooling, FlatMIL
-from stainmil.model.graph import GATv2, GraphConvScore, knn_edges, max_mean_readout, top_k_pool
+from stainmil.model.graph import GATv2, GraphConvScore, GraphOptions, knn_edges, max_mean_readout, top_k_pool
 from stainmil.model.registry import register_architecture
 
 
-@register_architecture("mustang", reference="Gallagher-Syed et al. 2023: k-NN graph, GATv2")
+@dataclass(frozen=True)
+class MustangOptions(GraphOptions):
+    """``model.options.mustang``."""
+
+    k: int = setting("Neighbours of each patch in the case's k-NN feature graph (paper: 5).", default=5)
+
+
+@register_architecture("mustang", reference="Gallagher-Syed et al. 2023: k-NN graph, GATv2", options=MustangOptions)
 class MUSTANG(FlatMIL):
-    def __init__(self, in_dim: int, config: ModelConfig, stains: list[str]) -> None:
+    def __init__(self, in_dim: int, config: ModelConfig, stains: list[str], options: MustangOptions) -> None:
         super().__init__(in_dim, config, stains)
-        b, e = config.baseline, config.embed_dim
-        self.k, self.ratio = b.graph_k, b.graph_pool_ratio
-        self.convs = nn.ModuleList([GATv2(in_dim if i == 0 else e, e, b.graph_heads) for i in range(b.graph_layers)])
-        self.scores = nn.ModuleList([GraphConvScore(e) for _ in range(b.graph_layers)])
+        b, e = options, config.embed_dim
+        self.k, self.ratio = b.k, b.pool_ratio
+        self.convs = nn.ModuleList([GATv2(in_dim if i == 0 else e, e, b.heads) for i in range(b.layers)])
+        self.scores = nn.ModuleList([GraphConvScore(e) for _ in range(b.layers)])
         self.head = nn.Sequential(nn.Linear(2 * e, e), nn.ReLU(), nn.Dropout(config.dropout),
                                   nn.Linear(e, e // 2), nn.ReLU(), nn.Linear(e // 2, config.n_classes))
 
@@ -49,7 +58,7 @@ class MUSTANG(FlatMIL):
             readout = readout + max_mean_readout(x, groups, n_groups)             # (n_groups, 2E)
         return self.head(readout), readout, first
 
-    def pool_cases(self, x, patch_case, n_cases, labels) -> CasePooling:
+    def pool_cases(self, x, patch_case, n_cases, labels, context) -> CasePooling:
         with torch.no_grad():
             edges = knn_edges(x.detach(), patch_case, self.k)                      # (2, P*k) within each case
         logits, readout, first = self.network(x, edges, patch_case, n_cases)
