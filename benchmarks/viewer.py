@@ -134,27 +134,20 @@ def browser_figures(url: str, case: str, screenshot: Path | None) -> dict:
     out = {}
     with opened(f"{url}case?source=0&case={case}", (1500, 1000)) as (page, errors):
         started = time.perf_counter()
-        page.wait_for_function("document.body.dataset.ready === '1' && window.stainmil.views.every("
-                               "v => v.osd.world.getItemAt(0) && v.osd.world.getItemAt(0).getFullyLoaded())",
+        page.wait_for_function("document.body.dataset.ready === '1' && window.stainmil.viewers().every(v => v.tiles)",
                                timeout=120_000, polling=10)
         out["case page"] = time.perf_counter() - started + page.evaluate(
             "performance.timing.responseStart - performance.timing.navigationStart") / 1000
         frames = page.evaluate("""() => new Promise(resolve => {
-            const s = window.stainmil, he = s.views.find(v => v.slice.reference), it = he.osd.world.getItemAt(0);
-            const followers = s.views.filter(v => v.transform);
-            const size = it.getContentSize();
+            const s = window.stainmil, shown = s.viewers(), he = shown.findIndex(v => v.reference);
+            const [width, height] = shown[he].size;
             let ended = null, frame = 0;
-            const close = () => followers.every(v => {
-                const [cx, cy] = s.centre(he), [ex, ey] = s.fixedToMoving(v.transform, cx, cy), [x, y] = s.centre(v);
-                return Math.hypot(x - ex, y - ey) <= 1 / s.imageZoom(v); });
-            he.osd.addOnceHandler("animation-finish", () => { ended = frame; });
+            s.whenStill(he).then(() => { ended = frame; });
             const tick = () => { frame += 1;
-                if (ended !== null && close()) return resolve({after: frame - ended - 1, frames: frame});
+                if (ended !== null && s.aligned()) return resolve({after: frame - ended - 1, frames: frame});
                 if (frame > 600) return resolve({after: -1, frames: frame});
                 requestAnimationFrame(tick); };
-            s.lead(he);
-            he.osd.viewport.zoomTo(it.imageToViewportZoom(0.5));
-            he.osd.viewport.panTo(it.imageToViewportCoordinates(size.x * 0.45, size.y * 0.55));
+            s.moveTo(he, width * 0.45, height * 0.55, 0.5);
             requestAnimationFrame(tick); })""")
         out["linked"] = frames
         out["errors"] = errors

@@ -210,13 +210,13 @@ def test_qupath_regions_of_a_slide_are_served_as_polygons(demo, tmp_path):
     with ViewerServer(run, port=8860) as server, opened(f"{server.url}case?source=0&case={first['case']}") \
             as (page, errors):
         page.wait_for_function("document.body.dataset.ready === '1'", timeout=60_000)
-        index = page.evaluate(f"window.stainmil.views.findIndex(v => v.slice.id === {with_regions[0]['id']})")
+        index = page.evaluate(f"window.stainmil.viewers().findIndex(v => v.id === {with_regions[0]['id']})")
         box = page.locator(f".panel[data-slide='{with_regions[0]['id']}'] input[data-overlay='regions']")
         assert box.is_enabled()
-        before = page.evaluate(f"window.stainmil.views[{index}].canvas.toDataURL()")
+        before = page.evaluate(f"window.stainmil.overlayImage({index})")
         box.check()
-        page.wait_for_function(f"window.stainmil.views[{index}].regions !== undefined")
-        page.evaluate(f"window.stainmil.views[{index}].osd.forceRedraw()")
+        page.wait_for_function(f"window.stainmil.loaded({index}, 'regions') !== null")
+        page.evaluate("window.stainmil.redraw()")
         page.wait_for_timeout(300)
-        assert page.evaluate(f"window.stainmil.views[{index}].canvas.toDataURL()") != before
+        assert page.evaluate(f"window.stainmil.overlayImage({index})") != before
         assert not errors, errors

@@ -26,33 +26,27 @@ def ready(page, url: str) -> None:
     page.wait_for_function("document.body.dataset.ready === '1'", timeout=60_000)
 
 
+# The page's test hook, window.stainmil (static/case.js, docs/viewer.md), is the only way these tests reach in.
+
 def views(page) -> list[dict]:
-    return page.evaluate("""() => window.stainmil.views.map(v => ({
-        id: v.slice.id, stain: v.slice.stain, reference: v.slice.reference, opened: v.opened,
-        linked: !!(v.slice.link && v.slice.link.linked), fixed: v.slice.link && v.slice.link.fixed,
-        transform: v.slice.link && v.slice.link.transform,
-        centre: v.opened ? window.stainmil.centre(v) : null, zoom: v.opened ? window.stainmil.imageZoom(v) : null}))""")
+    return page.evaluate("() => window.stainmil.viewers()")
 
 
 def settle(page) -> None:
     """Until no viewer animates any more, then one frame."""
-    page.wait_for_function("window.stainmil.views.every(v => !v.osd || (!v.osd.world.needsDraw() && "
-                           "v.osd.viewport.getCenter(true).equals(v.osd.viewport.getCenter(false))))", timeout=20_000)
+    page.wait_for_function("window.stainmil.settled()", timeout=20_000)
     page.evaluate("() => new Promise(r => requestAnimationFrame(() => r()))")
 
 
 def move(page, index: int, x: float, y: float, zoom: float, animate: bool = True) -> None:
     """Lead with viewer ``index`` and move it to level-0 (x, y) at ``zoom`` screen px per image px."""
-    page.evaluate("""([i, x, y, zoom, animate]) => { const s = window.stainmil, v = s.views[i]; s.lead(v);
-        const it = v.osd.world.getItemAt(0);
-        v.osd.viewport.zoomTo(it.imageToViewportZoom(zoom), null, !animate);
-        v.osd.viewport.panTo(it.imageToViewportCoordinates(x, y), !animate); }""", [index, x, y, zoom, animate])
+    page.evaluate("(a) => window.stainmil.moveTo(...a)", [index, x, y, zoom, animate])
     settle(page)
 
 
 
 def canvas_hash(page, index: int) -> str:
-    return page.evaluate("i => window.stainmil.views[i].canvas.toDataURL()", index)
+    return page.evaluate("i => window.stainmil.overlayImage(i)", index)
 
 
 def test_case_list_and_a_linked_case_page(demo, tmp_path):
@@ -118,16 +112,15 @@ def test_case_list_and_a_linked_case_page(demo, tmp_path):
             before = canvas_hash(page, he_index)
             page.locator(f"input[data-all='{name}']").set_checked(name != "attention")
             page.evaluate("() => new Promise(r => requestAnimationFrame(() => r()))")
-            state = page.evaluate(f"() => window.stainmil.views.map(v => v.on['{name}'])")
+            state = [v["on"][name] for v in views(page)]
             assert state == [name != "attention"] * len(state), name
             page.wait_for_timeout(200)                                  # the mask image loads
-            page.evaluate("() => window.stainmil.views.forEach(v => v.osd && v.osd.forceRedraw())")
+            page.evaluate("() => window.stainmil.redraw()")
             settle(page)
             assert canvas_hash(page, he_index) != before, name
         # one viewer's own toggle
         page.locator(f".panel[data-slide='{shown[ihc_index]['id']}'] input[data-overlay='prob']").uncheck()
-        assert page.evaluate(f"() => window.stainmil.views[{ihc_index}].on.prob") is False
-        assert page.evaluate(f"() => window.stainmil.views[{he_index}].on.prob") is True
+        assert views(page)[ihc_index]["on"]["prob"] is False and views(page)[he_index]["on"]["prob"] is True
 
         # unlinked: the H&E moves alone
         page.locator("#linked").uncheck()
@@ -142,10 +135,7 @@ def test_case_list_and_a_linked_case_page(demo, tmp_path):
 
         # clicking a patch shows its numbers
         first = tissue[0]
-        page.evaluate(f"""() => {{ const v = window.stainmil.views[{he_index}], it = v.osd.world.getItemAt(0);
-            v.osd.viewport.zoomTo(it.imageToViewportZoom(1), null, true);
-            v.osd.viewport.panTo(it.imageToViewportCoordinates({first[0] + 5}, {first[1] + 5}), true); }}""")
-        settle(page)
+        move(page, he_index, first[0] + 5, first[1] + 5, 1.0, animate=False)
         page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
         page.wait_for_selector("#info:not([hidden])")
         assert "relative attention" in page.inner_text("#info") and "stain weight" in page.inner_text("#info")
@@ -264,12 +254,11 @@ def test_review_draw_mark_note_grade_save_and_reload(demo, tmp_path):
         he = next(i for i, v in enumerate(shown) if v["reference"])
         ihc = next(i for i, v in enumerate(shown) if v["linked"] and v["fixed"] == shown[he]["id"])
         he_id = shown[he]["id"]
-        canvas = page.evaluate(f"() => {{ const b = window.stainmil.views[{he}].osd.canvas.getBoundingClientRect(); "
-                               "return [b.left, b.top, b.width, b.height]; }")
+        canvas = page.evaluate(f"() => window.stainmil.canvasBox({he})")
 
         # three top-k patches of the H&E marked: each clicked at the viewer's centre, then a button
         page.locator("input[data-all='topk']").check()
-        patches = page.evaluate(f"""() => {{ const p = window.stainmil.views[{he}].slice.patches;
+        patches = page.evaluate(f"""() => {{ const p = window.stainmil.patches({he});
             return p.x.map((x, j) => [x, p.y[j], p.size[j], p.rank_in_case[j], String(p.patch[j])]); }}""")
         top = sorted(patches, key=lambda p: p[3])[:3]
         marks = dict(zip((p[4] for p in top), ["agree", "disagree", "unsure"]))
@@ -287,23 +276,22 @@ def test_review_draw_mark_note_grade_save_and_reload(demo, tmp_path):
         targets = centre + np.array([[-45, -40], [50, -35], [55, 45], [-25, 55], [-50, 10]])  # clear of the navigator
         clicks = []
         for tx, ty in targets:
-            s = page.evaluate(f"([x, y]) => {{ const p = window.stainmil.review.toScreen("
-                              f"window.stainmil.views[{he}], [x, y]); return [p.x, p.y]; }}", [tx, ty])
+            s = page.evaluate(f"(point) => window.stainmil.toScreen({he}, point)", [tx, ty])
             clicks.append((round(canvas[0] + s[0]), round(canvas[1] + s[1])))
         page.click(f".panel[data-slide='{he_id}'] .rev [data-act=draw]")
         for cx, cy in clicks[:-1]:
             page.mouse.click(cx, cy)
         page.mouse.dblclick(*clicks[-1])
-        drawn = page.evaluate(f"() => window.stainmil.views[{he}].review.polygons.map(p => p.rings)")
+        drawn = page.evaluate(f"() => window.stainmil.polygons({he}).map(p => p.rings)")
         assert len(drawn) == 1 and len(drawn[0][0]) == len(targets) + 1, (drawn, clicks)
-        expected = np.array(page.evaluate(f"""(clicks) => clicks.map(([x, y]) => window.stainmil.review.toImage(
-            window.stainmil.views[{he}], new OpenSeadragon.Point(x - {canvas[0]}, y - {canvas[1]})))""", clicks))
+        expected = np.array(page.evaluate(f"""(clicks) => clicks.map(([x, y]) => window.stainmil.toImage(
+            {he}, [x - {canvas[0]}, y - {canvas[1]}]))""", clicks))
         assert np.abs(expected - targets).max() <= 0.5                    # where the clicks landed
-        assert page.evaluate("window.stainmil.review.dirty()")
+        assert page.evaluate("window.stainmil.dirty()")
         assert "unsaved" in page.inner_text("#review-status")
         page.keyboard.press("Control+s")
         page.wait_for_function("document.getElementById('review-status').textContent.includes('saved ') && "
-                               "!window.stainmil.review.dirty()", timeout=20_000)
+                               "!window.stainmil.dirty()", timeout=20_000)
 
         # what was saved: the drawn vertices (0.01 px), the marks, the note and grade
         folder = tmp_path / "out" / "reviews" / "ana"
@@ -321,9 +309,9 @@ def test_review_draw_mark_note_grade_save_and_reload(demo, tmp_path):
         assert cases[["case", "grade", "note"]].values.tolist() == [[case, grades[-1], NOTE]]
 
         # carried onto the linked IHC viewer: carry_geometry of the saved polygon, within 1 px
-        page.wait_for_function(f"(() => {{ const c = window.stainmil.views[{ihc}].review.carried; "
+        page.wait_for_function(f"(() => {{ const c = window.stainmil.carried({ihc}); "
                                "return c && c.outlines.length > 0; })()", timeout=20_000)
-        carried = page.evaluate(f"() => window.stainmil.views[{ihc}].review.carried")
+        carried = page.evaluate(f"() => window.stainmil.carried({ihc})")
         transform = server.catalog.transforms[shown[ihc]["transform"]]
         want = carry_geometry(saved, transform)
         assert carried["outlines"][0]["class"] == "Lesion" and carried["from"].startswith(shown[he]["stain"])
@@ -335,10 +323,10 @@ def test_review_draw_mark_note_grade_save_and_reload(demo, tmp_path):
 
         # reopened: polygon, marks, note and grade are back
         ready(page, page.url)
-        back = page.evaluate(f"() => window.stainmil.views[{he}].review.polygons")
+        back = page.evaluate(f"() => window.stainmil.polygons({he})")
         assert len(back) == 1 and np.abs(np.asarray(back[0]["rings"][0])[:-1] - expected).max() <= 0.006
-        assert page.evaluate("() => Object.fromEntries([...window.stainmil.review.state.marks].map(([k, m]) => "
-                             "[k.split('|')[2], m]))") == marks
+        assert {key.split("|")[2]: mark for key, mark in page.evaluate("() => window.stainmil.marks()").items()} \
+            == marks
         assert page.input_value("#note") == NOTE and page.input_value("#grade") == grades[-1]
 
         # another tab saves this slide meanwhile: this tab's save is refused, said, and its drawing kept
@@ -352,8 +340,8 @@ def test_review_draw_mark_note_grade_save_and_reload(demo, tmp_path):
         page.click("#save")
         page.wait_for_function("document.getElementById('review-status').textContent.includes('another tab')",
                                timeout=20_000)
-        assert page.evaluate(f"() => window.stainmil.views[{he}].review.polygons.length") == 2
-        assert page.evaluate("window.stainmil.review.dirty()") and not geojson.exists()
+        assert page.evaluate(f"() => window.stainmil.polygons({he}).length") == 2
+        assert page.evaluate("window.stainmil.dirty()") and not geojson.exists()
         assert [e for e in errors if "409 (Conflict)" not in e] == [], errors  # the refused save is the only one
 
 
@@ -370,14 +358,15 @@ def test_lesion_outline_overlay_own_on_the_he_carried_on_the_ihc(serial_demo, de
             ready(page, f"{server.url}case?source=0&case={case}")
             before = [canvas_hash(page, i) for i in range(len(views(page)))]
             page.locator("input[data-all='outline']").check()
-            page.wait_for_function("window.stainmil.views.every(v => !v.slice.outline || (v.outline && "
-                                   "!v.outline.loading))", timeout=20_000)
-            page.evaluate("() => window.stainmil.views.forEach(v => v.osd && v.osd.forceRedraw())")
+            page.wait_for_function("window.stainmil.viewers().every((v, i) => !v.outline || "
+                                   "window.stainmil.loaded(i, 'outline'))", timeout=20_000)
+            page.evaluate("() => window.stainmil.redraw()")
             settle(page)
-            shown = page.evaluate("() => window.stainmil.views.map(v => ({kind: v.slice.outline, stain: v.slice.stain, "
-                                  "slice: v.slice.slice, note: v.panel.querySelector('.onote').textContent, "
-                                  "carried: v.outline.outlines.filter(o => o.carried).length, "
-                                  "own: v.outline.outlines.filter(o => !o.carried).length}))")
+            shown = page.evaluate("() => window.stainmil.viewers().map((v, i) => { "
+                                  "const o = window.stainmil.loaded(i, 'outline') || {outlines: []}; "
+                                  "return {kind: v.outline, stain: v.stain, slice: v.slice, "
+                                  "note: window.stainmil.note(i), carried: o.outlines.filter(o => o.carried).length, "
+                                  "own: o.outlines.filter(o => !o.carried).length}; })")
             for index, view in enumerate(shown):
                 if view["kind"] == "own":
                     assert view["own"] and not view["carried"] and ".geojson" in view["note"]

@@ -1,6 +1,5 @@
 // stainmil view — the case list: sortable, filterable, each row opens the case page.
 "use strict";
-const esc = text => String(text ?? "").replace(/[&<>"']/g, c => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
 const params = new URLSearchParams(location.search);
 const state = { source: Number(params.get("source") || 0), filter: params.get("filter") || "all",
                 sort: params.get("sort") || "case", dir: params.get("dir") || "asc", data: null };

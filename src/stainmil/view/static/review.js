@@ -2,8 +2,8 @@
 // agree / disagree / unsure marks on the top-k patches, a note and the reviewer's grade of the case, saved to the
 // server (`/api/review/N`, `/api/marks`); the reference (H&E) slide's polygons carried onto the registered IHC
 // viewers (`/api/carried/N`, drawn by outlines.js as every carried outline is). Loaded after outlines.js and before
-// case.js; case.js calls in here, and this file uses case.js's item(), screenOf(), draw(), views and esc() only when
-// called. Without --review nothing here shows.
+// case.js; case.js calls in here, and this file uses case.js's item(), screenOf(), draw(), app and common.js's esc()
+// only when called. Without --review nothing here shows.
 "use strict";
 const review = (() => {
   const MARK_STYLE = { agree: ["#1b9e3e", "✓"], disagree: ["#d62728", "✗"], unsure: ["#f0a000", "?"] };
@@ -36,7 +36,7 @@ const review = (() => {
   // ---- state of each viewer: view.review = {polygons, version, changes, saved, selected, drawing, drag, carried} -
   function changed(view) { view.review.changes += 1; status(); draw(view); }
   function dirty() {
-    return views.some(v => v.review && v.review.changes !== v.review.saved) || state.caseChanges !== state.caseSaved;
+    return app.views.some(v => v.review && v.review.changes !== v.review.saved) || state.caseChanges !== state.caseSaved;
   }
   function status(text) {
     if (text !== undefined) state.message = text;
@@ -62,7 +62,7 @@ const review = (() => {
 
   // ---- drawing, selecting, editing --------------------------------------------------------------------------------
   function startDrawing(view) {
-    views.forEach(v => { if (v.review && v !== view && v.review.drawing) cancel(v); });
+    app.views.forEach(v => { if (v.review && v !== view && v.review.drawing) cancel(v); });
     view.review.drawing = { points: [], cursor: null };
     view.review.selected = null;
     hint(view); draw(view);
@@ -250,7 +250,7 @@ const review = (() => {
         if (b.dataset.mark) state.marks.set(key, b.dataset.mark); else state.marks.delete(key);
         div.querySelectorAll("button").forEach(x => x.classList.toggle("on", x === b && !!b.dataset.mark));
         state.caseChanges += 1; status();
-        views.forEach(v => v.osd && draw(v));
+        app.views.forEach(v => v.osd && draw(v));
       });
     }
     box.appendChild(div);
@@ -272,21 +272,21 @@ const review = (() => {
   }
   async function load() {
     if (!on()) return;
-    await Promise.all(views.filter(v => v.review).map(async view => {
+    await Promise.all(app.views.filter(v => v.review).map(async view => {
       const [ok, body] = await json(`/api/review/${view.slice.id}`);
       if (!ok) { status(body.error); return; }
       view.review.polygons = fromServer(body.polygons); view.review.version = body.version;
       draw(view);
     }));
-    const [ok, body] = await json(`/api/marks?source=${SOURCE}&case=${encodeURIComponent(CASE)}`);
+    const [ok, body] = await json(`/api/marks?source=${app.source}&case=${encodeURIComponent(app.case)}`);
     if (ok) {
       state.version = body.version;
       body.marks.forEach(m => state.marks.set(`${m.stain}|${m.slice}|${m.patch}`, m.mark));
       document.getElementById("grade").value = state.grade = body.grade;
       document.getElementById("note").value = state.note = body.note;
     } else status(body.error);
-    await Promise.all(views.map(loadCarried));
-    views.forEach(v => v.osd && draw(v));
+    await Promise.all(app.views.map(loadCarried));
+    app.views.forEach(v => v.osd && draw(v));
     status();
   }
 
@@ -302,17 +302,17 @@ const review = (() => {
       r.polygons = fromServer(body.polygons);
       if (!r.polygons.some(p => p.id === r.selected)) r.selected = null;
     }
-    views.filter(v => v.slice.link && v.slice.link.fixed === view.slice.id).forEach(loadCarried);
+    app.views.filter(v => v.slice.link && v.slice.link.fixed === view.slice.id).forEach(loadCarried);
     draw(view); hint(view);
     return body.repaired ? `${body.repaired} self-crossing polygon(s) on ${view.slice.stain} slice ${view.slice.slice} were split into valid parts.` : "";
   }
   async function saveCase() {
     const changes = state.caseChanges;
     const marks = [...state.marks].map(([key, mark]) => { const [stain, slice, patch] = key.split("|"); return { stain, slice, patch, mark }; });
-    const [ok, body] = await json(`/api/marks?source=${SOURCE}&case=${encodeURIComponent(CASE)}`, {
+    const [ok, body] = await json(`/api/marks?source=${app.source}&case=${encodeURIComponent(app.case)}`, {
       method: "PUT", headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ base_version: state.version, marks, grade: state.grade, note: state.note }) });
-    if (!ok) return `case ${CASE}: ${body.error}`;
+    if (!ok) return `case ${app.case}: ${body.error}`;
     state.version = body.version; state.caseSaved = changes;
     return "";
   }
@@ -320,7 +320,7 @@ const review = (() => {
     if (!on() || state.saving) return;
     state.saving = true; status("saving…");
     try {
-      const jobs = views.filter(v => v.review && v.review.changes !== v.review.saved).map(saveSlide);
+      const jobs = app.views.filter(v => v.review && v.review.changes !== v.review.saved).map(saveSlide);
       if (state.caseChanges !== state.caseSaved) jobs.push(saveCase());
       const messages = (await Promise.all(jobs)).filter(Boolean);
       status(messages.length ? messages.join(" ") : `saved ${new Date().toLocaleTimeString()}`);
@@ -350,15 +350,16 @@ const review = (() => {
   function key(e) {
     if ((e.ctrlKey || e.metaKey) && e.key.toLowerCase() === "s") { e.preventDefault(); save(); return; }
     if (/^(INPUT|TEXTAREA|SELECT)$/.test(e.target.tagName)) return;
-    const drawing = views.find(v => v.review && v.review.drawing);
+    const drawing = app.views.find(v => v.review && v.review.drawing);
     if (drawing && e.key === "Enter") { e.preventDefault(); close(drawing); }
     else if (drawing && e.key === "Escape") { e.preventDefault(); cancel(drawing); }
-    else if (e.key === "Escape") views.forEach(v => { if (v.review && v.review.selected) { v.review.selected = null; hint(v); draw(v); } });
+    else if (e.key === "Escape") app.views.forEach(v => { if (v.review && v.review.selected) { v.review.selected = null; hint(v); draw(v); } });
     else if (e.key === "Delete" || e.key === "Backspace") {
-      const view = views.find(v => v.review && v.review.selected);
+      const view = app.views.find(v => v.review && v.review.selected);
       if (view) { e.preventDefault(); remove(view); }
     }
   }
 
-  return { state, start, attach, load, paint, click, patchInfo, save, dirty, toImage, toScreen };
+  const marks = () => Object.fromEntries(state.marks);   // "stain|slice|patch" -> agree | disagree | unsure
+  return { start, attach, load, paint, click, patchInfo, save, dirty, marks, toImage, toScreen };
 })();
