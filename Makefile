@@ -21,13 +21,16 @@ $(STAMP): pyproject.toml Makefile
 	npm install --silent --no-audit --no-fund --prefix $(VENV)/share/stainmil openseadragon@$(OPENSEADRAGON)
 	touch $(STAMP)
 
-# Everything CI must run. The SLURM tests share one real single-node cluster: they run in a second,
-# single-process pass (beside the parallel pass they only slowed it: their jobs need the same two cores).
+# Everything CI must run. The SLURM tests share one real single-node cluster and spend most of their time waiting
+# on its scheduler: they run as a second pytest beside the parallel pass (their output kept in .slurm-tests.log and
+# shown after it); make test fails if either does.
 # --dist worksteal: a worker that runs out of tests takes queued ones from the other, so neither idles while the
 # other still has several queued (`load` fixes each worker's queue up front).
 test: setup
-	$(BIN)/python -m pytest -n 2 --dist worksteal -m "not slurm" --durations=15
-	$(BIN)/python -m pytest -m slurm -p no:xdist --durations=5
+	@$(BIN)/python -m pytest -m slurm -p no:xdist --durations=5 > .slurm-tests.log 2>&1 & slurm=$$!; \
+	$(BIN)/python -m pytest -n 2 --dist worksteal -m "not slurm" --durations=15; parallel=$$?; \
+	wait $$slurm; slurm_status=$$?; echo "---- the SLURM tests (run beside the parallel pass) ----"; \
+	cat .slurm-tests.log; test $$parallel -eq 0 && test $$slurm_status -eq 0
 
 # The quick loop while developing: no end-to-end pipelines, benchmarks or SLURM (CI runs `make test`).
 test-fast: setup

@@ -154,6 +154,16 @@ def browser_figures(url: str, case: str, screenshot: Path | None) -> dict:
         if screenshot:
             page.wait_for_timeout(1000)
             page.screenshot(path=str(screenshot))
+            # and at a pathologist's zoom (2 screen px per level-0 px: 0.25 µm a screen px), overlays off, on a patch
+            # in the middle of the H&E tissue: the linked IHC viewers should show the same cells
+            page.locator("input[data-all='attention']").uncheck()
+            page.evaluate("""() => { const s = window.stainmil, he = s.viewers().findIndex(v => v.reference);
+                const p = s.patches(he), i = Math.floor(p.x.length / 2);
+                s.moveTo(he, p.x[i] + p.size[i] / 2, p.y[i] + p.size[i] / 2, 2, false); }""")
+            page.wait_for_function("window.stainmil.settled() && window.stainmil.aligned() && "
+                                   "window.stainmil.viewers().every(v => v.tiles)", timeout=120_000, polling=100)
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(screenshot.with_name(f"{screenshot.stem}_cells{screenshot.suffix}")))
     return out
 
 
@@ -163,7 +173,8 @@ def main() -> None:
     parser.add_argument("--px", type=int, default=16384)
     parser.add_argument("--tiles", type=int, default=200)
     parser.add_argument("--port", type=int, default=8990)
-    parser.add_argument("--screenshot", type=Path, help="Save the case page after the linked move here.")
+    parser.add_argument("--screenshot", type=Path, help="Save the case page after the linked move here, and at full "
+                                                          "zoom beside it (<name>_cells.png).")
     args = parser.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
