@@ -17,6 +17,19 @@ torch.set_num_threads(1)
 from stainmil.config import Config, load_config  # noqa: E402
 from stainmil.data.synth import PRESETS, TRUTH_TEMPLATE, write_cohort  # noqa: E402
 
+# The modules with the longest tests (`make test`'s --durations; docs/development.md), collected first: xdist's
+# work stealing then ends the run on short tests, instead of one worker finishing a minute-long test alone while the
+# other idles. The order within a module is kept (its module-scoped fixtures are made once).
+LONG_FIRST = ("tests/data/test_serial_wsi.py", "tests/data/test_registration.py", "tests/test_check.py",
+              "tests/test_bench.py", "tests/analysis/test_attention.py", "tests/slides/test_register.py",
+              "tests/test_pipeline.py", "tests/experiments/test_compare_models.py", "tests/features/test_external.py",
+              "tests/train/test_trainer.py", "tests/model/test_graph.py", "tests/test_cli.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {module: i for i, module in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: a module's order kept
+
 
 def made_once(tmp_path_factory, name: str, build) -> Path:
     """``build(folder)`` once per test run, shared by every xdist worker: the first to ask builds it under a file

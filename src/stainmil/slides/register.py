@@ -394,7 +394,7 @@ def register_sections(fixed: Section, moving: Section, nonrigid: bool = True, me
     """Register ``moving`` onto ``fixed`` (thumbnails of about the same spacing; ``mesh_nodes`` across the
     B-spline mesh); never raises on bad tissue: the verdict says it. The same pair gives the same transform on
     every run: ITK runs on one thread meanwhile (its multi-threaded metric sums partial results in the order the
-    threads finish; on this project's 2-core machine a pair took about as long either way)."""
+    threads finish)."""
     threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     try:
@@ -441,8 +441,7 @@ def _register_pair(fixed: Section, moving: Section, nonrigid: bool, mesh_nodes: 
     if nonrigid:
         mesh = sitk.BSplineTransformInitializer(f_img, [mesh_nodes, mesh_nodes], order=3)
         try:
-            # a fifth of the pixels: the B-spline's cost is its metric derivative; 0.5 -> 0.2 took the slowest pair
-            # of the serial preset from 13 s to 7 s at the same landmark error (2.8 µm median)
+            # a fifth of the pixels: the B-spline's cost is its metric derivative (docs/registration.md)
             bspline = _register(f_img, m_img, mesh, "correlation", [2, 1], 60, moving_initial=affine, sampling=0.2,
                                 step_px=0.5)
             u = _field(bspline, grid, grid_spacing)
