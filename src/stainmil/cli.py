@@ -148,8 +148,9 @@ def synth(ctx: typer.Context,
                                                          "scanner names them (C001_HE_S0.tiff), landmarks in µm "
                                                          "(--cases, default 2; --seed).")] = 0.0,
           mpp: Annotated[float, typer.Option(help="With --section-mm: level-0 µm per pixel.")] = 0.5,
-          overlap: Annotated[float, typer.Option(help="With --section-mm: share of nuclei two neighbouring sections "
-                                                      "share (1: the same cells in every section).")] = 0.35,
+          overlap: Annotated[float, typer.Option(help="With --section-mm: share of each section's nuclei that are "
+                                                      "the block's (two sections share about its square: 0.35 -> "
+                                                      "12%; 1: the same cells in every section).")] = 0.35,
           artefacts: Annotated[bool, typer.Option(help="With --section-mm: bubbles and a pen mark on each "
                                                        "section.")] = False) -> None:
     """Render a synthetic multi-stain cohort (slices, masks, patches, labels.csv, cohort.yaml) into --out."""

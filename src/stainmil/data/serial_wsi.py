@@ -119,8 +119,9 @@ class Mark:
 class WsiSection:
     """One section of a block on its glass, ``size`` level-0 px square at ``mpp`` µm/px.
 
-    A **neighbouring** section: its own nuclei on the block's shared architecture — a share ``overlap`` of the
-    block's nuclei is cut by this section too (a nucleus spans about two 4 µm sections), the rest are its own;
+    A **neighbouring** section: its own nuclei on the block's shared architecture — in a share ``overlap`` of
+    its lattice cells the nucleus is the block's, drawn for each section on its own: two sections show the same
+    nucleus in about ``overlap``² of their cells (0.35: 12%), the rest are each section's own;
     the cell density, the lesion and most of the stroma's fibres are the block's. Its stain is a little stronger
     or weaker (``strength``), and it may be torn (``kept``), folded over or missing a corner (``cuts``), with
     bubbles or pen marks (``marks``)."""
@@ -132,7 +133,7 @@ class WsiSection:
     tissue: np.ndarray      # (GRID, GRID) bool: the section's tissue on the coarse grid (to skip glass)
     mpp: float
     seed: int
-    overlap: float = 1.0    # share of the block's nuclei this section shows (1: every section the same cells)
+    overlap: float = 1.0    # share of its cells whose nucleus is the block's (1: every section the same cells)
     strength: float = 1.0   # stain strength of this section (optical density factor)
     cuts: tuple = ()        # Cut, ...
     marks: tuple = ()       # Mark, ...
@@ -279,7 +280,8 @@ def make_section(block: WsiBlock, stain: str, mpp: float, seed: int, flip: bool,
     missing a corner; a neighbouring section (its own nuclei but a share ``overlap``; 1: the same cells as every
     other section of the block), its stain a little stronger or weaker; with ``artefacts``, bubbles and a pen mark."""
     if not 0 <= overlap <= 1:
-        raise ConfigError(f"synth: --overlap ({overlap}) is the share of nuclei two sections share, in [0, 1].")
+        raise ConfigError(f"synth: --overlap ({overlap}) is the share of a section's nuclei that are the block's, "
+                          "in [0, 1].")
     rng = np.random.default_rng([block.seed, seed, 13])
     warp = random_warp(rng, GRID, flip=flip)
     strength = float(rng.uniform(0.8, 1.25))
