@@ -328,6 +328,8 @@ def test_fold_and_shard_indices_count_from_0_and_the_old_spellings_still_work(ca
     r = invoke("extract", "--shards", "4", "--shard", "3")
     assert r.exit_code == 0 and called.pop("extract_sharded")[1]["shard"] == 3
     assert "--shard-index 3" in deprecations(r)[0]
+    r = invoke("extract", "--shards", "4", "--shard", "3", "--shard-index", "2")   # both spellings: refused
+    assert r.exit_code == 2 and "--shard is the old spelling of --shard-index; give only --shard-index" in r.output
 
 
 def test_resume_works_wherever_a_command_can_resume(called, tmp_path):

@@ -77,6 +77,20 @@ def deprecated(old: str, new: str) -> None:
     typer.echo(f"deprecated: {old}; write {new} instead (the old form goes in the next release).", err=True)
 
 
+def renamed(old: str, old_value, new: str, new_value, *, counted_from_1: bool = False):
+    """The value of an option that has a new name: the new one's, or the old one's with the one deprecation line
+    (``counted_from_1``: the old one counted from 1, the new from 0); both given is refused."""
+    if old_value is None:
+        return new_value
+    if new_value is not None:
+        raise ConfigError(f"{old} is the old spelling of {new}; give only {new}"
+                          f"{' (counted from 0)' if counted_from_1 else ''}.")
+    value = old_value - 1 if counted_from_1 else old_value
+    deprecated(f"{old} {old_value}{' (counted from 1)' if counted_from_1 else ''}",
+               f"{new} {value}{' (counted from 0)' if counted_from_1 else ''}")
+    return value
+
+
 def effective_config(config: Path | None, overrides: list[str] | None):
     """Defaults + the YAML file + the --set overrides (the config module is imported here, not at start-up)."""
     from stainmil.config import load_config
@@ -178,11 +192,8 @@ def synth(ctx: typer.Context,
                       f"{folder.parent / 'slides.yaml'} and stainmil register --config {folder.parent / 'slides.yaml'}")
         return
 
-    if slides:  # --slides is a flag of demo and bench (the slide route); here it named a format
-        if slide_format:
-            raise ConfigError("--slides is the old spelling of --slide-format; give only --slide-format.")
-        deprecated(f"synth --slides {slides}", f"synth --slide-format {slides}")
-        slide_format = slides
+    # --slides is a flag of demo and bench (the slide route); here it named a format
+    slide_format = renamed("synth --slides", slides or None, "synth --slide-format", slide_format or None) or ""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset '{preset}'; choose one of {sorted(PRESETS)}.")
     if slide_format and slide_format not in SLIDE_FORMATS:
@@ -254,11 +265,7 @@ def extract(config: ConfigOpt = None, set_: SetOpt = None, launcher: LauncherOpt
     found on resume is extracted again)."""
     from stainmil.features.extract import extract_sharded
 
-    if shard is not None:
-        if shard_index is not None:
-            raise ConfigError("--shard is the old spelling of --shard-index; give only --shard-index.")
-        deprecated(f"--shard {shard}", f"--shard-index {shard}")
-        shard_index = shard
+    shard_index = renamed("--shard", shard, "--shard-index", shard_index)
     cfg = effective_config(config, set_)
     for summary in extract_sharded(cfg, shards=shards, shard=shard_index, verify=verify,
                                    launch=_launch(launcher)):
@@ -580,11 +587,7 @@ def cv(config: ConfigOpt = None, set_: SetOpt = None,
     """
     from stainmil.experiments.cv import run_cv
 
-    if fold is not None:
-        if fold_index is not None:
-            raise ConfigError("--fold is the old spelling of --fold-index; give only --fold-index (counted from 0).")
-        deprecated(f"--fold {fold} (counted from 1)", f"--fold-index {fold - 1} (counted from 0)")
-        fold_index = fold - 1
+    fold_index = renamed("--fold", fold, "--fold-index", fold_index, counted_from_1=True)
     cfg = effective_config(config, set_)
     seed_values = cv_seed_list(seeds, cfg.train.seed)
     if len(seed_values) == 1:
