@@ -23,11 +23,12 @@ $(STAMP): pyproject.toml Makefile
 
 # Everything CI must run. The SLURM tests share one real single-node cluster and spend most of their time waiting
 # on its scheduler: they run as a second pytest beside the parallel pass (their output kept in .slurm-tests.log and
-# shown after it); make test fails if either does.
+# shown after it); make test fails if either does, and Ctrl-C stops both.
 # --dist worksteal: a worker that runs out of tests takes queued ones from the other, so neither idles while the
 # other still has several queued (`load` fixes each worker's queue up front).
 test: setup
 	@$(BIN)/python -m pytest -m slurm -p no:xdist --durations=5 > .slurm-tests.log 2>&1 & slurm=$$!; \
+	trap 'kill $$slurm 2>/dev/null; exit 130' INT TERM; \
 	$(BIN)/python -m pytest -n 2 --dist worksteal -m "not slurm" --durations=15; parallel=$$?; \
 	wait $$slurm; slurm_status=$$?; echo "---- the SLURM tests (run beside the parallel pass) ----"; \
 	cat .slurm-tests.log; test $$parallel -eq 0 && test $$slurm_status -eq 0

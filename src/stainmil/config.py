@@ -611,8 +611,10 @@ RENAMED_MODEL_KEYS: dict[str, tuple[tuple[str, ...], str]] = {
 
 
 def _renamed_model_keys(values: dict) -> dict:
-    """``values`` with an old ``model.baseline`` section moved into ``model.options`` (keys given there win),
-    saying so once in a FutureWarning; an unknown old key is named."""
+    """``values`` with an old ``model.baseline`` section moved into ``model.options``, saying so once in a
+    FutureWarning; an unknown old key is named. The old spelling wins over ``model.options``: a loaded config's
+    options always hold every value, so ``--set model.baseline.transmil_heads=4`` (or an old tune space) on it
+    must still take effect."""
     model = values.get("model")
     if not isinstance(model, dict) or "baseline" not in model:
         return values
@@ -627,7 +629,7 @@ def _renamed_model_keys(values: dict) -> dict:
                               "model.options.<architecture>.<key> (`stainmil models` lists them).")
         names, new = RENAMED_MODEL_KEYS[key]
         for name in names:
-            options.setdefault(name, {}).setdefault(new, value)
+            options.setdefault(name, {})[new] = value
     if old:
         moved = ", ".join(f"{k} -> model.options.{RENAMED_MODEL_KEYS[k][0][0]}.{RENAMED_MODEL_KEYS[k][1]}"
                           for k in list(old)[:3])

@@ -111,7 +111,11 @@ def test_old_baseline_keys_are_read_as_options_with_one_warning():
         config = config_from_dict(old)
     assert len(caught) == 1
     assert options_of(config.model).layers == 2 and options_of(config.model, "transmil").heads == 4
-    assert options_of(config.model, "biox_cpath").layers == 3  # an option given in the new spelling wins
+    assert options_of(config.model, "biox_cpath").layers == 2  # the old spelling wins (a --set of it on a loaded
+    # config, whose options hold every value, must take effect)
+    loaded = config_from_dict({"model": {"options": {"transmil": {"heads": 8}}}})
+    with pytest.warns(FutureWarning):
+        assert options_of(loaded.with_overrides({"model.baseline.transmil_heads": 4}).model, "transmil").heads == 4
     with warnings.catch_warnings():  # the new spelling alone: no warning
         warnings.simplefilter("error")
         assert options_of(config_from_dict({"model": {"options": {"mustang": {"k": 3}}}}).model, "mustang").k == 3

@@ -99,11 +99,12 @@ class Catalog:
         return page
 
     def _number(self, key: tuple | Path, items: list, make) -> int:
-        """The number of ``key`` in ``items`` (slides or transforms), given once: ``make(number)`` adds it."""
+        """The number of ``key`` in ``items`` (slides or transforms), given once: ``make(number)`` makes the item
+        (a ``make`` that raises numbers nothing: the next key still gets the next free number)."""
         with self._lock:
             if key not in self._numbers:
-                self._numbers[key] = len(items)
                 items.append(make(len(items)))
+                self._numbers[key] = len(items) - 1
             return self._numbers[key]
 
     def _transform_number(self, path: Path) -> int:

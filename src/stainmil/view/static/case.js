@@ -69,7 +69,8 @@ function setOverlay(view, key, value) {
   const box = view.panel.querySelector(`input[data-overlay="${key}"]`);
   if (box) box.checked = value;
   if (value && overlay.load && !view.loading[key] && (!overlay.offered || overlay.offered(view.slice))) {
-    view.loading[key] = overlay.load(view).then(data => { view.loaded[key] = data; }, () => { view.loaded[key] = null; })
+    view.loading[key] = overlay.load(view)
+      .then(data => { view.loaded[key] = data; }, () => { delete view.loading[key]; })  // failed: ticked again, retried
       .finally(() => { outlineNote(view); draw(view); });
   }
   if (key === "outline") outlineNote(view);

@@ -20,17 +20,17 @@ function fill(value) {
   };
 }
 
-async function fetchJson(url) {
+async function fetchJson(url) {                // the server's own sentence when it refuses (error.said)
   const response = await fetch(url);
   const body = await response.json();
-  if (!response.ok) throw new Error(body.error || response.statusText);
+  if (!response.ok) throw Object.assign(new Error(body.error || response.statusText), { said: !!body.error });
   return body;
 }
 
 const OVERLAYS = [
   { key: "attention", label: "attention", on: true, draw: fill("relative_attention") },
   { key: "prob", label: "patch-alone P", on: false, draw: fill("patch_prob") },
-  { key: "mask", label: "tissue mask", on: false, offered: s => s.mask,
+  { key: "mask", label: "tissue mask", on: false, offered: s => s.mask, under: true,   // drawn below the fills
     load: view => new Promise(resolve => {
       const image = new Image();
       image.onload = image.onerror = () => resolve(image);
@@ -61,7 +61,8 @@ const OVERLAYS = [
       : s.outline ? "its H&E slice's outline: not carried (tick to see why)"
       : "no outline of this slide (or of its H&E slice) in analysis.truth",
     load: view => fetchJson(`/api/outline/${view.slice.id}`)
-      .catch(error => ({ outlines: [], why: "", problem: `the lesion outline did not load (${error.message})` })),
+      .catch(error => ({ outlines: [], why: "",
+                         problem: error.said ? error.message : `the lesion outline did not load (${error.message})` })),
     draw: (view, ctx, scale, data) => outlines.truth(view, ctx, scale, data) },
   { key: "topk", label: "top-k", on: false,
     draw: (view, ctx, scale) => {
@@ -116,7 +117,7 @@ OpenSeadragon.Viewer.prototype.stainmilOverlays = function (view) {
       const a = (ex.x - o.x) / 1024, b = (ex.y - o.y) / 1024, c = (ey.x - o.x) / 1024, d = (ey.y - o.y) / 1024;
       const scale = Math.hypot(a, b);                 // screen px per level-0 px
       ctx.setTransform(a * ratio, b * ratio, c * ratio, d * ratio, o.x * ratio, o.y * ratio);
-      for (const overlay of OVERLAYS) {
+      for (const overlay of [...OVERLAYS.filter(o => o.under), ...OVERLAYS.filter(o => !o.under)]) {
         if (view.on[overlay.key]) overlay.draw(view, ctx, scale, view.loaded[overlay.key], item);
       }
       review.paint(view, ctx, scale);          // review mode: polygons, carried outlines, marks (review.js)
