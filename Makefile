@@ -48,7 +48,7 @@ lint: setup
 	$(BIN)/ruff check src tests benchmarks
 
 bench: setup
-	$(BIN)/stainmil bench --preset demo
+	$(BIN)/stainmil bench training --preset demo
 
 clean:
 	rm -rf $(VENV) demo_out site .pytest_cache

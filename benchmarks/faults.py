@@ -118,9 +118,9 @@ def read_only_fault(job: Job, prepare, work: Path, reference: Path) -> dict:
 def setup(work: Path) -> Path:
     """The tiny cohort (patch images) and serial-tiny slides, with a config for each (made once)."""
     if not (work / "tiny" / "cohort.yaml").is_file():
-        assert stainmil("synth", "--out", work / "tiny", "--preset", "tiny")[0] == 0
+        assert stainmil("synth", "patches", "--out", work / "tiny", "--preset", "tiny")[0] == 0
     if not (work / "serial" / "cohort.yaml").is_file():
-        assert stainmil("synth", "--out", work / "serial", "--preset", "serial-tiny", "--slide-format", "tiff")[0] == 0
+        assert stainmil("synth", "slides", "--out", work / "serial", "--preset", "serial-tiny", "--slide-format", "tiff")[0] == 0
     if not (work / "trident" / ".done").is_file():
         write_trident_job(work)
     return work

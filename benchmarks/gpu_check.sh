@@ -3,7 +3,7 @@
 #
 #   benchmarks/gpu_check.sh                 # on a GPU machine: demo preset, 224 px, random weights (~5 min)
 #   benchmarks/gpu_check.sh --device cpu --small    # the same steps at toy sizes, a ViT-S for the ViT-L
-#   benchmarks/gpu_check.sh --dry-run ...           # print each step's `stainmil bench` arguments, run nothing
+#   benchmarks/gpu_check.sh --dry-run ...           # print each step's `stainmil bench` mode and arguments
 #                                                   # (the tests run those steps in one process, then the table)
 #
 # Needs the repository and a Python with torch and stainmil's dependencies (PYTHON=..., default python3); no
@@ -32,15 +32,17 @@ if [ "$SMALL" = 1 ]; then
 else
   PRESET=demo; SIZE=224; ROUNDS=2; SCALE_CASES=86; OLD=4; VIT=uni_v1; IN_MEMORY=10
 fi
-step() {  # step LOG ARGS…: one bench run, its output in $OUT/LOG; a failure shows the log's end and stops
-  local log="$OUT/$1"; shift
+step() {  # step LOG MODE ARGS…: one `stainmil bench MODE` run, its output in $OUT/LOG; a failure shows the
+  local log="$OUT/$1" mode="$2"; shift 2                                            # log's end and stops
+  local args=(--device "$DEVICE" --out "$OUT")
+  [ "$mode" = scale ] || args+=(--image-size "$SIZE")
+  [ "$mode" = training ] && args+=(--rounds "$ROUNDS")
   if [ "$DRY" = 1 ]; then
-    echo "--device $DEVICE --out $OUT --image-size $SIZE --rounds $ROUNDS $*"
+    echo "$mode ${args[*]} $*"
     return
   fi
-  echo "gpu_check: stainmil bench $*" >&2
-  if ! "$PY" -m stainmil bench --device "$DEVICE" --out "$OUT" --image-size "$SIZE" --rounds "$ROUNDS" "$@" \
-      > "$log" 2>&1; then
+  echo "gpu_check: stainmil bench $mode $*" >&2
+  if ! "$PY" -m stainmil bench "$mode" "${args[@]}" "$@" > "$log" 2>&1; then
     tail -20 "$log" >&2
     echo "gpu_check: failed: stainmil bench $* (log: $log)" >&2
     exit 1
@@ -48,12 +50,11 @@ step() {  # step LOG ARGS…: one bench run, its output in $OUT/LOG; a failure s
 }
 [ "$DRY" = 1 ] || mkdir -p "$OUT"
 start=$SECONDS
-step log-densenet-pngs.txt   --preset "$PRESET" --backbone densenet121 --old-cases "$OLD"
-step log-densenet-slides.txt --preset "$PRESET" --backbone densenet121 --slides --extraction-only
-step log-vit-pngs.txt        --preset "$PRESET" --backbone "$VIT" --extraction-only
-step log-vit-slides.txt      --preset "$PRESET" --backbone "$VIT" --slides --extraction-only
-step log-feed.txt            --preset "$PRESET" --feed-only --slides
-step log-scale.txt           --preset scale --scales 1,3 --scale-cases "$SCALE_CASES" --epochs 2 \
-                             --memory-up-to "$IN_MEMORY"
+step log-densenet-pngs.txt   training --preset "$PRESET" --backbone densenet121 --old-cases "$OLD"
+step log-densenet-slides.txt training --preset "$PRESET" --backbone densenet121 --slides --extraction-only
+step log-vit-pngs.txt        training --preset "$PRESET" --backbone "$VIT" --extraction-only
+step log-vit-slides.txt      training --preset "$PRESET" --backbone "$VIT" --slides --extraction-only
+step log-feed.txt            feed --preset "$PRESET" --slides
+step log-scale.txt           scale --scales 1,3 --scale-cases "$SCALE_CASES" --epochs 2 --memory-up-to "$IN_MEMORY"
 [ "$DRY" = 1 ] && exit 0
 "$PY" "$HERE/benchmarks/gpu_table.py" "$OUT" "$DEVICE" "$PRESET" "$SIZE" $((SECONDS - start)) "$VIT"

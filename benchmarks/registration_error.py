@@ -1,6 +1,6 @@
 """Registration error on synthetic serial sections (known landmarks), after `stainmil register`.
 
-    stainmil synth --out serial --preset serial --slide-format tiff
+    stainmil synth slides --out serial --preset serial --slide-format tiff
     stainmil tile --config serial/slides.yaml && stainmil register --config serial/slides.yaml
     python benchmarks/registration_error.py serial [--cross]
 

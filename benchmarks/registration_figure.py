@@ -4,7 +4,7 @@ what the linked viewer shows at a place (docs/images/registration-cells.png).
     python benchmarks/registration_figure.py <registration folder> OUT.png [--side 320]
 
 For each of the first two Melan-A pairs in ``<registration folder>/transforms`` (after ``stainmil register`` on
-sections with landmarks, e.g. ``stainmil synth --serial --section-mm 8``): the shared landmark whose IHC window holds
+sections with landmarks, e.g. ``stainmil synth serial --section-mm 8``): the shared landmark whose IHC window holds
 the most DAB, an H&E window of ``--side`` level-0 px around it, and every one of its pixels mapped through
 ``PairTransform.fixed_to_moving`` onto the IHC slide (bilinear). A cross marks the landmark in both.
 """

@@ -1,7 +1,7 @@
 """stainmil's registration next to an open peer, DeeperHistReg (PyPI ``deeperhistreg`` 1.0.1), on the same
 synthetic serial pairs: landmark error in µm, seconds per pair, and what each says about a pair from two blocks.
 
-    stainmil synth --out WORK --serial --section-mm 2 --mpp 0.5 --cases 2
+    stainmil synth serial --out WORK --section-mm 2 --mpp 0.5 --cases 2
     python benchmarks/registration_peers.py WORK [--pairs N] [--skip-peer] [--venv DIR]
 
 Pairs: every IHC slide of a case onto its H&E (fixed = H&E; the first ``--pairs`` of them), and, with two cases
@@ -294,7 +294,7 @@ def summary(tool: str, outcomes: list[Outcome | None], face: list[bool]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("work", type=Path, help="folder written by stainmil synth --serial (or its slides/)")
+    parser.add_argument("work", type=Path, help="folder written by stainmil synth serial (or its slides/)")
     parser.add_argument("--pairs", type=int, default=None, help="only the first N same-block pairs (the "
                         "two-block pair is run too)")
     parser.add_argument("--skip-peer", action="store_true", help="run stainmil only")
@@ -304,7 +304,7 @@ def main() -> None:
     slides = work / "slides" if (work / "slides").is_dir() else work
     pairs = find_pairs(slides, options.pairs)
     if not pairs:
-        sys.exit(f"no C###_<stain>_S#.tiff pairs with an HE slide in {slides}: write them with stainmil synth --serial")
+        sys.exit(f"no C###_<stain>_S#.tiff pairs with an HE slide in {slides}: write them with stainmil synth serial")
     python, notes = None, []
     if not options.skip_peer:
         try:

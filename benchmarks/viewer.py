@@ -3,7 +3,7 @@ viewers, and the server's memory with ten slides open. Prints a markdown table (
 
     python benchmarks/viewer.py WORK [--px 16384] [--tiles 200]
 
-Once (kept in WORK, resumable): one case of three serial sections (H&E, Melan-A, SOX10; ``stainmil synth --serial``,
+Once (kept in WORK, resumable): one case of three serial sections (H&E, Melan-A, SOX10; ``stainmil synth serial``,
 0.5 µm/px, ``--px`` px square), tiled and registered by the real commands. The viewer's folder is then made from
 the tiles: ``attention/patches.csv`` with a made-up attention per patch (the viewer only reads the table), and three
 more cases for the memory figure (the three sections under other names: the same bytes opened as twelve slides).
@@ -45,7 +45,7 @@ def cohort(work: Path, px: int) -> tuple[Path, Path]:
     """(slides.yaml, tiles folder) of one serial case at ``px`` px (made once)."""
     config = work / "cohort" / "slides.yaml"
     if not config.is_file():
-        stainmil("synth", "--out", str(work / "cohort"), "--serial", "--section-mm", str(px * 0.5 / 1000),
+        stainmil("synth", "serial", "--out", str(work / "cohort"), "--section-mm", str(px * 0.5 / 1000),
                  "--mpp", "0.5", "--cases", "1")
     tiles = work / "cohort_work" / "tiles"
     if not (tiles / "tiles.csv").is_file():

@@ -3,7 +3,7 @@ the registration's landmark error in µm.
 
     python benchmarks/wsi_scale.py WORK [--section-mm 8] [--mpp 0.5] [--cases 2] [--skip extract]
 
-Writes ``--cases`` cases of H&E/Melan-A/SOX10 sections (``stainmil synth --out WORK/cohort --serial --section-mm N``:
+Writes ``--cases`` cases of H&E/Melan-A/SOX10 sections (``stainmil synth serial --out WORK/cohort --section-mm N``:
 tiled pyramidal TIFFs streamed tile by tile, files named ``C001_HE_S0.tiff``) once, then runs each stage as its own
 ``stainmil`` process on the cohort's ``slides.yaml`` (random DenseNet121 weights), its peak RSS read from the
 kernel's accounting of that process (``os.wait4``). Registration: landmark error of every IHC slice onto its H&E
@@ -52,7 +52,7 @@ def main() -> None:
     skip = set(filter(None, options.skip.split(",")))
     rows = []
     side = int(round(options.section_mm * 1000 / options.mpp))
-    seconds, rss, _ = run([stainmil, "synth", "--out", str(cohort), "--serial", "--section-mm", str(options.section_mm),
+    seconds, rss, _ = run([stainmil, "synth", "serial", "--out", str(cohort), "--section-mm", str(options.section_mm),
                            "--mpp", str(options.mpp), "--cases", str(options.cases)])
     slides = 3 * options.cases
     rows.append(("synth (write slides; 0 s when written before)", f"{seconds:.0f}", f"{slides} slides of {side:,} px",

@@ -78,13 +78,40 @@ def test_config_reference_and_effective_config():
 
 
 def test_synth_command(tmp_path):
-    r = invoke("synth", "--out", tmp_path / "c", "--preset", "tiny", "--cases", "4", "--slices", "1-2", "--seed", "3")
+    r = invoke("synth", "patches", "--out", tmp_path / "c", "--preset", "tiny", "--cases", "4", "--slices", "1-2",
+               "--seed", "3")
     assert r.exit_code == 0, r.output
     assert len(pd.read_csv(tmp_path / "c" / "labels.csv")) == 4 and "deprecated" not in r.output
-    r = invoke("synth", "--out", tmp_path / "d", "--slices", "two")
+    assert not (tmp_path / "c" / "slides").exists()
+    r = invoke("synth", "patches", "--out", tmp_path / "d", "--slices", "two")
     assert r.exit_code == 2 and "1-15" in r.output
-    r = invoke("synth", "--preset", "tiny")
+    r = invoke("synth", "patches", "--preset", "tiny")
     assert r.exit_code == 2 and "--out FOLDER" in r.output
+    r = invoke("synth", "patches", "--out", tmp_path / "e", "--slide-format", "tiff")  # a slides option
+    assert r.exit_code == 2 and "No such option" in r.output
+    listing = invoke("synth").output
+    assert all(mode in listing for mode in ("patches", "slides", "serial"))
+
+
+def test_old_one_command_spellings_run_the_mode_they_meant(tmp_path):
+    """`synth` and `bench` had their modes behind flags; an old call still runs, with one line naming the new
+    spelling."""
+    r = invoke("synth", "--out", tmp_path / "c", "--preset", "tiny", "--cases", "2", "--slices", "1-1")
+    assert r.exit_code == 0 and (tmp_path / "c" / "labels.csv").is_file(), r.output
+    assert deprecations(r) == [f"deprecated: stainmil synth --out {tmp_path / 'c'} --preset tiny --cases 2 --slices "
+                               f"1-1; write stainmil synth patches --out {tmp_path / 'c'} --preset tiny --cases 2 "
+                               "--slices 1-1 instead (the old form goes in the next release)."]
+    assert cli._synth_route(["--out", "x", "--serial", "--section-mm=8", "--mpp", "1"]) == \
+        ("serial", ["--out", "x", "--section-mm=8", "--mpp", "1"])
+    assert cli._synth_route(["x", "--slides", "svs"]) == ("slides", ["--out", "x", "--slide-format", "svs"])
+    assert cli._bench_route(["--preset", "scale", "--scales", "1,10"]) == ("scale", ["--scales", "1,10"])
+    assert cli._bench_route(["--preset=scale"]) == ("scale", [])
+    assert cli._bench_route(["--feed-only", "--preset", "tiny"]) == ("feed", ["--preset", "tiny"])
+    assert cli._bench_route(["--preset", "tiny", "--rounds", "1"]) == ("training", ["--preset", "tiny", "--rounds", "1"])
+    r = invoke("bench", "--preset", "scale", "--scales", "one")  # reaches the scale mode's own check
+    assert r.exit_code == 2 and "--scales 'one' must be comma-separated integers" in r.output
+    assert deprecations(r) == ["deprecated: stainmil bench --preset scale --scales one; write stainmil bench scale "
+                               "--scales one instead (the old form goes in the next release)."]
 
 
 def test_tables_fit_80_columns_pipe_to_grep_and_have_machine_forms():
@@ -110,16 +137,14 @@ def test_tables_fit_80_columns_pipe_to_grep_and_have_machine_forms():
 
 
 def test_synth_section_mm_writes_scanner_named_real_size_sections(tmp_path):
-    """`synth --serial --section-mm`: pyramidal TIFFs named as a scanner export names them, landmarks in µm, a
-    slides.yaml whose pattern reads those names; without --serial it says what to add."""
+    """`synth serial`: pyramidal TIFFs named as a scanner export names them, landmarks in µm, a slides.yaml whose
+    pattern reads those names."""
     from stainmil.config import load_config
     from stainmil.data.tiling import compile_slide_pattern
 
-    refused = invoke("synth", "--out", tmp_path / "no", "--section-mm", "1")
-    assert refused.exit_code != 0 and "add --serial" in refused.output
-    refused = invoke("synth", "--out", tmp_path / "no", "--serial", "--section-mm", "1", "--overlap", "1.5")
+    refused = invoke("synth", "serial", "--out", tmp_path / "no", "--section-mm", "1", "--overlap", "1.5")
     assert refused.exit_code != 0 and "--overlap (1.5)" in refused.output
-    result = invoke("synth", "--out", tmp_path / "real", "--serial", "--section-mm", "0.6", "--mpp", "1.0",
+    result = invoke("synth", "serial", "--out", tmp_path / "real", "--section-mm", "0.6", "--mpp", "1.0",
                     "--artefacts")
     assert result.exit_code == 0, result.output
     slides = sorted(p.name for p in (tmp_path / "real" / "slides").glob("*.tiff"))
@@ -241,22 +266,22 @@ def deprecations(result) -> list[str]:
 def test_synth_folder_as_an_argument_still_works(tmp_path):
     r = invoke("synth", tmp_path / "c", "--preset", "tiny", "--cases", "4", "--slices", "1-1")
     assert r.exit_code == 0 and (tmp_path / "c" / "labels.csv").is_file(), r.output
-    assert deprecations(r) == [f"deprecated: stainmil synth {tmp_path / 'c'} (the folder as an argument); write "
-                               f"stainmil synth --out {tmp_path / 'c'} instead (the old form goes in the next "
-                               "release)."]
-    r = invoke("synth", tmp_path / "d", "--out", tmp_path / "e")
-    assert r.exit_code == 2 and "give one" in r.output
+    assert deprecations(r) == [f"deprecated: stainmil synth {tmp_path / 'c'} --preset tiny --cases 4 --slices 1-1; "
+                               f"write stainmil synth patches --out {tmp_path / 'c'} --preset tiny --cases 4 --slices "
+                               "1-1 instead (the old form goes in the next release)."]
 
 
-def test_synth_slides_format_is_spelled_slide_format(tmp_path):
-    """--slides is the slide route's flag in demo and bench; synth's format option is --slide-format (the old
-    spelling still writes the slides, with a deprecation line)."""
-    r = invoke("synth", "--out", tmp_path / "c", "--preset", "tiny", "--cases", "2", "--slices", "1-1", "--slides",
-               "tiff")
+def test_synth_slides_writes_the_cohort_and_its_slides(tmp_path):
+    """`synth slides`: TIFF slides by default; --slides is the slide route's flag in demo and bench, so synth's
+    old `--slides FORMAT` runs `synth slides --slide-format FORMAT` with a deprecation line."""
+    r = invoke("synth", "slides", "--out", tmp_path / "c", "--preset", "tiny", "--cases", "2", "--slices", "1-1")
     assert r.exit_code == 0 and sorted((tmp_path / "c" / "slides").rglob("*.tiff")), r.output
-    assert deprecations(r) == ["deprecated: synth --slides tiff; write synth --slide-format tiff instead (the old "
-                               "form goes in the next release)."]
-    r = invoke("synth", "--out", tmp_path / "d", "--slide-format", "png")
+    assert (tmp_path / "c" / "slides.yaml").is_file() and deprecations(r) == []
+    r = invoke("synth", "--out", tmp_path / "d", "--preset", "tiny", "--cases", "2", "--slices", "1-1", "--slides",
+               "svs")
+    assert r.exit_code == 0 and sorted((tmp_path / "d" / "slides").rglob("*.svs")), r.output
+    assert len(deprecations(r)) == 1 and "write stainmil synth slides --out" in deprecations(r)[0]
+    r = invoke("synth", "slides", "--out", tmp_path / "e", "--slide-format", "png")
     assert r.exit_code == 2 and "--slide-format 'png' is not one of tiff, svs, dicom" in r.output
 
 

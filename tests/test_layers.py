@@ -24,7 +24,7 @@ LAYERS = [
     ("experiments", ["experiments"]),
     ("pipeline", ["pipeline", "bench", "check"]),
     ("view", ["view"]),    # reads run folders (analysis tables, registrations, slides); nothing imports it
-    ("cli", ["cli", "__main__"]),
+    ("cli", ["cli", "cli_modes", "__main__"]),
 ]
 
 

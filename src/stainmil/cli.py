@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from stainmil.cli_modes import drop_option, mode_group, option_given, rename_option, without_parameter
 from stainmil.errors import ConfigError, StainmilError, output_error
 from stainmil.stopping import Terminated, stop_cleanly_on_sigterm
 
@@ -66,6 +67,8 @@ SlideRouteOpt = Annotated[bool, typer.Option(
                      "from the slides.")]
 SplitOpt = Annotated[str, typer.Option("--split", help="The run's cases to use: train | val | test, or all (analyze, "
                                                        "export qupath).")]
+BenchPreset = Annotated[str, typer.Option("--preset", help="Synthetic cohort: demo | tiny | real-shape.")]
+ImageSizeOpt = Annotated[int, typer.Option("--image-size", help="Backbone input side (0 = patch size).")]
 WideOpt = Annotated[bool, typer.Option("--wide", help="Every column (wider than 80 characters).")]
 MarkdownOpt = Annotated[bool, typer.Option("--markdown", help="A markdown table.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="JSON, one object per row.")]
@@ -132,77 +135,63 @@ def friendly(fn):
     return wrapper
 
 
-@app.command(context_settings={"allow_extra_args": True})  # the old `synth FOLDER`, kept out of the usage line
-@friendly
-def synth(ctx: typer.Context,
-          out: OutOpt = None,
-          preset: Annotated[str, typer.Option(help="demo | tiny | real-shape | stain-key | stain-key-tiny | serial | "
-                                             "serial-tiny")] = "demo",
-          cases: Annotated[int | None, typer.Option(help="Number of cases.")] = None,
-          benign_fraction: Annotated[float | None, typer.Option(help="Share of benign cases.")] = None,
-          slices: Annotated[str | None, typer.Option(help="Slices per stain, 'min-max' (e.g. 1-15).")] = None,
-          patch_size: Annotated[int | None, typer.Option(help="Patch side in pixels.")] = None,
-          slice_size: Annotated[int | None, typer.Option(help="Slice image side in pixels.")] = None,
-          signal: Annotated[float | None, typer.Option(help="Lesion signal strength 0..1 (difficulty).")] = None,
-          missing_stain_prob: Annotated[float | None, typer.Option(help="Chance a case lacks one stain.")] = None,
-          key_stain: Annotated[str | None, typer.Option(
-              help="Stain-keyed cohort: every stain drawn alike, the label shown in this stain only (he | melan | "
-                   "sox10).")] = None,
-          classes: ClassesOpt = None,
-          decoy_fraction: Annotated[float | None, typer.Option(
-              help="Stain-keyed cohort: share of cases (both classes) whose other stains show the same evidence "
-                   "as decoys.")] = None,
-          seed: Annotated[int | None, typer.Option(help="Random seed (deterministic output).")] = None,
-          serial: SerialOpt = None,
-          slide_format: Annotated[str, typer.Option(help="Also write whole-slide images of the slices for the slide "
-                                                         "route (slides/ + slides.yaml): tiff | svs | dicom.")] = "",
-          slides: Annotated[str, typer.Option("--slides", hidden=True)] = "",  # the old spelling of --slide-format
-          section_mm: Annotated[float, typer.Option(help="With --serial: real-size serial sections of this many mm, "
-                                                         "streamed tile by tile into pyramidal TIFFs named as a "
-                                                         "scanner names them (C001_HE_S0.tiff), landmarks in µm "
-                                                         "(--cases, default 2; --seed).")] = 0.0,
-          mpp: Annotated[float, typer.Option(help="With --section-mm: level-0 µm per pixel.")] = 0.5,
-          overlap: Annotated[float, typer.Option(help="With --section-mm: share of each section's nuclei that are "
-                                                      "the block's (two sections share about its square: 0.35 -> "
-                                                      "12%; 1: the same cells in every section).")] = 0.35,
-          artefacts: Annotated[bool, typer.Option(help="With --section-mm: bubbles and a pen mark on each "
-                                                       "section.")] = False) -> None:
-    """Render a synthetic multi-stain cohort (slices, masks, patches, labels.csv, cohort.yaml) into --out."""
+def _synth_route(args: list[str]) -> tuple[str, list[str]]:
+    """An old `stainmil synth ...` (one command; the folder could be an argument) -> its mode and arguments."""
+    if args and not args[0].startswith("-"):  # `synth FOLDER ...`
+        args = ["--out", *args]
+    if option_given(args, "--section-mm"):
+        return "serial", drop_option(args, "--serial", takes_value=False)
+    if option_given(args, "--slide-format") or option_given(args, "--slides"):
+        return "slides", rename_option(args, "--slides", "--slide-format")
+    return "patches", args
+
+
+synth_app = typer.Typer(cls=mode_group("synth", _synth_route, deprecated), no_args_is_help=True,
+                        help="Render a synthetic cohort: patches (the patch route), slides (the same slices also as "
+                             "whole-slide images), serial (real-size serial sections as a scanner writes them).")
+app.add_typer(synth_app, name="synth")
+
+
+def synth_cohort(out: OutOpt = None,
+                 preset: Annotated[str, typer.Option(help="demo | tiny | real-shape | stain-key | stain-key-tiny | "
+                                                          "stain-free | serial | serial-tiny")] = "demo",
+                 cases: Annotated[int | None, typer.Option(help="Number of cases.")] = None,
+                 benign_fraction: Annotated[float | None, typer.Option(help="Share of benign cases.")] = None,
+                 slices: Annotated[str | None, typer.Option(help="Slices per stain, 'min-max' (e.g. 1-15).")] = None,
+                 patch_size: Annotated[int | None, typer.Option(help="Patch side in pixels.")] = None,
+                 slice_size: Annotated[int | None, typer.Option(help="Slice image side in pixels.")] = None,
+                 signal: Annotated[float | None, typer.Option(help="Lesion signal strength 0..1 (difficulty).")] = None,
+                 missing_stain_prob: Annotated[float | None, typer.Option(
+                     help="Chance a case lacks one stain.")] = None,
+                 key_stain: Annotated[str | None, typer.Option(
+                     help="Stain-keyed cohort: every stain drawn alike, the label shown in this stain only (he | "
+                          "melan | sox10).")] = None,
+                 classes: ClassesOpt = None,
+                 decoy_fraction: Annotated[float | None, typer.Option(
+                     help="Stain-keyed cohort: share of cases (both classes) whose other stains show the same "
+                          "evidence as decoys.")] = None,
+                 stain_free: Annotated[float | None, typer.Option(
+                     help="Stain-free cohort: every stain drawn alike, each stain of a non-benign case showing its "
+                          "evidence with this probability (at least one does).")] = None,
+                 seed: Annotated[int | None, typer.Option(help="Random seed (deterministic output).")] = None,
+                 serial: SerialOpt = None,
+                 slide_format: Annotated[str, typer.Option(
+                     help="The whole-slide format: tiff | svs | dicom.")] = "tiff") -> None:
+    """Write the cohort (``stainmil synth patches``) and, with ``slide_format``, its slides (``synth slides``)."""
     import dataclasses
 
     from stainmil.data.synth import PRESETS, SLIDE_FORMATS, write_cohort, write_slides
 
-    if ctx.args:
-        old_out = Path(ctx.args[0])
-        if out is not None or len(ctx.args) > 1:
-            raise ConfigError(f"more than one output folder ({' '.join(ctx.args)}{f' --out {out}' if out else ''}); "
-                              "give one, as --out FOLDER.")
-        deprecated(f"stainmil synth {old_out} (the folder as an argument)", f"stainmil synth --out {old_out}")
-        out = old_out
     if out is None:
         raise ConfigError("stainmil synth needs an output folder: add --out FOLDER.")
-    if section_mm:
-        from stainmil.data.serial_wsi import write_serial_wsi
-
-        if not serial:
-            raise ConfigError("--section-mm writes serial sections; add --serial.")
-        folder = write_serial_wsi(out, section_mm, mpp, cases=cases or 2, seed=seed or 0, overlap=overlap,
-                                  artefacts=artefacts)
-        console.print(f"real-size serial sections in [bold]{folder}[/]; next: stainmil tile --config "
-                      f"{folder.parent / 'slides.yaml'} and stainmil register --config {folder.parent / 'slides.yaml'}")
-        return
-
-    # --slides is a flag of demo and bench (the slide route); here it named a format
-    slide_format = renamed("synth --slides", slides or None, "synth --slide-format", slide_format or None) or ""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset '{preset}'; choose one of {sorted(PRESETS)}.")
     if slide_format and slide_format not in SLIDE_FORMATS:
         raise ConfigError(f"--slide-format '{slide_format}' is not one of {', '.join(SLIDE_FORMATS)}.")
-    changes = {k: v for k, v in dict(cases=cases, benign_fraction=benign_fraction, patch_size=patch_size,
-                                       slice_size=slice_size, signal=signal, missing_stain_prob=missing_stain_prob,
-                                       key_stain=key_stain, decoy_fraction=decoy_fraction, classes=classes,
-                                       seed=seed, serial=serial).items()
-               if v is not None}
+    changes = {k: v for k, v in dict(
+        cases=cases, benign_fraction=benign_fraction, patch_size=patch_size, slice_size=slice_size, signal=signal,
+        missing_stain_prob=missing_stain_prob, key_stain=key_stain, decoy_fraction=decoy_fraction,
+        stain_free=stain_free, classes=classes, seed=seed, serial=serial).items() if v is not None}
     if slices:
         try:
             lo, hi = (int(v) for v in slices.split("-"))
@@ -216,6 +205,35 @@ def synth(ctx: typer.Context,
         write_slides(path, mpp=0.5, upsample=2, aperio=slide_format == "svs", dicom=slide_format == "dicom")
         console.print(f"{slide_format} slides in [bold]{path / 'slides'}[/]; slide route: stainmil tile --config "
                       f"{path / 'slides.yaml'}")
+
+
+synth_app.command("patches", help="A synthetic multi-stain cohort of patches (slices, masks, patches, "
+                  "lesion outlines, labels.csv, cohort.yaml) in --out.")(
+    friendly(without_parameter(synth_cohort, "slide_format", "")))
+synth_app.command("slides", help="The same cohort, its slices also written as whole-slide images (slides/ + "
+                  "slides.yaml) for the slide route (`stainmil tile`).")(friendly(synth_cohort))
+
+
+@synth_app.command("serial")
+@friendly
+def synth_serial(out: OutOpt = None,
+                 section_mm: Annotated[float, typer.Option(help="Section side in mm.")] = 8.0,
+                 mpp: Annotated[float, typer.Option(help="Level-0 µm per pixel.")] = 0.5,
+                 cases: Annotated[int, typer.Option(help="Number of cases.")] = 2,
+                 overlap: Annotated[float, typer.Option(help="Share of each section's nuclei that are the block's "
+                                                             "(two sections share about its square: 0.35 -> 12%; "
+                                                             "1: the same cells in every section).")] = 0.35,
+                 artefacts: Annotated[bool, typer.Option(help="Bubbles and a pen mark on each section.")] = False,
+                 seed: Annotated[int, typer.Option(help="Random seed (deterministic output).")] = 0) -> None:
+    """Real-size serial sections, streamed tile by tile into pyramidal TIFFs named as a scanner names them
+    (C001_HE_S0.tiff), each its own cells on the block's tissue, with landmarks in µm (for `stainmil register`)."""
+    from stainmil.data.serial_wsi import write_serial_wsi
+
+    if out is None:
+        raise ConfigError("stainmil synth serial needs an output folder: add --out FOLDER.")
+    folder = write_serial_wsi(out, section_mm, mpp, cases=cases, seed=seed, overlap=overlap, artefacts=artefacts)
+    console.print(f"real-size serial sections in [bold]{folder}[/]; next: stainmil tile --config "
+                  f"{folder.parent / 'slides.yaml'} and stainmil register --config {folder.parent / 'slides.yaml'}")
 
 
 @app.command()
@@ -778,52 +796,43 @@ def slurm_script(task: Annotated[str, typer.Argument(help="extract | cv | tune")
     console.print(f"sbatch script: [bold]{path}[/]  (submit with: sbatch {path})")
 
 
-@app.command()
-@friendly
-def bench(preset: Annotated[str, typer.Option(help="Synthetic cohort: demo | tiny | real-shape; or scale (random-"
-                                                    "feature stores at 1x, 10x, 30x real-shape: epoch time and "
-                                                    "peak memory).")] = "demo",
-          device: DeviceOpt = "auto",
-          out: OutOpt = Path("demo_out/bench"),
-          image_size: Annotated[int, typer.Option(help="Backbone input side (0 = patch size).")] = 0,
-          old_cases: Annotated[int, typer.Option(help="Time the old way on this many cases (0 = all).")] = 0,
-          weights: WeightsOpt = "random",
-          rounds: Annotated[int, typer.Option(help="Forward/extraction rounds, best of each.")] = 2,
-          backbone: Annotated[str, typer.Option(help="Encoder (see `stainmil backbones`).")] = "densenet121",
-          slides: SlideRouteOpt = False,
-          extraction_only: Annotated[bool, typer.Option(help="Only forward vs extraction.")] = False,
-          compile_head: Annotated[bool, typer.Option("--compile", help="Also time the head under torch.compile "
-                                                                       "(compiles first).")] = False,
-          scales: Annotated[str, typer.Option(help="scale: sizes as multiples of the real-shape cohort.")] = "1,10,30",
-          cache_mb: Annotated[float, typer.Option(help="scale: features.cache_mb of the bounded runs.")] = 256,
-          epochs: Annotated[int, typer.Option(help="scale: epochs per training run.")] = 2,
-          memory_up_to: Annotated[int, typer.Option(help="scale: also train with the whole store in memory up to "
-                                                         "this size.")] = 10,
-          scale_cases: Annotated[int, typer.Option(help="scale: cases at 1x (86 = the real-shape cohort).")] = 86,
-          feed_only: Annotated[bool, typer.Option(help="Only the data path (decode, collate, copies) with no encoder, "
-                                                       "by decode workers: will a GPU node be fed?")] = False) -> None:
-    """Measure extraction, epoch (store vs the old way), vectorised vs loop, and memory; print one table.
+def _bench_route(args: list[str]) -> tuple[str, list[str]]:
+    """An old `stainmil bench ...` (one command, the modes behind --preset scale and --feed-only) -> its mode."""
+    for i, a in enumerate(args):
+        if a == "--preset=scale" or (a == "--preset" and args[i + 1:i + 2] == ["scale"]):
+            return "scale", drop_option(args, "--preset", takes_value=True)
+    if option_given(args, "--feed-only"):
+        return "feed", drop_option(args, "--feed-only", takes_value=False)
+    return "training", args
 
-    The cohort, store and JSON figures go to --out.
-    """
+
+bench_app = typer.Typer(cls=mode_group("bench", _bench_route, deprecated), no_args_is_help=True,
+                        help="Measure and print figures: training (extraction, epochs, memory), scale (stores "
+                             "many times the real cohort), feed (the data path alone: will a GPU be fed?).")
+app.add_typer(bench_app, name="bench")
+BENCH_OUT = Path("demo_out/bench")
+
+
+@bench_app.command("training")
+@friendly
+def bench_training(preset: BenchPreset = "demo",
+                   device: DeviceOpt = "auto",
+                   out: OutOpt = BENCH_OUT,
+                   image_size: ImageSizeOpt = 0,
+                   old_cases: Annotated[int, typer.Option(help="Time the old way on this many cases (0 = all).")] = 0,
+                   weights: WeightsOpt = "random",
+                   rounds: Annotated[int, typer.Option(help="Forward/extraction rounds, best of each.")] = 2,
+                   backbone: Annotated[str, typer.Option(help="Encoder (see `stainmil backbones`).")] = "densenet121",
+                   slides: SlideRouteOpt = False,
+                   extraction_only: Annotated[bool, typer.Option(help="Only forward vs extraction.")] = False,
+                   compile_head: Annotated[bool, typer.Option(
+                       "--compile", help="Also time the head under torch.compile (compiles first).")] = False) -> None:
+    """Extraction, an epoch (store vs the old way), vectorised vs loop, and memory on a synthetic cohort; one
+    table. The cohort, store and JSON figures go to --out."""
     from rich.table import Table
 
     from stainmil.bench.training import run_bench
-    from stainmil.tables import render_table
 
-    if preset == "scale":
-        from stainmil.bench.scale import run_scale, scale_markdown
-
-        table = run_scale(out / "scale", tuple(int(v) for v in scales.split(",")), cache_mb, epochs, memory_up_to,
-                          scale_cases, device, log=plain_log)
-        console.print(scale_markdown(table), highlight=False, markup=False)
-        return
-    if feed_only:
-        from stainmil.bench.feed import run_feed
-
-        figures = run_feed(out, preset, device, image_size, slides, log=plain_log)
-        console.print(render_table(figures["rows"], fmt="markdown"), highlight=False, markup=False)
-        return
     figures = run_bench(out, preset, device, image_size, old_cases, weights, rounds, backbone, slides,
                         extraction_only, compile_head, log=plain_log)
     table = Table(title="stainmil bench")
@@ -832,6 +841,43 @@ def bench(preset: Annotated[str, typer.Option(help="Synthetic cohort: demo | tin
     for key, value in figures.items():
         table.add_row(key, str(value))
     console.print(table)
+
+
+@bench_app.command("scale")
+@friendly
+def bench_scale(scales: Annotated[str, typer.Option(help="Sizes as multiples of the real-shape cohort.")] = "1,10,30",
+                cache_mb: Annotated[float, typer.Option(help="features.cache_mb of the bounded runs.")] = 256,
+                epochs: Annotated[int, typer.Option(help="Epochs per training run.")] = 2,
+                memory_up_to: Annotated[int, typer.Option(help="Also train with the whole store in memory up to "
+                                                               "this size.")] = 10,
+                scale_cases: Annotated[int, typer.Option(help="Cases at 1x (86 = the real-shape cohort).")] = 86,
+                device: DeviceOpt = "auto",
+                out: OutOpt = BENCH_OUT) -> None:
+    """Random-feature stores at several sizes of the real-shape cohort: epoch time and peak memory, bounded
+    store vs in memory; one markdown table (the stores go to --out/scale)."""
+    from stainmil.bench.scale import run_scale, scale_markdown
+
+    try:
+        sizes = tuple(int(v) for v in scales.split(","))
+    except ValueError as exc:
+        raise ConfigError(f"--scales '{scales}' must be comma-separated integers, e.g. 1,10,30.") from exc
+    table = run_scale(out / "scale", sizes, cache_mb, epochs, memory_up_to, scale_cases, device, log=plain_log)
+    console.print(scale_markdown(table), highlight=False, markup=False)
+
+
+@bench_app.command("feed")
+@friendly
+def bench_feed(preset: BenchPreset = "demo",
+               device: DeviceOpt = "auto",
+               out: OutOpt = BENCH_OUT,
+               image_size: ImageSizeOpt = 0,
+               slides: SlideRouteOpt = False) -> None:
+    """The data path alone (decode, collate, copies; no encoder) by decode workers: will a GPU node be fed?"""
+    from stainmil.bench.feed import run_feed
+    from stainmil.tables import render_table
+
+    figures = run_feed(out, preset, device, image_size, slides, log=plain_log)
+    console.print(render_table(figures["rows"], fmt="markdown"), highlight=False, markup=False)
 
 
 @app.command("config")

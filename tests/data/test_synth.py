@@ -96,3 +96,32 @@ def test_high_grade_lesions_are_larger_and_darker():
 
 def test_signal_zero_makes_classes_identical():
     assert _style(1, 0.0) == _style(0, 1.0)
+
+
+def test_stain_free_cohort_draws_the_stains_alike_and_puts_the_evidence_in_chance_stains(tmp_path):
+    """`--stain-free`: every stain has SOX10's look, benign cases show no high-grade lesion anywhere, and a
+    high-grade case shows it in a random, non-empty subset of its stains, so the stain name says nothing."""
+    from stainmil.errors import ConfigError
+
+    def cohort(rate):
+        config = SynthConfig(cases=16, benign_fraction=0.5, slices_per_stain=(1, 1), slice_size=160, patch_size=32,
+                             missing_stain_prob=0.0, stain_free=rate, seed=3)
+        folder = write_cohort(tmp_path / str(rate), config, workers=1)
+        labels = pd.read_csv(folder / "labels.csv", dtype=str).set_index("case_id")["label"]
+
+        def read(case, stain, name):
+            return np.asarray(Image.open(folder / "slices" / f"case{case}" / stain / f"slice0{name}.png"), float)
+
+        colours = [read(case, stain, "").reshape(-1, 3).mean(0) for case in labels.index for stain in ("he", "sox10")]
+        assert np.ptp(np.array(colours)[:, 1]) < 25   # no pink H&E: one look for every stain
+        areas = {(case, stain): (read(case, stain, "_lesion") > 0).mean() for case in labels.index
+                 for stain in ("he", "melan", "sox10")}
+        benign = [areas[c, s] for c in labels.index[labels == "benign"] for s in ("he", "melan", "sox10")]
+        return [[areas[c, s] > 2 * max(benign) for s in ("he", "melan", "sox10")]
+                for c in labels.index[labels == "high_grade"]]
+
+    chance, every = cohort(0.5), cohort(1.0)
+    assert all(any(stains) for stains in chance)                        # the evidence is somewhere
+    assert np.mean(chance) < 0.8 * np.mean(every), (np.mean(chance), np.mean(every))  # ... in fewer stains
+    with pytest.raises(ConfigError, match="opposite cohorts"):
+        SynthConfig(stain_free=0.5, key_stain="sox10")

@@ -1,4 +1,4 @@
-"""``stainmil bench --feed-only``: can the data path feed a GPU? Extraction's loader (decode, resize, collate,
+"""``stainmil bench feed``: can the data path feed a GPU? Extraction's loader (decode, resize, collate,
 pinned copies) with a no-op encoder, timed with 0, 1, 2, 4, … decode workers.
 
 The forward pass is left out on purpose: on a CPU-only machine the encoder would compete with the decoders

@@ -1,4 +1,4 @@
-"""``stainmil bench --preset scale``: does training hold as the cohort outgrows memory?
+"""``stainmil bench scale``: does training hold as the cohort outgrows memory?
 
 A synthetic store of random features is written straight to disk (no images; real-shape structure:
 ~1,200 patches per case in 3 stains, 1–8 slices per stain, 1024-dim float16) at 1×, 10× and 30× the

@@ -59,7 +59,7 @@ CLASS_WORDS_3 = ("benign", "intermediate", "high_grade")  # --classes 3: lesions
 
 @dataclass
 class SynthConfig:
-    """Knobs of the synthetic cohort (``stainmil synth --help`` lists them)."""
+    """Knobs of the synthetic cohort (``stainmil synth patches --help`` lists them)."""
 
     cases: int = 40
     benign_fraction: float = 1 / 3
@@ -74,6 +74,9 @@ class SynthConfig:
     # only; in ``decoy_fraction`` of the cases of both classes the other stains carry the same evidence
     key_stain: str = ""
     decoy_fraction: float = 0.5
+    # stain-free cohort (0 = off): every stain drawn alike (SOX10's look), and each stain of a case that is not
+    # benign shows the case's evidence with this probability (at least one stain does): the stain name tells nothing
+    stain_free: float = 0.0
     # 2: benign | high_grade; 3: benign | intermediate (lesions halfway) | high_grade
     classes: int = 2
     # serial sections: a case's stains cut from one block, each with its own known deformation (registration)
@@ -102,6 +105,11 @@ class SynthConfig:
             raise ConfigError(f"synth: --classes must be 2 or 3, got {self.classes}.")
         if not 0 <= self.decoy_fraction <= 1:
             raise ConfigError(f"synth: decoy fraction must be in [0, 1], got {self.decoy_fraction}.")
+        if not 0 <= self.stain_free <= 1:
+            raise ConfigError(f"synth: --stain-free must be a probability in [0, 1], got {self.stain_free}.")
+        if self.stain_free and self.key_stain:
+            raise ConfigError("synth: --stain-free and --key-stain ask for opposite cohorts (the stain meaningless, "
+                              "the stain the key); give one.")
 
 
 PRESETS: dict[str, SynthConfig] = {
@@ -115,6 +123,9 @@ PRESETS: dict[str, SynthConfig] = {
     # stain identity: stains drawn alike, the label in SOX10 only, decoys in the others (figures in docs/baselines.md)
     "stain-key": SynthConfig(cases=240, benign_fraction=0.5, slices_per_stain=(1, 1), slice_size=288,
                              key_stain="sox10", missing_stain_prob=0.0),
+    # the stain says nothing: stains drawn alike, the evidence in a random subset of a case's stains
+    "stain-free": SynthConfig(cases=240, benign_fraction=0.5, slices_per_stain=(1, 1), slice_size=288,
+                              stain_free=0.5, missing_stain_prob=0.0),
     # its small version, for tests
     "stain-key-tiny": SynthConfig(cases=12, benign_fraction=0.5, slices_per_stain=(1, 1), slice_size=160,
                                   patch_size=32, key_stain="sox10", missing_stain_prob=0.0),
@@ -350,6 +361,12 @@ def _case_plan(config: SynthConfig) -> list[tuple[str, int]]:
     return [(str(i + 1), int(label)) for i, label in enumerate(labels)]
 
 
+def _stains_showing(rng: np.random.Generator, stains: list[str], rate: float) -> set[str]:
+    """Each stain with probability ``rate``, at least one (a stain-free cohort's evidence is somewhere)."""
+    shows = {stain for stain in stains if rng.random() < rate}
+    return shows or {stains[rng.integers(len(stains))]}
+
+
 def _n_slices(rng: np.random.Generator, lo: int, hi: int) -> int:
     """Slices per stain, skewed towards few (most real cases have 1-3, some up to 15)."""
     return int(lo + np.floor((hi - lo + 1) * rng.random() ** 2.5))
@@ -363,6 +380,7 @@ def render_case(config: SynthConfig, out: Path, case: str, label: int) -> list[d
     if rng.random() < config.missing_stain_prob:
         stains.remove(stains[rng.integers(len(stains))])
     decoy = bool(np.random.default_rng([config.seed, 2, int(case)]).random() < config.decoy_fraction)
+    shows = _stains_showing(np.random.default_rng([config.seed, 4, int(case)]), stains, config.stain_free)
     block = serial_block(np.random.default_rng([config.seed, 3, int(case)]), config.slice_size, style) \
         if config.serial else None
     rows = []
@@ -371,6 +389,9 @@ def render_case(config: SynthConfig, out: Path, case: str, label: int) -> list[d
         if config.key_stain:  # every stain drawn as the key stain; the label speaks in the key stain only
             look = config.key_stain
             stain_style = style if stain == config.key_stain else _style(int(decoy), config.signal)
+        elif config.stain_free:  # every stain drawn alike; which of them shows the evidence is chance
+            look = "sox10"
+            stain_style = style if stain in shows else BENIGN
         for slice_id in range(_n_slices(rng, *config.slices_per_stain)):
             slice_dir = out / "slices" / f"case{case}" / stain
             if block is not None:

@@ -1,0 +1,72 @@
+"""Commands whose modes are sub-commands (``stainmil synth patches|slides|serial``, ``stainmil bench
+training|scale|feed``), and the route that keeps their old one-command spellings working for a release.
+
+An old call names no mode (``stainmil synth patches --out c --section-mm 8``); :func:`mode_group` gives the command a
+click group that asks the command's *route* which mode those arguments meant and how they are spelled there,
+prints the one deprecation line and runs the mode.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+
+import click
+from typer.core import TyperGroup
+
+# old arguments -> (mode, the same arguments as that mode spells them)
+Route = Callable[[list[str]], tuple[str, list[str]]]
+HELP_FLAGS = ("--help", "-h")
+
+
+def mode_group(name: str, route: Route, notice: Callable[[str, str], None]) -> type[TyperGroup]:
+    """A click group class for ``stainmil <name>`` whose calls without a mode go where ``route`` sends them;
+    ``notice(old, new)`` prints the deprecation line."""
+
+    class ModeGroup(TyperGroup):
+        def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+            if args and args[0] not in self.commands and args[0] not in HELP_FLAGS:
+                mode, spelled = route(list(args))
+                notice(" ".join(["stainmil", name, *args]), " ".join(["stainmil", name, mode, *spelled]))
+                args = [mode, *spelled]
+            return super().parse_args(ctx, args)
+
+    return ModeGroup
+
+
+def option_given(args: Sequence[str], flag: str) -> bool:
+    """``--flag`` or ``--flag=value`` among ``args``."""
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def drop_option(args: list[str], flag: str, takes_value: bool) -> list[str]:
+    """``args`` without ``flag`` (and its value)."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = takes_value
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
+
+
+def rename_option(args: list[str], old: str, new: str) -> list[str]:
+    """``args`` with ``old`` spelled ``new`` (both ``--old v`` and ``--old=v``)."""
+    return [new if a == old else new + a[len(old):] if a.startswith(old + "=") else a for a in args]
+
+
+def without_parameter(fn: Callable, name: str, value) -> Callable:
+    """``fn`` as a command without its parameter ``name``, which is always ``value`` (one body for two modes
+    that differ by one option)."""
+    signature = inspect.signature(fn, eval_str=True)
+
+    def command(**kwargs):
+        return fn(**kwargs, **{name: value})
+
+    kept = [p for p in signature.parameters.values() if p.name != name]
+    command.__signature__ = signature.replace(parameters=kept)
+    command.__annotations__ = {p.name: p.annotation for p in kept}  # evaluated: this module's names differ
+    command.__doc__, command.__module__, command.__name__ = fn.__doc__, fn.__module__, fn.__name__
+    return command
