@@ -120,7 +120,7 @@ def setup(work: Path) -> Path:
     if not (work / "tiny" / "cohort.yaml").is_file():
         assert stainmil("synth", "patches", "--out", work / "tiny", "--preset", "tiny")[0] == 0
     if not (work / "serial" / "cohort.yaml").is_file():
-        assert stainmil("synth", "slides", "--out", work / "serial", "--preset", "serial-tiny", "--slide-format", "tiff")[0] == 0
+        assert stainmil("synth", "slides", "--out", work / "serial", "--preset", "serial-tiny")[0] == 0
     if not (work / "trident" / ".done").is_file():
         write_trident_job(work)
     return work
