@@ -112,12 +112,15 @@ def slide_cohort(tiny_cohort) -> Path:
 
 @pytest.fixture(scope="session")
 def serial_cohort(tmp_path_factory) -> Path:
-    """serial-tiny: 6 cases, every stain a section of one block (known landmarks), as 0.25 µm/px TIFF slides."""
+    """serial-tiny: 6 cases, every stain a section of one block (known landmarks), as 0.25 µm/px TIFF slides; made
+    once per test run and shared by every worker (read it, never write into it)."""
     from stainmil.data.synth import write_slides
 
-    cohort = write_cohort(tmp_path_factory.mktemp("serial") / "serial", PRESETS["serial-tiny"], workers=1)
-    write_slides(cohort, mpp=0.5, upsample=2, tile=64)
-    return cohort
+    def build(folder: Path) -> None:
+        write_cohort(folder, PRESETS["serial-tiny"], workers=1)
+        write_slides(folder, mpp=0.5, upsample=2, tile=64)
+
+    return made_once(tmp_path_factory, "serial_cohort", build)
 
 
 def slide_config(cohort: Path, work: Path, *overrides: str) -> Config:
