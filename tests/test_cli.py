@@ -109,6 +109,10 @@ def test_old_one_command_spellings_run_the_mode_they_meant(tmp_path):
     assert cli._bench_route(["--feed-only", "--preset", "tiny"]) == ("feed", ["--preset", "tiny"])
     old = ["--preset", "tiny", "--rounds", "1"]
     assert cli._bench_route(old) == ("training", old)
+    r = invoke("bench", "trainig")
+    assert r.exit_code == 2 and "'trainig' is not a mode of stainmil bench; choose one of training, scale" in r.output
+    r = invoke("synth", "patchs", "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "'patchs' is not a mode of stainmil synth" in r.output and not (tmp_path / "x").exists()
     r = invoke("bench", "--preset", "scale", "--scales", "one")  # reaches the scale mode's own check
     assert r.exit_code == 2 and "--scales 'one' must be comma-separated integers" in r.output
     assert deprecations(r) == ["deprecated: stainmil bench --preset scale --scales one; write stainmil bench scale "

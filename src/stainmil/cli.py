@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from stainmil.cli_modes import drop_option, mode_group, option_given, rename_option, without_parameter
+from stainmil.cli_modes import drop_option, mode_group, option_given, refuse, rename_option, without_parameter
 from stainmil.errors import ConfigError, StainmilError, output_error
 from stainmil.stopping import Terminated, stop_cleanly_on_sigterm
 
@@ -138,6 +138,9 @@ def friendly(fn):
 def _synth_route(args: list[str]) -> tuple[str, list[str]]:
     """An old `stainmil synth ...` (one command; the folder could be an argument) -> its mode and arguments."""
     if args and not args[0].startswith("-"):  # `synth FOLDER ...`
+        if option_given(args, "--out"):
+            refuse(f"'{args[0]}' is not a mode of stainmil synth (patches, slides, serial), and --out is given too; "
+                   "write stainmil synth patches --out FOLDER.")
         args = ["--out", *args]
     if option_given(args, "--section-mm"):
         return "serial", drop_option(args, "--serial", takes_value=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 
-import click
+import typer
 from typer.core import TyperGroup
 
 # old arguments -> (mode, the same arguments as that mode spells them)
@@ -24,14 +24,22 @@ def mode_group(name: str, route: Route, notice: Callable[[str, str], None]) -> t
     ``notice(old, new)`` prints the deprecation line."""
 
     class ModeGroup(TyperGroup):
-        def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
             if args and args[0] not in self.commands and args[0] not in HELP_FLAGS:
                 mode, spelled = route(list(args))
+                if spelled[:1] == args[:1] and not args[0].startswith("-"):
+                    refuse(f"'{args[0]}' is not a mode of stainmil {name}; choose one of {', '.join(self.commands)}.")
                 notice(" ".join(["stainmil", name, *args]), " ".join(["stainmil", name, mode, *spelled]))
                 args = [mode, *spelled]
             return super().parse_args(ctx, args)
 
     return ModeGroup
+
+
+def refuse(sentence: str) -> None:
+    """A call no mode can take: one sentence on stderr, exit status 2 (as a usage error)."""
+    typer.echo(f"error: {sentence}", err=True)
+    raise typer.Exit(2)
 
 
 def option_given(args: Sequence[str], flag: str) -> bool:
