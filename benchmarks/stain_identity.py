@@ -50,12 +50,20 @@ def bags(kind: str, n_cases: int, seed: int, dim: int, patches: int, strength: f
     return CohortBags(pd.DataFrame(rows), np.concatenate(features).astype(np.float32), STAINS)
 
 
-def score(identity: str, train: CohortBags, test: CohortBags, seed: int, epochs: int, lr: float) -> float:
+def score(identity: str, train: CohortBags, test: CohortBags, seed: int, epochs: int, lr: float,
+          dim: int = 32, condition_lr: float = 1.0) -> float:
+    """Test AUC of one model; ``condition_lr``: the learning rate of the ``attention`` identity's stain vectors as a
+    multiple of ``lr``."""
     torch.manual_seed(seed)
-    config = Config(model=ModelConfig(stain_identity=identity, embed_dim=32, attention_hidden_dim=16, dropout=0.1)
-                    ).with_overrides({"train.lr": lr})
+    config = Config(model=ModelConfig(stain_identity=identity, embed_dim=dim, attention_hidden_dim=max(16, dim // 2),
+                                      dropout=0.1)).with_overrides({"train.lr": lr})
     model = build_model(train.feature_dim, config.model, STAINS)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    named = dict(model.named_parameters())
+    condition = [p for n, p in named.items() if n == "stain_condition"]
+    groups = [{"params": [p for n, p in named.items() if n != "stain_condition"]}]
+    if condition:
+        groups.append({"params": condition, "lr": lr * condition_lr})
+    optimizer = torch.optim.Adam(groups, lr=lr)
     step = TrainingStep(model, optimizer, cross_entropy, AttentionRegularizer(config.model, epochs), None,
                         config.train)
     rng = np.random.default_rng(seed)
@@ -83,6 +91,9 @@ def main() -> None:
     parser.add_argument("--strength", type=float, default=1.5)
     parser.add_argument("--free-rate", type=float, default=0.6)
     parser.add_argument("--identities", default="none,embedding,gated,attention")
+    parser.add_argument("--embed-dim", type=int, default=32)
+    parser.add_argument("--condition-lr", type=float, default=1.0,
+                        help="learning rate of the attention identity's stain vectors, times --lr")
     args = parser.parse_args()
     torch.set_num_threads(1)
     identities = args.identities.split(",")
@@ -93,7 +104,8 @@ def main() -> None:
             for seed in range(args.seeds):
                 train = bags(kind, args.cases, 100 + seed, args.dim, args.patches, args.strength, args.free_rate)
                 test = bags(kind, args.test_cases, 900 + seed, args.dim, args.patches, args.strength, args.free_rate)
-                aucs.append(score(identity, train, test, seed, args.epochs, args.lr))
+                aucs.append(score(identity, train, test, seed, args.epochs, args.lr, args.embed_dim,
+                                  args.condition_lr))
             print(f"{kind:<6} {identity:<10} {np.mean(aucs):8.3f} {np.std(aucs):6.3f}  "
                   f"{' '.join(f'{a:.3f}' for a in aucs)}  ({time.perf_counter() - start:.0f})", flush=True)
 
