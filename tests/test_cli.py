@@ -8,6 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated
+from unittest import mock
 
 import pandas as pd
 import pytest
@@ -109,6 +110,11 @@ def test_old_one_command_spellings_run_the_mode_they_meant(tmp_path):
     assert cli._bench_route(["--feed-only", "--preset", "tiny"]) == ("feed", ["--preset", "tiny"])
     old = ["--preset", "tiny", "--rounds", "1"]
     assert cli._bench_route(old) == ("training", old)
+    with mock.patch("stainmil.bench.training.run_bench", return_value={"epoch_s": 1.0}) as bench:
+        r = invoke("bench")  # the old bare `stainmil bench`: the demo-preset training figures
+    assert r.exit_code == 0 and bench.call_args.args[1] == "demo" and "epoch_s" in r.output
+    assert deprecations(r) == ["deprecated: stainmil bench; write stainmil bench training instead (the old form goes in "
+                               "the next release)."]
     r = invoke("bench", "trainig")
     assert r.exit_code == 2 and "'trainig' is not a mode of stainmil bench; choose one of training, scale" in r.output
     r = invoke("synth", "patchs", "--out", tmp_path / "x")

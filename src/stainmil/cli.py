@@ -809,7 +809,7 @@ def _bench_route(args: list[str]) -> tuple[str, list[str]]:
     return "training", args
 
 
-bench_app = typer.Typer(cls=mode_group("bench", _bench_route, deprecated), no_args_is_help=True,
+bench_app = typer.Typer(cls=mode_group("bench", _bench_route, deprecated), no_args_is_help=False,  # old: the demo
                         help="Measure and print figures: training (extraction, epochs, memory), scale (stores "
                              "many times the real cohort), feed (the data path alone: will a GPU be fed?).")
 app.add_typer(bench_app, name="bench")

@@ -25,9 +25,10 @@ def mode_group(name: str, route: Route, notice: Callable[[str, str], None]) -> t
 
     class ModeGroup(TyperGroup):
         def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
-            if args and args[0] not in self.commands and args[0] not in HELP_FLAGS:
+            old = args[0] not in self.commands and args[0] not in HELP_FLAGS if args else not self.no_args_is_help
+            if old:  # no mode named: an old call (with no_args_is_help off, no arguments at all is one too)
                 mode, spelled = route(list(args))
-                if spelled[:1] == args[:1] and not args[0].startswith("-"):
+                if args and spelled[:1] == args[:1] and not args[0].startswith("-"):
                     refuse(f"'{args[0]}' is not a mode of stainmil {name}; choose one of {', '.join(self.commands)}.")
                 notice(" ".join(["stainmil", name, *args]), " ".join(["stainmil", name, mode, *spelled]))
                 args = [mode, *spelled]
