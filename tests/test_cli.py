@@ -113,8 +113,8 @@ def test_old_one_command_spellings_run_the_mode_they_meant(tmp_path):
     with mock.patch("stainmil.bench.training.run_bench", return_value={"epoch_s": 1.0}) as bench:
         r = invoke("bench")  # the old bare `stainmil bench`: the demo-preset training figures
     assert r.exit_code == 0 and bench.call_args.args[1] == "demo" and "epoch_s" in r.output
-    assert deprecations(r) == ["deprecated: stainmil bench; write stainmil bench training instead (the old form goes in "
-                               "the next release)."]
+    assert deprecations(r) == ["deprecated: stainmil bench; write stainmil bench training instead (the old form goes "
+                               "in the next release)."]
     r = invoke("bench", "trainig")
     assert r.exit_code == 2 and "'trainig' is not a mode of stainmil bench; choose one of training, scale" in r.output
     r = invoke("synth", "patchs", "--out", tmp_path / "x")
