@@ -44,7 +44,7 @@ step() {  # step LOG MODE ARGS…: one `stainmil bench MODE` run, its output in 
   echo "gpu_check: stainmil bench $mode $*" >&2
   if ! "$PY" -m stainmil bench "$mode" "${args[@]}" "$@" > "$log" 2>&1; then
     tail -20 "$log" >&2
-    echo "gpu_check: failed: stainmil bench $* (log: $log)" >&2
+    echo "gpu_check: failed: stainmil bench $mode $* (log: $log)" >&2
     exit 1
   fi
 }

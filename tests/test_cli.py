@@ -115,6 +115,16 @@ def test_old_one_command_spellings_run_the_mode_they_meant(tmp_path):
     assert r.exit_code == 0 and bench.call_args.args[1] == "demo" and "epoch_s" in r.output
     assert deprecations(r) == ["deprecated: stainmil bench; write stainmil bench training instead (the old form goes "
                                "in the next release)."]
+    with mock.patch("stainmil.bench.scale.run_scale", return_value=[]) as scale, \
+            mock.patch("stainmil.bench.scale.scale_markdown", return_value="| table |"):
+        # the old gpu_check.sh scale step: the one command took --image-size / --rounds and ignored them here
+        r = invoke("bench", "--device", "cpu", "--image-size", "32", "--rounds=1", "--preset", "scale", "--scales",
+                   "1,3")
+    assert r.exit_code == 0 and scale.call_args.args[1] == (1, 3) and "| table |" in r.output
+    assert deprecations(r) == ["deprecated: stainmil bench --device cpu --image-size 32 --rounds=1 --preset scale "
+                               "--scales 1,3; write stainmil bench scale --device cpu --scales 1,3 (without "
+                               "--image-size 32 --rounds=1: scale has no such options) instead (the old form goes in "
+                               "the next release)."]
     r = invoke("bench", "trainig")
     assert r.exit_code == 2 and "'trainig' is not a mode of stainmil bench; choose one of training, scale" in r.output
     r = invoke("synth", "patchs", "--out", tmp_path / "x")

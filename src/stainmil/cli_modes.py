@@ -9,6 +9,7 @@ prints the one deprecation line and runs the mode.
 from __future__ import annotations
 
 import inspect
+import shlex
 from collections.abc import Callable, Sequence
 
 import typer
@@ -30,9 +31,31 @@ def mode_group(name: str, route: Route, notice: Callable[[str, str], None]) -> t
                 mode, spelled = route(list(args))
                 if args and spelled[:1] == args[:1] and not args[0].startswith("-"):
                     refuse(f"'{args[0]}' is not a mode of stainmil {name}; choose one of {', '.join(self.commands)}.")
-                notice(" ".join(["stainmil", name, *args]), " ".join(["stainmil", name, mode, *spelled]))
+                spelled, dropped = self.only_options_of(mode, spelled)
+                new = shlex.join(["stainmil", name, mode, *spelled])
+                if dropped:  # the one command took every mode's options and ignored the others'
+                    new += f" (without {shlex.join(dropped)}: {mode} has no such options)"
+                notice(shlex.join(["stainmil", name, *args]), new)
                 args = [mode, *spelled]
             return super().parse_args(ctx, args)
+
+        def only_options_of(self, mode: str, args: list[str]) -> tuple[list[str], list[str]]:
+            """(``args`` without the options of this group's other modes that ``mode`` does not take, those)."""
+            takes_value = {opt: not param.is_flag for command in self.commands.values() for param in command.params
+                           for opt in param.opts if opt.startswith("--")}
+            own = {opt for param in self.commands[mode].params for opt in param.opts}
+            kept, dropped, skip = [], [], False
+            for i, arg in enumerate(args):
+                if skip:
+                    skip = False
+                    continue
+                flag = arg.split("=", 1)[0]
+                if flag in takes_value and flag not in own:
+                    skip = takes_value[flag] and "=" not in arg and i + 1 < len(args)
+                    dropped += [arg, args[i + 1]] if skip else [arg]
+                else:
+                    kept.append(arg)
+            return kept, dropped
 
     return ModeGroup
 
