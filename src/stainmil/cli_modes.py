@@ -41,21 +41,10 @@ def mode_group(name: str, route: Route, notice: Callable[[str, str], None]) -> t
 
         def only_options_of(self, mode: str, args: list[str]) -> tuple[list[str], list[str]]:
             """(``args`` without the options of this group's other modes that ``mode`` does not take, those)."""
-            takes_value = {opt: not param.is_flag for command in self.commands.values() for param in command.params
-                           for opt in param.opts if opt.startswith("--")}
             own = {opt for param in self.commands[mode].params for opt in param.opts}
-            kept, dropped, skip = [], [], False
-            for i, arg in enumerate(args):
-                if skip:
-                    skip = False
-                    continue
-                flag = arg.split("=", 1)[0]
-                if flag in takes_value and flag not in own:
-                    skip = takes_value[flag] and "=" not in arg and i + 1 < len(args)
-                    dropped += [arg, args[i + 1]] if skip else [arg]
-                else:
-                    kept.append(arg)
-            return kept, dropped
+            others = {opt: not param.is_flag for command in self.commands.values() for param in command.params
+                      for opt in param.opts if opt.startswith("--") and opt not in own}
+            return split_options(args, others)
 
     return ModeGroup
 
@@ -71,17 +60,26 @@ def option_given(args: Sequence[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
-def drop_option(args: list[str], flag: str, takes_value: bool) -> list[str]:
-    """``args`` without ``flag`` (and its value)."""
-    out, skip = [], False
-    for a in args:
+def split_options(args: list[str], flags: dict[str, bool]) -> tuple[list[str], list[str]]:
+    """(``args`` without the options ``flags`` names, those options): ``flags`` maps each to whether it takes a
+    value (``--flag value`` or ``--flag=value``)."""
+    kept, taken, skip = [], [], False
+    for i, arg in enumerate(args):
         if skip:
             skip = False
-        elif a == flag:
-            skip = takes_value
-        elif not a.startswith(flag + "="):
-            out.append(a)
-    return out
+            continue
+        flag = arg.split("=", 1)[0]
+        if flag in flags:
+            skip = flags[flag] and "=" not in arg and i + 1 < len(args)
+            taken += [arg, args[i + 1]] if skip else [arg]
+        else:
+            kept.append(arg)
+    return kept, taken
+
+
+def drop_option(args: list[str], flag: str, takes_value: bool) -> list[str]:
+    """``args`` without ``flag`` (and its value)."""
+    return split_options(args, {flag: takes_value})[0]
 
 
 def rename_option(args: list[str], old: str, new: str) -> list[str]:

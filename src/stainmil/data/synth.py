@@ -380,7 +380,8 @@ def render_case(config: SynthConfig, out: Path, case: str, label: int) -> list[d
     if rng.random() < config.missing_stain_prob:
         stains.remove(stains[rng.integers(len(stains))])
     decoy = bool(np.random.default_rng([config.seed, 2, int(case)]).random() < config.decoy_fraction)
-    shows = _stains_showing(np.random.default_rng([config.seed, 4, int(case)]), stains, config.stain_free)
+    shows = _stains_showing(np.random.default_rng([config.seed, 4, int(case)]), stains, config.stain_free) \
+        if config.stain_free else set()
     block = serial_block(np.random.default_rng([config.seed, 3, int(case)]), config.slice_size, style) \
         if config.serial else None
     rows = []
