@@ -401,7 +401,8 @@ class RegisterConfig:
                           "thumbnails).", default=4096)
     mesh_um: float = setting("Spacing (µm) of the non-rigid B-spline mesh's nodes (6 to 24 nodes across a section).",
                            default=1000.0)
-    nonrigid: bool = setting("After the affine fit, a smooth B-spline stage (the sections' elastic stretch).",
+    nonrigid: bool = setting("After the affine fit, a smooth B-spline stage (the sections' elastic stretch; left "
+                           "out where the cell-scale refinement follows and searches +-150 µm or more).",
                            default=True)
     refine: bool = setting("Cell-scale refinement after the coarse stages: block matching of ~300 tissue windows "
                          "(256 µm) read region by region at refine_um, a smooth field through the shifts that agree; "

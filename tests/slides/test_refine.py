@@ -20,10 +20,11 @@ from stainmil.slides.refine import (
     coverage,
     judge,
     normalised_correlation,
+    reach_um,
     refine_spacing,
     refine_transform,
 )
-from stainmil.slides.register import PairQuality, PairTransform, read_section
+from stainmil.slides.register import FULL, START, STRETCH_UM, PairQuality, PairTransform, coarse_effort, read_section
 
 
 def test_a_peak_is_found_to_a_tenth_of_a_pixel():
@@ -168,3 +169,15 @@ def test_small_sections_are_left_to_the_coarse_stages_and_mid_sized_ones_refined
     assert refine_spacing(8000.0, 0.5, 2.0) == 2.0
     assert 1.0 < refine_spacing(1000.0, 0.5, 2.0) < 2.0
     assert refine_spacing(1000.0, 1.5, 2.0) == 1.5  # never finer than level 0
+
+
+def test_the_coarse_chain_is_a_lighter_start_before_the_refinement_and_keeps_its_bspline_where_that_reaches_little():
+    """No refinement: the full coarse chain. A section large enough for every pass (its first searches +-192 µm):
+    fewer samples and iterations, no B-spline (the refinement takes the stretch). A 1 mm section, refined at
+    1.3 µm/px with its wide passes left out, searches +-60 µm: its B-spline stage stays."""
+    assert coarse_effort(None) == FULL and FULL.nonrigid
+    large, small = reach_um(8000.0, 2.0), reach_um(1000.0, refine_spacing(1000.0, 0.5, 2.0))
+    assert large == pytest.approx(8.0 * 24) and small < STRETCH_UM <= large
+    assert coarse_effort(large) == START and not START.nonrigid
+    assert START.samples < FULL.samples and START.iterations < FULL.iterations
+    assert coarse_effort(small).nonrigid and coarse_effort(small).samples == START.samples

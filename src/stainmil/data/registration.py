@@ -45,8 +45,15 @@ from stainmil.progress import progress_bar
 from stainmil.slides.annotations import slide_key_name
 from stainmil.slides.coords import grid_step
 from stainmil.slides.reader import Slide, UnreadableSlide
-from stainmil.slides.refine import Refinement, judge, refine_pair, refine_spacing
-from stainmil.slides.register import PairResult, PairTransform, quality_dict, read_section, register_sections
+from stainmil.slides.refine import Refinement, judge, reach_um, refine_pair, refine_spacing
+from stainmil.slides.register import (
+    PairResult,
+    PairTransform,
+    coarse_effort,
+    quality_dict,
+    read_section,
+    register_sections,
+)
 
 VERDICT_RANK = {"aligned": 0, "doubtful": 1, "failed": 2}
 
@@ -283,8 +290,9 @@ def register_slides(fixed_path: str | Path, moving_path: str | Path, mpps: tuple
     spacing, mesh = registration_scale(register, max(mpps), max(extents_um))
     fine = refine_spacing(min(extents_um), max(mpps), register.refine_um) if register.refine else None
     fixed = read_section(fixed_path, spacing, mpps[0])
+    effort = coarse_effort(None if fine is None else reach_um(max(fixed.tissue.shape) * fixed.spacing, fine))
     result = register_sections(fixed, read_section(moving_path, spacing, mpps[1]),
-                               nonrigid=register.nonrigid, mesh_nodes=mesh)
+                               nonrigid=register.nonrigid, mesh_nodes=mesh, effort=effort)
     if fine is None or result.transform is None or result.quality.verdict == "failed":
         return result, None
     refinement = refine_pair(fixed_path, moving_path, mpps[0], mpps[1], result.transform, fixed.tissue,

@@ -271,9 +271,7 @@ def refine_transform(fixed: Slide, moving: Slide, fixed_mpp: float, moving_mpp: 
     at ``tissue_spacing`` µm/px), two passes down to ``spacing_um`` µm/px (see the module doc)."""
     started = time.perf_counter()
     readers = _Reader(fixed, fixed_mpp), _Reader(moving, moving_mpp)
-    passes = [(spacing_um * factor, *rest) for factor, *rest in PASSES]
-    largest = max(tissue.shape) * tissue_spacing / WINDOWS_ACROSS  # a small section: its wide passes left out
-    passes = [one for one in passes[:-1] if one[0] * one[1] <= largest] + passes[-1:]
+    passes = refine_passes(max(tissue.shape) * tissue_spacing, spacing_um)
     centres = window_centres(tissue, tissue_spacing, windows, passes[0][0] * passes[0][1] / 2)
     current, corrections = _Shifted(transform), []
     accepted = np.zeros(0, bool)
@@ -323,6 +321,20 @@ def _median(values: np.ndarray) -> float:
 MIN_EXTENT_UM = 800.0  # smaller sections (the small serial preset's 0.2 mm) are left to the coarse stages
 WINDOWS_ACROSS = 6     # a section at least this many windows across: a smaller one is refined at a finer spacing,
                        # without the passes whose windows are larger
+
+
+def refine_passes(extent_um: float, spacing_um: float) -> list[tuple[float, int, int, float]]:
+    """The passes (µm/px, window px, search radius px, smoothing µm) down to ``spacing_um`` on a section
+    ``extent_um`` across: those whose windows are wider than a :data:`WINDOWS_ACROSS`-th of it left out."""
+    passes = [(spacing_um * factor, *rest) for factor, *rest in PASSES]
+    largest = extent_um / WINDOWS_ACROSS
+    return [one for one in passes[:-1] if one[0] * one[1] <= largest] + passes[-1:]
+
+
+def reach_um(extent_um: float, spacing_um: float) -> float:
+    """How far (µm) around the coarse fit the refinement's first pass searches."""
+    spacing, _, radius, _ = refine_passes(extent_um, spacing_um)[0]
+    return spacing * radius
 
 
 def refine_spacing(extent_um: float, mpp: float, refine_um: float) -> float | None:

@@ -34,7 +34,7 @@ and a verdict ``aligned | doubtful | failed`` with its reason.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +137,38 @@ class PairResult:
     stages: dict = field(default_factory=dict)  # score after each stage
 
 
+@dataclass(frozen=True)
+class Effort:
+    """How hard the SimpleITK stages work after the screening (which always runs in full: fewer of its iterations
+    chose a wrong rotation of a torn section): ``samples`` scales :data:`SAMPLE_BUDGET_PX`, ``iterations`` bounds the
+    rigid and affine fits per resolution level; ``nonrigid`` False leaves the B-spline stage out."""
+
+    samples: float = 1.0
+    iterations: int = 200
+    nonrigid: bool = True
+
+
+# the coarse chain is the result (sections too small for the cell-scale refinement, register.refine=false)
+FULL = Effort()
+# the cell-scale refinement follows and takes what is finer than its first pass (windows searched +-192 µm) and the
+# elastic stretch (its thin-plate spline): a quarter of the samples, half the iterations, no B-spline stage.
+# Measured on neighbouring 8 mm sections: the same landmark error after the refinement in half the time
+# (docs/registration.md, "Measured at 8 mm")
+START = Effort(samples=0.25, iterations=100, nonrigid=False)
+# ... but the B-spline stage stays where the refinement's first pass searches less far than this around the coarse
+# fit: the elastic stretch an affine fit leaves on a section (a 1 mm section's passes search +-60 µm; without the
+# B-spline too few of its windows found their match)
+STRETCH_UM = 150.0
+
+
+def coarse_effort(reach_um: float | None) -> Effort:
+    """:data:`FULL` when no cell-scale refinement follows (``reach_um`` None); :data:`START` when one does, with
+    the B-spline stage kept where its first pass searches less than :data:`STRETCH_UM` around the coarse fit."""
+    if reach_um is None:
+        return FULL
+    return START if reach_um >= STRETCH_UM else replace(START, nonrigid=True)
+
+
 def _image(array: np.ndarray, spacing: float) -> sitk.Image:
     image = sitk.GetImageFromArray(array.astype(np.float32))
     image.SetSpacing((spacing, spacing))
@@ -218,9 +250,10 @@ def _mirror(section: Section) -> Section:
 
 def _register(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, metric: str, shrink: list[int],
               iterations: int, in_place: bool = True, moving_initial: sitk.Transform | None = None,
-              sampling: float = 0.5, step_px: float = 2.0) -> sitk.Transform:
+              sampling: float = 0.5, step_px: float = 2.0, samples: float = 1.0) -> sitk.Transform:
     """One SimpleITK stage: ``metric`` mattes | correlation on a regular sample (``sampling`` of the pixels, at
-    most ``sampling`` x :data:`SAMPLE_BUDGET_PX` at each level: a large section costs no more per iteration),
+    most ``sampling`` x ``samples`` x :data:`SAMPLE_BUDGET_PX` at each level: a large section costs no more per
+    iteration),
     multi-resolution (``shrink`` per level), regular-step gradient descent."""
     method = sitk.ImageRegistrationMethod()
     if metric == "mattes":
@@ -230,7 +263,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, me
     method.SetMetricSamplingStrategy(method.REGULAR)
     pixels = fixed.GetNumberOfPixels()
     method.SetMetricSamplingPercentagePerLevel(
-        [sampling * min(1.0, SAMPLE_BUDGET_PX * s * s / pixels) for s in shrink], seed=SAMPLING_SEED)
+        [sampling * min(1.0, samples * SAMPLE_BUDGET_PX * s * s / pixels) for s in shrink], seed=SAMPLING_SEED)
     method.SetInterpolator(sitk.sitkLinear)
     # first steps of ``step_px`` pixels (in µm, at least 1): the same iterations then move a section as many
     # *pixels* whatever its µm per pixel — the serial preset (0.5 µm/px) keeps its 1 µm steps, an 8 mm section
@@ -362,7 +395,7 @@ def verdict(dice: float, outline: float, scale: float, error: float) -> tuple[st
 
 
 def _rigid_fit(fixed: Section, moving: Section, f_img: sitk.Image, flip: bool, angle: float,
-               grid: tuple[int, int], grid_spacing: float, shrink: list[int], iterations: int,
+               grid: tuple[int, int], grid_spacing: float, shrink: list[int], iterations: int, samples: float,
                start: sitk.Transform | None = None, outline_px: int = 0
                ) -> tuple[sitk.Transform, sitk.Image, bool, float, float]:
     """(rigid transform, moving image it was fitted on, flip, outline distance after it, angle) from a coarse
@@ -377,7 +410,7 @@ def _rigid_fit(fixed: Section, moving: Section, f_img: sitk.Image, flip: bool, a
         # the coarse search's map, fixed -> moving in (row, col): R(angle) F (o - c_f) + c_m; in (x, y) that
         # rotation is R(-angle), and on the mirrored moving image the mirror conjugates it to R(+angle)
         start = sitk.Euler2DTransform(tuple(centre_f), angle if flip else -angle, tuple(centre_m - centre_f))
-    rigid = _register(f_img, m_img, start, "mattes", shrink, iterations)
+    rigid = _register(f_img, m_img, start, "mattes", shrink, iterations, samples=samples)
     mirror_width = moving.tissue.shape[1] * moving.spacing if flip else None
     rigid_only = PairTransform(_matrix(rigid, mirror_width), np.zeros((2, *grid)), np.zeros((2, *grid)),
                                grid_spacing, flip)
@@ -390,20 +423,21 @@ def _rigid_fit(fixed: Section, moving: Section, f_img: sitk.Image, flip: bool, a
     return rigid, m_img, flip, outline, angle
 
 
-def register_sections(fixed: Section, moving: Section, nonrigid: bool = True, mesh_nodes: int = 6) -> PairResult:
+def register_sections(fixed: Section, moving: Section, nonrigid: bool = True, mesh_nodes: int = 6,
+                      effort: Effort = FULL) -> PairResult:
     """Register ``moving`` onto ``fixed`` (thumbnails of about the same spacing; ``mesh_nodes`` across the
-    B-spline mesh); never raises on bad tissue: the verdict says it. The same pair gives the same transform on
-    every run: ITK runs on one thread meanwhile (its multi-threaded metric sums partial results in the order the
-    threads finish)."""
+    B-spline mesh; ``effort``: :func:`coarse_effort`); never raises on bad tissue: the verdict says it. The same
+    pair gives the same transform on every run: ITK runs on one thread meanwhile (its multi-threaded metric sums
+    partial results in the order the threads finish)."""
     threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     try:
-        return _register_pair(fixed, moving, nonrigid, mesh_nodes)
+        return _register_pair(fixed, moving, nonrigid and effort.nonrigid, mesh_nodes, effort)
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
 
 
-def _register_pair(fixed: Section, moving: Section, nonrigid: bool, mesh_nodes: int) -> PairResult:
+def _register_pair(fixed: Section, moving: Section, nonrigid: bool, mesh_nodes: int, effort: Effort) -> PairResult:
     import time
 
     started = time.perf_counter()
@@ -423,18 +457,19 @@ def _register_pair(fixed: Section, moving: Section, nonrigid: bool, mesh_nodes: 
     # (screened at ~SCREEN_PX across; the winner then refined at half and full resolution)
     guesses = _coarse_rigid(fixed, moving)
     screen = [max(2, int(round(max(h, w) / SCREEN_PX)))]  # one level of about SCREEN_PX across
-    fits = [_rigid_fit(fixed, moving, f_img, flip, angle, grid, grid_spacing, screen, 100, outline_px=SCREEN_PX)
+    fits = [_rigid_fit(fixed, moving, f_img, flip, angle, grid, grid_spacing, screen, 100, 1.0,
+                       outline_px=SCREEN_PX)
             for flip, angle, _ in guesses]
     best = min(range(len(fits)), key=lambda k: fits[k][3])
     flip, angle, coarse = guesses[best]
     rigid, m_img, flip, outline, _ = _rigid_fit(fixed, moving, f_img, flip, angle, grid, grid_spacing, [2, 1],
-                                                200, start=fits[best][0])
+                                                effort.iterations, effort.samples, start=fits[best][0])
     mirror_width = moving.tissue.shape[1] * moving.spacing if flip else None
     affine = sitk.AffineTransform(2)
     affine.SetMatrix(rigid.GetMatrix())
     affine.SetTranslation(rigid.GetTranslation())
     affine.SetCenter(rigid.GetCenter())
-    affine = _register(f_img, m_img, affine, "mattes", [2, 1], 200)
+    affine = _register(f_img, m_img, affine, "mattes", [2, 1], effort.iterations, samples=effort.samples)
     a = _matrix(affine, mirror_width)
     scale = float(np.sqrt(abs(np.linalg.det(a[:2, :2]))))
     u = np.zeros((2, *grid))
