@@ -20,7 +20,7 @@ import pandas as pd
 import yaml
 
 from stainmil.config import load_config
-from stainmil.data.registration import read_pair, registration_dir
+from stainmil.data.registration import read_pair
 from stainmil.slides.register import read_section, register_sections
 
 
@@ -33,7 +33,7 @@ def landmarks_um(cohort: Path, case: str, stain: str, slice_id: str) -> pd.DataF
 def main() -> None:
     cohort = Path(sys.argv[1]).resolve()
     config = load_config(cohort / "slides.yaml")
-    table = pd.read_csv(registration_dir(config) / "registrations.csv", dtype={"case": str, "slice": str,
+    table = pd.read_csv(config.paths.registration_dir / "registrations.csv", dtype={"case": str, "slice": str,
                                                                                "fixed_slice": str})
     rows, errors = [], []
     for r in table.itertuples(index=False):

@@ -25,7 +25,7 @@ RUN = """
 import json, sys, time
 import numpy as np
 from stainmil.config import load_config
-from stainmil.data.registration import register_slides
+from stainmil.data.register_cohort import register_slides
 from stainmil.data.serial_wsi import pair_errors
 fixed, moving, mpp, extent = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
 started = time.perf_counter()

@@ -40,7 +40,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from stainmil.config import load_config
-from stainmil.data.registration import register_slides
+from stainmil.data.register_cohort import register_slides
 from stainmil.data.serial_wsi import landmarks_of
 from stainmil.slides.reader import Slide
 

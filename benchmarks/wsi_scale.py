@@ -81,7 +81,7 @@ def main() -> None:
         print("| " + " | ".join(row) + " |")
     if "register" in skip:
         return
-    from stainmil.data.registration import register_slides
+    from stainmil.data.register_cohort import register_slides
     from stainmil.data.serial_wsi import landmark_errors
 
     registrations = read_registrations(cfg)

@@ -31,7 +31,8 @@ import pandas as pd
 
 from stainmil.config import Config, load_config
 from stainmil.data.cohort import load_manifest
-from stainmil.data.registration import read_pair, register_cohort
+from stainmil.data.register_cohort import register_cohort
+from stainmil.data.registration import read_pair
 from stainmil.data.tiling import tile_folder, tissue_mask_of
 from stainmil.errors import DataError, StainmilError
 from stainmil.features.extract import extract_features

@@ -527,7 +527,7 @@ def tile(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 def register(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Register every IHC slice of a case to an H&E slice of the same case (after `tile`): transforms in µm both
     ways, and a verdict (aligned | doubtful | failed) with its reason per pair. Resumable."""
-    from stainmil.data.registration import register_cohort
+    from stainmil.data.register_cohort import register_cohort
 
     result = register_cohort(effective_config(config, set_))
     console.print((result.out_dir / "register_report.txt").read_text(), highlight=False)

@@ -13,7 +13,7 @@ from stainmil.analysis.qupath import export_folder
 from stainmil.analysis.report import build_report
 from stainmil.config import Config, dump_config, load_config
 from stainmil.data.cohort import build_index, case_labels, load_manifest, write_index
-from stainmil.data.registration import register_cohort
+from stainmil.data.register_cohort import register_cohort
 from stainmil.data.slide_route import tile_cohort
 from stainmil.data.splits import load_split, make_splits, write_splits
 from stainmil.data.synth import PRESETS, TRUTH_TEMPLATE, write_cohort, write_slides

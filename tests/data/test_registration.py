@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stainmil.data.registration import read_pair, register_cohort
+from stainmil.data.register_cohort import register_cohort
+from stainmil.data.registration import read_pair
 from stainmil.pipeline import tile_cohort
 from tests.conftest import slide_config
 

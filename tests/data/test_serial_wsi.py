@@ -10,7 +10,7 @@ import openslide
 import pytest
 
 from stainmil.config import load_config
-from stainmil.data.registration import register_slides
+from stainmil.data.register_cohort import register_slides
 from stainmil.data.serial_wsi import make_block, make_section, pair_errors, section_landmarks, write_section_tiff
 
 

@@ -131,3 +131,34 @@ def test_the_multistain_preset_sets_every_model_on_all_stains_and_each_alone():
     assert len(variants) == len(models) * 4
     with pytest.raises(ConfigError, match="multistain"):
         preset_models("everything", ["he"])
+
+
+def test_graph_models_compare_to_the_same_table_in_fresh_processes_with_one_or_two_workers(prepared, tmp_path):
+    """``stainmil compare-models`` of MUSTANG and BioX-CPath run as a user runs it, twice, each in its own fresh
+    process: with 1 worker (folds one after the other, two threads) and with 2 (a process per fold, one thread
+    each). The same ``models.csv``, to the byte, but for its seconds-per-epoch column (a clock, not a result): a
+    difference from any cause that varies between runs (thread count, data order, k-NN ties, scatter order) shows."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from stainmil.config import dump_config
+
+    config = dump_config(prepared.with_overrides({"train.max_epochs": 1, "eval.bootstrap": 20}),
+                         tmp_path / "config.yaml")
+    stainmil = str(Path(sys.executable).with_name("stainmil"))
+    tables = []
+    for name, workers in (("one_worker", 1), ("two_workers", 2)):
+        subprocess.run([stainmil, "compare-models", "--config", str(config), "--models", "mustang,biox_cpath",
+                        "--folds", "2", "--seeds", "5", "--workers", str(workers), "--out", str(tmp_path / name)],
+                       check=True, capture_output=True, text=True)
+        table = pd.read_csv(tmp_path / name / "models.csv", dtype=str)
+        assert len(table) == 2 and table["auc"].notna().all()
+        tables.append(table.drop(columns=["seconds_per_epoch"]).to_csv(index=False))
+    assert tables[0] == tables[1], "two workers gave another table than one"
+    # and beneath the table's rounding, every out-of-fold probability to the last digit written
+    oofs = sorted((tmp_path / "one_worker").glob("*/seed_5/oof_predictions.csv"))
+    assert len(oofs) == 2, oofs
+    for oof in oofs:
+        twin = tmp_path / "two_workers" / oof.relative_to(tmp_path / "one_worker")
+        assert oof.read_bytes() == twin.read_bytes(), oof

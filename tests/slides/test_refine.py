@@ -24,7 +24,8 @@ from stainmil.slides.refine import (
     refine_spacing,
     refine_transform,
 )
-from stainmil.slides.register import FULL, START, STRETCH_UM, PairQuality, PairTransform, coarse_effort, read_section
+from stainmil.slides.register import FULL, START, STRETCH_UM, coarse_effort, read_section
+from stainmil.slides.transform import PairQuality, PairTransform
 
 
 def test_a_peak_is_found_to_a_tenth_of_a_pixel():

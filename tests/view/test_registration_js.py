@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from stainmil.data.registration import write_pair
-from stainmil.slides.register import PairTransform
+from stainmil.slides.transform import PairTransform
 from stainmil.view.app import STATIC
 from stainmil.view.transforms import transform_json
 

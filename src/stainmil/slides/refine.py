@@ -43,7 +43,7 @@ from scipy.interpolate import RBFInterpolator
 from scipy.spatial import cKDTree
 
 from stainmil.slides.reader import Slide, best_level
-from stainmil.slides.register import PairTransform, invert_field
+from stainmil.slides.transform import PairTransform, invert_field
 
 # the passes: (µm/px as a multiple of the finest, window px, search radius px, smoothing µm): 512 µm windows searched
 # +-192 µm twice at 4x the finest spacing (the coarse chain can be 300 µm off on a torn or folded section), then
