@@ -12,7 +12,30 @@ import pytest
 from stainmil.data.register_cohort import register_cohort
 from stainmil.data.registration import read_pair
 from stainmil.pipeline import tile_cohort
-from tests.conftest import slide_config
+from tests.conftest import made_once, slide_config
+
+REGISTERED = ("register.max_side=192", "register.nonrigid=false")  # coarse and affine on small thumbnails
+
+
+@pytest.fixture(scope="session")
+def registered_tiles(serial_cohort, tmp_path_factory) -> Path:
+    """The serial cohort tiled and registered (:data:`REGISTERED`) once per test run, shared by every worker: a test
+    copies it into its own folder, where tile and register then resume (read it, never write into it)."""
+    def build(folder: Path) -> None:
+        config = slide_config(serial_cohort, folder, *REGISTERED)
+        tile_cohort(config)
+        register_cohort(config)
+
+    return made_once(tmp_path_factory, "registered_tiles", build) / "tiles"
+
+
+def tiled_and_registered(registered_tiles: Path, config):
+    """``config``'s tile folder as a copy of the shared registered one; ``tile`` and ``register`` resume there."""
+    import shutil
+
+    shutil.copytree(registered_tiles, config.tile.out_dir)
+    tile_cohort(config)
+    return register_cohort(config)
 
 
 def trained_and_analysed(config, tmp_path):
@@ -62,12 +85,10 @@ def test_register_every_ihc_slice_resumably_and_name_failures(serial_cohort, tmp
     pd.testing.assert_frame_equal(redone.table.drop(columns=["seconds"]), result.table.drop(columns=["seconds"]))
 
 
-def test_analysis_maps_ihc_attention_onto_the_he_patches(serial_cohort, tmp_path):
-    config = slide_config(serial_cohort, tmp_path, "register.max_side=192", "register.nonrigid=false",
-                          "split.method=holdout", "split.val_fraction=0.34", "split.test_fraction=0.34",
-                          "train.max_epochs=2")
-    tile_cohort(config)
-    registered = register_cohort(config)
+def test_analysis_maps_ihc_attention_onto_the_he_patches(serial_cohort, registered_tiles, tmp_path):
+    config = slide_config(serial_cohort, tmp_path, *REGISTERED, "split.method=holdout", "split.val_fraction=0.34",
+                          "split.test_fraction=0.34", "train.max_epochs=2")
+    registered = tiled_and_registered(registered_tiles, config)
     run, result = trained_and_analysed(config, tmp_path)
     per_case = pd.read_csv(result.out_dir / "colocated_cases.csv", dtype={"case": str})
     tested = set(result.tables.cases["case"])
@@ -119,7 +140,8 @@ def test_analysis_maps_ihc_attention_onto_the_he_patches(serial_cohort, tmp_path
         assert not errors, errors
 
 
-def test_the_aligned_model_trains_predicts_and_explains_on_registered_slices(serial_cohort, tmp_path):
+def test_the_aligned_model_trains_predicts_and_explains_on_registered_slices(serial_cohort, registered_tiles,
+                                                                             tmp_path):
     """Registered slices place each IHC patch on an H&E patch; `model.architecture: aligned` trains on those
     places, is evaluated, analysed and predicts new cases; without a registration it says what to run."""
     from stainmil.analysis.analyze import write_analysis
@@ -132,14 +154,14 @@ def test_the_aligned_model_trains_predicts_and_explains_on_registered_slices(ser
     from stainmil.train.checkpoint import load_checkpoint
     from stainmil.train.trainer import train
 
-    config = slide_config(serial_cohort, tmp_path, "register.max_side=192", "register.nonrigid=false",
-                          "split.method=holdout", "split.val_fraction=0.34", "split.test_fraction=0.34",
-                          "train.max_epochs=2", "model.architecture=aligned")
-    tile_cohort(config)
+    config = slide_config(serial_cohort, tmp_path, *REGISTERED, "split.method=holdout", "split.val_fraction=0.34",
+                          "split.test_fraction=0.34", "train.max_epochs=2", "model.architecture=aligned")
+    registered = tiled_and_registered(registered_tiles, config).table
     manifest = load_manifest(config)
-    with pytest.raises(ConfigError, match="stainmil register"):
+    hidden = config.paths.registration_dir.rename(tmp_path / "hidden")
+    with pytest.raises(ConfigError, match="stainmil register"):  # tiled, not registered: it says what to run
         patch_alignment(config, manifest)
-    registered = register_cohort(config).table
+    hidden.rename(config.paths.registration_dir)
     alignment = patch_alignment(config, manifest)
     stains = manifest["stain"].to_numpy()
     assert (alignment.anchor[stains == "he"] == np.flatnonzero(stains == "he")).all()
