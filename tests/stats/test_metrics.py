@@ -52,3 +52,47 @@ def test_threshold_rules_use_validation_only():
     assert binary_metrics(labels, probs, t, TWO)["recall_high_grade"] == 1 and t == 0.65 and "high-grade" in how
     with pytest.raises(ConfigError):
         choose_threshold("median", labels, probs, TWO)
+
+
+def _sklearn_bootstrap(labels, probs, threshold, scheme, n_boot, level=0.95, seed=0):
+    """The bootstrap as it was: scikit-learn's metrics on every resample (the reference for the NumPy path)."""
+    rng = np.random.default_rng(seed)
+    samples = {m: [] for m in scheme.point_metrics}
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(labels), len(labels))
+        m = binary_metrics(labels[idx], probs[idx], threshold, scheme)
+        for name in samples:
+            if not math.isnan(m[name]):
+                samples[name].append(m[name])
+    alpha = (1 - level) / 2
+    return {k: [float(np.quantile(v, alpha)), float(np.quantile(v, 1 - alpha))] for k, v in samples.items()}
+
+
+def test_the_bootstrap_gives_scikit_learns_intervals_in_numpy():
+    """The resamples' metrics in NumPy (a rank AUC, ties counting a half): every interval as scikit-learn's metrics
+    give it, on scores with ties, a threshold that lands on them and resamples that lose a class."""
+    rng = np.random.default_rng(3)
+    for n, ties in ((7, True), (30, True), (120, False)):
+        labels = (rng.random(n) < 0.35).astype(int)
+        probs = rng.uniform(0, 1, n)
+        if ties:
+            probs = np.round(probs * 4) / 4  # many equal scores, some exactly at the threshold
+        ours = bootstrap_intervals(labels, probs, 0.5, TWO, n_boot=200)
+        theirs = _sklearn_bootstrap(labels, probs, 0.5, TWO, n_boot=200)
+        assert ours.keys() == theirs.keys()
+        for name in theirs:
+            assert ours[name] == pytest.approx(theirs[name], abs=1e-12, nan_ok=True), name
+
+
+def test_rank_auc_is_scikit_learns_auc():
+    from sklearn.metrics import roc_auc_score
+
+    from stainmil.stats.metrics import rank_auc
+
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        labels = (rng.random(25) < 0.5).astype(int)
+        labels[:2] = [0, 1]
+        probs = np.round(rng.uniform(0, 1, 25), int(rng.integers(1, 4)))  # ties at 1 to 3 decimals
+        assert rank_auc(labels, probs) == pytest.approx(roc_auc_score(labels, probs), abs=1e-15)
+    assert math.isnan(rank_auc(np.ones(4, int), np.arange(4.0)))

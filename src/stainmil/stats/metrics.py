@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score, roc_curve
 
 from stainmil.classes import ClassScheme
@@ -41,6 +42,40 @@ def binary_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: flo
         "confusion_matrix": matrix.tolist(),
         "n_cases": int(len(labels)),
         "n_per_class": np.bincount(labels, minlength=2).tolist(),
+    }
+
+
+def rank_auc(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """ROC AUC of (N,) 0/1 ``labels`` by (N,) scores as the Mann-Whitney statistic (ties count a half): the value
+    ``roc_auc_score`` gives (to ~1e-16: its trapezoids round differently), without its input checks; NaN when a
+    class is missing."""
+    positive = labels == 1
+    n1 = int(positive.sum())
+    n0 = len(labels) - n1
+    if not n1 or not n0:
+        return math.nan
+    ranks = rankdata(probabilities)  # ties share their mean rank
+    return float((ranks[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def _binary_resample(labels: np.ndarray, probabilities: np.ndarray, threshold: float, scheme: ClassScheme) -> dict:
+    """The bootstrap's share of :func:`binary_metrics` (its CI metrics) in NumPy: the same values (AUC by
+    :func:`rank_auc`) at a hundredth of the time — scikit-learn's input checks made the 3 x 1,000 resamples of one
+    evaluation take 40 s."""
+    predictions = (probabilities >= threshold).astype(int)
+    matrix = np.bincount(labels * 2 + predictions, minlength=4).reshape(2, 2)
+    totals = matrix.sum(1)
+    recall = [matrix[k, k] / totals[k] if totals[k] else math.nan for k in (0, 1)]
+    both = bool(totals.all())
+    tp, fp, fn = matrix[1, 1], matrix[0, 1], matrix[1, 0]
+    return {
+        scheme.recall(0): recall[0],
+        scheme.recall(1): recall[1],
+        "balanced_accuracy": float(np.mean(recall)) if both else math.nan,
+        "accuracy": float((predictions == labels).mean()) if len(labels) else math.nan,
+        "f1": float(2.0 * tp / ((tp + fn) + (tp + fp))) if tp + fp + fn else 0.0,  # scikit-learn's 2 tp / (T + P)
+        "auc": rank_auc(labels, probabilities) if both else math.nan,
+        **calibration_metrics(labels, probabilities),
     }
 
 
@@ -97,11 +132,14 @@ def bootstrap_intervals(labels: np.ndarray, probabilities: np.ndarray, threshold
     labels = np.asarray(labels, dtype=int)
     probabilities = np.asarray(probabilities, dtype=float)
     names = scheme.point_metrics
+    if probabilities.ndim == 2 and probabilities.shape[1] == 2:
+        probabilities = probabilities[:, 1]
+    metrics = _binary_resample if probabilities.ndim == 1 else classification_metrics
     rng = np.random.default_rng(seed)
     samples: dict[str, list[float]] = {m: [] for m in names}
     for _ in range(n_boot):
         idx = rng.integers(0, len(labels), len(labels))
-        m = classification_metrics(labels[idx], probabilities[idx], threshold, scheme)
+        m = metrics(labels[idx], probabilities[idx], threshold, scheme)
         for name in names:
             if not math.isnan(m[name]):
                 samples[name].append(m[name])
@@ -122,8 +160,8 @@ def paired_auc_difference(labels: np.ndarray, probabilities_a: np.ndarray, proba
     k = 2 if a.ndim == 1 else a.shape[1]
 
     def auc(y: np.ndarray, p: np.ndarray) -> float:  # binary, or macro one-vs-rest over k classes
-        return roc_auc_score(y, p) if p.ndim == 1 else float(np.mean([roc_auc_score(y == c, p[:, c])
-                                                                        for c in range(k)]))
+        return rank_auc(y, p) if p.ndim == 1 else float(np.mean([roc_auc_score(y == c, p[:, c])
+                                                                    for c in range(k)]))
 
     if len(np.unique(labels)) < k:
         return {"delta": math.nan, "ci_low": math.nan, "ci_high": math.nan, "p_not_better": math.nan}
