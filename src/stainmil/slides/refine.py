@@ -155,22 +155,37 @@ def window_centres(tissue: np.ndarray, tissue_spacing: float, count: int, inset_
     return (np.stack([cols[keep], rows[keep]], axis=1) + 0.5) * tissue_spacing
 
 
-def _match(fixed: _Reader, moving: _Reader, transform, centres: np.ndarray, spacing: float, side: int,
-           radius: int, smooth_um: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per window centre (µm): (shift (N, 2) µm in the fixed frame, NCC peak (N,), accepted (N,) bool before the
-    neighbour check)."""
+def _filters(spacing: float, smooth_um: float) -> tuple[float, float]:
+    """(sigma, wide) px of a pass's :func:`_band`."""
+    return max(0.7, smooth_um / spacing), max(HIGH_PASS_UM, 4 * smooth_um) / spacing
+
+
+def _templates(fixed: _Reader, centres: np.ndarray, spacing: float, side: int, smooth_um: float
+               ) -> list[np.ndarray | None]:
+    """The fixed windows of a pass, band-passed (float64), None where blank (glass, a bubble). They depend on
+    nothing the passes change: two passes at the same spacing, size and smoothing read them once."""
+    sigma, wide = _filters(spacing, smooth_um)
+    out: list[np.ndarray | None] = []
+    for centre in centres:
+        template = fixed.window(np.eye(2) * spacing, centre - side * spacing / 2, side, spacing)
+        out.append(None if template.std() < 1e-3 else _band(template, sigma, wide).astype(np.float64))
+    return out
+
+
+def _match(moving: _Reader, transform, centres: np.ndarray, templates: list[np.ndarray | None], spacing: float,
+           side: int, radius: int, smooth_um: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per window centre (µm), its band-passed fixed window in ``templates``: (shift (N, 2) µm in the fixed
+    frame, NCC peak (N,), accepted (N,) bool before the neighbour check)."""
     shifts = np.zeros((len(centres), 2))
     peaks = np.zeros(len(centres))
     ok = np.zeros(len(centres), bool)
     big = side + 2 * radius
-    sigma = max(0.7, smooth_um / spacing)
+    sigma, wide = _filters(spacing, smooth_um)
     # the transform's local affine map at every centre (one call: the chain's fields are evaluated once)
     here = transform.fixed_to_moving(np.concatenate([centres, centres + [spacing, 0], centres + [0, spacing]]))
     here = here.reshape(3, len(centres), 2)
-    for k, centre in enumerate(centres):
-        corner = centre - side * spacing / 2
-        template = fixed.window(np.eye(2) * spacing, corner, side, spacing)
-        if template.std() < 1e-3:
+    for k, template in enumerate(templates):
+        if template is None:
             continue  # blank (glass, a bubble)
         # the moving window through the local affine map at this centre
         jacobian = np.stack([here[1, k] - here[0, k], here[2, k] - here[0, k]], axis=1)  # µm moving per fixed px
@@ -178,9 +193,7 @@ def _match(fixed: _Reader, moving: _Reader, transform, centres: np.ndarray, spac
         search = moving.window(jacobian, start, big, spacing)
         if search.std() < 1e-3:
             continue
-        wide = max(HIGH_PASS_UM, 4 * smooth_um) / spacing
-        score = normalised_correlation(_band(search, sigma, wide).astype(np.float64),
-                                       _band(template, sigma, wide).astype(np.float64))
+        score = normalised_correlation(_band(search, sigma, wide).astype(np.float64), template)
         place, value, z = _peak(score)
         peaks[k] = value
         ok[k] = z >= MIN_Z and np.all((place > 0.5) & (place < 2 * radius - 0.5))  # not on the search's border
@@ -277,8 +290,13 @@ def refine_transform(fixed: Slide, moving: Slide, fixed_mpp: float, moving_mpp: 
     accepted = np.zeros(0, bool)
     peaks = np.zeros(0)
     scatter = float("nan")
+    templates: dict[tuple, list] = {}
     for spacing, side, radius, smooth_um in passes:
-        shifts, peaks, accepted = _match(*readers, current, centres, spacing, side, radius, smooth_um)
+        key = (spacing, side, smooth_um)
+        if key not in templates:  # passes that share them are consecutive: only the current pass's kept
+            templates = {key: _templates(readers[0], centres, spacing, side, smooth_um)}
+        shifts, peaks, accepted = _match(readers[1], current, centres, templates[key], spacing, side, radius,
+                                         smooth_um)
         if accepted.sum() >= MIN_ACCEPTED:
             accepted[accepted] = _consistent(centres[accepted], shifts[accepted], spacing)
         share = accepted.mean() if len(accepted) else 0.0
