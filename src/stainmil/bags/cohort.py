@@ -15,20 +15,18 @@ Patch embeddings come from one of two sources, and nothing downstream can tell t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
 import torch
 
 from stainmil.bags.moments import RunningMoments
+from stainmil.data.registration import PatchAlignment
 from stainmil.errors import DataError
 from stainmil.features.sources import FeatureSource, InMemoryFeatures, StoreFeatures, StoreRequest
 from stainmil.model.batch import CaseBatch
 from stainmil.slides.reader import patch_refs
-
-if TYPE_CHECKING:  # the registration stack (SimpleITK, scikit-image) is not imported by every training process
-    from stainmil.data.registration import PatchAlignment
 
 
 class PatchEncoder(Protocol):
