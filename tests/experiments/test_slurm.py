@@ -35,17 +35,17 @@ def test_cv_through_slurm(slurm, prepared, tmp_path):
 
     config = _slurm_config(prepared, tmp_path)
     logs = []
-    result = run_cv(config, folds=3, launch=Launch("slurm", log=logs.append))
-    assert any("submitted 3 SLURM job(s)" in line for line in logs), logs
-    assert len(result.summary) == 3
+    result = run_cv(config, folds=2, launch=Launch("slurm", log=logs.append))
+    assert any("submitted 2 SLURM job(s)" in line for line in logs), logs
+    assert len(result.summary) == 2
     assert list((result.out_dir / "slurm_logs").iterdir()), "submitit wrote no job folders"
     assert (result.out_dir / "cv_report.txt").is_file()
 
 
 def test_sharded_extract_through_slurm(slurm, prepared, tmp_path):
     config = _slurm_config(prepared, tmp_path).with_overrides({"features.store_dir": str(tmp_path / "store")})
-    summaries = extract_sharded(config, shards=3, launch=Launch("slurm", log=lambda *_: None))
-    assert len(summaries) == 3
+    summaries = extract_sharded(config, shards=2, launch=Launch("slurm", log=lambda *_: None))
+    assert len(summaries) == 2
     manifest = load_manifest(config)
     assert sum(s.slices_written for s in summaries) == manifest.groupby(["case", "stain", "slice"]).ngroups
     features = load_features(config.paths.store, manifest)

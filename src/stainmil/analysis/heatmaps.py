@@ -129,17 +129,21 @@ def draw_heatmap(part: pd.DataFrame, template: str, path: str | Path, value: str
     image = view.image
     norm, cmap, label = colour_scale(value)
     rgba = patch_colours(part[value].to_numpy(), value)
-    overlay = np.zeros((*image.shape[:2], 4))
+    colour = np.zeros((*image.shape[:2], 3))                       # each patch's colour on its square (H, W, 3)
+    covered = np.zeros(image.shape[:2], bool)
     s = max(1, int(round(view.side)))
-    for x, y, colour in zip(view.xs, view.ys, rgba):
+    for x, y, rgb in zip(view.xs, view.ys, rgba[:, :3]):
         x0, y0 = int(x), int(y)
-        overlay[y0:y0 + s, x0:x0 + s] = (*colour[:3], 0.5)
+        colour[y0:y0 + s, x0:x0 + s] = rgb
+        covered[y0:y0 + s, x0:x0 + s] = True
+    # the squares laid over the slice at half opacity here, not by a second image in the figure (half the drawing)
+    shown = image / 255.0
+    shown[covered] = 0.5 * shown[covered] + 0.5 * colour[covered]
     aspect = image.shape[0] / image.shape[1]
     fig, (left, right) = subplots(1, 2, figsize=(10, 5 * aspect + 0.6))
     left.imshow(image)
     left.set_title("slice", fontsize=9)
-    right.imshow(image)
-    right.imshow(overlay)
+    right.imshow(shown)
     right.set_title(label, fontsize=9)
     for ax in (left, right):
         ax.set_axis_off()
