@@ -143,6 +143,9 @@ def test_the_refinement_s_evidence_decides_the_verdict():
     assert "no support" in judge(_quality(), _refinement(applied=False), 2.0).reason
     assert judge(_quality(), _refinement(scatter=6.0), 2.0).verdict == "doubtful"  # > 2 px at 2 µm/px
     assert judge(_quality(), _refinement(accepted=60), 2.0).verdict == "doubtful"  # a fifth of the windows
+    # a third of the windows agree, the rest of the field interpolated between them: not enough for aligned
+    third = judge(_quality(), _refinement(accepted=103, windows=343), 2.0)
+    assert third.verdict == "doubtful" and "fewer than 50%" in third.reason
     patchy = judge(_quality(), _refinement(coverage=0.7), 2.0)  # a third of the tissue extrapolated
     assert patchy.verdict == "doubtful" and "cover 70% of the tissue" in patchy.reason
     strong = judge(_quality(), _refinement(), 2.0)
