@@ -60,7 +60,7 @@ MAX_SCATTER = 2.0  # fine-pass pixels: accepted shifts further than this from th
 COVER_WINDOWS = 2.0  # tissue further than this many (finest) windows from an agreeing one is not covered
 MIN_COVERAGE = 0.9   # ... and a refinement covering less of the tissue is doubtful
 SUPPORTED_SHARE = 0.5  # a refinement with at least this share of the windows agreeing supports an aligned verdict
-                       # (well-aligned neighbouring pairs: 61-77%; a pair with a p90 of 78 µm in its holes: 34%)
+                       # (well-aligned neighbouring pairs: 61-95%; a pair with a p90 of 78 µm in its holes: 34%)
 
 
 @dataclass
