@@ -50,8 +50,8 @@ SeedsOpt = Annotated[str, typer.Option("--seeds", help="Comma-separated training
                                                       "train.seed).")]
 FoldsOpt = Annotated[int, typer.Option("--folds", help="Number of stratified folds by case.")]
 WorkersOpt = Annotated[int, typer.Option(
-    "--workers", help="How many jobs run at once (folds; tune: Optuna workers on one study), each its own process "
-                      "or SLURM task; bound each one's memory with features.cache_mb.")]
+    "--workers", help="How many jobs run at once (folds; register: pairs; tune: Optuna workers on one study), each "
+                      "its own process or SLURM task; bound each one's memory with features.cache_mb.")]
 ShardsOpt = Annotated[int, typer.Option("--shards", help="Split the slices into this many shards (array tasks).")]
 LauncherOpt = Annotated[str, typer.Option("--launcher", help="local | slurm (through submitit, settings in slurm.*)")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
@@ -524,12 +524,16 @@ def tile(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 @app.command()
 @friendly
-def register(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+def register(config: ConfigOpt = None, set_: SetOpt = None, workers: WorkersOpt = 0) -> None:
     """Register every IHC slice of a case to an H&E slice of the same case (after `tile`): transforms in µm both
-    ways, and a verdict (aligned | doubtful | failed) with its reason per pair. Resumable."""
+    ways, and a verdict (aligned | doubtful | failed) with its reason per pair. Resumable. --workers N: N pairs at
+    once, each in its own process (0, the default: register.workers); the transforms are the same for any N."""
     from stainmil.data.register_cohort import register_cohort
 
-    result = register_cohort(effective_config(config, set_))
+    settings = effective_config(config, set_)
+    if workers:
+        settings = settings.with_overrides({"register.workers": workers})
+    result = register_cohort(settings)
     console.print((result.out_dir / "register_report.txt").read_text(), highlight=False)
     console.print(f"{len(result.table)} slices registered; transforms and report in [bold]{result.out_dir}[/]")
 

@@ -413,6 +413,12 @@ class RegisterConfig:
     refine_windows: int = setting("About this many windows on the reference section's tissue.", default=300)
     out_dir: str = setting("Where transforms and register_report go; empty = <tile.out_dir>/registration.",
                          default="")
+    workers: int = setting("Pairs registered at once, each in a process of its own (`register --workers`). Every "
+                           "pair runs on one thread, so its transform is the same for any number.", default=1)
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"register.workers must be at least 1 (pairs registered at once), got {self.workers}.")
 
 
 @dataclass(frozen=True)

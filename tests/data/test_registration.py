@@ -94,6 +94,33 @@ def test_register_every_ihc_slice_resumably_and_name_failures(serial_cohort, reg
     pd.testing.assert_frame_equal(redone.table.drop(columns=["seconds"]), result.table.drop(columns=["seconds"]))
 
 
+def test_pairs_registered_in_two_processes_equal_those_registered_one_by_one(serial_cohort, registered_tiles,
+                                                                             tmp_path, capsys):
+    """``register.workers=2`` (``register --workers 2``): the pairs of cases 3, 4 and 5 registered in two worker
+    processes give the very transforms and verdicts the shared registration made one pair after another."""
+    import shutil
+
+    config = slide_config(serial_cohort, tmp_path, *REGISTERED, "register.workers=2")
+    shutil.copytree(registered_tiles, tmp_path / "tiles")
+    redo = sorted((tmp_path / "tiles" / "registration" / "transforms").glob("case[345]_*.h5"))
+    assert len(redo) == 6
+    for path in redo:
+        path.unlink()
+    tile_cohort(config)
+    result = register_cohort(config)
+    assert "12 job(s) in 2 processes" in capsys.readouterr().out  # the 6 done ones read back there too
+    for path in redo:
+        (mine, attrs), (shared, before) = read_pair(path), read_pair(registered_tiles / "registration" /
+                                                                     "transforms" / path.name)
+        assert attrs["verdict"] == before["verdict"] and attrs["reason"] == before["reason"], path.name
+        if shared is not None:
+            for part in ("affine", "u", "v"):
+                np.testing.assert_array_equal(getattr(mine, part), getattr(shared, part), err_msg=path.name)
+    table = pd.read_csv(registered_tiles / "registration" / "registrations.csv", dtype={"case": str, "slice": str})
+    pd.testing.assert_frame_equal(result.table.drop(columns=["seconds", "transform"]).astype(str),
+                                  table.drop(columns=["seconds", "transform"]).astype(str))
+
+
 def test_analysis_maps_ihc_attention_onto_the_he_patches(serial_cohort, registered_tiles, tmp_path):
     config = slide_config(serial_cohort, tmp_path, *REGISTERED, "split.method=holdout", "split.val_fraction=0.34",
                           "split.test_fraction=0.34", "train.max_epochs=2")

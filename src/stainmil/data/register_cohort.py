@@ -28,6 +28,7 @@ from stainmil.data.registration import read_pair, reference_stain, write_pair
 from stainmil.data.tiling import load_tiles
 from stainmil.errors import DataError
 from stainmil.io import atomic_write, atomic_write_json, atomic_write_text
+from stainmil.launch import Launch, run_jobs
 from stainmil.locks import folder_lock
 from stainmil.progress import progress_bar
 from stainmil.slides.annotations import slide_key_name
@@ -163,6 +164,14 @@ def _register_pair(moving: SlideRef, fixed: SlideRef, config: Config, path: Path
             "transform": str(path), **({"redone": redone} if redone else {})}
 
 
+def _pair_outcome(moving: SlideRef, fixed: SlideRef, config: Config, path: Path) -> tuple[dict | None, str]:
+    """(the pair's row, "") or (None, why it could not be registered): one pair's failure never stops the others."""
+    try:
+        return _register_pair(moving, fixed, config, path), ""
+    except (UnreadableSlide, DataError, OSError, ValueError, RuntimeError) as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+
+
 def register_cohort(config: Config) -> RegisterResult:
     """Register every non-reference slice of every case to its best reference slice (see the module doc)."""
     with folder_lock(config.paths.registration_dir, "register"):
@@ -184,21 +193,32 @@ def _register_cohort(config: Config) -> RegisterResult:
     if not jobs and not errors:
         raise DataError(f"nothing to register in {config.tile.out_dir}: no case has a {reference} slice and another "
                         "stain; run `stainmil tile` first, or set register.reference_stain.")
-    pairs, chosen = [], []
-    with progress_bar("register: pairs", total=sum(len(f) for _, f in jobs)) as advance:
-        for moving, fixed_slides in jobs:
-            rows = []
-            for fixed in fixed_slides:
-                name = f"case {moving.case} {moving.stain} slice {moving.slice} -> {fixed.stain} slice {fixed.slice}"
-                try:
-                    rows.append(_register_pair(moving, fixed, config, transform_file(out, moving, fixed)))
-                except (UnreadableSlide, DataError, OSError, ValueError, RuntimeError) as exc:
-                    errors[name] = f"{type(exc).__name__}: {exc}"
+    tasks = [(moving, fixed, config, transform_file(out, moving, fixed)) for moving, fixed_slides in jobs
+             for fixed in fixed_slides]
+    workers = min(config.register.workers, len(tasks))
+    if workers > 1:  # pairs are independent and each runs on one thread: the same transforms as one by one
+        done = run_jobs(_pair_outcome, tasks, Launch("local", workers), out, config.slurm)
+    else:
+        done = []
+        with progress_bar("register: pairs", total=len(tasks)) as advance:
+            for task in tasks:
+                done.append(_pair_outcome(*task))
                 advance()
-            pairs.extend(rows)
-            if rows:
-                best = min(rows, key=lambda r: (VERDICT_RANK.get(r["verdict"], 3), -(r["dice"] or 0)))
-                chosen.append({**best, "candidates": len(rows)})
+    outcomes = iter(done)
+    pairs, chosen = [], []
+    for moving, fixed_slides in jobs:
+        rows = []
+        for fixed in fixed_slides:
+            row, error = next(outcomes)
+            if error:
+                errors[f"case {moving.case} {moving.stain} slice {moving.slice} -> {fixed.stain} slice "
+                       f"{fixed.slice}"] = error
+            else:
+                rows.append(row)
+        pairs.extend(rows)
+        if rows:
+            best = min(rows, key=lambda r: (VERDICT_RANK.get(r["verdict"], 3), -(r["dice"] or 0)))
+            chosen.append({**best, "candidates": len(rows)})
     table = pd.DataFrame(chosen, columns=["case", "stain", "slice", "fixed_stain", "fixed_slice", "verdict",
                                           "reason", "dice", "outline", "scale", "h_correlation",
                                           "feature_error_um", "matched_features", "refine_windows",
