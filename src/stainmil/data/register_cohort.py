@@ -195,15 +195,20 @@ def _register_cohort(config: Config) -> RegisterResult:
                         "stain; run `stainmil tile` first, or set register.reference_stain.")
     tasks = [(moving, fixed, config, transform_file(out, moving, fixed)) for moving, fixed_slides in jobs
              for fixed in fixed_slides]
-    workers = min(config.register.workers, len(tasks))
-    if workers > 1:  # pairs are independent and each runs on one thread: the same transforms as one by one
-        done = run_jobs(_pair_outcome, tasks, Launch("local", workers), out, config.slurm)
-    else:
-        done = []
-        with progress_bar("register: pairs", total=len(tasks)) as advance:
-            for task in tasks:
-                done.append(_pair_outcome(*task))
-                advance()
+    # pairs are independent and each runs on one thread: in worker processes, the same transforms as one by one;
+    # the ones with a file already (resumed: read back, or redone if damaged) stay here
+    new = [k for k, task in enumerate(tasks) if not task[3].is_file()]
+    workers = min(config.register.workers, len(new))
+    done: list = [None] * len(tasks)
+    if workers > 1:
+        for k, outcome in zip(new, run_jobs(_pair_outcome, [tasks[k] for k in new], Launch("local", workers), out,
+                                            config.slurm)):
+            done[k] = outcome
+    with progress_bar("register: pairs", total=len(tasks)) as advance:
+        for k, task in enumerate(tasks):
+            if done[k] is None:
+                done[k] = _pair_outcome(*task)
+            advance()
     outcomes = iter(done)
     pairs, chosen = [], []
     for moving, fixed_slides in jobs:
