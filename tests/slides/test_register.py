@@ -71,4 +71,8 @@ def test_the_same_pair_registers_to_the_same_transform_every_time(serial_cohort)
     assert np.array_equal(first.transform.affine, second.transform.affine)
     assert np.array_equal(first.transform.u, second.transform.u)
     assert first.quality == second.quality
+    # the screening's fits side by side on three threads (each fit still on one): the very same transform
+    threaded = register_sections(fixed, moving, threads=3)
+    assert np.array_equal(threaded.transform.affine, first.transform.affine)
+    assert np.array_equal(threaded.transform.u, first.transform.u) and threaded.quality == first.quality
     assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == threads  # the caller's setting is restored

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from stainmil.config import Config, RegisterConfig
+from stainmil.cores import available_cores
 from stainmil.data.registration import read_pair, reference_stain, write_pair
 from stainmil.data.tiling import load_tiles
 from stainmil.errors import DataError
@@ -122,8 +123,8 @@ def register_slides(fixed_path: str | Path, moving_path: str | Path, mpps: tuple
     fine = refine_spacing(min(extents_um), max(mpps), register.refine_um) if register.refine else None
     fixed = read_section(fixed_path, spacing, mpps[0])
     effort = coarse_effort(None if fine is None else reach_um(max(fixed.tissue.shape) * fixed.spacing, fine))
-    result = register_sections(fixed, read_section(moving_path, spacing, mpps[1]),
-                               nonrigid=register.nonrigid, mesh_nodes=mesh, effort=effort)
+    result = register_sections(fixed, read_section(moving_path, spacing, mpps[1]), nonrigid=register.nonrigid,
+                               mesh_nodes=mesh, effort=effort, threads=available_cores() // register.workers)
     if fine is None or result.transform is None or result.quality.verdict == "failed":
         return result, None
     refinement = refine_pair(fixed_path, moving_path, mpps[0], mpps[1], result.transform, fixed.tissue,

@@ -34,6 +34,7 @@ and a verdict ``aligned | doubtful | failed`` with its reason.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -369,20 +370,22 @@ def _rigid_fit(fixed: Section, moving: Section, f_img: sitk.Image, flip: bool, a
 
 
 def register_sections(fixed: Section, moving: Section, nonrigid: bool = True, mesh_nodes: int = 6,
-                      effort: Effort = FULL) -> PairResult:
+                      effort: Effort = FULL, threads: int = 1) -> PairResult:
     """Register ``moving`` onto ``fixed`` (thumbnails of about the same spacing; ``mesh_nodes`` across the
     B-spline mesh; ``effort``: :func:`coarse_effort`); never raises on bad tissue: the verdict says it. The same
-    pair gives the same transform on every run: ITK runs on one thread meanwhile (its multi-threaded metric sums
-    partial results in the order the threads finish)."""
-    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    pair gives the same transform on every run: each ITK fit runs on one thread (its multi-threaded metric sums
+    partial results in the order the threads finish); ``threads`` > 1 runs that many of the screening's fits side
+    by side (SimpleITK releases the GIL), each still on one thread, so the transform does not depend on it."""
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     try:
-        return _register_pair(fixed, moving, nonrigid and effort.nonrigid, mesh_nodes, effort)
+        return _register_pair(fixed, moving, nonrigid and effort.nonrigid, mesh_nodes, effort, max(1, threads))
     finally:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
 
 
-def _register_pair(fixed: Section, moving: Section, nonrigid: bool, mesh_nodes: int, effort: Effort) -> PairResult:
+def _register_pair(fixed: Section, moving: Section, nonrigid: bool, mesh_nodes: int, effort: Effort,
+                   threads: int) -> PairResult:
     import time
 
     started = time.perf_counter()
@@ -402,9 +405,12 @@ def _register_pair(fixed: Section, moving: Section, nonrigid: bool, mesh_nodes: 
     # (screened at ~SCREEN_PX across; the winner then refined at half and full resolution)
     guesses = _coarse_rigid(fixed, moving)
     screen = [max(2, int(round(max(h, w) / SCREEN_PX)))]  # one level of about SCREEN_PX across
-    fits = [_rigid_fit(fixed, moving, f_img, flip, angle, grid, grid_spacing, screen, 100, 1.0,
-                       outline_px=SCREEN_PX)
-            for flip, angle, _ in guesses]
+    def screened(guess: tuple[bool, float, float]):
+        return _rigid_fit(fixed, moving, f_img, guess[0], guess[1], grid, grid_spacing, screen, 100, 1.0,
+                          outline_px=SCREEN_PX)
+
+    with ThreadPoolExecutor(max(1, min(threads, len(guesses)))) as pool:  # in order: the same fits as one by one
+        fits = list(pool.map(screened, guesses))
     best = min(range(len(fits)), key=lambda k: fits[k][3])
     flip, angle, coarse = guesses[best]
     rigid, m_img, flip, outline, _ = _rigid_fit(fixed, moving, f_img, flip, angle, grid, grid_spacing, [2, 1],
