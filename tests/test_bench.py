@@ -118,7 +118,7 @@ def test_scale_bench_trains_bounded_and_in_memory_in_fresh_processes(gpu_check):
     assert list(table["scale"]) == ["1x", "1x", "3x"]  # 3x is past --memory-up-to 1: bounded only
     assert list(table["reading"])[1:] == ["whole store in memory", list(table["reading"])[0]]
     assert list(table["reading"])[0].startswith("cache ")
-    assert (table["epoch_s"] > 0).all() and (table["peak_rss_mb"] > 100).all()
+    assert (table["epoch_s"] > 0).all() and (table["peak_rss_mb"] > 100).all() and (table["read_mb_s"] > 0).all()
     assert table["patches"].iloc[2] > table["patches"].iloc[0] and (gpu_check[0] / "scale" / "scale.md").is_file()
 
 

@@ -213,7 +213,8 @@ def test_metrics_report_the_epochs_actually_run(prepared, tmp_path):
 
 def test_bounded_memory_store_gives_a_bit_identical_run(prepared, tmp_path):
     """features.cache_mb: slices read from the store on demand through a cache smaller than the store (so it
-    evicts and re-reads) — the same seed gives the very same history, weights and predictions."""
+    evicts and re-reads), the cohort read through the patch index on disk — the same seed gives the very same
+    history, weights and predictions as the whole store and manifest in memory."""
     from stainmil.bags.cohort import CohortBags
     from stainmil.features.store import StoreMeta
     from stainmil.train.run import load_cohort
@@ -234,6 +235,7 @@ def test_bounded_memory_store_gives_a_bit_identical_run(prepared, tmp_path):
     bounded = prepared.with_overrides({"features.cache_mb": 0.25})
     bags, _ = load_cohort(bounded)
     assert isinstance(bags, CohortBags) and bags.source.reads == 0  # nothing read until a batch needs it
+    assert bags.index is not None and bags._manifest is None  # the memory-mapped index, no manifest in memory
     for _ in range(2):
         bags.batch(bags.case_ids)
     n_slices = len(bags.slice_patches)

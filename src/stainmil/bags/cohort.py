@@ -22,9 +22,17 @@ import pandas as pd
 import torch
 
 from stainmil.bags.moments import RunningMoments
+from stainmil.data.patch_index import PLACES, PatchIndex
 from stainmil.data.registration import PatchAlignment
 from stainmil.errors import DataError
-from stainmil.features.sources import FeatureSource, InMemoryFeatures, StoreFeatures, StoreRequest
+from stainmil.features.sources import (
+    FeatureSource,
+    InMemoryFeatures,
+    RangeLayout,
+    RowLayout,
+    StoreFeatures,
+    StoreRequest,
+)
 from stainmil.model.batch import CaseBatch
 from stainmil.slides.reader import patch_refs
 
@@ -38,9 +46,25 @@ class PatchEncoder(Protocol):
         """Image files -> features (P, D) on the encoder's device (with grad where it is trainable)."""
 
 
+class SliceRows:
+    """The rows of each slice of a disk index, ``start[s] .. start[s] + count[s] - 1``, made when asked for."""
+
+    def __init__(self, start: np.ndarray, count: np.ndarray) -> None:
+        self.start, self.count = start, count
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def __getitem__(self, s: int) -> np.ndarray:
+        return np.arange(self.start[s], self.start[s] + self.count[s])
+
+
 class CohortBags:
     """All patches of a cohort (manifest order) with their hierarchy.
 
+    ``manifest``: a DataFrame held in memory, or a :class:`~stainmil.data.patch_index.PatchIndex` on disk (a
+    bounded store's cohort): then only the per-slice table is held, each slice's rows are a range, and a batch
+    reads nothing per patch but its features (and places, where the model asks for them).
     ``features``: (N, D) array or a view bank (V, N, D) held in memory (float16 from the store is kept as is;
     batches are cast to float32); a :class:`StoreRequest` to read the store on demand with a bounded cache;
     an existing :class:`~stainmil.features.sources.FeatureSource`; or ``None`` with an ``encoder`` that
@@ -48,52 +72,74 @@ class CohortBags:
     register``; the ``aligned`` architecture): batches then carry ``patch_anchor``.
     """
 
-    def __init__(self, manifest: pd.DataFrame, features: np.ndarray | FeatureSource | StoreRequest | None,
-                 stains: list[str], encoder: PatchEncoder | None = None,
-                 alignment: PatchAlignment | None = None) -> None:
+    def __init__(self, manifest: pd.DataFrame | PatchIndex,
+                 features: np.ndarray | FeatureSource | StoreRequest | None, stains: list[str],
+                 encoder: PatchEncoder | None = None, alignment: PatchAlignment | None = None) -> None:
         if (features is None) == (encoder is None):
             raise ValueError("CohortBags needs either features or an encoder")
-        if isinstance(features, np.ndarray) and features.shape[-2] != len(manifest):
-            raise DataError(f"manifest has {len(manifest)} rows but the features {features.shape[-2]}; "
+        self.index = manifest if isinstance(manifest, PatchIndex) else None
+        if self.index is not None and (encoder is not None or alignment is not None):
+            raise ValueError("a disk index serves cached features without an alignment")
+        n_rows = self.index.rows if self.index is not None else len(manifest)
+        if isinstance(features, np.ndarray) and features.shape[-2] != n_rows:
+            raise DataError(f"manifest has {n_rows} rows but the features {features.shape[-2]}; "
                             "re-run extract.")
-        manifest = manifest.reset_index(drop=True)
-        self.manifest = manifest
+        keys = ["case", "stain", "slice"]
+        if self.index is not None:
+            self._manifest = None
+            firsts = self.index.slices
+            self.slice_patches: list[np.ndarray] | SliceRows = SliceRows(firsts["start"].to_numpy(np.int64),
+                                                                         firsts["count"].to_numpy(np.int64))
+        else:
+            manifest = manifest.reset_index(drop=True)
+            self._manifest = manifest
+            codes = manifest.groupby(keys, sort=False).ngroup().to_numpy()   # slices numbered by first appearance
+            firsts = manifest.drop_duplicates(keys)
+            order = np.argsort(codes, kind="stable")
+            bounds = np.searchsorted(codes[order], np.arange(len(firsts) + 1))
+            self.slice_patches = [order[bounds[i]:bounds[i + 1]] for i in range(len(firsts))]  # rows per slice
         self.encoder = encoder
         self.paths = patch_refs(manifest) if encoder is not None else None  # files or slide regions
         self.stains = list(stains)
-        keys = ["case", "stain", "slice"]
-        codes = manifest.groupby(keys, sort=False).ngroup().to_numpy()   # slices numbered by first appearance
-        firsts = manifest.drop_duplicates(keys)
-        self.patch_slice = codes                                       # (N,) cohort slice index
         self.slice_case = firsts["case"].to_numpy(dtype=object)
         try:
             self.slice_stain = np.array([self.stains.index(s) for s in firsts["stain"]], dtype=np.int64)
         except ValueError as exc:
             raise DataError(f"the manifest has a stain not in data.stains {self.stains}: {exc}") from None
-        self.case_ids = list(pd.unique(manifest["case"]))
+        self.case_ids = list(pd.unique(firsts["case"]))
         self.case_index = {case: i for i, case in enumerate(self.case_ids)}
-        labels = manifest.drop_duplicates("case").set_index("case")["label"]
+        labels = firsts.drop_duplicates("case").set_index("case")["label"]
         self.labels = np.array([int(labels[c]) for c in self.case_ids])
-        order = np.argsort(codes, kind="stable")
-        bounds = np.searchsorted(codes[order], np.arange(len(firsts) + 1))
-        self.slice_patches = [order[bounds[i]:bounds[i + 1]] for i in range(len(firsts))]  # rows per slice
         self.case_slices: dict[str, list[int]] = {c: [] for c in self.case_ids}
         for s, case in enumerate(self.slice_case):
             self.case_slices[case].append(s)
         self.alignment = alignment
-        self._xy = (manifest[["x", "y", "size0"]].to_numpy(dtype=np.float32)
-                    if {"x", "y", "size0"} <= set(manifest.columns) else None)           # (N, 3) or None
+        placed = set(PLACES) <= set(self.index.columns if self.index is not None else manifest.columns)
+        self._xy = (manifest[PLACES].to_numpy(dtype=np.float32)
+                    if placed and self.index is None else None)                      # (N, 3) or None
+        self._placed = placed
         if alignment is not None:
-            if len(alignment.anchor) != len(manifest):
+            if len(alignment.anchor) != n_rows:
                 raise ValueError("the alignment must have one row per manifest row")
         if isinstance(features, StoreRequest):
-            position = np.empty(len(manifest), dtype=np.int32)      # each row's place in its slice's store file
-            position[order] = np.arange(len(manifest)) - np.repeat(bounds[:-1], np.diff(bounds))
-            features = StoreFeatures(features.store_dir, [tuple(k) for k in firsts[keys].to_numpy()],
-                                     manifest["patch"], self.slice_patches, codes.astype(np.int32), position,
-                                     features.views, features.cache_mb)
+            file_keys = [tuple(k) for k in firsts[keys].to_numpy()]
+            if self.index is not None:
+                layout = RangeLayout(file_keys, self.slice_patches.start, self.slice_patches.count,
+                                     firsts["ids"].to_numpy())
+            else:
+                position = np.empty(n_rows, dtype=np.int32)      # each row's place in its slice's store file
+                position[order] = np.arange(n_rows) - np.repeat(bounds[:-1], np.diff(bounds))
+                layout = RowLayout(file_keys, manifest["patch"], self.slice_patches, codes.astype(np.int32), position)
+            features = StoreFeatures(features.store_dir, layout, features.views, features.cache_mb)
         self.source: FeatureSource | None = (InMemoryFeatures(features) if isinstance(features, np.ndarray)
                                              else features)
+
+    @property
+    def manifest(self) -> pd.DataFrame:
+        """One row per patch (read whole from a disk index the first time it is asked for: reports, analyses)."""
+        if self._manifest is None:
+            self._manifest = self.index.frame()
+        return self._manifest
 
     @property
     def feature_dim(self) -> int:
@@ -187,7 +233,7 @@ class CohortBags:
         rows = np.concatenate(patch_rows)
         anchor = None
         if self.alignment is not None:  # each anchor's batch row, when it is in the batch and in the same case
-            position = np.full(len(self.manifest), -1, dtype=np.int64)
+            position = np.full(len(self.alignment.anchor), -1, dtype=np.int64)
             position[rows] = np.arange(len(rows))
             cohort = self.alignment.anchor[rows]
             placed = np.where(cohort >= 0, position[np.maximum(cohort, 0)], -1)
@@ -207,8 +253,10 @@ class CohortBags:
 
     def _positions(self, rows: np.ndarray) -> torch.Tensor | None:
         """(P, 3) x, y, side (level-0 px) of ``rows`` when the manifest has them (slide route), else None."""
-        if self._xy is None:
+        if not self._placed:
             return None
+        if self._xy is None:  # a disk index: only these rows' places are read
+            return torch.from_numpy(np.stack([self.index.values(c, rows) for c in PLACES], axis=1).astype(np.float32))
         return torch.from_numpy(self._xy[rows])
 
     def _draw(self, rows: np.ndarray, keep: int, rng: np.random.Generator, drawn: list[np.ndarray]) -> np.ndarray:

@@ -2,17 +2,20 @@
 
 A synthetic store of random features is written straight to disk (no images; real-shape structure:
 ~1,200 patches per case in 3 stains, 1–8 slices per stain, 1024-dim float16) at 1×, 10× and 30× the
-real-shape cohort (86, 860 and 2,580 cases ≈ 0.1 M, 1 M and 3 M patches; 0.2, 2 and 6 GB). For each size a
-fresh training process runs ``--epochs`` epochs through the normal trainer, once reading the store through a
-cache of ``--cache-mb`` (``features.cache_mb``) and, where the store fits (sizes up to ``--memory-up-to``),
-once with the whole store in memory. Reported per run: patches, epoch seconds (median; train + validation
-pass), seconds per million patches, and the process's peak RSS.
+real-shape cohort by default (86, 860 and 2,580 cases ≈ 0.1 M, 1 M and 3 M patches; 0.2, 2 and 6 GB; 100× is
+10.5 M patches and ~20 GB: the free space is checked first), with its patch index on disk
+(:mod:`stainmil.data.patch_index`). For each size a fresh training process runs ``--epochs`` epochs through the
+normal trainer, once reading the store through a cache of ``--cache-mb`` (``features.cache_mb``) and, where the
+store fits (sizes up to ``--memory-up-to``), once with the whole store in memory. Reported per run: patches,
+epoch seconds (median; train + validation pass), seconds per million patches, the process's peak RSS and the
+rate it read files at while training (bytes read / training seconds, through the OS page cache).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -22,13 +25,16 @@ import numpy as np
 import pandas as pd
 
 from stainmil.config import Config, dump_config, load_config
+from stainmil.data.patch_index import open_patch_index
 from stainmil.data.splits import make_splits, write_splits
+from stainmil.errors import ConfigError
 from stainmil.features.store import StoreMeta, expected_settings, slice_file, write_slice
 from stainmil.io import atomic_write, atomic_write_json
 from stainmil.progress import progress_bar
 
 REAL_SHAPE_CASES = 86
 DIM = 1024
+BYTES_PER_CASE = 1_230 * DIM * 2 * 1.03  # ~1,230 patches a case (measured), fp16, HDF5's overhead
 
 
 def scale_config(folder: Path, *overrides: str) -> Config:
@@ -42,6 +48,12 @@ def write_random_store(folder: Path, n_cases: int, seed: int = 0, log=print) -> 
     done = folder / "store_done.json"
     if done.is_file():
         return config, int(json.loads(done.read_text())["patches"])
+    folder.mkdir(parents=True, exist_ok=True)
+    need, free = n_cases * BYTES_PER_CASE, shutil.disk_usage(folder).free
+    if need > 0.95 * free:
+        raise ConfigError(f"the {n_cases}-case scale store needs ~{need / 2 ** 30:.1f} GB but {folder} has "
+                          f"{free / 2 ** 30:.1f} GB free; free space or pass --out on a larger disk.")
+    log(f"scale store: {n_cases} cases need ~{need / 2 ** 30:.1f} GB; {free / 2 ** 30:.1f} GB free in {folder}")
     rng = np.random.default_rng(seed)
     frames = []
     started = time.perf_counter()
@@ -64,6 +76,8 @@ def write_random_store(folder: Path, n_cases: int, seed: int = 0, log=print) -> 
     StoreMeta(**expected_settings(config.features), weights_hash="random-features", feature_dim=DIM,
               dtype="float16").write(config.paths.store)
     atomic_write(config.paths.manifest, lambda tmp: manifest.to_parquet(tmp, index=False), suffix=".parquet")
+    if open_patch_index(config.paths.manifest) is None:  # built here, so the training process only maps it
+        raise RuntimeError("the scale store's manifest got no disk index")
     labels = manifest.drop_duplicates("case").set_index("case")["label"]
     write_splits(make_splits(labels, config.split), config.paths.splits_dir)
     atomic_write_json(done, {"cases": n_cases, "patches": len(manifest), "seconds": time.perf_counter() - started})
@@ -78,9 +92,11 @@ def train_process(config: Config, folder: Path, epochs: int, cache_mb: float) ->
                                     "train.runs_dir": str(folder / f"runs-cache{cache_mb:g}")})
     dump_config(config, run_config)
     code = ("import json, resource, sys, pandas as pd; from stainmil.config import load_config; "
-            "from stainmil.train.trainer import train; r = train(load_config(sys.argv[1])); "
+            "from stainmil.train.trainer import train; from stainmil.bench.scale import read_bytes; "
+            "before = read_bytes(); r = train(load_config(sys.argv[1])); read = read_bytes() - before; "
             "h = pd.read_csv(r.run_dir / 'history.csv'); "
             "print(json.dumps({'epoch_s': float(h['seconds'].median()), "
+            "'read_mb_s': read / 2 ** 20 / float(h['seconds'].sum()) if read >= 0 else float('nan'), "
             "'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))")
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", code, str(run_config)], capture_output=True, text=True,
@@ -88,6 +104,15 @@ def train_process(config: Config, folder: Path, epochs: int, cache_mb: float) ->
     if result.returncode != 0:
         raise RuntimeError(f"scale training run failed: {result.stderr[-2000:]}")
     return {**json.loads(result.stdout.strip().splitlines()[-1]), "process_s": time.perf_counter() - started}
+
+
+def read_bytes() -> int:
+    """Bytes this process has read from files so far (``rchar`` of /proc/self/io: page cache or disk), or -1."""
+    try:
+        return int(next(line.split()[1] for line in Path("/proc/self/io").read_text().splitlines()
+                        if line.startswith("rchar:")))
+    except (OSError, StopIteration, ValueError):
+        return -1
 
 
 def run_scale(out: str | Path, scales: tuple[int, ...] = (1, 10, 30), cache_mb: float = 256, epochs: int = 2,
@@ -110,7 +135,7 @@ def run_scale(out: str | Path, scales: tuple[int, ...] = (1, 10, 30), cache_mb: 
                    "s_per_m_patches": measured["epoch_s"] / (patches / 1e6)}
             rows.append(row)
             log(f"{row['scale']:>4} {patches:>10,} patches  {row['reading']:<22} epoch {row['epoch_s']:7.1f} s  "
-                f"peak RSS {row['peak_rss_mb']:7.0f} MB")
+                f"peak RSS {row['peak_rss_mb']:7.0f} MB  read {row['read_mb_s']:6.0f} MB/s")
     table = pd.DataFrame(rows)
     atomic_write(out / "scale.csv", lambda tmp: table.to_csv(tmp, index=False))
     atomic_write(out / "scale.md", lambda tmp: tmp.write_text(scale_markdown(table)))
@@ -118,9 +143,10 @@ def run_scale(out: str | Path, scales: tuple[int, ...] = (1, 10, 30), cache_mb: 
 
 
 def scale_markdown(table: pd.DataFrame) -> str:
-    lines = ["| size | cases | patches | store | reading | epoch s | s per 1 M patches | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| size | cases | patches | store | reading | epoch s | s per 1 M patches | peak RSS MB | read MB/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for _, r in table.iterrows():
         lines.append(f"| {r['scale']} | {r['cases']:,} | {r['patches']:,} | {r['store_gb']:.1f} GB | {r['reading']} | "
-                     f"{r['epoch_s']:.1f} | {r['s_per_m_patches']:.1f} | {r['peak_rss_mb']:.0f} |")
+                     f"{r['epoch_s']:.1f} | {r['s_per_m_patches']:.1f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['read_mb_s']:.0f} |")
     return "\n".join(lines) + "\n"

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from stainmil.data.patch_index import ids_digest
 from stainmil.errors import StoreError
 from stainmil.features.store import StoreMeta, damaged, load_features, slice_file, verify_features
 
@@ -105,41 +106,82 @@ class InMemoryFeatures:
         return self.bank[:, torch.from_numpy(rows)]
 
 
+@dataclass
+class RowLayout:
+    """Where the rows of a manifest held in memory lie in the store: ``row_file`` / ``row_position`` (N,), each
+    row's file (index into ``keys``) and place in it; ``file_rows`` the manifest rows of each file in file order;
+    ``patch_ids`` (N,) as the manifest holds them (no per-patch Python object made up front)."""
+
+    keys: list[tuple[str, str, str]]
+    patch_ids: pd.Series
+    file_rows: list[np.ndarray]
+    row_file: np.ndarray
+    row_position: np.ndarray
+
+    def places(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(file, position in it) of each of ``rows`` (P,)."""
+        return self.row_file[rows], self.row_position[rows]
+
+    def count(self, file_index: int) -> int:
+        return len(self.file_rows[file_index])
+
+    def matches(self, file_index: int, ids: list[str]) -> bool:
+        """Whether a store file's patch ids are the manifest's for it."""
+        return list(ids) == self.patch_ids.array.take(self.file_rows[file_index]).tolist()
+
+
+@dataclass
+class RangeLayout:
+    """Where the rows of a disk index (:class:`~stainmil.data.patch_index.PatchIndex`) lie in the store: file f
+    holds rows ``start[f] .. start[f] + count[f] - 1`` in order, its patch ids hashed to ``ids[f]``. Nothing
+    per patch is held: a row's file is found by bisection."""
+
+    keys: list[tuple[str, str, str]]
+    start: np.ndarray
+    counts: np.ndarray
+    ids: np.ndarray
+
+    def places(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        files = np.searchsorted(self.start, rows, side="right") - 1
+        return files, rows - self.start[files]
+
+    def count(self, file_index: int) -> int:
+        return int(self.counts[file_index])
+
+    def matches(self, file_index: int, ids: list[str]) -> bool:
+        return ids_digest(ids) == self.ids[file_index]
+
+
 class StoreFeatures:
     """Slices read on demand from the feature store, the most recently used kept up to ``cache_mb``.
 
-    ``row_file`` / ``row_position`` (N,): the store file (index into ``file_keys``) of each manifest row and
-    its position in that file; ``file_rows``: the manifest rows of each file, in file order; ``patch_ids`` (N,)
-    the manifest's patch ids, checked against a file's when it is read (kept as the manifest holds them, so
-    no per-patch Python object is made up front).
+    ``layout`` (:class:`RowLayout` or :class:`RangeLayout`): the store file of each manifest row and its place in
+    it; a file's patch ids are checked against the layout's when it is first read.
     """
 
-    def __init__(self, store_dir: str | Path, file_keys: list[tuple[str, str, str]], patch_ids: pd.Series,
-                 file_rows: list[np.ndarray], row_file: np.ndarray, row_position: np.ndarray, views: int,
-                 cache_mb: float) -> None:
+    def __init__(self, store_dir: str | Path, layout: RowLayout | RangeLayout, views: int, cache_mb: float) -> None:
         self.store_dir = Path(store_dir)
         meta = StoreMeta.read(self.store_dir)
         if views > meta.views:
             raise StoreError(f"feature store {store_dir} holds {meta.views} view(s) per patch, not {views}; extract "
                              "with features.views set, into a new features.store_dir.")
         self.n_views, self.feature_dim = views, meta.feature_dim
-        self.files = [slice_file(self.store_dir, *key) for key in file_keys]
-        missing = [key for key, path in zip(file_keys, self.files) if not path.is_file()]
+        self.layout = layout
+        missing = [key for key in layout.keys if not slice_file(self.store_dir, *key).is_file()]
         if missing:
             case, stain, slice_id = missing[0]
             raise StoreError(f"feature store {store_dir} has no file for case {case} {stain} slice {slice_id} "
                              f"({len(missing)} slice(s) missing); run `stainmil extract` (it resumes where it "
                              "stopped).")
-        self.patch_ids, self.file_rows = patch_ids.array, file_rows
-        self.row_file, self.row_position = row_file, row_position
+        n_files = len(layout.keys)
         self.capacity = int(cache_mb * 2 ** 20)
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._held = 0
         self._lock = threading.Lock()
         self._pending: dict[int, Future] = {}
         self._reader: ThreadPoolExecutor | None = None
-        self._verified = np.zeros(len(self.files), dtype=bool)  # patch ids checked (once per file)
-        self._checked = np.zeros(len(self.files), dtype=bool)   # features against their checksum (once per file)
+        self._verified = np.zeros(n_files, dtype=bool)  # patch ids checked (once per file)
+        self._checked = np.zeros(n_files, dtype=bool)   # features against their checksum (once per file)
         # evicted slices are freed into glibc's heap, which keeps their pages unless trimmed: resident memory
         # would then grow with the store although the cache does not. Trimmed after every half cache of them.
         self._trim, self._evicted = _malloc_trim(), 0
@@ -147,28 +189,28 @@ class StoreFeatures:
 
     def gather(self, rows: np.ndarray, views: np.ndarray | None) -> torch.Tensor:
         out = torch.empty((len(rows), self.feature_dim), dtype=torch.float32)
-        for lo, hi, block in self._blocks(rows):
-            index = torch.from_numpy(self.row_position[rows[lo:hi]].astype(np.int64))
+        for lo, hi, block, index in self._blocks(rows):
             out[lo:hi] = block[0, index] if views is None else block[torch.from_numpy(views[lo:hi]), index]
         return out
 
     def all_views(self, rows: np.ndarray) -> torch.Tensor:
-        parts = [block[:, torch.from_numpy(self.row_position[rows[lo:hi]].astype(np.int64))]
-                 for lo, hi, block in self._blocks(rows)]
+        parts = [block[:, index] for _, _, block, index in self._blocks(rows)]
         return torch.cat(parts, dim=1) if parts else torch.empty((self.n_views, 0, self.feature_dim))
 
     def _blocks(self, rows: np.ndarray):
-        """(lo, hi, file block) for each run of ``rows`` in one file (a batch lists a slice's patches together)."""
-        files = self.row_file[rows]
+        """(lo, hi, file block, positions in it) for each run of ``rows`` in one file (a batch lists a slice's
+        patches together)."""
+        files, positions = self.layout.places(rows)
         cuts = np.flatnonzero(np.diff(files)) + 1
         for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(rows)]):
             if hi > lo:
-                yield int(lo), int(hi), self._block(int(files[lo]))
+                index = torch.from_numpy(positions[lo:hi].astype(np.int64))
+                yield int(lo), int(hi), self._block(int(files[lo])), index
 
     def prefetch(self, rows: np.ndarray) -> None:
         """Start reading, in background threads, the files of manifest ``rows`` that are not cached: the next
         batch's slices arrive while this one trains."""
-        wanted = np.unique(self.row_file[rows])
+        wanted = np.unique(self.layout.places(rows)[0])
         if self._reader is None:
             self._reader = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="stainmil-prefetch")
         with self._lock:
@@ -217,7 +259,7 @@ class StoreFeatures:
         reads with each other and with the training step. Chunked or compressed datasets (e.g. linked
         TRIDENT files) are read through h5py.
         """
-        path = self.files[file_index]
+        path = slice_file(self.store_dir, *self.layout.keys[file_index])
         self.reads += 1
         try:
             block, checksum = self._read_file(path, file_index)
@@ -244,10 +286,9 @@ class StoreFeatures:
                     h5["augmented_features"].read_direct(block, np.s_[:self.n_views - 1], np.s_[1:])
             if not self._verified[file_index]:
                 ids = h5["patch_ids"].asstr()[()] if "patch_ids" in h5 else np.arange(block.shape[1]).astype(str)
-                expected = self.patch_ids.take(self.file_rows[file_index]).tolist()
-                if list(ids) != expected:
+                if not self.layout.matches(file_index, list(ids)):
                     raise StoreError(f"{path} holds {len(ids)} patches that differ from the manifest's "
-                                     f"{len(expected)} for this slice; the patch folder changed since "
+                                     f"{self.layout.count(file_index)} for this slice; the patch folder changed since "
                                      "extraction — delete the file and re-run `stainmil extract`.")
                 self._verified[file_index] = True
         if direct:

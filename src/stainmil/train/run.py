@@ -23,6 +23,7 @@ from torch import nn
 from stainmil.bags.cohort import CohortBags
 from stainmil.config import Config
 from stainmil.data.cohort import keep_stains, load_manifest
+from stainmil.data.patch_index import PatchIndex, open_patch_index
 from stainmil.data.registration import patch_alignment, registrations_digest
 from stainmil.data.splits import Split, load_split
 from stainmil.device import resolve_device
@@ -49,17 +50,24 @@ def load_cohort(config: Config, split: Split | None = None, training: bool = Fal
     features of the store — for an online run, its own store of the trained backbone. With a stain subset
     (``data.stains``) the cases that have none of its stains drop out of the split.
     """
-    bounded = training and config.features.mode == "cached" and config.features.cache_mb > 0
+    bounded = config.features.mode == "cached" and config.features.cache_mb > 0
     check_model_config(config.model)  # before any data is read: a bad option or stain identity is named first
     spec = architecture(config.model.architecture)
     aligned = spec.needs_registration
-    # a bounded training process keeps only the index columns training uses: its memory stays small
-    places = PLACE_COLUMNS if aligned or spec.patch_positions else []
-    manifest = load_manifest(config, (TRAINING_COLUMNS + places) if bounded else None)
-    cases = set(manifest["case"])
+    # a bounded store's cohort is read through the patch index on disk: memory grows with slices, not patches
+    index = open_patch_index(config.paths.manifest) if bounded and not aligned and config.data.subcases <= 1 else None
+    if index is not None:
+        manifest: pd.DataFrame | PatchIndex = index.with_slices(keep_stains(index.slices, config.data.stains))
+        cases, kept = set(index.slices["case"]), set(manifest.slices["case"])
+    else:
+        # a bounded training process keeps only the index columns training uses: its memory stays small
+        places = PLACE_COLUMNS if aligned or spec.patch_positions else []
+        manifest = load_manifest(config, (TRAINING_COLUMNS + places) if bounded and training else None)
+        cases = set(manifest["case"])
+        manifest = keep_stains(manifest, config.data.stains)
+        kept = set(manifest["case"])
     split = split or load_split(config.paths.split_file, cases)
-    manifest = keep_stains(manifest, config.data.stains)
-    if len(kept := set(manifest["case"])) < len(cases):
+    if len(kept) < len(cases):
         split = split.restricted_to(kept)
     for name in ("train", "val"):
         if not split.subset(name):
