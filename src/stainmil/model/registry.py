@@ -57,6 +57,9 @@ class ArchitectureSpec:
     stain_identities: tuple[str, ...] = FLAT_STAIN_IDENTITIES  # the model.stain_identity values it takes
     needs_registration: bool = False   # batches must carry patch_anchor (`stainmil register` first)
     patch_positions: bool = False      # reads where patches lie on their slide (PatchContext.position) if known
+    # tens of millions of parameters: Adam/AdamW take their fused kernel (one pass over each tensor, ~8x faster a
+    # step on CPU; the last bits of its numbers differ from the per-tensor step every other model takes)
+    fused_optimizer: bool = False
 
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {}  # name -> spec, in registration order
@@ -66,7 +69,7 @@ def register_architecture(name: str, *, reference: str, options: type | None = N
                           patch_attention: bool | Callable[[ModelConfig], bool] = True,
                           stain_identities: tuple[str, ...] = FLAT_STAIN_IDENTITIES,
                           needs_registration: bool = False, patch_positions: bool = False,
-                          **build_kwargs: Any) -> Callable:
+                          fused_optimizer: bool = False, **build_kwargs: Any) -> Callable:
     """Class (or factory) decorator: register ``name``; ``build_kwargs`` are passed to the constructor (so one
     class can register several variants, e.g. CLAM's single- and multi-branch)."""
     unknown = sorted(set(stain_identities) - set(STAIN_IDENTITIES))
@@ -80,7 +83,8 @@ def register_architecture(name: str, *, reference: str, options: type | None = N
             raise ValueError(f"architecture '{name}' is registered twice")
         build = partial(cls, **build_kwargs) if build_kwargs else cls
         ARCHITECTURES[name] = ArchitectureSpec(name, build, reference, options, patch_attention,
-                                               tuple(stain_identities), needs_registration, patch_positions)
+                                               tuple(stain_identities), needs_registration, patch_positions,
+                                               fused_optimizer)
         return cls
     return decorator
 

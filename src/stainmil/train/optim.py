@@ -73,15 +73,18 @@ class AdaptiveWeightDecay:
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig, extra_groups: list[dict] | None = None):
+def build_optimizer(model: nn.Module, config: TrainConfig, extra_groups: list[dict] | None = None,
+                    fused: bool = False):
     """The configured optimizer; with ``weight_decay_mode: adaptive`` wrapped in AdaDecay.
 
     ``extra_groups``: more parameter groups with their own settings (e.g. a fine-tuned backbone's lr).
+    ``fused``: Adam/AdamW take torch's fused kernel (the architecture's ``fused_optimizer``; SGD ignores it).
     """
     cls = OPTIMIZERS[config.optimizer]
     groups = [{"params": list(model.parameters())}, *(extra_groups or [])]
+    kernel = {"fused": True} if fused and config.optimizer in ("adam", "adamw") else {}
     if config.weight_decay_mode == "adaptive":
-        base = cls(groups, lr=config.lr, weight_decay=0.0)
+        base = cls(groups, lr=config.lr, weight_decay=0.0, **kernel)
         return AdaptiveWeightDecay(base, config.weight_decay, config.adaptive_decay_alpha,
                                    config.decoupled_weight_decay)
-    return cls(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return cls(groups, lr=config.lr, weight_decay=config.weight_decay, **kernel)

@@ -140,7 +140,8 @@ def _train(config: Config, resume_dir: Path | None, split: Split | None, run_dir
     model.to(device)
     encoder = bags.encoder
     tuned = encoder.trainable_parameters() if encoder is not None else []
-    optimizer = build_optimizer(model, t, [{"params": tuned, "lr": config.features.backbone_lr}] if tuned else [])
+    optimizer = build_optimizer(model, t, [{"params": tuned, "lr": config.features.backbone_lr}] if tuned else [],
+                                fused=architecture(config.model.architecture).fused_optimizer)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(getattr(optimizer, "optimizer", optimizer), mode="min",
                                                            factor=t.scheduler_factor, patience=t.scheduler_patience)
     train_labels = np.array([bags.case_label(c) for c in split.train])

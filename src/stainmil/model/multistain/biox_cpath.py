@@ -55,7 +55,7 @@ class BioXCPathOptions(GraphOptions):
 
 
 @register_architecture("biox_cpath", reference="BioX-CPath 2025: graph + stain-aware pooling",
-                       options=BioXCPathOptions, patch_positions=True)
+                       options=BioXCPathOptions, patch_positions=True, fused_optimizer=True)
 class BioXCPath(FlatMIL):
     def __init__(self, in_dim: int, config: ModelConfig, stains: list[str], options: BioXCPathOptions) -> None:
         super().__init__(in_dim, config, stains)
