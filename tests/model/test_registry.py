@@ -22,7 +22,7 @@ from stainmil.model.registry import (
 SRC = Path(stainmil.__file__).parent
 # what an architecture can do: said once, in register_architecture(...), read through the registry
 FACTS = {"has_patch_attention", "reads_context", "patch_attention", "stain_identities", "stain_specific",
-         "needs_registration", "patch_positions"}
+         "needs_registration", "patch_positions", "fused_optimizer"}
 
 
 def _facts_outside_the_registry() -> list[str]:

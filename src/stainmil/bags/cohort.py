@@ -113,6 +113,8 @@ class CohortBags:
         self.case_slices: dict[str, list[int]] = {c: [] for c in self.case_ids}
         for s, case in enumerate(self.slice_case):
             self.case_slices[case].append(s)
+        self.slice_sizes = (self.slice_patches.count if isinstance(self.slice_patches, SliceRows)
+                            else np.array([len(rows) for rows in self.slice_patches], dtype=np.int64))  # (S,)
         self.alignment = alignment
         placed = set(PLACES) <= set(self.index.columns if self.index is not None else manifest.columns)
         self._xy = (manifest[PLACES].to_numpy(dtype=np.float32)
@@ -168,6 +170,21 @@ class CohortBags:
             return
         chosen = [s for c in cases for s in (slices[c] if slices is not None else self.case_slices[c])]
         self.source.prefetch(np.array([self.slice_patches[s][0] for s in chosen if len(self.slice_patches[s])]))
+
+    def case_batches(self, cases: list[str], max_cases: int, max_patches: int) -> list[list[str]]:
+        """``cases`` in order, in batches of at most ``max_cases`` cases and ``max_patches`` patches (all of each
+        case's patches; a case larger than that goes alone): an inference batch's memory then does not grow with the
+        largest cases a cohort happens to hold."""
+        batches: list[list[str]] = []
+        held = 0
+        for case in cases:
+            size = int(self.slice_sizes[self.case_slices[case]].sum())
+            if not batches or len(batches[-1]) >= max_cases or held + size > max_patches:
+                batches.append([])
+                held = 0
+            batches[-1].append(case)
+            held += size
+        return batches
 
     def case_label(self, case: str) -> int:
         return int(self.labels[self.case_index[case]])

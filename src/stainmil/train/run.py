@@ -39,6 +39,9 @@ from stainmil.stats.calibration import apply_temperature
 from stainmil.train.checkpoint import load_checkpoint, model_from_checkpoint
 
 TRAINING_COLUMNS = ["case", "stain", "slice", "patch", "patch_index", "label"]
+# patches in one inference batch at most (a case larger goes alone): 8 cases of ~1,200 patches held ~400 MB of
+# activations at the validation pass's peak, and the largest 8 grow with the cohort
+INFER_PATCHES = 4096
 PLACE_COLUMNS = ["x", "y", "size0"]  # where a patch lies on its slide: the aligned architecture places patches
 
 
@@ -147,12 +150,14 @@ def open_run(run_dir: str | Path, checkpoint: str = "best", bags: CohortBags | N
 
 def infer(model: nn.Module, bags: CohortBags, cases: list[str], device: torch.device, batch_cases: int = 8
           ) -> Iterator[tuple[CaseBatch, MILOutput]]:
-    """The one inference loop: (batch, model output) for ``cases`` in batches of ``batch_cases`` (every patch)."""
+    """The one inference loop: (batch, model output) for ``cases`` in batches of ``batch_cases`` cases and at most
+    :data:`INFER_PATCHES` patches (every patch of each case)."""
     model.eval().to(device)
+    batches = bags.case_batches(cases, batch_cases, INFER_PATCHES)
     with torch.inference_mode():
-        for i in range(0, len(cases), batch_cases):
-            batch = bags.batch(cases[i:i + batch_cases]).to(device)
-            bags.prefetch(cases[i + batch_cases:i + 2 * batch_cases])
+        for i, group in enumerate(batches):
+            batch = bags.batch(group).to(device)
+            bags.prefetch(batches[i + 1] if i + 1 < len(batches) else [])
             yield batch, model(batch)
 
 
