@@ -85,6 +85,12 @@ def test_a_known_shift_is_measured_and_composed_away(section_slide):
     for mapped in (result.transform.fixed_to_moving(points), result.transform.moving_to_fixed(points)):
         error = np.linalg.norm(mapped - points, axis=1)
         assert np.median(error) < 0.2 and error.max() < 0.65, error
+    # the windows read and matched in three threads, on one slide handle: the very same refinement
+    threaded = refine_transform(slide, slide, 1.0, 1.0, _translation(off), thumbnail.tissue, thumbnail.spacing,
+                                spacing_um=refine_spacing(1200.0, 1.0, 2.0), windows=60, threads=3)
+    assert (threaded.accepted, threaded.peak, threaded.scatter_um) == (result.accepted, result.peak, result.scatter_um)
+    for name in ("affine", "u", "v"):
+        assert np.array_equal(getattr(threaded.transform, name), getattr(result.transform, name)), name
     slide.close()
 
 

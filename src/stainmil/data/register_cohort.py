@@ -123,12 +123,13 @@ def register_slides(fixed_path: str | Path, moving_path: str | Path, mpps: tuple
     fine = refine_spacing(min(extents_um), max(mpps), register.refine_um) if register.refine else None
     fixed = read_section(fixed_path, spacing, mpps[0])
     effort = coarse_effort(None if fine is None else reach_um(max(fixed.tissue.shape) * fixed.spacing, fine))
+    threads = max(1, available_cores() // register.workers)  # the pair's share of the cores
     result = register_sections(fixed, read_section(moving_path, spacing, mpps[1]), nonrigid=register.nonrigid,
-                               mesh_nodes=mesh, effort=effort, threads=available_cores() // register.workers)
+                               mesh_nodes=mesh, effort=effort, threads=threads)
     if fine is None or result.transform is None or result.quality.verdict == "failed":
         return result, None
     refinement = refine_pair(fixed_path, moving_path, mpps[0], mpps[1], result.transform, fixed.tissue,
-                             fixed.spacing, fine, register.refine_windows)
+                             fixed.spacing, fine, register.refine_windows, threads)
     quality = judge(result.quality, refinement, fine)
     return PairResult(refinement.transform or result.transform, quality, time.perf_counter() - started,
                       result.stages), refinement

@@ -35,7 +35,10 @@ verdict. Too little support leaves the transform as it was and says so (the verd
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 from scipy import ndimage
@@ -44,6 +47,8 @@ from scipy.spatial import cKDTree
 
 from stainmil.slides.reader import Slide, best_level
 from stainmil.slides.transform import PairTransform, invert_field
+
+T = TypeVar("T")
 
 # the passes: (µm/px as a multiple of the finest, window px, search radius px, smoothing µm): 512 µm windows searched
 # +-192 µm twice at 4x the finest spacing (the coarse chain can be 300 µm off on a torn or folded section), then
@@ -161,45 +166,57 @@ def _filters(spacing: float, smooth_um: float) -> tuple[float, float]:
     return max(0.7, smooth_um / spacing), max(HIGH_PASS_UM, 4 * smooth_um) / spacing
 
 
-def _templates(fixed: _Reader, centres: np.ndarray, spacing: float, side: int, smooth_um: float
+def _each(work: Callable[[int], T], count: int, threads: int) -> list[T]:
+    """``work(k)`` for k = 0 .. count - 1, in that order; ``threads`` > 1 runs that many side by side (each window
+    is read and matched on its own — OpenSlide and the FFTs release the GIL — so the results are those of one by
+    one, whatever the thread count)."""
+    if threads <= 1:
+        return [work(k) for k in range(count)]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(work, range(count)))
+
+
+def _templates(fixed: _Reader, centres: np.ndarray, spacing: float, side: int, smooth_um: float, threads: int = 1
                ) -> list[np.ndarray | None]:
     """The fixed windows of a pass, band-passed (float64), None where blank (glass, a bubble). They depend on
     nothing the passes change: two passes at the same spacing, size and smoothing read them once."""
     sigma, wide = _filters(spacing, smooth_um)
-    out: list[np.ndarray | None] = []
-    for centre in centres:
-        template = fixed.window(np.eye(2) * spacing, centre - side * spacing / 2, side, spacing)
-        out.append(None if template.std() < 1e-3 else _band(template, sigma, wide).astype(np.float64))
-    return out
+
+    def template(k: int) -> np.ndarray | None:
+        window = fixed.window(np.eye(2) * spacing, centres[k] - side * spacing / 2, side, spacing)
+        return None if window.std() < 1e-3 else _band(window, sigma, wide).astype(np.float64)
+
+    return _each(template, len(centres), threads)
 
 
 def _match(moving: _Reader, transform, centres: np.ndarray, templates: list[np.ndarray | None], spacing: float,
-           side: int, radius: int, smooth_um: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+           side: int, radius: int, smooth_um: float, threads: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per window centre (µm), its band-passed fixed window in ``templates``: (shift (N, 2) µm in the fixed
     frame, NCC peak (N,), accepted (N,) bool before the neighbour check)."""
-    shifts = np.zeros((len(centres), 2))
-    peaks = np.zeros(len(centres))
-    ok = np.zeros(len(centres), bool)
     big = side + 2 * radius
     sigma, wide = _filters(spacing, smooth_um)
     # the transform's local affine map at every centre (one call: the chain's fields are evaluated once)
     here = transform.fixed_to_moving(np.concatenate([centres, centres + [spacing, 0], centres + [0, spacing]]))
     here = here.reshape(3, len(centres), 2)
-    for k, template in enumerate(templates):
+
+    def match(k: int) -> tuple[np.ndarray, float, bool]:
+        template = templates[k]
         if template is None:
-            continue  # blank (glass, a bubble)
+            return np.zeros(2), 0.0, False  # blank (glass, a bubble)
         # the moving window through the local affine map at this centre
         jacobian = np.stack([here[1, k] - here[0, k], here[2, k] - here[0, k]], axis=1)  # µm moving per fixed px
         start = here[0, k] - jacobian @ np.full(2, side / 2 + radius)
         search = moving.window(jacobian, start, big, spacing)
         if search.std() < 1e-3:
-            continue
+            return np.zeros(2), 0.0, False
         score = normalised_correlation(_band(search, sigma, wide).astype(np.float64), template)
         place, value, z = _peak(score)
-        peaks[k] = value
-        ok[k] = z >= MIN_Z and np.all((place > 0.5) & (place < 2 * radius - 0.5))  # not on the search's border
-        shifts[k] = (place[::-1] - radius) * spacing  # (x, y) µm: F(p) ~ M'(p + d)
-    return shifts, peaks, ok
+        ok = z >= MIN_Z and bool(np.all((place > 0.5) & (place < 2 * radius - 0.5)))  # not on the search's border
+        return (place[::-1] - radius) * spacing, value, ok  # (x, y) µm: F(p) ~ M'(p + d)
+
+    found = _each(match, len(centres), threads)
+    shifts = np.array([f[0] for f in found]).reshape(len(centres), 2)
+    return shifts, np.array([f[1] for f in found], float), np.array([f[2] for f in found], bool)
 
 
 def normalised_correlation(search: np.ndarray, template: np.ndarray) -> np.ndarray:
@@ -279,10 +296,11 @@ def _compose(chain: _Shifted):
 
 
 def refine_transform(fixed: Slide, moving: Slide, fixed_mpp: float, moving_mpp: float, transform,
-                     tissue: np.ndarray, tissue_spacing: float, spacing_um: float = 2.0, windows: int = 300
-                     ) -> Refinement:
+                     tissue: np.ndarray, tissue_spacing: float, spacing_um: float = 2.0, windows: int = 300,
+                     threads: int = 1) -> Refinement:
     """Refine ``transform`` (fixed µm -> moving µm) by block matching on windows of the fixed ``tissue`` (a mask
-    at ``tissue_spacing`` µm/px), two passes down to ``spacing_um`` µm/px (see the module doc)."""
+    at ``tissue_spacing`` µm/px), two passes down to ``spacing_um`` µm/px (see the module doc); ``threads``
+    windows read and matched side by side (the same result for any number)."""
     started = time.perf_counter()
     readers = _Reader(fixed, fixed_mpp), _Reader(moving, moving_mpp)
     passes = refine_passes(max(tissue.shape) * tissue_spacing, spacing_um)
@@ -295,9 +313,9 @@ def refine_transform(fixed: Slide, moving: Slide, fixed_mpp: float, moving_mpp: 
     for spacing, side, radius, smooth_um in passes:
         key = (spacing, side, smooth_um)
         if key not in templates:  # passes that share them are consecutive: only the current pass's kept
-            templates = {key: _templates(readers[0], centres, spacing, side, smooth_um)}
+            templates = {key: _templates(readers[0], centres, spacing, side, smooth_um, threads)}
         shifts, peaks, accepted = _match(readers[1], current, centres, templates[key], spacing, side, radius,
-                                         smooth_um)
+                                         smooth_um, threads)
         if accepted.sum() >= MIN_ACCEPTED:
             accepted[accepted] = _consistent(centres[accepted], shifts[accepted], spacing)
         share = accepted.mean() if len(accepted) else 0.0
@@ -367,12 +385,12 @@ def refine_spacing(extent_um: float, mpp: float, refine_um: float) -> float | No
 
 
 def refine_pair(fixed_path, moving_path, fixed_mpp: float, moving_mpp: float, transform, tissue: np.ndarray,
-                tissue_spacing: float, spacing_um: float = 2.0, windows: int = 300) -> Refinement:
+                tissue_spacing: float, spacing_um: float = 2.0, windows: int = 300, threads: int = 1) -> Refinement:
     """:func:`refine_transform` on two slide files (opened and closed here)."""
     fixed, moving = Slide(fixed_path), Slide(moving_path)
     try:
         return refine_transform(fixed, moving, fixed_mpp, moving_mpp, transform, tissue, tissue_spacing,
-                                spacing_um, windows)
+                                spacing_um, windows, threads)
     finally:
         fixed.close()
         moving.close()
