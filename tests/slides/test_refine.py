@@ -17,12 +17,14 @@ from stainmil.slides.refine import (
     _peak,
     _Reader,
     _Shifted,
+    cover_radius,
     coverage,
     judge,
     normalised_correlation,
     reach_um,
     refine_spacing,
     refine_transform,
+    window_centres,
 )
 from stainmil.slides.register import FULL, START, STRETCH_UM, coarse_effort, read_section
 from stainmil.slides.transform import PairQuality, PairTransform
@@ -163,6 +165,20 @@ def test_the_refinement_s_evidence_decides_the_verdict():
     assert judge(scaled, _refinement(), 2.0).verdict == "doubtful"
     failed = replace(_quality(), verdict="failed", reason="not one block")
     assert judge(failed, _refinement(), 2.0) == failed
+
+
+def test_a_large_section_whose_every_window_agrees_is_covered_whole():
+    """The ~300 windows of a 20 mm section lie ~900 µm apart, more than 2 finest windows (512 µm): the radius follows
+    the grid there (and stays 2 windows where the grid is finer), so every window agreeing covers all the tissue."""
+    tissue = np.zeros((2500, 2500), bool)
+    yy, xx = np.mgrid[:2500, :2500]
+    tissue[(yy - 1250) ** 2 + (xx - 1250) ** 2 < 1100**2] = True       # a 17.6 mm disc at 8 µm/px
+    centres = window_centres(tissue, 8.0, 300, 256.0)
+    radius = cover_radius(centres, 256.0)
+    assert radius > 1.4 * 800 and coverage(tissue, 8.0, centres, radius) > 0.97
+    assert coverage(tissue, 8.0, centres, 2 * 256.0) < 0.9                # the old radius: doubtful though all agree
+    small = window_centres(tissue[:500, :500] | True, 8.0, 300, 64.0)    # a 4 mm square: a fine grid
+    assert cover_radius(small, 256.0) == 512.0
 
 
 def test_coverage_is_the_tissue_near_an_agreeing_window():

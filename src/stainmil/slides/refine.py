@@ -62,7 +62,9 @@ COMPOSE_UM = 64.0             # the final correction is evaluated exactly this f
 SMOOTHING = 0.02              # thin-plate spline smoothing (windows' shifts in µm, places in mm)
 # the verdict (judge)
 MAX_SCATTER = 2.0  # fine-pass pixels: accepted shifts further than this from the fitted field (median) are doubtful
-COVER_WINDOWS = 2.0  # tissue further than this many (finest) windows from an agreeing one is not covered
+COVER_WINDOWS = 2.0  # tissue further than this many (finest) windows from an agreeing one is not covered,
+COVER_STEPS = 1.5    # or than this many steps of the windows' grid where that is coarser (large sections: the same
+#                      ~300 windows lie further apart; 1.5 steps is what 2 windows are at 8 mm)
 MIN_COVERAGE = 0.9   # ... and a refinement covering less of the tissue is doubtful
 SUPPORTED_SHARE = 0.5  # a refinement with at least this share of the windows agreeing supports an aligned verdict
                        # (well-aligned neighbouring pairs: 61-95%; a pair with a p90 of 78 µm in its holes: 34%)
@@ -80,7 +82,7 @@ class Refinement:
     shift_um: float           # median correction applied at the accepted windows (all passes)
     seconds: float
     reason: str               # why it was not applied; "" when it was
-    coverage: float = 0.0     # share of the fixed tissue within COVER_WINDOWS windows of an accepted window
+    coverage: float = 0.0     # share of the fixed tissue near an accepted window (COVER_WINDOWS, COVER_STEPS)
     points: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # (A, 2) accepted windows' centres, µm
 
     @property
@@ -331,10 +333,18 @@ def refine_transform(fixed: Slide, moving: Slide, fixed_mpp: float, moving_mpp: 
         corrections.append(shifts[accepted])
         current = current.then(fitted)
     shift = float(np.median(np.linalg.norm(np.concatenate(corrections), axis=1)))
-    cover = COVER_WINDOWS * passes[-1][0] * passes[-1][1]
+    cover = cover_radius(centres, passes[-1][0] * passes[-1][1])
     return Refinement(_compose(current), len(centres), int(accepted.sum()), _median(peaks[accepted]), scatter,
                       shift, time.perf_counter() - started, "", coverage(tissue, tissue_spacing, centres[accepted],
                                                                          cover), centres[accepted])
+
+
+def cover_radius(centres: np.ndarray, window_um: float) -> float:
+    """How near an agreeing window a place of tissue must lie to count as measured (µm): ``COVER_WINDOWS`` finest
+    windows, or ``COVER_STEPS`` steps of the windows' grid (``centres`` (N, 2) µm) where that is further — so that
+    a section whose every window agrees is covered whole at any size."""
+    step = float(np.median(cKDTree(centres).query(centres, k=2)[0][:, 1])) if len(centres) > 1 else 0.0
+    return max(COVER_WINDOWS * window_um, COVER_STEPS * step)
 
 
 def coverage(tissue: np.ndarray, spacing: float, points_um: np.ndarray, within_um: float) -> float:
