@@ -71,6 +71,8 @@ def test_a_changed_manifest_rebuilds_the_index_and_a_scattered_one_gets_none(tmp
     assert open_patch_index(path) is None                                     # then read into memory as before
     assert not (index_folder(path) / "patches.arrow").exists()
     assert json.loads((index_folder(path) / "index.json").read_text())["grouped"] is False
+    path.unlink()
+    assert open_patch_index(path) is None                                     # load_manifest then names it
 
 
 def _store(tmp_path, manifest: pd.DataFrame) -> None:

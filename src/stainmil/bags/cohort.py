@@ -116,7 +116,8 @@ class CohortBags:
         self.slice_sizes = (self.slice_patches.count if isinstance(self.slice_patches, SliceRows)
                             else np.array([len(rows) for rows in self.slice_patches], dtype=np.int64))  # (S,)
         self.alignment = alignment
-        placed = set(PLACES) <= set(self.index.columns if self.index is not None else manifest.columns)
+        placed = (set(PLACES) <= set(self.index.columns) and self.index.places if self.index is not None
+                  else set(PLACES) <= set(manifest.columns))
         self._xy = (manifest[PLACES].to_numpy(dtype=np.float32)
                     if placed and self.index is None else None)                      # (N, 3) or None
         self._placed = placed
@@ -138,7 +139,8 @@ class CohortBags:
 
     @property
     def manifest(self) -> pd.DataFrame:
-        """One row per patch (read whole from a disk index the first time it is asked for: reports, analyses)."""
+        """One row per patch (read whole from a disk index the first time it is asked for: reports, analyses). From a
+        disk index its rows are the manifest file's, every stain's (a stain subset drops slices, not rows)."""
         if self._manifest is None:
             self._manifest = self.index.frame()
         return self._manifest

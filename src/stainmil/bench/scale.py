@@ -34,7 +34,7 @@ from stainmil.progress import progress_bar
 
 REAL_SHAPE_CASES = 86
 DIM = 1024
-BYTES_PER_CASE = 1_230 * DIM * 2 * 1.03  # ~1,230 patches a case (measured), fp16, HDF5's overhead
+BYTES_PER_CASE = 1_230 * (DIM * 2 * 1.03 + 120)  # ~1,230 patches a case: fp16 + HDF5's overhead, the manifest + its index
 
 
 def scale_config(folder: Path, *overrides: str) -> Config:
@@ -93,10 +93,11 @@ def train_process(config: Config, folder: Path, epochs: int, cache_mb: float) ->
     dump_config(config, run_config)
     code = ("import json, resource, sys, pandas as pd; from stainmil.config import load_config; "
             "from stainmil.train.trainer import train; from stainmil.bench.scale import read_bytes; "
-            "before = read_bytes(); r = train(load_config(sys.argv[1])); read = read_bytes() - before; "
+            "before = read_bytes(); r = train(load_config(sys.argv[1])); after = read_bytes(); "
             "h = pd.read_csv(r.run_dir / 'history.csv'); "
             "print(json.dumps({'epoch_s': float(h['seconds'].median()), "
-            "'read_mb_s': read / 2 ** 20 / float(h['seconds'].sum()) if read >= 0 else float('nan'), "
+            "'read_mb_s': (after - before) / 2 ** 20 / float(h['seconds'].sum()) if min(before, after) >= 0 "
+            "else float('nan'), "
             "'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))")
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", code, str(run_config)], capture_output=True, text=True,
@@ -107,7 +108,8 @@ def train_process(config: Config, folder: Path, epochs: int, cache_mb: float) ->
 
 
 def read_bytes() -> int:
-    """Bytes this process has read from files so far (``rchar`` of /proc/self/io: page cache or disk), or -1."""
+    """Bytes this process has read through read calls so far (``rchar`` of /proc/self/io: page cache or disk; pages
+    of a memory-mapped file are not counted), or -1 where the kernel does not say."""
     try:
         return int(next(line.split()[1] for line in Path("/proc/self/io").read_text().splitlines()
                         if line.startswith("rchar:")))

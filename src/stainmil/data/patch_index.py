@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -29,6 +31,11 @@ import pyarrow.parquet as pq
 
 from stainmil.errors import DataError, OutputError
 from stainmil.io import atomic_path, atomic_write, atomic_write_json
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent first builds then each write the same files
+    fcntl = None
 
 FORMAT = 1
 KEYS = ["case", "stain", "slice"]
@@ -66,11 +73,13 @@ class PatchIndex:
     slices: pd.DataFrame
     rows: int
     columns: list[str]
+    places: bool = True  # batches read x, y, size0 (a model that reads patch places); False: never asked for
     _table: pa.Table | None = field(default=None, repr=False)
 
-    def with_slices(self, slices: pd.DataFrame) -> PatchIndex:
-        """The same file, with only ``slices`` (rows of this one's ``slices``) in the cohort."""
-        return replace(self, slices=slices.reset_index(drop=True))
+    def with_slices(self, slices: pd.DataFrame, places: bool = True) -> PatchIndex:
+        """The same file, with only ``slices`` (rows of this one's ``slices``) in the cohort; ``places``: whether
+        batches read the patches' places."""
+        return replace(self, slices=slices.reset_index(drop=True), places=places)
 
     def table(self) -> pa.Table:
         """Every manifest row, memory-mapped (nothing is read until a column's values are)."""
@@ -90,20 +99,50 @@ class PatchIndex:
 
 
 def open_patch_index(manifest: str | Path) -> PatchIndex | None:
-    """The disk index of ``manifest``, built first when missing or older than the manifest; None when the manifest's
-    slices are not each one run of rows (it then stays in memory)."""
+    """The disk index of ``manifest``, built first when missing or older than the manifest (one process builds it,
+    the others wait for it); None when there is no manifest (its reader names it), when the manifest's slices are
+    not each one run of rows, or when the index cannot be written (said in one line): it then stays in memory."""
     manifest = Path(manifest)
-    folder = index_folder(manifest)
-    made = _read_marker(folder)
-    if made is None or made.get("manifest") != _identity(manifest) or made.get("format") != FORMAT:
-        try:
-            made = build_patch_index(manifest, folder)
-        except (OSError, OutputError):  # a folder this process may not write: the manifest stays in memory
-            return None
-    if not made["grouped"]:
+    if not manifest.is_file():
         return None
-    slices = pd.read_parquet(folder / "slices.parquet")
-    return PatchIndex(folder, slices, int(made["rows"]), list(made["columns"]))
+    folder = index_folder(manifest)
+    try:
+        made = _current(folder, manifest)
+        if made is None:
+            with _building(folder):
+                made = _current(folder, manifest) or build_patch_index(manifest, folder)
+        if not made["grouped"]:
+            return None
+        index = PatchIndex(folder, pd.read_parquet(folder / "slices.parquet"), int(made["rows"]),
+                           list(made["columns"]))
+        if index.table().num_rows != index.rows:  # mapped now: a rebuild later cannot mix two versions
+            return None
+    except (OSError, OutputError, pa.ArrowInvalid) as exc:
+        warnings.warn(f"the patch index of {manifest} could not be written or read in {folder} "
+                      f"({type(exc).__name__}: {exc}); the manifest is read into memory instead.", stacklevel=2)
+        return None
+    return index
+
+
+def _current(folder: Path, manifest: Path) -> dict | None:
+    """What ``index.json`` says when it was made from this very manifest in this format, else None."""
+    made = _read_marker(folder)
+    fresh = made is not None and made.get("manifest") == _identity(manifest) and made.get("format") == FORMAT
+    return made if fresh else None
+
+
+@contextmanager
+def _building(folder: Path) -> Iterator[None]:
+    """Hold ``folder``'s build lock (a blocking ``flock``; none where there is no ``fcntl``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".build.lock", "a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def build_patch_index(manifest: Path, folder: Path) -> dict:

@@ -82,6 +82,12 @@ class Slide:
         """RGB uint8 (size, size, 3) at ``level`` whose top-left is level-0 pixel (x, y); outside = white."""
         return self.read_box(x, y, level, size, size)
 
+    @property
+    def concurrent_reads(self) -> bool:
+        """Whether several threads may read this slide at once: an image in memory or an OpenSlide handle (thread-safe
+        by its documentation); not a tiffslide one."""
+        return self._handle is None or type(self._handle).__module__.split(".")[0] == "openslide"
+
     def read_box(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         """RGB uint8 (height, width, 3) at ``level`` whose top-left is level-0 pixel (x, y); outside = white."""
         if self._handle is None:

@@ -304,6 +304,7 @@ def refine_transform(fixed: Slide, moving: Slide, fixed_mpp: float, moving_mpp: 
     at ``tissue_spacing`` µm/px), two passes down to ``spacing_um`` µm/px (see the module doc); ``threads``
     windows read and matched side by side (the same result for any number)."""
     started = time.perf_counter()
+    threads = threads if fixed.concurrent_reads and moving.concurrent_reads else 1
     readers = _Reader(fixed, fixed_mpp), _Reader(moving, moving_mpp)
     passes = refine_passes(max(tissue.shape) * tissue_spacing, spacing_um)
     centres = window_centres(tissue, tissue_spacing, windows, passes[0][0] * passes[0][1] / 2)

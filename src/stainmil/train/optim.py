@@ -83,8 +83,12 @@ def build_optimizer(model: nn.Module, config: TrainConfig, extra_groups: list[di
     cls = OPTIMIZERS[config.optimizer]
     groups = [{"params": list(model.parameters())}, *(extra_groups or [])]
     kernel = {"fused": True} if fused and config.optimizer in ("adam", "adamw") else {}
+    decay = 0.0 if config.weight_decay_mode == "adaptive" else config.weight_decay
+    try:
+        optimizer = cls(groups, lr=config.lr, weight_decay=decay, **kernel)
+    except RuntimeError:  # a torch without the fused kernel for these parameters' device (CPU before torch 2.4)
+        optimizer = cls(groups, lr=config.lr, weight_decay=decay)
     if config.weight_decay_mode == "adaptive":
-        base = cls(groups, lr=config.lr, weight_decay=0.0, **kernel)
-        return AdaptiveWeightDecay(base, config.weight_decay, config.adaptive_decay_alpha,
+        return AdaptiveWeightDecay(optimizer, config.weight_decay, config.adaptive_decay_alpha,
                                    config.decoupled_weight_decay)
-    return cls(groups, lr=config.lr, weight_decay=config.weight_decay, **kernel)
+    return optimizer

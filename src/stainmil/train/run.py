@@ -60,7 +60,8 @@ def load_cohort(config: Config, split: Split | None = None, training: bool = Fal
     # a bounded store's cohort is read through the patch index on disk: memory grows with slices, not patches
     index = open_patch_index(config.paths.manifest) if bounded and not aligned and config.data.subcases <= 1 else None
     if index is not None:
-        manifest: pd.DataFrame | PatchIndex = index.with_slices(keep_stains(index.slices, config.data.stains))
+        manifest: pd.DataFrame | PatchIndex = index.with_slices(keep_stains(index.slices, config.data.stains),
+                                                                places=spec.patch_positions)
         cases, kept = set(index.slices["case"]), set(manifest.slices["case"])
     else:
         # a bounded training process keeps only the index columns training uses: its memory stays small
