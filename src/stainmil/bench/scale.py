@@ -34,7 +34,8 @@ from stainmil.progress import progress_bar
 
 REAL_SHAPE_CASES = 86
 DIM = 1024
-BYTES_PER_CASE = 1_230 * (DIM * 2 * 1.03 + 120)  # ~1,230 patches a case: fp16 + HDF5's overhead, the manifest + its index
+# ~1,230 patches a case: fp16 features + HDF5's overhead, and the manifest with its index on disk
+BYTES_PER_CASE = 1_230 * (DIM * 2 * 1.03 + 120)
 
 
 def scale_config(folder: Path, *overrides: str) -> Config:
